@@ -1,0 +1,43 @@
+"""Repository-wide pytest set-up: one thread everywhere, float64 in JAX, backend markers.
+
+Tests under ``tests/pyro`` are marked ``torch``, under ``tests/numpyro`` ``jax``; a test elsewhere
+that needs a backend marks itself. CI's torch-free job deselects with ``-m "not torch"``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+os.environ.setdefault(
+    "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+)
+os.environ.setdefault("JAX_ENABLE_X64", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import pytest  # noqa: E402
+
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+HAS_JAX = importlib.util.find_spec("jax") is not None
+
+collect_ignore_glob = [".venv*/*", "benchmarks/*", "examples/*", "site/*", "docs/*.py"]
+if not HAS_TORCH:
+    collect_ignore_glob += ["flowguides/pyro/*"]
+if not HAS_JAX:
+    collect_ignore_glob += ["flowguides/numpyro/*"]
+
+if HAS_TORCH:
+    import torch
+
+    torch.set_num_threads(1)
+    torch.set_num_interop_threads(1)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        path = str(item.path)
+        if f"{os.sep}pyro{os.sep}" in path:
+            item.add_marker(pytest.mark.torch)
+        if f"{os.sep}numpyro{os.sep}" in path:
+            item.add_marker(pytest.mark.jax)

@@ -1,0 +1,5 @@
+"""The NumPyro (JAX) backend: flows, guides and fitting built from a `FlowSpec`."""
+
+from __future__ import annotations
+
+__all__: list[str] = []
