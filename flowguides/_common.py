@@ -1,0 +1,128 @@
+"""Backend-free pieces both backends share: schedule, data checks, splits, training errors.
+
+Nothing here imports torch or jax; the backends call these so that they agree line for line.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from flowguides.spec import FlowSpec
+
+__all__ = [
+    "NonFiniteLossError",
+    "as_spec",
+    "check_data",
+    "decay_steps",
+    "learning_rate_at",
+    "split_indices",
+    "standardization",
+]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training met a NaN or infinite loss; the last finite state is kept.
+
+    Attributes:
+        step: the (0-based) step whose loss was not finite.
+        last_good: the last parameters whose loss was finite (backend objects).
+        fit: the fit object holding the last good state, when the backend can offer one.
+    """
+
+    def __init__(self, step: int, loss: float, last_good: Any = None, fit: Any = None) -> None:
+        super().__init__(
+            f"loss became {loss} at step {step}; training stopped and the parameters from the "
+            f"last finite step were kept (lower learning_rate, set clip_norm, or check the model "
+            f"for values outside its support)"
+        )
+        self.step = step
+        self.loss = loss
+        self.last_good = last_good
+        self.fit = fit
+
+
+def as_spec(spec: FlowSpec | Mapping[str, Any]) -> FlowSpec:
+    """Accept a `FlowSpec` or its dict form; anything else is a `TypeError`."""
+    if isinstance(spec, FlowSpec):
+        return spec
+    if isinstance(spec, Mapping):
+        return FlowSpec.from_dict(dict(spec))
+    raise TypeError(f"spec: expected a FlowSpec or a dict, got {type(spec).__name__}")
+
+
+def learning_rate_at(step: int, num_steps: int, learning_rate: float) -> float:
+    """The shared schedule: constant for the first half, then cosine decay to 1% at the end.
+
+    Equal, step for step, to ``optax.join_schedules([optax.constant_schedule(lr),
+    optax.cosine_decay_schedule(lr, decay_steps(num_steps), alpha=0.01)], [num_steps // 2])``,
+    which the NumPyro backend uses; the Pyro backend calls this function.
+    """
+    half = num_steps // 2
+    frac = min(max(step - half, 0) / decay_steps(num_steps), 1.0)
+    return learning_rate * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def decay_steps(num_steps: int) -> int:
+    """Length of the cosine part of the schedule (at least 1)."""
+    return max(num_steps - 1 - num_steps // 2, 1)
+
+
+def check_data(data: Any, *, name: str = "data", dim: int | None = None) -> np.ndarray:
+    """Return `data` as a finite 2-D float array ``(n, dim)``, or raise a `ValueError`.
+
+    The message names the problem: the rank, the dimension, or the rows holding NaN/inf.
+    """
+    arr = np.asarray(data)
+    if arr.dtype == object or not np.issubdtype(arr.dtype, np.number):
+        raise TypeError(f"{name}: expected a numeric array, got dtype {arr.dtype}")
+    if arr.ndim == 1:
+        raise ValueError(
+            f"{name}: expected a 2-D array (n_points, dim), got shape {arr.shape}; "
+            "for 1-D data use data[:, None]"
+        )
+    if arr.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D array (n_points, dim), got shape {arr.shape}")
+    if arr.shape[0] == 0:
+        raise ValueError(f"{name}: expected at least one row, got shape {arr.shape}")
+    if dim is not None and arr.shape[1] != dim:
+        raise ValueError(f"{name}: expected {dim} columns, got shape {arr.shape}")
+    bad = ~np.isfinite(arr).all(axis=1)
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        shown = ", ".join(map(str, rows[:10])) + (", ..." if len(rows) > 10 else "")
+        raise ValueError(f"{name}: {len(rows)} row(s) hold NaN or inf, rows [{shown}]")
+    return arr.astype(np.float64, copy=False)
+
+
+def split_indices(
+    n: int, validation_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Shuffled train/validation row indices; validation gets ``round(n * fraction)`` rows."""
+    if not 0.0 <= validation_fraction < 1.0:
+        raise ValueError(
+            f"validation_fraction: expected a number in [0, 1), got {validation_fraction!r}"
+        )
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val = int(round(n * validation_fraction))
+    if validation_fraction > 0 and n_val == 0 and n > 1:
+        n_val = 1
+    if n - n_val < 1:
+        raise ValueError(f"data: {n} row(s) leave nothing to train on after the validation split")
+    return perm[n_val:], perm[:n_val]
+
+
+def standardization(train: np.ndarray, standardize: bool) -> tuple[np.ndarray, np.ndarray] | None:
+    """Mean and standard deviation of the training rows (``None`` when switched off).
+
+    A constant column keeps standard deviation 1 so that nothing is divided by zero.
+    """
+    if not standardize:
+        return None
+    mean = train.mean(axis=0)
+    std = train.std(axis=0)
+    std = np.where(std > 0, std, 1.0)
+    return mean, std
