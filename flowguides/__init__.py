@@ -11,10 +11,10 @@ import importlib
 from typing import Any
 
 from flowguides.spec import (
+    FlowSpec,
     NeuralODESpec,
     PlanarSpec,
     RealNVPSpec,
-    FlowSpec,
     SpecError,
 )
 

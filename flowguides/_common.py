@@ -98,9 +98,7 @@ def check_data(data: Any, *, name: str = "data", dim: int | None = None) -> np.n
     return arr.astype(np.float64, copy=False)
 
 
-def split_indices(
-    n: int, validation_fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
+def split_indices(n: int, validation_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Shuffled train/validation row indices; validation gets ``round(n * fraction)`` rows."""
     if not 0.0 <= validation_fraction < 1.0:
         raise ValueError(

@@ -24,9 +24,10 @@ from __future__ import annotations
 import json
 import random
 from collections import OrderedDict
-from pathlib import Path
 from collections.abc import Sequence
-from typing import Annotated, Any, ClassVar, Literal, Union
+from itertools import pairwise
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -71,7 +72,7 @@ class _Frozen(BaseModel):
 
 def _mlp_shapes(prefix: str, sizes: list[int], lead: Shape) -> list[tuple[str, Shape]]:
     out = []
-    for j, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for j, (n_in, n_out) in enumerate(pairwise(sizes)):
         out.append((f"{prefix}.{j}.weight", (*lead, n_out, n_in)))
         out.append((f"{prefix}.{j}.bias", (*lead, n_out)))
     return out
@@ -189,14 +190,14 @@ class NeuralODESpec(_Frozen):
     def parameter_shapes(self, dim: int, prefix: str) -> list[tuple[str, Shape]]:
         out: list[tuple[str, Shape]] = []
         sizes = self.mlp_sizes(dim)
-        for j, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        for j, (n_in, n_out) in enumerate(pairwise(sizes)):
             p = f"{prefix}.net.{j}"
             out += [(f"{p}.weight", (n_out, n_in)), (f"{p}.bias", (n_out,))]
             out += [(f"{p}.{k}", (n_out,)) for k in ("gate_weight", "gate_bias", "time_bias")]
         return out
 
 
-LayerSpec = Annotated[Union[PlanarSpec, RealNVPSpec, NeuralODESpec], Field(discriminator="type")]
+LayerSpec = Annotated[PlanarSpec | RealNVPSpec | NeuralODESpec, Field(discriminator="type")]
 _LAYER_TYPES = {"planar": PlanarSpec, "realnvp": RealNVPSpec, "neural_ode": NeuralODESpec}
 _FLOW_FIELDS = ("base", "dtype", "schema_version")
 _INT_FIELDS = ("repeat", "num_steps", "max_steps", "seed")
@@ -254,7 +255,7 @@ def _spec_error(exc: ValidationError) -> SpecError:
 class FlowSpec(_Frozen):
     """An ordered list of layer specs on a standard-normal base, optionally with an affine.
 
-    Args:
+    Attributes:
         layers: the layer specs, applied in order in the generative direction.
         base: ``"affine"`` adds a learnable diagonal affine ``loc + exp(log_scale) * y`` after
             the layers (guides centre it on their initial location); ``"normal"`` omits it.
@@ -262,8 +263,10 @@ class FlowSpec(_Frozen):
 
     Example:
         >>> spec = FlowSpec.realnvp(num_layers=2, hidden=[8])
-        >>> list(spec.parameter_shapes(3).items())[:2]
-        [('layers.0.net.0.weight', (2, 8, 1)), ('layers.0.net.0.bias', (2, 8))]
+        >>> for name, shape in list(spec.parameter_shapes(3).items())[:2]:
+        ...     print(name, shape)
+        layers.0.net.0.weight (2, 8, 1)
+        layers.0.net.0.bias (2, 8)
     """
 
     schema_version: Literal[1] = SCHEMA_VERSION
@@ -285,12 +288,16 @@ class FlowSpec(_Frozen):
 
     # -- constructors ----------------------------------------------------------------------
     @classmethod
-    def _one(cls, layer_type: str, layer_fields: dict[str, Any], fields: dict[str, Any]) -> FlowSpec:
+    def _one(
+        cls, layer_type: str, layer_fields: dict[str, Any], fields: dict[str, Any]
+    ) -> FlowSpec:
         flow = {k: fields.pop(k) for k in _FLOW_FIELDS if k in fields}
         return cls(layers=[{"type": layer_type, **layer_fields, **fields}], **flow)
 
     @classmethod
-    def realnvp(cls, num_layers: int = 4, hidden: Sequence[int] = (64, 64), **fields: Any) -> FlowSpec:
+    def realnvp(
+        cls, num_layers: int = 4, hidden: Sequence[int] = (64, 64), **fields: Any
+    ) -> FlowSpec:
         """`num_layers` RealNVP couplings; extra `fields` go to the layer or the flow."""
         return cls._one("realnvp", {"repeat": num_layers, "hidden": hidden}, dict(fields))
 

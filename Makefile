@@ -1,0 +1,43 @@
+# flowguides: `make demo` and `make test` set everything up from scratch in .venv.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+# One thread everywhere: on small shared machines more threads only make torch and XLA slower.
+export OMP_NUM_THREADS := 1
+export XLA_FLAGS := --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1
+export MPLBACKEND := Agg
+
+.PHONY: install demo test lint docs bench bench-full clean
+
+$(BIN)/flowguides: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# CPU torch first (pinned), so nothing below can pull a multi-GB CUDA build.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[all]"
+	@touch $@
+
+install: $(BIN)/flowguides
+
+demo: install
+	$(BIN)/flowguides demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+docs: install
+	$(BIN)/mkdocs build --strict
+
+bench: install
+	$(BIN)/python -m pip install -q -e ".[bench]"
+	$(BIN)/python -m benchmarks.run --quick
+
+bench-full: install
+	$(BIN)/python -m pip install -q -e ".[bench]"
+	$(BIN)/python -m benchmarks.run
+
+clean:
+	rm -rf $(VENV) site demo-output

@@ -1,0 +1,59 @@
+"""The command line: exit codes, output and errors (spec commands; fitting lives with io)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from flowguides import FlowSpec
+from flowguides.cli import main, parse_spec
+
+
+def test_spec_schema_prints_the_schema(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["spec-schema"]) == 0
+    assert json.loads(capsys.readouterr().out) == FlowSpec.json_schema()
+
+
+def test_show_spec_prints_the_parameter_table(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["show-spec", "planar:3", "--dim", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "layers.0.u        (3, 4)" in out
+    assert "5 arrays, 35 numbers in 4 dimensions" in out
+
+
+@pytest.mark.parametrize(
+    ("text", "spec"),
+    [
+        ("realnvp:4", FlowSpec.realnvp(num_layers=4)),
+        ("planar:16", FlowSpec.planar(num_layers=16)),
+        ("planar", FlowSpec.planar()),
+        ("neural_ode", FlowSpec.neural_ode()),
+    ],
+)
+def test_shorthands(text: str, spec: FlowSpec) -> None:
+    assert parse_spec(text) == spec
+
+
+def test_spec_file(tmp_path) -> None:
+    path = tmp_path / "s.yaml"
+    FlowSpec.planar(num_layers=2).save(path)
+    assert parse_spec(str(path)) == FlowSpec.planar(num_layers=2)
+
+
+@pytest.mark.parametrize("text", ["realnvp:0", "realnvp:x", "spline:3", "neural_ode:2"])
+def test_bad_shorthand_exits_2_with_message(text: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["show-spec", text]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and repr(text) in err
+
+
+def test_console_script_help() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "flowguides.cli", "--help"], capture_output=True, text=True
+    )
+    assert out.returncode == 0
+    for command in ("spec-schema", "show-spec", "demo"):
+        assert command in out.stdout
