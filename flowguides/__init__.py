@@ -29,14 +29,34 @@ __all__ = [
     "SpecError",
     "pyro",
     "numpyro",
+    "save",
+    "load",
+    "to_arviz",
+    "diagnose",
+    "Diagnosis",
 ]
 
-_LAZY = {"pyro": "flowguides.pyro", "numpyro": "flowguides.numpyro"}
+# name -> (module, attribute or None for the module itself); loaded on first use.
+_LAZY = {
+    "pyro": ("flowguides.pyro", None),
+    "numpyro": ("flowguides.numpyro", None),
+    "save": ("flowguides.io", "save"),
+    "load": ("flowguides.io", "load"),
+    "to_arviz": ("flowguides.diagnostics", "to_arviz"),
+    "diagnose": ("flowguides.diagnostics", "diagnose"),
+    "Diagnosis": ("flowguides.diagnostics", "Diagnosis"),
+}
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        module = importlib.import_module(_LAZY[name])
-        globals()[name] = module
-        return module
+        module_name, attr = _LAZY[name]
+        module = importlib.import_module(module_name)
+        value = module if attr is None else getattr(module, attr)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'flowguides' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -9,10 +9,15 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flowguides.spec import FlowSpec, SpecError
 
-__all__ = ["main", "parse_spec"]
+if TYPE_CHECKING:
+    import numpy as np
+
+__all__ = ["main", "parse_spec", "read_data"]
 
 _SHORTHANDS = {"realnvp": FlowSpec.realnvp, "planar": FlowSpec.planar}
 
@@ -67,6 +72,88 @@ def _print_parameter_table(spec: FlowSpec, dim: int) -> None:
     print(f"{len(shapes)} arrays, {total} numbers in {dim} dimensions")
 
 
+def read_data(path: str) -> np.ndarray:
+    """Rows of a ``.npy`` or ``.csv`` file (a header line is skipped when it is not numeric)."""
+    import numpy as np
+
+    from flowguides._common import check_data
+
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"DATA: no such file {path!r}")
+    if file.suffix.lower() == ".npy":
+        data = np.load(file, allow_pickle=False)
+    elif file.suffix.lower() == ".csv":
+        lines = file.read_text().splitlines()
+        first = lines[0].split(",") if lines else []
+        has_header = bool(first) and not all(_is_number(v) for v in first)
+        try:
+            data = np.loadtxt(file, delimiter=",", skiprows=int(has_header), ndmin=2)
+        except ValueError as exc:
+            raise ValueError(f"DATA: {path!r} is not a numeric CSV ({exc})") from None
+    else:
+        raise ValueError(f"DATA: expected a .csv or .npy file, got {file.name!r}")
+    return check_data(data, name=f"DATA ({file.name})")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _write_array(path: str, array: np.ndarray) -> None:
+    import numpy as np
+
+    if path.lower().endswith(".npy"):
+        np.save(path, array)
+    else:
+        np.savetxt(path, array, delimiter=",")
+
+
+def _cmd_fit_density(args: argparse.Namespace) -> int:
+    from flowguides import io
+
+    spec = parse_spec(args.spec)
+    data = read_data(args.data)
+    backend = io.backend_module(args.backend)
+    fit = backend.fit_density(
+        data,
+        spec,
+        num_steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    out = io.save(fit, args.out, overwrite=args.overwrite)
+    from flowguides.plots import plot_density_2d, plot_losses
+
+    plot_losses(fit.losses, path=out / "loss.png")
+    if data.shape[1] == 2:
+        plot_density_2d(fit, data, path=out / "density.png")
+    print(f"saved to {out}", file=sys.stderr)
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from flowguides import io
+
+    fit = io.load(args.dir, backend=args.backend)
+    _write_array(args.out, fit.sample(args.n, seed=args.seed))
+    return 0
+
+
+def _cmd_log_prob(args: argparse.Namespace) -> int:
+    from flowguides import io
+
+    fit = io.load(args.dir, backend=args.backend)
+    _write_array(args.out, fit.log_prob(read_data(args.data))[:, None])
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from flowguides.demo import run_demo
 
@@ -88,6 +175,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dim", type=int, default=2, help="dimension for the parameter table")
     p.set_defaults(func=_cmd_show_spec)
 
+    p = sub.add_parser("fit-density", help="fit a flow density to a data file")
+    p.add_argument("data", help="a .csv (header optional) or .npy file of shape (n, dim)")
+    p.add_argument(
+        "--spec", required=True, help="a .json/.yaml spec or realnvp:N, planar:N, neural_ode"
+    )
+    p.add_argument("--backend", choices=["pyro", "numpyro"], default="numpyro")
+    p.add_argument("--out", required=True, help="folder to write the fit, loss.png, density.png")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_fit_density)
+
+    p = sub.add_parser("sample", help="draw from a saved density fit")
+    p.add_argument("dir", help="a folder written by fit-density")
+    p.add_argument("-n", type=int, required=True, help="number of draws")
+    p.add_argument("--out", required=True, help=".csv or .npy file")
+    p.add_argument("--backend", choices=["pyro", "numpyro"], default="numpyro")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_sample)
+
+    p = sub.add_parser("log-prob", help="log-density of a saved fit at the rows of a data file")
+    p.add_argument("dir", help="a folder written by fit-density")
+    p.add_argument("data", help="a .csv or .npy file of shape (n, dim)")
+    p.add_argument("--out", required=True, help=".csv or .npy file")
+    p.add_argument("--backend", choices=["pyro", "numpyro"], default="numpyro")
+    p.set_defaults(func=_cmd_log_prob)
+
     p = sub.add_parser("demo", help="run the demo and write its plots")
     p.add_argument("--out", default="demo-output", help="folder for the demo's plots")
     p.add_argument("--quick", action="store_true", help="a few steps only (for tests)")
@@ -101,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (SpecError, ValueError, TypeError, FileNotFoundError) as exc:
+    except (SpecError, ValueError, TypeError, FileNotFoundError, ImportError) as exc:
         print(f"flowguides {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,474 @@
+"""Can I trust this posterior? PSIS diagnostics of a fitted flow guide, backend-free.
+
+A guide `q` fitted by maximising the ELBO is a proposal for the posterior `p`. The importance
+log-weights ``log p(x, z) - log q(z)`` of draws ``z ~ q`` tell how far apart they are: Pareto-
+smoothed importance sampling (PSIS) fits a generalized Pareto distribution to the largest weights,
+and its shape ``k-hat`` says whether importance-sampling estimates under `q` converge (Yao et al.,
+2018): ``k-hat < 0.5`` good, up to ``min(1 - 1/log10(S), 0.7)`` usable after smoothing (Vehtari et
+al., 2024), above it unreliable.
+
+Everything here works on numpy arrays, or on a fit object through its numpy-level protocol
+(``fit.log_densities(S, seed) -> (draws, log_p, log_q)``, ``fit.log_likelihood(draws)``,
+``fit.observed_data()``); it imports neither torch nor jax. ArviZ is imported lazily and both of
+its lines are supported: 0.x (``InferenceData``, ``az.psislw``) and 1.x (``DataTree``,
+``arviz_base``/``arviz_stats``).
+
+References:
+    Yao, Vehtari, Simpson, Gelman (2018). Yes, but did it work?: Evaluating variational
+    inference. ICML.
+    Vehtari, Simpson, Gelman, Yao, Gabry (2024). Pareto smoothed importance sampling. JMLR 25(72).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import math
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "MIN_DRAWS",
+    "Diagnosis",
+    "Resampled",
+    "UnreliableFitWarning",
+    "arviz_major_version",
+    "diagnose",
+    "diagnose_weights",
+    "importance_ess",
+    "is_moments",
+    "khat_threshold",
+    "psis_khat",
+    "resample",
+    "resample_fit",
+    "to_arviz",
+]
+
+MIN_DRAWS = 25
+"""Fewest draws PSIS accepts: its tail holds ``min(S / 5, 3 sqrt(S))`` draws and needs 5."""
+
+_CONSTANT_SPREAD = 1e-6
+"""Log-weights spread less than this (max - min) count as constant: weights equal to 1e-6."""
+
+_CONSTANT_VERDICT = "exact: weights are constant: q matches p up to a constant"
+
+
+class UnreliableFitWarning(UserWarning):
+    """Importance resampling was asked of a guide whose k-hat says it is unreliable."""
+
+
+def _import_arviz() -> ModuleType:
+    """Import ArviZ, silencing the once-a-day refactor notice that 0.x prints on import."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        import arviz
+    return arviz
+
+
+def arviz_major_version() -> int:
+    """The major version of the installed ArviZ (0 for ``InferenceData``, 1 for ``DataTree``).
+
+    Read from the package metadata (equal to ``arviz.__version__``), so that the 1.x paths load
+    only ``arviz_base``/``arviz_stats`` and not the whole of ArviZ with its plotting.
+    """
+    try:
+        version = importlib.metadata.version("arviz")
+    except importlib.metadata.PackageNotFoundError as err:
+        raise ImportError(
+            "flowguides.diagnostics needs ArviZ: pip install 'flowguides[arviz]'"
+        ) from err
+    return int(version.split(".")[0])
+
+
+def _as_log_weights(log_weights: Any, name: str = "log_weights") -> np.ndarray:
+    lw = np.asarray(log_weights, dtype=np.float64)
+    if lw.ndim != 1:
+        raise ValueError(f"{name}: expected a 1-D array (num_samples,), got shape {lw.shape}")
+    if lw.shape[0] < MIN_DRAWS:
+        raise ValueError(f"{name}: expected at least {MIN_DRAWS} draws, got {lw.shape[0]}")
+    bad = np.flatnonzero(~np.isfinite(lw))
+    if bad.size:
+        shown = ", ".join(map(str, bad[:10])) + (", ..." if bad.size > 10 else "")
+        raise ValueError(f"{name}: {bad.size} value(s) are NaN or inf, at draws [{shown}]")
+    return lw
+
+
+def _is_constant(lw: np.ndarray) -> bool:
+    return float(np.ptp(lw)) < _CONSTANT_SPREAD
+
+
+def _normalize(lw: np.ndarray) -> np.ndarray:
+    top = lw.max()
+    return lw - (top + np.log(np.exp(lw - top).sum()))
+
+
+def psis_khat(log_weights: Any) -> tuple[np.ndarray, float]:
+    """Pareto-smooth importance log-weights with ArviZ and return them with k-hat.
+
+    ArviZ 0.x: ``az.psislw(log_weights)``. ArviZ 1.x: ``array_stats.psislw(-log_weights)`` from
+    arviz_stats (1.x smooths the negated input, as it is written for log-likelihoods in LOO).
+    Draws from a flow guide are independent, so the relative efficiency is 1.
+
+    Args:
+        log_weights: ``log p(x, z_s) - log q(z_s)`` for ``S >= 25`` draws, shape ``(S,)``.
+
+    Returns:
+        The smoothed log-weights, normalised so that their exponentials sum to 1, and k-hat.
+        Constant weights (q equal to p up to a constant, where ArviZ cannot fit a tail) give
+        uniform weights and ``k-hat = nan``; so does a tail ArviZ cannot fit (tied weights).
+
+    Raises:
+        ValueError: `log_weights` is not 1-D, has fewer than 25 draws, or holds NaN/inf.
+    """
+    lw = _as_log_weights(log_weights)
+    if _is_constant(lw):
+        return np.full(lw.shape, -math.log(lw.size)), math.nan
+    with warnings.catch_warnings():
+        # k-hat is the diagnostic itself: ArviZ's warnings about a large k-hat repeat it.
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        try:
+            if arviz_major_version() == 0:
+                smoothed, khat = _import_arviz().psislw(lw, reff=1.0)
+            else:
+                from arviz_stats.base import array_stats
+
+                smoothed, khat = array_stats.psislw(-lw, r_eff=1.0)
+        except ValueError as err:  # arviz-stats: "All tail values are the same"
+            if "tail values" not in str(err):
+                raise
+            return _normalize(lw), math.nan
+    khat = float(khat)
+    if not math.isfinite(khat):
+        return _normalize(lw), math.nan
+    return np.asarray(smoothed, dtype=np.float64), khat
+
+
+def khat_threshold(num_samples: int) -> float:
+    """The sample-size-aware k-hat threshold ``min(1 - 1/log10(S), 0.7)`` (Vehtari et al. 2024).
+
+    >>> khat_threshold(100)
+    0.5
+    >>> khat_threshold(4000)
+    0.7
+
+    Raises:
+        ValueError: `num_samples` is below 25 (PSIS needs more draws).
+    """
+    if int(num_samples) != num_samples or num_samples < MIN_DRAWS:
+        raise ValueError(f"num_samples: expected an integer >= {MIN_DRAWS}, got {num_samples!r}")
+    return min(1.0 - 1.0 / math.log10(num_samples), 0.7)
+
+
+def importance_ess(log_weights: Any) -> float:
+    """Importance-sampling effective sample size ``(sum w)^2 / sum w^2`` (Kish).
+
+    Pass PSIS-smoothed log-weights for the PSIS ESS. Constant weights give ``S``; half the
+    weights 1 and half 3 give ``0.8 S``:
+
+    >>> round(importance_ess(np.log([1.0, 3.0] * 50)), 6)
+    80.0
+    """
+    lw = _normalize(_as_log_weights(log_weights))
+    return float(1.0 / np.exp(2.0 * lw).sum())
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """PSIS diagnosis of a guide `q` against the posterior `p` from ``S`` draws of `q`.
+
+    Attributes:
+        elbo: mean of ``log p(x, z) - log q(z)``: the ELBO estimate.
+        elbo_se: its Monte Carlo standard error ``sd / sqrt(S)``.
+        khat: the Pareto k-hat of the importance weights (``nan`` when it cannot be estimated).
+        khat_threshold: ``min(1 - 1/log10(S), 0.7)``.
+        ess: effective sample size of the PSIS-smoothed importance weights.
+        num_samples: ``S``.
+        verdict: one line saying whether to trust `q`, starting with ``exact``, ``good``,
+            ``usable``, ``unreliable`` or ``unknown``.
+    """
+
+    elbo: float
+    elbo_se: float
+    khat: float
+    khat_threshold: float
+    ess: float
+    num_samples: int
+    verdict: str
+
+    @property
+    def reliable(self) -> bool:
+        """Whether importance-sampling estimates under `q` can be trusted (exact/good/usable)."""
+        return self.verdict.split(":")[0] in ("exact", "good", "usable")
+
+    def __str__(self) -> str:
+        khat = "nan" if math.isnan(self.khat) else f"{self.khat:.2f}"
+        rows = [
+            ("ELBO", f"{self.elbo:.4g} ± {self.elbo_se:.2g}"),
+            ("k-hat", f"{khat} (threshold {self.khat_threshold:.2f} for S = {self.num_samples})"),
+            ("ESS", f"{self.ess:.0f} of {self.num_samples} ({self.ess / self.num_samples:.0%})"),
+            ("verdict", self.verdict),
+        ]
+        return "\n".join(f"{key:<8} {value}" for key, value in rows)
+
+
+def _verdict(khat: float, threshold: float, constant: bool) -> str:
+    if constant:
+        return _CONSTANT_VERDICT
+    if math.isnan(khat):
+        return "unknown: k-hat could not be estimated (the largest weights are tied); judge by ESS"
+    if khat >= threshold:
+        return (
+            f"unreliable: k-hat {khat:.2f} >= {threshold:.2f}; q misses mass of p, so neither its "
+            "draws nor importance-corrected estimates can be trusted: refit (more layers or steps)"
+        )
+    if khat >= 0.5:
+        return (
+            f"usable: 0.5 <= k-hat {khat:.2f} < {threshold:.2f}; prefer the PSIS-corrected "
+            "estimates (fit.resample) to raw draws"
+        )
+    return f"good: k-hat {khat:.2f} < 0.5; q is close to p, its draws can be used"
+
+
+def diagnose_weights(log_p: Any, log_q: Any) -> Diagnosis:
+    """Diagnose a guide from ``log p(x, z_s)`` and ``log q(z_s)`` at draws ``z_s ~ q``.
+
+    Args:
+        log_p: model joint log-density at each draw, shape ``(S,)``.
+        log_q: guide log-density at the same draws, shape ``(S,)``.
+
+    Returns:
+        The [`Diagnosis`][flowguides.diagnostics.Diagnosis].
+
+    Raises:
+        ValueError: the shapes differ, are not 1-D, ``S < 25``, or a value is NaN/inf.
+    """
+    log_p = np.asarray(log_p, dtype=np.float64)
+    log_q = np.asarray(log_q, dtype=np.float64)
+    if log_p.shape != log_q.shape:
+        raise ValueError(
+            f"log_p and log_q: expected equal shapes, got {log_p.shape} and {log_q.shape}"
+        )
+    lw = _as_log_weights(log_p - log_q, name="log_p - log_q")
+    smoothed, khat = psis_khat(lw)
+    threshold = khat_threshold(lw.size)
+    return Diagnosis(
+        elbo=float(lw.mean()),
+        elbo_se=float(lw.std(ddof=1) / math.sqrt(lw.size)),
+        khat=khat,
+        khat_threshold=threshold,
+        ess=importance_ess(smoothed),
+        num_samples=int(lw.size),
+        verdict=_verdict(khat, threshold, _is_constant(lw)),
+    )
+
+
+def _check_draws(draws: Mapping[str, Any], num_samples: int) -> dict[str, np.ndarray]:
+    if not isinstance(draws, Mapping):
+        raise TypeError(f"draws: expected a dict of arrays, got {type(draws).__name__}")
+    out = {}
+    for name, value in draws.items():
+        arr = np.asarray(value)
+        if arr.ndim == 0 or arr.shape[0] != num_samples:
+            raise ValueError(
+                f"site '{name}': expected a leading axis of {num_samples} draws, got shape "
+                f"{arr.shape}"
+            )
+        out[name] = arr
+    return out
+
+
+def resample(
+    draws: Mapping[str, Any], log_weights: Any, num_samples: int, seed: int | None = None
+) -> dict[str, np.ndarray]:
+    """Sampling-importance-resampling with PSIS-smoothed weights.
+
+    Draws indices with replacement, with probabilities the smoothed normalised weights, and
+    gathers every site at those indices.
+
+    Args:
+        draws: ``{site: (S, *shape)}`` draws from `q`.
+        log_weights: ``log p - log q`` at those draws, shape ``(S,)``.
+        num_samples: number of draws to return.
+        seed: seed of the numpy generator that picks the indices.
+
+    Returns:
+        ``{site: (num_samples, *shape)}``.
+    """
+    smoothed, _ = psis_khat(log_weights)
+    draws = _check_draws(draws, smoothed.size)
+    if int(num_samples) != num_samples or num_samples < 1:
+        raise ValueError(f"num_samples: expected a positive integer, got {num_samples!r}")
+    prob = np.exp(smoothed)
+    index = np.random.default_rng(seed).choice(
+        smoothed.size, size=int(num_samples), p=prob / prob.sum()
+    )
+    return {name: arr[index] for name, arr in draws.items()}
+
+
+def is_moments(
+    draws: Mapping[str, Any], log_weights: Any
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Self-normalised PSIS estimates of the posterior mean and standard deviation of each site.
+
+    Args:
+        draws: ``{site: (S, *shape)}`` draws from `q`.
+        log_weights: ``log p - log q`` at those draws, shape ``(S,)``.
+
+    Returns:
+        ``(means, sds)``, each ``{site: array of shape site_shape}``.
+    """
+    smoothed, _ = psis_khat(log_weights)
+    draws = _check_draws(draws, smoothed.size)
+    weight = np.exp(smoothed)
+    means, sds = {}, {}
+    for name, arr in draws.items():
+        arr = arr.astype(np.float64)
+        w = weight.reshape((-1,) + (1,) * (arr.ndim - 1))
+        mean = (w * arr).sum(axis=0)
+        means[name] = mean
+        sds[name] = np.sqrt((w * (arr - mean) ** 2).sum(axis=0))
+    return means, sds
+
+
+@dataclass(frozen=True)
+class Resampled:
+    """Result of [`resample_fit`][flowguides.diagnostics.resample_fit].
+
+    Attributes:
+        draws: ``{site: (num_samples, *shape)}`` PSIS-importance-resampled draws.
+        mean: ``{site: shape}`` PSIS-corrected posterior means (from all proposals).
+        sd: ``{site: shape}`` PSIS-corrected posterior standard deviations.
+        diagnosis: the diagnosis of the proposals.
+    """
+
+    draws: dict[str, np.ndarray]
+    mean: dict[str, np.ndarray]
+    sd: dict[str, np.ndarray]
+    diagnosis: Diagnosis
+
+
+def _log_densities(fit: Any, num_samples: int, seed: int | None):
+    if not hasattr(fit, "log_densities"):
+        raise TypeError(
+            f"fit: expected a posterior fit with log_densities(num_samples, seed), got "
+            f"{type(fit).__name__}"
+        )
+    draws, log_p, log_q = fit.log_densities(num_samples, seed)
+    log_p, log_q = np.asarray(log_p, dtype=np.float64), np.asarray(log_q, dtype=np.float64)
+    if log_p.shape != (num_samples,) or log_q.shape != (num_samples,):
+        raise ValueError(
+            f"fit.log_densities: expected log_p and log_q of shape ({num_samples},), got "
+            f"{log_p.shape} and {log_q.shape}"
+        )
+    return _check_draws(draws, num_samples), log_p, log_q
+
+
+def diagnose(fit: Any, num_samples: int = 4000, seed: int | None = None) -> Diagnosis:
+    """Diagnose a posterior fit from `num_samples` draws of its guide (see `diagnose_weights`)."""
+    khat_threshold(num_samples)
+    _, log_p, log_q = _log_densities(fit, num_samples, seed)
+    return diagnose_weights(log_p, log_q)
+
+
+def resample_fit(
+    fit: Any, num_samples: int, seed: int | None = None, *, num_proposals: int | None = None
+) -> Resampled:
+    """PSIS-importance-resampled posterior draws, and PSIS-corrected means and sds, of a fit.
+
+    Draws `num_proposals` (default ``max(num_samples, 4000)``) proposals from the guide, weighs
+    them by ``log p - log q``, smooths the weights with PSIS and resamples. Worth it when the
+    diagnosis says "usable"; when it says "unreliable" an `UnreliableFitWarning` is issued.
+
+    Args:
+        fit: a posterior fit (``log_densities(num_samples, seed)``).
+        num_samples: number of resampled draws.
+        seed: seed for the guide's draws and for the resampling.
+        num_proposals: number of draws from the guide.
+
+    Returns:
+        A [`Resampled`][flowguides.diagnostics.Resampled].
+    """
+    num_proposals = max(int(num_samples), 4000) if num_proposals is None else num_proposals
+    khat_threshold(num_proposals)
+    draws, log_p, log_q = _log_densities(fit, num_proposals, seed)
+    diagnosis = diagnose_weights(log_p, log_q)
+    if not diagnosis.reliable:
+        warnings.warn(
+            f"resampling a guide that is not reliable: {diagnosis.verdict}",
+            UnreliableFitWarning,
+            stacklevel=2,
+        )
+    lw = log_p - log_q
+    resample_seed = None if seed is None else [seed, 1]
+    mean, sd = is_moments(draws, lw)
+    return Resampled(resample(draws, lw, num_samples, resample_seed), mean, sd, diagnosis)
+
+
+def _dims(arrays: Mapping[str, np.ndarray], skip: int) -> dict[str, list[str]]:
+    return {
+        name: [f"{name}_dim_{i}" for i in range(arr.ndim - skip)] for name, arr in arrays.items()
+    }
+
+
+def _from_dict(groups: dict[str, dict[str, np.ndarray]], dims: dict[str, list[str]]) -> Any:
+    groups = {key: value for key, value in groups.items() if value}
+    if arviz_major_version() == 0:
+        return _import_arviz().from_dict(**groups, dims=dims)
+    import arviz_base
+
+    return arviz_base.from_dict(groups, dims=dims)
+
+
+def to_arviz(fit: Any, num_samples: int = 4000, seed: int | None = None) -> Any:
+    """ArviZ's data object (``InferenceData`` on 0.x, ``DataTree`` on 1.x) for a fit.
+
+    A posterior fit gives the group ``posterior`` (each site with dims ``{site}_dim_{i}``, draws
+    as ``chain=1, draw=S``), ``sample_stats`` (``log_p``, ``log_q``, ``log_weight``) and, when the
+    model observes data, ``observed_data`` and the pointwise ``log_likelihood`` (so ``loo`` runs;
+    it treats the guide's draws as posterior draws, so check `diagnose` first). A density fit
+    gives ``posterior`` with its draws as the site ``x`` and ``sample_stats`` with ``log_prob``.
+
+    Args:
+        fit: a posterior fit (``log_densities``) or a density fit (``sample`` and ``log_prob``).
+        num_samples: number of draws.
+        seed: seed for the draws.
+
+    Raises:
+        TypeError: `fit` offers neither protocol.
+    """
+    if hasattr(fit, "log_densities"):
+        khat_threshold(num_samples)
+        draws, log_p, log_q = _log_densities(fit, num_samples, seed)
+        stats = {"log_p": log_p, "log_q": log_q, "log_weight": log_p - log_q}
+        observed = {k: np.asarray(v) for k, v in dict(fit.observed_data()).items()}
+        loglik = {}
+        if observed:
+            loglik = _check_draws(fit.log_likelihood(draws), num_samples)
+            for name, value in observed.items():
+                if name not in loglik or loglik[name].shape[1:] != value.shape:
+                    got = loglik[name].shape if name in loglik else "nothing"
+                    raise ValueError(
+                        f"site '{name}': expected a log-likelihood of shape "
+                        f"({num_samples}, *{value.shape}), got {got}"
+                    )
+    elif hasattr(fit, "log_prob") and hasattr(fit, "sample"):
+        x = np.asarray(fit.sample(num_samples, seed=seed))
+        draws, stats, observed, loglik = {"x": x}, {"log_prob": np.asarray(fit.log_prob(x))}, {}, {}
+    else:
+        raise TypeError(
+            "fit: expected a posterior fit (with log_densities) or a density fit (with sample and "
+            f"log_prob), got {type(fit).__name__}"
+        )
+    dims = {**_dims(draws, 1), **_dims(observed, 0)}
+    groups = {
+        "posterior": {k: v[None] for k, v in draws.items()},
+        "sample_stats": {k: v[None] for k, v in stats.items()},
+        "observed_data": observed,
+        "log_likelihood": {k: v[None] for k, v in loglik.items()},
+    }
+    return _from_dict(groups, dims)

@@ -1,0 +1,310 @@
+"""Diagnostics against closed forms, with numpy fits standing in for the backends.
+
+Runs on both ArviZ lines (0.x `InferenceData`, 1.x `DataTree`); needs neither torch nor jax.
+For ``q = N(0, r^2)`` against ``p = N(0, 1)`` the weights have a Pareto tail of shape
+``k = 1 - r^2`` (``P(w > t) ~ t^(-1 / (1 - r^2))``), which the k-hat tests check.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+from flowguides import diagnostics as dg
+
+S = 4000
+
+
+def log_normal(x: np.ndarray, loc: float, scale: float) -> np.ndarray:
+    return -0.5 * ((x - loc) / scale) ** 2 - np.log(scale) - 0.5 * math.log(2 * math.pi)
+
+
+def gaussian_weights(loc: float, scale: float, seed: int = 0, size: int = S):
+    """Draws from q = N(loc, scale^2) and log p - log q for p = N(0, 1) (times e^3)."""
+    x = loc + scale * np.random.default_rng(seed).normal(size=size)
+    return x, log_normal(x, 0.0, 1.0) + 3.0 - log_normal(x, loc, scale)
+
+
+class ConjugateFit:
+    """The fit protocol in numpy for ``mu ~ N(0, 2^2)``, ``y_i ~ N(mu, 1)``, ``theta ~ N(0, I_2)``.
+
+    The guide is ``N(post_mean + shift, (scale * post_sd)^2)`` for ``mu`` and ``N(shift,
+    scale^2 I)`` for ``theta``; ``shift=0, scale=1`` is the exact posterior.
+    """
+
+    prior_sd = 2.0
+
+    def __init__(self, shift: float = 0.0, scale: float = 1.0, n: int = 20) -> None:
+        self.y = np.random.default_rng(123).normal(1.5, 1.0, size=n)
+        precision = 1 / self.prior_sd**2 + n
+        self.post_sd = precision**-0.5
+        self.post_mean = self.y.sum() / precision
+        self.shift, self.scale = shift, scale
+        self.losses = np.linspace(50.0, 10.0, 300)
+
+    def log_densities(self, num_samples: int, seed: int | None = None):
+        rng = np.random.default_rng(seed)
+        q_loc, q_sd = self.post_mean + self.shift * self.post_sd, self.scale * self.post_sd
+        mu = q_loc + q_sd * rng.normal(size=num_samples)
+        theta = self.shift + self.scale * rng.normal(size=(num_samples, 2))
+        draws = {"mu": mu, "theta": theta}
+        log_p = (
+            log_normal(mu, 0.0, self.prior_sd)
+            + log_normal(theta, 0.0, 1.0).sum(-1)
+            + self.log_likelihood(draws)["y"].sum(-1)
+        )
+        log_q = log_normal(mu, q_loc, q_sd) + log_normal(theta, self.shift, self.scale).sum(-1)
+        return draws, log_p, log_q
+
+    def sample(self, num_samples: int, seed: int | None = None):
+        return self.log_densities(num_samples, seed)[0]
+
+    def log_likelihood(self, draws):
+        return {"y": log_normal(self.y[None, :], draws["mu"][:, None], 1.0)}
+
+    def observed_data(self):
+        return {"y": self.y}
+
+
+class GaussianDensityFit:
+    """The density-fit protocol for N(1, 2^2 I_3)."""
+
+    def sample(self, n: int, seed: int | None = None) -> np.ndarray:
+        return 1.0 + 2.0 * np.random.default_rng(seed).normal(size=(n, 3))
+
+    def log_prob(self, x: np.ndarray) -> np.ndarray:
+        return log_normal(x, 1.0, 2.0).sum(-1)
+
+
+def test_khat_threshold_formula():
+    assert dg.khat_threshold(100) == pytest.approx(0.5)
+    assert dg.khat_threshold(1000) == pytest.approx(2 / 3)
+    assert dg.khat_threshold(10**6) == 0.7
+    with pytest.raises(ValueError, match="num_samples: expected an integer >= 25, got 10"):
+        dg.khat_threshold(10)
+
+
+def test_importance_ess_closed_form():
+    # half the weights 1, half 3: (sum w)^2 / sum w^2 = (2n)^2 / (5n) for 2n draws
+    lw = np.log(np.repeat([1.0, 3.0], 500)) - 7.0
+    assert dg.importance_ess(lw) == pytest.approx(0.8 * 1000)
+    assert dg.importance_ess(np.full(50, -2.0)) == pytest.approx(50)
+
+
+@pytest.mark.parametrize("scale", [0.3, 0.6, 0.9])
+def test_khat_matches_the_pareto_tail_of_gaussian_weights(scale):
+    _, lw = gaussian_weights(0.0, scale)
+    smoothed, khat = dg.psis_khat(lw)
+    assert khat == pytest.approx(1 - scale**2, abs=0.12)
+    # normalised, and smoothing keeps the order of the weights (catches a sign slip)
+    assert np.exp(smoothed).sum() == pytest.approx(1.0)
+    assert np.argmax(smoothed) == np.argmax(lw)
+    assert np.corrcoef(smoothed, lw)[0, 1] > 0.99
+
+
+def test_psis_khat_rejects_bad_weights():
+    with pytest.raises(ValueError, match=r"2 value\(s\) are NaN or inf, at draws \[3, 7\]"):
+        lw = np.zeros(100)
+        lw[[3, 7]] = [np.nan, np.inf]
+        dg.psis_khat(lw)
+    with pytest.raises(ValueError, match=r"expected a 1-D array \(num_samples,\), got shape"):
+        dg.psis_khat(np.zeros((10, 10)))
+    with pytest.raises(ValueError, match="expected at least 25 draws, got 5"):
+        dg.psis_khat(np.zeros(5))
+
+
+@pytest.mark.parametrize("noise", [0.0, 1e-12])
+def test_q_equal_to_p_reports_constant_weights(noise):
+    x, lw = gaussian_weights(0.0, 1.0)
+    assert np.ptp(lw) < 1e-12  # q = p up to the constant e^3
+    smoothed, khat = dg.psis_khat(lw + noise * x)
+    assert math.isnan(khat)
+    np.testing.assert_allclose(smoothed, -math.log(S))
+    diagnosis = dg.diagnose_weights(log_normal(x, 0, 1) + noise * x, log_normal(x, 0, 1))
+    assert "weights are constant: q matches p up to a constant" in diagnosis.verdict
+    assert diagnosis.reliable and diagnosis.ess == pytest.approx(S)
+    assert "k-hat    nan" in str(diagnosis)
+
+
+def test_close_guide_is_good():
+    x, _ = gaussian_weights(0.0, 0.95)
+    diagnosis = dg.diagnose_weights(log_normal(x, 0, 1), log_normal(x, 0, 0.95))
+    assert diagnosis.khat < 0.5
+    assert diagnosis.verdict.startswith("good") and diagnosis.reliable
+    assert diagnosis.ess > 0.9 * S
+    # ELBO = -KL(q || p) for normalised p, in closed form
+    kl = math.log(1 / 0.95) + (0.95**2 - 1) / 2
+    assert diagnosis.elbo == pytest.approx(-kl, abs=4 * diagnosis.elbo_se)
+
+
+def test_narrow_guide_is_unreliable():
+    x, _ = gaussian_weights(0.0, 0.3)
+    diagnosis = dg.diagnose_weights(log_normal(x, 0, 1), log_normal(x, 0, 0.3))
+    assert diagnosis.khat > 0.7 and diagnosis.khat_threshold == pytest.approx(0.7)
+    assert diagnosis.verdict.startswith("unreliable") and not diagnosis.reliable
+    assert diagnosis.ess < 0.2 * S
+    table = str(diagnosis)
+    assert f"{diagnosis.khat:.2f} (threshold 0.70 for S = 4000)" in table
+    assert "unreliable" in table
+
+
+def test_funnel_against_a_narrowed_normal_is_unreliable():
+    """Neal's 10-D funnel, v ~ N(0, 3^2), x_i ~ N(0, e^v), against q = N(0, diag(1.5^2, 1, ...))."""
+    scale = np.array([1.5] + [1.0] * 9)
+    z = scale * np.random.default_rng(0).normal(size=(S, 10))
+    v, x = z[:, 0], z[:, 1:]
+    log_p = log_normal(v, 0, 3.0) + log_normal(x, 0, np.exp(v / 2)[:, None]).sum(-1)
+    diagnosis = dg.diagnose_weights(log_p, log_normal(z, 0, scale).sum(-1))
+    assert diagnosis.khat > 0.7 and diagnosis.verdict.startswith("unreliable")
+
+
+def test_usable_verdict_between_half_and_threshold():
+    x, _ = gaussian_weights(0.0, 0.75)  # k = 1 - 0.75^2 = 0.44 in theory
+    lw = log_normal(x, 0, 1) - log_normal(x, 0, 0.75)
+    khat = dg.psis_khat(lw)[1]
+    verdict = dg.diagnose_weights(log_normal(x, 0, 1), log_normal(x, 0, 0.75)).verdict
+    assert verdict.split(":")[0] == ("usable" if 0.5 <= khat < 0.7 else "good")
+    # a small S lowers the threshold: the same k-hat is unreliable with 100 draws
+    x, lw = gaussian_weights(0.0, 0.5, size=100)
+    small = dg.diagnose_weights(lw, np.zeros(100))
+    assert small.khat_threshold == pytest.approx(0.5)
+    assert small.reliable == (small.khat < 0.5)
+
+
+def test_diagnose_weights_checks_shapes():
+    with pytest.raises(ValueError, match=r"expected equal shapes, got \(30,\) and \(31,\)"):
+        dg.diagnose_weights(np.zeros(30), np.zeros(31))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_is_corrected_means_beat_raw_means_on_a_poor_guide(seed):
+    x, lw = gaussian_weights(1.0, 0.5, seed=seed)  # shifted and narrow: k = 0.75
+    assert dg.psis_khat(lw)[1] > 0.6
+    means, sds = dg.is_moments({"x": x}, lw)
+    assert abs(means["x"]) < 0.5 * abs(x.mean())
+    assert abs(sds["x"] - 1.0) < abs(x.std() - 1.0)
+
+
+def test_is_moments_and_resampling_recover_p_from_a_wide_guide():
+    x, lw = gaussian_weights(0.5, 1.5, seed=2)
+    draws = {"x": x, "pair": np.stack([x, 2 * x], axis=-1)}
+    means, sds = dg.is_moments(draws, lw)
+    tol = 4 / math.sqrt(dg.importance_ess(dg.psis_khat(lw)[0]))
+    np.testing.assert_allclose(means["pair"], [0.0, 0.0], atol=2 * tol)
+    np.testing.assert_allclose(sds["pair"], [1.0, 2.0], atol=2 * tol)
+    resampled = dg.resample(draws, lw, 3000, seed=0)
+    assert resampled["pair"].shape == (3000, 2)
+    np.testing.assert_array_equal(resampled["pair"][:, 1], 2 * resampled["x"])
+    assert resampled["x"].mean() == pytest.approx(0.0, abs=2 * tol)
+    assert resampled["x"].std() == pytest.approx(1.0, abs=2 * tol)
+    assert np.isin(resampled["x"], x).all()
+    np.testing.assert_array_equal(
+        dg.resample(draws, lw, 10, seed=5)["x"], dg.resample(draws, lw, 10, seed=5)["x"]
+    )
+
+
+def test_resample_checks_draws():
+    _, lw = gaussian_weights(0.0, 1.2, size=100)
+    with pytest.raises(ValueError, match=r"site 'b': expected a leading axis of 100 draws"):
+        dg.resample({"a": np.zeros(100), "b": np.zeros((99, 2))}, lw, 10)
+    with pytest.raises(ValueError, match="num_samples: expected a positive integer, got 0"):
+        dg.resample({"a": np.zeros(100)}, lw, 0)
+
+
+def test_diagnose_fit_good_and_poor():
+    good = dg.diagnose(ConjugateFit(shift=0.1, scale=1.05), num_samples=2000, seed=0)
+    assert good.num_samples == 2000 and good.khat < 0.5 and good.reliable
+    poor = dg.diagnose(ConjugateFit(shift=0.0, scale=0.3), num_samples=2000, seed=0)
+    assert poor.khat > poor.khat_threshold and poor.verdict.startswith("unreliable")
+    with pytest.raises(TypeError, match="fit: expected a posterior fit with log_densities"):
+        dg.diagnose(GaussianDensityFit())
+
+
+def test_resample_fit_corrects_a_shifted_wide_guide():
+    fit = ConjugateFit(shift=1.0, scale=1.5)
+    result = dg.resample_fit(fit, 1000, seed=3)
+    assert result.draws["mu"].shape == (1000,) and result.draws["theta"].shape == (1000, 2)
+    assert result.diagnosis.reliable and result.diagnosis.num_samples == 4000
+    tol = 4 / math.sqrt(result.diagnosis.ess)
+    assert result.mean["mu"] == pytest.approx(fit.post_mean, abs=tol * fit.post_sd)
+    assert result.sd["mu"] == pytest.approx(fit.post_sd, abs=tol * fit.post_sd)
+    np.testing.assert_allclose(result.mean["theta"], 0.0, atol=tol)
+    np.testing.assert_allclose(result.sd["theta"], 1.0, atol=tol)
+    raw_error = abs(fit.sample(4000, seed=3)["mu"].mean() - fit.post_mean)
+    assert abs(result.draws["mu"].mean() - fit.post_mean) < 0.5 * raw_error
+
+
+def test_resample_fit_warns_on_an_unreliable_guide():
+    with pytest.warns(dg.UnreliableFitWarning, match="not reliable: unreliable: k-hat"):
+        result = dg.resample_fit(ConjugateFit(scale=0.3), 100, seed=0, num_proposals=1000)
+    assert not result.diagnosis.reliable
+
+
+def _summary_and_loo(data):
+    """ArviZ's summary and loo on either line; the elpd estimate of loo."""
+    az = dg._import_arviz()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # 0.x: a notice about rcParams defaults
+        summary = az.summary(data)
+        loo = az.loo(data)
+    return summary, (loo.elpd_loo if dg.arviz_major_version() == 0 else loo.elpd)
+
+
+def test_to_arviz_round_trip_summary_and_loo_match_closed_forms():
+    fit = ConjugateFit()
+    data = dg.to_arviz(fit, num_samples=2000, seed=0)
+    expected_type = "InferenceData" if dg.arviz_major_version() == 0 else "DataTree"
+    assert type(data).__name__ == expected_type
+    post, stats = data["posterior"], data["sample_stats"]
+    assert post["mu"].dims == ("chain", "draw")
+    assert post["theta"].dims == ("chain", "draw", "theta_dim_0")
+    assert post["theta"].shape == (1, 2000, 2)
+    np.testing.assert_allclose(stats["log_weight"], stats["log_p"] - stats["log_q"])
+    np.testing.assert_array_equal(data["observed_data"]["y"], fit.y)
+    assert data["log_likelihood"]["y"].dims == ("chain", "draw", "y_dim_0")
+    summary, elpd = _summary_and_loo(data)
+    assert summary.loc["mu", "mean"] == pytest.approx(fit.post_mean, abs=0.01)
+    assert list(summary.index) == ["mu", "theta[0]", "theta[1]"]
+    # exact LOO: y_i | y_-i ~ N(m_-i, s_-i^2 + 1)
+    precision = 1 / fit.prior_sd**2 + fit.y.size - 1
+    loo_mean = (fit.y.sum() - fit.y) / precision
+    exact = log_normal(fit.y, loo_mean, math.sqrt(1 / precision + 1)).sum()
+    assert elpd == pytest.approx(exact, abs=0.05)
+
+
+def test_to_arviz_density_fit_and_errors():
+    data = dg.to_arviz(GaussianDensityFit(), num_samples=500, seed=1)
+    x = np.asarray(data["posterior"]["x"])
+    assert x.shape == (1, 500, 3)
+    np.testing.assert_allclose(data["sample_stats"]["log_prob"], log_normal(x, 1.0, 2.0).sum(-1))
+    with pytest.raises(TypeError, match="got int"):
+        dg.to_arviz(3)
+
+    class NoData(ConjugateFit):
+        def observed_data(self):
+            return {}
+
+    data = dg.to_arviz(NoData(), num_samples=100, seed=0)
+    groups = data.groups() if dg.arviz_major_version() == 0 else list(data.children)
+    assert sorted(groups) == ["posterior", "sample_stats"]
+
+    class WrongLikelihood(ConjugateFit):
+        def log_likelihood(self, draws):
+            return {"y": np.zeros((draws["mu"].shape[0], 3))}
+
+    with pytest.raises(ValueError, match=r"site 'y': expected a log-likelihood of shape"):
+        dg.to_arviz(WrongLikelihood(), num_samples=100, seed=0)
+
+
+def test_importing_diagnostics_loads_no_arviz_torch_or_jax():
+    code = (
+        "import sys, flowguides.diagnostics; "
+        "print(sorted(m for m in ('arviz', 'torch', 'jax') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
