@@ -2,4 +2,49 @@
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from flowguides.pyro.build import (
+    Affine,
+    Flow,
+    FlowDistribution,
+    build_flow,
+    get_weights,
+    set_weights,
+)
+from flowguides.pyro.coupling import RealNVP
+from flowguides.pyro.fit import (
+    DensityFit,
+    NonFiniteGradientError,
+    PosteriorFit,
+    fit_density,
+    fit_posterior,
+)
+from flowguides.pyro.guide import (
+    AutoFlowGuide,
+    DiscreteLatentError,
+    LaplaceFallbackWarning,
+    NoLatentSitesError,
+)
+from flowguides.pyro.ode import MaxStepsExceededError, NeuralODE
+from flowguides.pyro.planar import Planar
+
+__all__ = [
+    "Affine",
+    "AutoFlowGuide",
+    "DensityFit",
+    "DiscreteLatentError",
+    "Flow",
+    "FlowDistribution",
+    "LaplaceFallbackWarning",
+    "MaxStepsExceededError",
+    "NeuralODE",
+    "NoLatentSitesError",
+    "NonFiniteGradientError",
+    "Planar",
+    "PosteriorFit",
+    "RealNVP",
+    "build_flow",
+    "fit_density",
+    "fit_posterior",
+    "get_weights",
+    "set_weights",
+]

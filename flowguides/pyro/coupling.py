@@ -97,7 +97,7 @@ class RealNVP(TransformModule):
             StackedLinear(
                 spec.repeat, n_in, n_out, zero=j == last, generator=generator, dtype=dtype
             )
-            for j, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:]))
+            for j, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True))
         )
         perms = [torch.tensor(p, dtype=torch.long) for p in spec.permutations(dim)]
         self._perms = perms

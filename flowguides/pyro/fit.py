@@ -1,0 +1,393 @@
+"""Fit a flow guide to a Pyro model's posterior, or a flow to a data set, in a few lines.
+
+Both loops use Adam (with optional global-norm clipping) and the shared schedule from
+[`learning_rate_at`][flowguides._common.learning_rate_at]; a NaN or infinite loss stops training
+with a `NonFiniteLossError` and leaves the last finite parameters in place.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer import Trace_ELBO
+from pyro.infer.autoguide import init_to_median
+from pyro.poutine.util import site_is_subsample
+from tqdm import tqdm
+
+from flowguides._common import (
+    NonFiniteLossError,
+    as_spec,
+    check_data,
+    learning_rate_at,
+    split_indices,
+    standardization,
+)
+from flowguides.pyro.build import Flow, build_flow
+from flowguides.pyro.guide import AutoFlowGuide
+from flowguides.spec import FlowSpec
+
+__all__ = [
+    "DEFAULT_INIT_SCALE",
+    "DensityFit",
+    "NonFiniteGradientError",
+    "PosteriorFit",
+    "fit_density",
+    "fit_posterior",
+]
+
+DEFAULT_INIT_SCALE: float | str = "laplace"
+_VALIDATE_EVERY = 25
+
+
+@dataclass
+class PosteriorFit:
+    """A fitted flow guide and what it can tell about the posterior.
+
+    Attributes:
+        guide: the trained `AutoFlowGuide` (it holds the parameters).
+        model: the model.
+        spec: the flow spec.
+        losses: the negative ELBO estimate at each step.
+        args, kwargs: the model's arguments used for fitting.
+        backend: ``"pyro"``.
+    """
+
+    guide: AutoFlowGuide
+    model: Callable[..., Any]
+    spec: FlowSpec
+    losses: np.ndarray
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    backend: str = "pyro"
+
+    @property
+    def latent_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Constrained shape of each latent site."""
+        return {
+            name: tuple(site["value"].shape)
+            for name, site in self.guide.prototype_trace.iter_stochastic_nodes()
+        }
+
+    def sample(self, num_samples: int, seed: int | None = None) -> dict[str, np.ndarray]:
+        """Constrained posterior draws, ``name -> (num_samples, *site_shape)``."""
+        latent, _ = self.guide.draws(num_samples, seed)
+        return {k: v.cpu().numpy() for k, v in self.guide.constrain(latent).items()}
+
+    def log_densities(
+        self, num_samples: int, seed: int | None = None
+    ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+        """``(draws, log_p, log_q)``: ``log_p - log_q`` is each draw's importance log-weight.
+
+        ``log_p`` is the model's log joint (observations included) at the constrained draw
+        plus the log-Jacobian of the unconstraining bijections; ``log_q`` is the guide's
+        log-density of the same draw (from its own forward pass, no inverse).
+        """
+        latent, log_q = self.guide.draws(num_samples, seed)
+        with torch.no_grad():
+            log_p = self.guide.log_joint(latent, *self.args, **self.kwargs)
+        draws = {k: v.cpu().numpy() for k, v in self.guide.constrain(latent).items()}
+        return draws, log_p.cpu().numpy(), log_q.cpu().numpy()
+
+    def importance_sample(
+        self, num_samples: int, seed: int | None = None
+    ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """``(draws, log_weights)`` with ``log_weights = log p(x, z) - log q(z)``."""
+        draws, log_p, log_q = self.log_densities(num_samples, seed)
+        return draws, log_p - log_q
+
+    def elbo(self, num_samples: int = 1000, seed: int | None = None) -> float:
+        """Monte Carlo ELBO, the mean of ``log p - log q`` over `num_samples` draws."""
+        _, log_weights = self.importance_sample(num_samples, seed)
+        return float(np.mean(log_weights))
+
+    def _observed_sites(self) -> Iterator[tuple[str, dict]]:
+        for name, site in self.guide.model_trace.nodes.items():
+            infer = site.get("infer", {})
+            if site["type"] == "sample" and site["is_observed"] and not site_is_subsample(site):
+                if not (infer.get("_deterministic") or infer.get("is_auxiliary")):
+                    yield name, site
+
+    def observed_data(self) -> dict[str, np.ndarray]:
+        """The value of each observed site, as the model saw it when the guide was built."""
+        return {name: site["value"].detach().cpu().numpy() for name, site in self._observed_sites()}
+
+    def log_likelihood(self, draws: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Pointwise log-likelihood of each observed site, ``(S, *site_batch_shape)``.
+
+        Args:
+            draws: constrained latent draws ``name -> (S, *site_shape)``, as from `sample`.
+        """
+        guide, nest = self.guide, self.guide.max_plate_nesting
+        shapes = self.latent_shapes
+        missing = [n for n in shapes if n not in draws]
+        if missing:
+            raise ValueError(f"draws: missing latent site(s) {missing}")
+        dtype = guide.flow.affine.loc.dtype
+        num = int(np.shape(draws[next(iter(shapes))])[0])
+        values = {}
+        for name, shape in shapes.items():
+            value = torch.as_tensor(np.asarray(draws[name]), dtype=dtype)
+            if tuple(value.shape) != (num, *shape):
+                raise ValueError(
+                    f"draws[{name!r}]: expected shape {(num, *shape)}, got {tuple(value.shape)}"
+                )
+            batch = len(shape) - guide.prototype_trace.nodes[name]["fn"].event_dim
+            values[name] = value.reshape(num, *([1] * (nest - batch)), *shape)
+        model = poutine.condition(self.model, data=values)
+        with torch.no_grad(), poutine.block(), pyro.plate("_flowguides_draws", num, dim=-nest - 1):
+            trace = poutine.trace(model).get_trace(*self.args, **self.kwargs)
+        out = {}
+        for name, proto in self._observed_sites():
+            site = trace.nodes[name]
+            log_lik = site["fn"].log_prob(site["value"])
+            batch = tuple(proto["fn"].batch_shape)
+            log_lik = log_lik.reshape(*(1,) * (nest + 1 - log_lik.dim()), *log_lik.shape)
+            out[name] = log_lik.expand(num, *log_lik.shape[1:]).reshape(num, *batch).cpu().numpy()
+        return out
+
+
+@dataclass
+class DensityFit:
+    """A flow fitted to data by maximum likelihood.
+
+    Attributes:
+        flow: the trained `Flow` (on standardised data when `mean`/`std` are set).
+        spec: the flow spec.
+        losses: ``{"train": per step, "val": per validation (every 25 steps)}`` mean negative
+            log-likelihoods in the standardised space.
+        mean, std: the standardisation (``None`` when off).
+        backend: ``"pyro"``.
+    """
+
+    flow: Flow
+    spec: FlowSpec
+    losses: dict[str, np.ndarray]
+    mean: np.ndarray | None = None
+    std: np.ndarray | None = None
+    backend: str = "pyro"
+
+    def log_prob(self, x: Any) -> np.ndarray:
+        """Log-density of rows `x` ``(n, dim)`` in the data's own scale (Jacobian included)."""
+        x = check_data(x, name="x", dim=self.flow.dim)
+        offset = 0.0
+        if self.mean is not None:
+            x = (x - self.mean) / self.std
+            offset = float(np.log(self.std).sum())
+        with torch.no_grad():
+            log_q = self.flow.log_prob(torch.as_tensor(x, dtype=self.flow.dtype))
+        return log_q.cpu().numpy() - offset
+
+    def sample(self, n: int, seed: int | None = None) -> np.ndarray:
+        """`n` draws ``(n, dim)`` in the data's own scale."""
+        x = self.flow.sample((n,), seed=seed).cpu().numpy()
+        return x * self.std + self.mean if self.mean is not None else x
+
+
+class NonFiniteGradientError(NonFiniteLossError):
+    """The loss was finite but its gradient was not; no update was made from it."""
+
+    def __init__(self, step: int, loss: float, last_good: Any = None, fit: Any = None) -> None:
+        super().__init__(step, loss, last_good, fit)
+        self.args = (
+            f"the gradient became NaN or infinite at step {step} (loss {loss}); training "
+            "stopped and the parameters from the last finite step were kept (lower "
+            "learning_rate, set clip_norm, or check the model for values outside its support)",
+        )
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class _Trainer:
+    """Adam + the shared schedule + clipping + the non-finite guard, over fixed parameters."""
+
+    def __init__(
+        self, params: list[torch.Tensor], num_steps: int, lr: float, clip_norm: float | None
+    ):
+        self.params, self.clip_norm = params, clip_norm
+        self.optim = torch.optim.Adam(params, lr=lr)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optim, lambda step: learning_rate_at(step, num_steps, lr) / lr
+        )
+        self.last_good = [p.detach().clone() for p in params]
+
+    def step(self, step: int, loss: torch.Tensor, make_fit: Callable[[], Any]) -> float:
+        value = float(loss.detach())
+        if not np.isfinite(value):
+            with torch.no_grad():
+                for p, good in zip(self.params, self.last_good, strict=True):
+                    p.copy_(good)
+            raise NonFiniteLossError(step, value, self.last_good, make_fit())
+        self.last_good = [p.detach().clone() for p in self.params]
+        self.optim.zero_grad()
+        loss.backward()
+        if not all(bool(torch.isfinite(p.grad).all()) for p in self.params if p.grad is not None):
+            raise NonFiniteGradientError(step, value, self.last_good, make_fit())
+        if self.clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)
+        self.optim.step()
+        self.schedule.step()
+        return value
+
+
+def _progress(num_steps: int, progress: bool) -> tqdm:
+    return tqdm(total=num_steps, disable=not progress, file=sys.stderr, leave=False)
+
+
+def _check_training(num_steps: int, learning_rate: float, clip_norm: float | None) -> None:
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps: expected a positive integer, got {num_steps!r}")
+    if not learning_rate > 0:
+        raise ValueError(f"learning_rate: expected a positive number, got {learning_rate!r}")
+    if clip_norm is not None and not clip_norm > 0:
+        raise ValueError(f"clip_norm: expected a positive number or None, got {clip_norm!r}")
+
+
+def fit_posterior(
+    model: Callable[..., Any],
+    spec: FlowSpec | Mapping[str, Any],
+    *args: Any,
+    num_steps: int = 2000,
+    learning_rate: float = 1e-2,
+    num_particles: int = 8,
+    clip_norm: float | None = None,
+    init_loc_fn: Callable[[dict], torch.Tensor] = init_to_median,
+    init_scale: float | str = DEFAULT_INIT_SCALE,
+    seed: int = 0,
+    progress: bool = True,
+    **kwargs: Any,
+) -> PosteriorFit:
+    """Fit an `AutoFlowGuide` to ``model(*args, **kwargs)`` by maximising the ELBO.
+
+    ``Trace_ELBO(num_particles, vectorize_particles=True)`` with Adam on the guide's weights
+    and any ``pyro.param`` of the model; the learning rate is constant for the first half, then
+    decays (cosine) to 1% at the last step.
+
+    Args:
+        model: a Pyro model with continuous latent sites.
+        spec: the flow spec (or its dict form).
+        *args, **kwargs: passed to the model (and the guide).
+        num_steps, learning_rate, num_particles: the optimisation.
+        clip_norm: global gradient-norm clipping (off when ``None``).
+        init_loc_fn, init_scale: the guide's initialisation (see `AutoFlowGuide`).
+        seed: seeds Pyro (initial weights, draws, subsampling).
+        progress: show a tqdm bar with the smoothed loss on stderr.
+
+    Raises:
+        NonFiniteLossError: when a loss is NaN/inf; the guide keeps the last finite weights
+            and the error's ``.fit`` holds the partial fit.
+    """
+    spec = as_spec(spec)
+    _check_training(num_steps, learning_rate, clip_norm)
+    if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
+        raise ValueError(f"num_particles: expected a positive integer, got {num_particles!r}")
+    pyro.set_rng_seed(seed)
+    guide = AutoFlowGuide(model, spec, init_loc_fn=init_loc_fn, init_scale=init_scale)
+    store = pyro.get_param_store()
+    for name in [n for n in store.keys() if n.startswith(f"{guide._pyro_name}.flow$$$")]:
+        del store[name]  # stale weights of an earlier guide with the same prefix
+    guide._setup_if_needed(*args, **kwargs)
+    elbo = Trace_ELBO(
+        num_particles=num_particles,
+        vectorize_particles=True,
+        max_plate_nesting=guide.max_plate_nesting,
+    )
+    with poutine.trace(param_only=True) as param_capture:
+        loss = elbo.differentiable_loss(model, guide, *args, **kwargs)
+    params = list(guide.parameters())
+    seen = {id(p) for p in params}
+    for site in param_capture.trace.nodes.values():
+        p = site["value"].unconstrained()
+        if id(p) not in seen:
+            params.append(p)
+            seen.add(id(p))
+    trainer = _Trainer(params, num_steps, learning_rate, clip_norm)
+    losses: list[float] = []
+
+    def partial_fit() -> PosteriorFit:
+        return PosteriorFit(guide, model, spec, np.asarray(losses), args, kwargs)
+
+    smooth = None
+    with _progress(num_steps, progress) as bar:
+        for step in range(num_steps):
+            if step:
+                loss = elbo.differentiable_loss(model, guide, *args, **kwargs)
+            value = trainer.step(step, loss, partial_fit)
+            losses.append(value)
+            smooth = value if smooth is None else 0.95 * smooth + 0.05 * value
+            bar.set_postfix(loss=f"{smooth:.4g}", refresh=False)
+            bar.update()
+    return partial_fit()
+
+
+def fit_density(
+    data: Any,
+    spec: FlowSpec | Mapping[str, Any],
+    *,
+    num_steps: int = 2000,
+    batch_size: int = 256,
+    learning_rate: float = 1e-3,
+    validation_fraction: float = 0.1,
+    patience: int = 500,
+    standardize: bool = True,
+    seed: int = 0,
+    progress: bool = True,
+) -> DensityFit:
+    """Fit a flow to the rows of `data` ``(n, dim)`` by maximum likelihood on minibatches.
+
+    A `validation_fraction` of the rows is held out and scored every 25 steps; training stops
+    after `patience` steps without a better validation loss and the best parameters are kept.
+
+    Raises:
+        ValueError: for data of the wrong rank or holding NaN/inf (naming the rows).
+        NonFiniteLossError: when a training loss is NaN/inf (the last finite weights are kept).
+    """
+    spec = as_spec(spec)
+    _check_training(num_steps, learning_rate, None)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+    data = check_data(data)
+    n, dim = data.shape
+    train_idx, val_idx = split_indices(n, validation_fraction, seed)
+    scaling = standardization(data[train_idx], standardize)
+    mean, std = scaling if scaling is not None else (None, None)
+    if scaling is not None:
+        data = (data - mean) / std
+    torch.manual_seed(seed)
+    flow = build_flow(spec, dim, seed=seed)
+    train = torch.as_tensor(data[train_idx], dtype=flow.dtype)
+    val = torch.as_tensor(data[val_idx], dtype=flow.dtype)
+    trainer = _Trainer(list(flow.parameters()), num_steps, learning_rate, None)
+    rng = np.random.default_rng(seed)
+    losses: dict[str, list[float]] = {"train": [], "val": []}
+    best, best_step = None, 0
+
+    def result() -> DensityFit:
+        return DensityFit(flow, spec, {k: np.asarray(v) for k, v in losses.items()}, mean, std)
+
+    with _progress(num_steps, progress) as bar:
+        for step in range(num_steps):
+            rows = rng.integers(0, len(train), size=min(batch_size, len(train)))
+            loss = -flow.log_prob(train[rows]).mean()
+            losses["train"].append(trainer.step(step, loss, result))
+            if len(val) and (step % _VALIDATE_EVERY == 0 or step == num_steps - 1):
+                with torch.no_grad():
+                    val_loss = float(-flow.log_prob(val).mean())
+                losses["val"].append(val_loss)
+                if np.isfinite(val_loss) and (best is None or val_loss < best[0]):
+                    best = (val_loss, {k: v.clone() for k, v in flow.state_dict().items()})
+                    best_step = step
+                bar.set_postfix(val=f"{val_loss:.4g}", refresh=False)
+                if step - best_step >= patience:
+                    break
+            bar.update()
+    if best is not None:
+        flow.load_state_dict(best[1])
+    return result()

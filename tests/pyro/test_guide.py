@@ -1,0 +1,191 @@
+"""`AutoFlowGuide`: initial location, Pyro integration (SVI, Predictive, plates), errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import SVI, Predictive, Trace_ELBO
+from pyro.infer.autoguide import AutoDiagonalNormal, init_to_sample
+
+from flowguides.pyro import (
+    AutoFlowGuide,
+    DiscreteLatentError,
+    LaplaceFallbackWarning,
+    NoLatentSitesError,
+)
+from flowguides.spec import FlowSpec, SpecError
+
+SPEC = FlowSpec.realnvp(num_layers=2, hidden=[8], dtype="float64")
+DATA = torch.tensor([0.3, -1.2, 2.0, 0.7, 1.1], dtype=torch.float64)
+
+
+def constrained_model(data=DATA):
+    mu = pyro.sample("mu", dist.Normal(torch.zeros(2, dtype=torch.float64), 1.0).to_event(1))
+    sigma = pyro.sample("sigma", dist.HalfNormal(torch.tensor(1.0, dtype=torch.float64)))
+    p = pyro.sample("p", dist.Beta(torch.tensor(2.0, dtype=torch.float64), 2.0))
+    w = pyro.sample("w", dist.Dirichlet(torch.ones(3, dtype=torch.float64)))
+    loc = mu[..., :1] + p.unsqueeze(-1) * w[..., :1]
+    with pyro.plate("data", len(data)):
+        pyro.sample("obs", dist.Normal(loc, sigma.unsqueeze(-1)), obs=data)
+
+
+def conjugate_model(data=DATA):
+    mu = pyro.sample("mu", dist.Normal(torch.tensor(0.0, dtype=torch.float64), 2.0))
+    with pyro.plate("data", len(data)):
+        pyro.sample("obs", dist.Normal(mu, 0.5), obs=data)
+
+
+@pytest.mark.parametrize("init_loc_fn", [None, init_to_sample])
+def test_fresh_guide_starts_where_auto_diagonal_normal_does(init_loc_fn):
+    kwargs = {} if init_loc_fn is None else {"init_loc_fn": init_loc_fn}
+    pyro.set_rng_seed(3)
+    reference = AutoDiagonalNormal(constrained_model, **kwargs)
+    reference()
+    pyro.set_rng_seed(3)
+    guide = AutoFlowGuide(constrained_model, SPEC, init_scale=0.2, **kwargs)
+    guide()
+    loc, scale = reference._loc_scale()
+    torch.testing.assert_close(guide.flow.affine.loc.detach(), loc.detach())
+    log_scale = guide.flow.affine.log_scale.detach()
+    torch.testing.assert_close(log_scale, torch.full_like(log_scale, np.log(0.2)))
+
+
+def test_draws_respect_the_supports():
+    guide = AutoFlowGuide(constrained_model, SPEC, init_scale=1.0)
+    draws = Predictive(constrained_model, guide=guide, num_samples=200)()
+    assert draws["sigma"].min() > 0
+    assert ((draws["p"] > 0) & (draws["p"] < 1)).all()
+    sums = draws["w"].sum(-1)
+    torch.testing.assert_close(sums, torch.ones_like(sums))
+    assert draws["obs"].shape == (200, len(DATA))
+
+
+def test_svi_with_vectorised_particles_and_subsampling_runs_and_learns():
+    data = torch.randn(40, dtype=torch.float64) + 3.0
+
+    def model():
+        mu = pyro.sample("mu", dist.Normal(torch.zeros(2, dtype=torch.float64), 5.0).to_event(1))
+        with pyro.plate("data", len(data), subsample_size=10) as idx:
+            pyro.sample("obs", dist.Normal(mu.sum(-1, keepdim=True), 1.0), obs=data[idx])
+
+    guide = AutoFlowGuide(model, FlowSpec.planar(num_layers=2, dtype="float64"))
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO(4, vectorize_particles=True))
+    losses = [svi.step() for _ in range(150)]
+    assert np.isfinite(losses).all()
+    assert abs(float(guide.median()["mu"].sum()) - 3.0) < 0.5
+
+
+def test_median_quantiles_and_posterior_of_a_fresh_guide():
+    pyro.set_rng_seed(1)
+    guide = AutoFlowGuide(constrained_model, SPEC, init_scale=0.05)
+    median = guide.median()
+    pyro.set_rng_seed(1)
+    reference = AutoDiagonalNormal(constrained_model)
+    reference()
+    expected = reference.median()
+    for name, value in expected.items():
+        torch.testing.assert_close(median[name], value, rtol=0, atol=0.02)
+    q = guide.quantiles([0.1, 0.5, 0.9])
+    assert q["w"].shape == (3, 3) and q["mu"].shape == (3, 2) and q["sigma"].shape == (3,)
+    assert (q["sigma"][0] < q["sigma"][1]).all() and (q["sigma"][1] < q["sigma"][2]).all()
+    posterior = guide.get_posterior()
+    x = posterior.rsample((4,))
+    assert x.shape == (4, guide.latent_dim)
+    torch.testing.assert_close(posterior.log_prob(x), guide.flow.log_prob(x))
+
+
+def test_laplace_is_exact_for_a_gaussian_posterior():
+    guide = AutoFlowGuide(
+        conjugate_model,
+        SPEC.model_copy(update={"layers": (FlowSpec.planar(num_layers=1).layers[0],)}),
+        init_scale="laplace",
+    )
+    guide()
+    precision = 1 / 2.0**2 + len(DATA) / 0.5**2
+    mean = (DATA.sum() / 0.5**2) / precision
+    torch.testing.assert_close(guide.flow.affine.loc.detach(), mean.reshape(1))
+    scale = guide.flow.affine.log_scale.detach().exp()
+    torch.testing.assert_close(scale, torch.tensor([precision**-0.5], dtype=torch.float64))
+
+
+def test_laplace_falls_back_with_a_warning_where_the_hessian_is_flat():
+    def model():
+        pyro.sample("a", dist.Normal(torch.tensor(0.0, dtype=torch.float64), 1.0))
+        normal = dist.Normal(torch.tensor(0.0, dtype=torch.float64), 1.0)
+        flat = pyro.sample("flat", normal)
+        pyro.factor("cancel", -normal.log_prob(flat))  # log p(flat) is constant
+
+    guide = AutoFlowGuide(
+        model, FlowSpec.planar(num_layers=1, dtype="float64"), init_scale="laplace"
+    )
+    with pytest.warns(LaplaceFallbackWarning, match=r"sites \['flat'\]"):
+        guide()
+    scale = guide.flow.affine.log_scale.detach().exp()
+    torch.testing.assert_close(scale, torch.tensor([1.0, 0.1], dtype=torch.float64))
+
+
+def test_guide_weights_round_trip():
+    guide = AutoFlowGuide(constrained_model, SPEC)
+    with pytest.raises(RuntimeError, match="call the guide"):
+        guide.get_weights()
+    guide()
+    weights = guide.get_weights()
+    assert list(weights) == list(SPEC.parameter_shapes(guide.latent_dim))
+    weights["affine.loc"] = weights["affine.loc"] + 1.0
+    guide.set_weights(weights)
+    np.testing.assert_array_equal(guide.get_weights()["affine.loc"], weights["affine.loc"])
+    assert guide.get_flow() is guide.flow
+
+
+def test_discrete_latent_site_is_named_with_a_suggestion():
+    def model():
+        pyro.sample("coin", dist.Bernoulli(0.5))
+        pyro.sample("x", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(DiscreteLatentError, match="site 'coin'.*config_enumerate.*TraceEnum_ELBO"):
+        AutoFlowGuide(model, SPEC)()
+
+
+def test_model_without_latent_sites_is_rejected():
+    def model():
+        pyro.sample("y", dist.Normal(0.0, 1.0), obs=torch.tensor(0.0))
+
+    with pytest.raises(NoLatentSitesError, match="no latent sample sites"):
+        AutoFlowGuide(model, SPEC)()
+
+
+def test_spec_needing_more_dimensions_than_the_model_has():
+    with pytest.raises(SpecError, match="needs dim >= 2, got dim=1.*1 latent dimension.*'mu'"):
+        AutoFlowGuide(conjugate_model, SPEC)()
+
+
+@pytest.mark.parametrize("init_scale", [0.0, -1.0, "wide", float("nan"), True])
+def test_bad_init_scale(init_scale):
+    with pytest.raises(ValueError, match="init_scale: expected a positive number or 'laplace'"):
+        AutoFlowGuide(conjugate_model, SPEC, init_scale=init_scale)
+
+
+def test_normal_base_is_rejected():
+    with pytest.raises(SpecError, match="base: .*expected 'affine', got 'normal'"):
+        AutoFlowGuide(conjugate_model, FlowSpec.planar(num_layers=1, base="normal"))
+
+
+def test_neural_ode_guide_scores_its_own_draws_without_an_inverse_solve(monkeypatch):
+    spec = FlowSpec.neural_ode(hidden=[4], solver="euler", num_steps=2, dtype="float64")
+    guide = AutoFlowGuide(constrained_model, spec)
+    guide()
+
+    def no_inverse(*_):
+        raise AssertionError("the inverse solve was called")
+
+    monkeypatch.setattr(guide.flow.layers[0], "inverse_and_log_det", no_inverse)
+    svi = SVI(
+        constrained_model,
+        guide,
+        pyro.optim.Adam({"lr": 0.01}),
+        Trace_ELBO(3, vectorize_particles=True),
+    )
+    assert np.isfinite([svi.step() for _ in range(3)]).all()
