@@ -214,3 +214,47 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     raise TypeError(f"meta.json: cannot write {type(value).__name__}")
+
+
+def site_meta(guide_sites: Mapping[str, tuple[tuple[int, ...], str]]) -> list[dict[str, Any]]:
+    """Latent sites in packing order for ``meta.json``: name, constrained shape, support."""
+    return [
+        {"name": name, "shape": list(shape), "support": support}
+        for name, (shape, support) in guide_sites.items()
+    ]
+
+
+def check_sites(
+    meta: Mapping[str, Any], guide_sites: Mapping[str, tuple[tuple[int, ...], str]]
+) -> None:
+    """Raise `LoadError` unless the model's latent sites are the saved ones (names, shapes)."""
+    saved = {s["name"]: tuple(s["shape"]) for s in meta.get("sites", [])}
+    found = {name: tuple(shape) for name, (shape, _) in guide_sites.items()}
+    if list(saved) != list(found):
+        raise LoadError(
+            f"load: the model's latent sites {list(found)} differ from the saved ones {list(saved)}"
+        )
+    for name, shape in saved.items():
+        if found[name] != shape:
+            raise LoadError(
+                f"load: site {name!r} has shape {found[name]} in the model, {shape} when saved"
+            )
+
+
+def density_meta(dim: int, mean: Any, std: Any, losses: Mapping[str, Any]) -> dict[str, Any]:
+    """``meta.json`` fields of a density fit."""
+    return {
+        "kind": "density",
+        "dim": dim,
+        "mean": None if mean is None else np.asarray(mean).tolist(),
+        "std": None if std is None else np.asarray(std).tolist(),
+        "losses": {k: np.asarray(v).tolist() for k, v in losses.items()},
+    }
+
+
+def kind_of(meta: Mapping[str, Any]) -> str:
+    """The saved object's kind, checked."""
+    kind = meta.get("kind")
+    if kind not in ("flow", "density", "posterior"):
+        raise LoadError(f"load: meta.json kind: expected flow, density or posterior, got {kind!r}")
+    return kind

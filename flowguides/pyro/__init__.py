@@ -24,6 +24,7 @@ from flowguides.pyro.guide import (
     LaplaceFallbackWarning,
     NoLatentSitesError,
 )
+from flowguides.pyro.io import export_state, import_state
 from flowguides.pyro.ode import MaxStepsExceededError, NeuralODE
 from flowguides.pyro.planar import Planar
 
@@ -43,8 +44,10 @@ __all__ = [
     "PosteriorFit",
     "RealNVP",
     "build_flow",
+    "export_state",
     "fit_density",
     "fit_posterior",
     "get_weights",
+    "import_state",
     "set_weights",
 ]

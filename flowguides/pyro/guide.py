@@ -110,6 +110,7 @@ class AutoFlowGuide(AutoContinuous):
         except (ValueError, RuntimeError, NotImplementedError) as exc:
             self._explain_setup_error(exc)
             raise
+        self._sort_latent_sites()
         # the prototype trace hides observed sites; plate nesting and data need them all
         self.model_trace = poutine.block(poutine.trace(self.model).get_trace)(*args, **kwargs)
         nesting = [0]
@@ -136,6 +137,22 @@ class AutoFlowGuide(AutoContinuous):
             flow.affine.loc.copy_(loc)
             flow.affine.log_scale.copy_(torch.log(scale))
         self.flow = flow
+
+    def _sort_latent_sites(self) -> None:
+        """Pack latent sites sorted by name, as NumPyro's `AutoContinuous` does.
+
+        Pyro packs in the order the model runs; NumPyro ravels a dict, which sorts the names.
+        One order in both backends is what lets a guide's weights move between them.
+        """
+        nodes = self.prototype_trace.nodes
+        latent = sorted(
+            n for n, s in nodes.items() if s["type"] == "sample" and not s["is_observed"]
+        )
+        others = [n for n in nodes if n not in set(latent)]
+        self.prototype_trace.nodes = type(nodes)((n, nodes[n]) for n in [*latent, *others])
+        self._unconstrained_shapes = {
+            n: self._unconstrained_shapes[n] for n in latent if n in self._unconstrained_shapes
+        }
 
     def _explain_setup_error(self, exc: Exception) -> None:
         trace = self.prototype_trace
@@ -187,7 +204,29 @@ class AutoFlowGuide(AutoContinuous):
                 stacklevel=4,
             )
         scale = torch.where(good, hess.clamp_min(1e-300).rsqrt(), torch.full_like(hess, 0.1))
+        if not self._finite_around(energy, loc, scale):
+            warnings.warn(
+                "init_scale='laplace': the model's density is not finite around its MAP point "
+                "(an unbounded density, e.g. a scale collapsing to 0); starting from the "
+                "initial location with scale 0.1 instead",
+                LaplaceFallbackWarning,
+                stacklevel=4,
+            )
+            return init, torch.full_like(init, 0.1)
         return loc, scale
+
+    @staticmethod
+    def _finite_around(
+        energy: Callable[[torch.Tensor], torch.Tensor], loc: torch.Tensor, scale: torch.Tensor
+    ) -> bool:
+        """Whether the log joint is finite at a few draws of the Laplace approximation."""
+        gen = torch.Generator().manual_seed(0)
+        eps = torch.randn((16, loc.numel()), generator=gen, dtype=loc.dtype)
+        try:
+            with torch.no_grad():
+                return bool(torch.isfinite(energy(loc + scale * eps)).all())
+        except ValueError:  # a distribution's argument validation: values outside a support
+            return False
 
     def _coordinate_sites(self, coords: Sequence[int]) -> list[str]:
         """Names of the sites that own packed coordinates `coords`."""
