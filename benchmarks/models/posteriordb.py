@@ -100,7 +100,9 @@ def _read_zip_json(path: Path) -> Any:
 
 def _assemble(chains: list[dict[str, list[float]]]) -> tuple[dict[str, np.ndarray], list[str]]:
     """Stack the chains and gather 1-based scalar names into arrays named by their base name."""
-    columns = {k: np.concatenate([np.asarray(c[k], dtype=float) for c in chains]) for k in chains[0]}
+    columns = {
+        k: np.concatenate([np.asarray(c[k], dtype=float) for c in chains]) for k in chains[0]
+    }
     groups: dict[str, dict[tuple[int, ...], np.ndarray]] = {}
     for key, column in columns.items():
         match = _SCALAR_NAME.match(key)
