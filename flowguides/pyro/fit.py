@@ -3,6 +3,13 @@
 Both loops use Adam (with optional global-norm clipping) and the shared schedule from
 [`learning_rate_at`][flowguides._common.learning_rate_at]; a NaN or infinite loss stops training
 with a `NonFiniteLossError` and leaves the last finite parameters in place.
+
+Flows with neural-ODE layers train with `training_solves` (STEER end times, the RNODE penalty
+``kinetic_weight * KE + jacobian_weight * JF`` averaged over points and summed over layers added
+to the loss) and record per step, in ``fit.history``, the vector-field evaluations of the loss
+(``"nfe_forward"``) and of its gradient (``"nfe_backward"``), plus the penalty
+(``"regularization"``) when a weight is positive. `fit_density` can also train a single
+neural-ODE layer by flow matching (``objective="flow_matching"``).
 """
 
 from __future__ import annotations
@@ -31,10 +38,12 @@ from flowguides._common import (
 )
 from flowguides.pyro.build import Flow, build_flow
 from flowguides.pyro.guide import AutoFlowGuide
-from flowguides.spec import FlowSpec
+from flowguides.pyro.ode import NeuralODE, flow_matching_loss, training_solves
+from flowguides.spec import FlowSpec, SpecError
 
 __all__ = [
     "DEFAULT_INIT_SCALE",
+    "OBJECTIVES",
     "DensityFit",
     "NonFiniteGradientError",
     "PosteriorFit",
@@ -42,7 +51,8 @@ __all__ = [
     "fit_posterior",
 ]
 
-DEFAULT_INIT_SCALE: float | str = "laplace"
+DEFAULT_INIT_SCALE: float | str = "auto"
+OBJECTIVES = ("maximum_likelihood", "flow_matching")
 _VALIDATE_EVERY = 25
 
 
@@ -54,9 +64,11 @@ class PosteriorFit:
         guide: the trained `AutoFlowGuide` (it holds the parameters).
         model: the model.
         spec: the flow spec.
-        losses: the negative ELBO estimate at each step.
+        losses: the negative ELBO estimate at each step (without the RNODE penalty).
         args, kwargs: the model's arguments used for fitting.
         backend: ``"pyro"``.
+        history: per-step arrays for neural-ODE flows (``"nfe_forward"``, ``"nfe_backward"``,
+            ``"regularization"`` when a regulariser weight is positive); empty otherwise.
     """
 
     guide: AutoFlowGuide
@@ -66,6 +78,7 @@ class PosteriorFit:
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
     backend: str = "pyro"
+    history: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def latent_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -155,15 +168,19 @@ class PosteriorFit:
 
 @dataclass
 class DensityFit:
-    """A flow fitted to data by maximum likelihood.
+    """A flow fitted to data by maximum likelihood or flow matching.
 
     Attributes:
         flow: the trained `Flow` (on standardised data when `mean`/`std` are set).
         spec: the flow spec.
-        losses: ``{"train": per step, "val": per validation (every 25 steps)}`` mean negative
-            log-likelihoods in the standardised space.
+        losses: ``{"train": per step, "val": per validation (every 25 steps)}``: mean negative
+            log-likelihoods in the standardised space (without the RNODE penalty), or the
+            flow-matching losses under ``objective="flow_matching"``.
         mean, std: the standardisation (``None`` when off).
         backend: ``"pyro"``.
+        history: per-step arrays for neural-ODE flows (``"nfe_forward"``, ``"nfe_backward"``,
+            ``"regularization"`` when a regulariser weight is positive); empty otherwise.
+        objective: ``"maximum_likelihood"`` or ``"flow_matching"``.
     """
 
     flow: Flow
@@ -172,6 +189,8 @@ class DensityFit:
     mean: np.ndarray | None = None
     std: np.ndarray | None = None
     backend: str = "pyro"
+    history: dict[str, np.ndarray] = field(default_factory=dict)
+    objective: str = "maximum_likelihood"
 
     def log_prob(self, x: Any) -> np.ndarray:
         """Log-density of rows `x` ``(n, dim)`` in the data's own scale (Jacobian included)."""
@@ -237,6 +256,43 @@ class _Trainer:
         return value
 
 
+class _Evaluations:
+    """Per-step vector-field evaluations (forward, backward) and RNODE penalties of a flow."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.layers = [m for m in module.modules() if isinstance(m, NeuralODE)]
+        self.regularized = any(
+            m.spec.kinetic_weight > 0 or m.spec.jacobian_weight > 0 for m in self.layers
+        )
+        self.steps: dict[str, list[float]] = {"nfe_forward": [], "nfe_backward": []}
+        if self.regularized:
+            self.steps["regularization"] = []
+
+    def count(self) -> int:
+        return sum(m.nfe for m in self.layers)
+
+    def record(self, start: int, after_loss: int, penalty: torch.Tensor) -> None:
+        """Log one step: `start`/`after_loss` are `count()` before and after the loss."""
+        self.steps["nfe_forward"].append(after_loss - start)
+        self.steps["nfe_backward"].append(self.count() - after_loss)
+        if self.regularized:
+            self.steps["regularization"].append(float(penalty.detach()))
+
+    def history(self) -> dict[str, np.ndarray]:
+        if not self.layers:
+            return {}
+        return {k: np.asarray(v) for k, v in self.steps.items()}
+
+
+def _with_penalty(
+    flow: torch.nn.Module, loss_fn: Callable[[], torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, penalty)``: `loss_fn` run with training solves, the mean RNODE penalty."""
+    with training_solves(flow) as penalties:
+        loss = loss_fn()
+    return loss, sum((p.mean() for p in penalties), loss.new_zeros(()))
+
+
 def _progress(num_steps: int, progress: bool) -> tqdm:
     return tqdm(total=num_steps, disable=not progress, file=sys.stderr, leave=False)
 
@@ -268,7 +324,8 @@ def fit_posterior(
 
     ``Trace_ELBO(num_particles, vectorize_particles=True)`` with Adam on the guide's weights
     and any ``pyro.param`` of the model; the learning rate is constant for the first half, then
-    decays (cosine) to 1% at the last step.
+    decays (cosine) to 1% at the last step. Neural-ODE layers add their RNODE penalty (mean
+    over particles) to the loss and use STEER end times (see `training_solves`).
 
     Args:
         model: a Pyro model with continuous latent sites.
@@ -299,8 +356,15 @@ def fit_posterior(
         vectorize_particles=True,
         max_plate_nesting=guide.max_plate_nesting,
     )
+    evaluations = _Evaluations(guide.flow)
+
+    def negative_elbo() -> torch.Tensor:
+        return elbo.differentiable_loss(model, guide, *args, **kwargs)
+
     with poutine.trace(param_only=True) as param_capture:
-        loss = elbo.differentiable_loss(model, guide, *args, **kwargs)
+        start = evaluations.count()
+        loss, penalty = _with_penalty(guide.flow, negative_elbo)
+        after_loss = evaluations.count()
     params = list(guide.parameters())
     seen = {id(p) for p in params}
     for site in param_capture.trace.nodes.values():
@@ -312,15 +376,22 @@ def fit_posterior(
     losses: list[float] = []
 
     def partial_fit() -> PosteriorFit:
-        return PosteriorFit(guide, model, spec, np.asarray(losses), args, kwargs)
+        losses_so_far = np.asarray(losses)
+        return PosteriorFit(
+            guide, model, spec, losses_so_far, args, kwargs, history=evaluations.history()
+        )
 
     smooth = None
     with _progress(num_steps, progress) as bar:
         for step in range(num_steps):
             if step:
-                loss = elbo.differentiable_loss(model, guide, *args, **kwargs)
-            value = trainer.step(step, loss, partial_fit)
+                start = evaluations.count()
+                loss, penalty = _with_penalty(guide.flow, negative_elbo)
+                after_loss = evaluations.count()
+            trainer.step(step, loss + penalty, partial_fit)
+            value = float(loss.detach())
             losses.append(value)
+            evaluations.record(start, after_loss, penalty)
             smooth = value if smooth is None else 0.95 * smooth + 0.05 * value
             bar.set_postfix(loss=f"{smooth:.4g}", refresh=False)
             bar.update()
@@ -337,22 +408,49 @@ def fit_density(
     validation_fraction: float = 0.1,
     patience: int = 500,
     standardize: bool = True,
+    objective: str = "maximum_likelihood",
+    sigma_min: float = 1e-4,
     seed: int = 0,
     progress: bool = True,
 ) -> DensityFit:
-    """Fit a flow to the rows of `data` ``(n, dim)`` by maximum likelihood on minibatches.
+    """Fit a flow to the rows of `data` ``(n, dim)`` on minibatches.
 
     A `validation_fraction` of the rows is held out and scored every 25 steps; training stops
     after `patience` steps without a better validation loss and the best parameters are kept.
 
+    ``objective="maximum_likelihood"`` (the default) minimises the negative log-likelihood
+    (plus the RNODE penalty of neural-ODE layers). ``objective="flow_matching"`` needs a spec
+    whose layers are exactly one neural-ODE layer and fits its vector field without solving
+    (`flow_matching_loss`, base draws ``x0 ~ N(0, I)``, ``t ~ U(0, 1)``); the validation loss is
+    the same loss on the held-out rows (with noise fixed for the whole fit). The affine base is
+    not trained and stays the identity: the path joins N(0, I) to the (standardised) data
+    directly. `log_prob` afterwards is exact through the ODE.
+
+    Args:
+        data: the rows ``(n, dim)``.
+        spec: the flow spec (or its dict form).
+        num_steps, batch_size, learning_rate: the optimisation (Adam, shared schedule).
+        validation_fraction, patience: early stopping.
+        standardize: fit the flow to standardised data (the Jacobian enters `log_prob`).
+        objective: ``"maximum_likelihood"`` or ``"flow_matching"``.
+        sigma_min: the flow-matching path's width at the data end.
+        seed: seeds the split, the initial weights, minibatches and noise.
+        progress: show a tqdm bar on stderr.
+
     Raises:
-        ValueError: for data of the wrong rank or holding NaN/inf (naming the rows).
+        ValueError: for data of the wrong rank or holding NaN/inf (naming the rows), or a
+            setting out of range.
+        SpecError: ``objective="flow_matching"`` with a spec that is not one neural-ODE layer.
         NonFiniteLossError: when a training loss is NaN/inf (the last finite weights are kept).
+
+    References:
+        Lipman et al., "Flow Matching for Generative Modeling", ICLR 2023.
     """
     spec = as_spec(spec)
     _check_training(num_steps, learning_rate, None)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+    _check_objective(spec, objective, sigma_min)
     data = check_data(data)
     n, dim = data.shape
     train_idx, val_idx = split_indices(n, validation_fraction, seed)
@@ -364,22 +462,51 @@ def fit_density(
     flow = build_flow(spec, dim, seed=seed)
     train = torch.as_tensor(data[train_idx], dtype=flow.dtype)
     val = torch.as_tensor(data[val_idx], dtype=flow.dtype)
-    trainer = _Trainer(list(flow.parameters()), num_steps, learning_rate, None)
+    batch = min(batch_size, len(train))
+    if objective == "flow_matching":
+        ode = flow.layers[0]
+        val_noise = (torch.randn_like(val), torch.rand(len(val), dtype=flow.dtype))
+
+        def train_loss(x: torch.Tensor) -> torch.Tensor:
+            x0, t = torch.randn_like(x), torch.rand(len(x), dtype=x.dtype)
+            return flow_matching_loss(ode, x, x0, t, sigma_min)
+
+        def val_loss_fn() -> torch.Tensor:
+            return flow_matching_loss(ode, val, *val_noise, sigma_min)
+
+        params = list(ode.parameters())
+    else:
+
+        def train_loss(x: torch.Tensor) -> torch.Tensor:
+            return -flow.log_prob(x).mean()
+
+        def val_loss_fn() -> torch.Tensor:
+            return -flow.log_prob(val).mean()
+
+        params = list(flow.parameters())
+    trainer = _Trainer(params, num_steps, learning_rate, None)
+    evaluations = _Evaluations(flow)
     rng = np.random.default_rng(seed)
     losses: dict[str, list[float]] = {"train": [], "val": []}
     best, best_step = None, 0
 
     def result() -> DensityFit:
-        return DensityFit(flow, spec, {k: np.asarray(v) for k, v in losses.items()}, mean, std)
+        arrays = {k: np.asarray(v) for k, v in losses.items()}
+        history = evaluations.history()
+        return DensityFit(flow, spec, arrays, mean, std, history=history, objective=objective)
 
     with _progress(num_steps, progress) as bar:
         for step in range(num_steps):
-            rows = rng.integers(0, len(train), size=min(batch_size, len(train)))
-            loss = -flow.log_prob(train[rows]).mean()
-            losses["train"].append(trainer.step(step, loss, result))
+            rows = torch.as_tensor(rng.integers(0, len(train), size=batch))
+            start = evaluations.count()
+            loss, penalty = _with_penalty(flow, lambda rows=rows: train_loss(train[rows]))
+            after_loss = evaluations.count()
+            trainer.step(step, loss + penalty, result)
+            losses["train"].append(float(loss.detach()))
+            evaluations.record(start, after_loss, penalty)
             if len(val) and (step % _VALIDATE_EVERY == 0 or step == num_steps - 1):
                 with torch.no_grad():
-                    val_loss = float(-flow.log_prob(val).mean())
+                    val_loss = float(val_loss_fn())
                 losses["val"].append(val_loss)
                 if np.isfinite(val_loss) and (best is None or val_loss < best[0]):
                     best = (val_loss, {k: v.clone() for k, v in flow.state_dict().items()})
@@ -391,3 +518,16 @@ def fit_density(
     if best is not None:
         flow.load_state_dict(best[1])
     return result()
+
+
+def _check_objective(spec: FlowSpec, objective: str, sigma_min: float) -> None:
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective: expected one of {list(OBJECTIVES)}, got {objective!r}")
+    if not 0.0 <= sigma_min < 1.0:
+        raise ValueError(f"sigma_min: expected a number in [0, 1), got {sigma_min!r}")
+    types = [layer.type for layer in spec.layers]
+    if objective == "flow_matching" and types != ["neural_ode"]:
+        raise SpecError(
+            "layers: objective='flow_matching' trains the vector field of exactly one "
+            f"neural_ode layer, expected ['neural_ode'], got {types}"
+        )

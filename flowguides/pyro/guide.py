@@ -48,6 +48,13 @@ class LaplaceFallbackWarning(UserWarning):
     """``init_scale="laplace"`` met a non-positive Hessian diagonal and used 0.1 there."""
 
 
+_MODE_TOLERANCE = 0.1  # largest |gradient| x Laplace scale accepted as a mode
+
+
+class _LeftSupport(Exception):
+    """The MAP search evaluated the model outside a support (stop there, keep the best)."""
+
+
 class AutoFlowGuide(AutoContinuous):
     """A flow guide: ``eps ~ N(0, I)`` -> flow layers -> affine -> unconstrained latents.
 
@@ -64,7 +71,10 @@ class AutoFlowGuide(AutoContinuous):
         init_scale: initial posterior scale in unconstrained space, a positive float, or
             ``"laplace"``: a short MAP optimisation (L-BFGS) from the initial location, then
             ``1 / sqrt(diag H)`` with `H` the Hessian of the negative log joint there (0.1
-            with a `LaplaceFallbackWarning` where a diagonal entry is not positive).
+            with a `LaplaceFallbackWarning` where a diagonal entry is not positive); or
+            ``"auto"``: whichever of the Laplace start and the 0.1 start has the higher ELBO
+            (256 draws, fixed seed). Laplace wins by far on badly scaled regressions and
+            loses on funnels, whose MAP collapses a scale to zero.
         prefix: the name under which Pyro's param store holds the flow's weights.
 
     Raises:
@@ -87,14 +97,14 @@ class AutoFlowGuide(AutoContinuous):
                 f"base: AutoFlowGuide centres the flow with its affine base, expected 'affine', "
                 f"got {spec.base!r}"
             )
-        if init_scale != "laplace" and not (
+        if init_scale not in ("laplace", "auto") and not (
             isinstance(init_scale, int | float)
             and not isinstance(init_scale, bool)
             and math.isfinite(init_scale)
             and init_scale > 0
         ):
             raise ValueError(
-                f"init_scale: expected a positive number or 'laplace', got {init_scale!r}"
+                f"init_scale: expected a positive number, 'laplace' or 'auto', got {init_scale!r}"
             )
         super().__init__(model, init_loc_fn=init_loc_fn)
         self._pyro_name = prefix
@@ -131,6 +141,8 @@ class AutoFlowGuide(AutoContinuous):
         flow = build_flow(self.spec, dim, seed=int(torch.randint(2**31 - 1, ()))).to(init.dtype)
         if self.init_scale == "laplace":
             loc, scale = self._laplace(init, *args, **kwargs)
+        elif self.init_scale == "auto":
+            loc, scale = self._best_start(init, *args, **kwargs)
         else:
             loc, scale = init, torch.full_like(init, float(self.init_scale))
         with torch.no_grad():
@@ -182,17 +194,24 @@ class AutoFlowGuide(AutoContinuous):
 
         z = init.clone().requires_grad_(True)
         opt = torch.optim.LBFGS([z], max_iter=500, line_search_fn="strong_wolfe")
+        best = [math.inf, init]  # the lowest finite energy seen, and where
 
         def closure() -> torch.Tensor:
             opt.zero_grad()
-            value = energy(z)
+            try:
+                value = energy(z)
+            except ValueError as exc:  # the line search stepped outside a support
+                raise _LeftSupport from exc
+            if torch.isfinite(value) and float(value.detach()) < best[0]:
+                best[:] = [float(value.detach()), z.detach().clone()]
             value.backward()
             return value
 
-        opt.step(closure)
-        loc = z.detach()
-        if not (torch.isfinite(loc).all() and torch.isfinite(energy(loc))):
-            loc = init
+        try:
+            opt.step(closure)
+        except _LeftSupport:
+            pass
+        loc = best[1]
         hess = torch.autograd.functional.hessian(energy, loc).diagonal()
         good = torch.isfinite(hess) & (hess > 0)
         if not good.all():
@@ -204,16 +223,43 @@ class AutoFlowGuide(AutoContinuous):
                 stacklevel=4,
             )
         scale = torch.where(good, hess.clamp_min(1e-300).rsqrt(), torch.full_like(hess, 0.1))
-        if not self._finite_around(energy, loc, scale):
+        # A mode is stationary: its Newton step, in its own scale, is small. A density that
+        # grows without bound (a funnel's scale collapsing to 0) leaves a large step behind.
+        grad = torch.func.grad(energy)(loc)
+        moving = ~(grad.abs() * scale < _MODE_TOLERANCE)
+        if moving.any() or not self._finite_around(energy, loc, scale):
+            where = self._coordinate_sites(torch.nonzero(moving).flatten().tolist())
             warnings.warn(
-                "init_scale='laplace': the model's density is not finite around its MAP point "
-                "(an unbounded density, e.g. a scale collapsing to 0); starting from the "
-                "initial location with scale 0.1 instead",
+                "init_scale='laplace': the MAP search found no mode (the density grows "
+                f"without bound along sites {where}, or is not finite around the point it "
+                "reached); starting from the initial location with scale 0.1 instead",
                 LaplaceFallbackWarning,
                 stacklevel=4,
             )
             return init, torch.full_like(init, 0.1)
         return loc, scale
+
+    def _best_start(
+        self, init: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The Laplace start or the plain 0.1 start, whichever has the higher ELBO."""
+        plain = (init, torch.full_like(init, 0.1))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", LaplaceFallbackWarning)
+            laplace = self._laplace(init, *args, **kwargs)
+        gen = torch.Generator().manual_seed(0)
+        eps = torch.randn((256, init.numel()), generator=gen, dtype=init.dtype)
+
+        def elbo(loc: torch.Tensor, scale: torch.Tensor) -> float:
+            try:
+                with torch.no_grad():
+                    log_p = self.log_joint(loc + scale * eps, *args, **kwargs)
+            except ValueError:  # values outside a support: the start is unusable
+                return -math.inf
+            value = float(log_p.mean() + scale.log().sum())
+            return value if math.isfinite(value) else -math.inf
+
+        return laplace if elbo(*laplace) > elbo(*plain) else plain
 
     @staticmethod
     def _finite_around(

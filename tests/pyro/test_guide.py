@@ -132,6 +132,48 @@ def test_laplace_falls_back_with_a_warning_where_the_hessian_is_flat():
     torch.testing.assert_close(scale, torch.tensor([1.0, 0.1], dtype=torch.float64))
 
 
+def eight_schools_centred():
+    f64 = torch.float64
+    y = torch.tensor([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0], dtype=f64)
+    mu = pyro.sample("mu", dist.Normal(torch.tensor(0.0, dtype=f64), 5.0))
+    tau = pyro.sample("tau", dist.HalfCauchy(torch.tensor(5.0, dtype=f64)))
+    with pyro.plate("schools", 8):
+        theta = pyro.sample("theta", dist.Normal(mu, tau))
+        pyro.sample("obs", dist.Normal(theta, 10.0), obs=y)
+
+
+def test_laplace_refuses_a_funnel_whose_map_runs_off_to_a_collapsed_scale():
+    # the joint density of a centred hierarchy grows without bound as tau -> 0: no mode
+    guide = AutoFlowGuide(eight_schools_centred, SPEC, init_scale="laplace")
+    with pytest.warns(LaplaceFallbackWarning, match="found no mode"):
+        guide()
+    scale = guide.flow.affine.log_scale.detach().exp()
+    torch.testing.assert_close(scale, torch.full_like(scale, 0.1))
+
+
+def test_auto_start_takes_the_laplace_scales_of_a_badly_scaled_regression():
+    f64 = torch.float64
+    gen = torch.Generator().manual_seed(0)
+    x = 500.0 + 100.0 * torch.randn(50, generator=gen, dtype=f64)
+    y = 3.0 + 0.02 * x + torch.randn(50, generator=gen, dtype=f64)
+
+    def regression():
+        a = pyro.sample("a", dist.Normal(torch.tensor(0.0, dtype=f64), 100.0))
+        b = pyro.sample("b", dist.Normal(torch.tensor(0.0, dtype=f64), 100.0))
+        with pyro.plate("data", 50):
+            pyro.sample("y", dist.Normal(a + b * x, 1.0), obs=y)
+
+    guide = AutoFlowGuide(regression, SPEC, init_scale="auto")
+    guide()
+    design = torch.stack([torch.ones_like(x), x], dim=1)
+    precision = design.T @ design + torch.eye(2, dtype=f64) / 100.0**2
+    mean = torch.linalg.solve(precision, design.T @ y)
+    torch.testing.assert_close(guide.flow.affine.loc.detach(), mean, rtol=1e-5, atol=1e-6)
+    scale = guide.flow.affine.log_scale.detach().exp()
+    torch.testing.assert_close(scale, precision.diagonal().rsqrt(), rtol=1e-4, atol=0)
+    assert scale[1] < 1e-3  # far below the 0.1 a plain start would take
+
+
 def test_guide_weights_round_trip():
     guide = AutoFlowGuide(constrained_model, SPEC)
     with pytest.raises(RuntimeError, match="call the guide"):
@@ -169,7 +211,9 @@ def test_spec_needing_more_dimensions_than_the_model_has():
 
 @pytest.mark.parametrize("init_scale", [0.0, -1.0, "wide", float("nan"), True])
 def test_bad_init_scale(init_scale):
-    with pytest.raises(ValueError, match="init_scale: expected a positive number or 'laplace'"):
+    with pytest.raises(
+        ValueError, match="init_scale: expected a positive number, 'laplace' or 'auto'"
+    ):
         AutoFlowGuide(conjugate_model, SPEC, init_scale=init_scale)
 
 
