@@ -1,0 +1,248 @@
+"""Run the benchmark suites and write ``benchmarks/results/<suite>.json`` and ``docs/benchmarks.md``.
+
+Usage: ``python -m benchmarks.run [--quick] [--only PATTERN] [--suite NAME ...]``.
+
+Suites: ``speed`` (ELBO steps/s and compile time at equal particles; final ELBO at an equal step
+budget), ``posteriors`` (synthetic targets and the nine posteriordb posteriors: ELBO, PSIS k-hat,
+standardised mean error, sd ratio, wall time) and ``densities`` (forward KL: test NLL, wall
+time). ``--quick`` runs a subset with fewer steps (``make bench``, under 15 minutes on one
+thread); ``--only`` keeps the rows whose ``suite:problem:method`` matches a glob (or contains
+the text). Every row holds numbers or the error its method raised. Threads are pinned to one for
+torch and XLA before either is imported; everything runs in float64.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["MKL_NUM_THREADS"] = "1"
+os.environ["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+os.environ["JAX_ENABLE_X64"] = "1"
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import argparse  # noqa: E402
+import fnmatch  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from functools import partial  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from benchmarks import anchors, densities, metrics, report, targets  # noqa: E402
+
+__all__ = ["FULL", "QUICK", "main", "problem"]
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+_PDB_ALL = (
+    "eight_schools-eight_schools_noncentered", "eight_schools-eight_schools_centered", "arK-arK",
+    "garch-garch11", "gp_pois_regr-gp_pois_regr", "kidiq-kidscore_momiq",
+    "low_dim_gauss_mix-low_dim_gauss_mix", "sblrc-blr", "diamonds-diamonds",
+)  # fmt: skip
+_SPEED_CORE = (
+    "flowguides-pyro RealNVP (SVI loop)", "pyro AutoNormalizingFlow(coupling)", "pyro AutoIAFNormal",
+    "flowguides-numpyro RealNVP (SVI loop)", "flowguides-numpyro RealNVP (fit_posterior)",
+    "numpyro AutoIAFNormal", "bare JAX RealNVP (floor)",
+)  # fmt: skip
+_POST_QUICK = (
+    "flowguides-pyro RealNVP", "flowguides-numpyro RealNVP", "numpyro AutoIAFNormal",
+    "numpyro NUTS",
+)  # fmt: skip
+_DENS_QUICK = (
+    "flowguides-pyro RealNVP", "flowguides-numpyro RealNVP", "zuko RealNVP", "normflows RealNVP",
+    "flowjax coupling", "normflows planar",
+)  # fmt: skip
+
+QUICK: dict[str, Any] = {
+    "speed": {
+        "steps": 300, "particles": 8, "draws": 2000,
+        # the Pyro neural ODE (torchdiffeq, ~2 steps/s here) runs in the full suite only
+        "plan": {
+            "funnel": tuple(m for m in anchors.SPEED_METHODS if m != "flowguides-pyro neural ODE (SVI loop)"),
+            "logistic": _SPEED_CORE,
+        },
+    },
+    "posteriors": {
+        "steps": 1000, "particles": 8, "draws": 2000,
+        "plan": {
+            p: _POST_QUICK
+            for p in ("banana", "U3", "eight_schools-eight_schools_noncentered",
+                      "kidiq-kidscore_momiq", "sblrc-blr")
+        },
+    },
+    "densities": {"steps": 500, "plan": {"two_moons": _DENS_QUICK, "iris": _DENS_QUICK}},
+}  # fmt: skip
+"""``make bench``: a subset sized to finish under 15 minutes on one thread."""
+
+FULL: dict[str, Any] = {
+    "speed": {
+        "steps": 2000, "particles": 8, "draws": 10_000,
+        "plan": {p: tuple(anchors.SPEED_METHODS) for p in ("funnel", "logistic")},
+    },
+    "posteriors": {
+        "steps": 5000, "particles": 8, "draws": 10_000,
+        "plan": {p: tuple(anchors.METHODS) for p in (*targets.TARGET_NAMES, *_PDB_ALL)},
+    },
+    "densities": {
+        "steps": 5000,
+        "plan": {d: tuple(densities.DENSITY_METHODS) for d in densities.DATASETS},
+    },
+}  # fmt: skip
+"""``make bench-full``: every problem and method."""
+
+
+def problem(name: str) -> anchors.Problem:
+    """The :class:`~benchmarks.anchors.Problem` of a synthetic target, ``logistic`` or a
+    posteriordb name."""
+    if name in targets.TARGET_NAMES:
+        t = targets.TARGETS[name]
+        return anchors.Problem(name, t.pyro_model, t.numpyro_model, {"z": (t.mean, t.sd)}, t.log_z)
+    if name == "logistic":
+        data = targets.logistic_data()
+        return anchors.Problem(
+            name, partial(targets.pyro_logistic, **data), partial(targets.numpyro_logistic, **data)
+        )
+    from benchmarks.models import numpyro_models, posteriordb, pyro_models
+
+    post = posteriordb.load(name)
+    return anchors.Problem(
+        name,
+        lambda: partial(pyro_models.MODELS[name], **post.data),
+        lambda: partial(numpyro_models.MODELS[name], **post.data),
+        metrics.moments_of(post.reference),
+    )
+
+
+def _error(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip().replace("\n", " ")
+    return text[:300]
+
+
+def _posterior_row(
+    suite: str, prob: anchors.Problem, method: str, budget: anchors.Budget, draws: int,
+    keep: dict,
+) -> dict[str, Any]:  # fmt: skip
+    fn = {**anchors.METHODS, **anchors.SPEED_METHODS}[method]
+    row: dict[str, Any] = {"suite": suite, "problem": prob.name, "method": method,
+                           "num_steps": budget.num_steps, "num_particles": budget.num_particles}  # fmt: skip
+    try:
+        fitted = fn(prob, budget)
+        row.update(
+            {k: v for k, v in fitted.timing.items() if k in ("wall_s", "compile_s", "steps_per_s")}
+        )
+        row["final_loss"] = fitted.final_loss
+        if fitted.log_densities is not None:
+            d, lp, lq = fitted.log_densities(draws, 1)
+            row.update(metrics.score(lp, lq, d, prob.reference, prob.log_z))
+        else:
+            d = fitted.draws
+            row.update(metrics.score(None, None, d, prob.reference))
+        keep[(prob.name, method)] = {k: np.asarray(v)[:2000] for k, v in d.items()}
+    except Exception as exc:  # noqa: BLE001 - a method's failure is a result, recorded per row
+        row["error"] = _error(exc)
+    return row
+
+
+def _density_row(name: str, data: densities.DensityData, method: str, steps: int) -> dict:
+    row: dict[str, Any] = {"suite": "densities", "problem": name, "method": method,
+                           "num_steps": steps, "dim": int(data.train.shape[1])}  # fmt: skip
+    try:
+        nll, wall = densities.timed(densities.DENSITY_METHODS[method], data,
+                                    densities.DensityBudget(num_steps=steps))  # fmt: skip
+        row.update(test_nll=nll if np.isfinite(nll) else None, wall_s=wall)
+        if not np.isfinite(nll):
+            row["error"] = f"non-finite test NLL ({nll})"
+    except Exception as exc:  # noqa: BLE001
+        row["error"] = _error(exc)
+    return row
+
+
+def _selected(pattern: str | None, *parts: str) -> bool:
+    if pattern is None:
+        return True
+    key = ":".join(parts)
+    return fnmatch.fnmatch(key, pattern) or pattern in key
+
+
+def run_suite(suite: str, cfg: dict, only: str | None) -> list[dict]:
+    """Run one suite's plan; returns its rows (and keeps draws for the plots)."""
+    rows: list[dict] = []
+    for pname, methods in cfg["plan"].items():
+        methods = [m for m in methods if _selected(only, suite, pname, m)]
+        if not methods:
+            continue
+        if suite == "densities":
+            data = densities.load(pname)
+            for m in methods:
+                rows.append(_density_row(pname, data, m, cfg["steps"]))
+                _log(rows[-1])
+            continue
+        try:
+            prob = problem(pname)
+        except Exception as exc:  # noqa: BLE001
+            rows += [
+                {"suite": suite, "problem": pname, "method": m, "error": _error(exc)}
+                for m in methods
+            ]
+            continue
+        budget = anchors.Budget(num_steps=cfg["steps"], num_particles=cfg["particles"])
+        for m in methods:
+            rows.append(_posterior_row(suite, prob, m, budget, cfg["draws"], report.KEPT))
+            _log(rows[-1])
+    return rows
+
+
+def _log(row: dict) -> None:
+    keys = ("wall_s", "steps_per_s", "compile_s", "elbo", "khat", "mean_err", "test_nll")
+    vals = " ".join(f"{k}={row[k]:.3g}" for k in keys if isinstance(row.get(k), float))
+    err = f" ERROR {row['error'][:120]}" if "error" in row else ""
+    print(f"[{row['suite']}] {row['problem']} | {row['method']}: {vals}{err}", flush=True)
+
+
+def _jsonable(obj: Any) -> Any:
+    """Non-finite floats as the strings ``"inf"``, ``"-inf"``, ``"nan"`` (strict JSON)."""
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float | np.floating) and not np.isfinite(obj):
+        return str(float(obj))
+    return float(obj) if isinstance(obj, np.floating) else obj
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.run", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--quick", action="store_true", help="the `make bench` subset")
+    parser.add_argument("--only", help="glob (or substring) over 'suite:problem:method'")
+    parser.add_argument("--suite", nargs="*", choices=("speed", "posteriors", "densities"))
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float64)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    plan = QUICK if args.quick else FULL
+    start = time.perf_counter()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for suite in args.suite or plan:
+        t0 = time.perf_counter()
+        rows = run_suite(suite, plan[suite], args.only)
+        meta = report.machine(
+            quick=args.quick, seconds=time.perf_counter() - t0, config=plan[suite]
+        )
+        text = json.dumps(_jsonable({"meta": meta, "rows": rows}), indent=1, allow_nan=False)
+        (RESULTS / f"{suite}.json").write_text(text)
+    report.write_docs(RESULTS, ROOT / "docs")
+    print(f"done in {time.perf_counter() - start:.0f} s; wrote docs/benchmarks.md", flush=True)
+
+
+if __name__ == "__main__":
+    main()
