@@ -108,7 +108,7 @@ def _one(backend: str, data: DensityData, log_sd: float, method: tuple, lr: floa
         row["nll"], row["kl"] = nll, nll - ENTROPY[data.name]
         row["steps_run"] = len(fit.losses["train"])
         for key in ("nfe_forward", "nfe_backward"):
-            if key in fit.history:
+            if key in getattr(fit, "history", {}):
                 row[f"{key}_mean"] = float(np.mean(fit.history[key]))
     except Exception as exc:  # noqa: BLE001 - a failing method is a result, recorded
         row["error"] = f"{type(exc).__name__}: {exc}"
@@ -161,12 +161,16 @@ def table(rows: list[dict], summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run(quick: bool, backends: list[str], datasets: list[str]) -> dict[str, Any]:
+def run(
+    quick: bool, backends: list[str], datasets: list[str], ml_steps: int | None = None
+) -> dict[str, Any]:
     """Every backend x data set x method; returns the JSON-ready result."""
     import torch
 
     torch.set_num_threads(1)
-    settings = SETTINGS["quick" if quick else "full"]
+    settings = dict(SETTINGS["quick" if quick else "full"])
+    if ml_steps is not None:
+        settings["ml_steps"] = ml_steps
     rows = []
     for dataset in datasets:
         data, log_sd = load_raw_scale(dataset, settings["n"])
@@ -184,9 +188,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="a smoke run, under 4 minutes")
     parser.add_argument("--backends", nargs="+", default=["pyro", "numpyro"])
     parser.add_argument("--datasets", nargs="+", default=list(ENTROPY), choices=list(ENTROPY))
+    parser.add_argument("--ml-steps", type=int, help="override the maximum-likelihood budget")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "ode.json"))
     args = parser.parse_args(argv)
-    result = run(args.quick, args.backends, args.datasets)
+    result = run(args.quick, args.backends, args.datasets, args.ml_steps)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

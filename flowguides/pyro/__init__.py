@@ -25,7 +25,13 @@ from flowguides.pyro.guide import (
     NoLatentSitesError,
 )
 from flowguides.pyro.io import export_state, import_state
-from flowguides.pyro.ode import MaxStepsExceededError, NeuralODE
+from flowguides.pyro.ode import (
+    MaxStepsExceededError,
+    NeuralODE,
+    ToleranceWarning,
+    flow_matching_loss,
+    training_solves,
+)
 from flowguides.pyro.planar import Planar
 
 __all__ = [
@@ -43,11 +49,14 @@ __all__ = [
     "Planar",
     "PosteriorFit",
     "RealNVP",
+    "ToleranceWarning",
     "build_flow",
     "export_state",
     "fit_density",
     "fit_posterior",
+    "flow_matching_loss",
     "get_weights",
     "import_state",
     "set_weights",
+    "training_solves",
 ]

@@ -225,7 +225,8 @@ class AutoFlowGuide(AutoContinuous):
         scale = torch.where(good, hess.clamp_min(1e-300).rsqrt(), torch.full_like(hess, 0.1))
         # A mode is stationary: its Newton step, in its own scale, is small. A density that
         # grows without bound (a funnel's scale collapsing to 0) leaves a large step behind.
-        grad = torch.func.grad(energy)(loc)
+        point = loc.clone().requires_grad_(True)
+        grad = torch.autograd.grad(energy(point), point)[0].detach()
         moving = ~(grad.abs() * scale < _MODE_TOLERANCE)
         if moving.any() or not self._finite_around(energy, loc, scale):
             where = self._coordinate_sites(torch.nonzero(moving).flatten().tolist())

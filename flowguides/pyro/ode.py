@@ -3,12 +3,24 @@
 The base sits at ``t = 0`` and the data at ``t = t1``; the state ``[z, log-det]`` is integrated
 together, with the exact trace (``dim`` vector-Jacobian products) or Hutchinson's estimator
 (one noise draw held fixed for the whole solve).
+
+Training extras (Finlay et al., 2020; Ghosh et al., 2020): inside `training_solves`, each solve
+of a layer whose ``kinetic_weight`` or ``jacobian_weight`` is positive also integrates the
+RNODE regularisers ``∫ |f|² dt`` and ``∫ |∂f/∂z|_F² dt`` as two more states (left out of the
+step-size control), and with ``steer > 0`` ends at a random time. Outside it every solve ends
+at ``t1`` and carries no extra state. `flow_matching_loss` trains the field without solving.
+
+Hutchinson's estimator is unbiased for the log-determinant, not for the density: ``E[exp(-l)]``
+differs from ``exp(-E[l])``, so importance weights ``p / q`` built from a Hutchinson log-det are
+biased (and noisier). Use ``trace="exact"`` (the default for ``dim <= 10``) for diagnostics.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+import warnings
+from collections.abc import Iterator
 
 import torch
 from pyro.distributions import constraints
@@ -17,13 +29,29 @@ from torch import nn
 from torchdiffeq import odeint, odeint_adjoint
 
 from flowguides.pyro.coupling import ACTIVATION_FUNCTIONS
-from flowguides.spec import NeuralODESpec, SpecError
+from flowguides.spec import FIXED_STEP_SOLVERS, NeuralODESpec, SpecError
 
-__all__ = ["ConcatSquash", "MaxStepsExceededError", "NeuralODE"]
+__all__ = [
+    "FLOAT32_MIN_TOLERANCE",
+    "ConcatSquash",
+    "MaxStepsExceededError",
+    "NeuralODE",
+    "ToleranceWarning",
+    "check_tolerances",
+    "flow_matching_loss",
+    "training_solves",
+]
+
+FLOAT32_MIN_TOLERANCE = 1e-6
+"""The tightest ``rtol``/``atol`` a float32 solve can honour (float32's epsilon is 1.2e-7)."""
 
 
 class MaxStepsExceededError(RuntimeError):
     """The adaptive solver needed more than the spec's ``max_steps`` steps."""
+
+
+class ToleranceWarning(UserWarning):
+    """A float32 flow asks an adaptive solver for tolerances float32 cannot reach."""
 
 
 class ConcatSquash(nn.Module):
@@ -52,43 +80,60 @@ class ConcatSquash(nn.Module):
 
 
 class _Dynamics(nn.Module):
-    """Right-hand side of the augmented ODE ``d[z, l]/dt = [f(z, t), tr(df/dz)]``."""
+    """Right-hand side ``d[z, l, (k, j)]/dt = [f, tr(∂f/∂z), (|f|², |ε^T ∂f/∂z|²)]``.
+
+    With the exact trace the Jacobian term is the exact ``|∂f/∂z|_F²`` from the same rows.
+    """
 
     def __init__(
         self,
-        field: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        ode: NeuralODE,
         noise: torch.Tensor | None,
+        regularize: bool,
     ) -> None:
         super().__init__()
-        self.field = field
+        self.velocity, self.watch = ode.velocity, ode.watch_backward
         self.noise = noise  # None: exact trace; else Hutchinson with this fixed noise
+        self.regularize = regularize
+        self.count_backward = not ode.spec.adjoint  # the adjoint's own calls are counted
 
-    def forward(
-        self, t: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, t: torch.Tensor, state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         z = state[0]
         create = torch.is_grad_enabled()  # graphs only when something differentiates the solve
         with torch.enable_grad():
             if not z.requires_grad:
                 z = z.detach().requires_grad_(True)
-            dz = self.field(z, t)
+            dz = self.velocity(z, t)
             if self.noise is None:
-                trace = sum(
+                rows = [
                     torch.autograd.grad(
                         dz[..., i].sum(), z, create_graph=create, retain_graph=True
-                    )[0][..., i]
+                    )[0]
                     for i in range(z.shape[-1])
-                )
+                ]
+                trace = sum(row[..., i] for i, row in enumerate(rows))
+                frobenius = sum((row * row).sum(-1) for row in rows) if self.regularize else None
             else:
                 vjp = torch.autograd.grad(dz, z, self.noise, create_graph=create)[0]
                 trace = (vjp * self.noise).sum(-1)
-        if not create:
-            return dz.detach(), trace.detach()
-        return dz, trace
+                frobenius = (vjp * vjp).sum(-1) if self.regularize else None
+        if create and self.count_backward:
+            self.watch(dz)  # after the trace's VJPs, which would fire the hook too
+        out = (dz, trace) if frobenius is None else (dz, trace, (dz * dz).sum(-1), frobenius)
+        return out if create else tuple(o.detach() for o in out)
+
+
+def _solution_norm(state: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Step-size control on ``[z, log-det]`` only (RMS per part, the larger of the two)."""
+    return torch.max(state[0].pow(2).mean().sqrt(), state[1].pow(2).mean().sqrt())
 
 
 class NeuralODE(TransformModule):
     """A continuous normalising flow ``dz/dt = f(z, t)`` from ``t = 0`` (base) to ``t1`` (data).
+
+    Attributes:
+        nfe: vector-field evaluations so far: calls (solver stages, adjoint solves included)
+            plus backward passes through recorded evaluations; fits read its increments.
 
     Args:
         spec: the layer spec (solver, tolerances, trace estimator, ...).
@@ -99,10 +144,17 @@ class NeuralODE(TransformModule):
     Raises:
         SpecError: for ``solver="tsit5"``, which torchdiffeq does not offer.
 
+    Warns:
+        ToleranceWarning: a float32 flow with an adaptive solver and ``rtol`` or ``atol`` below
+            `FLOAT32_MIN_TOLERANCE` (use ``dtype="float64"`` for tighter solves).
+
     References:
         Chen et al., "Neural Ordinary Differential Equations", NeurIPS 2018.
         Grathwohl et al., "FFJORD: Free-form Continuous Dynamics for Scalable Reversible
         Generative Models", ICLR 2019.
+        Finlay et al., "How to train your neural ODE: the world of Jacobian and kinetic
+        regularization", ICML 2020.
+        Ghosh et al., "STEER: Simple Temporal Regularization For Neural ODEs", NeurIPS 2020.
     """
 
     domain = constraints.real_vector
@@ -123,11 +175,7 @@ class NeuralODE(TransformModule):
                 "solver: 'tsit5' is not available in the Pyro (torch) backend, torchdiffeq has "
                 "no Tsit5; use solver='dopri5' (adaptive) or 'rk4' with num_steps"
             )
-        if spec.kinetic_weight or spec.jacobian_weight:
-            raise SpecError(
-                "kinetic_weight/jacobian_weight: regularisation is not implemented in the Pyro "
-                f"backend, expected 0, got {spec.kinetic_weight}/{spec.jacobian_weight}"
-            )
+        check_tolerances(spec, "float32" if dtype == torch.float32 else "float64")
         self.spec, self.dim = spec, dim
         self.trace = spec.resolved_trace(dim)
         self.activation = ACTIVATION_FUNCTIONS[spec.activation]
@@ -137,6 +185,8 @@ class NeuralODE(TransformModule):
             ConcatSquash(n_in, n_out, zero=j == last, generator=generator, dtype=dtype)
             for j, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True))
         )
+        self.nfe = 0
+        self._penalties: list[torch.Tensor] | None = None  # set inside `training_solves`
 
     def field(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The vector field ``f(z, t)``: concatsquash layers, activation between them."""
@@ -147,6 +197,19 @@ class NeuralODE(TransformModule):
             h = layer(h, t)
         return h
 
+    def velocity(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """`field`, counted in `nfe`."""
+        self.nfe += 1
+        return self.field(z, t)
+
+    def watch_backward(self, dz: torch.Tensor) -> None:
+        """Count in `nfe` the next gradient computed for the evaluation `dz` (if it has a graph)."""
+        if dz.requires_grad:
+            dz.register_hook(self._count_backward)
+
+    def _count_backward(self, grad: torch.Tensor) -> None:
+        self.nfe += 1
+
     def _noise(self, z: torch.Tensor) -> torch.Tensor | None:
         if self.trace == "exact":
             return None
@@ -154,24 +217,53 @@ class NeuralODE(TransformModule):
             return torch.randn_like(z)
         return torch.randint(0, 2, z.shape, device=z.device).to(z.dtype) * 2.0 - 1.0
 
-    def _solve(self, z: torch.Tensor, t0: float, t1: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def solve(
+        self,
+        x: torch.Tensor,
+        *,
+        inverse: bool = False,
+        end_time: float | None = None,
+        regularize: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Integrate between 0 and `end_time` (default ``t1``), forward or backwards.
+
+        Args:
+            x: points ``(..., dim)`` (base side when forward, data side when `inverse`).
+            inverse: integrate from `end_time` back to 0 instead of from 0 to `end_time`.
+            end_time: the data-side time (STEER draws it in training); ``t1`` when None.
+            regularize: also integrate the RNODE regularisers.
+
+        Returns:
+            ``(y, ladj, reg)``: the end point, ``log|det dy/dx|`` and, when `regularize`,
+            ``reg = {"kinetic": ∫|f|² dt, "jacobian": ∫|ε^T ∂f/∂z|² dt}`` over ``[0, end_time]``
+            per point (shape ``(...)``, the exact Frobenius norm with the exact trace), else ``{}``.
+
+        Raises:
+            MaxStepsExceededError: the adaptive solver needed more than ``max_steps`` steps.
+        """
         spec = self.spec
-        dynamics = _Dynamics(self.field, self._noise(z))
-        times = torch.tensor([t0, t1], dtype=z.dtype, device=z.device)
-        state = (z, z.new_zeros(z.shape[:-1]))
+        t1 = spec.t1 if end_time is None else float(end_time)
+        dynamics = _Dynamics(self, self._noise(x), regularize)
+        times = torch.tensor([t1, 0.0] if inverse else [0.0, t1], dtype=x.dtype, device=x.device)
+        zero = x.new_zeros(x.shape[:-1])
+        state = (x, zero, zero, zero) if regularize else (x, zero)
         kwargs: dict = {"method": spec.solver}
-        if spec.solver == "dopri5":
+        adaptive = spec.solver not in FIXED_STEP_SOLVERS
+        if adaptive:
             kwargs.update(rtol=spec.rtol, atol=spec.atol)
-            kwargs["options"] = {"max_num_steps": spec.max_steps}
+            options: dict = {"max_num_steps": spec.max_steps}
         else:
-            kwargs["options"] = {"step_size": spec.t1 / spec.num_steps}
+            options = {"step_size": t1 / spec.num_steps}
+        kwargs["options"] = (
+            {**options, "norm": _solution_norm} if regularize and adaptive else options
+        )
         try:
-            if spec.adjoint:
-                kwargs["adjoint_options"] = {"norm": "seminorm"}
+            if spec.adjoint:  # the backward solve keeps the step size or gets the seminorm
+                kwargs["adjoint_options"] = {**options, "norm": "seminorm"} if adaptive else options
                 kwargs["adjoint_params"] = tuple(self.parameters())
-                zs, ls = odeint_adjoint(dynamics, state, times, **kwargs)
+                out = odeint_adjoint(dynamics, state, times, **kwargs)
             else:
-                zs, ls = odeint(dynamics, state, times, **kwargs)
+                out = odeint(dynamics, state, times, **kwargs)
         except AssertionError as exc:
             if "max_num_steps" not in str(exc):
                 raise
@@ -180,15 +272,34 @@ class NeuralODE(TransformModule):
                 f"{spec.max_steps} steps; raise max_steps, loosen rtol/atol (now {spec.rtol}/"
                 f"{spec.atol}), or use a fixed-step solver"
             ) from None
-        return zs[-1], ls[-1]
+        ends = [o[-1] for o in out]
+        if not regularize:
+            return ends[0], ends[1], {}
+        sign = -1.0 if inverse else 1.0  # a backwards solve accumulates -∫
+        return ends[0], ends[1], {"kinetic": sign * ends[2], "jacobian": sign * ends[3]}
+
+    def _training_solve(self, x: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        spec, penalties = self.spec, self._penalties
+        if penalties is None:
+            return self.solve(x, inverse=inverse, regularize=False)[:2]
+        end_time = None
+        if spec.steer > 0:
+            end_time = spec.t1 * (1.0 + spec.steer * (2.0 * float(torch.rand(())) - 1.0))
+        regularize = spec.kinetic_weight > 0 or spec.jacobian_weight > 0
+        y, ladj, reg = self.solve(x, inverse=inverse, end_time=end_time, regularize=regularize)
+        if regularize:
+            penalties.append(
+                spec.kinetic_weight * reg["kinetic"] + spec.jacobian_weight * reg["jacobian"]
+            )
+        return y, ladj
 
     def forward_and_log_det(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(y, log|det dy/dz|)``: integrate from 0 to ``t1``."""
-        return self._solve(z, 0.0, self.spec.t1)
+        return self._training_solve(z, inverse=False)
 
     def inverse_and_log_det(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(z, log|det dz/dy|)``: integrate backwards from ``t1`` to 0."""
-        return self._solve(y, self.spec.t1, 0.0)
+        return self._training_solve(y, inverse=True)
 
     def _call(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_and_log_det(x)[0]
@@ -198,3 +309,71 @@ class NeuralODE(TransformModule):
 
     def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.forward_and_log_det(x)[1]
+
+
+def check_tolerances(spec: NeuralODESpec, dtype: str) -> None:
+    """Warn (`ToleranceWarning`) when a float32 adaptive solve asks for too tight a tolerance."""
+    adaptive = spec.solver not in FIXED_STEP_SOLVERS
+    if dtype == "float32" and adaptive and min(spec.rtol, spec.atol) < FLOAT32_MIN_TOLERANCE:
+        warnings.warn(
+            f"rtol/atol: a float32 neural ODE cannot honour tolerances below "
+            f"{FLOAT32_MIN_TOLERANCE:g}, got rtol={spec.rtol:g}, atol={spec.atol:g}; use "
+            "dtype='float64' for tighter solves",
+            ToleranceWarning,
+            stacklevel=4,
+        )
+
+
+@contextlib.contextmanager
+def training_solves(module: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Make the `NeuralODE` layers inside `module` solve as in training, for the block.
+
+    Each solve ends at a random time when ``steer > 0`` and, when a regulariser weight is
+    positive, appends ``kinetic_weight * KE + jacobian_weight * JF`` (one value per point) to
+    the yielded list; the training loss adds the mean of each entry.
+
+    Example:
+        >>> with training_solves(flow) as penalties:  # doctest: +SKIP
+        ...     loss = -flow.log_prob(batch).mean()
+        >>> loss = loss + sum(p.mean() for p in penalties)  # doctest: +SKIP
+    """
+    penalties: list[torch.Tensor] = []
+    layers = [m for m in module.modules() if isinstance(m, NeuralODE)]
+    for layer in layers:
+        layer._penalties = penalties
+    try:
+        yield penalties
+    finally:
+        for layer in layers:
+            layer._penalties = None
+
+
+def flow_matching_loss(
+    ode: NeuralODE,
+    x1: torch.Tensor,
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    sigma_min: float,
+) -> torch.Tensor:
+    """Conditional flow matching on the optimal-transport path (Lipman et al., 2022).
+
+    ``x_t = (1 - (1 - sigma_min) t) x0 + t x1`` has velocity ``u = x1 - (1 - sigma_min) x0``
+    in ``t ∈ [0, 1]``; the field runs on ODE time ``s = t * t1``, so it is fitted to ``u / t1``.
+
+    Args:
+        ode: the neural-ODE layer whose field is trained.
+        x1: data points ``(n, dim)``; x0: base draws ``(n, dim)``; t: times ``(n,)`` in [0, 1].
+        sigma_min: the width of the path at ``t = 1``.
+
+    Returns:
+        The mean over points of ``|f(x_t, t t1) - u / t1|²``.
+
+    References:
+        Lipman et al., "Flow Matching for Generative Modeling", ICLR 2023.
+    """
+    t = t.unsqueeze(-1)
+    xt = (1.0 - (1.0 - sigma_min) * t) * x0 + t * x1
+    target = (x1 - (1.0 - sigma_min) * x0) / ode.spec.t1
+    velocity = ode.velocity(xt, t * ode.spec.t1)
+    ode.watch_backward(velocity)
+    return (velocity - target).pow(2).sum(-1).mean()

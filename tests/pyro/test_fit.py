@@ -87,6 +87,12 @@ def test_posterior_fit_helpers(regression_fit):
     beta = torch.as_tensor(draws["beta"])
     prior = dist.Normal(0.0, 1.0).log_prob(beta).sum(-1)
     np.testing.assert_allclose(log_p, (prior + torch.as_tensor(expected).sum(-1)).numpy())
+    if regression_fit.spec.layers[0].type == "neural_ode":  # rk4, 2 steps: 8 evaluations
+        assert set(regression_fit.history) == {"nfe_forward", "nfe_backward"}
+        np.testing.assert_array_equal(regression_fit.history["nfe_forward"], np.full(600, 8))
+        np.testing.assert_array_equal(regression_fit.history["nfe_backward"], np.full(600, 8))
+    else:
+        assert regression_fit.history == {}
     flow = regression_fit.guide.get_flow()
     # a fixed-step ODE solve backwards inverts the forward solve only up to its step error
     tol = 1e-3 if flow.spec.layers[0].type == "neural_ode" else 1e-8
@@ -141,6 +147,36 @@ def test_non_finite_loss_stops_and_keeps_the_last_finite_weights():
     params = list(error.fit.guide.parameters())
     for kept, good in zip(params, error.last_good, strict=True):
         torch.testing.assert_close(kept.detach(), good)
+
+
+def test_fit_posterior_adds_the_rnode_penalty():
+    spec = FlowSpec.neural_ode(
+        hidden=[8], solver="rk4", num_steps=2, dtype="float64", kinetic_weight=1.0, steer=0.5
+    )
+    fit = fit_posterior(regression, spec, X, Y, num_steps=30, progress=False)
+    penalty = fit.history["regularization"]
+    assert penalty.shape == (30,) and np.isfinite(penalty).all()
+    assert penalty[0] == 0.0 and (penalty[1:] > 0).all()  # the field starts at zero
+    assert np.isfinite(fit.losses).all()
+
+
+def test_rnode_lowers_the_kinetic_energy_of_a_density_fit():
+    data = two_moons(600, 2)
+    energies = []
+    for weight in (0.0, 1.0):
+        spec = FlowSpec.neural_ode(
+            hidden=[16], solver="rk4", num_steps=2, dtype="float64", kinetic_weight=weight
+        )
+        fit = fit_density(
+            data, spec, num_steps=80, batch_size=64, learning_rate=1e-2, progress=False
+        )
+        assert ("regularization" in fit.history) == (weight > 0)
+        assert (fit.history["nfe_forward"] == 8).all() and (fit.history["nfe_backward"] == 8).all()
+        x = torch.as_tensor((data - fit.mean) / fit.std)
+        with torch.no_grad():
+            y, _ = fit.flow.affine.inverse_and_log_det(x)
+            energies.append(float(fit.flow.layers[0].solve(y, inverse=True)[2]["kinetic"].mean()))
+    assert energies[1] < 0.5 * energies[0], energies
 
 
 def two_moons(n: int, seed: int) -> np.ndarray:
