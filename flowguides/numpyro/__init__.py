@@ -1,5 +1,40 @@
-"""The NumPyro (JAX) backend: flows, guides and fitting built from a `FlowSpec`."""
+"""The NumPyro (JAX) backend: flows, guides and fitting built from a `FlowSpec`.
+
+The same file, function and parameter names as `flowguides.pyro`; one weight file serves both.
+"""
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from flowguides.numpyro.build import Flow, FlowTransform, build_flow, get_weights, set_weights
+from flowguides.numpyro.coupling import RealNVP
+from flowguides.numpyro.fit import DensityFit, PosteriorFit, fit_density, fit_posterior
+from flowguides.numpyro.guide import (
+    AutoFlowGuide,
+    DiscreteLatentError,
+    LaplaceFallbackWarning,
+    NoLatentSitesError,
+)
+from flowguides.numpyro.io import export_state, import_state
+from flowguides.numpyro.ode import NeuralODE
+from flowguides.numpyro.planar import Planar
+
+__all__ = [
+    "AutoFlowGuide",
+    "DensityFit",
+    "DiscreteLatentError",
+    "Flow",
+    "FlowTransform",
+    "LaplaceFallbackWarning",
+    "NeuralODE",
+    "NoLatentSitesError",
+    "Planar",
+    "PosteriorFit",
+    "RealNVP",
+    "build_flow",
+    "export_state",
+    "fit_density",
+    "fit_posterior",
+    "get_weights",
+    "import_state",
+    "set_weights",
+]

@@ -22,7 +22,7 @@ from jax import lax
 from flowguides.numpyro._base import FlowLayerTransform, batched_dot
 from flowguides.spec import PlanarSpec
 
-__all__ = ["PlanarTransform", "init_planar", "planar_u_hat", "solve_planar"]
+__all__ = ["Planar", "init_planar", "planar_u_hat", "solve_planar"]
 
 _SOLVER_ITERATIONS = 60
 
@@ -68,13 +68,13 @@ def init_planar(spec: PlanarSpec, dim: int, key: jax.Array, dtype: jnp.dtype) ->
     return {"u": u, "w": w, "b": jnp.zeros((spec.repeat,), dtype)}
 
 
-class PlanarTransform(FlowLayerTransform):
+class Planar(FlowLayerTransform):
     """`repeat` planar layers; params ``u (R, dim)``, ``w (R, dim)``, ``b (R,)``.
 
     Example:
         >>> import jax, jax.numpy as jnp
         >>> params = init_planar(PlanarSpec(repeat=2), 3, jax.random.key(0), jnp.float64)
-        >>> t = PlanarTransform(params, PlanarSpec(repeat=2), 3)
+        >>> t = Planar(params, PlanarSpec(repeat=2), 3)
         >>> y, ladj = t.forward_and_log_det(jnp.ones(3))
         >>> bool(jnp.allclose(y, 1.0)), float(ladj)
         (True, 0.0)

@@ -115,6 +115,13 @@ class PosteriorFit:
         draws, log_p, log_q = self.log_densities(num_samples, seed)
         return draws, log_p - log_q
 
+    def resample(self, num_samples: int, seed: int | None = None) -> Any:
+        """PSIS-importance-resampled draws and IS-corrected means/sds (see
+        `flowguides.diagnostics.resample_fit`); warns when k-hat says the fit is unreliable."""
+        from flowguides.diagnostics import resample_fit
+
+        return resample_fit(self, num_samples, seed)
+
     def elbo(self, num_samples: int = 1000, seed: int | None = None) -> float:
         """Monte Carlo ELBO, the mean of ``log p - log q`` over `num_samples` draws."""
         _, log_weights = self.importance_sample(num_samples, seed)

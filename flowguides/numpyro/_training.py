@@ -1,0 +1,114 @@
+"""The compiled-training machinery `fit.py` shares between posteriors and densities.
+
+The shared schedule as an optax optimiser, a bounded cache of jitted chunk functions keyed on a
+fit's static structure, the split of model arguments into traced arrays and static values, and
+the host loop that runs chunks of `CHUNK` steps and advances the progress bar between them.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from flowguides._common import decay_steps
+
+__all__ = [
+    "CHUNK",
+    "cached",
+    "check_settings",
+    "default_float",
+    "make_optimizer",
+    "run_chunks",
+    "split_args",
+]
+
+CHUNK = 100
+_CACHE_SIZE = 32
+_COMPILED: OrderedDict[Hashable, Callable[..., Any]] = OrderedDict()
+
+
+def default_float() -> jnp.dtype:
+    """The default float dtype at trace time (float64 when x64 is on)."""
+    return jnp.result_type(float)
+
+
+def make_optimizer(num_steps: int, learning_rate: float, clip_norm: float | None):
+    schedule = optax.join_schedules(
+        [
+            optax.constant_schedule(learning_rate),
+            optax.cosine_decay_schedule(learning_rate, decay_steps(num_steps), alpha=0.01),
+        ],
+        [num_steps // 2],
+    )
+    adam = optax.adam(schedule)
+    return adam if clip_norm is None else optax.chain(optax.clip_by_global_norm(clip_norm), adam)
+
+
+def check_settings(num_steps: int, learning_rate: float, clip_norm: float | None) -> None:
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps: expected a positive integer, got {num_steps!r}")
+    if not learning_rate > 0:
+        raise ValueError(f"learning_rate: expected a positive number, got {learning_rate!r}")
+    if clip_norm is not None and not clip_norm > 0:
+        raise ValueError(f"clip_norm: expected a positive number or None, got {clip_norm!r}")
+
+
+def cached(key: Hashable, make: Callable[[], Callable[..., Any]]) -> Callable[..., Any]:
+    if key in _COMPILED:
+        _COMPILED.move_to_end(key)
+    else:
+        _COMPILED[key] = make()
+        while len(_COMPILED) > _CACHE_SIZE:
+            _COMPILED.popitem(last=False)
+    return _COMPILED[key]
+
+
+def split_args(args: tuple, kwargs: dict) -> tuple[list, Hashable, Callable[[list], tuple]]:
+    """Array leaves of ``(args, kwargs)`` (traced) vs the rest (static, part of the cache key)."""
+    leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
+    dynamic = [isinstance(x, np.ndarray | jax.Array) for x in leaves]
+    arrays = [jnp.asarray(x) for x, d in zip(leaves, dynamic, strict=True) if d]
+    statics = []
+    for x, d in zip(leaves, dynamic, strict=True):
+        try:
+            statics.append(None if d else hash(x) and x)
+        except TypeError:
+            statics.append(("id", id(x)))
+    signature = (treedef, tuple(statics), tuple((a.shape, str(a.dtype)) for a in arrays))
+
+    def rebuild(values: list) -> tuple:
+        it = iter(values)
+        out = [next(it) if d else x for x, d in zip(leaves, dynamic, strict=True)]
+        return jax.tree_util.tree_unflatten(treedef, out)
+
+    return arrays, signature, rebuild
+
+
+def run_chunks(run_chunk: Callable, carry: tuple, data: Any, num_steps: int, progress: bool):
+    """Run the compiled chunks; return the final carry and the per-step outputs."""
+    outputs = []
+    smoothed = None
+    with tqdm(total=num_steps, disable=not progress, file=sys.stderr, leave=False) as bar:
+        for start in range(0, num_steps, CHUNK):
+            carry, out = run_chunk(carry, jnp.asarray(start), data)
+            out = jax.tree.map(np.asarray, out)
+            n = min(CHUNK, num_steps - start)
+            outputs.append(jax.tree.map(lambda a, n=n: a[:n], out))
+            train = out[0] if isinstance(out, tuple) else out
+            finite = train[:n][np.isfinite(train[:n])]
+            for value in finite:
+                smoothed = value if smoothed is None else 0.9 * smoothed + 0.1 * value
+            bar.update(n)
+            if smoothed is not None:
+                bar.set_postfix(loss=f"{smoothed:.4g}")
+            if bool(carry[-2]):  # stopped
+                break
+    return carry, jax.tree.map(lambda *a: np.concatenate(a), *outputs)

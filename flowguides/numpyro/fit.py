@@ -1,0 +1,414 @@
+"""Fit a posterior (`fit_posterior`) or a density (`fit_density`) with a compiled training loop.
+
+Training steps run inside `jax.lax.scan` in chunks of up to 100 steps; the tqdm bar advances
+between chunks, so the host synchronises once per chunk, not per step. The jitted chunk
+function is cached on the static structure of a fit (model, spec, settings, argument shapes and
+dtypes), so a second call with the same shapes does not recompile. A non-finite loss stops
+training at that step: the last parameters whose loss was finite are kept and a
+`NonFiniteLossError` names the step, with the partial fit on its ``.fit``.
+
+Optimiser: Adam (after global-norm clipping when `clip_norm` is set) with the shared schedule:
+constant for the first half, then cosine decay to 1% of `learning_rate` at the last step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+from numpyro import handlers
+from numpyro.infer import SVI, Trace_ELBO
+from numpyro.infer.initialization import init_to_median
+from numpyro.infer.util import log_density
+from numpyro.infer.util import log_likelihood as _numpyro_log_likelihood
+
+from flowguides._common import (
+    NonFiniteLossError,
+    as_spec,
+    check_data,
+    split_indices,
+    standardization,
+)
+from flowguides.numpyro._training import (
+    CHUNK,
+    cached,
+    check_settings,
+    default_float,
+    make_optimizer,
+    run_chunks,
+    split_args,
+)
+from flowguides.numpyro.build import Flow, build_flow, check_trainable
+from flowguides.numpyro.guide import AutoFlowGuide
+from flowguides.spec import FlowSpec, SpecError
+
+__all__ = ["DensityFit", "PosteriorFit", "fit_density", "fit_posterior"]
+
+_VALIDATE_EVERY = 25
+_TRACES = {"posterior": 0, "density": 0}  # times a training chunk was traced (tests read it)
+
+
+# -- posterior ------------------------------------------------------------------------------
+@dataclass
+class PosteriorFit:
+    """A fitted `AutoFlowGuide` with its SVI parameters and the model's arguments.
+
+    Attributes:
+        guide: the `AutoFlowGuide`.
+        model: the model.
+        spec: the `FlowSpec`.
+        params: the SVI parameter dict.
+        losses: the loss (negative ELBO estimate) of every step run.
+        args, kwargs: the model's arguments.
+        backend: ``"numpyro"``.
+    """
+
+    guide: AutoFlowGuide
+    model: Callable[..., Any]
+    spec: FlowSpec
+    params: dict[str, jax.Array]
+    losses: np.ndarray
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    seed: int = 0
+    backend: str = "numpyro"
+
+    def __post_init__(self) -> None:
+        self._rng = np.random.default_rng(self.seed + 1)
+        self._densities = jax.jit(self._log_densities_fn, static_argnums=1)
+
+    def _key(self, seed: int | None) -> jax.Array:
+        return jax.random.key(int(self._rng.integers(2**31)) if seed is None else seed)
+
+    @property
+    def latent_shapes(self) -> dict[str, tuple[int, ...]]:
+        """``{site: shape}`` of every latent site."""
+        return {name: tuple(np.shape(v)) for name, v in self.guide._init_locs.items()}
+
+    def observed_data(self) -> dict[str, np.ndarray]:
+        """``{site: value}`` of every observed site."""
+        trace = self.guide.prototype_trace
+        return {
+            name: np.asarray(site["value"])
+            for name, site in trace.items()
+            if site["type"] == "sample" and site["is_observed"]
+        }
+
+    def sample(self, num_samples: int, seed: int | None = None) -> dict[str, np.ndarray]:
+        """Constrained posterior draws ``{site: (num_samples, *site_shape)}``."""
+        draws = self.guide.sample_posterior(
+            self._key(seed), self.params, *self.args, sample_shape=(num_samples,), **self.kwargs
+        )
+        return {name: np.asarray(draws[name]) for name in self.latent_shapes}
+
+    def _log_densities_fn(self, key: jax.Array, num_samples: int):
+        names = list(self.latent_shapes)
+
+        def one(k: jax.Array):
+            log_q, trace = log_density(
+                handlers.seed(self.guide, k), self.args, self.kwargs, self.params
+            )
+            model = handlers.replay(handlers.seed(self.model, k), trace)
+            log_p, _ = log_density(model, self.args, self.kwargs, self.params)
+            return {n: trace[n]["value"] for n in names}, log_p, log_q
+
+        return jax.vmap(one)(jax.random.split(key, num_samples))
+
+    def log_densities(
+        self, num_samples: int, seed: int | None = None
+    ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+        """Draws with ``log p(x, z)`` and ``log q(z)``, both in the constrained space."""
+        draws, log_p, log_q = self._densities(self._key(seed), num_samples)
+        return jax.tree.map(np.asarray, draws), np.asarray(log_p), np.asarray(log_q)
+
+    def importance_sample(
+        self, num_samples: int, seed: int | None = None
+    ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Draws and their importance log-weights ``log p(x, z) - log q(z)``."""
+        draws, log_p, log_q = self.log_densities(num_samples, seed)
+        return draws, log_p - log_q
+
+    def elbo(self, num_samples: int = 1000, seed: int | None = None) -> float:
+        """The ELBO estimated from `num_samples` draws."""
+        return float(np.mean(self.importance_sample(num_samples, seed)[1]))
+
+    def log_likelihood(self, draws: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Pointwise log-likelihood ``{observed site: (S, *obs_shape)}`` of latent `draws`."""
+        samples = {k: jnp.asarray(v) for k, v in draws.items()}
+        out = _numpyro_log_likelihood(self.model, samples, *self.args, **self.kwargs)
+        return {k: np.asarray(v) for k, v in out.items()}
+
+
+def fit_posterior(
+    model: Callable[..., Any],
+    spec: FlowSpec | Mapping[str, Any],
+    *args: Any,
+    num_steps: int = 2000,
+    learning_rate: float = 1e-2,
+    num_particles: int = 8,
+    clip_norm: float | None = None,
+    init_loc_fn: Callable[..., Any] = init_to_median,
+    init_scale: float | str = "auto",
+    seed: int = 0,
+    progress: bool = True,
+    **kwargs: Any,
+) -> PosteriorFit:
+    """Fit an `AutoFlowGuide` to `model`'s posterior by SVI with vectorised particles.
+
+    Args:
+        model: a NumPyro model; `args` and `kwargs` are passed to it.
+        spec: a `FlowSpec` or its dict form.
+        num_steps: optimisation steps.
+        learning_rate: Adam's peak learning rate (decayed over the second half).
+        num_particles: ELBO particles per step (vectorised).
+        clip_norm: global-norm gradient clipping, or None.
+        init_loc_fn: the guide's initial location strategy.
+        init_scale: the guide's initial scale: a float, ``"laplace"`` or ``"auto"`` (the
+            default: the Laplace start where it finds a mode and has the better ELBO).
+        seed: seeds initialisation and training.
+        progress: show a tqdm bar on stderr.
+
+    Returns:
+        The `PosteriorFit`.
+
+    Raises:
+        NonFiniteLossError: the loss was not finite at some step (the error names it; its
+            ``.fit`` holds the last finite parameters).
+    """
+    spec = as_spec(spec)
+    check_settings(num_steps, learning_rate, clip_norm)
+    if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
+        raise ValueError(f"num_particles: expected a positive integer, got {num_particles!r}")
+    guide = AutoFlowGuide(model, spec, init_loc_fn=init_loc_fn, init_scale=init_scale)
+    optimizer = make_optimizer(num_steps, learning_rate, clip_norm)
+    svi = SVI(model, guide, optimizer, Trace_ELBO(num_particles, vectorize_particles=True))
+    state = svi.init(jax.random.key(seed), *args, **kwargs)
+    arrays, signature, rebuild = split_args(args, kwargs)
+    key = ("posterior", model, spec, num_steps, learning_rate, num_particles, clip_norm, signature)
+    run_chunk = cached(key, lambda: _posterior_chunk(svi, rebuild, num_steps))
+    carry = (state, state, jnp.asarray(False), jnp.asarray(-1))
+    (state, good, stopped, bad_step), losses = run_chunks(
+        run_chunk, carry, arrays, num_steps, progress
+    )
+    if bool(stopped):
+        fit = PosteriorFit(guide, model, spec, svi.get_params(good), losses, args, kwargs, seed)
+        raise NonFiniteLossError(int(bad_step), float(losses[int(bad_step)]), fit.params, fit)
+    return PosteriorFit(guide, model, spec, svi.get_params(state), losses, args, kwargs, seed)
+
+
+def _posterior_chunk(svi: SVI, rebuild: Callable[[list], tuple], num_steps: int):
+    def chunk(carry: tuple, start: jax.Array, arrays: list):
+        _TRACES["posterior"] += 1
+        args, kwargs = rebuild(arrays)
+
+        def step(c: tuple, i: jax.Array):
+            def run(c: tuple):
+                state, good, _, bad_step = c
+                new, loss = svi.update(state, *args, **kwargs)
+                finite = jnp.isfinite(loss)
+                good = lax.cond(finite, lambda: state, lambda: good)
+                new = lax.cond(finite, lambda: new, lambda: state)
+                return (new, good, ~finite, jnp.where(finite, bad_step, i)), loss.astype(
+                    default_float()
+                )
+
+            def skip(c: tuple):
+                return c, jnp.asarray(jnp.nan, default_float())
+
+            return lax.cond((i < num_steps) & ~c[2], run, skip, c)
+
+        return lax.scan(step, carry, start + jnp.arange(CHUNK))
+
+    return jax.jit(chunk)
+
+
+# -- density --------------------------------------------------------------------------------
+@jax.jit
+def _flow_log_prob(flow: Flow, x: jax.Array) -> jax.Array:
+    return flow.log_prob(x)
+
+
+@jax.jit
+def _flow_sample(flow: Flow, key: jax.Array, like: jax.Array) -> jax.Array:
+    return flow.sample(like.shape, key)
+
+
+@dataclass
+class DensityFit:
+    """A flow fitted to data by maximum likelihood.
+
+    Attributes:
+        flow: the fitted `Flow` (on standardised data when `mean`/`std` are set).
+        spec: the `FlowSpec`.
+        losses: ``{"train": per-step mean negative log-likelihood, "val": per validation}``
+            (in the standardised scale).
+        mean, std: the standardisation, or None.
+        backend: ``"numpyro"``.
+    """
+
+    flow: Flow
+    spec: FlowSpec
+    losses: dict[str, np.ndarray]
+    mean: np.ndarray | None = None
+    std: np.ndarray | None = None
+    seed: int = 0
+    backend: str = "numpyro"
+
+    def __post_init__(self) -> None:
+        self._rng = np.random.default_rng(self.seed + 1)
+
+    def log_prob(self, x: Any) -> np.ndarray:
+        """``log p(x)`` per row, in the data's own scale (the standardisation included)."""
+        arr = check_data(x, name="x", dim=self.flow.dim)
+        if self.mean is None:
+            return np.asarray(_flow_log_prob(self.flow, jnp.asarray(arr)))
+        u = (arr - self.mean) / self.std
+        return np.asarray(_flow_log_prob(self.flow, jnp.asarray(u))) - np.sum(np.log(self.std))
+
+    def sample(self, n: int, seed: int | None = None) -> np.ndarray:
+        """`n` draws ``(n, dim)`` in the data's scale."""
+        seed = int(self._rng.integers(2**31)) if seed is None else seed
+        like = jnp.zeros((n,))
+        draws = np.asarray(_flow_sample(self.flow, jax.random.key(seed), like))
+        return draws if self.mean is None else draws * self.std + self.mean
+
+
+def fit_density(
+    data: Any,
+    spec: FlowSpec | Mapping[str, Any],
+    *,
+    num_steps: int = 2000,
+    batch_size: int = 256,
+    learning_rate: float = 1e-3,
+    validation_fraction: float = 0.1,
+    patience: int = 500,
+    standardize: bool = True,
+    seed: int = 0,
+    progress: bool = True,
+) -> DensityFit:
+    """Fit a flow to the rows of `data` by maximum likelihood on minibatches.
+
+    Minibatches are drawn with replacement from the training rows; the validation loss is
+    computed every 25 steps, and training stops once `patience` steps pass without a better
+    one, keeping the best parameters (without validation rows, the last ones).
+
+    Args:
+        data: an array ``(n_points, dim)`` of finite values.
+        spec: a `FlowSpec` or its dict form.
+        num_steps: optimisation steps at most.
+        batch_size: rows per step (at most the number of training rows).
+        learning_rate: Adam's peak learning rate (decayed over the second half).
+        validation_fraction: the share of rows held out for early stopping.
+        patience: steps without a better validation loss before stopping.
+        standardize: fit the flow to standardised data (the Jacobian enters `log_prob`).
+        seed: seeds the split, initialisation and minibatches.
+        progress: show a tqdm bar on stderr.
+
+    Returns:
+        The `DensityFit`.
+
+    Raises:
+        ValueError: `data` is not a finite 2-D array, or a setting is out of range.
+        SpecError: the spec needs more dimensions than `data` has columns.
+        NonFiniteLossError: the loss was not finite at some step.
+    """
+    spec = as_spec(spec)
+    check_trainable(spec)
+    check_settings(num_steps, learning_rate, None)
+    for name, value in (("batch_size", batch_size), ("patience", patience)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    arr = check_data(data)
+    dim = arr.shape[1]
+    try:
+        spec.check_dim(dim)
+    except SpecError as exc:
+        raise SpecError(f"{exc} (data has {dim} column(s))") from None
+    train_idx, val_idx = split_indices(arr.shape[0], validation_fraction, seed)
+    stats = standardization(arr[train_idx], standardize)
+    if stats is not None:
+        arr = (arr - stats[0]) / stats[1]
+    dtype = jnp.float64 if spec.dtype == "float64" else jnp.float32
+    train, val = jnp.asarray(arr[train_idx], dtype), jnp.asarray(arr[val_idx], dtype)
+    flow = build_flow(spec, dim, seed=seed)
+    optimizer = make_optimizer(num_steps, learning_rate, None)
+    batch = min(batch_size, train.shape[0])
+    key = ("density", spec, dim, train.shape, val.shape, batch, num_steps, learning_rate, patience)
+    run_chunk = cached(key, lambda: _density_chunk(optimizer, flow, batch, num_steps, patience))
+    params = flow.params
+    best = (params, jnp.asarray(jnp.inf, default_float()), jnp.asarray(0))
+    carry = (
+        params,
+        optimizer.init(params),
+        jax.random.key(seed),
+        best,
+        params,
+        jnp.asarray(False),
+        jnp.asarray(-1),
+    )
+    carry, (train_loss, val_loss) = run_chunks(run_chunk, carry, (train, val), num_steps, progress)
+    params, _, _, (best_params, _, _), good, _, bad_step = carry
+    nonfinite = int(bad_step) >= 0
+    ran = int(bad_step) + 1 if nonfinite else int(np.sum(np.isfinite(train_loss)))
+    losses = {"train": train_loss[:ran], "val": val_loss[:ran][np.isfinite(val_loss[:ran])]}
+    mean, std = (None, None) if stats is None else stats
+    if nonfinite:
+        fit = DensityFit(Flow(spec, dim, good), spec, losses, mean, std, seed)
+        raise NonFiniteLossError(int(bad_step), float(train_loss[int(bad_step)]), good, fit)
+    final = best_params if val.shape[0] > 0 else params
+    return DensityFit(Flow(spec, dim, final), spec, losses, mean, std, seed)
+
+
+def _density_chunk(optimizer, flow: Flow, batch: int, num_steps: int, patience: int):
+    spec, dim = flow.spec, flow.dim
+
+    def nll(params: dict, x: jax.Array, key: jax.Array) -> jax.Array:
+        return -jnp.mean(Flow(spec, dim, params).log_prob(x, key))
+
+    def chunk(carry: tuple, start: jax.Array, data: tuple[jax.Array, jax.Array]):
+        _TRACES["density"] += 1
+        train, val = data
+
+        def step(c: tuple, i: jax.Array):
+            def run(c: tuple):
+                params, opt_state, key, best, good, _, bad_step = c
+                key, k_batch, k_noise, k_val = jax.random.split(key, 4)
+                rows = jax.random.randint(k_batch, (batch,), 0, train.shape[0])
+                loss, grads = jax.value_and_grad(nll)(params, train[rows], k_noise)
+                updates, new_opt = optimizer.update(grads, opt_state, params)
+                finite = jnp.isfinite(loss)
+                good = lax.cond(finite, lambda: params, lambda: good)
+                new_params = optax.apply_updates(params, updates)
+                new_params, new_opt = lax.cond(
+                    finite, lambda: (new_params, new_opt), lambda: (params, opt_state)
+                )
+                validate = finite & (val.shape[0] > 0) & ((i + 1) % _VALIDATE_EVERY == 0)
+                val_loss = lax.cond(
+                    validate,
+                    lambda: nll(new_params, val, k_val).astype(default_float()),
+                    lambda: jnp.asarray(jnp.nan, default_float()),
+                )
+                best_params, best_val, best_step = best
+                better = validate & (val_loss < best_val)
+                best = lax.cond(better, lambda: (new_params, val_loss, i), lambda: best)
+                patience_out = validate & (i - best[2] >= patience)
+                stopped = ~finite | patience_out
+                bad_step = jnp.where(finite, bad_step, i)
+                out = (new_params, new_opt, key, best, good, stopped, bad_step)
+                return out, (loss.astype(default_float()), val_loss)
+
+            def skip(c: tuple):
+                nan = jnp.asarray(jnp.nan, default_float())
+                return c, (nan, nan)
+
+            return lax.cond((i < num_steps) & ~c[-2], run, skip, c)
+
+        return lax.scan(step, carry, start + jnp.arange(CHUNK))
+
+    return jax.jit(chunk)

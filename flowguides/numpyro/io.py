@@ -1,0 +1,81 @@
+"""The NumPyro side of portable save/load (see `flowguides.io`): export and import state."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+from numpyro import handlers
+
+from flowguides.io import LoadError, SaveError, check_sites, density_meta, kind_of, site_meta
+from flowguides.numpyro.build import Flow, build_flow, get_weights, set_weights
+from flowguides.numpyro.fit import DensityFit, PosteriorFit
+from flowguides.numpyro.guide import AutoFlowGuide
+from flowguides.spec import FlowSpec
+
+__all__ = ["export_state", "import_state"]
+
+
+def _guide_sites(guide: AutoFlowGuide) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Latent sites in the guide's packing order: constrained shape and support."""
+    trace = guide.prototype_trace
+    return {
+        name: (tuple(np.shape(trace[name]["value"])), str(trace[name]["fn"].support))
+        for name in guide._init_locs
+    }
+
+
+def export_state(obj: Any) -> tuple[FlowSpec, dict[str, np.ndarray], dict[str, Any]]:
+    """``(spec, weights, meta)`` of a `Flow`, `DensityFit` or `PosteriorFit`."""
+    if isinstance(obj, Flow):
+        return obj.spec, get_weights(obj), {"kind": "flow", "dim": obj.dim}
+    if isinstance(obj, DensityFit):
+        meta = density_meta(obj.flow.dim, obj.mean, obj.std, obj.losses)
+        return obj.spec, get_weights(obj.flow), meta
+    if isinstance(obj, PosteriorFit):
+        guide = obj.guide
+        meta = {
+            "kind": "posterior",
+            "dim": guide.latent_dim,
+            "sites": site_meta(_guide_sites(guide)),
+            "losses": np.asarray(obj.losses).tolist(),
+        }
+        return obj.spec, guide.get_weights(obj.params), meta
+    raise SaveError(f"save: cannot save a {type(obj).__name__}")
+
+
+def import_state(
+    spec: FlowSpec,
+    weights: Mapping[str, np.ndarray],
+    meta: Mapping[str, Any],
+    *,
+    model: Callable[..., Any] | None = None,
+    model_args: tuple = (),
+    model_kwargs: Mapping[str, Any] | None = None,
+) -> Any:
+    """Rebuild a saved object in NumPyro: a `Flow`, a `DensityFit` or (given `model`) a
+    `PosteriorFit` whose parameters are the saved weights."""
+    kind, dim = kind_of(meta), meta["dim"]
+    if kind == "posterior":
+        if model is None:
+            raise LoadError("load: a saved posterior needs the model: load(path, model=...)")
+        kwargs = dict(model_kwargs or {})
+        guide = AutoFlowGuide(model, spec)
+        handlers.seed(guide._setup_prototype, 0)(*model_args, **kwargs)
+        check_sites(meta, _guide_sites(guide))
+        params = guide.set_weights(weights)
+        losses = np.asarray(meta.get("losses", []), dtype=float)
+        return PosteriorFit(guide, model, spec, params, losses, tuple(model_args), kwargs)
+    flow = set_weights(build_flow(spec, dim), weights)
+    if kind == "flow":
+        return flow
+    mean, std = meta.get("mean"), meta.get("std")
+    losses = {k: np.asarray(v, dtype=float) for k, v in meta.get("losses", {}).items()}
+    return DensityFit(
+        flow,
+        spec,
+        losses,
+        mean=None if mean is None else np.asarray(mean, dtype=float),
+        std=None if std is None else np.asarray(std, dtype=float),
+    )

@@ -1,0 +1,72 @@
+"""`build_flow`, `get_weights`/`set_weights` and the `Flow` object."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flowguides.numpyro import Flow, build_flow, get_weights, set_weights
+from flowguides.spec import FlowSpec, NeuralODESpec, PlanarSpec, RealNVPSpec, SpecError
+
+SPEC = FlowSpec(
+    layers=[PlanarSpec(repeat=2), RealNVPSpec(repeat=2, hidden=(4,)), NeuralODESpec(hidden=(4,))],
+    dtype="float64",
+)
+
+
+def test_weights_are_named_and_shaped_as_the_spec_says():
+    flow = build_flow(SPEC, 3)
+    weights = get_weights(flow)
+    shapes = SPEC.parameter_shapes(3)
+    assert list(weights) == list(shapes)
+    assert {k: v.shape for k, v in weights.items()} == dict(shapes)
+    assert all(isinstance(v, np.ndarray) and v.dtype == np.float64 for v in weights.values())
+    assert build_flow(FlowSpec.planar(2), 3).params["layers.0.u"].dtype == jnp.float32
+
+
+def test_set_weights_round_trip_returns_a_new_flow():
+    flow = build_flow(SPEC, 3, seed=0)
+    other = build_flow(SPEC, 3, seed=1)
+    copied = set_weights(flow, get_weights(other))
+    assert copied is not flow
+    for name, value in get_weights(other).items():
+        np.testing.assert_array_equal(get_weights(copied)[name], value)
+    assert not np.array_equal(get_weights(flow)["layers.0.w"], get_weights(other)["layers.0.w"])
+
+
+def test_set_weights_names_the_bad_parameter():
+    flow = build_flow(SPEC, 3)
+    weights = get_weights(flow)
+    with pytest.raises(ValueError, match=r"missing parameter\(s\) \['affine.loc'\]"):
+        set_weights(flow, {k: v for k, v in weights.items() if k != "affine.loc"})
+    with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['layers.9.u'\]"):
+        set_weights(flow, {**weights, "layers.9.u": np.zeros(3)})
+    bad = {**weights, "layers.1.net.0.weight": np.zeros((2, 4, 2))}
+    with pytest.raises(ValueError, match=r"'layers.1.net.0.weight': expected shape \(2, 4, 1\)"):
+        set_weights(flow, bad)
+
+
+def test_build_flow_checks_dim_and_accepts_a_dict():
+    with pytest.raises(SpecError, match="realnvp layer needs dim >= 2, got dim=1"):
+        build_flow(FlowSpec.realnvp(num_layers=1), 1)
+    flow = build_flow(FlowSpec.planar(1).to_dict(), 2)
+    assert flow.spec == FlowSpec.planar(1) and flow.dim == 2
+
+
+def test_samples_carry_their_log_density_and_flows_are_pytrees():
+    spec = FlowSpec(layers=[PlanarSpec(repeat=2), RealNVPSpec(hidden=(4,))], dtype="float64")
+    flow = Flow(spec, 3, {k: v + 0.3 for k, v in build_flow(spec, 3).params.items()})
+
+    @jax.jit
+    def both(flow: Flow) -> tuple[jax.Array, jax.Array, jax.Array]:
+        x, log_q = flow.sample_and_log_prob((5, 2), seed=jax.random.key(3))
+        return x, log_q, flow.log_prob(x), flow.distribution().log_prob(x)
+
+    x, log_q, log_prob, dist_log_prob = both(flow)
+    assert x.shape == (5, 2, 3) and log_q.shape == (5, 2)
+    np.testing.assert_allclose(log_q, log_prob, rtol=1e-10)
+    np.testing.assert_allclose(flow.sample((5, 2), seed=jax.random.key(3)), x, rtol=1e-12)
+    assert flow.distribution().event_shape == (3,)
+    np.testing.assert_allclose(dist_log_prob, log_prob, rtol=1e-10)

@@ -1,0 +1,153 @@
+"""`AutoFlowGuide`: NumPyro's autoguide API, the initial location and scale, weights."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import optax
+import pytest
+from numpyro.infer import SVI, Predictive, Trace_ELBO
+from numpyro.infer.autoguide import AutoDiagonalNormal
+from numpyro.infer.initialization import init_to_value
+
+from flowguides.numpyro import AutoFlowGuide, LaplaceFallbackWarning
+from flowguides.spec import FlowSpec
+
+SPEC = FlowSpec.realnvp(num_layers=2, hidden=[4], dtype="float64")
+
+
+def model(y=None):
+    loc = numpyro.sample("loc", dist.Normal(jnp.zeros(2), 2.0).to_event(1))
+    scale = numpyro.sample("scale", dist.HalfNormal(1.0))
+    with numpyro.plate("n", 6):
+        numpyro.sample("y", dist.Normal(loc[0] + loc[1], scale), obs=y)
+
+
+Y = np.linspace(-1.0, 2.0, 6)
+
+
+def test_a_fresh_guide_is_autodiagonalnormal():
+    init = init_to_value(values={"loc": jnp.array([0.5, -1.0]), "scale": 2.0})
+    key = jax.random.key(0)
+    # planar layers start as the exact identity (RealNVP's start permutes the base noise)
+    ours = AutoFlowGuide(model, FlowSpec.planar(2, dtype="float64"), init_loc_fn=init)
+    theirs = AutoDiagonalNormal(model, init_loc_fn=init)
+    svi_ours = SVI(model, ours, optax.adam(1e-3), Trace_ELBO())
+    svi_theirs = SVI(model, theirs, optax.adam(1e-3), Trace_ELBO())
+    p_ours = svi_ours.get_params(svi_ours.init(key, Y))
+    p_theirs = svi_theirs.get_params(svi_theirs.init(key, Y))
+    np.testing.assert_allclose(p_ours["auto_affine.loc"], [0.5, -1.0, np.log(2.0)], rtol=1e-12)
+    np.testing.assert_allclose(p_ours["auto_affine.loc"], p_theirs["auto_loc"], rtol=1e-12)
+    np.testing.assert_allclose(np.exp(p_ours["auto_affine.log_scale"]), 0.1, rtol=1e-12)
+    np.testing.assert_allclose(p_theirs["auto_scale"], 0.1, rtol=1e-12)
+    # identity layers: the same key gives exactly AutoDiagonalNormal's draws
+    draws = ours.sample_posterior(jax.random.key(1), p_ours, Y, sample_shape=(4,))
+    expected = theirs.sample_posterior(jax.random.key(1), p_theirs, Y, sample_shape=(4,))
+    for name in ("loc", "scale"):
+        np.testing.assert_allclose(draws[name], expected[name], rtol=1e-10)
+
+
+def test_guide_works_with_svi_run_predictive_median_quantiles_and_posterior():
+    guide = AutoFlowGuide(model, SPEC)
+    svi = SVI(model, guide, optax.adam(1e-2), Trace_ELBO(num_particles=4, vectorize_particles=True))
+    result = svi.run(jax.random.key(0), 30, Y, progress_bar=False)
+    assert result.losses.shape == (30,) and np.all(np.isfinite(result.losses))
+    params = result.params
+    assert sorted(guide.get_weights(params)) == sorted(SPEC.parameter_shapes(3))
+    predictive = Predictive(model, guide=guide, params=params, num_samples=7)
+    assert predictive(jax.random.key(1))["y"].shape == (7, 6)
+    draws = Predictive(guide, params=params, num_samples=7)(jax.random.key(1), Y)
+    assert draws["loc"].shape == (7, 2) and np.all(draws["scale"] > 0)
+    median = guide.median(params)
+    q = guide.quantiles(params, [0.1, 0.5, 0.9])
+    assert median["loc"].shape == (2,) and q["loc"].shape == (3, 2) and q["scale"].shape == (3,)
+    np.testing.assert_allclose(q["loc"][1], median["loc"])
+    assert np.all(np.diff(np.asarray(q["loc"]), axis=0) > 0) and float(median["scale"]) > 0
+    posterior = guide.get_posterior(params)
+    z = posterior.sample(jax.random.key(2), (5,))
+    np.testing.assert_allclose(
+        posterior.log_prob(z), guide.get_flow(params).log_prob(z), rtol=1e-10
+    )
+    np.testing.assert_allclose(
+        guide.get_transform(params)(jnp.zeros(3)), posterior.transforms[0](jnp.zeros(3))
+    )
+
+
+def test_set_weights_warm_starts_the_next_init():
+    guide = AutoFlowGuide(model, SPEC)
+    svi = SVI(model, guide, optax.adam(1e-3), Trace_ELBO())
+    with pytest.raises(RuntimeError, match="run the guide once"):
+        guide.get_weights()
+    svi.init(jax.random.key(0), Y)
+    weights = {k: v + 0.25 for k, v in guide.get_weights().items()}
+    guide.set_weights(weights)
+    params = svi.get_params(svi.init(jax.random.key(1), Y))
+    for name, value in guide.get_weights(params).items():
+        np.testing.assert_allclose(value, weights[name], rtol=1e-12)
+    with pytest.raises(ValueError, match="'affine.loc': expected shape \\(3,\\), got \\(2,\\)"):
+        guide.set_weights({**weights, "affine.loc": np.zeros(2)})
+
+
+def badly_scaled():
+    numpyro.sample("tiny", dist.Normal(0.3, 1e-3))
+    numpyro.sample("huge", dist.Normal(-50.0, 100.0))
+
+
+def flat_at_the_mode():
+    z = numpyro.sample("z", dist.Normal(0.0, 1.0))
+    numpyro.factor("cancel", z**2 / 2)  # a flat log joint in z: zero curvature
+    numpyro.sample("w", dist.Normal(1.0, 2.0))
+
+
+def test_laplace_init_scale_recovers_the_scales_and_warns_where_it_cannot():
+    spec = FlowSpec.planar(num_layers=1, dtype="float64")
+    guide = AutoFlowGuide(badly_scaled, spec, init_scale="laplace")
+    SVI(badly_scaled, guide, optax.adam(1e-3), Trace_ELBO()).init(jax.random.key(0))
+    w = guide.get_weights()
+    np.testing.assert_allclose(w["affine.loc"], [0.3, -50.0], rtol=1e-6)
+    np.testing.assert_allclose(np.exp(w["affine.log_scale"]), [1e-3, 100.0], rtol=1e-6)
+    guide = AutoFlowGuide(flat_at_the_mode, spec, init_scale="laplace")
+    with pytest.warns(
+        LaplaceFallbackWarning, match=r"not positive at latent coordinate\(s\) \[0\]"
+    ):
+        SVI(flat_at_the_mode, guide, optax.adam(1e-3), Trace_ELBO()).init(jax.random.key(0))
+    np.testing.assert_allclose(
+        np.exp(guide.get_weights()["affine.log_scale"]), [0.1, 2.0], rtol=1e-5
+    )
+
+
+def eight_schools_centred():
+    y = jnp.array([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0])
+    mu = numpyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = numpyro.sample("tau", dist.HalfCauchy(5.0))
+    with numpyro.plate("schools", 8):
+        theta = numpyro.sample("theta", dist.Normal(mu, tau))
+        numpyro.sample("obs", dist.Normal(theta, 10.0), obs=y)
+
+
+def test_laplace_refuses_a_funnel_and_auto_takes_laplace_only_where_it_has_a_mode():
+    # the centred hierarchy's joint density grows without bound as tau -> 0: no mode
+    spec = FlowSpec.planar(num_layers=1, dtype="float64")
+    guide = AutoFlowGuide(eight_schools_centred, spec, init_scale="laplace")
+    svi = SVI(eight_schools_centred, guide, optax.adam(1e-3), Trace_ELBO())
+    with pytest.warns(LaplaceFallbackWarning, match="found no mode"):
+        svi.init(jax.random.key(0))
+    np.testing.assert_allclose(np.exp(guide.get_weights()["affine.log_scale"]), 0.1)
+    # "auto" keeps the Laplace start of a badly scaled posterior that has a mode
+    guide = AutoFlowGuide(badly_scaled, spec, init_scale="auto")
+    SVI(badly_scaled, guide, optax.adam(1e-3), Trace_ELBO()).init(jax.random.key(0))
+    np.testing.assert_allclose(
+        np.exp(guide.get_weights()["affine.log_scale"]), [1e-3, 100.0], rtol=1e-6
+    )
+
+
+def test_guide_rejects_bad_settings():
+    with pytest.raises(
+        ValueError, match="init_scale: expected a positive number, 'laplace' or 'auto'"
+    ):
+        AutoFlowGuide(model, SPEC, init_scale=-1.0)
+    with pytest.raises(ValueError, match="base: AutoFlowGuide needs base='affine'"):
+        AutoFlowGuide(model, FlowSpec.planar(2, base="normal"))
