@@ -18,11 +18,11 @@ __all__ = ["export_state", "import_state"]
 
 
 def _guide_sites(guide: AutoFlowGuide) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Latent sites in the guide's packing order: constrained shape and support."""
+    """Latent sites in the guide's packing order (as Pyro's: model order): shape, support."""
     trace = guide.prototype_trace
     return {
         name: (tuple(np.shape(trace[name]["value"])), str(trace[name]["fn"].support))
-        for name in guide._init_locs
+        for name in guide._init_locs  # the packing order: the order the model runs
     }
 
 

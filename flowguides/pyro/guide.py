@@ -120,7 +120,6 @@ class AutoFlowGuide(AutoContinuous):
         except (ValueError, RuntimeError, NotImplementedError) as exc:
             self._explain_setup_error(exc)
             raise
-        self._sort_latent_sites()
         # the prototype trace hides observed sites; plate nesting and data need them all
         self.model_trace = poutine.block(poutine.trace(self.model).get_trace)(*args, **kwargs)
         nesting = [0]
@@ -149,22 +148,6 @@ class AutoFlowGuide(AutoContinuous):
             flow.affine.loc.copy_(loc)
             flow.affine.log_scale.copy_(torch.log(scale))
         self.flow = flow
-
-    def _sort_latent_sites(self) -> None:
-        """Pack latent sites sorted by name, as NumPyro's `AutoContinuous` does.
-
-        Pyro packs in the order the model runs; NumPyro ravels a dict, which sorts the names.
-        One order in both backends is what lets a guide's weights move between them.
-        """
-        nodes = self.prototype_trace.nodes
-        latent = sorted(
-            n for n, s in nodes.items() if s["type"] == "sample" and not s["is_observed"]
-        )
-        others = [n for n in nodes if n not in set(latent)]
-        self.prototype_trace.nodes = type(nodes)((n, nodes[n]) for n in [*latent, *others])
-        self._unconstrained_shapes = {
-            n: self._unconstrained_shapes[n] for n in latent if n in self._unconstrained_shapes
-        }
 
     def _explain_setup_error(self, exc: Exception) -> None:
         trace = self.prototype_trace
