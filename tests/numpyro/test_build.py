@@ -70,3 +70,20 @@ def test_samples_carry_their_log_density_and_flows_are_pytrees():
     np.testing.assert_allclose(flow.sample((5, 2), seed=jax.random.key(3)), x, rtol=1e-12)
     assert flow.distribution().event_shape == (3,)
     np.testing.assert_allclose(dist_log_prob, log_prob, rtol=1e-10)
+
+
+def test_float64_spec_without_jax_x64_names_the_fix():
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from flowguides import FlowSpec, SpecError\n"
+        "from flowguides.numpyro import build_flow\n"
+        "try:\n    build_flow(FlowSpec.planar(dtype='float64'), 2)\n"
+        "except SpecError as e:\n    print(e)\n"
+    )
+    env = {**os.environ, "JAX_ENABLE_X64": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert "dtype: the spec asks for float64" in out.stdout, out.stderr
+    assert "numpyro.enable_x64()" in out.stdout
