@@ -28,7 +28,7 @@ def model(X, y):
     w = numpyro.sample("w", dist.Normal(jnp.zeros(D), 1.0).to_event(1))
     b = numpyro.sample("b", dist.Normal(0.0, 5.0))
     with numpyro.plate("data", len(y), subsample_size=500) as idx:
-        numpyro.sample("obs", dist.Bernoulli(logits=X[idx] @ w + b), obs=y[idx])
+        numpyro.sample("obs", dist.Bernoulli(logits=(X[idx] * w).sum(-1) + b), obs=y[idx])
 
 
 spec = FlowSpec.realnvp(num_layers=2, hidden=[32])

@@ -29,7 +29,7 @@ def model(X, y):
     w = pyro.sample("w", dist.Normal(torch.zeros(D), 1.0).to_event(1))
     b = pyro.sample("b", dist.Normal(0.0, 5.0))
     with pyro.plate("data", len(y), subsample_size=500) as idx:
-        pyro.sample("obs", dist.Bernoulli(logits=X[idx] @ w + b), obs=y[idx])
+        pyro.sample("obs", dist.Bernoulli(logits=(X[idx] * w).sum(-1) + b), obs=y[idx])
 
 
 spec = FlowSpec.realnvp(num_layers=2, hidden=[32])
