@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _jax_properties import check_identity, check_report, perturbed, transform_report
+from tests.numpyro._jax_properties import check_identity, check_report, perturbed, transform_report
 from jax.test_util import check_grads
 
 from flowguides.numpyro.build import build_flow, get_weights
