@@ -5,11 +5,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tests.numpyro._jax_properties import check_identity, check_report, perturbed, transform_report
 
 from flowguides.numpyro.build import build_flow, get_weights
 from flowguides.numpyro.coupling import RealNVP, init_realnvp
 from flowguides.spec import FlowSpec, RealNVPSpec
+from tests.numpyro._jax_properties import check_identity, check_report, perturbed, transform_report
 
 # odd dim (d1 = 2, d2 = 3), random permutations, gelu: the least symmetric case
 SPEC = FlowSpec.realnvp(

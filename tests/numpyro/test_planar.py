@@ -5,12 +5,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tests.numpyro._jax_properties import check_identity, check_report, perturbed, transform_report
 from jax.test_util import check_grads
 
 from flowguides.numpyro.build import build_flow, get_weights
 from flowguides.numpyro.planar import Planar, planar_u_hat, solve_planar
 from flowguides.spec import FlowSpec, PlanarSpec
+from tests.numpyro._jax_properties import check_identity, check_report, perturbed, transform_report
 
 SPEC = FlowSpec.planar(num_layers=3, dtype="float64")
 X = np.random.default_rng(1).normal(size=(2, 4, 3))
