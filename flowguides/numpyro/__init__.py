@@ -15,10 +15,17 @@ from flowguides.numpyro.guide import (
     NoLatentSitesError,
 )
 from flowguides.numpyro.io import export_state, import_state
-from flowguides.numpyro.ode import NeuralODE
+from flowguides.numpyro.ode import (
+    FLOAT32_MIN_TOLERANCE,
+    NeuralODE,
+    ToleranceWarning,
+    flow_matching_loss,
+    training_solves,
+)
 from flowguides.numpyro.planar import Planar
 
 __all__ = [
+    "FLOAT32_MIN_TOLERANCE",
     "AutoFlowGuide",
     "DensityFit",
     "DiscreteLatentError",
@@ -30,11 +37,14 @@ __all__ = [
     "Planar",
     "PosteriorFit",
     "RealNVP",
+    "ToleranceWarning",
     "build_flow",
     "export_state",
     "fit_density",
     "fit_posterior",
+    "flow_matching_loss",
     "get_weights",
     "import_state",
     "set_weights",
+    "training_solves",
 ]

@@ -9,6 +9,15 @@ training at that step: the last parameters whose loss was finite are kept and a
 
 Optimiser: Adam (after global-norm clipping when `clip_norm` is set) with the shared schedule:
 constant for the first half, then cosine decay to 1% of `learning_rate` at the last step.
+
+Neural-ODE layers train inside `training_solves`: STEER end times and the RNODE penalty
+``kinetic_weight * KE + jacobian_weight * JF`` (mean over points or particles, summed over
+layers) added to the loss. `fit_density` records per step, in ``fit.history``, the field
+evaluations of the loss (``"nfe_forward"``: diffrax's step count times the solver's
+evaluations per step, plus its start-up evaluation), of its gradient (``"nfe_backward"``: one
+vector-Jacobian product per recorded evaluation, as in Pyro; left out with ``adjoint=True``,
+whose backward solve is not observable) and the penalty (``"regularization"``). It can also
+train a single neural-ODE layer by flow matching (``objective="flow_matching"``).
 """
 
 from __future__ import annotations
@@ -44,11 +53,14 @@ from flowguides.numpyro._training import (
     run_chunks,
     split_args,
 )
-from flowguides.numpyro.build import Flow, build_flow, check_trainable
+from flowguides.numpyro.build import Flow, build_flow
 from flowguides.numpyro.guide import AutoFlowGuide
+from flowguides.numpyro.ode import flow_matching_loss, training_solves
 from flowguides.spec import FlowSpec, SpecError
 
-__all__ = ["DensityFit", "PosteriorFit", "fit_density", "fit_posterior"]
+__all__ = ["OBJECTIVES", "DensityFit", "PosteriorFit", "fit_density", "fit_posterior"]
+
+OBJECTIVES = ("maximum_likelihood", "flow_matching")
 
 _VALIDATE_EVERY = 25
 _TRACES = {"posterior": 0, "density": 0}  # times a training chunk was traced (tests read it)
@@ -64,9 +76,12 @@ class PosteriorFit:
         model: the model.
         spec: the `FlowSpec`.
         params: the SVI parameter dict.
-        losses: the loss (negative ELBO estimate) of every step run.
+        losses: the loss (negative ELBO estimate) of every step run; with a positive RNODE
+            weight it includes the penalty (a factor in the guide, see `AutoFlowGuide`).
         args, kwargs: the model's arguments.
         backend: ``"numpyro"``.
+        history: always empty here: the guide's solves run inside numpyro's vectorised
+            particles, whose per-step evaluation counts `SVI.update` does not return.
     """
 
     guide: AutoFlowGuide
@@ -78,6 +93,7 @@ class PosteriorFit:
     kwargs: dict = field(default_factory=dict)
     seed: int = 0
     backend: str = "numpyro"
+    history: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._rng = np.random.default_rng(self.seed + 1)
@@ -134,6 +150,13 @@ class PosteriorFit:
         draws, log_p, log_q = self.log_densities(num_samples, seed)
         return draws, log_p - log_q
 
+    def resample(self, num_samples: int, seed: int | None = None) -> Any:
+        """PSIS-importance-resampled draws and IS-corrected means/sds (see
+        `flowguides.diagnostics.resample_fit`); warns when k-hat says the fit is unreliable."""
+        from flowguides.diagnostics import resample_fit
+
+        return resample_fit(self, num_samples, seed)
+
     def elbo(self, num_samples: int = 1000, seed: int | None = None) -> float:
         """The ELBO estimated from `num_samples` draws."""
         return float(np.mean(self.importance_sample(num_samples, seed)[1]))
@@ -160,6 +183,9 @@ def fit_posterior(
     **kwargs: Any,
 ) -> PosteriorFit:
     """Fit an `AutoFlowGuide` to `model`'s posterior by SVI with vectorised particles.
+
+    Neural-ODE layers train with STEER end times and their RNODE penalty (mean over
+    particles) added to the loss (see `training_solves`).
 
     Args:
         model: a NumPyro model; `args` and `kwargs` are passed to it.
@@ -210,7 +236,8 @@ def _posterior_chunk(svi: SVI, rebuild: Callable[[list], tuple], num_steps: int)
         def step(c: tuple, i: jax.Array):
             def run(c: tuple):
                 state, good, _, bad_step = c
-                new, loss = svi.update(state, *args, **kwargs)
+                with training_solves():  # the guide adds its RNODE penalty as a factor
+                    new, loss = svi.update(state, *args, **kwargs)
                 finite = jnp.isfinite(loss)
                 good = lax.cond(finite, lambda: state, lambda: good)
                 new = lax.cond(finite, lambda: new, lambda: state)
@@ -241,15 +268,20 @@ def _flow_sample(flow: Flow, key: jax.Array, like: jax.Array) -> jax.Array:
 
 @dataclass
 class DensityFit:
-    """A flow fitted to data by maximum likelihood.
+    """A flow fitted to data by maximum likelihood or flow matching.
 
     Attributes:
         flow: the fitted `Flow` (on standardised data when `mean`/`std` are set).
         spec: the `FlowSpec`.
-        losses: ``{"train": per-step mean negative log-likelihood, "val": per validation}``
-            (in the standardised scale).
+        losses: ``{"train": per step, "val": per validation}``: mean negative log-likelihoods
+            (without the RNODE penalty), or flow-matching losses under
+            ``objective="flow_matching"``, in the standardised scale.
         mean, std: the standardisation, or None.
         backend: ``"numpyro"``.
+        history: per-step arrays for neural-ODE flows (``"nfe_forward"``, ``"nfe_backward"``
+            unless a layer uses the adjoint, ``"regularization"`` when a regulariser weight is
+            positive); empty otherwise.
+        objective: ``"maximum_likelihood"`` or ``"flow_matching"``.
     """
 
     flow: Flow
@@ -259,6 +291,8 @@ class DensityFit:
     std: np.ndarray | None = None
     seed: int = 0
     backend: str = "numpyro"
+    history: dict[str, np.ndarray] = field(default_factory=dict)
+    objective: str = "maximum_likelihood"
 
     def __post_init__(self) -> None:
         self._rng = np.random.default_rng(self.seed + 1)
@@ -289,14 +323,23 @@ def fit_density(
     validation_fraction: float = 0.1,
     patience: int = 500,
     standardize: bool = True,
+    objective: str = "maximum_likelihood",
+    sigma_min: float = 1e-4,
     seed: int = 0,
     progress: bool = True,
 ) -> DensityFit:
-    """Fit a flow to the rows of `data` by maximum likelihood on minibatches.
+    """Fit a flow to the rows of `data` on minibatches.
 
     Minibatches are drawn with replacement from the training rows; the validation loss is
     computed every 25 steps, and training stops once `patience` steps pass without a better
     one, keeping the best parameters (without validation rows, the last ones).
+
+    ``objective="maximum_likelihood"`` (the default) minimises the negative log-likelihood
+    (plus the RNODE penalty of neural-ODE layers). ``objective="flow_matching"`` needs a spec
+    whose layers are exactly one neural-ODE layer and fits its vector field without solving
+    (`flow_matching_loss`, base draws ``x0 ~ N(0, I)``, ``t ~ U(0, 1)``); the validation loss is
+    the same loss on the held-out rows with noise fixed for the whole fit. The affine base is
+    not trained and stays the identity. `log_prob` afterwards is exact through the ODE.
 
     Args:
         data: an array ``(n_points, dim)`` of finite values.
@@ -307,7 +350,9 @@ def fit_density(
         validation_fraction: the share of rows held out for early stopping.
         patience: steps without a better validation loss before stopping.
         standardize: fit the flow to standardised data (the Jacobian enters `log_prob`).
-        seed: seeds the split, initialisation and minibatches.
+        objective: ``"maximum_likelihood"`` or ``"flow_matching"``.
+        sigma_min: the flow-matching path's width at the data end, in ``[0, 1)``.
+        seed: seeds the split, initialisation, minibatches and noise.
         progress: show a tqdm bar on stderr.
 
     Returns:
@@ -315,15 +360,19 @@ def fit_density(
 
     Raises:
         ValueError: `data` is not a finite 2-D array, or a setting is out of range.
-        SpecError: the spec needs more dimensions than `data` has columns.
+        SpecError: the spec needs more dimensions than `data` has columns, or
+            ``objective="flow_matching"`` with a spec that is not one neural-ODE layer.
         NonFiniteLossError: the loss was not finite at some step.
+
+    References:
+        Lipman et al., "Flow Matching for Generative Modeling", ICLR 2023.
     """
     spec = as_spec(spec)
-    check_trainable(spec)
     check_settings(num_steps, learning_rate, None)
     for name, value in (("batch_size", batch_size), ("patience", patience)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    _check_objective(spec, objective, sigma_min)
     arr = check_data(data)
     dim = arr.shape[1]
     try:
@@ -336,11 +385,17 @@ def fit_density(
         arr = (arr - stats[0]) / stats[1]
     dtype = jnp.float64 if spec.dtype == "float64" else jnp.float32
     train, val = jnp.asarray(arr[train_idx], dtype), jnp.asarray(arr[val_idx], dtype)
+    k_x0, k_t = jax.random.split(jax.random.fold_in(jax.random.key(seed), 1))
+    val_noise = (  # the flow-matching validation noise, fixed for the whole fit
+        jax.random.normal(k_x0, val.shape, dtype),
+        jax.random.uniform(k_t, val.shape[:1], dtype),
+    )
     flow = build_flow(spec, dim, seed=seed)
     optimizer = make_optimizer(num_steps, learning_rate, None)
     batch = min(batch_size, train.shape[0])
-    key = ("density", spec, dim, train.shape, val.shape, batch, num_steps, learning_rate, patience)
-    run_chunk = cached(key, lambda: _density_chunk(optimizer, flow, batch, num_steps, patience))
+    settings = (batch, num_steps, patience, objective, sigma_min)
+    key = ("density", spec, dim, train.shape, val.shape, learning_rate, *settings)
+    run_chunk = cached(key, lambda: _density_chunk(optimizer, flow, *settings))
     params = flow.params
     best = (params, jnp.asarray(jnp.inf, default_float()), jnp.asarray(0))
     carry = (
@@ -352,35 +407,102 @@ def fit_density(
         jnp.asarray(False),
         jnp.asarray(-1),
     )
-    carry, (train_loss, val_loss) = run_chunks(run_chunk, carry, (train, val), num_steps, progress)
+    carry, (train_loss, val_loss, steps) = run_chunks(
+        run_chunk, carry, (train, val, val_noise), num_steps, progress
+    )
     params, _, _, (best_params, _, _), good, _, bad_step = carry
     nonfinite = int(bad_step) >= 0
     ran = int(bad_step) + 1 if nonfinite else int(np.sum(np.isfinite(train_loss)))
     losses = {"train": train_loss[:ran], "val": val_loss[:ran][np.isfinite(val_loss[:ran])]}
+    history = {name: values[:ran] for name, values in steps.items()}
     mean, std = (None, None) if stats is None else stats
+    common = {"history": history, "objective": objective}
     if nonfinite:
-        fit = DensityFit(Flow(spec, dim, good), spec, losses, mean, std, seed)
+        fit = DensityFit(Flow(spec, dim, good), spec, losses, mean, std, seed, **common)
         raise NonFiniteLossError(int(bad_step), float(train_loss[int(bad_step)]), good, fit)
     final = best_params if val.shape[0] > 0 else params
-    return DensityFit(Flow(spec, dim, final), spec, losses, mean, std, seed)
+    return DensityFit(Flow(spec, dim, final), spec, losses, mean, std, seed, **common)
 
 
-def _density_chunk(optimizer, flow: Flow, batch: int, num_steps: int, patience: int):
-    spec, dim = flow.spec, flow.dim
+def _check_objective(spec: FlowSpec, objective: str, sigma_min: float) -> None:
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective: expected one of {list(OBJECTIVES)}, got {objective!r}")
+    if not 0.0 <= sigma_min < 1.0:
+        raise ValueError(f"sigma_min: expected a number in [0, 1), got {sigma_min!r}")
+    types = [layer.type for layer in spec.layers]
+    if objective == "flow_matching" and types != ["neural_ode"]:
+        raise SpecError(
+            "layers: objective='flow_matching' trains the vector field of exactly one "
+            f"neural_ode layer, expected ['neural_ode'], got {types}"
+        )
 
-    def nll(params: dict, x: jax.Array, key: jax.Array) -> jax.Array:
-        return -jnp.mean(Flow(spec, dim, params).log_prob(x, key))
 
-    def chunk(carry: tuple, start: jax.Array, data: tuple[jax.Array, jax.Array]):
+def _density_losses(spec: FlowSpec, dim: int, objective: str, sigma_min: float):
+    """``train_loss(params, x, key) -> (loss + penalty, (loss, entries))``,
+    ``val_loss(params, val, noise, key)`` and ``entries(nfe, penalty)``: the per-step history
+    entries (empty without neural-ODE layers)."""
+    has_ode = any(layer.type == "neural_ode" for layer in spec.layers)
+    backward = not any(getattr(layer, "adjoint", False) for layer in spec.layers)
+    regularized = any(
+        getattr(layer, "kinetic_weight", 0.0) > 0 or getattr(layer, "jacobian_weight", 0.0) > 0
+        for layer in spec.layers
+    )
+
+    def entries(nfe: jax.Array, penalty: jax.Array) -> dict[str, jax.Array]:
+        out = {"nfe_forward": nfe} if has_ode else {}
+        if has_ode and backward:
+            out["nfe_backward"] = nfe
+        if regularized:
+            out["regularization"] = jnp.asarray(penalty, default_float())
+        return out
+
+    def field_loss(params: dict, x1: jax.Array, x0: jax.Array, t: jax.Array) -> jax.Array:
+        layer = Flow(spec, dim, params).transform().layers()[0]
+        return flow_matching_loss(layer, x1, x0, t, sigma_min)
+
+    def train_loss(params: dict, x: jax.Array, key: jax.Array):
+        with training_solves() as records:
+            if objective == "flow_matching":
+                k_x0, k_t = jax.random.split(key)
+                x0 = jax.random.normal(k_x0, x.shape, x.dtype)
+                loss = field_loss(params, x, x0, jax.random.uniform(k_t, x.shape[:1], x.dtype))
+            else:
+                loss = -jnp.mean(Flow(spec, dim, params).log_prob(x, key))
+        penalty = sum((jnp.mean(r["penalty"]) for r in records if "penalty" in r), 0.0)
+        nfe = sum((jnp.asarray(r["nfe"], jnp.int32) for r in records), jnp.zeros((), jnp.int32))
+        return loss + penalty, (loss, entries(nfe, penalty))
+
+    def val_loss(params: dict, val: jax.Array, noise: tuple, key: jax.Array) -> jax.Array:
+        if objective == "flow_matching":
+            return field_loss(params, val, *noise)
+        return -jnp.mean(Flow(spec, dim, params).log_prob(val, key))
+
+    return train_loss, val_loss, entries
+
+
+def _density_chunk(
+    optimizer,
+    flow: Flow,
+    batch: int,
+    num_steps: int,
+    patience: int,
+    objective: str,
+    sigma_min: float,
+):
+    train_loss, val_loss_fn, entries = _density_losses(flow.spec, flow.dim, objective, sigma_min)
+
+    def chunk(carry: tuple, start: jax.Array, data: tuple):
         _TRACES["density"] += 1
-        train, val = data
+        train, val, val_noise = data
 
         def step(c: tuple, i: jax.Array):
             def run(c: tuple):
                 params, opt_state, key, best, good, _, bad_step = c
                 key, k_batch, k_noise, k_val = jax.random.split(key, 4)
                 rows = jax.random.randint(k_batch, (batch,), 0, train.shape[0])
-                loss, grads = jax.value_and_grad(nll)(params, train[rows], k_noise)
+                (_, (loss, steps)), grads = jax.value_and_grad(train_loss, has_aux=True)(
+                    params, train[rows], k_noise
+                )
                 updates, new_opt = optimizer.update(grads, opt_state, params)
                 finite = jnp.isfinite(loss)
                 good = lax.cond(finite, lambda: params, lambda: good)
@@ -391,7 +513,7 @@ def _density_chunk(optimizer, flow: Flow, batch: int, num_steps: int, patience: 
                 validate = finite & (val.shape[0] > 0) & ((i + 1) % _VALIDATE_EVERY == 0)
                 val_loss = lax.cond(
                     validate,
-                    lambda: nll(new_params, val, k_val).astype(default_float()),
+                    lambda: val_loss_fn(new_params, val, val_noise, k_val).astype(default_float()),
                     lambda: jnp.asarray(jnp.nan, default_float()),
                 )
                 best_params, best_val, best_step = best
@@ -401,11 +523,11 @@ def _density_chunk(optimizer, flow: Flow, batch: int, num_steps: int, patience: 
                 stopped = ~finite | patience_out
                 bad_step = jnp.where(finite, bad_step, i)
                 out = (new_params, new_opt, key, best, good, stopped, bad_step)
-                return out, (loss.astype(default_float()), val_loss)
+                return out, (loss.astype(default_float()), val_loss, steps)
 
             def skip(c: tuple):
                 nan = jnp.asarray(jnp.nan, default_float())
-                return c, (nan, nan)
+                return c, (nan, nan, entries(jnp.zeros((), jnp.int32), jnp.zeros(())))
 
             return lax.cond((i < num_steps) & ~c[-2], run, skip, c)
 

@@ -25,10 +25,11 @@ from numpyro.infer.autoguide import AutoContinuous
 from numpyro.infer.initialization import init_to_median
 
 from flowguides._common import as_spec
+from flowguides.numpyro import ode
 from flowguides.numpyro.build import (
     Flow,
     FlowTransform,
-    check_trainable,
+    check_flow_tolerances,
     check_weights,
     jitted_init_params,
 )
@@ -91,7 +92,7 @@ class AutoFlowGuide(AutoContinuous):
         prefix: str = "auto",
     ) -> None:
         self.spec = as_spec(spec)
-        check_trainable(self.spec)
+        check_flow_tolerances(self.spec)
         if self.spec.base != "affine":
             raise SpecError(f"base: AutoFlowGuide needs base='affine', got {self.spec.base!r}")
         if isinstance(init_scale, str):
@@ -134,10 +135,9 @@ class AutoFlowGuide(AutoContinuous):
         weights["affine.loc"] = jnp.asarray(loc, dtype)
         weights["affine.log_scale"] = jnp.log(jnp.asarray(scale, dtype))
         self._init_weights = weights
-        self._needs_noise = any(
-            layer.type == "neural_ode" and layer.resolved_trace(self.latent_dim) == "hutchinson"
-            for layer in self.spec.layers
-        )
+        odes = [layer for layer in self.spec.layers if layer.type == "neural_ode"]
+        self._needs_noise = any(o.resolved_trace(self.latent_dim) == "hutchinson" for o in odes)
+        self._steer = any(o.steer > 0 for o in odes)
 
     def _initial_loc_scale(self, args: tuple, kwargs: dict) -> tuple[jax.Array, jax.Array]:
         loc = self._init_latent
@@ -211,8 +211,25 @@ class AutoFlowGuide(AutoContinuous):
             for name, value in self._init_weights.items()
         }
 
+    def _sample_latent(self, *args: Any, **kwargs: Any) -> jax.Array:
+        """The packed latent draw; traced inside `training_solves`, with the RNODE penalty.
+
+        A ``numpyro.factor`` site in a guide adds to ``log q``, so the factor
+        ``+sum_layers mean_points(kinetic_weight KE + jacobian_weight JF)`` makes the negative
+        ELBO (``E[log q - log p]``) grow by the penalty; it exists only in training solves.
+        """
+        if not ode.in_training_solves():
+            return super()._sample_latent(*args, **kwargs)
+        with ode.training_solves() as records:  # this draw's own solves (inside vmap)
+            latent = super()._sample_latent(*args, **kwargs)
+        penalties = [jnp.mean(r["penalty"]) for r in records if "penalty" in r]
+        if penalties:
+            numpyro.factor(f"_{self.prefix}_rnode_penalty", sum(penalties))
+        return latent
+
     def _get_posterior(self) -> dist.TransformedDistribution:
-        key = numpyro.prng_key() if self._needs_noise else None
+        steer = self._steer and ode.in_training_solves()
+        key = numpyro.prng_key() if self._needs_noise or steer else None
         transform = FlowTransform(self._flow_params(), self.spec, self.latent_dim, key)
         return dist.TransformedDistribution(self.get_base_dist(), transform)
 

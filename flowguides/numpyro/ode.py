@@ -12,16 +12,32 @@ at most `max_steps` steps: more raises an error saying so), ``rk4`` (Kutta's 3/8
 steps). Gradients: `diffrax.RecursiveCheckpointAdjoint`, or `diffrax.BacksolveAdjoint` when
 ``spec.adjoint`` is set.
 
+Training extras (Finlay et al., 2020; Ghosh et al., 2020): solves traced inside
+`training_solves` also integrate the RNODE regularisers ``∫ |f|² dt`` and ``∫ |∂f/∂z|_F² dt``
+as two more states (left out of the step-size control) when ``kinetic_weight`` or
+``jacobian_weight`` is positive, and with ``steer > 0`` end at a time drawn from the layer's
+PRNG key. Outside the block every solve ends at ``t1`` and carries no extra state.
+`flow_matching_loss` trains the field without solving.
+
+Hutchinson's estimator is unbiased for the log-determinant, not for the density: ``E[exp(-l)]``
+differs from ``exp(-E[l])``, so importance weights ``p / q`` built from a Hutchinson log-det are
+biased (and noisier). Use ``trace="exact"`` (the default for ``dim <= 10``) for diagnostics.
+
 References:
     Chen et al., "Neural Ordinary Differential Equations", NeurIPS 2018.
     Grathwohl et al., "FFJORD: Free-form Continuous Dynamics for Scalable Reversible
     Generative Models", ICLR 2019.
+    Finlay et al., "How to train your neural ODE: the world of Jacobian and kinetic
+    regularization", ICML 2020.
+    Ghosh et al., "STEER: Simple Temporal Regularization For Neural ODEs", NeurIPS 2020.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
 from typing import ClassVar
 
 import diffrax
@@ -29,12 +45,33 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optimistix as optx
 
 from flowguides.numpyro._base import FlowLayerTransform
 from flowguides.numpyro.coupling import ACTIVATIONS
-from flowguides.spec import NeuralODESpec
+from flowguides.spec import FIXED_STEP_SOLVERS, NeuralODESpec
 
-__all__ = ["NeuralODE", "RK4", "init_neural_ode", "vector_field"]
+__all__ = [
+    "FLOAT32_MIN_TOLERANCE",
+    "RK4",
+    "NeuralODE",
+    "ToleranceWarning",
+    "check_tolerances",
+    "flow_matching_loss",
+    "in_training_solves",
+    "init_neural_ode",
+    "training_solves",
+    "vector_field",
+]
+
+FLOAT32_MIN_TOLERANCE = 1e-6
+"""The tightest ``rtol``/``atol`` a float32 solve can honour (float32's epsilon is 1.2e-7)."""
+
+_RECORDERS: list[list[dict]] = []  # the open `training_solves` blocks, innermost last
+
+
+class ToleranceWarning(UserWarning):
+    """A float32 flow asks an adaptive solver for tolerances float32 cannot reach."""
 
 
 class RK4(diffrax.AbstractERK):
@@ -54,6 +91,9 @@ class RK4(diffrax.AbstractERK):
 
 
 _SOLVERS = {"dopri5": diffrax.Dopri5, "tsit5": diffrax.Tsit5, "rk4": RK4, "euler": diffrax.Euler}
+# Field evaluations diffrax makes per step (accepted or rejected; the first-same-as-last
+# methods reuse their last stage) and once per solve, as counted by a callback in the field.
+_EVALUATIONS = {"dopri5": (6, 1), "tsit5": (6, 1), "rk4": (4, 0), "euler": (1, 0)}
 
 
 def init_neural_ode(spec: NeuralODESpec, dim: int, key: jax.Array, dtype: jnp.dtype) -> dict:
@@ -89,29 +129,39 @@ def vector_field(
     return h
 
 
+def _solution_norm(y: tuple[jax.Array, ...]) -> jax.Array:
+    """Step-size control on ``[z, log-det]`` only (RMS per part, the larger of the two)."""
+    return jnp.maximum(optx.rms_norm(y[0]), optx.rms_norm(y[1]))
+
+
 class NeuralODE(FlowLayerTransform):
     """One neural-ODE block from ``t = 0`` (base) to ``t = t1`` (data).
 
-    `key` fixes the Hutchinson noise of a solve (unused with the exact trace); without a key
-    the Hutchinson estimator uses ``jax.random.key(0)``.
+    `key` fixes the Hutchinson noise of a solve (unused with the exact trace; without a key
+    the estimator uses ``jax.random.key(0)``) and, in `training_solves`, the STEER end time.
     """
 
-    def _dynamics(self):
+    def _dynamics(self, regularize: bool):
         spec = self.spec
         eye = np.eye(self.dim)  # a constant, not a tracer: BacksolveAdjoint needs closed-over
         # values to be constants, so the parameters and the noise travel in `args`
 
-        def rhs(t: jax.Array, state: tuple[jax.Array, jax.Array], args: tuple):
+        def rhs(t: jax.Array, state: tuple[jax.Array, ...], args: tuple):
             params, noise = args
-            z, _ = state
+            z = state[0]
             dz, vjp = jax.vjp(lambda z_: vector_field(params, spec, t, z_), z)
             if noise is None:
                 rows = jax.vmap(lambda e: vjp(jnp.broadcast_to(e.astype(z.dtype), z.shape))[0])(eye)
                 diag = eye.reshape((self.dim,) + (1,) * (z.ndim - 1) + (self.dim,))
                 trace = jnp.sum(rows * diag, axis=(0, -1))
+                frobenius = jnp.sum(rows * rows, axis=(0, -1))
             else:
-                trace = jnp.sum(vjp(noise)[0] * noise, axis=-1)
-            return dz, trace
+                row = vjp(noise)[0]
+                trace = jnp.sum(row * noise, axis=-1)
+                frobenius = jnp.sum(row * row, axis=-1)
+            if not regularize:
+                return dz, trace
+            return dz, trace, jnp.sum(dz * dz, axis=-1), frobenius
 
         return rhs
 
@@ -123,42 +173,175 @@ class NeuralODE(FlowLayerTransform):
             return jax.random.rademacher(key, z.shape, dtype=z.dtype)
         return jax.random.normal(key, z.shape, dtype=z.dtype)
 
-    def _solve(self, z: jax.Array, inverse: bool) -> tuple[jax.Array, jax.Array]:
+    def _integrate(
+        self, x: jax.Array, inverse: bool, end_time: jax.Array | float | None, regularize: bool
+    ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array], jax.Array]:
         spec = self.spec
-        t0, t1 = (spec.t1, 0.0) if inverse else (0.0, spec.t1)
-        if spec.solver in ("rk4", "euler"):
+        end = spec.t1 if end_time is None else end_time
+        t0, t1 = (end, 0.0) if inverse else (0.0, end)
+        adaptive = spec.solver not in FIXED_STEP_SOLVERS
+        if adaptive:
+            norm = _solution_norm if regularize else optx.rms_norm
+            controller = diffrax.PIDController(rtol=spec.rtol, atol=spec.atol, norm=norm)
+            dt0, max_steps = None, spec.max_steps
+        else:
             controller = diffrax.ConstantStepSize()
             dt0, max_steps = (t1 - t0) / spec.num_steps, spec.num_steps
-        else:
-            controller = diffrax.PIDController(rtol=spec.rtol, atol=spec.atol)
-            dt0, max_steps = None, spec.max_steps
         adjoint = (
             diffrax.BacksolveAdjoint() if spec.adjoint else diffrax.RecursiveCheckpointAdjoint()
         )
+        zero = jnp.zeros(x.shape[:-1], x.dtype)
         sol = diffrax.diffeqsolve(
-            diffrax.ODETerm(self._dynamics()),
+            diffrax.ODETerm(self._dynamics(regularize)),
             _SOLVERS[spec.solver](),
             t0,
             t1,
             dt0,
-            (z, jnp.zeros(z.shape[:-1], z.dtype)),
-            args=(self.params, self._noise(z)),
+            (x, zero, zero, zero) if regularize else (x, zero),
+            args=(self.params, self._noise(x)),
             saveat=diffrax.SaveAt(t1=True),
             stepsize_controller=controller,
             adjoint=adjoint,
             max_steps=max_steps,
             throw=False,
         )
-        z, ladj = sol.ys[0][0], sol.ys[1][0]
+        ends = [y[0] for y in sol.ys]
         failed = sol.result != diffrax.RESULTS.successful
         message = (
-            f"neural_ode: the {spec.solver} solve did not reach t={t1} within max_steps="
+            f"neural_ode: the {spec.solver} solve did not reach t={spec.t1} within max_steps="
             f"{max_steps} steps; raise max_steps or loosen rtol/atol"
         )
-        return eqx.error_if(z, failed, message), ladj
+        y = eqx.error_if(ends[0], failed, message)
+        per_step, start_up = _EVALUATIONS[spec.solver]
+        nfe = per_step * sol.stats["num_steps"] + start_up
+        if not regularize:
+            return y, ends[1], {}, nfe
+        sign = -1.0 if inverse else 1.0  # a backwards solve accumulates -∫
+        return y, ends[1], {"kinetic": sign * ends[2], "jacobian": sign * ends[3]}, nfe
+
+    def solve(
+        self,
+        x: jax.Array,
+        *,
+        inverse: bool = False,
+        end_time: jax.Array | float | None = None,
+        regularize: bool = True,
+    ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+        """Integrate between 0 and `end_time` (default ``t1``), forward or backwards.
+
+        Args:
+            x: points ``(..., dim)`` (base side when forward, data side when `inverse`).
+            inverse: integrate from `end_time` back to 0 instead of from 0 to `end_time`.
+            end_time: the data-side time (STEER draws it in training); ``t1`` when None.
+            regularize: also integrate the RNODE regularisers.
+
+        Returns:
+            ``(y, ladj, reg)``: the end point, ``log|det dy/dx|`` and, when `regularize`,
+            ``reg = {"kinetic": ∫|f|² dt, "jacobian": ∫|ε^T ∂f/∂z|² dt}`` over ``[0, end_time]``
+            per point (shape ``(...)``, the exact Frobenius norm with the exact trace), else ``{}``.
+        """
+        return self._integrate(x, inverse, end_time, regularize)[:3]
+
+    def _training_solve(self, x: jax.Array, inverse: bool) -> tuple[jax.Array, jax.Array]:
+        spec = self.spec
+        if not _RECORDERS:
+            return self._integrate(x, inverse, None, False)[:2]
+        end_time = None
+        if spec.steer > 0:
+            if self.key is None:
+                raise ValueError(
+                    f"neural_ode: steer={spec.steer} draws the end time of a training solve "
+                    "from the layer's PRNG key, got key=None"
+                )
+            u = jax.random.uniform(jax.random.fold_in(self.key, 1), (), x.dtype, -1.0, 1.0)
+            end_time = spec.t1 * (1.0 + spec.steer * u)
+        regularize = spec.kinetic_weight > 0 or spec.jacobian_weight > 0
+        y, ladj, reg, nfe = self._integrate(x, inverse, end_time, regularize)
+        record: dict[str, jax.Array] = {"nfe": nfe, "backward": not spec.adjoint}
+        if regularize:
+            record["penalty"] = (
+                spec.kinetic_weight * reg["kinetic"] + spec.jacobian_weight * reg["jacobian"]
+            )
+        _RECORDERS[-1].append(record)
+        return y, ladj
 
     def forward_and_log_det(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        return self._solve(x, inverse=False)
+        return self._training_solve(x, inverse=False)
 
     def inverse_and_log_det(self, y: jax.Array) -> tuple[jax.Array, jax.Array]:
-        return self._solve(y, inverse=True)
+        return self._training_solve(y, inverse=True)
+
+
+def check_tolerances(spec: NeuralODESpec, dtype: str) -> None:
+    """Warn (`ToleranceWarning`) when a float32 adaptive solve asks for too tight a tolerance."""
+    adaptive = spec.solver not in FIXED_STEP_SOLVERS
+    if dtype == "float32" and adaptive and min(spec.rtol, spec.atol) < FLOAT32_MIN_TOLERANCE:
+        warnings.warn(
+            f"rtol/atol: a float32 neural ODE cannot honour tolerances below "
+            f"{FLOAT32_MIN_TOLERANCE:g}, got rtol={spec.rtol:g}, atol={spec.atol:g}; use "
+            "dtype='float64' for tighter solves",
+            ToleranceWarning,
+            stacklevel=4,
+        )
+
+
+@contextlib.contextmanager
+def training_solves() -> Iterator[list[dict]]:
+    """Make the `NeuralODE` solves traced inside the block solve as in training.
+
+    Each solve ends at a random time when ``steer > 0`` (drawn from the layer's key) and
+    appends a record to the yielded list: ``"nfe"`` (its field evaluations, a traced integer),
+    ``"backward"`` (False for ``adjoint=True``, whose backward count is unknown) and, when a
+    regulariser weight is positive, ``"penalty"``: ``kinetic_weight * KE + jacobian_weight * JF``
+    per point. The records are traced values: use them inside the same traced function (the
+    training loss adds the mean of each penalty). Blocks nest; a solve records in the innermost.
+
+    Example:
+        >>> with training_solves() as records:  # doctest: +SKIP
+        ...     loss = -flow.log_prob(batch, key).mean()
+        >>> loss = loss + sum(r["penalty"].mean() for r in records if "penalty" in r)  # doctest: +SKIP
+    """
+    records: list[dict] = []
+    _RECORDERS.append(records)
+    try:
+        yield records
+    finally:
+        _RECORDERS.pop()
+
+
+def in_training_solves() -> bool:
+    """Whether the code being traced runs inside a `training_solves` block."""
+    return bool(_RECORDERS)
+
+
+def flow_matching_loss(
+    ode: NeuralODE,
+    x1: jax.Array,
+    x0: jax.Array,
+    t: jax.Array,
+    sigma_min: float,
+) -> jax.Array:
+    """Conditional flow matching on the optimal-transport path (Lipman et al., 2022).
+
+    ``x_t = (1 - (1 - sigma_min) t) x0 + t x1`` has velocity ``u = x1 - (1 - sigma_min) x0``
+    in ``t ∈ [0, 1]``; the field runs on ODE time ``s = t * t1``, so it is fitted to ``u / t1``.
+    Inside `training_solves` it records one field evaluation (``{"nfe": 1}``).
+
+    Args:
+        ode: the neural-ODE layer whose field is trained.
+        x1: data points ``(n, dim)``; x0: base draws ``(n, dim)``; t: times ``(n,)`` in [0, 1].
+        sigma_min: the width of the path at ``t = 1``.
+
+    Returns:
+        The mean over points of ``|f(x_t, t t1) - u / t1|²``.
+
+    References:
+        Lipman et al., "Flow Matching for Generative Modeling", ICLR 2023.
+    """
+    t = t[..., None]
+    xt = (1.0 - (1.0 - sigma_min) * t) * x0 + t * x1
+    target = (x1 - (1.0 - sigma_min) * x0) / ode.spec.t1
+    velocity = vector_field(ode.params, ode.spec, t * ode.spec.t1, xt)
+    if _RECORDERS:
+        _RECORDERS[-1].append({"nfe": jnp.asarray(1), "backward": True})
+    return jnp.mean(jnp.sum((velocity - target) ** 2, axis=-1))

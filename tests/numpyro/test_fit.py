@@ -3,19 +3,23 @@ compile-once, and every bad input."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import pytest
+from numpyro import handlers
 from numpyro.infer.initialization import init_to_value
+from numpyro.infer.util import log_density
 from scipy.special import betaln, logsumexp
 from scipy.stats import multivariate_normal
 
 from flowguides._common import NonFiniteLossError
 from flowguides.numpyro import fit as fit_module
 from flowguides.numpyro import fit_density, fit_posterior
-from flowguides.numpyro.guide import DiscreteLatentError, NoLatentSitesError
+from flowguides.numpyro.guide import AutoFlowGuide, DiscreteLatentError, NoLatentSitesError
+from flowguides.numpyro.ode import training_solves
 from flowguides.spec import FlowSpec, SpecError
 
 RNG = np.random.default_rng(0)
@@ -112,6 +116,7 @@ def test_fit_density_beats_a_gaussian():
     assert fit.log_prob(test).shape == (200,)
     assert fit.log_prob(test).mean() > gaussian + 0.3
     assert fit.sample(7, seed=0).shape == (7, 2) and fit.mean.shape == (2,)
+    assert fit.history == {}  # no neural-ODE layer
     assert len(fit.losses["train"]) <= 1000 and len(fit.losses["val"]) >= 1
     with pytest.raises(ValueError, match=r"x: expected 2 columns, got shape \(3, 3\)"):
         fit.log_prob(np.zeros((3, 3)))
@@ -129,9 +134,6 @@ def test_bad_data_is_named():
         fit_density(np.zeros(10), spec, progress=False)
     with pytest.raises(SpecError, match=r"realnvp layer needs dim >= 2, got dim=1 \(data has 1"):
         fit_density(np.zeros((10, 1)), spec, progress=False)
-    rnode = FlowSpec.neural_ode(hidden=[4], kinetic_weight=0.1)
-    with pytest.raises(SpecError, match=r"layers\[0\].kinetic_weight: the NumPyro backend"):
-        fit_density(np.zeros((10, 2)), rnode, progress=False)
 
 
 def discrete():
@@ -184,3 +186,40 @@ def test_non_finite_loss_stops_with_the_last_finite_parameters():
     assert np.all(np.isfinite(losses[: err.step])) and np.isnan(losses[err.step])
     assert all(np.all(np.isfinite(np.asarray(v))) for v in err.last_good.values())
     assert float(err.fit.params["auto_affine.loc"][0]) < 3.5
+
+
+def test_rnode_and_steer_train_a_density_and_record_the_history():
+    spec = FlowSpec.neural_ode(
+        hidden=[8], solver="rk4", num_steps=2, dtype="float64", kinetic_weight=1.0, steer=0.5
+    )
+    fit = fit_density(X, spec, num_steps=30, batch_size=16, learning_rate=1e-2, progress=False)
+    assert set(fit.history) == {"nfe_forward", "nfe_backward", "regularization"}
+    np.testing.assert_array_equal(fit.history["nfe_forward"], 8)  # rk4: 4 stages x 2 steps
+    np.testing.assert_array_equal(fit.history["nfe_backward"], 8)
+    penalty = fit.history["regularization"]
+    assert penalty.shape == (30,) and penalty[0] == 0.0 and np.all(penalty[1:] > 0)
+    assert np.all(np.isfinite(fit.losses["train"])) and fit.objective == "maximum_likelihood"
+
+
+def test_the_guide_adds_the_rnode_penalty_only_in_training_solves():
+    """A factor in the guide adds to log q: ``+penalty`` makes the negative ELBO grow by it."""
+    spec = FlowSpec.neural_ode(
+        hidden=[4], solver="euler", num_steps=2, dtype="float64", kinetic_weight=2.0
+    )
+    guide = AutoFlowGuide(conjugate, spec, init_scale=0.5)
+    handlers.seed(guide, 0)(X, Y, K)  # sets the guide up
+    params = guide.set_weights({k: v + 0.3 for k, v in guide.get_weights().items()})
+    seeded = handlers.substitute(handlers.seed(guide, 1), data=params)
+
+    @jax.jit
+    def log_q() -> tuple[jax.Array, jax.Array, jax.Array]:
+        plain, trace = log_density(seeded, (X, Y, K), {}, {})
+        assert "_auto_rnode_penalty" not in trace  # checked while tracing
+        with training_solves():
+            trained, trace = log_density(seeded, (X, Y, K), {}, {})
+        return plain, trained, trace["_auto_rnode_penalty"]["fn"].log_prob(None)
+
+    # log q (what the negative ELBO adds) grows by exactly the penalty, a positive number
+    plain, trained, penalty = log_q()
+    assert float(penalty) > 0
+    np.testing.assert_allclose(trained - plain, penalty, rtol=1e-10)
