@@ -22,10 +22,10 @@ HAS_TORCH = importlib.util.find_spec("torch") is not None
 HAS_JAX = importlib.util.find_spec("jax") is not None
 
 collect_ignore_glob = [".venv*/*", "benchmarks/*", "examples/*", "site/*", "docs/*.py"]
-if not HAS_TORCH:
-    collect_ignore_glob += ["flowguides/pyro/*"]
+if not HAS_TORCH:  # these need torch throughout; they are all marked `torch`
+    collect_ignore_glob += ["flowguides/pyro/*", "tests/pyro/*", "tests/conformance/*"]
 if not HAS_JAX:
-    collect_ignore_glob += ["flowguides/numpyro/*"]
+    collect_ignore_glob += ["flowguides/numpyro/*", "tests/numpyro/*", "tests/conformance/*"]
 
 if HAS_TORCH:
     import torch

@@ -6,7 +6,7 @@ every latent and ``deterministic`` site (constrained), ``log p(x, z)`` and ``log
 difference is the importance log weight. Both work for any guide, flow or not, since they read
 the log densities off the traces exactly as the PPLs' own ``Trace_ELBO`` does.
 :func:`score` turns log weights and draws into the reported numbers: the ELBO, the PSIS k-hat
-(``arviz.psislw``), the standardised mean error ``max_i |E_q - E_ref| / sd_ref`` and the range
+(ArviZ's PSIS via ``flowguides.diagnostics.psis_khat``), the standardised mean error ``max_i |E_q - E_ref| / sd_ref`` and the range
 of ``sd_q / sd_ref``. :func:`timed_steps` times a step function: compile time (first step minus
 a steady step) and steady steps per second.
 """
@@ -148,11 +148,11 @@ def numpyro_log_densities(
 
 
 def _psis_khat(log_weights: np.ndarray) -> float:
-    import arviz as az
+    from flowguides.diagnostics import psis_khat  # ArviZ's PSIS, on the 0.x and 1.x lines
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # arviz warns when k-hat is large; we report it
-        _, khat = az.psislw(log_weights)
+        _, khat = psis_khat(log_weights)
     return float(khat)
 
 

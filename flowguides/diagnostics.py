@@ -106,6 +106,9 @@ def _normalize(lw: np.ndarray) -> np.ndarray:
     return lw - (top + np.log(np.exp(lw - top).sum()))
 
 
+_OVERFLOW_SPREAD = 700.0  # log-weight spread beyond which exp() overflows in float64
+
+
 def psis_khat(log_weights: Any) -> tuple[np.ndarray, float]:
     """Pareto-smooth importance log-weights with ArviZ and return them with k-hat.
 
@@ -143,8 +146,12 @@ def psis_khat(log_weights: Any) -> tuple[np.ndarray, float]:
                 raise
             return _normalize(lw), math.nan
     khat = float(khat)
-    if not math.isfinite(khat):
+    if math.isnan(khat) and np.ptp(lw) > _OVERFLOW_SPREAD:
+        khat = math.inf  # ArviZ 1.x overflows on weights spanning more than e^700: hopeless
+    if math.isnan(khat):
         return _normalize(lw), math.nan
+    if math.isinf(khat):  # a tail too heavy to fit: as unreliable as it gets
+        return _normalize(lw), math.inf
     return np.asarray(smoothed, dtype=np.float64), khat
 
 

@@ -66,9 +66,10 @@ def plot_losses(
     losses = getattr(losses, "losses", losses)
     series = dict(losses) if isinstance(losses, Mapping) else {"loss": losses}
     series = {name: np.asarray(value, dtype=np.float64).ravel() for name, value in series.items()}
-    for name, value in series.items():
-        if value.size == 0:
-            raise ValueError(f"losses '{name}': expected at least one value, got none")
+    if not any(value.size for value in series.values()):
+        raise ValueError(f"losses: expected at least one value, got none in {list(series)}")
+    # a short fit may end before its first validation: plot what there is
+    series = {name: value for name, value in series.items() if value.size}
     steps = max(value.size for value in series.values())
     window = max(1, steps // 50) if window is None else int(window)
     fig, ax = _pyplot().subplots(figsize=(6.4, 3.6))

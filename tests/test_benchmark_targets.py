@@ -95,8 +95,11 @@ def test_score_elbo_and_khat() -> None:
     s = metrics.score(log_q + lw, log_q, {}, None, log_z=2.0)
     assert s["elbo"] == pytest.approx(lw.mean()) and s["elbo_gap"] == pytest.approx(2.0 - lw.mean())
     assert s["khat"] < 0.5  # light-tailed weights: reliable
-    heavy = metrics.score(3 * rng.standard_cauchy(4000), np.zeros(4000), {}, None)
+    # Pareto weights with tail index 1/1.2: log-weights exponential with mean 1.2, k = 1.2
+    heavy = metrics.score(rng.exponential(1.2, 4000), np.zeros(4000), {}, None)
     assert heavy["khat"] > 0.7
+    hopeless = metrics.score(3 * rng.standard_cauchy(4000), np.zeros(4000), {}, None)
+    assert hopeless["khat"] > 0.7  # inf: a spread ArviZ cannot even fit
 
 
 @pytest.mark.jax

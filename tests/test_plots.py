@@ -52,8 +52,11 @@ def test_plot_losses_from_fit_array_and_train_val(tmp_path):
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["train", "val"]
     # the validation curve is spread over the 500 training steps
     assert ax.lines[-1].get_xdata()[-1] == pytest.approx(475)
-    with pytest.raises(ValueError, match="losses 'val': expected at least one value"):
-        plots.plot_losses({"train": [1.0, 2.0], "val": []})
+    # a fit that stopped before its first validation: the training curve alone
+    fig = plots.plot_losses({"train": [1.0, 2.0], "val": []})
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["train"]
+    with pytest.raises(ValueError, match="losses: expected at least one value"):
+        plots.plot_losses({"train": [], "val": []})
 
 
 def test_plot_pair_over_reference(tmp_path):

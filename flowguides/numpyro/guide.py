@@ -178,14 +178,6 @@ class AutoFlowGuide(AutoContinuous):
             return fallback
         curvature = jnp.diag(jax.hessian(energy)(loc_map))
         good = jnp.isfinite(curvature) & (curvature > 0)
-        if not bool(jnp.all(good)):
-            bad = np.flatnonzero(~np.asarray(good)).tolist()
-            warnings.warn(
-                f"init_scale='laplace': the Hessian of the negative log joint is not positive "
-                f"at latent coordinate(s) {bad}; using scale 0.1 there",
-                LaplaceFallbackWarning,
-                stacklevel=5,
-            )
         scale = jnp.where(good, 1.0 / jnp.sqrt(jnp.where(good, curvature, 1.0)), 0.1)
         # A mode is stationary: its Newton step, in its own scale, is small. A density that
         # grows without bound (a funnel's scale collapsing to 0) leaves a large step behind.
@@ -202,6 +194,14 @@ class AutoFlowGuide(AutoContinuous):
                 stacklevel=5,
             )
             return fallback
+        if not bool(jnp.all(good)):
+            bad = np.flatnonzero(~np.asarray(good)).tolist()
+            warnings.warn(
+                f"init_scale='laplace': the Hessian of the negative log joint is not positive "
+                f"at latent coordinate(s) {bad}; using scale 0.1 there",
+                LaplaceFallbackWarning,
+                stacklevel=5,
+            )
         return loc_map, scale
 
     # -- the posterior ---------------------------------------------------------------------

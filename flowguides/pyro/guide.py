@@ -197,14 +197,6 @@ class AutoFlowGuide(AutoContinuous):
         loc = best[1]
         hess = torch.autograd.functional.hessian(energy, loc).diagonal()
         good = torch.isfinite(hess) & (hess > 0)
-        if not good.all():
-            bad = self._coordinate_sites(torch.nonzero(~good).flatten().tolist())
-            warnings.warn(
-                f"init_scale='laplace': the Hessian diagonal is not positive for sites {bad}; "
-                "using scale 0.1 there",
-                LaplaceFallbackWarning,
-                stacklevel=4,
-            )
         scale = torch.where(good, hess.clamp_min(1e-300).rsqrt(), torch.full_like(hess, 0.1))
         # A mode is stationary: its Newton step, in its own scale, is small. A density that
         # grows without bound (a funnel's scale collapsing to 0) leaves a large step behind.
@@ -221,6 +213,14 @@ class AutoFlowGuide(AutoContinuous):
                 stacklevel=4,
             )
             return init, torch.full_like(init, 0.1)
+        if not good.all():
+            bad = self._coordinate_sites(torch.nonzero(~good).flatten().tolist())
+            warnings.warn(
+                f"init_scale='laplace': the Hessian diagonal is not positive for sites {bad}; "
+                "using scale 0.1 there",
+                LaplaceFallbackWarning,
+                stacklevel=4,
+            )
         return loc, scale
 
     def _best_start(
