@@ -297,9 +297,11 @@ def training_solves() -> Iterator[list[dict]]:
     training loss adds the mean of each penalty). Blocks nest; a solve records in the innermost.
 
     Example:
-        >>> with training_solves() as records:  # doctest: +SKIP
-        ...     loss = -flow.log_prob(batch, key).mean()
-        >>> loss = loss + sum(r["penalty"].mean() for r in records if "penalty" in r)  # doctest: +SKIP
+        ```python
+        with training_solves() as records:
+            loss = -flow.log_prob(batch, key).mean()
+        loss = loss + sum(r["penalty"].mean() for r in records if "penalty" in r)
+        ```
     """
     records: list[dict] = []
     _RECORDERS.append(records)

@@ -333,9 +333,11 @@ def training_solves(module: nn.Module) -> Iterator[list[torch.Tensor]]:
     the yielded list; the training loss adds the mean of each entry.
 
     Example:
-        >>> with training_solves(flow) as penalties:  # doctest: +SKIP
-        ...     loss = -flow.log_prob(batch).mean()
-        >>> loss = loss + sum(p.mean() for p in penalties)  # doctest: +SKIP
+        ```python
+        with training_solves(flow) as penalties:
+            loss = -flow.log_prob(batch).mean()
+        loss = loss + sum(p.mean() for p in penalties)
+        ```
     """
     penalties: list[torch.Tensor] = []
     layers = [m for m in module.modules() if isinstance(m, NeuralODE)]
