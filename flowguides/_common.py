@@ -15,6 +15,7 @@ from flowguides.spec import FlowSpec
 
 __all__ = [
     "NonFiniteLossError",
+    "PosteriorFitMethods",
     "as_spec",
     "check_data",
     "decay_steps",
@@ -124,3 +125,30 @@ def standardization(train: np.ndarray, standardize: bool) -> tuple[np.ndarray, n
     std = train.std(axis=0)
     std = np.where(std > 0, std, 1.0)
     return mean, std
+
+
+class PosteriorFitMethods:
+    """What both backends' `PosteriorFit` derive from their own ``log_densities``."""
+
+    def log_densities(
+        self, num_samples: int, seed: int | None = None
+    ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def importance_sample(
+        self, num_samples: int, seed: int | None = None
+    ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """``(draws, log_weights)`` with ``log_weights = log p(x, z) - log q(z)`` per draw."""
+        draws, log_p, log_q = self.log_densities(num_samples, seed)
+        return draws, log_p - log_q
+
+    def elbo(self, num_samples: int = 1000, seed: int | None = None) -> float:
+        """Monte Carlo ELBO: the mean of ``log p - log q`` over `num_samples` draws."""
+        return float(np.mean(self.importance_sample(num_samples, seed)[1]))
+
+    def resample(self, num_samples: int, seed: int | None = None) -> Any:
+        """PSIS-importance-resampled draws and IS-corrected means/sds (see
+        `flowguides.diagnostics.resample_fit`); warns when k-hat says the fit is unreliable."""
+        from flowguides.diagnostics import resample_fit
+
+        return resample_fit(self, num_samples, seed)

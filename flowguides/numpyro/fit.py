@@ -39,6 +39,7 @@ from numpyro.infer.util import log_likelihood as _numpyro_log_likelihood
 
 from flowguides._common import (
     NonFiniteLossError,
+    PosteriorFitMethods,
     as_spec,
     check_data,
     split_indices,
@@ -68,7 +69,7 @@ _TRACES = {"posterior": 0, "density": 0}  # times a training chunk was traced (t
 
 # -- posterior ------------------------------------------------------------------------------
 @dataclass
-class PosteriorFit:
+class PosteriorFit(PosteriorFitMethods):
     """A fitted `AutoFlowGuide` with its SVI parameters and the model's arguments.
 
     Attributes:
@@ -142,24 +143,6 @@ class PosteriorFit:
         """Draws with ``log p(x, z)`` and ``log q(z)``, both in the constrained space."""
         draws, log_p, log_q = self._densities(self._key(seed), num_samples)
         return jax.tree.map(np.asarray, draws), np.asarray(log_p), np.asarray(log_q)
-
-    def importance_sample(
-        self, num_samples: int, seed: int | None = None
-    ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """Draws and their importance log-weights ``log p(x, z) - log q(z)``."""
-        draws, log_p, log_q = self.log_densities(num_samples, seed)
-        return draws, log_p - log_q
-
-    def resample(self, num_samples: int, seed: int | None = None) -> Any:
-        """PSIS-importance-resampled draws and IS-corrected means/sds (see
-        `flowguides.diagnostics.resample_fit`); warns when k-hat says the fit is unreliable."""
-        from flowguides.diagnostics import resample_fit
-
-        return resample_fit(self, num_samples, seed)
-
-    def elbo(self, num_samples: int = 1000, seed: int | None = None) -> float:
-        """The ELBO estimated from `num_samples` draws."""
-        return float(np.mean(self.importance_sample(num_samples, seed)[1]))
 
     def log_likelihood(self, draws: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Pointwise log-likelihood ``{observed site: (S, *obs_shape)}`` of latent `draws`."""

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from flowguides._common import (
     NonFiniteLossError,
+    PosteriorFitMethods,
     as_spec,
     check_data,
     learning_rate_at,
@@ -57,7 +58,7 @@ _VALIDATE_EVERY = 25
 
 
 @dataclass
-class PosteriorFit:
+class PosteriorFit(PosteriorFitMethods):
     """A fitted flow guide and what it can tell about the posterior.
 
     Attributes:
@@ -107,25 +108,6 @@ class PosteriorFit:
             log_p = self.guide.log_joint(latent, *self.args, **self.kwargs)
         draws = {k: v.cpu().numpy() for k, v in self.guide.constrain(latent).items()}
         return draws, log_p.cpu().numpy(), log_q.cpu().numpy()
-
-    def importance_sample(
-        self, num_samples: int, seed: int | None = None
-    ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """``(draws, log_weights)`` with ``log_weights = log p(x, z) - log q(z)``."""
-        draws, log_p, log_q = self.log_densities(num_samples, seed)
-        return draws, log_p - log_q
-
-    def resample(self, num_samples: int, seed: int | None = None) -> Any:
-        """PSIS-importance-resampled draws and IS-corrected means/sds (see
-        `flowguides.diagnostics.resample_fit`); warns when k-hat says the fit is unreliable."""
-        from flowguides.diagnostics import resample_fit
-
-        return resample_fit(self, num_samples, seed)
-
-    def elbo(self, num_samples: int = 1000, seed: int | None = None) -> float:
-        """Monte Carlo ELBO, the mean of ``log p - log q`` over `num_samples` draws."""
-        _, log_weights = self.importance_sample(num_samples, seed)
-        return float(np.mean(log_weights))
 
     def _observed_sites(self) -> Iterator[tuple[str, dict]]:
         for name, site in self.guide.model_trace.nodes.items():
