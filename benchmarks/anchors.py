@@ -516,6 +516,7 @@ METHODS: dict[str, Callable[[Problem, Budget], Fitted]] = {
 
 SPEED_METHODS: dict[str, Callable[[Problem, Budget], Fitted]] = {
     **{f"flowguides-pyro {n} (SVI loop)": pyro_svi(f"flowguides:{f}") for n, f in _FAMILIES},
+    **{f"flowguides-pyro {n} (fit_posterior)": pyro_fit_posterior(f) for n, f in _FAMILIES},
     **{f"flowguides-numpyro {n} (SVI loop)": numpyro_svi(f"flowguides:{f}") for n, f in _FAMILIES},
     **{
         f"flowguides-numpyro {n} (fit_posterior)": numpyro_fit_posterior(f, twice=True)

@@ -127,6 +127,11 @@ def standardization(train: np.ndarray, standardize: bool) -> tuple[np.ndarray, n
     return mean, std
 
 
+AUTO_SCALES = (0.1, 1.0)
+"""The plain starts ``init_scale="auto"`` weighs against the Laplace start: 0.1 (Pyro's
+`AutoNormal` default) and 1.0 (a standard-normal base, as in `AutoNormalizingFlow`)."""
+
+
 class PosteriorFitMethods:
     """What both backends' `PosteriorFit` derive from their own ``log_densities``."""
 

@@ -24,7 +24,7 @@ from numpyro import handlers
 from numpyro.infer.autoguide import AutoContinuous
 from numpyro.infer.initialization import init_to_median
 
-from flowguides._common import as_spec
+from flowguides._common import AUTO_SCALES, as_spec
 from flowguides.numpyro import ode
 from flowguides.numpyro.build import (
     Flow,
@@ -69,8 +69,8 @@ class AutoFlowGuide(AutoContinuous):
         init_loc_fn: per-site initial location (NumPyro's init strategies).
         init_scale: the initial scale of the affine, a positive float, ``"laplace"`` (a
             short MAP fit, then the diagonal Laplace scale; 0.1 with a warning where no
-            mode is found) or ``"auto"``: whichever of the Laplace start and the 0.1 start has
-            the higher ELBO (256 draws, fixed seed).
+            mode is found) or ``"auto"``: whichever of the Laplace start and the plain starts
+            with scale 0.1 and 1.0 has the highest ELBO (256 draws, fixed seed).
         prefix: the prefix of the guide's parameter names (``f"{prefix}_{name}"``).
 
     Usage::
@@ -141,7 +141,6 @@ class AutoFlowGuide(AutoContinuous):
 
     def _initial_loc_scale(self, args: tuple, kwargs: dict) -> tuple[jax.Array, jax.Array]:
         loc = self._init_latent
-        plain = (loc, jnp.full(loc.shape, 0.1, loc.dtype))
         if self.init_scale not in ("laplace", "auto"):
             return loc, jnp.full(loc.shape, float(self.init_scale), loc.dtype)
         unpack = self._unpack_latent
@@ -162,7 +161,8 @@ class AutoFlowGuide(AutoContinuous):
             value = float(-jnp.mean(jax.vmap(energy)(z)) + jnp.sum(jnp.log(start[1])))
             return value if np.isfinite(value) else -np.inf
 
-        return laplace if elbo(laplace) > elbo(plain) else plain
+        starts = [(loc, jnp.full(loc.shape, scale, loc.dtype)) for scale in AUTO_SCALES]
+        return max([*starts, laplace], key=elbo)
 
     def _laplace(self, energy: Callable, loc: jax.Array) -> tuple[jax.Array, jax.Array]:
         """MAP in unconstrained space, then the diagonal Laplace scale (or a fallback)."""

@@ -144,6 +144,19 @@ def test_laplace_refuses_a_funnel_and_auto_takes_laplace_only_where_it_has_a_mod
     )
 
 
+def funnel():
+    v = numpyro.sample("v", dist.Normal(0.0, 3.0))
+    numpyro.sample("x", dist.Normal(jnp.zeros(4), jnp.exp(v / 2)).to_event(1))
+
+
+def test_auto_start_takes_the_wide_start_on_a_funnel_without_a_mode():
+    # the MAP runs down the neck (no mode): the 1.0 start has a far higher ELBO than 0.1
+    guide = AutoFlowGuide(funnel, FlowSpec.planar(num_layers=1, dtype="float64"), init_scale="auto")
+    SVI(funnel, guide, optax.adam(1e-3), Trace_ELBO()).init(jax.random.key(0))
+    weights = guide.get_weights()
+    np.testing.assert_allclose(np.exp(weights["affine.log_scale"]), 1.0)
+
+
 def test_guide_rejects_bad_settings():
     with pytest.raises(
         ValueError, match="init_scale: expected a positive number, 'laplace' or 'auto'"

@@ -169,6 +169,20 @@ def test_auto_start_takes_the_laplace_scales_of_a_badly_scaled_regression():
     assert scale[1] < 1e-3  # far below the 0.1 a plain start would take
 
 
+def funnel():
+    v = pyro.sample("v", dist.Normal(torch.tensor(0.0, dtype=torch.float64), 3.0))
+    scale = (v / 2).exp().unsqueeze(-1)  # batch-aware, as vectorised particles need
+    pyro.sample("x", dist.Normal(torch.zeros(4, dtype=torch.float64), scale).to_event(1))
+
+
+def test_auto_start_takes_the_wide_start_on_a_funnel_without_a_mode():
+    # the MAP runs down the neck (no mode): the 1.0 start has a far higher ELBO than 0.1
+    guide = AutoFlowGuide(funnel, SPEC, init_scale="auto")
+    guide()
+    scale = guide.flow.affine.log_scale.detach().exp()
+    torch.testing.assert_close(scale, torch.ones_like(scale))
+
+
 def test_guide_weights_round_trip():
     guide = AutoFlowGuide(constrained_model, SPEC)
     with pytest.raises(RuntimeError, match="call the guide"):
