@@ -7,7 +7,8 @@ budget), ``posteriors`` (synthetic targets and the nine posteriordb posteriors: 
 standardised mean error, sd ratio, wall time) and ``densities`` (forward KL: test NLL, wall
 time). ``--quick`` runs a subset with fewer steps (``make bench``, under 15 minutes on one
 thread); ``--only`` keeps the rows whose ``suite:problem:method`` matches a glob (or contains
-the text). Every row holds numbers or the error its method raised. Threads are pinned to one for
+the text; ``|`` separates alternatives, and the rows it runs replace their namesakes in the
+existing results). Every row holds numbers or the error its method raised. Threads are pinned to one for
 torch and XLA before either is imported; everything runs in float64.
 """
 
@@ -164,10 +165,22 @@ def _density_row(name: str, data: densities.DensityData, method: str, steps: int
 
 
 def _selected(pattern: str | None, *parts: str) -> bool:
+    """Whether ``suite:problem:method`` matches one of the ``|``-separated globs/substrings."""
     if pattern is None:
         return True
     key = ":".join(parts)
-    return fnmatch.fnmatch(key, pattern) or pattern in key
+    return any(fnmatch.fnmatch(key, p) or p in key for p in pattern.split("|"))
+
+
+def _merged(path: Path, rows: list[dict], meta: dict) -> tuple[dict, list[dict]]:
+    """An ``--only`` run updates its rows in the existing results and keeps the others."""
+    if not path.exists():
+        return meta, rows
+    old = json.loads(path.read_text())
+    new = {(r["problem"], r["method"]) for r in rows}
+    kept = [r for r in old["rows"] if (r["problem"], r["method"]) not in new]
+    meta = {**old["meta"], "updated": meta}
+    return meta, kept + rows
 
 
 def run_suite(suite: str, cfg: dict, only: str | None) -> list[dict]:
@@ -222,7 +235,11 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m benchmarks.run", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--quick", action="store_true", help="the `make bench` subset")
-    parser.add_argument("--only", help="glob (or substring) over 'suite:problem:method'")
+    parser.add_argument(
+        "--only",
+        help="'|'-separated globs (or substrings) over 'suite:problem:method'; the rows it runs "
+        "replace their namesakes in the existing results, the others are kept",
+    )
     parser.add_argument("--suite", nargs="*", choices=("speed", "posteriors", "densities"))
     args = parser.parse_args(argv)
     import torch
@@ -239,8 +256,11 @@ def main(argv: list[str] | None = None) -> None:
         meta = report.machine(
             quick=args.quick, seconds=time.perf_counter() - t0, config=plan[suite]
         )
+        path = RESULTS / f"{suite}.json"
+        if args.only:
+            meta, rows = _merged(path, rows, meta)
         text = json.dumps(_jsonable({"meta": meta, "rows": rows}), indent=1, allow_nan=False)
-        (RESULTS / f"{suite}.json").write_text(text)
+        path.write_text(text)
     report.write_docs(RESULTS, ROOT / "docs")
     print(f"done in {time.perf_counter() - start:.0f} s; wrote docs/benchmarks.md", flush=True)
 
