@@ -17,7 +17,7 @@ import numpy as np
 import numpyro.distributions as dist
 from jax.scipy.stats import norm
 
-from flowguides.numpyro._base import FlowLayerTransform
+from flowguides.numpyro._base import FlowLayerTransform, as_init_random
 from flowguides.numpyro.coupling import RealNVP, init_realnvp
 from flowguides.numpyro.ode import NeuralODE, check_tolerances, init_neural_ode
 from flowguides.numpyro.planar import Planar, init_planar
@@ -31,7 +31,6 @@ __all__ = [
     "check_weights",
     "get_weights",
     "init_params",
-    "jitted_init_params",
     "set_weights",
 ]
 
@@ -172,18 +171,14 @@ def init_params(spec: FlowSpec, dim: int, key: jax.Array) -> dict[str, jax.Array
     shapes = spec.parameter_shapes(dim)
     dtype = _dtype(spec)
     params: dict[str, jax.Array] = {}
-    for i, (layer, k) in enumerate(
-        zip(spec.layers, jax.random.split(key, len(spec.layers)), strict=True)
-    ):
-        init = _LAYERS[layer.type][1](layer, dim, k, dtype)
+    rng = as_init_random(key)  # numpy on the host for a concrete key: no XLA compile
+    for i, layer in enumerate(spec.layers):
+        init = _LAYERS[layer.type][1](layer, dim, rng, dtype)
         params.update({f"layers.{i}.{name}": value for name, value in init.items()})
     if spec.base == "affine":
-        params["affine.loc"] = jnp.zeros((dim,), dtype)
-        params["affine.log_scale"] = jnp.zeros((dim,), dtype)
-    return {name: params[name] for name in shapes}
-
-
-jitted_init_params = jax.jit(init_params, static_argnums=(0, 1))  # one compile, not one per op
+        params["affine.loc"] = np.zeros((dim,), dtype)
+        params["affine.log_scale"] = np.zeros((dim,), dtype)
+    return {name: jnp.asarray(params[name], dtype) for name in shapes}
 
 
 def build_flow(spec: FlowSpec | Mapping[str, Any], dim: int, *, seed: int = 0) -> Flow:
@@ -211,7 +206,7 @@ def build_flow(spec: FlowSpec | Mapping[str, Any], dim: int, *, seed: int = 0) -
     spec = as_spec(spec)
     spec.check_dim(dim)
     check_flow_tolerances(spec)
-    return Flow(spec, dim, jitted_init_params(spec, dim, jax.random.key(seed)))
+    return Flow(spec, dim, init_params(spec, dim, jax.random.key(seed)))
 
 
 def check_flow_tolerances(spec: FlowSpec) -> None:

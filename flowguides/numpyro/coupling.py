@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from flowguides.numpyro._base import FlowLayerTransform
+from flowguides.numpyro._base import FlowLayerTransform, as_init_random
 from flowguides.spec import RealNVPSpec
 
 __all__ = ["ACTIVATIONS", "RealNVP", "dense_init", "init_realnvp", "mlp"]
@@ -40,14 +40,13 @@ def dense_init(
     """``net.{j}.weight (*lead, out, in)`` and ``net.{j}.bias``: uniform ``±1/sqrt(in)``
     (torch's `nn.Linear` default), the last layer zero."""
     params = {}
+    rng = as_init_random(key)
     last = len(sizes) - 2
-    keys = jax.random.split(key, 2 * (last + 1))
     for j, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
         bound = 1.0 / math.sqrt(n_in)
-        shapes = ((*lead, n_out, n_in), (*lead, n_out))
-        for name, shape, k in zip(("weight", "bias"), shapes, keys[2 * j : 2 * j + 2], strict=True):
-            value = jax.random.uniform(k, shape, dtype, -bound, bound)
-            params[f"net.{j}.{name}"] = jnp.zeros(shape, dtype) if j == last else value
+        for name, shape in (("weight", (*lead, n_out, n_in)), ("bias", (*lead, n_out))):
+            value = rng.uniform(shape, dtype, -bound, bound)
+            params[f"net.{j}.{name}"] = np.zeros(shape, dtype) if j == last else value
     return params
 
 

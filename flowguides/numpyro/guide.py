@@ -31,7 +31,7 @@ from flowguides.numpyro.build import (
     FlowTransform,
     check_flow_tolerances,
     check_weights,
-    jitted_init_params,
+    init_params,
 )
 from flowguides.spec import FlowSpec, SpecError
 
@@ -128,7 +128,7 @@ class AutoFlowGuide(AutoContinuous):
             ) from None
         key = numpyro.prng_key()
         key = jax.random.key(0) if key is None else key
-        weights = dict(jitted_init_params(self.spec, self.latent_dim, key))
+        weights = dict(init_params(self.spec, self.latent_dim, key))
         with handlers.block():  # the MAP search runs the model: hide it from outer handlers
             loc, scale = self._initial_loc_scale(args, kwargs)
         dtype = weights["affine.loc"].dtype
@@ -142,7 +142,7 @@ class AutoFlowGuide(AutoContinuous):
     def _initial_loc_scale(self, args: tuple, kwargs: dict) -> tuple[jax.Array, jax.Array]:
         loc = self._init_latent
         if self.init_scale not in ("laplace", "auto"):
-            return loc, jnp.full(loc.shape, float(self.init_scale), loc.dtype)
+            return loc, np.full(loc.shape, float(self.init_scale), loc.dtype)
         unpack = self._unpack_latent
         potential = self._potential_fn_gen(*args, **kwargs)
 

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 import optimistix as optx
 
-from flowguides.numpyro._base import FlowLayerTransform
+from flowguides.numpyro._base import FlowLayerTransform, as_init_random
 from flowguides.numpyro.coupling import ACTIVATIONS
 from flowguides.spec import FIXED_STEP_SOLVERS, NeuralODESpec
 
@@ -101,15 +101,15 @@ def init_neural_ode(spec: NeuralODESpec, dim: int, key: jax.Array, dtype: jnp.dt
     sizes = spec.mlp_sizes(dim)
     last = len(sizes) - 2
     params = {}
+    rng = as_init_random(key)
     for j, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        key, kw, kb = jax.random.split(key, 3)
         bound = 1.0 / math.sqrt(n_in)
-        w = jax.random.uniform(kw, (n_out, n_in), dtype, -bound, bound)
-        b = jax.random.uniform(kb, (n_out,), dtype, -bound, bound)
-        params[f"net.{j}.weight"] = jnp.zeros_like(w) if j == last else w
-        params[f"net.{j}.bias"] = jnp.zeros_like(b) if j == last else b
+        w = rng.uniform((n_out, n_in), dtype, -bound, bound)
+        b = rng.uniform((n_out,), dtype, -bound, bound)
+        params[f"net.{j}.weight"] = np.zeros((n_out, n_in), dtype) if j == last else w
+        params[f"net.{j}.bias"] = np.zeros((n_out,), dtype) if j == last else b
         for name in ("gate_weight", "gate_bias", "time_bias"):
-            params[f"net.{j}.{name}"] = jnp.zeros((n_out,), dtype)
+            params[f"net.{j}.{name}"] = np.zeros((n_out,), dtype)
     return params
 
 
