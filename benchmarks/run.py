@@ -134,9 +134,7 @@ def _posterior_row(
                            "num_steps": budget.num_steps, "num_particles": budget.num_particles}  # fmt: skip
     try:
         fitted = fn(prob, budget)
-        row.update(
-            {k: v for k, v in fitted.timing.items() if k in ("wall_s", "compile_s", "steps_per_s")}
-        )
+        row.update({k: v for k, v in fitted.timing.items() if k in report.TIMING_KEYS})
         row["final_loss"] = fitted.final_loss
         if fitted.log_densities is not None:
             d, lp, lq = fitted.log_densities(draws, 1)

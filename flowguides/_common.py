@@ -132,6 +132,36 @@ AUTO_SCALES = (0.1, 1.0)
 `AutoNormal` default) and 1.0 (a standard-normal base, as in `AutoNormalizingFlow`)."""
 
 
+PRECONDITION = ("precondition.shift", "precondition.scale_tril")
+"""Names of a guide's fixed (untrained) last map ``z = shift + scale_tril @ x``: the whitening
+it takes from a Laplace start (``shift`` the MAP, ``scale_tril`` the Cholesky factor of the
+inverse Hessian of the negative log joint there). Not spec weights; saved in ``meta.json``."""
+
+
+FULL_RANK_MAX_DIM = 256
+"""Largest latent dimension whose Laplace start whitens with the full Hessian (else diagonal)."""
+
+
+def check_preconditioner(fixed: Mapping[str, Any], dim: int) -> dict[str, np.ndarray]:
+    """`fixed` as float arrays after checking its names and shapes and that ``scale_tril`` is
+    lower triangular with a positive diagonal."""
+    if set(fixed) != set(PRECONDITION):
+        raise ValueError(
+            f"preconditioner: expected the keys {list(PRECONDITION)}, got {sorted(fixed)}"
+        )
+    shift, tril = (np.asarray(fixed[k], dtype=float) for k in PRECONDITION)
+    if shift.shape != (dim,) or tril.shape != (dim, dim):
+        raise ValueError(
+            f"preconditioner: expected shapes ({dim},) and ({dim}, {dim}), got {shift.shape} "
+            f"and {tril.shape}"
+        )
+    if np.any(np.triu(tril, 1) != 0) or not np.all(np.diagonal(tril) > 0):
+        raise ValueError(
+            f"preconditioner: {PRECONDITION[1]!r} must be lower triangular with a positive diagonal"
+        )
+    return {PRECONDITION[0]: shift, PRECONDITION[1]: tril}
+
+
 class PosteriorFitMethods:
     """What both backends' `PosteriorFit` derive from their own ``log_densities``."""
 

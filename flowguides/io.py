@@ -10,7 +10,9 @@ fit/
   spec.json              the FlowSpec (canonical dict form)
   weights.safetensors    float arrays keyed by parameter name
   meta.json              flowguides version, kind, backend it was trained in, dim,
-                         data standardisation (densities), latent sites (posteriors)
+                         data standardisation (densities), latent sites (posteriors),
+                         the guide's fixed Laplace whitening ("precondition": shift and
+                         scale_tril, posteriors with a Laplace start)
 ```
 """
 

@@ -8,6 +8,7 @@ the host loop that runs chunks of `CHUNK` steps and advances the progress bar be
 from __future__ import annotations
 
 import sys
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Any
@@ -28,6 +29,7 @@ __all__ = [
     "make_optimizer",
     "run_chunks",
     "split_args",
+    "timing",
 ]
 
 CHUNK = 100
@@ -92,14 +94,25 @@ def split_args(args: tuple, kwargs: dict) -> tuple[list, Hashable, Callable[[lis
     return arrays, signature, rebuild
 
 
-def run_chunks(run_chunk: Callable, carry: tuple, data: Any, num_steps: int, progress: bool):
-    """Run the compiled chunks; return the final carry and the per-step outputs."""
+def run_chunks(
+    run_chunk: Callable,
+    carry: tuple,
+    data: Any,
+    num_steps: int,
+    progress: bool,
+    seconds: list[float] | None = None,
+):
+    """Run the compiled chunks; return the final carry and the per-step outputs (and append
+    each chunk's wall time, compile included, to `seconds`)."""
     outputs = []
     smoothed = None
     with tqdm(total=num_steps, disable=not progress, file=sys.stderr, leave=False) as bar:
         for start in range(0, num_steps, CHUNK):
+            t0 = time.perf_counter()
             carry, out = run_chunk(carry, jnp.asarray(start), data)
             out = jax.tree.map(np.asarray, out)
+            if seconds is not None:
+                seconds.append(time.perf_counter() - t0)
             n = min(CHUNK, num_steps - start)
             outputs.append(jax.tree.map(lambda a, n=n: a[:n], out))
             train = out[0] if isinstance(out, tuple) else out
@@ -112,3 +125,12 @@ def run_chunks(run_chunk: Callable, carry: tuple, data: Any, num_steps: int, pro
             if bool(carry[-2]):  # stopped
                 break
     return carry, jax.tree.map(lambda *a: np.concatenate(a), *outputs)
+
+
+def timing(setup_s: float, seconds: list[float], num_steps: int) -> dict[str, float]:
+    """``setup_s`` (guide set-up and start search), ``compile_s`` (first chunk minus a steady
+    one; 0 when the compiled chunk came from the cache) and steady ``steps_per_s``."""
+    steady = float(np.median(seconds[1:])) if len(seconds) > 1 else None
+    per_step = (steady if steady is not None else seconds[0]) / CHUNK
+    compile_s = max(seconds[0] - per_step * min(CHUNK, num_steps), 0.0)
+    return {"setup_s": setup_s, "compile_s": compile_s, "steps_per_s": 1.0 / per_step}

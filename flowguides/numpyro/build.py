@@ -17,6 +17,7 @@ import numpy as np
 import numpyro.distributions as dist
 from jax.scipy.stats import norm
 
+from flowguides._common import PRECONDITION
 from flowguides.numpyro._base import FlowLayerTransform, as_init_random
 from flowguides.numpyro.coupling import RealNVP, init_realnvp
 from flowguides.numpyro.ode import NeuralODE, check_tolerances, init_neural_ode
@@ -24,6 +25,7 @@ from flowguides.numpyro.planar import Planar, init_planar
 from flowguides.spec import FlowSpec, SpecError
 
 __all__ = [
+    "PRECONDITION",
     "Flow",
     "FlowTransform",
     "build_flow",
@@ -42,10 +44,11 @@ _LAYERS = {
 
 
 class FlowTransform(FlowLayerTransform):
-    """The layers of `spec` in order, then ``x = loc + exp(log_scale) * y`` when affine.
+    """The layers of `spec` in order, then ``x = loc + exp(log_scale) * y`` when affine, then
+    the fixed ``shift + scale_tril @ x`` when `params` hold the `PRECONDITION` keys.
 
     Args:
-        params: the flat dict keyed by ``spec.parameter_shapes(dim)``.
+        params: the flat dict keyed by ``spec.parameter_shapes(dim)`` (plus `PRECONDITION`).
         spec: the `FlowSpec`.
         dim: the event size.
         key: the PRNG key for Hutchinson noise (split between neural-ODE layers), or None.
@@ -72,10 +75,20 @@ class FlowTransform(FlowLayerTransform):
             log_scale = self.params["affine.log_scale"]
             x = self.params["affine.loc"] + jnp.exp(log_scale) * x
             ladj = ladj + jnp.sum(log_scale)
+        if PRECONDITION[1] in self.params:  # the fixed whitening of a Laplace start
+            tril = self.params[PRECONDITION[1]]
+            x = self.params[PRECONDITION[0]] + x @ tril.T
+            ladj = ladj + jnp.sum(jnp.log(jnp.diagonal(tril)))
         return x, ladj
 
     def inverse_and_log_det(self, y: jax.Array) -> tuple[jax.Array, jax.Array]:
         ladj = jnp.zeros(y.shape[:-1], y.dtype)
+        if PRECONDITION[1] in self.params:
+            tril = self.params[PRECONDITION[1]]
+            centred = (y - self.params[PRECONDITION[0]])[..., None]
+            tril_b = jnp.broadcast_to(tril, (*centred.shape[:-2], *tril.shape))
+            y = jax.scipy.linalg.solve_triangular(tril_b, centred, lower=True)[..., 0]
+            ladj = ladj - jnp.sum(jnp.log(jnp.diagonal(tril)))
         if self.spec.base == "affine":
             log_scale = self.params["affine.log_scale"]
             y = (y - self.params["affine.loc"]) * jnp.exp(-log_scale)
@@ -222,12 +235,14 @@ def get_weights(flow: Flow) -> dict[str, np.ndarray]:
 
 
 def set_weights(flow: Flow, weights: Mapping[str, Any]) -> Flow:
-    """A new `Flow` holding `weights`; the names and shapes must be exactly the spec's.
+    """A new `Flow` holding `weights` (and `flow`'s preconditioner, if any); the names and
+    shapes must be exactly the spec's.
 
     Raises:
         ValueError: a name is missing or unknown, or an array has the wrong shape.
     """
-    return Flow(flow.spec, flow.dim, check_weights(flow.spec, flow.dim, weights))
+    fixed = {k: flow.params[k] for k in PRECONDITION if k in flow.params}
+    return Flow(flow.spec, flow.dim, {**check_weights(flow.spec, flow.dim, weights), **fixed})
 
 
 def check_weights(spec: FlowSpec, dim: int, weights: Mapping[str, Any]) -> dict[str, jax.Array]:

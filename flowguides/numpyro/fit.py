@@ -22,6 +22,7 @@ train a single neural-ODE layer by flow matching (``objective="flow_matching"``)
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,6 +54,7 @@ from flowguides.numpyro._training import (
     make_optimizer,
     run_chunks,
     split_args,
+    timing,
 )
 from flowguides.numpyro.build import Flow, build_flow
 from flowguides.numpyro.guide import AutoFlowGuide
@@ -83,6 +85,9 @@ class PosteriorFit(PosteriorFitMethods):
         backend: ``"numpyro"``.
         history: always empty here: the guide's solves run inside numpyro's vectorised
             particles, whose per-step evaluation counts `SVI.update` does not return.
+        timing: ``setup_s`` (guide set-up: NumPyro's model tracing, the `init_scale`
+            search), ``compile_s`` (the training chunk's XLA compile, ~0 when a previous
+            call with the same shapes compiled it) and steady ``steps_per_s``.
     """
 
     guide: AutoFlowGuide
@@ -95,6 +100,7 @@ class PosteriorFit(PosteriorFitMethods):
     seed: int = 0
     backend: str = "numpyro"
     history: dict[str, np.ndarray] = field(default_factory=dict)
+    timing: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._rng = np.random.default_rng(self.seed + 1)
@@ -194,21 +200,29 @@ def fit_posterior(
     check_settings(num_steps, learning_rate, clip_norm)
     if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
         raise ValueError(f"num_particles: expected a positive integer, got {num_particles!r}")
+    t0 = time.perf_counter()
     guide = AutoFlowGuide(model, spec, init_loc_fn=init_loc_fn, init_scale=init_scale)
     optimizer = make_optimizer(num_steps, learning_rate, clip_norm)
     svi = SVI(model, guide, optimizer, Trace_ELBO(num_particles, vectorize_particles=True))
-    state = svi.init(jax.random.key(seed), *args, **kwargs)
+    state = jax.block_until_ready(svi.init(jax.random.key(seed), *args, **kwargs))
+    setup_s = time.perf_counter() - t0
     arrays, signature, rebuild = split_args(args, kwargs)
     key = ("posterior", model, spec, num_steps, learning_rate, num_particles, clip_norm, signature)
     run_chunk = cached(key, lambda: _posterior_chunk(svi, rebuild, num_steps))
     carry = (state, state, jnp.asarray(False), jnp.asarray(-1))
+    seconds: list[float] = []
     (state, good, stopped, bad_step), losses = run_chunks(
-        run_chunk, carry, arrays, num_steps, progress
+        run_chunk, carry, arrays, num_steps, progress, seconds
     )
+    times = timing(setup_s, seconds, num_steps)
     if bool(stopped):
-        fit = PosteriorFit(guide, model, spec, svi.get_params(good), losses, args, kwargs, seed)
+        fit = PosteriorFit(
+            guide, model, spec, svi.get_params(good), losses, args, kwargs, seed, timing=times
+        )
         raise NonFiniteLossError(int(bad_step), float(losses[int(bad_step)]), fit.params, fit)
-    return PosteriorFit(guide, model, spec, svi.get_params(state), losses, args, kwargs, seed)
+    return PosteriorFit(
+        guide, model, spec, svi.get_params(state), losses, args, kwargs, seed, timing=times
+    )
 
 
 def _posterior_chunk(svi: SVI, rebuild: Callable[[list], tuple], num_steps: int):

@@ -2,10 +2,12 @@
 
 Latent sites are packed and unconstrained by NumPyro's own machinery (`biject_to`); the flow
 maps ``N(0, I)`` through the spec's layers and the affine ``loc + exp(log_scale) * y``, whose
-`loc` starts at the guide's `init_loc_fn` location and whose scale is `init_scale` (or, with
-``init_scale="laplace"``, the diagonal Laplace scale at a short MAP fit). Every layer starts as
-the identity, so a fresh guide is `AutoDiagonalNormal` at the same location and scale. A draw
-carries its log-density from the forward pass, so scoring it needs no inverse.
+`loc` starts at the guide's `init_loc_fn` location and whose scale is `init_scale`. Every layer
+starts as the identity, so a fresh guide is `AutoDiagonalNormal` at the same location and
+scale. A Laplace start (``init_scale="laplace"``, or ``"auto"`` where it wins) instead whitens:
+a fixed last map ``z = MAP + L x`` (``L L^T`` the inverse Hessian, see `preconditioner`), with
+the affine and layers starting as the identity on ``x``. A draw carries its log-density from
+the forward pass, so scoring it needs no inverse.
 """
 
 from __future__ import annotations
@@ -20,13 +22,16 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import optax
+from jax import lax
 from numpyro import handlers
 from numpyro.infer.autoguide import AutoContinuous
 from numpyro.infer.initialization import init_to_median
 
-from flowguides._common import AUTO_SCALES, as_spec
+from flowguides._common import AUTO_SCALES, FULL_RANK_MAX_DIM, as_spec, check_preconditioner
 from flowguides.numpyro import ode
+from flowguides.numpyro._training import cached, split_args
 from flowguides.numpyro.build import (
+    PRECONDITION,
     Flow,
     FlowTransform,
     check_flow_tolerances,
@@ -68,9 +73,12 @@ class AutoFlowGuide(AutoContinuous):
         spec: a `FlowSpec` (or its dict form); ``base="affine"`` is needed to centre the guide.
         init_loc_fn: per-site initial location (NumPyro's init strategies).
         init_scale: the initial scale of the affine, a positive float, ``"laplace"`` (a
-            short MAP fit, then the diagonal Laplace scale; 0.1 with a warning where no
-            mode is found) or ``"auto"``: whichever of the Laplace start and the plain starts
-            with scale 0.1 and 1.0 has the highest ELBO (256 draws, fixed seed).
+            short MAP fit, then the full-rank Laplace whitening, see `preconditioner`:
+            diagonal where the Hessian is not positive definite or the dimension exceeds
+            `FULL_RANK_MAX_DIM`; the 0.1 start with a warning where no mode is found) or
+            ``"auto"``: whichever of the Laplace start and the plain starts with scale 0.1 and
+            1.0 has the highest ELBO (256 draws, fixed seed; one compiled program, cached per
+            model and argument shapes).
         prefix: the prefix of the guide's parameter names (``f"{prefix}_{name}"``).
 
     Usage::
@@ -106,6 +114,7 @@ class AutoFlowGuide(AutoContinuous):
             )
         self.init_scale = init_scale
         self._init_weights: dict[str, jax.Array] | None = None
+        self._precondition: dict[str, jax.Array] | None = None
         super().__init__(model, prefix=prefix, init_loc_fn=init_loc_fn)
 
     # -- set-up ----------------------------------------------------------------------------
@@ -130,86 +139,85 @@ class AutoFlowGuide(AutoContinuous):
         key = jax.random.key(0) if key is None else key
         weights = dict(init_params(self.spec, self.latent_dim, key))
         with handlers.block():  # the MAP search runs the model: hide it from outer handlers
-            loc, scale = self._initial_loc_scale(args, kwargs)
+            loc, scale, fixed = self._initial_start(args, kwargs)
         dtype = weights["affine.loc"].dtype
         weights["affine.loc"] = jnp.asarray(loc, dtype)
         weights["affine.log_scale"] = jnp.log(jnp.asarray(scale, dtype))
         self._init_weights = weights
+        self._precondition = (
+            None
+            if fixed is None
+            else {k: jnp.asarray(v, dtype) for k, v in zip(PRECONDITION, fixed, strict=True)}
+        )
         odes = [layer for layer in self.spec.layers if layer.type == "neural_ode"]
         self._needs_noise = any(o.resolved_trace(self.latent_dim) == "hutchinson" for o in odes)
         self._steer = any(o.steer > 0 for o in odes)
 
-    def _initial_loc_scale(self, args: tuple, kwargs: dict) -> tuple[jax.Array, jax.Array]:
-        loc = self._init_latent
+    def _initial_start(self, args: tuple, kwargs: dict) -> tuple[Any, Any, tuple | None]:
+        """``(affine loc, affine scale, (shift, scale_tril) or None)`` for `init_scale`."""
+        loc = np.asarray(self._init_latent)
         if self.init_scale not in ("laplace", "auto"):
-            return loc, np.full(loc.shape, float(self.init_scale), loc.dtype)
-        unpack = self._unpack_latent
-        potential = self._potential_fn_gen(*args, **kwargs)
+            return loc, np.full(loc.shape, float(self.init_scale), loc.dtype), None
+        arrays, signature, rebuild = split_args(args, kwargs)
+        full_rank = self.latent_dim <= FULL_RANK_MAX_DIM
+        potential_gen, unpack = self._potential_fn_gen, self._unpack_latent
 
-        def energy(z: jax.Array) -> jax.Array:
-            return potential(unpack(z))
+        def search(z0: jax.Array, arrays: list) -> dict[str, jax.Array]:
+            a, k = rebuild(arrays)
+            potential = potential_gen(*a, **k)
+            return _laplace_search(lambda z: potential(unpack(z)), z0, full_rank)
 
+        key = ("laplace", self.model, signature, loc.shape, str(loc.dtype), full_rank)
+        out = jax.tree.map(np.asarray, cached(key, lambda: jax.jit(search))(loc, arrays))
+        laplace, elbo, why = _laplace_start(out)
         if self.init_scale == "laplace":
-            return self._laplace(energy, loc)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", LaplaceFallbackWarning)
-            laplace = self._laplace(energy, loc)
-        eps = jax.random.normal(jax.random.key(0), (256, loc.shape[0]), loc.dtype)
+            for message in why:
+                warnings.warn(f"init_scale='laplace': {message}", LaplaceFallbackWarning, 5)
+            if laplace is None:
+                return loc, np.full(loc.shape, 0.1, loc.dtype), None
+            return np.zeros_like(loc), np.ones_like(loc), laplace
+        starts = [(loc, np.full(loc.shape, s, loc.dtype), None) for s in AUTO_SCALES]
+        elbos = [float(e) for e in out["elbo_plain"]]
+        if laplace is not None:
+            starts.append((np.zeros_like(loc), np.ones_like(loc), laplace))
+            elbos.append(elbo)
+        elbos = [e if np.isfinite(e) else -np.inf for e in elbos]
+        return starts[int(np.argmax(elbos))]
 
-        def elbo(start: tuple[jax.Array, jax.Array]) -> float:
-            z = start[0] + start[1] * eps
-            value = float(-jnp.mean(jax.vmap(energy)(z)) + jnp.sum(jnp.log(start[1])))
-            return value if np.isfinite(value) else -np.inf
+    @property
+    def preconditioner(self) -> dict[str, jax.Array] | None:
+        """The fixed last map ``z = shift + scale_tril @ x`` of a Laplace start (``shift`` the
+        MAP, ``scale_tril`` the Cholesky factor of the inverse Hessian of the negative log
+        joint there), keyed by `PRECONDITION`; None for a plain start. With it, the affine
+        and the layers work in whitened coordinates (an Adam step moves about one posterior
+        sd whatever the sites' scales) and start as the identity."""
+        self._require_setup()
+        return self._precondition
 
-        starts = [(loc, jnp.full(loc.shape, scale, loc.dtype)) for scale in AUTO_SCALES]
-        return max([*starts, laplace], key=elbo)
-
-    def _laplace(self, energy: Callable, loc: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """MAP in unconstrained space, then the diagonal Laplace scale (or a fallback)."""
-        fallback = (loc, jnp.full(loc.shape, 0.1, loc.dtype))
-        loc_map = _minimize(energy, loc)
-        if not bool(jnp.all(jnp.isfinite(loc_map))):
-            warnings.warn(
-                "init_scale='laplace': the MAP search did not stay finite; starting from the "
-                "init_loc_fn location with scale 0.1",
-                LaplaceFallbackWarning,
-                stacklevel=5,
-            )
-            return fallback
-        curvature = jnp.diag(jax.hessian(energy)(loc_map))
-        good = jnp.isfinite(curvature) & (curvature > 0)
-        scale = jnp.where(good, 1.0 / jnp.sqrt(jnp.where(good, curvature, 1.0)), 0.1)
-        # A mode is stationary: its Newton step, in its own scale, is small. A density that
-        # grows without bound (a funnel's scale collapsing to 0) leaves a large step behind.
-        moving = ~(jnp.abs(jax.grad(energy)(loc_map)) * scale < _MODE_TOLERANCE)
-        eps = jax.random.normal(jax.random.key(0), (16, loc.shape[0]), loc.dtype)
-        around = jax.vmap(energy)(loc_map + scale * eps)
-        if bool(jnp.any(moving)) or not bool(jnp.all(jnp.isfinite(around))):
-            where = np.flatnonzero(np.asarray(moving)).tolist()
-            warnings.warn(
-                "init_scale='laplace': the MAP search found no mode (the density grows "
-                f"without bound along latent coordinate(s) {where}, or is not finite around "
-                "the point it reached); starting from the initial location with scale 0.1",
-                LaplaceFallbackWarning,
-                stacklevel=5,
-            )
-            return fallback
-        if not bool(jnp.all(good)):
-            bad = np.flatnonzero(~np.asarray(good)).tolist()
-            warnings.warn(
-                f"init_scale='laplace': the Hessian of the negative log joint is not positive "
-                f"at latent coordinate(s) {bad}; using scale 0.1 there",
-                LaplaceFallbackWarning,
-                stacklevel=5,
-            )
-        return loc_map, scale
+    def set_preconditioner(self, fixed: Mapping[str, Any] | None) -> None:
+        """Set (or, with None, remove) the fixed whitening map, keyed by `PRECONDITION`."""
+        self._require_setup()
+        dtype = self._init_weights["affine.loc"].dtype
+        self._precondition = (
+            None
+            if fixed is None
+            else {
+                k: v.astype(dtype) for k, v in check_preconditioner(fixed, self.latent_dim).items()
+            }
+        )
 
     # -- the posterior ---------------------------------------------------------------------
     def _flow_params(self) -> dict[str, jax.Array]:
-        return {
+        params = {
             name: numpyro.param(f"{self.prefix}_{name}", value)
             for name, value in self._init_weights.items()
         }
+        # The whitening is SVI state too (so a compiled training step cached for another
+        # guide of the same shapes reads this guide's), but its gradient is cut: Adam, given
+        # zero gradients, never moves it.
+        for name, value in (self._precondition or {}).items():
+            params[name] = lax.stop_gradient(numpyro.param(f"{self.prefix}_{name}", value))
+        return params
 
     def _sample_latent(self, *args: Any, **kwargs: Any) -> jax.Array:
         """The packed latent draw; traced inside `training_solves`, with the RNODE penalty.
@@ -280,12 +288,17 @@ class AutoFlowGuide(AutoContinuous):
         """
         self._require_setup()
         self._init_weights = check_weights(self.spec, self.latent_dim, weights)
-        return {f"{self.prefix}_{name}": v for name, v in self._init_weights.items()}
+        fixed = self._precondition or {}
+        return {f"{self.prefix}_{name}": v for name, v in {**self._init_weights, **fixed}.items()}
 
     def get_flow(self, params: Mapping[str, Any] | None = None) -> Flow:
         """The `Flow` on the unconstrained latent space at SVI `params` (default: initial)."""
-        weights = self.get_weights(params)
-        return Flow(self.spec, self.latent_dim, check_weights(self.spec, self.latent_dim, weights))
+        weights = check_weights(self.spec, self.latent_dim, self.get_weights(params))
+        fixed = {
+            name: (params or {}).get(f"{self.prefix}_{name}", value)
+            for name, value in (self._precondition or {}).items()
+        }
+        return Flow(self.spec, self.latent_dim, {**weights, **fixed})
 
 
 def _check_latent_sites(trace: Mapping[str, dict]) -> None:
@@ -317,14 +330,80 @@ def _minimize(energy: Callable[[jax.Array], jax.Array], x0: jax.Array) -> jax.Ar
     solver = optax.lbfgs()
     value_and_grad = optax.value_and_grad_from_state(energy)
 
-    @jax.jit
-    def run(x: jax.Array) -> jax.Array:
-        def step(carry: tuple, _: None) -> tuple:
-            x, state = carry
-            value, grad = value_and_grad(x, state=state)
-            updates, state = solver.update(grad, state, x, value=value, grad=grad, value_fn=energy)
-            return (optax.apply_updates(x, updates), state), None
+    def step(carry: tuple, _: None) -> tuple:
+        x, state = carry
+        value, grad = value_and_grad(x, state=state)
+        updates, state = solver.update(grad, state, x, value=value, grad=grad, value_fn=energy)
+        return (optax.apply_updates(x, updates), state), None
 
-        return jax.lax.scan(step, (x, solver.init(x)), None, length=_MAP_ITERATIONS)[0][0]
+    return jax.lax.scan(step, (x0, solver.init(x0)), None, length=_MAP_ITERATIONS)[0][0]
 
-    return run(x0)
+
+def _laplace_search(
+    energy: Callable[[jax.Array], jax.Array], loc: jax.Array, full_rank: bool
+) -> dict[str, jax.Array]:
+    """Everything `init_scale` decides on, as one traced program (compiled once per model and
+    shapes): the MAP, its Hessian, the mode checks and the 256-draw ELBO of every start."""
+    dim = loc.shape[0]
+    loc_map = _minimize(energy, loc)
+    hess = jax.hessian(energy)(loc_map)
+    curvature = jnp.diag(hess)
+    good = jnp.isfinite(curvature) & (curvature > 0)
+    scale = jnp.where(good, 1.0 / jnp.sqrt(jnp.where(good, curvature, 1.0)), 0.1)
+    # A mode is stationary: its Newton step, in its own scale, is small. A density that grows
+    # without bound (a funnel's scale collapsing to 0) leaves a large step behind.
+    moving = ~(jnp.abs(jax.grad(energy)(loc_map)) * scale < _MODE_TOLERANCE)
+    around = jax.vmap(energy)(loc_map + scale * jax.random.normal(jax.random.key(0), (16, dim)))
+    eps = jax.random.normal(jax.random.key(0), (256, dim), loc.dtype)
+
+    def elbo(z: jax.Array, log_det: jax.Array) -> jax.Array:
+        return -jnp.mean(jax.vmap(energy)(z)) + log_det
+
+    out = {
+        "loc_map": loc_map,
+        "scale": scale,
+        "good": good,
+        "moving": moving,
+        "finite": jnp.all(jnp.isfinite(loc_map)) & jnp.all(jnp.isfinite(around)),
+        "elbo_plain": jnp.stack([elbo(loc + s * eps, dim * jnp.log(s)) for s in AUTO_SCALES]),
+        "elbo_diag": elbo(loc_map + scale * eps, jnp.sum(jnp.log(scale))),
+    }
+    if full_rank:  # the Cholesky factor of H^-1: NaN where H is not positive definite
+        sym = (hess + hess.T) / 2
+        cov = jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(sym), True), jnp.eye(dim))
+        tril = jnp.linalg.cholesky((cov + cov.T) / 2)
+        out["tril"] = tril
+        out["elbo_full"] = elbo(loc_map + eps @ tril.T, jnp.sum(jnp.log(jnp.diagonal(tril))))
+    return out
+
+
+def _laplace_start(out: Mapping[str, np.ndarray]) -> tuple[tuple | None, float, list[str]]:
+    """``((shift, scale_tril) or None, its ELBO, warnings)`` from `_laplace_search`'s output.
+
+    Full rank where the Hessian is positive definite (and the dimension at most
+    `FULL_RANK_MAX_DIM`), else diagonal with 0.1 at coordinates of non-positive curvature;
+    None where the MAP search found no mode.
+    """
+    if not bool(out["finite"]) or bool(np.any(out["moving"])):
+        where = np.flatnonzero(out["moving"]).tolist()
+        return (
+            None,
+            -np.inf,
+            [
+                "the MAP search found no mode (the density grows without bound along latent "
+                f"coordinate(s) {where}, or is not finite around the point it reached); starting "
+                "from the initial location with scale 0.1"
+            ],
+        )
+    loc_map = out["loc_map"]
+    tril = out.get("tril")
+    if tril is not None and bool(np.all(np.isfinite(tril))) and bool(np.all(out["good"])):
+        return (loc_map, tril), float(out["elbo_full"]), []
+    why = []
+    if not bool(np.all(out["good"])):
+        bad = np.flatnonzero(~out["good"]).tolist()
+        why.append(
+            "the Hessian of the negative log joint is not positive at latent coordinate(s) "
+            f"{bad}; using scale 0.1 there"
+        )
+    return (loc_map, np.diag(out["scale"])), float(out["elbo_diag"]), why

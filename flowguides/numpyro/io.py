@@ -41,6 +41,10 @@ def export_state(obj: Any) -> tuple[FlowSpec, dict[str, np.ndarray], dict[str, A
             "sites": site_meta(_guide_sites(guide)),
             "losses": np.asarray(obj.losses).tolist(),
         }
+        if guide.preconditioner is not None:
+            meta["precondition"] = {
+                k: np.asarray(v).tolist() for k, v in guide.preconditioner.items()
+            }
         return obj.spec, guide.get_weights(obj.params), meta
     raise SaveError(f"save: cannot save a {type(obj).__name__}")
 
@@ -64,6 +68,7 @@ def import_state(
         guide = AutoFlowGuide(model, spec)
         handlers.seed(guide._setup_prototype, 0)(*model_args, **kwargs)
         check_sites(meta, _guide_sites(guide))
+        guide.set_preconditioner(meta.get("precondition"))
         params = guide.set_weights(weights)
         losses = np.asarray(meta.get("losses", []), dtype=float)
         return PosteriorFit(guide, model, spec, params, losses, tuple(model_args), kwargs)

@@ -20,7 +20,15 @@ from flowguides.pyro.ode import NeuralODE
 from flowguides.pyro.planar import Planar
 from flowguides.spec import FlowSpec, SpecError
 
-__all__ = ["Affine", "Flow", "FlowDistribution", "build_flow", "get_weights", "set_weights"]
+__all__ = [
+    "Affine",
+    "Flow",
+    "FlowDistribution",
+    "Precondition",
+    "build_flow",
+    "get_weights",
+    "set_weights",
+]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -55,6 +63,39 @@ class Affine(TransformModule):
         return self.forward_and_log_det(x)[1]
 
 
+class Precondition(TransformModule):
+    """A fixed (untrained) ``x = shift + scale_tril @ y``: an `AutoFlowGuide`'s whitening from
+    its Laplace start, held as buffers (never optimised)."""
+
+    domain = constraints.real_vector
+    codomain = constraints.real_vector
+    bijective = True
+
+    def __init__(self, shift: torch.Tensor, scale_tril: torch.Tensor) -> None:
+        super().__init__(cache_size=0)
+        self.register_buffer("shift", shift)
+        self.register_buffer("scale_tril", scale_tril)
+
+    def forward_and_log_det(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ladj = self.scale_tril.diagonal().log().sum().expand(y.shape[:-1])
+        return self.shift + y @ self.scale_tril.T, ladj
+
+    def inverse_and_log_det(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ladj = -self.scale_tril.diagonal().log().sum().expand(x.shape[:-1])
+        centred = (x - self.shift).unsqueeze(-1)
+        tril = self.scale_tril.expand(*centred.shape[:-2], *self.scale_tril.shape)
+        return torch.linalg.solve_triangular(tril, centred, upper=False).squeeze(-1), ladj
+
+    def _call(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_and_log_det(x)[0]
+
+    def _inverse(self, y: torch.Tensor) -> torch.Tensor:
+        return self.inverse_and_log_det(y)[0]
+
+    def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.forward_and_log_det(x)[1]
+
+
 class Flow(nn.Module):
     """A normalising flow on ``R^dim``: standard-normal base, `layers`, then the optional affine.
 
@@ -63,6 +104,8 @@ class Flow(nn.Module):
         dim: the event size.
         layers: one transform module per entry of ``spec.layers``.
         affine: the final `Affine` (``None`` when ``spec.base == "normal"``).
+        precondition: a fixed `Precondition` after the affine (a guide's Laplace whitening),
+            or None.
     """
 
     def __init__(
@@ -72,11 +115,13 @@ class Flow(nn.Module):
         self.spec, self.dim = spec, dim
         self.layers = nn.ModuleList(layers)
         self.affine = affine
+        self.precondition: Precondition | None = None
 
     @property
     def transforms(self) -> list[TransformModule]:
-        """All transforms in the generative order (layers, then the affine)."""
-        return [*self.layers, *([self.affine] if self.affine is not None else [])]
+        """All transforms in the generative order (layers, the affine, the preconditioner)."""
+        fixed = [t for t in (self.affine, self.precondition) if t is not None]
+        return [*self.layers, *fixed]
 
     @property
     def dtype(self) -> torch.dtype:

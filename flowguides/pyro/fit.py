@@ -15,6 +15,7 @@ neural-ODE layer by flow matching (``objective="flow_matching"``).
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,6 +71,8 @@ class PosteriorFit(PosteriorFitMethods):
         backend: ``"pyro"``.
         history: per-step arrays for neural-ODE flows (``"nfe_forward"``, ``"nfe_backward"``,
             ``"regularization"`` when a regulariser weight is positive); empty otherwise.
+        timing: ``setup_s`` (guide set-up, the `init_scale` search included) and
+            ``steps_per_s`` (the training loop), from `fit_posterior`.
     """
 
     guide: AutoFlowGuide
@@ -80,6 +83,7 @@ class PosteriorFit(PosteriorFitMethods):
     kwargs: dict = field(default_factory=dict)
     backend: str = "pyro"
     history: dict[str, np.ndarray] = field(default_factory=dict)
+    timing: dict[str, float] = field(default_factory=dict)
 
     @property
     def latent_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -335,11 +339,13 @@ def fit_posterior(
     if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
         raise ValueError(f"num_particles: expected a positive integer, got {num_particles!r}")
     pyro.set_rng_seed(seed)
+    t0 = time.perf_counter()
     guide = AutoFlowGuide(model, spec, init_loc_fn=init_loc_fn, init_scale=init_scale)
     store = pyro.get_param_store()
     for name in [n for n in store.keys() if n.startswith(f"{guide._pyro_name}.flow$$$")]:
         del store[name]  # stale weights of an earlier guide with the same prefix
     guide._setup_if_needed(*args, **kwargs)
+    timing = {"setup_s": time.perf_counter() - t0}
     elbo = Trace_ELBO(
         num_particles=num_particles,
         vectorize_particles=True,
@@ -366,11 +372,15 @@ def fit_posterior(
 
     def partial_fit() -> PosteriorFit:
         losses_so_far = np.asarray(losses)
+        if losses:
+            timing["steps_per_s"] = len(losses) / (time.perf_counter() - t1)
         return PosteriorFit(
-            guide, model, spec, losses_so_far, args, kwargs, history=evaluations.history()
-        )
+            guide, model, spec, losses_so_far, args, kwargs, history=evaluations.history(),
+            timing=dict(timing),
+        )  # fmt: skip
 
     smooth = None
+    t1 = time.perf_counter()
     with _progress(num_steps, progress) as bar:
         for step in range(num_steps):
             if step:

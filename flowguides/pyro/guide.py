@@ -1,8 +1,10 @@
 """`AutoFlowGuide`: a Pyro `AutoContinuous` guide whose posterior is a flow from a `FlowSpec`.
 
 Latent sites are packed and unconstrained by Pyro's own machinery (`biject_to`); the flow's
-final affine starts at ``init_loc_fn``'s location with ``init_scale`` (or a Laplace scale), so a
-new guide is the diagonal-normal guide Pyro would start from, then the flow layers bend it.
+final affine starts at ``init_loc_fn``'s location with ``init_scale``, so a new guide is the
+diagonal-normal guide Pyro would start from, then the flow layers bend it. A Laplace start
+instead whitens: a fixed last map ``z = MAP + L x`` (``L L^T`` the inverse Hessian), with the
+affine and layers starting as the identity on ``x``.
 """
 
 from __future__ import annotations
@@ -22,8 +24,21 @@ from pyro.infer.autoguide import AutoContinuous, init_to_median
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to
 
-from flowguides._common import AUTO_SCALES, as_spec
-from flowguides.pyro.build import Flow, FlowDistribution, build_flow, get_weights, set_weights
+from flowguides._common import (
+    AUTO_SCALES,
+    FULL_RANK_MAX_DIM,
+    PRECONDITION,
+    as_spec,
+    check_preconditioner,
+)
+from flowguides.pyro.build import (
+    Flow,
+    FlowDistribution,
+    Precondition,
+    build_flow,
+    get_weights,
+    set_weights,
+)
 from flowguides.spec import FlowSpec, SpecError
 
 __all__ = [
@@ -70,11 +85,14 @@ class AutoFlowGuide(AutoContinuous):
             starts at the packed unconstrained location it gives.
         init_scale: initial posterior scale in unconstrained space, a positive float, or
             ``"laplace"``: a short MAP optimisation (L-BFGS) from the initial location, then
-            ``1 / sqrt(diag H)`` with `H` the Hessian of the negative log joint there (0.1
-            with a `LaplaceFallbackWarning` where a diagonal entry is not positive); or
-            ``"auto"``: whichever of the Laplace start and the plain starts with scale 0.1 and
-            1.0 has the highest ELBO (256 draws, fixed seed). Laplace wins by far on badly
-            scaled regressions; funnels, whose MAP collapses a scale to zero, want 1.0.
+            the `preconditioner` ``z = MAP + L x`` with ``L`` the Cholesky factor of ``H^-1``,
+            `H` the Hessian of the negative log joint there (diagonal ``1 / sqrt(diag H)``
+            where `H` is not positive definite or the dimension exceeds `FULL_RANK_MAX_DIM`;
+            0.1 with a `LaplaceFallbackWarning` where a diagonal entry is not positive, and
+            the 0.1 start where there is no mode); or ``"auto"``: whichever of the Laplace
+            start and the plain starts with scale 0.1 and 1.0 has the highest ELBO (256
+            draws, fixed seed). Laplace wins by far on badly scaled, correlated regressions;
+            funnels, whose MAP collapses a scale to zero, want 1.0.
         prefix: the name under which Pyro's param store holds the flow's weights.
 
     Raises:
@@ -139,14 +157,16 @@ class AutoFlowGuide(AutoContinuous):
         init = self._init_loc()
         flow = build_flow(self.spec, dim, seed=int(torch.randint(2**31 - 1, ()))).to(init.dtype)
         if self.init_scale == "laplace":
-            loc, scale = self._laplace(init, *args, **kwargs)
+            loc, scale, fixed = self._laplace(init, *args, **kwargs)
         elif self.init_scale == "auto":
-            loc, scale = self._best_start(init, *args, **kwargs)
+            loc, scale, fixed = self._best_start(init, *args, **kwargs)
         else:
-            loc, scale = init, torch.full_like(init, float(self.init_scale))
+            loc, scale, fixed = init, torch.full_like(init, float(self.init_scale)), None
         with torch.no_grad():
             flow.affine.loc.copy_(loc)
             flow.affine.log_scale.copy_(torch.log(scale))
+        if fixed is not None:
+            flow.precondition = Precondition(*fixed)
         self.flow = flow
 
     def _explain_setup_error(self, exc: Exception) -> None:
@@ -167,10 +187,11 @@ class AutoFlowGuide(AutoContinuous):
                 "nothing for a guide to fit"
             ) from exc
 
-    def _laplace(
-        self, init: torch.Tensor, *args: Any, **kwargs: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """MAP in unconstrained space, then the diagonal Laplace scale."""
+    def _laplace(self, init: torch.Tensor, *args: Any, **kwargs: Any) -> Start:
+        """MAP in unconstrained space, then the Laplace whitening: the affine starts as the
+        identity and the fixed preconditioner holds the MAP and the Cholesky factor of the
+        inverse Hessian (its diagonal alone where the Hessian is not positive definite or the
+        dimension exceeds `FULL_RANK_MAX_DIM`). Falls back to the 0.1 start without a mode."""
 
         def energy(z: torch.Tensor) -> torch.Tensor:
             return -self.log_joint(z, *args, **kwargs)
@@ -195,7 +216,8 @@ class AutoFlowGuide(AutoContinuous):
         except _LeftSupport:
             pass
         loc = best[1]
-        hess = torch.autograd.functional.hessian(energy, loc).diagonal()
+        hessian = torch.autograd.functional.hessian(energy, loc)
+        hess = hessian.diagonal()
         good = torch.isfinite(hess) & (hess > 0)
         scale = torch.where(good, hess.clamp_min(1e-300).rsqrt(), torch.full_like(hess, 0.1))
         # A mode is stationary: its Newton step, in its own scale, is small. A density that
@@ -212,7 +234,12 @@ class AutoFlowGuide(AutoContinuous):
                 LaplaceFallbackWarning,
                 stacklevel=4,
             )
-            return init, torch.full_like(init, 0.1)
+            return init, torch.full_like(init, 0.1), None
+        identity = (torch.zeros_like(loc), torch.ones_like(loc))
+        if good.all() and loc.numel() <= FULL_RANK_MAX_DIM:
+            tril = _inverse_cholesky(hessian)
+            if tril is not None:
+                return (*identity, (loc, tril))
         if not good.all():
             bad = self._coordinate_sites(torch.nonzero(~good).flatten().tolist())
             warnings.warn(
@@ -221,28 +248,28 @@ class AutoFlowGuide(AutoContinuous):
                 LaplaceFallbackWarning,
                 stacklevel=4,
             )
-        return loc, scale
+        return (*identity, (loc, torch.diag(scale)))
 
-    def _best_start(
-        self, init: torch.Tensor, *args: Any, **kwargs: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _best_start(self, init: torch.Tensor, *args: Any, **kwargs: Any) -> Start:
         """The Laplace start or a plain start (`AUTO_SCALES`), whichever has the highest ELBO."""
-        starts = [(init, torch.full_like(init, scale)) for scale in AUTO_SCALES]
+        starts: list[Start] = [(init, torch.full_like(init, s), None) for s in AUTO_SCALES]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", LaplaceFallbackWarning)
-            laplace = self._laplace(init, *args, **kwargs)
-        starts.append(laplace)
+            starts.append(self._laplace(init, *args, **kwargs))
         gen = torch.Generator().manual_seed(0)
         eps = torch.randn((256, init.numel()), generator=gen, dtype=init.dtype)
 
-        def elbo(start: tuple[torch.Tensor, torch.Tensor]) -> float:
-            loc, scale = start
+        def elbo(start: Start) -> float:
+            loc, scale, fixed = start
+            z, log_det = loc + scale * eps, scale.log().sum()
+            if fixed is not None:
+                z, log_det = fixed[0] + z @ fixed[1].T, log_det + fixed[1].diagonal().log().sum()
             try:
                 with torch.no_grad():
-                    log_p = self.log_joint(loc + scale * eps, *args, **kwargs)
+                    log_p = self.log_joint(z, *args, **kwargs)
             except ValueError:  # values outside a support: the start is unusable
                 return -math.inf
-            value = float(log_p.mean() + scale.log().sum())
+            value = float(log_p.mean() + log_det)
             return value if math.isfinite(value) else -math.inf
 
         return max(starts, key=elbo)
@@ -294,6 +321,35 @@ class AutoFlowGuide(AutoContinuous):
     def set_weights(self, weights: Mapping[str, Any]) -> AutoFlowGuide:
         """Copy `weights` into the guide's flow in place (the guide must have been run once)."""
         set_weights(self.get_flow(), weights)
+        return self
+
+    @property
+    def preconditioner(self) -> dict[str, torch.Tensor] | None:
+        """The fixed last map ``z = shift + scale_tril @ x`` of a Laplace start (``shift`` the
+        MAP, ``scale_tril`` the Cholesky factor of the inverse Hessian of the negative log
+        joint there), keyed by `PRECONDITION`; None for a plain start. With it, the affine
+        and the layers work in whitened coordinates (an Adam step moves about one posterior
+        sd whatever the sites' scales) and start as the identity."""
+        self._require_setup()
+        fixed = self.flow.precondition
+        if fixed is None:
+            return None
+        return {PRECONDITION[0]: fixed.shift, PRECONDITION[1]: fixed.scale_tril}
+
+    def set_preconditioner(self, fixed: Mapping[str, Any] | None) -> AutoFlowGuide:
+        """Set (or, with None, remove) the fixed whitening map, keyed by `PRECONDITION`."""
+        self._require_setup()
+        if fixed is None:
+            self.flow.precondition = None
+            return self
+        like = self.flow.affine.loc
+        arrays = check_preconditioner(fixed, self.latent_dim)
+        self.flow.precondition = Precondition(
+            *(
+                torch.as_tensor(arrays[k], dtype=like.dtype, device=like.device)
+                for k in PRECONDITION
+            )
+        )
         return self
 
     def _require_setup(self) -> None:
@@ -401,3 +457,16 @@ def _per_draw(log_prob: torch.Tensor, num: int | None, nest: int) -> torch.Tenso
         return log_prob.expand(num)
     log_prob = log_prob.reshape(*(1,) * (nest + 1 - log_prob.dim()), *log_prob.shape)
     return log_prob.reshape(log_prob.shape[0], -1).sum(-1).expand(num)
+
+
+Start = tuple  # (affine loc, affine scale, (shift, scale_tril) or None)
+
+
+def _inverse_cholesky(hessian: torch.Tensor) -> torch.Tensor | None:
+    """The lower Cholesky factor of ``hessian^-1``, or None where it is not positive definite."""
+    chol, info = torch.linalg.cholesky_ex((hessian + hessian.T) / 2)
+    if int(info) != 0:
+        return None
+    cov = torch.cholesky_inverse(chol)
+    tril, info = torch.linalg.cholesky_ex((cov + cov.T) / 2)
+    return tril if int(info) == 0 and bool(torch.isfinite(tril).all()) else None

@@ -38,6 +38,10 @@ def export_state(obj: Any) -> tuple[FlowSpec, dict[str, np.ndarray], dict[str, A
             "sites": site_meta(_guide_sites(guide)),
             "losses": np.asarray(obj.losses).tolist(),
         }
+        if guide.preconditioner is not None:
+            meta["precondition"] = {
+                k: v.detach().cpu().numpy().tolist() for k, v in guide.preconditioner.items()
+            }
         return obj.spec, guide.get_weights(), meta
     raise SaveError(f"save: cannot save a {type(obj).__name__}")
 
@@ -61,7 +65,7 @@ def import_state(
         guide = AutoFlowGuide(model, spec)
         guide._setup_if_needed(*model_args, **kwargs)
         check_sites(meta, _guide_sites(guide))
-        guide.set_weights(weights)
+        guide.set_weights(weights).set_preconditioner(meta.get("precondition"))
         losses = np.asarray(meta.get("losses", []), dtype=float)
         return PosteriorFit(guide, model, spec, losses, tuple(model_args), kwargs)
     flow = set_weights(build_flow(spec, dim), weights)

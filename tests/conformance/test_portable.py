@@ -1,8 +1,8 @@
 """Fits move between backends: save in one, load in the other, get the same numbers.
 
 A density trained in Pyro and loaded into NumPyro (and back) scores points alike; a posterior
-fitted in one backend and loaded onto the same model written in the other pushes the same base
-noise to the same constrained draws. float64 throughout.
+fitted in one backend (with its Laplace whitening) and loaded onto the same model written in the
+other pushes the same base noise to the same constrained draws. float64 throughout.
 """
 
 from __future__ import annotations
@@ -85,12 +85,20 @@ def test_posterior_moves_to_the_same_model_in_the_other_backend(tmp_path, traine
     other = "numpyro" if trained_in == "pyro" else "pyro"
     backend = fg_pyro if trained_in == "pyro" else fg_numpyro
     model = pyro_model if trained_in == "pyro" else numpyro_model
-    fit = backend.fit_posterior(model, SPEC, num_steps=40, init_scale=0.3, progress=False)
+    # the Laplace start: the guide's fixed whitening map travels with the weights
+    fit = backend.fit_posterior(model, SPEC, num_steps=40, init_scale="laplace", progress=False)
     folder = flowguides.save(fit, tmp_path / "posterior")
     there = flowguides.load(
         folder, backend=other, model=numpyro_model if other == "numpyro" else pyro_model
     )
     assert there.latent_shapes == fit.latent_shapes
+    fixed = fit.guide.preconditioner
+    assert (
+        fixed is not None
+        and float(np.abs(np.tril(np.asarray(fixed["precondition.scale_tril"]), -1)).max()) > 0
+    )
+    for name, value in there.guide.preconditioner.items():
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(fixed[name]))
     eps = np.random.default_rng(0).standard_normal((20, 3))
     ours, theirs = _draws_from_noise(fit, eps), _draws_from_noise(there, eps)
     assert set(ours) == set(theirs) == {"z", "scale", "p"}

@@ -87,3 +87,22 @@ def test_float64_spec_without_jax_x64_names_the_fix():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert "dtype: the spec asks for float64" in out.stdout, out.stderr
     assert "numpyro.enable_x64()" in out.stdout
+
+
+def test_preconditioner_round_trips_and_its_log_det_matches_the_jacobian():
+    from flowguides._common import PRECONDITION
+
+    rng = np.random.default_rng(0)
+    tril = np.tril(rng.normal(size=(3, 3)), -1) + np.diag([0.5, 2.0, 1e-2])
+    spec = SPEC.model_copy(update={"layers": SPEC.layers[:2]})  # exact inverses, no ODE solve
+    fixed = dict(zip(PRECONDITION, (rng.normal(size=3), tril), strict=True))
+    flow = Flow(spec, 3, {**build_flow(spec, 3, seed=0).params, **fixed})
+    assert list(get_weights(flow)) == list(spec.parameter_shapes(3))  # not a spec weight
+    assert PRECONDITION[1] in set_weights(flow, get_weights(flow)).params  # kept by set_weights
+    eps = jnp.asarray(rng.normal(size=(2, 4, 3)))
+    x, ladj = flow.forward_and_log_det(eps)
+    back, inv_ladj = flow.inverse_and_log_det(x)
+    np.testing.assert_allclose(back, eps, rtol=1e-8, atol=1e-8)
+    np.testing.assert_allclose(inv_ladj, -ladj, rtol=1e-10)
+    jac = jax.jacfwd(lambda e: flow.forward_and_log_det(e)[0])(eps[0, 0])
+    np.testing.assert_allclose(ladj[0, 0], np.linalg.slogdet(np.asarray(jac))[1], rtol=1e-8)

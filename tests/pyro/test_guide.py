@@ -106,9 +106,12 @@ def test_laplace_is_exact_for_a_gaussian_posterior():
     guide()
     precision = 1 / 2.0**2 + len(DATA) / 0.5**2
     mean = (DATA.sum() / 0.5**2) / precision
-    torch.testing.assert_close(guide.flow.affine.loc.detach(), mean.reshape(1))
-    scale = guide.flow.affine.log_scale.detach().exp()
-    torch.testing.assert_close(scale, torch.tensor([precision**-0.5], dtype=torch.float64))
+    fixed = guide.preconditioner
+    torch.testing.assert_close(fixed["precondition.shift"], mean.reshape(1))
+    expected = torch.tensor([[precision**-0.5]], dtype=torch.float64)
+    torch.testing.assert_close(fixed["precondition.scale_tril"], expected)
+    # the affine starts as the identity on the whitened coordinates
+    assert not guide.flow.affine.loc.detach().any() and not guide.flow.affine.log_scale.any()
 
 
 def test_laplace_falls_back_with_a_warning_where_the_hessian_is_flat():
@@ -123,7 +126,7 @@ def test_laplace_falls_back_with_a_warning_where_the_hessian_is_flat():
     )
     with pytest.warns(LaplaceFallbackWarning, match=r"sites \['flat'\]"):
         guide()
-    scale = guide.flow.affine.log_scale.detach().exp()
+    scale = guide.preconditioner["precondition.scale_tril"].diagonal()
     torch.testing.assert_close(scale, torch.tensor([1.0, 0.1], dtype=torch.float64))
 
 
@@ -162,11 +165,19 @@ def test_auto_start_takes_the_laplace_scales_of_a_badly_scaled_regression():
     guide()
     design = torch.stack([torch.ones_like(x), x], dim=1)
     precision = design.T @ design + torch.eye(2, dtype=f64) / 100.0**2
-    mean = torch.linalg.solve(precision, design.T @ y)
-    torch.testing.assert_close(guide.flow.affine.loc.detach(), mean, rtol=1e-5, atol=1e-6)
-    scale = guide.flow.affine.log_scale.detach().exp()
-    torch.testing.assert_close(scale, precision.diagonal().rsqrt(), rtol=1e-4, atol=0)
-    assert scale[1] < 1e-3  # far below the 0.1 a plain start would take
+    cov = torch.linalg.inv(precision)
+    mean = cov @ design.T @ y
+    assert cov[0, 1] / (cov[0, 0] * cov[1, 1]).sqrt() < -0.95  # strongly correlated
+    fixed = guide.preconditioner  # full rank: the posterior (Gaussian) exactly
+    torch.testing.assert_close(fixed["precondition.shift"], mean, rtol=1e-5, atol=1e-6)
+    tril = fixed["precondition.scale_tril"]
+    torch.testing.assert_close(tril @ tril.T, cov, rtol=1e-4, atol=0)
+    assert tril[1, 1] < 1e-3  # far below the 0.1 a plain start would take
+    # the guide's density is that Gaussian's, through the fixed map and its log-determinant
+    z = guide.get_posterior().sample((5,))
+    expected = dist.MultivariateNormal(mean, covariance_matrix=cov).log_prob(z)
+    torch.testing.assert_close(guide.get_posterior().log_prob(z), expected, rtol=0, atol=1e-4)
+    torch.testing.assert_close(guide.flow.log_prob(z), expected, rtol=0, atol=1e-4)
 
 
 def funnel():
