@@ -239,11 +239,15 @@ def write_docs(results: Path, docs: Path) -> None:
         cfg = meta["config"]
         parts.append(f"## {titles[name]}\n")
         parts.append(
-            f"Run {meta['date']} ({'quick' if meta['quick'] else 'full'}, {meta['suite_seconds']} s)"
+            f"Latest run {meta['date']} ({'quick' if meta['quick'] else 'full'}, "
+            f"{meta['suite_seconds']} s)"
             f" on {meta['cpu']} ({meta['cpu_count']} cores, load average {meta['load_average']}); "
             f"steps {cfg.get('steps')}, particles {cfg.get('particles', '–')}, evaluation draws "
-            f"{cfg.get('draws', '–')}; versions {meta['versions']}.\n"
-        )
+            f"{cfg.get('draws', '–')}; versions {meta['versions']}."
+            + (f" {meta['rows_from_earlier_runs']} row(s) come from earlier runs (see their steps)."
+               if meta.get("rows_from_earlier_runs") else "")
+            + "\n"
+        )  # fmt: skip
         parts.append(writers[name](rows) + "\n")
     pngs = sorted(p.name for p in img.glob("bench-*.png"))
     if pngs:

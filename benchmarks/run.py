@@ -7,8 +7,9 @@ budget), ``posteriors`` (synthetic targets and the nine posteriordb posteriors: 
 standardised mean error, sd ratio, wall time) and ``densities`` (forward KL: test NLL, wall
 time). ``--quick`` runs a subset with fewer steps (``make bench``, under 15 minutes on one
 thread); ``--only`` keeps the rows whose ``suite:problem:method`` matches a glob (or contains
-the text; ``|`` separates alternatives, and the rows it runs replace their namesakes in the
-existing results). Every row holds numbers or the error its method raised. Threads are pinned to one for
+the text; ``|`` separates alternatives). A run's rows replace their namesakes in
+``benchmarks/results/<suite>.json`` and the other rows stay (each row records its step budget).
+Every row holds numbers or the error its method raised. Threads are pinned to one for
 torch and XLA before either is imported; everything runs in float64.
 """
 
@@ -133,6 +134,7 @@ def _posterior_row(
     row: dict[str, Any] = {"suite": suite, "problem": prob.name, "method": method,
                            "num_steps": budget.num_steps, "num_particles": budget.num_particles}  # fmt: skip
     try:
+        _fresh()
         fitted = fn(prob, budget)
         row.update({k: v for k, v in fitted.timing.items() if k in report.TIMING_KEYS})
         row["final_loss"] = fitted.final_loss
@@ -146,6 +148,18 @@ def _posterior_row(
     except Exception as exc:  # noqa: BLE001 - a method's failure is a result, recorded per row
         row["error"] = _error(exc)
     return row
+
+
+def _fresh() -> None:
+    """Empty JAX's compilation caches (and flowguides' cache of compiled training chunks), so
+    every method pays its own compiles: without this, whichever method runs later on a problem
+    reuses the eager-op compiles of NumPyro's model set-up that an earlier one paid for."""
+    import jax
+
+    from flowguides.numpyro import _training
+
+    jax.clear_caches()
+    _training._COMPILED.clear()
 
 
 def _density_row(name: str, data: densities.DensityData, method: str, steps: int) -> dict:
@@ -171,14 +185,15 @@ def _selected(pattern: str | None, *parts: str) -> bool:
 
 
 def _merged(path: Path, rows: list[dict], meta: dict) -> tuple[dict, list[dict]]:
-    """An ``--only`` run updates its rows in the existing results and keeps the others."""
+    """This run's rows replace their namesakes in the existing results; the others are kept
+    (each row says its own step budget), in the order of the earlier file, new rows last."""
     if not path.exists():
         return meta, rows
     old = json.loads(path.read_text())
-    new = {(r["problem"], r["method"]) for r in rows}
-    kept = [r for r in old["rows"] if (r["problem"], r["method"]) not in new]
-    meta = {**old["meta"], "updated": meta}
-    return meta, kept + rows
+    new = {(r["problem"], r["method"]): r for r in rows}
+    merged = [new.pop((r["problem"], r["method"]), r) for r in old["rows"]]
+    kept = len(old["rows"]) - (len(rows) - len(new))
+    return {**meta, "rows_from_earlier_runs": kept}, merged + list(new.values())
 
 
 def run_suite(suite: str, cfg: dict, only: str | None) -> list[dict]:
@@ -235,8 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="the `make bench` subset")
     parser.add_argument(
         "--only",
-        help="'|'-separated globs (or substrings) over 'suite:problem:method'; the rows it runs "
-        "replace their namesakes in the existing results, the others are kept",
+        help="'|'-separated globs (or substrings) over 'suite:problem:method'",
     )
     parser.add_argument("--suite", nargs="*", choices=("speed", "posteriors", "densities"))
     args = parser.parse_args(argv)
@@ -255,8 +269,7 @@ def main(argv: list[str] | None = None) -> None:
             quick=args.quick, seconds=time.perf_counter() - t0, config=plan[suite]
         )
         path = RESULTS / f"{suite}.json"
-        if args.only:
-            meta, rows = _merged(path, rows, meta)
+        meta, rows = _merged(path, rows, meta)
         text = json.dumps(_jsonable({"meta": meta, "rows": rows}), indent=1, allow_nan=False)
         path.write_text(text)
     report.write_docs(RESULTS, ROOT / "docs")

@@ -197,7 +197,7 @@ class AutoFlowGuide(AutoContinuous):
             return -self.log_joint(z, *args, **kwargs)
 
         z = init.clone().requires_grad_(True)
-        opt = torch.optim.LBFGS([z], max_iter=500, line_search_fn="strong_wolfe")
+        opt = torch.optim.LBFGS([z], max_iter=2000, line_search_fn="strong_wolfe")
         best = [math.inf, init]  # the lowest finite energy seen, and where
 
         def closure() -> torch.Tensor:
