@@ -12,9 +12,9 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 from pyro.distributions import TorchDistribution, constraints
-from pyro.distributions.torch_transform import TransformModule
 from torch import nn
 
+from flowguides.pyro._base import FusedTransformModule
 from flowguides.pyro.coupling import RealNVP
 from flowguides.pyro.ode import NeuralODE
 from flowguides.pyro.planar import Planar
@@ -33,15 +33,11 @@ __all__ = [
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-class Affine(TransformModule):
+class Affine(FusedTransformModule):
     """``x = loc + exp(log_scale) * y``, elementwise; starts as the identity."""
 
-    domain = constraints.real_vector
-    codomain = constraints.real_vector
-    bijective = True
-
     def __init__(self, dim: int, *, dtype: torch.dtype = torch.float32) -> None:
-        super().__init__(cache_size=0)
+        super().__init__()
         self.loc = nn.Parameter(torch.zeros(dim, dtype=dtype))
         self.log_scale = nn.Parameter(torch.zeros(dim, dtype=dtype))
 
@@ -53,26 +49,13 @@ class Affine(TransformModule):
         ladj = -self.log_scale.sum().expand(x.shape[:-1])
         return (x - self.loc) * torch.exp(-self.log_scale), ladj
 
-    def _call(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_and_log_det(x)[0]
 
-    def _inverse(self, y: torch.Tensor) -> torch.Tensor:
-        return self.inverse_and_log_det(y)[0]
-
-    def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.forward_and_log_det(x)[1]
-
-
-class Precondition(TransformModule):
+class Precondition(FusedTransformModule):
     """A fixed (untrained) ``x = shift + scale_tril @ y``: an `AutoFlowGuide`'s whitening from
     its Laplace start, held as buffers (never optimised)."""
 
-    domain = constraints.real_vector
-    codomain = constraints.real_vector
-    bijective = True
-
     def __init__(self, shift: torch.Tensor, scale_tril: torch.Tensor) -> None:
-        super().__init__(cache_size=0)
+        super().__init__()
         self.register_buffer("shift", shift)
         self.register_buffer("scale_tril", scale_tril)
 
@@ -85,15 +68,6 @@ class Precondition(TransformModule):
         centred = (x - self.shift).unsqueeze(-1)
         tril = self.scale_tril.expand(*centred.shape[:-2], *self.scale_tril.shape)
         return torch.linalg.solve_triangular(tril, centred, upper=False).squeeze(-1), ladj
-
-    def _call(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_and_log_det(x)[0]
-
-    def _inverse(self, y: torch.Tensor) -> torch.Tensor:
-        return self.inverse_and_log_det(y)[0]
-
-    def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.forward_and_log_det(x)[1]
 
 
 class Flow(nn.Module):
@@ -109,7 +83,7 @@ class Flow(nn.Module):
     """
 
     def __init__(
-        self, spec: FlowSpec, dim: int, layers: list[TransformModule], affine: Affine | None
+        self, spec: FlowSpec, dim: int, layers: list[FusedTransformModule], affine: Affine | None
     ):
         super().__init__()
         self.spec, self.dim = spec, dim
@@ -118,7 +92,7 @@ class Flow(nn.Module):
         self.precondition: Precondition | None = None
 
     @property
-    def transforms(self) -> list[TransformModule]:
+    def transforms(self) -> list[FusedTransformModule]:
         """All transforms in the generative order (layers, the affine, the preconditioner)."""
         fixed = [t for t in (self.affine, self.precondition) if t is not None]
         return [*self.layers, *fixed]
@@ -245,7 +219,7 @@ def build_flow(spec: FlowSpec, dim: int, *, seed: int = 0) -> Flow:
     spec.check_dim(dim)
     dtype = _DTYPES[spec.dtype]
     generator = torch.Generator().manual_seed(seed)
-    layers: list[TransformModule] = []
+    layers: list[FusedTransformModule] = []
     for i, layer in enumerate(spec.layers):
         if layer.type == "planar":
             layers.append(Planar(dim, layer.repeat, generator=generator, dtype=dtype))

@@ -11,10 +11,9 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from pyro.distributions import constraints
-from pyro.distributions.torch_transform import TransformModule
 from torch import nn
 
+from flowguides.pyro._base import FusedTransformModule
 from flowguides.spec import RealNVPSpec
 
 __all__ = ["ACTIVATION_FUNCTIONS", "RealNVP", "StackedLinear"]
@@ -56,7 +55,7 @@ class StackedLinear(nn.Module):
         return F.linear(h, self.weight[r], self.bias[r])
 
 
-class RealNVP(TransformModule):
+class RealNVP(FusedTransformModule):
     """`repeat` affine couplings with the spec's permutations between consecutive ones.
 
     Coupling `r` keeps ``z[..., :d1]`` (``d1 = dim // 2``) and maps the rest by
@@ -73,10 +72,6 @@ class RealNVP(TransformModule):
         Dinh, Sohl-Dickstein & Bengio, "Density estimation using Real NVP", ICLR 2017.
     """
 
-    domain = constraints.real_vector
-    codomain = constraints.real_vector
-    bijective = True
-
     def __init__(
         self,
         spec: RealNVPSpec,
@@ -85,7 +80,7 @@ class RealNVP(TransformModule):
         generator: torch.Generator | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        super().__init__(cache_size=0)
+        super().__init__()
         if dim < 2:
             raise ValueError(f"dim: a realnvp layer needs dim >= 2, got {dim}")
         self.dim, self.repeat, self.d1 = dim, spec.repeat, dim // 2
@@ -136,12 +131,3 @@ class RealNVP(TransformModule):
             y = torch.cat([y1, (y2 - t) * torch.exp(-s)], dim=-1)
             ladj = ladj - s.sum(-1)
         return y, ladj
-
-    def _call(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_and_log_det(x)[0]
-
-    def _inverse(self, y: torch.Tensor) -> torch.Tensor:
-        return self.inverse_and_log_det(y)[0]
-
-    def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.forward_and_log_det(x)[1]

@@ -228,7 +228,7 @@ class _Trainer:
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optim, lambda step: learning_rate_at(step, num_steps, lr) / lr
         )
-        self.last_good = [p.detach().clone() for p in params]
+        self.last_good = [p.detach().clone() for p in params]  # refreshed in place each step
 
     def step(self, step: int, loss: torch.Tensor, make_fit: Callable[[], Any]) -> float:
         value = float(loss.detach())
@@ -237,10 +237,13 @@ class _Trainer:
                 for p, good in zip(self.params, self.last_good, strict=True):
                     p.copy_(good)
             raise NonFiniteLossError(step, value, self.last_good, make_fit())
-        self.last_good = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for good, p in zip(self.last_good, self.params, strict=True):
+                good.copy_(p)
         self.optim.zero_grad()
         loss.backward()
-        if not all(bool(torch.isfinite(p.grad).all()) for p in self.params if p.grad is not None):
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
             raise NonFiniteGradientError(step, value, self.last_good, make_fit())
         if self.clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)

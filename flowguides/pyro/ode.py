@@ -23,11 +23,10 @@ import warnings
 from collections.abc import Iterator
 
 import torch
-from pyro.distributions import constraints
-from pyro.distributions.torch_transform import TransformModule
 from torch import nn
 from torchdiffeq import odeint, odeint_adjoint
 
+from flowguides.pyro._base import FusedTransformModule
 from flowguides.pyro.coupling import ACTIVATION_FUNCTIONS
 from flowguides.spec import FIXED_STEP_SOLVERS, NeuralODESpec, SpecError
 
@@ -128,7 +127,7 @@ def _solution_norm(state: tuple[torch.Tensor, ...]) -> torch.Tensor:
     return torch.max(state[0].pow(2).mean().sqrt(), state[1].pow(2).mean().sqrt())
 
 
-class NeuralODE(TransformModule):
+class NeuralODE(FusedTransformModule):
     """A continuous normalising flow ``dz/dt = f(z, t)`` from ``t = 0`` (base) to ``t1`` (data).
 
     Attributes:
@@ -157,10 +156,6 @@ class NeuralODE(TransformModule):
         Ghosh et al., "STEER: Simple Temporal Regularization For Neural ODEs", NeurIPS 2020.
     """
 
-    domain = constraints.real_vector
-    codomain = constraints.real_vector
-    bijective = True
-
     def __init__(
         self,
         spec: NeuralODESpec,
@@ -169,7 +164,7 @@ class NeuralODE(TransformModule):
         generator: torch.Generator | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        super().__init__(cache_size=0)
+        super().__init__()
         if spec.solver == "tsit5":
             raise SpecError(
                 "solver: 'tsit5' is not available in the Pyro (torch) backend, torchdiffeq has "
@@ -300,15 +295,6 @@ class NeuralODE(TransformModule):
     def inverse_and_log_det(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(z, log|det dz/dy|)``: integrate backwards from ``t1`` to 0."""
         return self._training_solve(y, inverse=True)
-
-    def _call(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_and_log_det(x)[0]
-
-    def _inverse(self, y: torch.Tensor) -> torch.Tensor:
-        return self.inverse_and_log_det(y)[0]
-
-    def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.forward_and_log_det(x)[1]
 
 
 def check_tolerances(spec: NeuralODESpec, dtype: str) -> None:

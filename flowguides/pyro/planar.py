@@ -11,16 +11,16 @@ import math
 
 import torch
 import torch.nn.functional as F
-from pyro.distributions import constraints
-from pyro.distributions.torch_transform import TransformModule
 from torch import nn
+
+from flowguides.pyro._base import FusedTransformModule
 
 __all__ = ["Planar"]
 
 _LOG_E_MINUS_1 = math.log(math.e - 1.0)
 
 
-class Planar(TransformModule):
+class Planar(FusedTransformModule):
     """`repeat` planar layers ``y = z + u_hat tanh(w.z + b)``, applied in order.
 
     ``u_hat = u + (softplus(w.u) - 1 - w.u) w / |w|^2`` so that ``u_hat.w > -1``: each layer is
@@ -40,10 +40,6 @@ class Planar(TransformModule):
         Rezende & Mohamed, "Variational Inference with Normalizing Flows", ICML 2015.
     """
 
-    domain = constraints.real_vector
-    codomain = constraints.real_vector
-    bijective = True
-
     def __init__(
         self,
         dim: int,
@@ -52,7 +48,7 @@ class Planar(TransformModule):
         generator: torch.Generator | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        super().__init__(cache_size=0)
+        super().__init__()
         self.dim, self.repeat = dim, repeat
         w = torch.randn(repeat, dim, generator=generator, dtype=torch.float64) / math.sqrt(dim)
         u = _LOG_E_MINUS_1 * w / (w * w).sum(-1, keepdim=True)  # u_hat = 0: the identity
@@ -92,15 +88,6 @@ class Planar(TransformModule):
             y = y - u_hat * t.unsqueeze(-1)
             ladj = ladj - torch.log1p((1.0 - t * t) * m)
         return y, ladj
-
-    def _call(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_and_log_det(x)[0]
-
-    def _inverse(self, y: torch.Tensor) -> torch.Tensor:
-        return self.inverse_and_log_det(y)[0]
-
-    def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.forward_and_log_det(x)[1]
 
 
 def _solve_monotone(c: torch.Tensor, m: torch.Tensor, max_iter: int = 100) -> torch.Tensor:
