@@ -6,7 +6,8 @@ adding ``U(0, 1)`` noise to the integer pixels). Each set is split 75/25 with a 
 standardised with the training mean and sd; every method sees the same standardised arrays, so
 test NLLs (mean nats per point) are comparable across methods.
 
-Methods, at matched sizes (:data:`DENSITY_ARCH`) and an equal budget of minibatch steps:
+Methods, at matched sizes (:data:`DENSITY_ARCH`), an equal budget of minibatch steps and the
+same Adam learning rate and schedule (constant, then cosine decay to 1% over the second half):
 flowguides' ``fit_density`` (RealNVP, planar with its exact inverse, neural ODE; both backends),
 zuko's ``RealNVP`` and ``CNF``, normflows' RealNVP and planar flows, FlowJAX's coupling and planar
 flows (``fit_to_data``). A method that cannot fit a density raises; the runner records the error.
@@ -136,19 +137,24 @@ def _flowguides(backend: str, family: str) -> Callable[[DensityData, DensityBudg
 
 
 def _torch_loop(module: object, nll: Callable, data: DensityData, budget: DensityBudget) -> None:
-    """Adam on minibatch NLL for a torch module (the zuko and normflows runs)."""
+    """Adam with the shared schedule on minibatch NLL for a torch module (zuko, normflows)."""
     import torch
+
+    from flowguides._common import learning_rate_at
 
     torch.manual_seed(budget.seed)
     x = torch.as_tensor(data.train)
     opt = torch.optim.Adam(module.parameters(), lr=budget.learning_rate)
+    n = budget.num_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: learning_rate_at(s, n, 1.0))
     gen = torch.Generator().manual_seed(budget.seed)
-    for _ in range(budget.num_steps):
+    for _ in range(n):
         idx = torch.randint(len(x), (min(budget.batch_size, len(x)),), generator=gen)
         loss = nll(x[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
+        sched.step()
 
 
 def _zuko(kind: str) -> Callable[[DensityData, DensityBudget], float]:
@@ -199,9 +205,12 @@ def _flowjax(kind: str) -> Callable[[DensityData, DensityBudget], float]:
     def fit(data: DensityData, budget: DensityBudget) -> float:
         import jax
         import jax.numpy as jnp
+        import optax
         from flowjax.distributions import Normal
         from flowjax.flows import coupling_flow, planar_flow
         from flowjax.train import fit_to_data
+
+        from flowguides._common import decay_steps
 
         d = data.train.shape[1]
         key, sub = jax.random.split(jax.random.key(budget.seed))
@@ -215,9 +224,16 @@ def _flowjax(kind: str) -> Callable[[DensityData, DensityBudget], float]:
             )  # fmt: skip
         n_train = int(0.9 * len(data.train))  # fit_to_data holds out 10% for early stopping
         batch = min(budget.batch_size, n_train)
-        epochs = max(math.ceil(budget.num_steps / max(n_train // batch, 1)), 1)
+        per_epoch = max(n_train // batch, 1)
+        epochs = max(math.ceil(budget.num_steps / per_epoch), 1)
+        total = epochs * per_epoch
+        schedule = optax.join_schedules(
+            [optax.constant_schedule(budget.learning_rate),
+             optax.cosine_decay_schedule(budget.learning_rate, decay_steps(total), alpha=0.01)],
+            [total // 2],
+        )  # fmt: skip
         flow, _ = fit_to_data(
-            key, flow, jnp.asarray(data.train), learning_rate=budget.learning_rate,
+            key, flow, jnp.asarray(data.train), optimizer=optax.adam(schedule),
             max_epochs=epochs, max_patience=max(epochs // 4, 5), batch_size=batch,
             show_progress=False,
         )  # fmt: skip
