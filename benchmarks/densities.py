@@ -113,7 +113,7 @@ def load(name: str, n_synthetic: int = 8000, seed: int = 0) -> DensityData:
 
 
 # -- methods: each returns the test NLL (mean nats per point) ---------------------------------
-def _flowguides(backend: str, family: str) -> Callable[[DensityData, DensityBudget], float]:
+def _flowguides(backend: str, family: str) -> Callable[[DensityData, DensityBudget], np.ndarray]:
     def fit(data: DensityData, budget: DensityBudget) -> float:
         import importlib
 
@@ -131,7 +131,7 @@ def _flowguides(backend: str, family: str) -> Callable[[DensityData, DensityBudg
             data.train, spec, num_steps=budget.num_steps, batch_size=budget.batch_size,
             learning_rate=budget.learning_rate, seed=budget.seed, progress=False,
         )  # fmt: skip
-        return float(-np.mean(res.log_prob(data.test)))
+        return -np.asarray(res.log_prob(data.test))
 
     return fit
 
@@ -157,7 +157,7 @@ def _torch_loop(module: object, nll: Callable, data: DensityData, budget: Densit
         sched.step()
 
 
-def _zuko(kind: str) -> Callable[[DensityData, DensityBudget], float]:
+def _zuko(kind: str) -> Callable[[DensityData, DensityBudget], np.ndarray]:
     def fit(data: DensityData, budget: DensityBudget) -> float:
         import torch
         import zuko
@@ -173,12 +173,12 @@ def _zuko(kind: str) -> Callable[[DensityData, DensityBudget], float]:
         flow = flow.double()
         _torch_loop(flow, lambda xb: -flow().log_prob(xb).mean(), data, budget)
         with torch.no_grad():
-            return float(-flow().log_prob(torch.as_tensor(data.test)).mean())
+            return -flow().log_prob(torch.as_tensor(data.test)).numpy()
 
     return fit
 
 
-def _normflows(kind: str) -> Callable[[DensityData, DensityBudget], float]:
+def _normflows(kind: str) -> Callable[[DensityData, DensityBudget], np.ndarray]:
     def fit(data: DensityData, budget: DensityBudget) -> float:
         import normflows as nf
         import torch
@@ -196,12 +196,12 @@ def _normflows(kind: str) -> Callable[[DensityData, DensityBudget], float]:
         model = model.double()
         _torch_loop(model, model.forward_kld, data, budget)
         with torch.no_grad():
-            return float(-model.log_prob(torch.as_tensor(data.test)).mean())
+            return -model.log_prob(torch.as_tensor(data.test)).numpy()
 
     return fit
 
 
-def _flowjax(kind: str) -> Callable[[DensityData, DensityBudget], float]:
+def _flowjax(kind: str) -> Callable[[DensityData, DensityBudget], np.ndarray]:
     def fit(data: DensityData, budget: DensityBudget) -> float:
         import jax
         import jax.numpy as jnp
@@ -237,12 +237,12 @@ def _flowjax(kind: str) -> Callable[[DensityData, DensityBudget], float]:
             max_epochs=epochs, max_patience=max(epochs // 4, 5), batch_size=batch,
             show_progress=False,
         )  # fmt: skip
-        return float(-jnp.mean(flow.log_prob(jnp.asarray(data.test))))
+        return -np.asarray(flow.log_prob(jnp.asarray(data.test)))
 
     return fit
 
 
-DENSITY_METHODS: dict[str, Callable[[DensityData, DensityBudget], float]] = {
+DENSITY_METHODS: dict[str, Callable[[DensityData, DensityBudget], np.ndarray]] = {
     "flowguides-pyro RealNVP": _flowguides("pyro", "realnvp"),
     "flowguides-pyro planar": _flowguides("pyro", "planar"),
     "flowguides-pyro neural ODE": _flowguides("pyro", "neural_ode"),
@@ -256,12 +256,13 @@ DENSITY_METHODS: dict[str, Callable[[DensityData, DensityBudget], float]] = {
     "flowjax coupling": _flowjax("coupling"),
     "flowjax planar": _flowjax("planar"),
 }
-"""Density method name -> ``fit(data, budget) -> test NLL``; time it from outside."""
+"""Density method name -> ``fit(data, budget) -> per-point test NLL``; time it from outside."""
 
 
-def timed(fit: Callable[[DensityData, DensityBudget], float], data: DensityData,
-          budget: DensityBudget) -> tuple[float, float]:  # fmt: skip
-    """``(test NLL, wall seconds)`` of one method (after emptying JAX's compilation caches)."""
+def timed(fit: Callable[[DensityData, DensityBudget], np.ndarray], data: DensityData,
+          budget: DensityBudget) -> tuple[np.ndarray, float]:  # fmt: skip
+    """``(per-point test NLL, wall seconds)`` of one method (after emptying JAX's compilation
+    caches)."""
     import jax
 
     jax.clear_caches()
