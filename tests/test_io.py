@@ -103,3 +103,23 @@ def test_load_errors(tmp_path) -> None:
     folder = write_folder(tmp_path / "fit", SPEC, weights(), META)
     with pytest.raises(ValueError, match="backend: expected one of"):
         load(folder, backend="tensorflow")
+
+
+@pytest.mark.parametrize(
+    ("fixed", "message"),
+    [
+        ({"precondition.shift": [0.0, 0.0]}, r"expected the keys"),
+        ({"precondition.shift": [0.0], "precondition.scale_tril": np.eye(2)}, r"shapes \(2,\)"),
+        ({"precondition.shift": [0.0, 0.0], "precondition.scale_tril": [[1.0, 2.0], [0.0, 1.0]]},
+         "lower triangular"),
+        ({"precondition.shift": [0.0, 0.0], "precondition.scale_tril": [[1.0, 0.0], [0.5, -1.0]]},
+         "positive diagonal"),
+    ],
+)  # fmt: skip
+def test_a_bad_preconditioner_is_named(fixed, message):
+    from flowguides._common import check_preconditioner
+
+    with pytest.raises(ValueError, match=message):
+        check_preconditioner(fixed, 2)
+    good = {"precondition.shift": [1.0, 2.0], "precondition.scale_tril": [[1.0, 0.0], [0.5, 2.0]]}
+    assert check_preconditioner(good, 2)["precondition.scale_tril"].shape == (2, 2)
