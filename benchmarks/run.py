@@ -63,7 +63,8 @@ _DENS_QUICK = (
 
 QUICK: dict[str, Any] = {
     "speed": {
-        "steps": 300, "particles": 8, "draws": 2000,
+        # 1,000 steps: nine timed 100-step blocks after the compile for every method
+        "steps": 1000, "particles": 8, "draws": 2000,
         # the Pyro neural ODE (torchdiffeq, ~2 steps/s here) runs in the full suite only
         "plan": {
             "funnel": tuple(m for m in anchors.SPEED_METHODS if not m.startswith("flowguides-pyro neural ODE")),

@@ -129,8 +129,10 @@ def run_chunks(
 
 def timing(setup_s: float, seconds: list[float], num_steps: int) -> dict[str, float]:
     """``setup_s`` (guide set-up and start search), ``compile_s`` (first chunk minus a steady
-    one; 0 when the compiled chunk came from the cache) and steady ``steps_per_s``."""
-    steady = float(np.median(seconds[1:])) if len(seconds) > 1 else None
-    per_step = (steady if steady is not None else seconds[0]) / CHUNK
+    one; 0 when the compiled chunk came from the cache) and steady ``steps_per_s``: that of
+    the fastest full chunk after the first (the first compiles; the fastest, as ``timeit``
+    takes the best of its repeats, is the least disturbed by other work on the machine)."""
+    full = [s for i, s in enumerate(seconds) if i > 0 and (i + 1) * CHUNK <= num_steps]
+    per_step = (min(full) if full else seconds[0]) / CHUNK
     compile_s = max(seconds[0] - per_step * min(CHUNK, num_steps), 0.0)
     return {"setup_s": setup_s, "compile_s": compile_s, "steps_per_s": 1.0 / per_step}

@@ -25,6 +25,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import jax
@@ -33,9 +34,12 @@ import numpy as np
 import optax
 from jax import lax
 from numpyro import handlers
+from numpyro.distributions import constraints
+from numpyro.distributions.transforms import biject_to
 from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.initialization import init_to_median
-from numpyro.infer.util import log_density
+from numpyro.infer.svi import SVIState
+from numpyro.infer.util import log_density, transform_fn
 from numpyro.infer.util import log_likelihood as _numpyro_log_likelihood
 
 from flowguides._common import (
@@ -87,7 +91,8 @@ class PosteriorFit(PosteriorFitMethods):
             particles, whose per-step evaluation counts `SVI.update` does not return.
         timing: ``setup_s`` (guide set-up: NumPyro's model tracing, the `init_scale`
             search), ``compile_s`` (the training chunk's XLA compile, ~0 when a previous
-            call with the same shapes compiled it) and steady ``steps_per_s``.
+            call with the same shapes compiled it) and steady ``steps_per_s`` (the fastest
+            100-step chunk after the first).
     """
 
     guide: AutoFlowGuide
@@ -204,7 +209,7 @@ def fit_posterior(
     guide = AutoFlowGuide(model, spec, init_loc_fn=init_loc_fn, init_scale=init_scale)
     optimizer = make_optimizer(num_steps, learning_rate, clip_norm)
     svi = SVI(model, guide, optimizer, Trace_ELBO(num_particles, vectorize_particles=True))
-    state = jax.block_until_ready(svi.init(jax.random.key(seed), *args, **kwargs))
+    state = jax.block_until_ready(_init_state(svi, guide, jax.random.key(seed), args, kwargs))
     setup_s = time.perf_counter() - t0
     arrays, signature, rebuild = split_args(args, kwargs)
     key = ("posterior", model, spec, num_steps, learning_rate, num_particles, clip_norm, signature)
@@ -223,6 +228,25 @@ def fit_posterior(
     return PosteriorFit(
         guide, model, spec, svi.get_params(state), losses, args, kwargs, seed, timing=times
     )
+
+
+def _init_state(
+    svi: SVI, guide: AutoFlowGuide, key: jax.Array, args: tuple, kwargs: dict
+) -> SVIState:
+    """`svi.init` without its eager pass through the guide and the model (an XLA compile per
+    distinct operation): the guide's set-up fixes every parameter, all unconstrained, so the
+    state is the optimiser's state of `guide.initial_params`. The keys split as in
+    `SVI.init`. A model with its own `param` or `mutable` sites takes `svi.init`."""
+    state_key, _, guide_key = jax.random.split(key, 3)
+    with handlers.block(), handlers.seed(rng_seed=guide_key):
+        guide._setup_prototype(*args, **kwargs)
+    kinds = {site["type"] for site in guide.prototype_trace.values()}
+    if kinds & {"param", "mutable"}:
+        return svi.init(key, *args, **kwargs)
+    params = guide.initial_params()
+    identity = biject_to(constraints.real)
+    svi.constrain_fn = partial(transform_fn, dict.fromkeys(params, identity))
+    return SVIState(jax.jit(svi.optim.init)(params), None, state_key)
 
 
 def _posterior_chunk(svi: SVI, rebuild: Callable[[list], tuple], num_steps: int):

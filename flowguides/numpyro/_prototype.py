@@ -1,0 +1,126 @@
+"""NumPyro's guide set-up with its numerical work compiled once, not run op by op.
+
+`AutoGuide._setup_prototype` calls `initialize_model`, which runs the model eagerly several
+times (the init strategy's prior draws, the transforms, the potential energy and its gradient):
+every distinct eager operation is an XLA compile of its own, about half of `AutoIAFNormal`'s
+time to its first step on a 10-D problem. `StagedPrototype` does the same work as one jitted
+call of `initialize_model` (cached per model, init strategy and argument shapes, so a second
+guide of the same model pays nothing), then traces the model once eagerly at the values it
+found, for the prototype trace that NumPyro's guide machinery reads. It is a drop-in base
+between `AutoContinuous` and `AutoGuide` in the method resolution order, and falls back to
+NumPyro's own set-up wherever the staged path does not apply: a traced key or argument (set-up
+inside `jit`), `param`/`mutable` sites or discrete latent sites in the model, a subsampled
+plate, no valid initial point (NumPyro then raises its own diagnostics), or a NumPyro without
+the helpers used here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpyro
+from numpyro import handlers
+from numpyro.infer.autoguide import AutoGuide
+from numpyro.infer.util import get_potential_fn, initialize_model
+
+from flowguides.numpyro._training import cached, split_args
+
+try:  # NumPyro >= 0.20
+    from numpyro.infer.util import _prepare_model_for_potential, _transforms_from_trace
+except ImportError:  # pragma: no cover - older NumPyro: its own set-up
+    _prepare_model_for_potential = _transforms_from_trace = None
+
+__all__ = ["StagedPrototype", "staged_prototype"]
+
+_TRACES = {"init": 0}  # times the init program was traced (tests read it)
+
+
+class StagedPrototype(AutoGuide):
+    """`AutoGuide._setup_prototype`, staged (see the module docstring)."""
+
+    def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
+        staged = staged_prototype(self.model, self.init_loc_fn, numpyro.prng_key(), args, kwargs)
+        if staged is None:
+            super()._setup_prototype(*args, **kwargs)
+            return
+        self._init_locs, self._potential_fn_gen, postprocess_fn_gen, self.prototype_trace = staged
+        self._potential_fn = self._potential_fn_gen(*args, **kwargs)
+        self._postprocess_fn = handlers.seed(postprocess_fn_gen(*args, **kwargs), rng_seed=0)
+        self._prototype_frames = {}
+        self._prototype_plate_sizes = {}
+        for name, site in self.prototype_trace.items():
+            if site["type"] == "sample" and not site["is_observed"]:
+                for frame in site["cond_indep_stack"]:
+                    known = self._prototype_frames.setdefault(frame.name, frame)
+                    if known != frame:
+                        raise ValueError(
+                            f"plate {frame.name!r}: inconsistent dim or size between sites "
+                            f"({known} and {frame} at site {name!r})"
+                        )
+            elif site["type"] == "plate":
+                self._prototype_frame_full_sizes[name] = site["args"][0]
+
+
+def staged_prototype(
+    model: Callable[..., Any],
+    init_loc_fn: Callable[..., Any],
+    key: jax.Array | None,
+    args: tuple,
+    kwargs: dict,
+) -> tuple[dict, Callable, Callable, dict] | None:
+    """``(init_locs, potential_fn_gen, postprocess_fn_gen, prototype_trace)`` as
+    `initialize_model` (``dynamic_args=True``) gives them, or None where the staged path does
+    not apply."""
+    if key is None or _transforms_from_trace is None or isinstance(key, jax.core.Tracer):
+        return None
+    arrays, signature, rebuild = split_args(args, kwargs)
+    if any(isinstance(a, jax.core.Tracer) for a in arrays):
+        return None
+
+    def init(key: jax.Array, arrays: list) -> tuple[dict, dict, jax.Array]:
+        _TRACES["init"] += 1
+        a, k = rebuild(arrays)
+        with handlers.block():  # hide the model's sites from the caller's handlers
+            info = initialize_model(
+                key, model, init_strategy=init_loc_fn, dynamic_args=True, model_args=a,
+                model_kwargs=k,
+            )  # fmt: skip
+        z, energy, grad = info.param_info
+        valid = jnp.isfinite(energy)
+        for g in jax.tree.leaves(grad):
+            valid = valid & jnp.all(jnp.isfinite(g))
+        # constrained values of the latent sites only (a replayed model adds deterministic ones)
+        with handlers.block():
+            values = info.postprocess_fn(*a, **k)(z)
+        return z, {name: values[name] for name in z}, valid
+
+    try:
+        program = cached(("prototype", model, init_loc_fn, signature), lambda: jax.jit(init))
+        z, values, valid = program(key, arrays)
+    except Exception:  # noqa: BLE001 - NumPyro's own set-up raises its own, clearer error
+        return None
+    if not bool(valid):
+        return None
+    with handlers.block():
+        trace = handlers.trace(handlers.substitute(handlers.seed(model, key), data=values))
+        trace = trace.get_trace(*args, **kwargs)
+    for site in trace.values():
+        if site["type"] in ("param", "mutable"):
+            return None
+        if site["type"] == "sample" and not site["is_observed"]:
+            if site["fn"].support.is_discrete:
+                return None
+        if site["type"] == "plate" and site["args"][1] not in (None, site["args"][0]):
+            return None  # subsampled: NumPyro replays the prototype's indices
+    transforms = _transforms_from_trace(trace, raise_warnings=False)
+    replay = transforms.has_deterministic or transforms.dynamic_support
+    prepared = _prepare_model_for_potential(model, trace, enum=False)
+    potential_gen, postprocess_gen = get_potential_fn(
+        prepared, transforms.inv_transforms, replay_model=replay, dynamic_args=True
+    )
+    # jit returns dicts in sorted key order; NumPyro packs latent sites in model order
+    init_locs = {name: z[name] for name in trace if name in z}
+    return init_locs, potential_gen, postprocess_gen, trace
