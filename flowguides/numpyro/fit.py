@@ -12,7 +12,7 @@ constant for the first half, then cosine decay to 1% of `learning_rate` at the l
 
 Neural-ODE layers train inside `training_solves`: STEER end times and the RNODE penalty
 ``kinetic_weight * KE + jacobian_weight * JF`` (mean over points or particles, summed over
-layers) added to the loss. `fit_density` records per step, in ``fit.history``, the field
+layers) added to the loss. Both fits record per step, in ``fit.history``, the field
 evaluations of the loss (``"nfe_forward"``: diffrax's step count times the solver's
 evaluations per step, plus its start-up evaluation), of its gradient (``"nfe_backward"``: one
 vector-Jacobian product per recorded evaluation, as in Pyro; left out with ``adjoint=True``,
@@ -87,8 +87,11 @@ class PosteriorFit(PosteriorFitMethods):
             weight it includes the penalty (a factor in the guide, see `AutoFlowGuide`).
         args, kwargs: the model's arguments.
         backend: ``"numpyro"``.
-        history: always empty here: the guide's solves run inside numpyro's vectorised
-            particles, whose per-step evaluation counts `SVI.update` does not return.
+        history: per-step arrays for neural-ODE flows, as in `fit_density` and the Pyro
+            backend: ``"nfe_forward"`` (field evaluations of the vectorised particles' solves:
+            the most any particle's solve needed, which is what the batched solve runs),
+            ``"nfe_backward"`` (unless a layer uses the adjoint) and ``"regularization"`` (the
+            mean RNODE penalty, when a regulariser weight is positive); empty otherwise.
         timing: ``setup_s`` (guide set-up: NumPyro's model tracing, the `init_scale`
             search), ``compile_s`` (the training chunk's XLA compile, ~0 when a previous
             call with the same shapes compiled it) and steady ``steps_per_s`` (the fastest
@@ -208,26 +211,67 @@ def fit_posterior(
     t0 = time.perf_counter()
     guide = AutoFlowGuide(model, spec, init_loc_fn=init_loc_fn, init_scale=init_scale)
     optimizer = make_optimizer(num_steps, learning_rate, clip_norm)
-    svi = SVI(model, guide, optimizer, Trace_ELBO(num_particles, vectorize_particles=True))
-    state = jax.block_until_ready(_init_state(svi, guide, jax.random.key(seed), args, kwargs))
+    entries = _history_entries(spec)
+    has_ode = any(layer.type == "neural_ode" for layer in spec.layers)
+    elbo = (
+        _RecordingELBO(num_particles, entries)
+        if has_ode
+        else Trace_ELBO(num_particles, vectorize_particles=True)
+    )
+    svi = SVI(model, guide, optimizer, elbo)
+    state = _init_state(svi, guide, jax.random.key(seed), args, kwargs)
+    if isinstance(elbo, _RecordingELBO):  # the step's records travel as SVI mutable state
+        zeros = entries(np.zeros((), np.int32), np.zeros((), default_float()))
+        state = state._replace(mutable_state={_HISTORY: zeros})
+    state = jax.block_until_ready(state)
     setup_s = time.perf_counter() - t0
     arrays, signature, rebuild = split_args(args, kwargs)
     key = ("posterior", model, spec, num_steps, learning_rate, num_particles, clip_norm, signature)
     run_chunk = cached(key, lambda: _posterior_chunk(svi, rebuild, num_steps))
     carry = (state, state, jnp.asarray(False), jnp.asarray(-1))
     seconds: list[float] = []
-    (state, good, stopped, bad_step), losses = run_chunks(
+    (state, good, stopped, bad_step), (losses, steps) = run_chunks(
         run_chunk, carry, arrays, num_steps, progress, seconds
     )
     times = timing(setup_s, seconds, num_steps)
+    ran = int(bad_step) + 1 if bool(stopped) else num_steps
+    history = {name: np.asarray(values[:ran]) for name, values in steps.items()}
+    extra = {"timing": times, "history": history}
     if bool(stopped):
         fit = PosteriorFit(
-            guide, model, spec, svi.get_params(good), losses, args, kwargs, seed, timing=times
+            guide, model, spec, svi.get_params(good), losses, args, kwargs, seed, **extra
         )
         raise NonFiniteLossError(int(bad_step), float(losses[int(bad_step)]), fit.params, fit)
     return PosteriorFit(
-        guide, model, spec, svi.get_params(state), losses, args, kwargs, seed, timing=times
+        guide, model, spec, svi.get_params(state), losses, args, kwargs, seed, **extra
     )
+
+
+_HISTORY = "_flowguides_history"  # the SVI mutable-state entry of `_RecordingELBO`
+
+
+class _RecordingELBO(Trace_ELBO):
+    """`Trace_ELBO` with vectorised particles that also returns, as SVI mutable state, the
+    step's history entries: each particle runs as NumPyro's single-particle ELBO (the same
+    keys, so the same loss as ``Trace_ELBO(num_particles, vectorize_particles=True)``) inside
+    its own `training_solves` block, which collects its guide's solves."""
+
+    def __init__(self, num_particles: int, entries: Callable[..., dict]) -> None:
+        super().__init__(num_particles=num_particles, vectorize_particles=True)
+        self._single = Trace_ELBO(num_particles=1)
+        self._entries = entries
+
+    def loss_with_mutable_state(self, rng_key, param_map, model, guide, *args, **kwargs):
+        def one(key: jax.Array):
+            with training_solves() as records:
+                loss = self._single.loss(key, param_map, model, guide, *args, **kwargs)
+            nfe = sum((jnp.asarray(r["nfe"], jnp.int32) for r in records), jnp.zeros((), jnp.int32))
+            penalty = sum((jnp.mean(r["penalty"]) for r in records if "penalty" in r), 0.0)
+            return loss, nfe, jnp.asarray(penalty, default_float())
+
+        losses, nfe, penalty = jax.vmap(one)(jax.random.split(rng_key, self.num_particles))
+        entries = self._entries(jnp.max(nfe), jnp.mean(penalty))
+        return {"loss": jnp.mean(losses), "mutable_state": {_HISTORY: entries}}
 
 
 def _init_state(
@@ -261,13 +305,15 @@ def _posterior_chunk(svi: SVI, rebuild: Callable[[list], tuple], num_steps: int)
                     new, loss = svi.update(state, *args, **kwargs)
                 finite = jnp.isfinite(loss)
                 good = lax.cond(finite, lambda: state, lambda: good)
+                steps = (new.mutable_state or {}).get(_HISTORY, {})
                 new = lax.cond(finite, lambda: new, lambda: state)
-                return (new, good, ~finite, jnp.where(finite, bad_step, i)), loss.astype(
-                    default_float()
-                )
+                out = (loss.astype(default_float()), steps)
+                return (new, good, ~finite, jnp.where(finite, bad_step, i)), out
 
             def skip(c: tuple):
-                return c, jnp.asarray(jnp.nan, default_float())
+                steps = (c[0].mutable_state or {}).get(_HISTORY, {})
+                nan = jnp.asarray(jnp.nan, default_float())
+                return c, (nan, jax.tree.map(jnp.zeros_like, steps))
 
             return lax.cond((i < num_steps) & ~c[2], run, skip, c)
 
@@ -458,10 +504,9 @@ def _check_objective(spec: FlowSpec, objective: str, sigma_min: float) -> None:
         )
 
 
-def _density_losses(spec: FlowSpec, dim: int, objective: str, sigma_min: float):
-    """``train_loss(params, x, key) -> (loss + penalty, (loss, entries))``,
-    ``val_loss(params, val, noise, key)`` and ``entries(nfe, penalty)``: the per-step history
-    entries (empty without neural-ODE layers)."""
+def _history_entries(spec: FlowSpec) -> Callable[[jax.Array, jax.Array], dict[str, jax.Array]]:
+    """``entries(nfe, penalty)``: one step's history entries (empty without neural-ODE
+    layers); a gradient's evaluations equal the loss's except under the adjoint."""
     has_ode = any(layer.type == "neural_ode" for layer in spec.layers)
     backward = not any(getattr(layer, "adjoint", False) for layer in spec.layers)
     regularized = any(
@@ -476,6 +521,15 @@ def _density_losses(spec: FlowSpec, dim: int, objective: str, sigma_min: float):
         if regularized:
             out["regularization"] = jnp.asarray(penalty, default_float())
         return out
+
+    return entries
+
+
+def _density_losses(spec: FlowSpec, dim: int, objective: str, sigma_min: float):
+    """``train_loss(params, x, key) -> (loss + penalty, (loss, entries))``,
+    ``val_loss(params, val, noise, key)`` and ``entries(nfe, penalty)``: the per-step history
+    entries (empty without neural-ODE layers)."""
+    entries = _history_entries(spec)
 
     def field_loss(params: dict, x1: jax.Array, x0: jax.Array, t: jax.Array) -> jax.Array:
         layer = Flow(spec, dim, params).transform().layers()[0]

@@ -238,6 +238,7 @@ class AutoFlowGuide(AutoContinuous, StagedPrototype):
             return super()._sample_latent(*args, **kwargs)
         with ode.training_solves() as records:  # this draw's own solves (inside vmap)
             latent = super()._sample_latent(*args, **kwargs)
+        ode.pass_up(records)  # for the caller's history (see `fit_posterior`)
         penalties = [jnp.mean(r["penalty"]) for r in records if "penalty" in r]
         if penalties:
             numpyro.factor(f"_{self.prefix}_rnode_penalty", sum(penalties))

@@ -311,6 +311,12 @@ def training_solves() -> Iterator[list[dict]]:
         _RECORDERS.pop()
 
 
+def pass_up(records: list[dict]) -> None:
+    """Append `records` (of an inner block that has ended) to the innermost open block."""
+    if _RECORDERS:
+        _RECORDERS[-1].extend(records)
+
+
 def in_training_solves() -> bool:
     """Whether the code being traced runs inside a `training_solves` block."""
     return bool(_RECORDERS)
