@@ -16,8 +16,8 @@ layers) added to the loss. Both fits record per step, in ``fit.history``, the fi
 evaluations of the loss (``"nfe_forward"``: diffrax's step count times the solver's
 evaluations per step, plus its start-up evaluation), of its gradient (``"nfe_backward"``: one
 vector-Jacobian product per recorded evaluation, as in Pyro; left out with ``adjoint=True``,
-whose backward solve is not observable) and the penalty (``"regularization"``). It can also
-train a single neural-ODE layer by flow matching (``objective="flow_matching"``).
+whose backward solve is not observable) and the penalty (``"regularization"``). `fit_density`
+can also train a single neural-ODE layer by flow matching (``objective="flow_matching"``).
 """
 
 from __future__ import annotations
