@@ -52,6 +52,10 @@ _SPEED_CORE = (
     "flowguides-numpyro RealNVP (SVI loop)", "flowguides-numpyro RealNVP (fit_posterior)",
     "numpyro AutoIAFNormal", "bare JAX RealNVP (floor)",
 )  # fmt: skip
+_ROUNDED = (
+    "flowguides-numpyro RealNVP (fit_posterior)", "numpyro AutoIAFNormal",
+    "bare JAX RealNVP (floor)",
+)  # fmt: skip
 _POST_QUICK = (
     "flowguides-pyro RealNVP", "flowguides-numpyro RealNVP", "numpyro AutoIAFNormal",
     "numpyro NUTS",
@@ -65,6 +69,8 @@ QUICK: dict[str, Any] = {
     "speed": {
         # 1,000 steps: nine timed 100-step blocks after the compile for every method
         "steps": 1000, "particles": 8, "draws": 2000,
+        # the rows of the NumPyro speed goals run three times, interleaved (see _timing_rounds)
+        "rounds": 3, "rounded": _ROUNDED,
         # the Pyro neural ODE (torchdiffeq, ~2 steps/s here) runs in the full suite only
         "plan": {
             "funnel": tuple(m for m in anchors.SPEED_METHODS if not m.startswith("flowguides-pyro neural ODE")),
@@ -85,7 +91,7 @@ QUICK: dict[str, Any] = {
 
 FULL: dict[str, Any] = {
     "speed": {
-        "steps": 2000, "particles": 8, "draws": 10_000,
+        "steps": 2000, "particles": 8, "draws": 10_000, "rounds": 3, "rounded": _ROUNDED,
         "plan": {p: tuple(anchors.SPEED_METHODS) for p in ("funnel", "logistic")},
     },
     "posteriors": {
@@ -221,10 +227,38 @@ def run_suite(suite: str, cfg: dict, only: str | None) -> list[dict]:
             ]
             continue
         budget = anchors.Budget(num_steps=cfg["steps"], num_particles=cfg["particles"])
+        mine = []
         for m in methods:
-            rows.append(_posterior_row(suite, prob, m, budget, cfg["draws"], report.KEPT))
-            _log(rows[-1])
+            mine.append(_posterior_row(suite, prob, m, budget, cfg["draws"], report.KEPT))
+            _log(mine[-1])
+        _timing_rounds(prob, budget, mine, cfg.get("rounds", 1), cfg.get("rounded", ()))
+        rows += mine
     return rows
+
+
+def _timing_rounds(
+    prob: anchors.Problem, budget: anchors.Budget, rows: list[dict], rounds: int, rounded: tuple
+) -> None:
+    """Rerun the `rounded` methods `rounds - 1` more times, interleaved (A B C A B C ...), and
+    keep each row's best: the highest steps/s, the lowest set-up and compile. Other work on a
+    shared machine slows a whole run for seconds at a time (a row's fastest 100-step block moved
+    by 1.7x between runs here), which a best-of over blocks within one run cannot see past."""
+    again = [r for r in rows if r["method"] in rounded and "error" not in r]
+    for _ in range(rounds - 1):
+        for row in again:
+            try:
+                _fresh()
+                timing = {**anchors.SPEED_METHODS, **anchors.METHODS}[row["method"]](
+                    prob, budget
+                ).timing
+            except Exception:  # noqa: BLE001 - the first round's row stands
+                continue
+            for key, better in (("steps_per_s", max), ("setup_s", min), ("compile_s", min)):
+                if isinstance(row.get(key), float) and isinstance(timing.get(key), float):
+                    row[key] = better(row[key], timing[key])
+            row["timing_rounds"] = row.get("timing_rounds", 1) + 1
+            print(f"[{row['suite']}] {row['problem']} | {row['method']}: round "
+                  f"{row['timing_rounds']} steps_per_s={row['steps_per_s']:.3g}", flush=True)  # fmt: skip
 
 
 def _log(row: dict) -> None:
