@@ -240,7 +240,7 @@ def fit_posterior(
     arrays, signature, rebuild = split_args(args, kwargs)
     key = ("posterior", model, spec, num_steps, learning_rate, num_particles, clip_norm, signature)
     run_chunk = cached(key, lambda: _posterior_chunk(svi, rebuild, num_steps))
-    carry = (state, state, jnp.asarray(False), jnp.asarray(-1))
+    carry = (state, svi.optim.get_params(state.optim_state), jnp.asarray(False), jnp.asarray(-1))
     seconds: list[float] = []
     (state, good, stopped, bad_step), (losses, steps) = run_chunks(
         run_chunk, carry, arrays, num_steps, progress, seconds
@@ -251,7 +251,7 @@ def fit_posterior(
     extra = {"timing": times, "history": history}
     if bool(stopped):
         fit = PosteriorFit(
-            guide, model, spec, svi.get_params(good), losses, args, kwargs, seed, **extra
+            guide, model, spec, svi.constrain_fn(good), losses, args, kwargs, seed, **extra
         )
         raise NonFiniteLossError(int(bad_step), float(losses[int(bad_step)]), fit.params, fit)
     return PosteriorFit(
@@ -316,9 +316,11 @@ def _posterior_chunk(svi: SVI, rebuild: Callable[[list], tuple], num_steps: int)
                 with training_solves():  # the guide adds its RNODE penalty as a factor
                     new, loss = svi.update(state, *args, **kwargs)
                 finite = jnp.isfinite(loss)
-                good = lax.cond(finite, lambda: state, lambda: good)
+                # the parameters this finite loss was computed at (not the optimiser state:
+                # after a non-finite loss training stops, and only these are returned)
+                params = svi.optim.get_params(state.optim_state)
+                good = jax.tree.map(lambda a, b: jnp.where(finite, a, b), params, good)
                 steps = (new.mutable_state or {}).get(_HISTORY, {})
-                new = lax.cond(finite, lambda: new, lambda: state)
                 out = (loss.astype(default_float()), steps)
                 return (new, good, ~finite, jnp.where(finite, bad_step, i)), out
 
