@@ -319,7 +319,7 @@ def _posterior_chunk(svi: SVI, rebuild: Callable[[list], tuple], num_steps: int)
                 # the parameters this finite loss was computed at (not the optimiser state:
                 # after a non-finite loss training stops, and only these are returned)
                 params = svi.optim.get_params(state.optim_state)
-                good = jax.tree.map(lambda a, b: jnp.where(finite, a, b), params, good)
+                good = lax.cond(finite, lambda: params, lambda: good)
                 steps = (new.mutable_state or {}).get(_HISTORY, {})
                 out = (loss.astype(default_float()), steps)
                 return (new, good, ~finite, jnp.where(finite, bad_step, i)), out
