@@ -291,7 +291,7 @@ def _init_state(
 ) -> SVIState:
     """`svi.init` without its eager pass through the guide and the model (an XLA compile per
     distinct operation): the guide's set-up fixes every parameter, all unconstrained, so the
-    state is the optimiser's state of `guide.initial_params`. The keys split as in
+    state is the optimiser's state of `guide._initial_params`. The keys split as in
     `SVI.init`. A model with its own `param` or `mutable` sites takes `svi.init`."""
     state_key, _, guide_key = jax.random.split(key, 3)
     with handlers.block(), handlers.seed(rng_seed=guide_key):
@@ -299,7 +299,7 @@ def _init_state(
     kinds = {site["type"] for site in guide.prototype_trace.values()}
     if kinds & {"param", "mutable"}:
         return svi.init(key, *args, **kwargs)
-    params = guide.initial_params()
+    params = guide._initial_params()
     identity = biject_to(constraints.real)
     svi.constrain_fn = partial(transform_fn, dict.fromkeys(params, identity))
     return SVIState(jax.jit(svi.optim.init)(params), None, state_key)

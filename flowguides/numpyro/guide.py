@@ -207,7 +207,7 @@ class AutoFlowGuide(AutoContinuous, StagedPrototype):
             }
         )
 
-    def initial_params(self) -> dict[str, jax.Array]:
+    def _initial_params(self) -> dict[str, jax.Array]:
         """The SVI parameters the guide registers at its first call, ``{f"{prefix}_{name}":
         value}`` (the whitening included, for a Laplace start): all unconstrained."""
         self._require_setup()
