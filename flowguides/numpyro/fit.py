@@ -81,7 +81,7 @@ TRAINING_PRNG = "rbg"
 """The key implementation of `fit_posterior`'s SVI state: XLA's random-bit generator for the
 particles' draws (keys still split by threefry, so streams stay independent under `vmap`). An
 SVI step splits keys and draws noise for every particle and site, and with threefry's bits
-that cost about a fifth of a RealNVP step on a 10-D logistic regression (CPU)."""
+that cost about a sixth of a RealNVP step on a 10-D logistic regression (CPU)."""
 _TRACES = {"posterior": 0, "density": 0}  # times a training chunk was traced (tests read it)
 
 
