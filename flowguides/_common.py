@@ -143,19 +143,31 @@ FULL_RANK_MAX_DIM = 256
 
 
 def check_preconditioner(fixed: Mapping[str, Any], dim: int) -> dict[str, np.ndarray]:
-    """`fixed` as float arrays after checking its names and shapes and that ``scale_tril`` is
-    lower triangular with a positive diagonal."""
+    """`fixed` as float arrays after checking its names and shapes.
+
+    ``scale_tril`` is either a ``(dim, dim)`` lower-triangular matrix with a positive diagonal
+    (full-rank whitening) or a ``(dim,)`` vector of positive scales (a diagonal whitening,
+    stored and applied as a vector so that memory and work grow with ``dim``, not ``dim**2``).
+    """
     if set(fixed) != set(PRECONDITION):
         raise ValueError(
             f"preconditioner: expected the keys {list(PRECONDITION)}, got {sorted(fixed)}"
         )
     shift, tril = (np.asarray(fixed[k], dtype=float) for k in PRECONDITION)
-    if shift.shape != (dim,) or tril.shape != (dim, dim):
+    if shift.shape != (dim,) or tril.shape not in ((dim,), (dim, dim)):
         raise ValueError(
-            f"preconditioner: expected shapes ({dim},) and ({dim}, {dim}), got {shift.shape} "
-            f"and {tril.shape}"
+            f"preconditioner: expected shapes ({dim},) and ({dim}, {dim}) (full) or ({dim},) "
+            f"(diagonal), got {shift.shape} and {tril.shape}"
         )
-    if np.any(np.triu(tril, 1) != 0) or not np.all(np.diagonal(tril) > 0):
+    if not np.all(np.isfinite(shift)) or not np.all(np.isfinite(tril)):
+        raise ValueError("preconditioner: expected finite values, got NaN or inf")
+    if tril.ndim == 1:
+        if not np.all(tril > 0):
+            raise ValueError(
+                f"preconditioner: a diagonal {PRECONDITION[1]!r} must be positive, got "
+                f"min {tril.min()!r}"
+            )
+    elif np.any(np.triu(tril, 1) != 0) or not np.all(np.diagonal(tril) > 0):
         raise ValueError(
             f"preconditioner: {PRECONDITION[1]!r} must be lower triangular with a positive diagonal"
         )
