@@ -5,6 +5,7 @@ Nothing here imports torch or jax; the backends call these so that they agree li
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -14,10 +15,15 @@ import numpy as np
 from flowguides.spec import FlowSpec
 
 __all__ = [
+    "NonFiniteGradientError",
     "NonFiniteLossError",
+    "NonFiniteValidationError",
     "PosteriorFitMethods",
+    "VECTORIZE_OPTIONS",
     "as_spec",
+    "call_with_vectorize",
     "check_data",
+    "check_vectorize_option",
     "decay_steps",
     "learning_rate_at",
     "split_indices",
@@ -44,6 +50,36 @@ class NonFiniteLossError(FloatingPointError):
         self.loss = loss
         self.last_good = last_good
         self.fit = fit
+
+
+class NonFiniteGradientError(NonFiniteLossError):
+    """The loss was finite but its gradient was not; no update was made from it."""
+
+    def __init__(self, step: int, loss: float, last_good: Any = None, fit: Any = None) -> None:
+        super().__init__(step, loss, last_good, fit)
+        self.args = (
+            f"the gradient became NaN or infinite at step {step} (loss {loss}); training "
+            "stopped and the parameters from the last finite step were kept (lower "
+            "learning_rate, set clip_norm, or check the model for values outside its support)",
+        )
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class NonFiniteValidationError(NonFiniteLossError):
+    """`fit_density`: no validation loss was finite, so no fitted state can be trusted."""
+
+    def __init__(self, step: int, loss: float, last_good: Any = None, fit: Any = None) -> None:
+        super().__init__(step, loss, last_good, fit)
+        self.args = (
+            f"the validation loss was not finite at any validation up to step {step} (last "
+            f"{loss}): the flow's log-density is NaN or infinite on the held-out rows; check "
+            "the data for extreme rows, keep standardize=True, or lower learning_rate",
+        )
+
+    def __str__(self) -> str:
+        return self.args[0]
 
 
 def as_spec(spec: FlowSpec | Mapping[str, Any]) -> FlowSpec:
@@ -174,8 +210,39 @@ def check_preconditioner(fixed: Mapping[str, Any], dim: int) -> dict[str, np.nda
     return {PRECONDITION[0]: shift, PRECONDITION[1]: tril}
 
 
+VECTORIZE_OPTIONS = ("auto", True, False)
+"""Values of ``vectorize_particles``: ``"auto"`` tries evaluating a batch of draws at once and
+falls back to one at a time where the model does not broadcast; ``True`` at once; ``False``
+one at a time. NumPyro's fits vectorise every model (``vmap``) and accept it for parity."""
+
+
+def check_vectorize_option(value: Any, *, allow_none: bool = False) -> None:
+    """Raise a `ValueError` unless `value` is ``"auto"``, ``True`` or ``False`` (or None)."""
+    if allow_none and value is None:
+        return
+    if not (isinstance(value, bool) or (isinstance(value, str) and value == "auto")):
+        raise ValueError(f"vectorize_particles: expected 'auto', True or False, got {value!r}")
+
+
+def call_with_vectorize(
+    method: Any, *args: Any, vectorize_particles: bool | str | None = None
+) -> Any:
+    """``method(*args)``, passing `vectorize_particles` where it is set and `method` takes it
+    (a fit that vectorises every model, NumPyro's with ``vmap``, has no use for it)."""
+    check_vectorize_option(vectorize_particles, allow_none=True)
+    params = inspect.signature(method).parameters.values()
+    takes = any(p.name == "vectorize_particles" or p.kind is p.VAR_KEYWORD for p in params)
+    if vectorize_particles is None or not takes:
+        return method(*args)
+    return method(*args, vectorize_particles=vectorize_particles)
+
+
 class PosteriorFitMethods:
-    """What both backends' `PosteriorFit` derive from their own ``log_densities``."""
+    """What both backends' `PosteriorFit` derive from their own ``log_densities``.
+
+    ``vectorize_particles`` (``"auto"``, ``True``, ``False``; None for the fit's own choice)
+    says how a batch of draws goes through the model; see `VECTORIZE_OPTIONS`.
+    """
 
     def log_densities(
         self, num_samples: int, seed: int | None = None
@@ -183,19 +250,40 @@ class PosteriorFitMethods:
         raise NotImplementedError
 
     def importance_sample(
-        self, num_samples: int, seed: int | None = None
+        self,
+        num_samples: int,
+        seed: int | None = None,
+        *,
+        vectorize_particles: bool | str | None = None,
     ) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """``(draws, log_weights)`` with ``log_weights = log p(x, z) - log q(z)`` per draw."""
-        draws, log_p, log_q = self.log_densities(num_samples, seed)
+        draws, log_p, log_q = call_with_vectorize(
+            self.log_densities, num_samples, seed, vectorize_particles=vectorize_particles
+        )
         return draws, log_p - log_q
 
-    def elbo(self, num_samples: int = 1000, seed: int | None = None) -> float:
+    def elbo(
+        self,
+        num_samples: int = 1000,
+        seed: int | None = None,
+        *,
+        vectorize_particles: bool | str | None = None,
+    ) -> float:
         """Monte Carlo ELBO: the mean of ``log p - log q`` over `num_samples` draws."""
-        return float(np.mean(self.importance_sample(num_samples, seed)[1]))
+        log_weights = self.importance_sample(
+            num_samples, seed, vectorize_particles=vectorize_particles
+        )[1]
+        return float(np.mean(log_weights))
 
-    def resample(self, num_samples: int, seed: int | None = None) -> Any:
+    def resample(
+        self,
+        num_samples: int,
+        seed: int | None = None,
+        *,
+        vectorize_particles: bool | str | None = None,
+    ) -> Any:
         """PSIS-importance-resampled draws and IS-corrected means/sds (see
         `flowguides.diagnostics.resample_fit`); warns when k-hat says the fit is unreliable."""
         from flowguides.diagnostics import resample_fit
 
-        return resample_fit(self, num_samples, seed)
+        return resample_fit(self, num_samples, seed, vectorize_particles=vectorize_particles)

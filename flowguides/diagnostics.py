@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from flowguides._common import call_with_vectorize
+
 __all__ = [
     "MIN_DRAWS",
     "Diagnosis",
@@ -359,13 +361,17 @@ class Resampled:
     diagnosis: Diagnosis
 
 
-def _log_densities(fit: Any, num_samples: int, seed: int | None):
+def _log_densities(
+    fit: Any, num_samples: int, seed: int | None, vectorize_particles: bool | str | None = None
+):
     if not hasattr(fit, "log_densities"):
         raise TypeError(
             f"fit: expected a posterior fit with log_densities(num_samples, seed), got "
             f"{type(fit).__name__}"
         )
-    draws, log_p, log_q = fit.log_densities(num_samples, seed)
+    draws, log_p, log_q = call_with_vectorize(
+        fit.log_densities, num_samples, seed, vectorize_particles=vectorize_particles
+    )
     log_p, log_q = np.asarray(log_p, dtype=np.float64), np.asarray(log_q, dtype=np.float64)
     if log_p.shape != (num_samples,) or log_q.shape != (num_samples,):
         raise ValueError(
@@ -375,15 +381,31 @@ def _log_densities(fit: Any, num_samples: int, seed: int | None):
     return _check_draws(draws, num_samples), log_p, log_q
 
 
-def diagnose(fit: Any, num_samples: int = 4000, seed: int | None = None) -> Diagnosis:
-    """Diagnose a posterior fit from `num_samples` draws of its guide (see `diagnose_weights`)."""
+def diagnose(
+    fit: Any,
+    num_samples: int = 4000,
+    seed: int | None = None,
+    *,
+    vectorize_particles: bool | str | None = None,
+) -> Diagnosis:
+    """Diagnose a posterior fit from `num_samples` draws of its guide (see `diagnose_weights`).
+
+    `vectorize_particles` (``"auto"``, ``True``, ``False``) says how the draws go through the
+    model; None (default) keeps the fit's own choice. Fits that vectorise every model
+    (NumPyro's) take no such option and ignore it.
+    """
     khat_threshold(num_samples)
-    _, log_p, log_q = _log_densities(fit, num_samples, seed)
+    _, log_p, log_q = _log_densities(fit, num_samples, seed, vectorize_particles)
     return diagnose_weights(log_p, log_q)
 
 
 def resample_fit(
-    fit: Any, num_samples: int, seed: int | None = None, *, num_proposals: int | None = None
+    fit: Any,
+    num_samples: int,
+    seed: int | None = None,
+    *,
+    num_proposals: int | None = None,
+    vectorize_particles: bool | str | None = None,
 ) -> Resampled:
     """PSIS-importance-resampled posterior draws, and PSIS-corrected means and sds, of a fit.
 
@@ -396,13 +418,14 @@ def resample_fit(
         num_samples: number of resampled draws.
         seed: seed for the guide's draws and for the resampling.
         num_proposals: number of draws from the guide.
+        vectorize_particles: as in `diagnose`.
 
     Returns:
         A [`Resampled`][flowguides.diagnostics.Resampled].
     """
     num_proposals = max(int(num_samples), 4000) if num_proposals is None else num_proposals
     khat_threshold(num_proposals)
-    draws, log_p, log_q = _log_densities(fit, num_proposals, seed)
+    draws, log_p, log_q = _log_densities(fit, num_proposals, seed, vectorize_particles)
     diagnosis = diagnose_weights(log_p, log_q)
     if not diagnosis.reliable:
         warnings.warn(
@@ -431,7 +454,13 @@ def _from_dict(groups: dict[str, dict[str, np.ndarray]], dims: dict[str, list[st
     return arviz_base.from_dict(groups, dims=dims)
 
 
-def to_arviz(fit: Any, num_samples: int = 4000, seed: int | None = None) -> Any:
+def to_arviz(
+    fit: Any,
+    num_samples: int = 4000,
+    seed: int | None = None,
+    *,
+    vectorize_particles: bool | str | None = None,
+) -> Any:
     """ArviZ's data object (``InferenceData`` on 0.x, ``DataTree`` on 1.x) for a fit.
 
     A posterior fit gives the group ``posterior`` (each site with dims ``{site}_dim_{i}``, draws
@@ -444,18 +473,22 @@ def to_arviz(fit: Any, num_samples: int = 4000, seed: int | None = None) -> Any:
         fit: a posterior fit (``log_densities``) or a density fit (``sample`` and ``log_prob``).
         num_samples: number of draws.
         seed: seed for the draws.
+        vectorize_particles: as in `diagnose`.
 
     Raises:
         TypeError: `fit` offers neither protocol.
     """
     if hasattr(fit, "log_densities"):
         khat_threshold(num_samples)
-        draws, log_p, log_q = _log_densities(fit, num_samples, seed)
+        draws, log_p, log_q = _log_densities(fit, num_samples, seed, vectorize_particles)
         stats = {"log_p": log_p, "log_q": log_q, "log_weight": log_p - log_q}
         observed = {k: np.asarray(v) for k, v in dict(fit.observed_data()).items()}
         loglik = {}
         if observed:
-            loglik = _check_draws(fit.log_likelihood(draws), num_samples)
+            loglik = call_with_vectorize(
+                fit.log_likelihood, draws, vectorize_particles=vectorize_particles
+            )
+            loglik = _check_draws(loglik, num_samples)
             for name, value in observed.items():
                 if name not in loglik or loglik[name].shape[1:] != value.shape:
                     got = loglik[name].shape if name in loglik else "nothing"

@@ -5,6 +5,12 @@ The same file, function and parameter names as `flowguides.pyro`; one weight fil
 
 from __future__ import annotations
 
+from flowguides._common import (
+    NonFiniteGradientError,
+    NonFiniteLossError,
+    NonFiniteValidationError,
+)
+from flowguides.numpyro._args import ConstantArgumentsWarning, ModelTracingError
 from flowguides.numpyro.build import Flow, FlowTransform, build_flow, get_weights, set_weights
 from flowguides.numpyro.coupling import RealNVP
 from flowguides.numpyro.fit import DensityFit, PosteriorFit, fit_density, fit_posterior
@@ -27,13 +33,18 @@ from flowguides.numpyro.planar import Planar
 __all__ = [
     "FLOAT32_MIN_TOLERANCE",
     "AutoFlowGuide",
+    "ConstantArgumentsWarning",
     "DensityFit",
     "DiscreteLatentError",
     "Flow",
     "FlowTransform",
     "LaplaceFallbackWarning",
+    "ModelTracingError",
     "NeuralODE",
     "NoLatentSitesError",
+    "NonFiniteGradientError",
+    "NonFiniteLossError",
+    "NonFiniteValidationError",
     "Planar",
     "PosteriorFit",
     "RealNVP",

@@ -4,8 +4,8 @@
 times (the init strategy's prior draws, the transforms, the potential energy and its gradient):
 every distinct eager operation is an XLA compile of its own, about half of `AutoIAFNormal`'s
 time to its first step on a 10-D problem. `StagedPrototype` does the same work as one jitted
-call of `initialize_model` (cached per model, init strategy and argument shapes, so a second
-guide of the same model pays nothing), then traces the model once eagerly at the values it
+call of `initialize_model` (cached per model, init strategy and argument shapes, keyed as
+`flowguides.numpyro._args` says, so a second guide of the same model pays nothing), then traces the model once eagerly at the values it
 found, for the prototype trace that NumPyro's guide machinery reads. It is a drop-in base
 between `AutoContinuous` and `AutoGuide` in the method resolution order, and falls back to
 NumPyro's own set-up wherever the staged path does not apply: a traced key or argument (set-up
@@ -26,7 +26,8 @@ from numpyro import handlers
 from numpyro.infer.autoguide import AutoGuide
 from numpyro.infer.util import get_potential_fn, initialize_model
 
-from flowguides.numpyro._training import cached, split_args
+from flowguides.numpyro._args import callable_key, split_args
+from flowguides.numpyro._training import cache_key, cached
 
 try:  # NumPyro >= 0.20
     from numpyro.infer.util import _prepare_model_for_potential, _transforms_from_trace
@@ -42,7 +43,9 @@ class StagedPrototype(AutoGuide):
     """`AutoGuide._setup_prototype`, staged (see the module docstring)."""
 
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
-        staged = staged_prototype(self.model, self.init_loc_fn, numpyro.prng_key(), args, kwargs)
+        constants = getattr(self, "_constants", frozenset())
+        key = numpyro.prng_key()
+        staged = staged_prototype(self.model, self.init_loc_fn, key, args, kwargs, constants)
         if staged is None:
             super()._setup_prototype(*args, **kwargs)
             return
@@ -70,13 +73,14 @@ def staged_prototype(
     key: jax.Array | None,
     args: tuple,
     kwargs: dict,
+    constants: frozenset = frozenset(),
 ) -> tuple[dict, Callable, Callable, dict] | None:
     """``(init_locs, potential_fn_gen, postprocess_fn_gen, prototype_trace)`` as
     `initialize_model` (``dynamic_args=True``) gives them, or None where the staged path does
-    not apply."""
+    not apply. The arguments in `constants` (see `choose_constants`) are compiled in."""
     if key is None or _transforms_from_trace is None or isinstance(key, jax.core.Tracer):
         return None
-    arrays, signature, rebuild = split_args(args, kwargs)
+    arrays, signature, rebuild = split_args(args, kwargs, constants)
     if any(isinstance(a, jax.core.Tracer) for a in arrays):
         return None
 
@@ -98,7 +102,8 @@ def staged_prototype(
         return z, {name: values[name] for name in z}, valid
 
     try:
-        program = cached(("prototype", model, init_loc_fn, signature), lambda: jax.jit(init))
+        content = (callable_key(model), callable_key(init_loc_fn), signature)
+        program = cached(cache_key("prototype", content=content), lambda: jax.jit(init))
         z, values, valid = program(key, arrays)
     except Exception:  # noqa: BLE001 - NumPyro's own set-up raises its own, clearer error
         return None

@@ -1,8 +1,8 @@
 """The compiled-training machinery `fit.py` shares between posteriors and densities.
 
 The shared schedule as an optax optimiser, a bounded cache of jitted chunk functions keyed on a
-fit's static structure, the split of model arguments into traced arrays and static values, and
-the host loop that runs chunks of `CHUNK` steps and advances the progress bar between them.
+fit's static structure (see `flowguides.numpyro._args` for the keys of models and arguments),
+and the host loop that runs chunks of `CHUNK` steps and advances the progress bar between them.
 """
 
 from __future__ import annotations
@@ -19,16 +19,16 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from flowguides._common import decay_steps
+from flowguides._common import PRECONDITION, decay_steps
 
 __all__ = [
     "CHUNK",
+    "cache_key",
     "cached",
     "check_settings",
     "default_float",
     "make_optimizer",
     "run_chunks",
-    "split_args",
     "timing",
 ]
 
@@ -43,6 +43,9 @@ def default_float() -> jnp.dtype:
 
 
 def make_optimizer(num_steps: int, learning_rate: float, clip_norm: float | None):
+    """Adam on the shared schedule (after global-norm clipping when `clip_norm` is set); the
+    fixed whitening of a Laplace start (SVI parameters named after `PRECONDITION`) is left
+    out: no update and no Adam moments."""
     schedule = optax.join_schedules(
         [
             optax.constant_schedule(learning_rate),
@@ -51,7 +54,14 @@ def make_optimizer(num_steps: int, learning_rate: float, clip_norm: float | None
         [num_steps // 2],
     )
     adam = optax.adam(schedule)
-    return adam if clip_norm is None else optax.chain(optax.clip_by_global_norm(clip_norm), adam)
+    trained = adam if clip_norm is None else optax.chain(optax.clip_by_global_norm(clip_norm), adam)
+
+    def labels(params: Any) -> Any:
+        if not isinstance(params, dict):
+            return jax.tree.map(lambda _: "trained", params)
+        return {k: "fixed" if k.endswith(PRECONDITION) else "trained" for k in params}
+
+    return optax.multi_transform({"trained": trained, "fixed": optax.set_to_zero()}, labels)
 
 
 def check_settings(num_steps: int, learning_rate: float, clip_norm: float | None) -> None:
@@ -63,7 +73,16 @@ def check_settings(num_steps: int, learning_rate: float, clip_norm: float | None
         raise ValueError(f"clip_norm: expected a positive number or None, got {clip_norm!r}")
 
 
-def cached(key: Hashable, make: Callable[[], Callable[..., Any]]) -> Callable[..., Any]:
+def cache_key(*parts: Hashable, content: tuple) -> tuple | None:
+    """The key ``(*parts, *content)``, or None where a `content` part is None (a model or an
+    argument that cannot be keyed by its contents, see `flowguides.numpyro._args`)."""
+    return None if any(c is None for c in content) else (*parts, *content)
+
+
+def cached(key: tuple | None, make: Callable[[], Callable[..., Any]]) -> Callable[..., Any]:
+    """The program cached under `key`, made by `make` on a miss; with key None, not cached."""
+    if key is None:
+        return make()
     if key in _COMPILED:
         _COMPILED.move_to_end(key)
     else:
@@ -71,27 +90,6 @@ def cached(key: Hashable, make: Callable[[], Callable[..., Any]]) -> Callable[..
         while len(_COMPILED) > _CACHE_SIZE:
             _COMPILED.popitem(last=False)
     return _COMPILED[key]
-
-
-def split_args(args: tuple, kwargs: dict) -> tuple[list, Hashable, Callable[[list], tuple]]:
-    """Array leaves of ``(args, kwargs)`` (traced) vs the rest (static, part of the cache key)."""
-    leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
-    dynamic = [isinstance(x, np.ndarray | jax.Array) for x in leaves]
-    arrays = [jnp.asarray(x) for x, d in zip(leaves, dynamic, strict=True) if d]
-    statics = []
-    for x, d in zip(leaves, dynamic, strict=True):
-        try:
-            statics.append(None if d else hash(x) and x)
-        except TypeError:
-            statics.append(("id", id(x)))
-    signature = (treedef, tuple(statics), tuple((a.shape, str(a.dtype)) for a in arrays))
-
-    def rebuild(values: list) -> tuple:
-        it = iter(values)
-        out = [next(it) if d else x for x, d in zip(leaves, dynamic, strict=True)]
-        return jax.tree_util.tree_unflatten(treedef, out)
-
-    return arrays, signature, rebuild
 
 
 def run_chunks(

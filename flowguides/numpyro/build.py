@@ -45,7 +45,8 @@ _LAYERS = {
 
 class FlowTransform(FlowLayerTransform):
     """The layers of `spec` in order, then ``x = loc + exp(log_scale) * y`` when affine, then
-    the fixed ``shift + scale_tril @ x`` when `params` hold the `PRECONDITION` keys.
+    the fixed ``shift + scale_tril @ x`` when `params` hold the `PRECONDITION` keys
+    (``shift + scale_tril * x`` for a diagonal whitening, whose `scale_tril` is a vector).
 
     Args:
         params: the flat dict keyed by ``spec.parameter_shapes(dim)`` (plus `PRECONDITION`).
@@ -77,18 +78,23 @@ class FlowTransform(FlowLayerTransform):
             ladj = ladj + jnp.sum(log_scale)
         if PRECONDITION[1] in self.params:  # the fixed whitening of a Laplace start
             tril = self.params[PRECONDITION[1]]
-            x = self.params[PRECONDITION[0]] + x @ tril.T
-            ladj = ladj + jnp.sum(jnp.log(jnp.diagonal(tril)))
+            x = self.params[PRECONDITION[0]] + (x * tril if tril.ndim == 1 else x @ tril.T)
+            ladj = ladj + jnp.sum(jnp.log(tril if tril.ndim == 1 else jnp.diagonal(tril)))
         return x, ladj
 
     def inverse_and_log_det(self, y: jax.Array) -> tuple[jax.Array, jax.Array]:
         ladj = jnp.zeros(y.shape[:-1], y.dtype)
         if PRECONDITION[1] in self.params:
             tril = self.params[PRECONDITION[1]]
-            centred = (y - self.params[PRECONDITION[0]])[..., None]
-            tril_b = jnp.broadcast_to(tril, (*centred.shape[:-2], *tril.shape))
-            y = jax.scipy.linalg.solve_triangular(tril_b, centred, lower=True)[..., 0]
-            ladj = ladj - jnp.sum(jnp.log(jnp.diagonal(tril)))
+            centred = y - self.params[PRECONDITION[0]]
+            if tril.ndim == 1:  # a diagonal whitening, stored as its vector
+                y = centred / tril
+                ladj = ladj - jnp.sum(jnp.log(tril))
+            else:
+                tril_b = jnp.broadcast_to(tril, (*centred.shape[:-1], *tril.shape))
+                y = jax.scipy.linalg.solve_triangular(tril_b, centred[..., None], lower=True)
+                y = y[..., 0]
+                ladj = ladj - jnp.sum(jnp.log(jnp.diagonal(tril)))
         if self.spec.base == "affine":
             log_scale = self.params["affine.log_scale"]
             y = (y - self.params["affine.loc"]) * jnp.exp(-log_scale)

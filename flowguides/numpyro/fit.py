@@ -2,10 +2,13 @@
 
 Training steps run inside `jax.lax.scan` in chunks of up to 100 steps; the tqdm bar advances
 between chunks, so the host synchronises once per chunk, not per step. The jitted chunk
-function is cached on the static structure of a fit (model, spec, settings, argument shapes and
-dtypes), so a second call with the same shapes does not recompile. A non-finite loss stops
-training at that step: the last parameters whose loss was finite are kept and a
-`NonFiniteLossError` names the step, with the partial fit on its ``.fit``.
+function is cached on the static structure of a fit (spec, settings, argument shapes and
+dtypes) and on the model by content (`flowguides.numpyro._args.callable_key`), so a second call
+with the same shapes does not recompile, while one after a change of the data the model reads
+from outside its arguments does. A non-finite loss, or a finite loss with a non-finite
+gradient, stops training at that step: the last parameters whose loss was finite are kept and a
+`NonFiniteLossError` (`NonFiniteGradientError`) names the step, with the partial fit on its
+``.fit``.
 
 Optimiser: Adam (after global-norm clipping when `clip_norm` is set) with the shared schedule:
 constant for the first half, then cosine decay to 1% of `learning_rate` at the last step.
@@ -23,7 +26,7 @@ can also train a single neural-ODE layer by flow matching (``objective="flow_mat
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -43,21 +46,31 @@ from numpyro.infer.util import log_density, transform_fn
 from numpyro.infer.util import log_likelihood as _numpyro_log_likelihood
 
 from flowguides._common import (
+    NonFiniteGradientError,
     NonFiniteLossError,
+    NonFiniteValidationError,
     PosteriorFitMethods,
     as_spec,
     check_data,
     split_indices,
     standardization,
 )
+from flowguides.numpyro._args import (
+    TRACER_ERRORS,
+    as_constants,
+    callable_key,
+    model_tracing_error,
+    split_args,
+    value_key,
+)
 from flowguides.numpyro._training import (
     CHUNK,
+    cache_key,
     cached,
     check_settings,
     default_float,
     make_optimizer,
     run_chunks,
-    split_args,
     timing,
 )
 from flowguides.numpyro.build import Flow, build_flow
@@ -69,6 +82,8 @@ __all__ = [
     "OBJECTIVES",
     "TRAINING_PRNG",
     "DensityFit",
+    "NonFiniteGradientError",
+    "NonFiniteValidationError",
     "PosteriorFit",
     "fit_density",
     "fit_posterior",
@@ -97,7 +112,8 @@ class PosteriorFit(PosteriorFitMethods):
         params: the SVI parameter dict.
         losses: the loss (negative ELBO estimate) of every step run; with a positive RNODE
             weight it includes the penalty (a factor in the guide, see `AutoFlowGuide`).
-        args, kwargs: the model's arguments.
+        args, kwargs: the model's arguments (constant JAX arrays as numpy, see
+            `fit_posterior`'s `static_argnames`).
         backend: ``"numpyro"``.
         history: per-step arrays for neural-ODE flows, as in `fit_density` and the Pyro
             backend: ``"nfe_forward"`` (field evaluations of the vectorised particles' solves:
@@ -189,12 +205,25 @@ def fit_posterior(
     init_scale: float | str = "auto",
     seed: int = 0,
     progress: bool = True,
+    static_argnames: Sequence[str] | None = None,
     **kwargs: Any,
 ) -> PosteriorFit:
     """Fit an `AutoFlowGuide` to `model`'s posterior by SVI with vectorised particles.
 
     Neural-ODE layers train with STEER end times and their RNODE penalty (mean over
     particles) added to the loss (see `training_solves`).
+
+    The model's array arguments are traced, so a compiled program is reused for new data of
+    the same shapes. A model that uses a data value in Python (``int(counts.sum())``,
+    ``range(int(T))``, ``if y.max() > 0:``) is found by tracing it once before anything
+    compiles; its array arguments are then compiled in as constants, as NumPyro's `SVI.run`
+    and `MCMC` do (one `ConstantArgumentsWarning`; a new data set compiles anew).
+    Compiled programs are cached on the model's identity and the contents (a hash of the
+    bytes) of the arrays and values it reads besides its arguments: module-level names its
+    code uses, closure cells, defaults, and those of the user functions it calls; on the
+    spec, the settings, the shapes and dtypes of the traced arguments and the contents of
+    the constant ones. A model reading a value that cannot be keyed so (an unhashable object
+    without arrays, e.g. a DataFrame) is compiled anew on every call.
 
     Args:
         model: a NumPyro model; `args` and `kwargs` are passed to it.
@@ -208,6 +237,8 @@ def fit_posterior(
             default: the Laplace start where it finds a mode and has the better ELBO).
         seed: seeds initialisation and training.
         progress: show a tqdm bar on stderr.
+        static_argnames: names of model arguments to compile in as constants (JAX arrays
+            among them are passed to the model as numpy arrays, which stay concrete).
 
     Returns:
         The `PosteriorFit`.
@@ -215,13 +246,18 @@ def fit_posterior(
     Raises:
         NonFiniteLossError: the loss was not finite at some step (the error names it; its
             ``.fit`` holds the last finite parameters).
+        NonFiniteGradientError: the loss was finite but its gradient was not (as above).
+        ModelTracingError: the model turns a latent site's value into a Python value.
+        ValueError: a name in `static_argnames` is not an argument of the model.
     """
     spec = as_spec(spec)
     check_settings(num_steps, learning_rate, clip_norm)
     if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
         raise ValueError(f"num_particles: expected a positive integer, got {num_particles!r}")
     t0 = time.perf_counter()
-    guide = AutoFlowGuide(model, spec, init_loc_fn=init_loc_fn, init_scale=init_scale)
+    guide = AutoFlowGuide(
+        model, spec, init_loc_fn=init_loc_fn, init_scale=init_scale, static_argnames=static_argnames
+    )
     optimizer = make_optimizer(num_steps, learning_rate, clip_norm)
     entries = _history_entries(spec)
     has_ode = any(layer.type == "neural_ode" for layer in spec.layers)
@@ -231,20 +267,29 @@ def fit_posterior(
         else Trace_ELBO(num_particles, vectorize_particles=True)
     )
     svi = SVI(model, guide, optimizer, elbo)
-    state = _init_state(svi, guide, jax.random.key(seed, impl=TRAINING_PRNG), args, kwargs)
+    try:
+        state = _init_state(svi, guide, jax.random.key(seed, impl=TRAINING_PRNG), args, kwargs)
+    except TRACER_ERRORS as exc:
+        raise model_tracing_error(model, exc, bool(guide._constants)) from exc
+    args, kwargs = as_constants(args, kwargs, guide._constants)  # as the guide's set-up saw
     if isinstance(elbo, _RecordingELBO):  # the step's records travel as SVI mutable state
         zeros = entries(np.zeros((), np.int32), np.zeros((), default_float()))
         state = state._replace(mutable_state={_HISTORY: zeros})
     state = jax.block_until_ready(state)
     setup_s = time.perf_counter() - t0
-    arrays, signature, rebuild = split_args(args, kwargs)
-    key = ("posterior", model, spec, num_steps, learning_rate, num_particles, clip_norm, signature)
+    arrays, signature, rebuild = split_args(args, kwargs, guide._constants)
+    settings = (spec, num_steps, learning_rate, num_particles, clip_norm)
+    content = (callable_key(model), signature, _supports_key(guide))
+    key = cache_key("posterior", *settings, content=content)
     run_chunk = cached(key, lambda: _posterior_chunk(svi, rebuild, num_steps))
     carry = (state, svi.optim.get_params(state.optim_state), jnp.asarray(False), jnp.asarray(-1))
     seconds: list[float] = []
-    (state, good, stopped, bad_step), (losses, steps) = run_chunks(
-        run_chunk, carry, arrays, num_steps, progress, seconds
-    )
+    try:
+        (state, good, stopped, bad_step), (losses, steps) = run_chunks(
+            run_chunk, carry, arrays, num_steps, progress, seconds
+        )
+    except TRACER_ERRORS as exc:
+        raise model_tracing_error(model, exc, bool(guide._constants)) from exc
     times = timing(setup_s, seconds, num_steps)
     ran = int(bad_step) + 1 if bool(stopped) else num_steps
     history = {name: np.asarray(values[:ran]) for name, values in steps.items()}
@@ -253,7 +298,9 @@ def fit_posterior(
         fit = PosteriorFit(
             guide, model, spec, svi.constrain_fn(good), losses, args, kwargs, seed, **extra
         )
-        raise NonFiniteLossError(int(bad_step), float(losses[int(bad_step)]), fit.params, fit)
+        step, loss = int(bad_step), float(losses[int(bad_step)])
+        error = NonFiniteLossError if not np.isfinite(loss) else NonFiniteGradientError
+        raise error(step, loss, fit.params, fit)
     return PosteriorFit(
         guide, model, spec, svi.get_params(state), losses, args, kwargs, seed, **extra
     )
@@ -315,11 +362,12 @@ def _posterior_chunk(svi: SVI, rebuild: Callable[[list], tuple], num_steps: int)
                 state, good, _, bad_step = c
                 with training_solves():  # the guide adds its RNODE penalty as a factor
                     new, loss = svi.update(state, *args, **kwargs)
-                finite = jnp.isfinite(loss)
                 # the parameters this finite loss was computed at (not the optimiser state:
-                # after a non-finite loss training stops, and only these are returned)
+                # after a non-finite loss or gradient training stops, and only these return)
                 params = svi.optim.get_params(state.optim_state)
-                good = lax.cond(finite, lambda: params, lambda: good)
+                good = lax.cond(jnp.isfinite(loss), lambda: params, lambda: good)
+                # a non-finite gradient makes Adam's update, so the new parameters, non-finite
+                finite = jnp.isfinite(loss) & _all_finite(svi.optim.get_params(new.optim_state))
                 steps = (new.mutable_state or {}).get(_HISTORY, {})
                 out = (loss.astype(default_float()), steps)
                 return (new, good, ~finite, jnp.where(finite, bad_step, i)), out
@@ -334,6 +382,18 @@ def _posterior_chunk(svi: SVI, rebuild: Callable[[list], tuple], num_steps: int)
         return lax.scan(step, carry, start + jnp.arange(CHUNK))
 
     return jax.jit(chunk)
+
+
+def _supports_key(guide: AutoFlowGuide) -> Hashable | None:
+    """The latent sites' supports by content: a support whose bounds come from the data
+    (``Uniform(0, y.max())``) is fixed in the guide's prototype, so it keys the compile."""
+    trace = guide.prototype_trace
+    return value_key([(name, vars(trace[name]["fn"].support)) for name in guide._init_locs])
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    """Whether every entry of every array in `tree` is finite (a scalar bool)."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 # -- density --------------------------------------------------------------------------------
@@ -412,8 +472,9 @@ def fit_density(
     """Fit a flow to the rows of `data` on minibatches.
 
     Minibatches are drawn with replacement from the training rows; the validation loss is
-    computed every 25 steps, and training stops once `patience` steps pass without a better
-    one, keeping the best parameters (without validation rows, the last ones).
+    computed after the first step, every 25 steps and after the last, and training stops once
+    `patience` steps pass without a better one, keeping the best parameters (without
+    validation rows, the last ones).
 
     ``objective="maximum_likelihood"`` (the default) minimises the negative log-likelihood
     (plus the RNODE penalty of neural-ODE layers). ``objective="flow_matching"`` needs a spec
@@ -444,6 +505,8 @@ def fit_density(
         SpecError: the spec needs more dimensions than `data` has columns, or
             ``objective="flow_matching"`` with a spec that is not one neural-ODE layer.
         NonFiniteLossError: the loss was not finite at some step.
+        NonFiniteGradientError: the loss was finite but its gradient was not.
+        NonFiniteValidationError: no validation loss was finite.
 
     References:
         Lipman et al., "Flow Matching for Generative Modeling", ICLR 2023.
@@ -491,7 +554,7 @@ def fit_density(
     carry, (train_loss, val_loss, steps) = run_chunks(
         run_chunk, carry, (train, val, val_noise), num_steps, progress
     )
-    params, _, _, (best_params, _, _), good, _, bad_step = carry
+    params, _, _, (best_params, best_val, _), good, _, bad_step = carry
     nonfinite = int(bad_step) >= 0
     ran = int(bad_step) + 1 if nonfinite else int(np.sum(np.isfinite(train_loss)))
     losses = {"train": train_loss[:ran], "val": val_loss[:ran][np.isfinite(val_loss[:ran])]}
@@ -500,7 +563,14 @@ def fit_density(
     common = {"history": history, "objective": objective}
     if nonfinite:
         fit = DensityFit(Flow(spec, dim, good), spec, losses, mean, std, seed, **common)
-        raise NonFiniteLossError(int(bad_step), float(train_loss[int(bad_step)]), good, fit)
+        step, loss = int(bad_step), float(train_loss[int(bad_step)])
+        error = NonFiniteLossError if not np.isfinite(loss) else NonFiniteGradientError
+        raise error(step, loss, good, fit)
+    if val.shape[0] > 0 and not np.isfinite(float(best_val)):
+        fit = DensityFit(Flow(spec, dim, params), spec, losses, mean, std, seed, **common)
+        steps_run = np.arange(ran)
+        due = (steps_run % _VALIDATE_EVERY == 0) | (steps_run == num_steps - 1)
+        raise NonFiniteValidationError(ran - 1, float(val_loss[:ran][due][-1]), params, fit)
     final = best_params if val.shape[0] > 0 else params
     return DensityFit(Flow(spec, dim, final), spec, losses, mean, std, seed, **common)
 
@@ -593,13 +663,14 @@ def _density_chunk(
                     params, train[rows], k_noise
                 )
                 updates, new_opt = optimizer.update(grads, opt_state, params)
-                finite = jnp.isfinite(loss)
-                good = lax.cond(finite, lambda: params, lambda: good)
+                good = lax.cond(jnp.isfinite(loss), lambda: params, lambda: good)
+                finite = jnp.isfinite(loss) & _all_finite(grads)
                 new_params = optax.apply_updates(params, updates)
                 new_params, new_opt = lax.cond(
                     finite, lambda: (new_params, new_opt), lambda: (params, opt_state)
                 )
-                validate = finite & (val.shape[0] > 0) & ((i + 1) % _VALIDATE_EVERY == 0)
+                due = (i % _VALIDATE_EVERY == 0) | (i == num_steps - 1)  # as the Pyro backend
+                validate = finite & (val.shape[0] > 0) & due
                 val_loss = lax.cond(
                     validate,
                     lambda: val_loss_fn(new_params, val, val_noise, k_val).astype(default_float()),

@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
-import optax
 from jax import lax
 from numpyro import handlers
 from numpyro.infer.autoguide import AutoContinuous
@@ -29,8 +28,9 @@ from numpyro.infer.initialization import init_to_median
 
 from flowguides._common import AUTO_SCALES, FULL_RANK_MAX_DIM, as_spec, check_preconditioner
 from flowguides.numpyro import ode
+from flowguides.numpyro._args import as_constants, callable_key, choose_constants, split_args
 from flowguides.numpyro._prototype import StagedPrototype
-from flowguides.numpyro._training import cached, split_args
+from flowguides.numpyro._training import cache_key, cached
 from flowguides.numpyro.build import (
     PRECONDITION,
     Flow,
@@ -39,12 +39,12 @@ from flowguides.numpyro.build import (
     check_weights,
     init_params,
 )
+from flowguides.numpyro.laplace import LaplaceFallbackWarning, laplace_search, laplace_start
 from flowguides.spec import FlowSpec, SpecError
 
 __all__ = ["AutoFlowGuide", "DiscreteLatentError", "LaplaceFallbackWarning", "NoLatentSitesError"]
 
 _QUANTILE_SAMPLES = 4000
-_MAP_ITERATIONS = 2000
 
 
 class DiscreteLatentError(ValueError):
@@ -53,13 +53,6 @@ class DiscreteLatentError(ValueError):
 
 class NoLatentSitesError(ValueError):
     """The model has no latent sample site to fit."""
-
-
-class LaplaceFallbackWarning(UserWarning):
-    """The Laplace scale was unavailable at some coordinates; 0.1 was used there."""
-
-
-_MODE_TOLERANCE = 0.1  # largest |gradient| x Laplace scale accepted as a mode
 
 
 class AutoFlowGuide(AutoContinuous, StagedPrototype):
@@ -81,6 +74,11 @@ class AutoFlowGuide(AutoContinuous, StagedPrototype):
             1.0 has the highest ELBO (256 draws, fixed seed; one compiled program, cached per
             model and argument shapes).
         prefix: the prefix of the guide's parameter names (``f"{prefix}_{name}"``).
+        static_argnames: names of model arguments to compile in as constants rather than
+            trace (see `flowguides.numpyro._args`); without them, a model whose set-up fails
+            to trace its array arguments (it uses a data value in Python, e.g.
+            ``int(counts.sum())``) gets every array argument as a constant, with a
+            `ConstantArgumentsWarning`. Constant JAX arrays are passed to the model as numpy.
 
     Usage::
 
@@ -99,6 +97,7 @@ class AutoFlowGuide(AutoContinuous, StagedPrototype):
         init_loc_fn: Callable[..., Any] = init_to_median,
         init_scale: float | str = 0.1,
         prefix: str = "auto",
+        static_argnames: Sequence[str] | None = None,
     ) -> None:
         self.spec = as_spec(spec)
         check_flow_tolerances(self.spec)
@@ -116,10 +115,14 @@ class AutoFlowGuide(AutoContinuous, StagedPrototype):
         self.init_scale = init_scale
         self._init_weights: dict[str, jax.Array] | None = None
         self._precondition: dict[str, jax.Array] | None = None
+        self.static_argnames = static_argnames
+        self._constants: frozenset = frozenset()  # labels of constant arguments, see set-up
         super().__init__(model, prefix=prefix, init_loc_fn=init_loc_fn)
 
     # -- set-up ----------------------------------------------------------------------------
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
+        self._constants = choose_constants(self.model, args, kwargs, self.static_argnames)
+        args, kwargs = as_constants(args, kwargs, self._constants)
         try:
             super()._setup_prototype(*args, **kwargs)
         except (ValueError, RuntimeError, NotImplementedError):
@@ -159,28 +162,29 @@ class AutoFlowGuide(AutoContinuous, StagedPrototype):
         loc = np.asarray(self._init_latent)
         if self.init_scale not in ("laplace", "auto"):
             return loc, np.full(loc.shape, float(self.init_scale), loc.dtype), None
-        arrays, signature, rebuild = split_args(args, kwargs)
+        arrays, signature, rebuild = split_args(args, kwargs, self._constants)
         full_rank = self.latent_dim <= FULL_RANK_MAX_DIM
         potential_gen, unpack = self._potential_fn_gen, self._unpack_latent
 
         def search(z0: jax.Array, arrays: list) -> dict[str, jax.Array]:
             a, k = rebuild(arrays)
             potential = potential_gen(*a, **k)
-            return _laplace_search(lambda z: potential(unpack(z)), z0, full_rank)
+            return laplace_search(lambda z: potential(unpack(z)), z0, full_rank)
 
-        key = ("laplace", self.model, signature, loc.shape, str(loc.dtype), full_rank)
+        shapes = (loc.shape, str(loc.dtype), full_rank)
+        key = cache_key("laplace", *shapes, content=(callable_key(self.model), signature))
         out = jax.tree.map(np.asarray, cached(key, lambda: jax.jit(search))(loc, arrays))
-        laplace, elbo, why = _laplace_start(out)
+        fixed, elbo, why = laplace_start(out)
         if self.init_scale == "laplace":
             for message in why:
                 warnings.warn(f"init_scale='laplace': {message}", LaplaceFallbackWarning, 5)
-            if laplace is None:
+            if fixed is None:
                 return loc, np.full(loc.shape, 0.1, loc.dtype), None
-            return np.zeros_like(loc), np.ones_like(loc), laplace
+            return np.zeros_like(loc), np.ones_like(loc), fixed
         starts = [(loc, np.full(loc.shape, s, loc.dtype), None) for s in AUTO_SCALES]
         elbos = [float(e) for e in out["elbo_plain"]]
-        if laplace is not None:
-            starts.append((np.zeros_like(loc), np.ones_like(loc), laplace))
+        if fixed is not None:
+            starts.append((np.zeros_like(loc), np.ones_like(loc), fixed))
             elbos.append(elbo)
         elbos = [e if np.isfinite(e) else -np.inf for e in elbos]
         return starts[int(np.argmax(elbos))]
@@ -189,9 +193,10 @@ class AutoFlowGuide(AutoContinuous, StagedPrototype):
     def preconditioner(self) -> dict[str, jax.Array] | None:
         """The fixed last map ``z = shift + scale_tril @ x`` of a Laplace start (``shift`` the
         MAP, ``scale_tril`` the Cholesky factor of the inverse Hessian of the negative log
-        joint there), keyed by `PRECONDITION`; None for a plain start. With it, the affine
-        and the layers work in whitened coordinates (an Adam step moves about one posterior
-        sd whatever the sites' scales) and start as the identity."""
+        joint there, or, for a diagonal whitening, the ``(dim,)`` vector of scales with
+        ``z = shift + scale_tril * x``), keyed by `PRECONDITION`; None for a plain start.
+        With it, the affine and the layers work in whitened coordinates (an Adam step moves
+        about one posterior sd whatever the sites' scales) and start as the identity."""
         self._require_setup()
         return self._precondition
 
@@ -221,8 +226,8 @@ class AutoFlowGuide(AutoContinuous, StagedPrototype):
             for name, value in self._init_weights.items()
         }
         # The whitening is SVI state too (so a compiled training step cached for another
-        # guide of the same shapes reads this guide's), but its gradient is cut: Adam, given
-        # zero gradients, never moves it.
+        # guide of the same shapes reads this guide's), but not trained: its gradient is cut,
+        # and `fit_posterior`'s optimiser keeps neither updates nor Adam moments for it.
         for name, value in (self._precondition or {}).items():
             params[name] = lax.stop_gradient(numpyro.param(f"{self.prefix}_{name}", value))
         return params
@@ -332,103 +337,3 @@ def _check_latent_sites(trace: Mapping[str, dict]) -> None:
                 f"(e.g. infer={{'enumerate': 'parallel'}} with TraceEnum_ELBO and a guide over "
                 f"the remaining sites, or numpyro.contrib.funsor.config_enumerate)"
             )
-
-
-def _minimize(energy: Callable[[jax.Array], jax.Array], x0: jax.Array) -> jax.Array:
-    """L-BFGS for the minimum of `energy` (robust to badly scaled sites), until a step moves
-    no coordinate by more than 1e-10 of its size or after `_MAP_ITERATIONS` steps (an
-    ill-conditioned 26-D regression, posteriordb's diamonds, needs several hundred)."""
-    # a backtracking line search: the same minima as the default zoom search on the nine
-    # posteriordb posteriors, at about half its XLA compile time
-    linesearch = optax.scale_by_backtracking_linesearch(max_backtracking_steps=40, store_grad=True)
-    solver = optax.lbfgs(linesearch=linesearch)
-    value_and_grad = optax.value_and_grad_from_state(energy)
-
-    def step(carry: tuple) -> tuple:
-        x, state, i, _ = carry
-        value, grad = value_and_grad(x, state=state)
-        updates, state = solver.update(grad, state, x, value=value, grad=grad, value_fn=energy)
-        new = optax.apply_updates(x, updates)
-        moved = jnp.max(jnp.abs(new - x) / (1.0 + jnp.abs(x)))
-        return new, state, i + 1, moved
-
-    def running(carry: tuple) -> jax.Array:
-        return (carry[2] < _MAP_ITERATIONS) & (carry[3] > 1e-10)
-
-    start = (x0, solver.init(x0), jnp.asarray(0), jnp.asarray(jnp.inf, x0.dtype))
-    return lax.while_loop(running, step, start)[0]
-
-
-def _laplace_search(
-    energy: Callable[[jax.Array], jax.Array], loc: jax.Array, full_rank: bool
-) -> dict[str, jax.Array]:
-    """Everything `init_scale` decides on, as one traced program (compiled once per model and
-    shapes): the MAP, its Hessian, the mode checks and the 256-draw ELBO of every start."""
-    dim = loc.shape[0]
-    loc_map = _minimize(energy, loc)
-    hess = jax.hessian(energy)(loc_map)
-    curvature = jnp.diag(hess)
-    good = jnp.isfinite(curvature) & (curvature > 0)
-    scale = jnp.where(good, 1.0 / jnp.sqrt(jnp.where(good, curvature, 1.0)), 0.1)
-    # A mode is stationary: its Newton step, in its own scale, is small. A density that grows
-    # without bound (a funnel's scale collapsing to 0) leaves a large step behind.
-    moving = ~(jnp.abs(jax.grad(energy)(loc_map)) * scale < _MODE_TOLERANCE)
-    eps = jax.random.normal(jax.random.key(0), (256, dim), loc.dtype)
-    # every start's draws (and 16 around the mode) go through one batched energy: one copy
-    # of the model in the compiled program instead of one per start
-    starts = [(loc + s * eps, dim * jnp.log(s)) for s in AUTO_SCALES]
-    starts.append((loc_map + scale * eps, jnp.sum(jnp.log(scale))))
-    if full_rank:  # the Cholesky factor of H^-1: NaN where H is not positive definite
-        sym = (hess + hess.T) / 2
-        cov = jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(sym), True), jnp.eye(dim))
-        tril = jnp.linalg.cholesky((cov + cov.T) / 2)
-        starts.append((loc_map + eps @ tril.T, jnp.sum(jnp.log(jnp.diagonal(tril)))))
-    around = loc_map + scale * eps[:16]
-    energies = jax.vmap(energy)(jnp.concatenate([*(z for z, _ in starts), around]))
-    elbos = -jnp.mean(energies[: 256 * len(starts)].reshape(len(starts), 256), axis=1)
-    elbos = elbos + jnp.stack([log_det for _, log_det in starts])
-    out = {
-        "loc_map": loc_map,
-        "scale": scale,
-        "good": good,
-        "moving": moving,
-        "finite": jnp.all(jnp.isfinite(loc_map)) & jnp.all(jnp.isfinite(energies[-16:])),
-        "elbo_plain": elbos[: len(AUTO_SCALES)],
-        "elbo_diag": elbos[len(AUTO_SCALES)],
-    }
-    if full_rank:
-        out["tril"] = tril
-        out["elbo_full"] = elbos[-1]
-    return out
-
-
-def _laplace_start(out: Mapping[str, np.ndarray]) -> tuple[tuple | None, float, list[str]]:
-    """``((shift, scale_tril) or None, its ELBO, warnings)`` from `_laplace_search`'s output.
-
-    Full rank where the Hessian is positive definite (and the dimension at most
-    `FULL_RANK_MAX_DIM`), else diagonal with 0.1 at coordinates of non-positive curvature;
-    None where the MAP search found no mode.
-    """
-    if not bool(out["finite"]) or bool(np.any(out["moving"])):
-        where = np.flatnonzero(out["moving"]).tolist()
-        return (
-            None,
-            -np.inf,
-            [
-                "the MAP search found no mode (the density grows without bound along latent "
-                f"coordinate(s) {where}, or is not finite around the point it reached); starting "
-                "from the initial location with scale 0.1"
-            ],
-        )
-    loc_map = out["loc_map"]
-    tril = out.get("tril")
-    if tril is not None and bool(np.all(np.isfinite(tril))) and bool(np.all(out["good"])):
-        return (loc_map, tril), float(out["elbo_full"]), []
-    why = []
-    if not bool(np.all(out["good"])):
-        bad = np.flatnonzero(~out["good"]).tolist()
-        why.append(
-            "the Hessian of the negative log joint is not positive at latent coordinate(s) "
-            f"{bad}; using scale 0.1 there"
-        )
-    return (loc_map, np.diag(out["scale"])), float(out["elbo_diag"]), why

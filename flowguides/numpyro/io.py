@@ -1,4 +1,10 @@
-"""The NumPyro side of portable save/load (see `flowguides.io`): export and import state."""
+"""The NumPyro side of portable save/load (see `flowguides.io`): export and import state.
+
+A Laplace start's whitening is saved in ``meta.json`` as it is held: a ``(dim, dim)`` matrix
+(full rank) or a ``(dim,)`` vector (diagonal). Files written before diagonal whitenings were
+vectors hold a diagonal ``(dim, dim)`` matrix above `FULL_RANK_MAX_DIM`; it loads as its
+diagonal vector.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,9 @@ from typing import Any
 import numpy as np
 from numpyro import handlers
 
+from flowguides._common import FULL_RANK_MAX_DIM, PRECONDITION
 from flowguides.io import LoadError, SaveError, check_sites, density_meta, kind_of, site_meta
+from flowguides.numpyro._args import as_constants
 from flowguides.numpyro.build import Flow, build_flow, get_weights, set_weights
 from flowguides.numpyro.fit import DensityFit, PosteriorFit
 from flowguides.numpyro.guide import AutoFlowGuide
@@ -68,10 +76,11 @@ def import_state(
         guide = AutoFlowGuide(model, spec)
         handlers.seed(guide._setup_prototype, 0)(*model_args, **kwargs)
         check_sites(meta, _guide_sites(guide))
-        guide.set_preconditioner(meta.get("precondition"))
+        guide.set_preconditioner(_whitening(meta.get("precondition"), guide.latent_dim))
         params = guide.set_weights(weights)
         losses = np.asarray(meta.get("losses", []), dtype=float)
-        return PosteriorFit(guide, model, spec, params, losses, tuple(model_args), kwargs)
+        args, kwargs = as_constants(tuple(model_args), kwargs, guide._constants)
+        return PosteriorFit(guide, model, spec, params, losses, args, kwargs)
     flow = set_weights(build_flow(spec, dim), weights)
     if kind == "flow":
         return flow
@@ -84,3 +93,13 @@ def import_state(
         mean=None if mean is None else np.asarray(mean, dtype=float),
         std=None if std is None else np.asarray(std, dtype=float),
     )
+
+
+def _whitening(fixed: Mapping[str, Any] | None, dim: int) -> Mapping[str, Any] | None:
+    """`fixed` with an old file's diagonal ``(dim, dim)`` whitening as its ``(dim,)`` vector."""
+    if fixed is None or PRECONDITION[1] not in fixed:
+        return fixed
+    tril = np.asarray(fixed[PRECONDITION[1]], dtype=float)
+    if dim > FULL_RANK_MAX_DIM and tril.shape == (dim, dim) and not np.any(np.tril(tril, -1)):
+        return {**fixed, PRECONDITION[1]: np.diagonal(tril).copy()}
+    return fixed

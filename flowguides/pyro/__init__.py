@@ -23,6 +23,7 @@ from flowguides.pyro.guide import (
     DiscreteLatentError,
     LaplaceFallbackWarning,
     NoLatentSitesError,
+    VectorizationWarning,
 )
 from flowguides.pyro.io import export_state, import_state
 from flowguides.pyro.ode import (
@@ -50,6 +51,7 @@ __all__ = [
     "PosteriorFit",
     "RealNVP",
     "ToleranceWarning",
+    "VectorizationWarning",
     "build_flow",
     "export_state",
     "fit_density",

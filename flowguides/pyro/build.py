@@ -52,19 +52,37 @@ class Affine(FusedTransformModule):
 
 class Precondition(FusedTransformModule):
     """A fixed (untrained) ``x = shift + scale_tril @ y``: an `AutoFlowGuide`'s whitening from
-    its Laplace start, held as buffers (never optimised)."""
+    its Laplace start, held as buffers (never optimised).
+
+    ``scale_tril`` is a ``(dim, dim)`` lower-triangular matrix (full-rank whitening) or a
+    ``(dim,)`` vector of scales (diagonal whitening, applied elementwise: memory and work grow
+    with ``dim``, not ``dim**2``).
+    """
 
     def __init__(self, shift: torch.Tensor, scale_tril: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("shift", shift)
         self.register_buffer("scale_tril", scale_tril)
 
+    @property
+    def diagonal(self) -> bool:
+        """Whether ``scale_tril`` is a vector of scales (a diagonal whitening)."""
+        return self.scale_tril.dim() == 1
+
+    def _log_det(self) -> torch.Tensor:
+        scales = self.scale_tril if self.diagonal else self.scale_tril.diagonal()
+        return scales.log().sum()
+
     def forward_and_log_det(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ladj = self.scale_tril.diagonal().log().sum().expand(y.shape[:-1])
+        ladj = self._log_det().expand(y.shape[:-1])
+        if self.diagonal:
+            return self.shift + y * self.scale_tril, ladj
         return self.shift + y @ self.scale_tril.T, ladj
 
     def inverse_and_log_det(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ladj = -self.scale_tril.diagonal().log().sum().expand(x.shape[:-1])
+        ladj = -self._log_det().expand(x.shape[:-1])
+        if self.diagonal:
+            return (x - self.shift) / self.scale_tril, ladj
         centred = (x - self.shift).unsqueeze(-1)
         tril = self.scale_tril.expand(*centred.shape[:-2], *self.scale_tril.shape)
         return torch.linalg.solve_triangular(tril, centred, upper=False).squeeze(-1), ladj

@@ -14,6 +14,7 @@ neural-ODE layer by flow matching (``objective="flow_matching"``).
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -30,6 +31,7 @@ from pyro.poutine.util import site_is_subsample
 from tqdm import tqdm
 
 from flowguides._common import (
+    NonFiniteGradientError,
     NonFiniteLossError,
     PosteriorFitMethods,
     as_spec,
@@ -99,17 +101,29 @@ class PosteriorFit(PosteriorFitMethods):
         return {k: v.cpu().numpy() for k, v in self.guide.constrain(latent).items()}
 
     def log_densities(
-        self, num_samples: int, seed: int | None = None
+        self,
+        num_samples: int,
+        seed: int | None = None,
+        *,
+        vectorize_particles: bool | str | None = None,
     ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
         """``(draws, log_p, log_q)``: ``log_p - log_q`` is each draw's importance log-weight.
 
         ``log_p`` is the model's log joint (observations included) at the constrained draw
         plus the log-Jacobian of the unconstraining bijections; ``log_q`` is the guide's
         log-density of the same draw (from its own forward pass, no inverse).
+
+        Args:
+            num_samples, seed: the draws.
+            vectorize_particles: ``True`` (the draws through the model at once), ``False``
+                (one at a time), ``"auto"``, or None (default): the guide's own choice (see
+                `AutoFlowGuide`).
         """
         latent, log_q = self.guide.draws(num_samples, seed)
         with torch.no_grad():
-            log_p = self.guide.log_joint(latent, *self.args, **self.kwargs)
+            log_p = self.guide.batch_log_joint(
+                latent, self.args, self.kwargs, vectorize_particles=vectorize_particles
+            )
         draws = {k: v.cpu().numpy() for k, v in self.guide.constrain(latent).items()}
         return draws, log_p.cpu().numpy(), log_q.cpu().numpy()
 
@@ -124,11 +138,14 @@ class PosteriorFit(PosteriorFitMethods):
         """The value of each observed site, as the model saw it when the guide was built."""
         return {name: site["value"].detach().cpu().numpy() for name, site in self._observed_sites()}
 
-    def log_likelihood(self, draws: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    def log_likelihood(
+        self, draws: Mapping[str, Any], *, vectorize_particles: bool | str | None = None
+    ) -> dict[str, np.ndarray]:
         """Pointwise log-likelihood of each observed site, ``(S, *site_batch_shape)``.
 
         Args:
             draws: constrained latent draws ``name -> (S, *site_shape)``, as from `sample`.
+            vectorize_particles: as in `log_densities`.
         """
         guide, nest = self.guide, self.guide.max_plate_nesting
         shapes = self.latent_shapes
@@ -144,19 +161,40 @@ class PosteriorFit(PosteriorFitMethods):
                 raise ValueError(
                     f"draws[{name!r}]: expected shape {(num, *shape)}, got {tuple(value.shape)}"
                 )
-            batch = len(shape) - guide.prototype_trace.nodes[name]["fn"].event_dim
-            values[name] = value.reshape(num, *([1] * (nest - batch)), *shape)
-        model = poutine.condition(self.model, data=values)
-        with torch.no_grad(), poutine.block(), pyro.plate("_flowguides_draws", num, dim=-nest - 1):
-            trace = poutine.trace(model).get_trace(*self.args, **self.kwargs)
-        out = {}
-        for name, proto in self._observed_sites():
-            site = trace.nodes[name]
-            log_lik = site["fn"].log_prob(site["value"])
-            batch = tuple(proto["fn"].batch_shape)
-            log_lik = log_lik.reshape(*(1,) * (nest + 1 - log_lik.dim()), *log_lik.shape)
-            out[name] = log_lik.expand(num, *log_lik.shape[1:]).reshape(num, *batch).cpu().numpy()
-        return out
+            values[name] = value
+        observed = {name: tuple(proto["fn"].batch_shape) for name, proto in self._observed_sites()}
+
+        def run(data: dict[str, torch.Tensor], plate: Any) -> poutine.Trace:
+            with poutine.block(), plate:
+                model = poutine.condition(self.model, data=data)
+                return poutine.trace(model).get_trace(*self.args, **self.kwargs)
+
+        def together() -> dict[str, torch.Tensor]:
+            shaped = {}
+            for name, shape in shapes.items():
+                batch = len(shape) - guide.prototype_trace.nodes[name]["fn"].event_dim
+                shaped[name] = values[name].reshape(num, *([1] * (nest - batch)), *shape)
+            trace = run(shaped, pyro.plate("_flowguides_draws", num, dim=-nest - 1))
+            out = {}
+            for name, batch in observed.items():
+                site = trace.nodes[name]
+                log_lik = site["fn"].log_prob(site["value"])
+                log_lik = log_lik.reshape(*(1,) * (nest + 1 - log_lik.dim()), *log_lik.shape)
+                out[name] = log_lik.expand(num, *log_lik.shape[1:]).reshape(num, *batch)
+            return out
+
+        def one_by_one() -> dict[str, torch.Tensor]:
+            rows: dict[str, list[torch.Tensor]] = {name: [] for name in observed}
+            for i in range(num):
+                trace = run({k: v[i] for k, v in values.items()}, contextlib.nullcontext())
+                for name, batch in observed.items():
+                    site = trace.nodes[name]
+                    rows[name].append(site["fn"].log_prob(site["value"]).expand(batch))
+            return {name: torch.stack(row) for name, row in rows.items()}
+
+        with torch.no_grad():
+            out = guide.evaluate_batch(together, one_by_one, vectorize_particles)
+        return {name: value.cpu().numpy() for name, value in out.items()}
 
 
 @dataclass
@@ -200,21 +238,6 @@ class DensityFit:
         """`n` draws ``(n, dim)`` in the data's own scale."""
         x = self.flow.sample((n,), seed=seed).cpu().numpy()
         return x * self.std + self.mean if self.mean is not None else x
-
-
-class NonFiniteGradientError(NonFiniteLossError):
-    """The loss was finite but its gradient was not; no update was made from it."""
-
-    def __init__(self, step: int, loss: float, last_good: Any = None, fit: Any = None) -> None:
-        super().__init__(step, loss, last_good, fit)
-        self.args = (
-            f"the gradient became NaN or infinite at step {step} (loss {loss}); training "
-            "stopped and the parameters from the last finite step were kept (lower "
-            "learning_rate, set clip_norm, or check the model for values outside its support)",
-        )
-
-    def __str__(self) -> str:
-        return self.args[0]
 
 
 class _Trainer:
@@ -314,14 +337,15 @@ def fit_posterior(
     init_scale: float | str = DEFAULT_INIT_SCALE,
     seed: int = 0,
     progress: bool = True,
+    vectorize_particles: bool | str = "auto",
     **kwargs: Any,
 ) -> PosteriorFit:
     """Fit an `AutoFlowGuide` to ``model(*args, **kwargs)`` by maximising the ELBO.
 
-    ``Trace_ELBO(num_particles, vectorize_particles=True)`` with Adam on the guide's weights
-    and any ``pyro.param`` of the model; the learning rate is constant for the first half, then
-    decays (cosine) to 1% at the last step. Neural-ODE layers add their RNODE penalty (mean
-    over particles) to the loss and use STEER end times (see `training_solves`).
+    ``Trace_ELBO(num_particles, vectorize_particles=guide.vectorized)`` with Adam on the
+    guide's weights and any ``pyro.param`` of the model; the learning rate is constant for the
+    first half, then decays (cosine) to 1% at the last step. Neural-ODE layers add their RNODE
+    penalty (mean over particles) to the loss and use STEER end times (see `training_solves`).
 
     Args:
         model: a Pyro model with continuous latent sites.
@@ -332,10 +356,18 @@ def fit_posterior(
         init_loc_fn, init_scale: the guide's initialisation (see `AutoFlowGuide`).
         seed: seeds Pyro (initial weights, draws, subsampling).
         progress: show a tqdm bar with the smoothed loss on stderr.
+        vectorize_particles: ``"auto"`` (default): particles (and the start search's draws)
+            go through the model at once where it broadcasts over an extra leading batch
+            dimension, else one at a time with a `VectorizationWarning` (models written for
+            one draw, such as ``X @ b`` or Python loops over data, work either way);
+            ``True``: at once, a `ValueError` where the model does not broadcast;
+            ``False``: one at a time. The fit remembers the outcome for `log_densities`,
+            `log_likelihood` and the diagnostics.
 
     Raises:
         NonFiniteLossError: when a loss is NaN/inf; the guide keeps the last finite weights
             and the error's ``.fit`` holds the partial fit.
+        ValueError: ``vectorize_particles=True`` where the model does not broadcast.
     """
     spec = as_spec(spec)
     _check_training(num_steps, learning_rate, clip_norm)
@@ -343,25 +375,37 @@ def fit_posterior(
         raise ValueError(f"num_particles: expected a positive integer, got {num_particles!r}")
     pyro.set_rng_seed(seed)
     t0 = time.perf_counter()
-    guide = AutoFlowGuide(model, spec, init_loc_fn=init_loc_fn, init_scale=init_scale)
+    guide = AutoFlowGuide(
+        model,
+        spec,
+        init_loc_fn=init_loc_fn,
+        init_scale=init_scale,
+        vectorize_particles=vectorize_particles,
+    )
     store = pyro.get_param_store()
     for name in [n for n in store.keys() if n.startswith(f"{guide._pyro_name}.flow$$$")]:
         del store[name]  # stale weights of an earlier guide with the same prefix
     guide._setup_if_needed(*args, **kwargs)
     timing = {"setup_s": time.perf_counter() - t0}
-    elbo = Trace_ELBO(
-        num_particles=num_particles,
-        vectorize_particles=True,
-        max_plate_nesting=guide.max_plate_nesting,
-    )
     evaluations = _Evaluations(guide.flow)
+    elbos: dict[bool, Trace_ELBO] = {}
 
-    def negative_elbo() -> torch.Tensor:
-        return elbo.differentiable_loss(model, guide, *args, **kwargs)
+    def negative_elbo(vectorized: bool | None = None) -> torch.Tensor:
+        vectorized = guide.vectorized if vectorized is None else vectorized
+        if vectorized not in elbos:
+            elbos[vectorized] = Trace_ELBO(
+                num_particles=num_particles,
+                vectorize_particles=vectorized,
+                max_plate_nesting=guide.max_plate_nesting,
+            )
+        return elbos[vectorized].differentiable_loss(model, guide, *args, **kwargs)
 
     with poutine.trace(param_only=True) as param_capture:
         start = evaluations.count()
-        loss, penalty = _with_penalty(guide.flow, negative_elbo)
+        loss, penalty = guide.evaluate_batch(  # vectorised particles checked on the ELBO too
+            lambda: _with_penalty(guide.flow, negative_elbo),
+            lambda: _with_penalty(guide.flow, lambda: negative_elbo(False)),
+        )
         after_loss = evaluations.count()
     params = list(guide.parameters())
     seen = {id(p) for p in params}

@@ -9,7 +9,6 @@ affine and layers starting as the identity on ``x``.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -25,11 +24,10 @@ from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to
 
 from flowguides._common import (
-    AUTO_SCALES,
-    FULL_RANK_MAX_DIM,
     PRECONDITION,
     as_spec,
     check_preconditioner,
+    check_vectorize_option,
 )
 from flowguides.pyro.build import (
     Flow,
@@ -39,6 +37,14 @@ from flowguides.pyro.build import (
     get_weights,
     set_weights,
 )
+from flowguides.pyro.laplace import LaplaceFallbackWarning, best_start, laplace_start
+from flowguides.pyro.vectorize import (
+    HOW_TO_VECTORIZE,
+    VectorizationWarning,
+    describe,
+    log_joint_at,
+    mismatch,
+)
 from flowguides.spec import FlowSpec, SpecError
 
 __all__ = [
@@ -46,6 +52,7 @@ __all__ = [
     "DiscreteLatentError",
     "LaplaceFallbackWarning",
     "NoLatentSitesError",
+    "VectorizationWarning",
 ]
 
 _NUM_SUMMARY_DRAWS = 4000
@@ -59,24 +66,16 @@ class NoLatentSitesError(ValueError):
     """The model has no latent sample sites, so there is nothing for a guide to fit."""
 
 
-class LaplaceFallbackWarning(UserWarning):
-    """``init_scale="laplace"`` met a non-positive Hessian diagonal and used 0.1 there."""
-
-
-_MODE_TOLERANCE = 0.1  # largest |gradient| x Laplace scale accepted as a mode
-
-
-class _LeftSupport(Exception):
-    """The MAP search evaluated the model outside a support (stop there, keep the best)."""
+_CHECK_DRAWS = 3  # draws the broadcasting check evaluates together and one at a time
 
 
 class AutoFlowGuide(AutoContinuous):
     """A flow guide: ``eps ~ N(0, I)`` -> flow layers -> affine -> unconstrained latents.
 
     Drop-in for `AutoNormal`/`AutoDiagonalNormal`: works with `SVI` and
-    ``Trace_ELBO(num_particles=N, vectorize_particles=True)``, `Predictive`, subsampled
-    observation plates, and offers `median`, `quantiles` (from draws) and `get_posterior`.
-    The flow follows the model's floating dtype.
+    ``Trace_ELBO(num_particles=N, vectorize_particles=guide.vectorized)``, `Predictive`,
+    subsampled observation plates, and offers `median`, `quantiles` (from draws) and
+    `get_posterior`. The flow follows the model's floating dtype.
 
     Args:
         model: a Pyro model with continuous latent sites.
@@ -86,18 +85,28 @@ class AutoFlowGuide(AutoContinuous):
         init_scale: initial posterior scale in unconstrained space, a positive float, or
             ``"laplace"``: a short MAP optimisation (L-BFGS) from the initial location, then
             the `preconditioner` ``z = MAP + L x`` with ``L`` the Cholesky factor of ``H^-1``,
-            `H` the Hessian of the negative log joint there (diagonal ``1 / sqrt(diag H)``
-            where `H` is not positive definite or the dimension exceeds `FULL_RANK_MAX_DIM`;
+            `H` the Hessian of the negative log joint there (diagonal ``1 / sqrt(diag H)``,
+            held as a vector, where `H` is not positive definite or the dimension exceeds
+            `FULL_RANK_MAX_DIM`, above which ``diag H`` comes without forming `H`;
             0.1 with a `LaplaceFallbackWarning` where a diagonal entry is not positive, and
             the 0.1 start where there is no mode); or ``"auto"``: whichever of the Laplace
             start and the plain starts with scale 0.1 and 1.0 has the highest ELBO (256
             draws, fixed seed). Laplace wins by far on badly scaled, correlated regressions;
             funnels, whose MAP collapses a scale to zero, want 1.0.
         prefix: the name under which Pyro's param store holds the flow's weights.
+        vectorize_particles: how batches of draws (the start search, `batch_log_joint`, a
+            fit's particles and diagnostics) go through the model: ``True`` all at once under
+            an extra outermost plate; ``False`` one at a time (any model, slower); ``"auto"``
+            (default) checks at set-up whether the model broadcasts over such a batch (the
+            log joint of a few draws evaluated together against one at a time) and, where it
+            does not, evaluates one at a time with one `VectorizationWarning`. The outcome
+            is `vectorized`.
 
     Raises:
         DiscreteLatentError, NoLatentSitesError, SpecError: on first call, naming the site
             or the dimension problem.
+        ValueError: with ``vectorize_particles=True``, on first call, where the model does
+            not broadcast over a batch of draws.
     """
 
     def __init__(
@@ -108,8 +117,10 @@ class AutoFlowGuide(AutoContinuous):
         init_loc_fn: Callable[[dict], torch.Tensor] = init_to_median,
         init_scale: float | str = 0.1,
         prefix: str = "auto",
+        vectorize_particles: bool | str = "auto",
     ) -> None:
         spec = as_spec(spec)
+        check_vectorize_option(vectorize_particles)
         if spec.base != "affine":
             raise SpecError(
                 f"base: AutoFlowGuide centres the flow with its affine base, expected 'affine', "
@@ -125,11 +136,17 @@ class AutoFlowGuide(AutoContinuous):
                 f"init_scale: expected a positive number, 'laplace' or 'auto', got {init_scale!r}"
             )
         super().__init__(model, init_loc_fn=init_loc_fn)
+        # the model without AutoContinuous's InitMessenger, which would draw init values at
+        # every site before poutine.condition sets them (per site, per evaluation)
+        self._bare_model = (model,)
         self._pyro_name = prefix
         self.spec = spec
         self.init_scale = init_scale
         self.max_plate_nesting = 0
         self.model_trace: poutine.Trace | None = None
+        self.vectorize_particles = vectorize_particles
+        self.vectorized: bool | None = None  # the outcome, decided at set-up
+        self._warned = False
 
     # -- set-up ----------------------------------------------------------------------------
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
@@ -156,10 +173,11 @@ class AutoFlowGuide(AutoContinuous):
             ) from None
         init = self._init_loc()
         flow = build_flow(self.spec, dim, seed=int(torch.randint(2**31 - 1, ()))).to(init.dtype)
+        self._check_broadcasting(init, args, kwargs)
         if self.init_scale == "laplace":
-            loc, scale, fixed = self._laplace(init, *args, **kwargs)
+            loc, scale, fixed = laplace_start(self, init, args, kwargs)
         elif self.init_scale == "auto":
-            loc, scale, fixed = self._best_start(init, *args, **kwargs)
+            loc, scale, fixed = best_start(self, init, args, kwargs)
         else:
             loc, scale, fixed = init, torch.full_like(init, float(self.init_scale)), None
         with torch.no_grad():
@@ -186,106 +204,6 @@ class AutoFlowGuide(AutoContinuous):
                 "model: found no latent sample sites (every site is observed); there is "
                 "nothing for a guide to fit"
             ) from exc
-
-    def _laplace(self, init: torch.Tensor, *args: Any, **kwargs: Any) -> Start:
-        """MAP in unconstrained space, then the Laplace whitening: the affine starts as the
-        identity and the fixed preconditioner holds the MAP and the Cholesky factor of the
-        inverse Hessian (its diagonal alone where the Hessian is not positive definite or the
-        dimension exceeds `FULL_RANK_MAX_DIM`). Falls back to the 0.1 start without a mode."""
-
-        def energy(z: torch.Tensor) -> torch.Tensor:
-            return -self.log_joint(z, *args, **kwargs)
-
-        z = init.clone().requires_grad_(True)
-        opt = torch.optim.LBFGS([z], max_iter=2000, line_search_fn="strong_wolfe")
-        best = [math.inf, init]  # the lowest finite energy seen, and where
-
-        def closure() -> torch.Tensor:
-            opt.zero_grad()
-            try:
-                value = energy(z)
-            except ValueError as exc:  # the line search stepped outside a support
-                raise _LeftSupport from exc
-            if torch.isfinite(value) and float(value.detach()) < best[0]:
-                best[:] = [float(value.detach()), z.detach().clone()]
-            value.backward()
-            return value
-
-        try:
-            opt.step(closure)
-        except _LeftSupport:
-            pass
-        loc = best[1]
-        hessian = torch.autograd.functional.hessian(energy, loc)
-        hess = hessian.diagonal()
-        good = torch.isfinite(hess) & (hess > 0)
-        scale = torch.where(good, hess.clamp_min(1e-300).rsqrt(), torch.full_like(hess, 0.1))
-        # A mode is stationary: its Newton step, in its own scale, is small. A density that
-        # grows without bound (a funnel's scale collapsing to 0) leaves a large step behind.
-        point = loc.clone().requires_grad_(True)
-        grad = torch.autograd.grad(energy(point), point)[0].detach()
-        moving = ~(grad.abs() * scale < _MODE_TOLERANCE)
-        if moving.any() or not self._finite_around(energy, loc, scale):
-            where = self._coordinate_sites(torch.nonzero(moving).flatten().tolist())
-            warnings.warn(
-                "init_scale='laplace': the MAP search found no mode (the density grows "
-                f"without bound along sites {where}, or is not finite around the point it "
-                "reached); starting from the initial location with scale 0.1 instead",
-                LaplaceFallbackWarning,
-                stacklevel=4,
-            )
-            return init, torch.full_like(init, 0.1), None
-        identity = (torch.zeros_like(loc), torch.ones_like(loc))
-        if good.all() and loc.numel() <= FULL_RANK_MAX_DIM:
-            tril = _inverse_cholesky(hessian)
-            if tril is not None:
-                return (*identity, (loc, tril))
-        if not good.all():
-            bad = self._coordinate_sites(torch.nonzero(~good).flatten().tolist())
-            warnings.warn(
-                f"init_scale='laplace': the Hessian diagonal is not positive for sites {bad}; "
-                "using scale 0.1 there",
-                LaplaceFallbackWarning,
-                stacklevel=4,
-            )
-        return (*identity, (loc, torch.diag(scale)))
-
-    def _best_start(self, init: torch.Tensor, *args: Any, **kwargs: Any) -> Start:
-        """The Laplace start or a plain start (`AUTO_SCALES`), whichever has the highest ELBO."""
-        starts: list[Start] = [(init, torch.full_like(init, s), None) for s in AUTO_SCALES]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", LaplaceFallbackWarning)
-            starts.append(self._laplace(init, *args, **kwargs))
-        gen = torch.Generator().manual_seed(0)
-        eps = torch.randn((256, init.numel()), generator=gen, dtype=init.dtype)
-
-        def elbo(start: Start) -> float:
-            loc, scale, fixed = start
-            z, log_det = loc + scale * eps, scale.log().sum()
-            if fixed is not None:
-                z, log_det = fixed[0] + z @ fixed[1].T, log_det + fixed[1].diagonal().log().sum()
-            try:
-                with torch.no_grad():
-                    log_p = self.log_joint(z, *args, **kwargs)
-            except ValueError:  # values outside a support: the start is unusable
-                return -math.inf
-            value = float(log_p.mean() + log_det)
-            return value if math.isfinite(value) else -math.inf
-
-        return max(starts, key=elbo)
-
-    @staticmethod
-    def _finite_around(
-        energy: Callable[[torch.Tensor], torch.Tensor], loc: torch.Tensor, scale: torch.Tensor
-    ) -> bool:
-        """Whether the log joint is finite at a few draws of the Laplace approximation."""
-        gen = torch.Generator().manual_seed(0)
-        eps = torch.randn((16, loc.numel()), generator=gen, dtype=loc.dtype)
-        try:
-            with torch.no_grad():
-                return bool(torch.isfinite(energy(loc + scale * eps)).all())
-        except ValueError:  # a distribution's argument validation: values outside a support
-            return False
 
     def _coordinate_sites(self, coords: Sequence[int]) -> list[str]:
         """Names of the sites that own packed coordinates `coords`."""
@@ -327,9 +245,10 @@ class AutoFlowGuide(AutoContinuous):
     def preconditioner(self) -> dict[str, torch.Tensor] | None:
         """The fixed last map ``z = shift + scale_tril @ x`` of a Laplace start (``shift`` the
         MAP, ``scale_tril`` the Cholesky factor of the inverse Hessian of the negative log
-        joint there), keyed by `PRECONDITION`; None for a plain start. With it, the affine
-        and the layers work in whitened coordinates (an Adam step moves about one posterior
-        sd whatever the sites' scales) and start as the identity."""
+        joint there; a ``(latent_dim,)`` vector of scales for a diagonal whitening), keyed by
+        `PRECONDITION`; None for a plain start. With it, the affine and the layers work in
+        whitened coordinates (an Adam step moves about one posterior sd whatever the sites'
+        scales) and start as the identity."""
         self._require_setup()
         fixed = self.flow.precondition
         if fixed is None:
@@ -384,35 +303,128 @@ class AutoFlowGuide(AutoContinuous):
 
         Args:
             latent: one point ``(latent_dim,)`` (evaluated without any extra plate, so this is
-                safe inside a running `SVI` step) or draws ``(S, latent_dim)``, evaluated all
-                at once under an extra outermost plate.
+                safe inside a running `SVI` step) or draws ``(S, latent_dim)``, evaluated as
+                `batch_log_joint` does.
             *args, **kwargs: the model's arguments.
 
         Returns:
             A scalar, or one value per draw ``(S,)``.
         """
-        nest = self.max_plate_nesting
         if latent.dim() == 1:
-            num, pairs, plate = None, self.split_latent(latent), contextlib.nullcontext()
+            return self._log_joint_one(latent, args, kwargs, self._bare_model[0])
+        return self.batch_log_joint(latent, args, kwargs)
+
+    def batch_log_joint(
+        self,
+        latent: torch.Tensor,
+        args: tuple = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        vectorize_particles: bool | str | None = None,
+    ) -> torch.Tensor:
+        """`log_joint` of draws ``(S, latent_dim)``, one value per draw ``(S,)``.
+
+        Vectorised, the draws go through the model at once under an extra outermost plate;
+        otherwise one at a time (see `evaluate_batch`).
+
+        Args:
+            latent: the draws.
+            args, kwargs: the model's arguments.
+            vectorize_particles: ``True``, ``False``, ``"auto"``, or None for the guide's own
+                setting (with ``"auto"``, its outcome at set-up: `vectorized`).
+        """
+        kwargs = dict(kwargs or {})
+        return self.evaluate_batch(
+            lambda: self._log_joint_together(latent, args, kwargs, self._bare_model[0]),
+            lambda: torch.stack(
+                [self._log_joint_one(z, args, kwargs, self._bare_model[0]) for z in latent]
+            ),
+            vectorize_particles,
+        )
+
+    def evaluate_batch(
+        self,
+        together: Callable[[], Any],
+        one_by_one: Callable[[], Any],
+        vectorize_particles: bool | str | None = None,
+    ) -> Any:
+        """Run a batch of draws through the model `together` or `one_by_one`, as set.
+
+        ``False`` runs `one_by_one`. ``True`` and ``"auto"`` run `together` (``"auto"`` runs
+        `one_by_one` where set-up found that the model does not broadcast); should `together`
+        fail where `one_by_one` works, ``True`` raises a `ValueError` naming the option and
+        ``"auto"`` switches the guide to one draw at a time with a `VectorizationWarning`.
+        Where both fail, the model's own error from `one_by_one` is raised.
+        """
+        mode = self.vectorize_particles if vectorize_particles is None else vectorize_particles
+        check_vectorize_option(mode)
+        if mode is False or (mode == "auto" and self.vectorized is False):
+            return one_by_one()
+        try:
+            return together()
+        except Exception as exc:  # whatever it is, one draw at a time below tells
+            result = one_by_one()  # a model error raises here, as it would in Pyro's own loop
+            self._not_broadcasting(describe(exc), mode, exc)
+            return result
+
+    def _check_broadcasting(self, init: torch.Tensor, args: tuple, kwargs: dict) -> None:
+        """Decide `vectorized`: the log joint of a few draws near `init`, evaluated together
+        and one at a time, with the same subsample of any subsampled plate."""
+        if self.vectorize_particles is False:
+            self.vectorized = False
+            return
+        gen = torch.Generator().manual_seed(0)
+        noise = torch.randn((_CHECK_DRAWS, init.numel()), generator=gen, dtype=init.dtype)
+        draws = init + 0.1 * noise
+        fixed = poutine.Trace()  # the subsample indices of the model's plates
+        for name, site in self.model_trace.nodes.items():
+            if site_is_subsample(site):
+                fixed.add_node(name, **site)
+        model = poutine.replay(self._bare_model[0], trace=fixed)
+        with torch.no_grad():
+            one_by_one = torch.stack([self._log_joint_one(z, args, kwargs, model) for z in draws])
+            try:
+                reason = mismatch(self._log_joint_together(draws, args, kwargs, model), one_by_one)
+            except Exception as exc:  # the draws one at a time worked: a broadcasting failure
+                reason = describe(exc)
+        if reason is None:
+            self.vectorized = True
         else:
-            num = latent.shape[0]
-            shaped = latent.reshape(num, *([1] * nest), latent.shape[-1])
-            pairs = self._unpack_latent(shaped)
-            plate = pyro.plate("_flowguides_draws", num, dim=-nest - 1)
-        values, total = {}, latent.new_zeros(() if num is None else (num,))
-        for site, u in pairs:
-            transform = biject_to(site["fn"].support)
-            x = transform(u)
-            values[site["name"]] = x
-            total = total + _per_draw(transform.log_abs_det_jacobian(u, x), num, nest)
-        model = poutine.condition(self.model, data=values)
-        with poutine.block(), plate:
-            trace = poutine.trace(model).get_trace(*args, **kwargs)
-        trace.compute_log_prob()
-        for site in trace.nodes.values():
-            if site["type"] == "sample":
-                total = total + _per_draw(site["log_prob"], num, nest)
-        return total
+            self._not_broadcasting(reason, self.vectorize_particles)
+
+    def _not_broadcasting(
+        self, reason: str, mode: bool | str, exc: Exception | None = None
+    ) -> None:
+        if mode is True:
+            raise ValueError(
+                "vectorize_particles=True: the model does not broadcast over a batch of draws "
+                f"evaluated at once ({reason}); pass vectorize_particles='auto' or False to "
+                f"evaluate draws one at a time, or {HOW_TO_VECTORIZE}"
+            ) from exc
+        self.vectorized = False
+        if not self._warned:
+            self._warned = True
+            warnings.warn(
+                "model: it does not broadcast over a batch of draws evaluated at once "
+                f"({reason}), so particles and draws run through it one at a time (slower); "
+                f"{HOW_TO_VECTORIZE}; or pass vectorize_particles=False to skip this check",
+                VectorizationWarning,
+                stacklevel=4,
+            )
+
+    def _log_joint_one(
+        self, latent: torch.Tensor, args: tuple, kwargs: Mapping[str, Any], model: Callable
+    ) -> torch.Tensor:
+        """`log_joint` at one point ``(latent_dim,)``, without any extra plate."""
+        return log_joint_at(model, self.split_latent(latent), args, kwargs)
+
+    def _log_joint_together(
+        self, latent: torch.Tensor, args: tuple, kwargs: Mapping[str, Any], model: Callable
+    ) -> torch.Tensor:
+        """`log_joint` of draws ``(S, latent_dim)`` at once, under an outermost plate."""
+        nest, num = self.max_plate_nesting, latent.shape[0]
+        pairs = self._unpack_latent(latent.reshape(num, *([1] * nest), latent.shape[-1]))
+        return log_joint_at(model, pairs, args, kwargs, num=num, nest=nest)
 
     def draws(self, num_samples: int, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(latent, log q)``: packed unconstrained draws ``(num_samples, latent_dim)``."""
@@ -446,27 +458,3 @@ class AutoFlowGuide(AutoContinuous):
         if self.prototype_trace is None:
             with torch.enable_grad():
                 self._setup_prototype(*args, **kwargs)
-
-
-def _per_draw(log_prob: torch.Tensor, num: int | None, nest: int) -> torch.Tensor:
-    """Sum a log-density over everything but the leading draw dimension (all, if `num` is None)."""
-    log_prob = torch.as_tensor(log_prob)
-    if num is None:
-        return log_prob.sum()
-    if log_prob.dim() == 0:
-        return log_prob.expand(num)
-    log_prob = log_prob.reshape(*(1,) * (nest + 1 - log_prob.dim()), *log_prob.shape)
-    return log_prob.reshape(log_prob.shape[0], -1).sum(-1).expand(num)
-
-
-Start = tuple  # (affine loc, affine scale, (shift, scale_tril) or None)
-
-
-def _inverse_cholesky(hessian: torch.Tensor) -> torch.Tensor | None:
-    """The lower Cholesky factor of ``hessian^-1``, or None where it is not positive definite."""
-    chol, info = torch.linalg.cholesky_ex((hessian + hessian.T) / 2)
-    if int(info) != 0:
-        return None
-    cov = torch.cholesky_inverse(chol)
-    tril, info = torch.linalg.cholesky_ex((cov + cov.T) / 2)
-    return tril if int(info) == 0 and bool(torch.isfinite(tril).all()) else None

@@ -54,15 +54,18 @@ def import_state(
     model: Callable[..., Any] | None = None,
     model_args: tuple = (),
     model_kwargs: Mapping[str, Any] | None = None,
+    vectorize_particles: bool | str = "auto",
 ) -> Any:
     """Rebuild a saved object in Pyro: a `Flow`, a `DensityFit` or (given `model`) a
-    `PosteriorFit` whose guide holds the saved weights."""
+    `PosteriorFit` whose guide holds the saved weights (`vectorize_particles` as in
+    `AutoFlowGuide`). A saved diagonal whitening is a ``(dim,)`` vector; an older folder's
+    ``(dim, dim)`` matrix loads as it was."""
     kind, dim = kind_of(meta), meta["dim"]
     if kind == "posterior":
         if model is None:
             raise LoadError("load: a saved posterior needs the model: load(path, model=...)")
         kwargs = dict(model_kwargs or {})
-        guide = AutoFlowGuide(model, spec)
+        guide = AutoFlowGuide(model, spec, vectorize_particles=vectorize_particles)
         guide._setup_if_needed(*model_args, **kwargs)
         check_sites(meta, _guide_sites(guide))
         guide.set_weights(weights).set_preconditioner(meta.get("precondition"))

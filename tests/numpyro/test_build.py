@@ -89,11 +89,15 @@ def test_float64_spec_without_jax_x64_names_the_fix():
     assert "numpyro.enable_x64()" in out.stdout
 
 
-def test_preconditioner_round_trips_and_its_log_det_matches_the_jacobian():
+@pytest.mark.parametrize("kind", ["full", "diagonal"])
+def test_preconditioner_round_trips_and_its_log_det_matches_the_jacobian(kind):
     from flowguides._common import PRECONDITION
 
     rng = np.random.default_rng(0)
-    tril = np.tril(rng.normal(size=(3, 3)), -1) + np.diag([0.5, 2.0, 1e-2])
+    if kind == "full":
+        tril = np.tril(rng.normal(size=(3, 3)), -1) + np.diag([0.5, 2.0, 1e-2])
+    else:  # a diagonal whitening, held as its (dim,) vector
+        tril = np.array([0.5, 2.0, 1e-2])
     spec = SPEC.model_copy(update={"layers": SPEC.layers[:2]})  # exact inverses, no ODE solve
     fixed = dict(zip(PRECONDITION, (rng.normal(size=3), tril), strict=True))
     flow = Flow(spec, 3, {**build_flow(spec, 3, seed=0).params, **fixed})
@@ -106,3 +110,6 @@ def test_preconditioner_round_trips_and_its_log_det_matches_the_jacobian():
     np.testing.assert_allclose(inv_ladj, -ladj, rtol=1e-10)
     jac = jax.jacfwd(lambda e: flow.forward_and_log_det(e)[0])(eps[0, 0])
     np.testing.assert_allclose(ladj[0, 0], np.linalg.slogdet(np.asarray(jac))[1], rtol=1e-8)
+    if kind == "diagonal":  # the same map as the diagonal matrix
+        matrix = Flow(spec, 3, {**flow.params, PRECONDITION[1]: jnp.diag(tril)})
+        np.testing.assert_allclose(matrix.forward_and_log_det(eps)[0], x, rtol=1e-12)

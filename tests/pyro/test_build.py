@@ -156,16 +156,24 @@ def test_spec_errors_name_the_layer():
         build_flow(FlowSpec.neural_ode(solver="tsit5"), 2)
 
 
+@pytest.mark.parametrize("kind", ["full", "diagonal"])
 @pytest.mark.parametrize("batch", [(), (3,), (2, 4)])
-def test_preconditioner_round_trips_and_its_log_det_matches_autograd(batch):
+def test_preconditioner_round_trips_and_its_log_det_matches_autograd(batch, kind):
     from flowguides.pyro.build import Precondition
 
     gen = torch.Generator().manual_seed(0)
     f64 = torch.float64
     shift = torch.randn(DIM, generator=gen, dtype=f64)
-    tril = torch.randn(DIM, DIM, generator=gen, dtype=f64).tril(-1) + torch.diag(
-        torch.tensor([0.5, 2.0, 1e-2], dtype=f64)
-    )
+    scales = torch.tensor([0.5, 2.0, 1e-2], dtype=f64)
+    tril = torch.randn(DIM, DIM, generator=gen, dtype=f64).tril(-1) + torch.diag(scales)
+    if kind == "diagonal":  # a vector of scales: the same map as torch.diag(scales)
+        tril = scales
+        y = torch.randn(4, DIM, generator=gen, dtype=f64)
+        same = Precondition(shift, torch.diag(scales)).forward_and_log_det(y)
+        for ours, dense in zip(
+            Precondition(shift, scales).forward_and_log_det(y), same, strict=True
+        ):
+            torch.testing.assert_close(ours, dense)
     spec = SPEC.model_copy(update={"layers": SPEC.layers[:2]})  # exact inverses, no ODE solve
     flow = set_weights(build_flow(spec, DIM), random_weights(build_flow(spec, DIM)))
     flow.precondition = Precondition(shift, tril)

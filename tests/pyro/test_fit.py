@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from flowguides._common import NonFiniteLossError
-from flowguides.pyro import DensityFit, PosteriorFit, fit_density, fit_posterior
+from flowguides.pyro import (
+    DensityFit,
+    PosteriorFit,
+    VectorizationWarning,
+    fit_density,
+    fit_posterior,
+)
 from flowguides.pyro.build import Flow
 from flowguides.spec import FlowSpec
 
@@ -120,7 +126,11 @@ def test_constrained_sites_give_finite_losses_and_draws_in_the_support():
         with pyro.plate("data", 3):
             pyro.sample("y", dist.Normal(p.unsqueeze(-1) * w, sigma.unsqueeze(-1)), obs=data)
 
-    fit = fit_posterior(model, SPECS["realnvp"], num_steps=50, progress=False)
+    # p.unsqueeze(-1) * w broadcasts a batch of draws (S, 1, 3) that the data plate expands to
+    # (S, S, 3): evaluated at once, the likelihood would count S times; "auto" finds it
+    with pytest.warns(VectorizationWarning, match="one at a time"):
+        fit = fit_posterior(model, SPECS["realnvp"], num_steps=50, num_particles=2, progress=False)
+    assert fit.guide.vectorized is False
     assert np.isfinite(fit.losses).all()
     draws = fit.sample(500, seed=0)
     assert (draws["sigma"] > 0).all() and ((draws["p"] > 0) & (draws["p"] < 1)).all()

@@ -27,9 +27,9 @@ def constrained_model(data=DATA):
     sigma = pyro.sample("sigma", dist.HalfNormal(torch.tensor(1.0, dtype=torch.float64)))
     p = pyro.sample("p", dist.Beta(torch.tensor(2.0, dtype=torch.float64), 2.0))
     w = pyro.sample("w", dist.Dirichlet(torch.ones(3, dtype=torch.float64)))
-    loc = mu[..., :1] + p.unsqueeze(-1) * w[..., :1]
+    loc = mu[..., 0] + p * w[..., 0]  # indexed from the right: broadcasts over draws
     with pyro.plate("data", len(data)):
-        pyro.sample("obs", dist.Normal(loc, sigma.unsqueeze(-1)), obs=data)
+        pyro.sample("obs", dist.Normal(loc, sigma), obs=data)
 
 
 def conjugate_model(data=DATA):
@@ -69,7 +69,7 @@ def test_svi_with_vectorised_particles_and_subsampling_runs_and_learns():
     def model():
         mu = pyro.sample("mu", dist.Normal(torch.zeros(2, dtype=torch.float64), 5.0).to_event(1))
         with pyro.plate("data", len(data), subsample_size=10) as idx:
-            pyro.sample("obs", dist.Normal(mu.sum(-1, keepdim=True), 1.0), obs=data[idx])
+            pyro.sample("obs", dist.Normal(mu.sum(-1), 1.0), obs=data[idx])
 
     guide = AutoFlowGuide(model, FlowSpec.planar(num_layers=2, dtype="float64"))
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO(4, vectorize_particles=True))
@@ -126,7 +126,7 @@ def test_laplace_falls_back_with_a_warning_where_the_hessian_is_flat():
     )
     with pytest.warns(LaplaceFallbackWarning, match=r"sites \['flat'\]"):
         guide()
-    scale = guide.preconditioner["precondition.scale_tril"].diagonal()
+    scale = guide.preconditioner["precondition.scale_tril"]  # a diagonal, held as a vector
     torch.testing.assert_close(scale, torch.tensor([1.0, 0.1], dtype=torch.float64))
 
 

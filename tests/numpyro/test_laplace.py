@@ -1,0 +1,82 @@
+"""The Laplace start above `FULL_RANK_MAX_DIM`: the exact Hessian diagonal without the Hessian,
+held as a ``(dim,)`` vector, untrained, saved and loaded (old files' matrices too)."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+
+from flowguides import io
+from flowguides.numpyro import fit_posterior, laplace
+from flowguides.numpyro import guide as guide_module
+from flowguides.numpyro import io as numpyro_io
+from flowguides.numpyro._training import make_optimizer
+
+SPEC = {"layers": [{"type": "realnvp", "hidden": [4]}], "dtype": "float64"}
+
+
+def test_hessian_diagonal_is_exact_in_blocks():
+    a = jnp.asarray(np.random.default_rng(0).normal(size=(5, 5)))
+
+    def energy(z):  # coupled coordinates: a dense, non-constant Hessian
+        return jnp.sum(jnp.cosh(a @ z)) + jnp.sum(z**4)
+
+    z = jnp.linspace(-0.5, 0.5, 5)
+    expected = jnp.diag(jax.hessian(energy)(z))
+    for block in (2, 5, 8):  # a partial last block, one block, a block wider than d
+        np.testing.assert_allclose(laplace.hessian_diagonal(energy, z, block), expected, rtol=1e-10)
+
+
+def regression(x, y):
+    sigma = numpyro.sample("sigma", dist.LogNormal(0.0, 1.0))
+    w = numpyro.sample("w", dist.Normal(jnp.zeros(2), 1.0).to_event(1))
+    rho = numpyro.sample("rho", dist.Normal(0.0, 1.0))
+    with numpyro.plate("n", x.shape[0]):
+        numpyro.sample("y", dist.Normal(x @ w + rho, sigma), obs=y)
+
+
+X = np.linspace(-1.0, 1.0, 40).reshape(20, 2)
+X[:, 1] += X[:, 0] ** 2
+Y = X @ np.array([1.0, -0.5]) + np.sin(np.arange(20.0))
+
+
+def test_the_diagonal_start_is_a_vector_of_the_exact_curvature_and_round_trips(
+    monkeypatch, tmp_path
+):
+    for module in (guide_module, laplace, numpyro_io):  # force the large-d path at d = 4
+        monkeypatch.setattr(module, "FULL_RANK_MAX_DIM", 2)
+    fit = fit_posterior(regression, SPEC, X, Y, num_steps=20, init_scale="laplace", progress=False)
+    fixed = fit.guide.preconditioner
+    shift, scale = (np.asarray(v) for v in fixed.values())
+    assert scale.shape == (4,) and shift.shape == (4,)
+    guide = fit.guide
+    energy = lambda z: guide._potential_fn(guide._unpack_latent(z))  # noqa: E731
+    assert np.max(np.abs(jax.grad(energy)(shift)) * scale) < 1e-3  # the MAP
+    curvature = jnp.diag(jax.hessian(energy)(jnp.asarray(shift)))
+    np.testing.assert_allclose(scale, 1.0 / np.sqrt(curvature), rtol=1e-6)
+    np.testing.assert_array_equal(fit.params["auto_precondition.scale_tril"], scale)  # untrained
+    # the optimiser keeps Adam moments for the trained weights only
+    optimizer = make_optimizer(20, 1e-2, None)
+    state_size = sum(np.size(x) for x in jax.tree.leaves(optimizer.init(fit.params)))
+    trained = sum(np.size(v) for k, v in fit.params.items() if "precondition" not in k)
+    assert state_size < 2 * trained + 10
+
+    draws = fit.sample(50, seed=3)
+    io.save(fit, tmp_path / "new")
+    meta = json.loads((tmp_path / "new" / "meta.json").read_text())
+    assert np.shape(meta["precondition"]["precondition.scale_tril"]) == (4,)
+    loaded = io.load(tmp_path / "new", backend="numpyro", model=regression, model_args=(X, Y))
+    np.testing.assert_allclose(loaded.guide.preconditioner["precondition.scale_tril"], scale)
+    for name, value in loaded.sample(50, seed=3).items():
+        np.testing.assert_allclose(value, draws[name], rtol=1e-10)
+    # a file from before: the diagonal whitening as a (dim, dim) matrix loads as its vector
+    io.save(fit, tmp_path / "old")
+    meta["precondition"]["precondition.scale_tril"] = np.diag(scale).tolist()
+    (tmp_path / "old" / "meta.json").write_text(json.dumps(meta))
+    old = io.load(tmp_path / "old", backend="numpyro", model=regression, model_args=(X, Y))
+    np.testing.assert_allclose(old.guide.preconditioner["precondition.scale_tril"], scale)

@@ -1,0 +1,156 @@
+"""Models written the way NumPyro users write them: data values used in Python, data read from
+globals and closures, and the guards around training (non-finite gradients and validation)."""
+
+from __future__ import annotations
+
+import warnings
+
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import pytest
+
+from flowguides.numpyro import (
+    ConstantArgumentsWarning,
+    ModelTracingError,
+    NonFiniteGradientError,
+    NonFiniteValidationError,
+    build_flow,
+    fit_density,
+    fit_posterior,
+)
+from flowguides.numpyro import fit as fit_module
+
+SPEC = {"layers": [{"type": "planar"}], "dtype": "float64"}
+FAST = {"num_steps": 300, "learning_rate": 0.05, "progress": False}
+
+
+def multinomial(counts):
+    p = numpyro.sample("p", dist.Dirichlet(jnp.ones(3)))
+    numpyro.sample("obs", dist.Multinomial(total_count=int(counts.sum()), probs=p), obs=counts)
+
+
+def loop(y, T):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+    for t in range(int(T)):
+        numpyro.sample(f"y_{t}", dist.Normal(mu, 1.0), obs=y[t])
+
+
+def branch(y):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+    if y.max() > 0:  # observed only when some value is positive
+        with numpyro.plate("data", y.shape[0]):
+            numpyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+
+def _mean(fit, site: str) -> float:
+    return float(fit.sample(4000, seed=1)[site].mean())
+
+
+def test_models_that_use_data_values_in_python_fit_with_constant_arguments():
+    counts = np.array([30, 50, 20])
+    with pytest.warns(ConstantArgumentsWarning, match=r"'multinomial'.*\['counts'\]") as seen:
+        fit = fit_posterior(multinomial, SPEC, counts, **FAST)  # the Laplace start runs too
+    assert len([w for w in seen if w.category is ConstantArgumentsWarning]) == 1
+    exact = (1 + counts) / (3 + counts.sum())  # the Dirichlet(1 + counts) posterior mean
+    np.testing.assert_allclose(fit.sample(4000, seed=1)["p"].mean(0), exact, atol=0.02)
+
+    y = np.array([1.0, 2.0, 3.0, 2.0])  # conjugate: mu | y ~ N(sum y / (T + 1), ...)
+    with pytest.warns(ConstantArgumentsWarning, match=r"\['T', 'y'\]"):
+        fit = fit_posterior(loop, SPEC, y, np.array(4), init_scale=0.1, **FAST)
+    assert set(fit.observed_data()) == {f"y_{t}" for t in range(4)}
+    assert abs(_mean(fit, "mu") - y.sum() / 5) < 0.05
+    # the paths after training take the constant arguments too
+    _, log_p, log_q = fit.log_densities(50, seed=0)
+    assert np.all(np.isfinite(log_p - log_q))
+    assert fit.log_likelihood(fit.sample(5, seed=0))["y_3"].shape == (5,)
+
+
+def test_static_argnames_says_so_up_front_and_compiles_once_per_data_set():
+    settings = {**FAST, "init_scale": 0.1, "static_argnames": ["y"]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConstantArgumentsWarning)
+        seen_data = fit_posterior(branch, SPEC, np.full(6, 3.0), **settings)
+        traces = fit_module._TRACES["posterior"]
+        again = fit_posterior(branch, SPEC, np.full(6, 3.0), **settings)
+        assert fit_module._TRACES["posterior"] == traces  # the same data: reused
+        no_data = fit_posterior(branch, SPEC, np.full(6, -3.0), **settings)
+        assert fit_module._TRACES["posterior"] == traces + 1  # new data: compiled anew
+    assert abs(_mean(seen_data, "mu") - 18.0 / 7) < 0.05
+    assert abs(_mean(again, "mu") - 18.0 / 7) < 0.05
+    assert abs(_mean(no_data, "mu")) < 0.05  # the prior: the branch was not taken
+    with pytest.raises(ValueError, match=r"static_argnames: \['x'\] are not arguments"):
+        fit_posterior(branch, SPEC, np.ones(6), static_argnames=["x"])
+
+
+def latent_in_python():
+    z = numpyro.sample("z", dist.Normal(0.0, 1.0))
+    if z > 0:  # a latent value in Python: no traced fit can run this
+        numpyro.sample("x", dist.Normal(z, 1.0), obs=1.0)
+
+
+def test_a_latent_value_used_in_python_is_a_clear_error_not_a_tracer_error():
+    with pytest.raises(ModelTracingError, match="'latent_in_python'.*latent site's value"):
+        fit_posterior(latent_in_python, SPEC, num_steps=5, progress=False)
+
+
+Y_GLOBAL = np.zeros(5)
+
+
+def test_a_refit_after_the_data_changes_fits_the_new_data():
+    offset = 0.0
+
+    def reads_a_global_and_a_closure():
+        mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+        with numpyro.plate("data", 5):
+            numpyro.sample("y", dist.Normal(mu, 1.0), obs=Y_GLOBAL + offset)
+
+    def posterior_mean() -> float:  # exact: N(sum y / 6, 1 / 6), sd 0.41; the data move it 8
+        fit = fit_posterior(reads_a_global_and_a_closure, SPEC, init_scale=0.1, **FAST)
+        return _mean(fit, "mu")
+
+    assert abs(posterior_mean()) < 0.5
+    Y_GLOBAL[:] = 10.0  # in place: the same array object, new contents
+    try:
+        assert abs(posterior_mean() - 50.0 / 6) < 0.5
+        offset = -20.0  # rebinds the closure cell of the same function
+        assert abs(posterior_mean() + 50.0 / 6) < 0.5
+        traces = fit_module._TRACES["posterior"]
+        assert abs(posterior_mean() + 50.0 / 6) < 0.5
+        assert fit_module._TRACES["posterior"] == traces  # unchanged data: compile reused
+    finally:
+        Y_GLOBAL[:] = 0.0
+
+
+def nan_gradient_above_two():
+    z = numpyro.sample("z", dist.Normal(0.0, 1.0))
+    # finite everywhere; above z = 2 its gradient is inf * 0 = NaN (sqrt at 0, times 0)
+    numpyro.factor("kink", 0.01 * jnp.sqrt(jnp.maximum(2.0 - z, 0.0)))
+
+
+def test_a_nan_gradient_with_a_finite_loss_stops_with_finite_parameters():
+    with pytest.raises(NonFiniteGradientError, match="gradient became NaN") as info:
+        fit_posterior(nan_gradient_above_two, SPEC, num_steps=500, init_scale=1.0, progress=False)
+    err = info.value
+    losses = err.fit.losses
+    assert np.all(np.isfinite(losses[: err.step + 1]))  # the loss itself stayed finite
+    assert all(np.all(np.isfinite(np.asarray(v))) for v in err.fit.params.values())
+
+
+def test_fit_density_validates_at_the_first_and_last_step_and_refuses_no_finite_one():
+    rng = np.random.default_rng(0)
+    data = rng.normal(size=(200, 2)) * [1.0, 3.0] + [0.0, 5.0]
+    spec = {"layers": [{"type": "realnvp", "hidden": [8]}], "dtype": "float64"}
+    settings = {"num_steps": 10, "learning_rate": 1e-2, "progress": False}
+    fit = fit_density(data, spec, **settings)
+    assert len(fit.losses["val"]) == 2  # after steps 0 and 9
+    start = build_flow(spec, 2, seed=0)
+    moved = [not np.allclose(fit.flow.params[k], v) for k, v in start.params.items()]
+    assert any(moved)  # trained, not the initial flow
+    # a held-out row whose log-density overflows: no validation loss is finite
+    bad = data.copy()
+    val_rows = fit_module.split_indices(len(bad), 0.1, 0)[1]
+    bad[val_rows[0]] = 1e200
+    with pytest.raises(NonFiniteValidationError, match="validation loss was not finite"):
+        fit_density(bad, spec, standardize=False, **settings)  # the same compiled chunk

@@ -1,0 +1,151 @@
+"""Models written for one draw (``X @ b``, ``b[0] + b[1] * x``, Python loops over data) fit:
+``vectorize_particles="auto"`` finds that they do not broadcast over a batch of draws and runs
+draws one at a time, with one warning; ``False`` does so silently; ``True`` refuses clearly."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+from flowguides import diagnose, to_arviz
+from flowguides.pyro import AutoFlowGuide, VectorizationWarning, fit_posterior
+from flowguides.spec import FlowSpec
+
+SPEC = FlowSpec.realnvp(num_layers=2, hidden=[8], dtype="float64")
+NOISE, PRIOR_SD = 0.5, 2.0  # known noise: the posterior of b is Gaussian, in closed form
+GEN = torch.Generator().manual_seed(0)
+X = torch.randn(30, 3, generator=GEN, dtype=torch.float64)
+Y = X @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) + NOISE * torch.randn(
+    30, generator=GEN, dtype=torch.float64
+)
+XS = torch.linspace(-1.0, 1.0, 8, dtype=torch.float64)
+YS = 2.0 + 1.5 * XS + NOISE * torch.randn(8, generator=GEN, dtype=torch.float64)
+
+
+def regression(x, y):  # as users write it: X @ b does not broadcast over draws
+    b = pyro.sample("b", dist.Normal(x.new_zeros(x.shape[1]), PRIOR_SD).to_event(1))
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("obs", dist.Normal(x @ b, NOISE), obs=y)
+
+
+def looped(x, y):  # a Python loop over the data and b[0] + b[1] * x
+    b = pyro.sample("b", dist.Normal(x.new_zeros(2), PRIOR_SD).to_event(1))
+    for i in range(len(x)):
+        pyro.sample(f"obs_{i}", dist.Normal(b[0] + b[1] * x[i], NOISE), obs=y[i])
+
+
+def posterior(design: torch.Tensor, y: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance of b for y ~ N(design b, NOISE^2), b ~ N(0, PRIOR_SD^2 I)."""
+    eye = torch.eye(design.shape[1], dtype=design.dtype)
+    cov = torch.linalg.inv(design.T @ design / NOISE**2 + eye / PRIOR_SD**2)
+    return (cov @ design.T @ y / NOISE**2).numpy(), cov.numpy()
+
+
+def vectorization_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in caught if issubclass(w.category, VectorizationWarning)]
+
+
+def test_a_regression_with_x_at_b_fits_the_closed_form_posterior_with_one_warning():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit = fit_posterior(regression, SPEC, X, Y, num_steps=150, num_particles=2, progress=False)
+    messages = vectorization_warnings(caught)
+    assert len(messages) == 1 and "X @ b" in messages[0] and "RuntimeError" in messages[0]
+    assert fit.guide.vectorized is False and np.isfinite(fit.losses).all()
+    mean, cov = posterior(X, Y)
+    draws = fit.sample(4000, seed=0)["b"]
+    sd = np.sqrt(np.diag(cov))  # about 0.09
+    np.testing.assert_allclose(draws.mean(0), mean, atol=0.25 * sd.min())
+    np.testing.assert_allclose(draws.std(0), sd, rtol=0.15)
+    # the remembered choice serves the diagnostics: log p is prior + likelihood, draw by draw
+    small, log_p, _ = fit.log_densities(30, seed=1)
+    b = torch.as_tensor(small["b"])
+    log_lik = dist.Normal(b @ X.T, NOISE).log_prob(Y)
+    np.testing.assert_allclose(fit.log_likelihood(small)["obs"], log_lik.numpy(), rtol=1e-12)
+    prior = dist.Normal(torch.zeros_like(b), PRIOR_SD).log_prob(b).sum(-1)
+    np.testing.assert_allclose(log_p, (prior + log_lik.sum(-1)).numpy(), rtol=1e-12)
+    diagnosis = diagnose(fit, num_samples=100, seed=0)
+    assert np.isfinite(diagnosis.elbo) and diagnosis.khat < 0.7
+    data = to_arviz(fit, num_samples=50, seed=0)
+    assert data["log_likelihood"]["obs"].shape == (1, 50, 30)
+    # True refuses, naming the option; False agrees with the fit's own choice
+    with pytest.raises(ValueError, match="vectorize_particles=True: the model does not broadcast"):
+        fit.log_densities(30, seed=1, vectorize_particles=True)
+    again = fit.importance_sample(30, seed=1, vectorize_particles=False)[1]
+    np.testing.assert_allclose(again, fit.importance_sample(30, seed=1)[1])
+
+
+def test_a_python_loop_over_data_fits_with_vectorize_particles_false_and_no_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not one warning
+        fit = fit_posterior(
+            looped, SPEC, XS, YS, num_steps=200, learning_rate=0.05, num_particles=2,
+            init_scale=0.1, vectorize_particles=False, progress=False,
+        )  # fmt: skip
+        diagnosis = diagnose(fit, num_samples=100, seed=0)
+        data = to_arviz(fit, num_samples=30, seed=0)
+    assert fit.guide.vectorized is False and np.isfinite(diagnosis.elbo)
+    assert data["log_likelihood"]["obs_3"].shape == (1, 30)
+    # the plain 0.1 start sits at the prior median 0: only training reaches the posterior
+    mean, cov = posterior(torch.stack([torch.ones_like(XS), XS], -1), YS)
+    draws = fit.sample(4000, seed=0)["b"]
+    sd = np.sqrt(np.diag(cov))
+    assert np.abs(mean).min() > 5 * sd.max()  # far from the start
+    np.testing.assert_allclose(draws.mean(0), mean, atol=0.3 * sd.min())
+    np.testing.assert_allclose(draws.std(0), sd, rtol=0.2)
+
+
+@pytest.mark.parametrize("model", [regression, looped])
+def test_vectorize_particles_true_refuses_a_model_that_does_not_broadcast(model):
+    data = (X, Y) if model is regression else (XS, YS)
+    with pytest.raises(ValueError, match="vectorize_particles=True: .*one at a time") as info:
+        fit_posterior(model, SPEC, *data, num_steps=5, vectorize_particles=True, progress=False)
+    assert "(X * b).sum(-1)" in str(info.value)
+
+
+def test_auto_keeps_a_broadcasting_model_vectorised_subsampled_plate_included():
+    def model(x, y):
+        b = pyro.sample("b", dist.Normal(x.new_zeros(x.shape[1]), PRIOR_SD).to_event(1))
+        s = pyro.sample("s", dist.HalfNormal(x.new_ones(())))
+        with pyro.plate("data", x.shape[0], subsample_size=10) as idx:
+            pyro.sample("obs", dist.Normal((x[idx] * b).sum(-1), s), obs=y[idx])
+
+    guide = AutoFlowGuide(model, SPEC)  # pytest turns any warning into an error
+    guide(X, Y)
+    assert guide.vectorized is True
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_a_bad_vectorize_particles_is_named(value):
+    with pytest.raises(ValueError, match=r"vectorize_particles: expected 'auto', True or False"):
+        AutoFlowGuide(regression, SPEC, vectorize_particles=value)
+
+
+def test_diagnostics_pass_the_option_only_to_fits_that_take_it():
+    class Fit:  # a fit whose log_densities vectorises every model (as NumPyro's vmap does)
+        def log_densities(self, num_samples, seed=None):
+            rng = np.random.default_rng(seed)
+            return (
+                {"x": rng.normal(size=num_samples)},
+                rng.normal(size=num_samples),
+                np.zeros(num_samples),
+            )
+
+    class Taking(Fit):
+        seen = []
+
+        def log_densities(self, num_samples, seed=None, *, vectorize_particles=None):
+            self.seen.append(vectorize_particles)
+            return super().log_densities(num_samples, seed)
+
+    assert np.isfinite(diagnose(Fit(), 100, seed=0, vectorize_particles=False).elbo)
+    diagnose(Taking(), 100, seed=0, vectorize_particles=False)
+    diagnose(Taking(), 100, seed=0)
+    assert Taking.seen == [False, None]
+    with pytest.raises(ValueError, match="vectorize_particles"):
+        diagnose(Fit(), 100, vectorize_particles="sometimes")
