@@ -454,6 +454,22 @@ def _from_dict(groups: dict[str, dict[str, np.ndarray]], dims: dict[str, list[st
     return arviz_base.from_dict(groups, dims=dims)
 
 
+def _check_log_likelihood(
+    name: str, loglik: np.ndarray | None, observed_shape: tuple[int, ...], num_samples: int
+) -> None:
+    """A site's pointwise log-likelihood has the observed value's batch shape: the leading
+    part of its shape, without the event dims (a ``Multinomial``, ``MultivariateNormal`` or
+    ``.to_event(1)`` observation scores a whole row). ArviZ keeps the observed value's leading
+    dims for it (``skip_event_dims`` in its converters), so the groups share those dims."""
+    batch = observed_shape[: None if loglik is None else loglik.ndim - 1]
+    if loglik is None or loglik.ndim - 1 > len(observed_shape) or loglik.shape[1:] != batch:
+        got = "nothing" if loglik is None else loglik.shape
+        raise ValueError(
+            f"site '{name}': expected a log-likelihood of shape ({num_samples}, *batch) with "
+            f"batch a leading part of the observed shape {observed_shape}, got {got}"
+        )
+
+
 def to_arviz(
     fit: Any,
     num_samples: int = 4000,
@@ -466,7 +482,12 @@ def to_arviz(
     A posterior fit gives the group ``posterior`` (each site with dims ``{site}_dim_{i}``, draws
     as ``chain=1, draw=S``), ``sample_stats`` (``log_p``, ``log_q``, ``log_weight``) and, when the
     model observes data, ``observed_data`` and the pointwise ``log_likelihood`` (so ``loo`` runs;
-    it treats the guide's draws as posterior draws, so check `diagnose` first). A density fit
+    it treats the guide's draws as posterior draws, so check `diagnose` first). A site with
+    event dims (``Multinomial``, ``MultivariateNormal``, ``.to_event(1)``) has one
+    log-likelihood per row: on the leading (batch) dims of its observed value. A fit whose
+    model subsamples its data (a fit with a non-empty ``subsampled_plates``) gets neither
+    group: each evaluation sees another random subsample, so no observed value pairs with the
+    log-likelihoods (``loo`` then needs a fit on the full data). A density fit
     gives ``posterior`` with its draws as the site ``x`` and ``sample_stats`` with ``log_prob``.
 
     Args:
@@ -482,7 +503,9 @@ def to_arviz(
         khat_threshold(num_samples)
         draws, log_p, log_q = _log_densities(fit, num_samples, seed, vectorize_particles)
         stats = {"log_p": log_p, "log_q": log_q, "log_weight": log_p - log_q}
-        observed = {k: np.asarray(v) for k, v in dict(fit.observed_data()).items()}
+        observed = {}
+        if not getattr(fit, "subsampled_plates", None):  # else no one subsample pairs up
+            observed = {k: np.asarray(v) for k, v in dict(fit.observed_data()).items()}
         loglik = {}
         if observed:
             loglik = call_with_vectorize(
@@ -490,12 +513,7 @@ def to_arviz(
             )
             loglik = _check_draws(loglik, num_samples)
             for name, value in observed.items():
-                if name not in loglik or loglik[name].shape[1:] != value.shape:
-                    got = loglik[name].shape if name in loglik else "nothing"
-                    raise ValueError(
-                        f"site '{name}': expected a log-likelihood of shape "
-                        f"({num_samples}, *{value.shape}), got {got}"
-                    )
+                _check_log_likelihood(name, loglik.get(name), value.shape, num_samples)
     elif hasattr(fit, "log_prob") and hasattr(fit, "sample"):
         x = np.asarray(fit.sample(num_samples, seed=seed))
         draws, stats, observed, loglik = {"x": x}, {"log_prob": np.asarray(fit.log_prob(x))}, {}, {}

@@ -8,12 +8,20 @@ place, so a failed save never leaves half a folder behind.
 ```
 fit/
   spec.json              the FlowSpec (canonical dict form)
-  weights.safetensors    float arrays keyed by parameter name
+  weights.safetensors    float arrays keyed by parameter name; the model's own learned
+                         parameters (``pyro.param`` / ``numpyro.param`` sites, type-II ML),
+                         constrained, keyed ``model_param.<site name>`` (posteriors)
   meta.json              flowguides version, kind, backend it was trained in, dim,
                          data standardisation (densities), latent sites (posteriors),
                          the guide's fixed Laplace whitening ("precondition": shift and
                          scale_tril, posteriors with a Laplace start)
 ```
+
+The model's parameters ride in the weights file under `MODEL_PARAM_PREFIX`: a backend's
+``export_state`` returns them as ``meta["model_params"] = {site: constrained array}``, `save`
+moves them into the weights file, and `read_folder` hands them back the same way (the key is
+absent for folders without any, older folders included). A backend's ``import_state`` sets
+them where its model reads them (Pyro: the param store).
 """
 
 from __future__ import annotations
@@ -31,11 +39,21 @@ import numpy as np
 
 from flowguides.spec import SCHEMA_VERSION, FlowSpec, SpecError
 
-__all__ = ["FORMAT_VERSION", "SaveError", "LoadError", "save", "load", "read_folder"]
+__all__ = [
+    "FORMAT_VERSION",
+    "MODEL_PARAM_PREFIX",
+    "SaveError",
+    "LoadError",
+    "save",
+    "load",
+    "read_folder",
+]
 
 FORMAT_VERSION = 1
 BACKENDS = ("pyro", "numpyro")
 _FILES = ("spec.json", "weights.safetensors", "meta.json")
+MODEL_PARAM_PREFIX = "model_param."
+"""Weights-file key prefix of the model's own parameter sites (constrained values)."""
 
 
 class SaveError(ValueError):
@@ -87,13 +105,15 @@ def save(obj: Any, path: str | os.PathLike[str], *, overwrite: bool = False) -> 
     backend = _backend_of(obj)
     mod = backend_module(backend)
     spec, weights, meta = mod.export_state(obj)
+    meta = dict(meta)
+    model_params = meta.pop("model_params", None)
     meta = {
         "format_version": FORMAT_VERSION,
         "flowguides_version": _version(),
         "backend": backend,
         **meta,
     }
-    return write_folder(path, spec, weights, meta, overwrite=overwrite)
+    return write_folder(path, spec, weights, meta, model_params=model_params, overwrite=overwrite)
 
 
 def write_folder(
@@ -102,9 +122,14 @@ def write_folder(
     weights: Mapping[str, np.ndarray],
     meta: Mapping[str, Any],
     *,
+    model_params: Mapping[str, Any] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write the three files atomically (temporary sibling folder, then rename)."""
+    """Write the three files atomically (temporary sibling folder, then rename).
+
+    `model_params` (the model's own parameter sites, constrained) go into the weights file
+    under `MODEL_PARAM_PREFIX`.
+    """
     from safetensors.numpy import save_file
 
     target = Path(path)
@@ -116,6 +141,8 @@ def write_folder(
     try:
         (tmp / "spec.json").write_text(spec.to_json())
         arrays = {k: np.ascontiguousarray(np.asarray(v)) for k, v in weights.items()}
+        for name, value in (model_params or {}).items():
+            arrays[MODEL_PARAM_PREFIX + name] = np.array(value, order="C")  # 0-d stays 0-d
         save_file(arrays, str(tmp / "weights.safetensors"))
         (tmp / "meta.json").write_text(json.dumps(dict(meta), indent=2, default=_json_default))
         if target.exists():
@@ -129,6 +156,9 @@ def write_folder(
 
 def read_folder(path: str | os.PathLike[str]) -> tuple[FlowSpec, dict[str, np.ndarray], dict]:
     """Read and check a saved folder: ``(spec, weights, meta)``.
+
+    The model's parameters saved with a posterior come back as ``meta["model_params"]``
+    (``{site: constrained array}``); the key is absent when the folder holds none.
 
     Raises:
         LoadError: a file is missing or corrupt, the format is newer than this flowguides
@@ -165,7 +195,13 @@ def read_folder(path: str | os.PathLike[str]) -> tuple[FlowSpec, dict[str, np.nd
     dim = meta.get("dim")
     if not isinstance(dim, int) or dim < 1:
         raise LoadError(f"load: meta.json dim: expected a positive integer, got {dim!r}")
+    model_params = {
+        key[len(MODEL_PARAM_PREFIX) :]: weights.pop(key)
+        for key in [k for k in weights if k.startswith(MODEL_PARAM_PREFIX)]
+    }
     check_weights(spec, dim, weights, error=LoadError)
+    if model_params:
+        meta["model_params"] = model_params
     return spec, {name: weights[name] for name in spec.parameter_shapes(dim)}, meta
 
 

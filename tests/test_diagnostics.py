@@ -308,3 +308,73 @@ def test_importing_diagnostics_loads_no_arviz_torch_or_jax():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# -- observed sites with event dims, through the real backends ------------------------------
+Y_ROWS = np.array([[0.5, -1.0, 2.0], [1.5, 0.0, 1.0], [0.0, 0.5, 1.5], [1.0, -0.5, 2.5]])
+COUNTS = np.array([3.0, 3.0, 4.0])
+
+
+def _expected_log_likelihood(mu: np.ndarray) -> dict[str, np.ndarray]:
+    """``rows_i ~ N(mu, I)`` per row (a ``.to_event(1)`` site) and ``counts ~ Mult(10,
+    softmax(mu))`` (one value), for draws `mu` ``(S, 3)``, in numpy."""
+    rows = log_normal(Y_ROWS[None], mu[:, None], 1.0).sum(-1)
+    log_p = mu - np.log(np.exp(mu).sum(-1, keepdims=True))
+    const = math.lgamma(COUNTS.sum() + 1) - sum(math.lgamma(c + 1) for c in COUNTS)
+    return {"rows": rows, "counts": const + (COUNTS * log_p).sum(-1)}
+
+
+def _check_event_dim_groups(data) -> None:
+    """The log-likelihood of event-dim sites sits on the observed value's leading dims."""
+    mu = np.asarray(data["posterior"]["mu"])[0]
+    expected = _expected_log_likelihood(mu)
+    loglik, observed = data["log_likelihood"], data["observed_data"]
+    assert observed["rows"].dims == ("rows_dim_0", "rows_dim_1")
+    assert loglik["rows"].dims == ("chain", "draw", "rows_dim_0")
+    assert loglik["counts"].dims == ("chain", "draw")
+    np.testing.assert_array_equal(observed["rows"], Y_ROWS)
+    np.testing.assert_allclose(np.asarray(loglik["rows"])[0], expected["rows"], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(loglik["counts"])[0], expected["counts"], rtol=1e-6)
+
+
+@pytest.mark.torch
+def test_to_arviz_event_dim_observations_pyro():
+    import pyro
+    import pyro.distributions as dist
+    import torch
+
+    from flowguides import FlowSpec
+    from flowguides.pyro import fit_posterior
+
+    def model(rows, counts):
+        mu = pyro.sample("mu", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+        pyro.sample("counts", dist.Multinomial(10, logits=mu), obs=counts)
+        with pyro.plate("data", rows.shape[0]):
+            pyro.sample("rows", dist.Normal(mu, 1.0).to_event(1), obs=rows)
+
+    pyro.clear_param_store()
+    spec = FlowSpec.realnvp(num_layers=1, hidden=[4])
+    rows, counts = torch.tensor(Y_ROWS), torch.tensor(COUNTS)
+    fit = fit_posterior(model, spec, rows, counts, num_steps=3, init_scale=0.5, progress=False)
+    _check_event_dim_groups(dg.to_arviz(fit, num_samples=30, seed=0))
+
+
+@pytest.mark.jax
+def test_to_arviz_event_dim_observations_numpyro():
+    import jax.numpy as jnp
+    import numpyro
+    import numpyro.distributions as dist
+
+    from flowguides import FlowSpec
+    from flowguides.numpyro import fit_posterior
+
+    def model(rows, counts):
+        mu = numpyro.sample("mu", dist.Normal(jnp.zeros(3), 1.0).to_event(1))
+        numpyro.sample("counts", dist.Multinomial(10, logits=mu), obs=counts)
+        with numpyro.plate("data", rows.shape[0]):
+            numpyro.sample("rows", dist.Normal(mu, 1.0).to_event(1), obs=rows)
+
+    spec = FlowSpec.realnvp(num_layers=1, hidden=[4])
+    rows, counts = jnp.asarray(Y_ROWS), jnp.asarray(COUNTS)
+    fit = fit_posterior(model, spec, rows, counts, num_steps=3, init_scale=0.5, progress=False)
+    _check_event_dim_groups(dg.to_arviz(fit, num_samples=30, seed=0))

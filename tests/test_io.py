@@ -123,3 +123,15 @@ def test_a_bad_preconditioner_is_named(fixed, message):
         check_preconditioner(fixed, 2)
     good = {"precondition.shift": [1.0, 2.0], "precondition.scale_tril": [[1.0, 0.0], [0.5, 2.0]]}
     assert check_preconditioner(good, 2)["precondition.scale_tril"].shape == (2, 2)
+
+
+def test_model_params_ride_in_the_weights_file_and_come_back_in_meta(tmp_path) -> None:
+    tau, scales = np.array(1.7), np.array([0.5, 2.0])
+    params = {"tau": tau, "net.scales": scales}
+    folder = write_folder(tmp_path / "fit", SPEC, weights(), META, model_params=params)
+    spec, back, meta = read_folder(folder)
+    assert list(back) == list(weights())  # the spec's weights only
+    assert sorted(meta["model_params"]) == ["net.scales", "tau"]
+    assert meta["model_params"]["tau"].shape == ()  # a scalar stays a scalar
+    np.testing.assert_array_equal(meta["model_params"]["net.scales"], scales)
+    assert "model_params" not in json.loads((folder / "meta.json").read_text())

@@ -72,8 +72,17 @@ def _is_array(x: Any) -> bool:
     return isinstance(x, np.ndarray | jax.Array)
 
 
+def _is_key(x: Any) -> bool:
+    return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _host(x: Any) -> Any:
+    """A JAX array as numpy (a typed PRNG key stays as it is)."""
+    return np.asarray(x) if isinstance(x, jax.Array) and not _is_key(x) else x
+
+
 def _digest(x: Any) -> tuple | None:
-    arr = np.asarray(x)
+    arr = np.asarray(jax.random.key_data(x) if _is_key(x) else x)
     if arr.dtype == object:  # Python objects: no bytes to hash
         return None
     data = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
@@ -211,7 +220,7 @@ def split_args(
                 parts.append(("traced", arrays[-1].shape, str(arrays[-1].dtype)))
             else:
                 parts.append(value_key(x))
-        leaves = [np.asarray(x) if _is_array(x) else x for x in leaves]
+        leaves = [None if t else _host(x) for x, t in zip(leaves, traced, strict=True)]
         plan.append((label, treedef, leaves, traced))
     structure = tuple((label, treedef) for label, treedef, _, _ in plan)
     signature = None if any(p is None for p in parts) else (structure, tuple(parts))
@@ -238,11 +247,8 @@ def as_constants(
     compiled program a numpy array stays concrete (``int(counts.sum())`` works), a JAX array
     does not."""
 
-    def host(value: Any) -> Any:
-        return jax.tree.map(lambda x: np.asarray(x) if isinstance(x, jax.Array) else x, value)
-
-    out_args = tuple(host(a) if i in constants else a for i, a in enumerate(args))
-    out_kwargs = {k: host(v) if k in constants else v for k, v in kwargs.items()}
+    out_args = tuple(jax.tree.map(_host, a) if i in constants else a for i, a in enumerate(args))
+    out_kwargs = {k: jax.tree.map(_host, v) if k in constants else v for k, v in kwargs.items()}
     return out_args, out_kwargs
 
 

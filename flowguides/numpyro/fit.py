@@ -388,7 +388,15 @@ def _supports_key(guide: AutoFlowGuide) -> Hashable | None:
     """The latent sites' supports by content: a support whose bounds come from the data
     (``Uniform(0, y.max())``) is fixed in the guide's prototype, so it keys the compile."""
     trace = guide.prototype_trace
-    return value_key([(name, vars(trace[name]["fn"].support)) for name in guide._init_locs])
+    parts = [_constraint_key(trace[name]["fn"].support) for name in guide._init_locs]
+    return None if any(p is None for p in parts) else tuple(parts)
+
+
+def _constraint_key(value: Any) -> Hashable | None:
+    if not isinstance(value, constraints.Constraint):
+        return value_key(value)
+    parts = [(k, _constraint_key(v)) for k, v in sorted(vars(value).items())]
+    return None if any(p is None for _, p in parts) else (type(value), tuple(parts))
 
 
 def _all_finite(tree: Any) -> jax.Array:

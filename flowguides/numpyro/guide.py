@@ -68,8 +68,9 @@ class AutoFlowGuide(AutoContinuous, StagedPrototype):
         init_loc_fn: per-site initial location (NumPyro's init strategies).
         init_scale: the initial scale of the affine, a positive float, ``"laplace"`` (a
             short MAP fit, then the full-rank Laplace whitening, see `preconditioner`:
-            diagonal where the Hessian is not positive definite or the dimension exceeds
-            `FULL_RANK_MAX_DIM`; the 0.1 start with a warning where no mode is found) or
+            diagonal, held as a vector, where the Hessian is not positive definite or the
+            dimension exceeds `FULL_RANK_MAX_DIM` (its diagonal then comes from
+            Hessian-vector products, see `laplace.hessian_diagonal`); the 0.1 start with a warning where no mode is found) or
             ``"auto"``: whichever of the Laplace start and the plain starts with scale 0.1 and
             1.0 has the highest ELBO (256 draws, fixed seed; one compiled program, cached per
             model and argument shapes).

@@ -113,19 +113,41 @@ class PosteriorFit(PosteriorFitMethods):
         plus the log-Jacobian of the unconstraining bijections; ``log_q`` is the guide's
         log-density of the same draw (from its own forward pass, no inverse).
 
+        With a `seed`, the whole evaluation runs under a forked torch RNG seeded with it, so
+        the model's own randomness (the indices of a subsampled ``pyro.plate``) repeats too:
+        the same seed gives the same result, and the global RNG is left as it was.
+
         Args:
             num_samples, seed: the draws.
             vectorize_particles: ``True`` (the draws through the model at once), ``False``
                 (one at a time), ``"auto"``, or None (default): the guide's own choice (see
                 `AutoFlowGuide`).
         """
-        latent, log_q = self.guide.draws(num_samples, seed)
-        with torch.no_grad():
+        with torch.no_grad(), torch.random.fork_rng(devices=[], enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            latent, log_q = self.guide.draws(num_samples, seed)
             log_p = self.guide.batch_log_joint(
                 latent, self.args, self.kwargs, vectorize_particles=vectorize_particles
             )
         draws = {k: v.cpu().numpy() for k, v in self.guide.constrain(latent).items()}
         return draws, log_p.cpu().numpy(), log_q.cpu().numpy()
+
+    @property
+    def subsampled_plates(self) -> list[str]:
+        """Names of the model's plates that subsample their data (``subsample_size``).
+
+        `flowguides.to_arviz` leaves ``observed_data`` and ``log_likelihood`` out for such a
+        model: each evaluation sees another random subsample, so no single observed value
+        pairs with the draws' log-likelihoods.
+        """
+        return [
+            name
+            for name, site in self.guide.model_trace.nodes.items()
+            if site_is_subsample(site)  # every sized plate has one; a true subsample is smaller
+            and site["fn"].subsample_size is not None
+            and 0 < site["fn"].subsample_size < site["fn"].size
+        ]
 
     def _observed_sites(self) -> Iterator[tuple[str, dict]]:
         for name, site in self.guide.model_trace.nodes.items():

@@ -199,6 +199,18 @@ class AutoFlowGuide(AutoContinuous):
                     f"with TraceEnum_ELBO, and guide poutine.block(model, hide=[{name!r}])) or "
                     "marginalise it out of the model"
                 ) from exc
+        for name, site in trace.iter_stochastic_nodes():
+            support = site["fn"].support
+            try:
+                biject_to(support)
+            except NotImplementedError:
+                raise NotImplementedError(
+                    f"site {name!r}: its support {support} has no bijection to real space in "
+                    f"torch (biject_to), so no continuous guide can cover this "
+                    f"{type(site['fn']).__name__}; for a covariance or precision matrix, sample "
+                    "a correlation Cholesky factor with LKJCholesky (or LKJ) and scales (e.g. "
+                    "HalfCauchy), and build the matrix from them"
+                ) from exc
         if not any(True for _ in trace.iter_stochastic_nodes()):
             raise NoLatentSitesError(
                 "model: found no latent sample sites (every site is observed); there is "

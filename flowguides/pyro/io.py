@@ -6,6 +6,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
+import pyro
+import torch
 
 from flowguides.io import LoadError, SaveError, check_sites, density_meta, kind_of, site_meta
 from flowguides.pyro.build import Flow, build_flow, get_weights, set_weights
@@ -23,6 +25,43 @@ def _guide_sites(guide: AutoFlowGuide) -> dict[str, tuple[tuple[int, ...], str]]
     }
 
 
+def _model_param_names(guide: AutoFlowGuide) -> list[str]:
+    """The model's own ``pyro.param`` sites (learned with the guide), in the model's order."""
+    return [name for name, site in guide.model_trace.nodes.items() if site["type"] == "param"]
+
+
+def _export_model_params(guide: AutoFlowGuide) -> dict[str, np.ndarray]:
+    store, out = pyro.get_param_store(), {}
+    for name in _model_param_names(guide):
+        if name not in store:
+            raise SaveError(
+                f"save: the model's param site {name!r} is not in Pyro's param store (was it "
+                "cleared after fitting?); its fitted value cannot be saved"
+            )
+        out[name] = store[name].detach().cpu().numpy()
+    return out
+
+
+def _import_model_params(guide: AutoFlowGuide, saved: Mapping[str, np.ndarray]) -> None:
+    """Set the saved (constrained) values in the param store, under the model's constraints."""
+    names = _model_param_names(guide)
+    unknown = [name for name in saved if name not in names]
+    if unknown:
+        raise LoadError(
+            f"load: saved model param(s) {unknown} are not param sites of the model "
+            f"(it has {names})"
+        )
+    store = pyro.get_param_store()
+    for name, value in saved.items():
+        current = store[name]
+        if tuple(current.shape) != tuple(np.shape(value)):
+            raise LoadError(
+                f"load: model param {name!r} has shape {tuple(current.shape)} in the model, "
+                f"{tuple(np.shape(value))} when saved"
+            )
+        store[name] = torch.as_tensor(np.asarray(value), dtype=current.dtype).to(current.device)
+
+
 def export_state(obj: Any) -> tuple[FlowSpec, dict[str, np.ndarray], dict[str, Any]]:
     """``(spec, weights, meta)`` of a `Flow`, `DensityFit` or `PosteriorFit`."""
     if isinstance(obj, Flow):
@@ -38,6 +77,9 @@ def export_state(obj: Any) -> tuple[FlowSpec, dict[str, np.ndarray], dict[str, A
             "sites": site_meta(_guide_sites(guide)),
             "losses": np.asarray(obj.losses).tolist(),
         }
+        model_params = _export_model_params(guide)
+        if model_params:
+            meta["model_params"] = model_params  # `save` moves them into the weights file
         if guide.preconditioner is not None:
             meta["precondition"] = {
                 k: v.detach().cpu().numpy().tolist() for k, v in guide.preconditioner.items()
@@ -59,7 +101,8 @@ def import_state(
     """Rebuild a saved object in Pyro: a `Flow`, a `DensityFit` or (given `model`) a
     `PosteriorFit` whose guide holds the saved weights (`vectorize_particles` as in
     `AutoFlowGuide`). A saved diagonal whitening is a ``(dim,)`` vector; an older folder's
-    ``(dim, dim)`` matrix loads as it was."""
+    ``(dim, dim)`` matrix loads as it was. The model's saved ``pyro.param`` values are set in
+    Pyro's param store (an older folder holds none: the store keeps what it has)."""
     kind, dim = kind_of(meta), meta["dim"]
     if kind == "posterior":
         if model is None:
@@ -69,6 +112,7 @@ def import_state(
         guide._setup_if_needed(*model_args, **kwargs)
         check_sites(meta, _guide_sites(guide))
         guide.set_weights(weights).set_preconditioner(meta.get("precondition"))
+        _import_model_params(guide, meta.get("model_params", {}))
         losses = np.asarray(meta.get("losses", []), dtype=float)
         return PosteriorFit(guide, model, spec, losses, tuple(model_args), kwargs)
     flow = set_weights(build_flow(spec, dim), weights)

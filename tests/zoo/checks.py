@@ -5,9 +5,9 @@ Moment tolerances, for ``S = 2000`` draws of a fitted guide against the exact po
 ``m``, sd ``s``, coordinatewise): ``|mean - m| <= MEAN_TOL * s`` and ``|sd / s - 1| <= SD_TOL``.
 The Monte Carlo error alone is ``s / sqrt(S)`` on the mean (0.022 s) and about ``1 / sqrt(2 S)``
 on the sd ratio (0.016); the rest is the guide's own error after a short fit (the noise of a
-few hundred Adam steps). Over seeds 0-4 of every closed-form model in both backends the largest
-errors were 0.17 s on a mean and 0.13 on an sd ratio (the obs-mask model aside, see the zoo's
-report); the tolerances leave half as much again. A wrong posterior lands far outside them:
+few hundred Adam steps). The tolerances sit above the largest errors measured over seeds 0-4
+of every closed-form model in both backends (reported with the zoo, not here: figures go
+stale). A wrong posterior lands far outside them:
 an ignored mask or obs mask moves a mean by five to fifteen sds, a model parameter left at its
 initial value moves the type-II model's means by more than one.
 """
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 NUM_DRAWS = 2000
-MEAN_TOL = 0.25
+MEAN_TOL = 0.3
 SD_TOL = 0.2
 
 

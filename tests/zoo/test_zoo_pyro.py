@@ -38,13 +38,13 @@ pytestmark = pytest.mark.torch
 SPEC = FlowSpec.realnvp(num_layers=2, hidden=[16])
 PLANAR = FlowSpec.planar(num_layers=2)  # one latent dimension: a coupling has nothing to split
 NUM_PREDICTIVE = 20
+FEW_STEPS = 100  # models that run one particle at a time, or have no closed form to meet
 NUM_WEIGHTED = 100  # draws for diagnose, to_arviz and log_densities (one compile in NumPyro)
 
 
 def _tau_is_the_type2_estimate(fit: PosteriorFit) -> None:
     """The ELBO's maximiser over tau, with a guide close to the posterior, is the marginal
-    likelihood's: within 6% (measured: at most 2.4% below over seeds 0-4; tau left at its
-    initial 1.0 is 46% off)."""
+    likelihood's (tau left at its initial 1.0 would be 46% off)."""
     tau = float(pyro.param("tau"))
     assert abs(tau - data.type2_tau_hat()) < 0.06 * data.type2_tau_hat(), tau
 
@@ -116,7 +116,12 @@ CASES = {
     ),
     "ordered_logistic": Case(m.ordered_logistic, (m.ORD_X, m.ORD_Y), (m.ORD_X,), {"y": (60,)}),
     "lkj_cholesky": Case(
-        m.lkj_cholesky, (50, m.MVN_DATA), (50,), {"obs": (50, 3)}, vectorizes=False
+        m.lkj_cholesky,
+        (50, m.MVN_DATA),
+        (50,),
+        {"obs": (50, 3)},
+        vectorizes=False,
+        steps=FEW_STEPS,
     ),
     "covariance_matrix": Case(
         m.covariance_matrix,
@@ -125,6 +130,7 @@ CASES = {
         {"obs": (50, 3), "cov": (3, 3)},
         vectorizes=False,
         predictive_check=_covariance_is_positive_definite,
+        steps=FEW_STEPS,
     ),
     "type2_ml_param": Case(
         m.type2_ml,
@@ -142,6 +148,7 @@ CASES = {
         (m.LOGIT_X,),
         {"y": (data.SUBSAMPLE_SIZE,)},
         vectorizes=False,
+        steps=FEW_STEPS,
     ),
     "masked_outliers": Case(
         m.masked_outliers, (m.OUT_Y,), (), {"y": (20,)}, data.outliers_exact, spec=PLANAR
@@ -159,9 +166,22 @@ CASES = {
         (m.SCHOOLS_SIGMA,),
         {"y": (8,), "theta": (8,)},
     ),
-    "many_sites": Case(m.many_sites, (m.MANY_Y,), (), {"y": (20,)}, data.many_sites_exact),
+    "many_sites": Case(
+        m.many_sites,
+        (m.MANY_Y,),
+        (),
+        {"y": (20,)},
+        data.many_sites_exact,
+        vectorizes=False,
+        steps=FEW_STEPS,
+    ),
     "varying_intercepts": Case(
-        m.varying_intercepts, (m.GROUP, m.GROUP_Y), (m.GROUP,), {"y": (30,)}, vectorizes=False
+        m.varying_intercepts,
+        (m.GROUP, m.GROUP_Y),
+        (m.GROUP,),
+        {"y": (30,)},
+        vectorizes=False,
+        steps=FEW_STEPS,
     ),
     "ar1_loop": Case(
         m.ar1,
@@ -180,10 +200,10 @@ def _fresh_pyro_state():
     pyro.clear_param_store()
 
 
-def _latent_sites(case: Case) -> dict[str, dict]:
+def _latent_sites(model: Callable, args: tuple) -> dict[str, dict]:
     """The model's latent sample sites, from Pyro's own trace of it."""
     with poutine.block():
-        trace = poutine.trace(case.model).get_trace(*case.args)
+        trace = poutine.trace(model).get_trace(*args)
     return {
         name: site
         for name, site in trace.nodes.items()
@@ -194,7 +214,7 @@ def _latent_sites(case: Case) -> dict[str, dict]:
 @pytest.mark.parametrize("name", list(CASES))
 def test_zoo_model(name, tmp_path):
     case = CASES[name]
-    latent = _latent_sites(case)
+    latent = _latent_sites(case.model, case.args)
     shapes = {n: tuple(site["value"].shape) for n, site in latent.items()}
     pyro.clear_param_store()
     with Warnings() as caught:
@@ -229,7 +249,9 @@ def test_zoo_model(name, tmp_path):
 
         predictive = Predictive(case.model, guide=fit.guide, num_samples=NUM_PREDICTIVE)
         predictions = predictive(*case.predict_args)
-        for site, shape in {**case.predicted, **shapes}.items():
+        running = _latent_sites(case.model, case.predict_args)  # with the data left out
+        returned = {**case.predicted, **{n: s for n, s in shapes.items() if n in running}}
+        for site, shape in returned.items():
             value = predictions[site]  # Pyro pads sites outside plates: (S, 1, ..., *shape)
             pad = value.dim() - 1 - len(shape)
             expected = (NUM_PREDICTIVE, *(1,) * pad, *shape)
@@ -254,7 +276,9 @@ def test_zoo_has_every_kind_of_model():
     """The zoo covers what the issue asks: at least 15 models, every common support (torch
     has no bijection onto positive-definite matrices: an LKJ correlation matrix stands in)."""
     assert len(CASES) >= 15
-    sites = [site for case in CASES.values() for site in _latent_sites(case).values()]
+    sites = [
+        site for case in CASES.values() for site in _latent_sites(case.model, case.args).values()
+    ]
     supports = [site["fn"].support for site in sites]
     supports = [getattr(c, "base_constraint", c) for c in supports]  # independent(...)
 
@@ -276,5 +300,5 @@ def test_zoo_has_every_kind_of_model():
     }
     for kind, is_kind in kinds.items():
         assert any(is_kind(c) for c in supports), kind
-    assert any(len(_latent_sites(c)) == 1 for c in CASES.values())
-    assert any(len(_latent_sites(c)) >= 20 for c in CASES.values())
+    assert any(len(_latent_sites(c.model, c.args)) == 1 for c in CASES.values())
+    assert any(len(_latent_sites(c.model, c.args)) >= 20 for c in CASES.values())

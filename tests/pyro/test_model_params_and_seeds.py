@@ -1,0 +1,104 @@
+"""Pyro fits beyond the guide: the model's own params saved, seeded evaluations, clear errors.
+
+Small models and few steps: these check plumbing (what is saved, what repeats), not accuracy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.distributions import constraints
+
+import flowguides
+from flowguides import FlowSpec
+from flowguides.io import MODEL_PARAM_PREFIX
+from flowguides.pyro import fit_posterior
+
+SPEC = FlowSpec.realnvp(num_layers=1, hidden=[4])
+Y = torch.tensor([0.3, -1.2, 2.5, 1.1, -0.4, 3.0])
+
+
+def type2_model(y):
+    tau = pyro.param("tau", torch.tensor(1.0), constraint=constraints.positive)
+    with pyro.plate("groups", len(y)):
+        theta = pyro.sample("theta", dist.Normal(0.0, tau))
+        pyro.sample("y", dist.Normal(theta, 1.0), obs=y)
+
+
+def test_save_load_restores_the_models_params_in_a_new_session(tmp_path):
+    fit = fit_posterior(type2_model, SPEC, Y, num_steps=60, init_scale=0.5, progress=False)
+    tau = float(pyro.param("tau").detach())
+    assert abs(tau - 1.0) > 1e-3  # learned: a restore of the initial value would not pass
+    before = fit.log_densities(40, seed=4)
+    path = flowguides.save(fit, tmp_path / "fit")
+    _, _, meta = flowguides.io.read_folder(path)
+    np.testing.assert_allclose(meta["model_params"]["tau"], tau)
+    assert MODEL_PARAM_PREFIX + "tau" not in meta.get("sites", [])
+
+    pyro.clear_param_store()  # as in a new session
+    loaded = flowguides.load(path, backend="pyro", model=type2_model, model_args=(Y,))
+    assert float(pyro.param("tau").detach()) == pytest.approx(tau, rel=1e-12)
+    after = loaded.log_densities(40, seed=4)
+    np.testing.assert_allclose(after[0]["theta"], before[0]["theta"], rtol=1e-10)
+    np.testing.assert_allclose(after[1], before[1], rtol=1e-10)
+    np.testing.assert_allclose(after[2], before[2], rtol=1e-10)
+
+
+def test_save_without_the_param_in_the_store_says_so(tmp_path):
+    fit = fit_posterior(type2_model, SPEC, Y, num_steps=2, init_scale=0.5, progress=False)
+    pyro.clear_param_store()
+    with pytest.raises(flowguides.io.SaveError, match="param site 'tau' is not in Pyro's"):
+        flowguides.save(fit, tmp_path / "fit")
+
+
+X = torch.randn(40, 2, generator=torch.Generator().manual_seed(1))
+LABELS = (X.sum(-1) > 0).double()
+
+
+def subsampled(x, y):
+    w = pyro.sample("w", dist.Normal(torch.zeros(2), 2.0).to_event(1))
+    with pyro.plate("data", len(x), subsample_size=8) as idx:
+        pyro.sample("y", dist.Bernoulli(logits=x[idx] @ w), obs=y[idx])
+
+
+def test_subsampled_model_log_densities_repeat_with_a_seed_and_arviz_leaves_data_out():
+    fit = fit_posterior(
+        subsampled, SPEC, X, LABELS, num_steps=5, init_scale=0.5, progress=False,
+        vectorize_particles=False,
+    )  # fmt: skip
+    assert fit.subsampled_plates == ["data"]
+    first, again = fit.log_densities(30, seed=7), fit.log_densities(30, seed=7)
+    np.testing.assert_array_equal(first[0]["w"], again[0]["w"])
+    np.testing.assert_array_equal(first[1], again[1])  # the model's subsample repeats too
+    other = fit.log_densities(30, seed=8)
+    assert not np.array_equal(first[1], other[1])
+    state = torch.get_rng_state()
+    fit.log_densities(5, seed=1)
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is left alone
+
+    data = flowguides.to_arviz(fit, num_samples=30, seed=0)
+    groups = set(data.groups() if flowguides.diagnostics.arviz_major_version() == 0 else data)
+    assert {"posterior", "sample_stats"} <= groups
+    assert not groups & {"observed_data", "log_likelihood"}
+
+
+@pytest.mark.filterwarnings("ignore:Singular sample detected")  # torch, drawing inits
+def test_wishart_latent_names_the_site_and_suggests_lkj():
+    def model(x):
+        prec = pyro.sample(
+            "precision", dist.Wishart(torch.tensor(10.0), torch.eye(2, dtype=torch.float64))
+        )
+        with pyro.plate("data", len(x)):
+            pyro.sample(
+                "x",
+                dist.MultivariateNormal(torch.zeros(2, dtype=torch.float64), precision_matrix=prec),
+                obs=x,
+            )
+
+    with pytest.raises(NotImplementedError, match=r"site 'precision': its support Positive.*LKJ"):
+        fit_posterior(
+            model, SPEC, torch.zeros(4, 2, dtype=torch.float64), num_steps=1, progress=False
+        )
