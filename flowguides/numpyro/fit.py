@@ -150,6 +150,19 @@ class PosteriorFit(PosteriorFitMethods):
         """``{site: shape}`` of every latent site."""
         return {name: tuple(np.shape(v)) for name, v in self.guide._init_locs.items()}
 
+    @property
+    def subsampled_plates(self) -> list[str]:
+        """Names of the model's plates that subsample their data (``subsample_size`` smaller
+        than the size). `flowguides.to_arviz` leaves ``observed_data`` and
+        ``log_likelihood`` out for such a model: each evaluation sees another subsample."""
+        return [
+            name
+            for name, site in self.guide.prototype_trace.items()
+            if site["type"] == "plate"
+            and site["args"][1] is not None
+            and 0 < site["args"][1] < site["args"][0]
+        ]
+
     def observed_data(self) -> dict[str, np.ndarray]:
         """``{site: value}`` of every observed site."""
         trace = self.guide.prototype_trace
@@ -186,10 +199,16 @@ class PosteriorFit(PosteriorFitMethods):
         draws, log_p, log_q = self._densities(self._key(seed), num_samples)
         return jax.tree.map(np.asarray, draws), np.asarray(log_p), np.asarray(log_q)
 
-    def log_likelihood(self, draws: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """Pointwise log-likelihood ``{observed site: (S, *obs_shape)}`` of latent `draws`."""
+    def log_likelihood(
+        self, draws: Mapping[str, Any], seed: int | None = None
+    ) -> dict[str, np.ndarray]:
+        """Pointwise log-likelihood ``{observed site: (S, *obs_shape)}`` of latent `draws`.
+
+        The model runs seeded (`seed`, or one from the fit's generator): a subsampled plate
+        (see `subsampled_plates`) draws its indices from it, the same for every draw."""
         samples = {k: jnp.asarray(v) for k, v in draws.items()}
-        out = _numpyro_log_likelihood(self.model, samples, *self.args, **self.kwargs)
+        model = handlers.seed(self.model, self._key(seed))
+        out = _numpyro_log_likelihood(model, samples, *self.args, **self.kwargs)
         return {k: np.asarray(v) for k, v in out.items()}
 
 
@@ -279,7 +298,10 @@ def fit_posterior(
     setup_s = time.perf_counter() - t0
     arrays, signature, rebuild = split_args(args, kwargs, guide._constants)
     settings = (spec, num_steps, learning_rate, num_particles, clip_norm)
-    content = (callable_key(model), signature, _supports_key(guide))
+    # the chunk closes over this call's guide: key what its trace reads besides the params'
+    # values (which params it registers: a Laplace start's whitening, full rank or diagonal)
+    structure = _params_key(svi.optim.get_params(state.optim_state))
+    content = (callable_key(model), signature, _supports_key(guide), structure)
     key = cache_key("posterior", *settings, content=content)
     run_chunk = cached(key, lambda: _posterior_chunk(svi, rebuild, num_steps))
     carry = (state, svi.optim.get_params(state.optim_state), jnp.asarray(False), jnp.asarray(-1))
@@ -382,6 +404,11 @@ def _posterior_chunk(svi: SVI, rebuild: Callable[[list], tuple], num_steps: int)
         return lax.scan(step, carry, start + jnp.arange(CHUNK))
 
     return jax.jit(chunk)
+
+
+def _params_key(params: Mapping[str, Any]) -> tuple:
+    """SVI parameters by name, shape and dtype."""
+    return tuple(sorted((k, jnp.shape(v), str(jnp.result_type(v))) for k, v in params.items()))
 
 
 def _supports_key(guide: AutoFlowGuide) -> Hashable | None:

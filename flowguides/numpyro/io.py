@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 from numpyro import handlers
 
@@ -34,6 +35,35 @@ def _guide_sites(guide: AutoFlowGuide) -> dict[str, tuple[tuple[int, ...], str]]
     }
 
 
+def _model_param_shapes(guide: AutoFlowGuide) -> dict[str, tuple[int, ...]]:
+    """The model's own ``numpyro.param`` sites (learned with the guide): shapes, model order."""
+    trace = guide.prototype_trace
+    return {n: tuple(np.shape(s["value"])) for n, s in trace.items() if s["type"] == "param"}
+
+
+def _import_model_params(
+    guide: AutoFlowGuide, params: dict[str, Any], saved: Mapping[str, np.ndarray]
+) -> dict[str, Any]:
+    """`params` with the saved (constrained, as `PosteriorFit.params` holds them) values."""
+    shapes = _model_param_shapes(guide)
+    unknown = [name for name in saved if name not in shapes]
+    if unknown:
+        raise LoadError(
+            f"load: saved model param(s) {unknown} are not param sites of the model "
+            f"(it has {list(shapes)})"
+        )
+    out = dict(params)
+    for name, value in saved.items():
+        if tuple(np.shape(value)) != shapes[name]:
+            raise LoadError(
+                f"load: model param {name!r} has shape {shapes[name]} in the model, "
+                f"{tuple(np.shape(value))} when saved"
+            )
+        dtype = jnp.result_type(guide.prototype_trace[name]["value"])
+        out[name] = jnp.asarray(value, dtype)
+    return out
+
+
 def export_state(obj: Any) -> tuple[FlowSpec, dict[str, np.ndarray], dict[str, Any]]:
     """``(spec, weights, meta)`` of a `Flow`, `DensityFit` or `PosteriorFit`."""
     if isinstance(obj, Flow):
@@ -49,6 +79,9 @@ def export_state(obj: Any) -> tuple[FlowSpec, dict[str, np.ndarray], dict[str, A
             "sites": site_meta(_guide_sites(guide)),
             "losses": np.asarray(obj.losses).tolist(),
         }
+        model_params = {n: np.asarray(obj.params[n]) for n in _model_param_shapes(guide)}
+        if model_params:
+            meta["model_params"] = model_params  # `save` moves them into the weights file
         if guide.preconditioner is not None:
             meta["precondition"] = {
                 k: np.asarray(v).tolist() for k, v in guide.preconditioner.items()
@@ -67,7 +100,9 @@ def import_state(
     model_kwargs: Mapping[str, Any] | None = None,
 ) -> Any:
     """Rebuild a saved object in NumPyro: a `Flow`, a `DensityFit` or (given `model`) a
-    `PosteriorFit` whose parameters are the saved weights."""
+    `PosteriorFit` whose parameters are the saved weights and the model's saved
+    ``numpyro.param`` values (constrained, as `PosteriorFit.params` holds them; a folder
+    without them leaves those sites at the model's initial values)."""
     kind, dim = kind_of(meta), meta["dim"]
     if kind == "posterior":
         if model is None:
@@ -78,6 +113,7 @@ def import_state(
         check_sites(meta, _guide_sites(guide))
         guide.set_preconditioner(_whitening(meta.get("precondition"), guide.latent_dim))
         params = guide.set_weights(weights)
+        params = _import_model_params(guide, params, meta.get("model_params", {}))
         losses = np.asarray(meta.get("losses", []), dtype=float)
         args, kwargs = as_constants(tuple(model_args), kwargs, guide._constants)
         return PosteriorFit(guide, model, spec, params, losses, args, kwargs)

@@ -14,6 +14,7 @@ from flowguides.pyro.coupling import RealNVP
 from flowguides.pyro.fit import (
     DensityFit,
     NonFiniteGradientError,
+    NonFiniteValidationError,
     PosteriorFit,
     fit_density,
     fit_posterior,
@@ -47,6 +48,7 @@ __all__ = [
     "NeuralODE",
     "NoLatentSitesError",
     "NonFiniteGradientError",
+    "NonFiniteValidationError",
     "Planar",
     "PosteriorFit",
     "RealNVP",

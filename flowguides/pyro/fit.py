@@ -33,6 +33,7 @@ from tqdm import tqdm
 from flowguides._common import (
     NonFiniteGradientError,
     NonFiniteLossError,
+    NonFiniteValidationError,
     PosteriorFitMethods,
     as_spec,
     check_data,
@@ -50,6 +51,7 @@ __all__ = [
     "OBJECTIVES",
     "DensityFit",
     "NonFiniteGradientError",
+    "NonFiniteValidationError",
     "PosteriorFit",
     "fit_density",
     "fit_posterior",
@@ -483,7 +485,8 @@ def fit_density(
 ) -> DensityFit:
     """Fit a flow to the rows of `data` ``(n, dim)`` on minibatches.
 
-    A `validation_fraction` of the rows is held out and scored every 25 steps; training stops
+    A `validation_fraction` of the rows is held out and scored after the first step, every 25
+    steps and after the last; training stops
     after `patience` steps without a better validation loss and the best parameters are kept.
 
     ``objective="maximum_likelihood"`` (the default) minimises the negative log-likelihood
@@ -510,6 +513,7 @@ def fit_density(
             setting out of range.
         SpecError: ``objective="flow_matching"`` with a spec that is not one neural-ODE layer.
         NonFiniteLossError: when a training loss is NaN/inf (the last finite weights are kept).
+        NonFiniteValidationError: no validation loss was finite.
 
     References:
         Lipman et al., "Flow Matching for Generative Modeling", ICLR 2023.
@@ -583,6 +587,9 @@ def fit_density(
                 if step - best_step >= patience:
                     break
             bar.update()
+    if len(val) and best is None:
+        last = [p.detach().clone() for p in params]
+        raise NonFiniteValidationError(len(losses["train"]) - 1, losses["val"][-1], last, result())
     if best is not None:
         flow.load_state_dict(best[1])
     return result()

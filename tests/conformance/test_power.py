@@ -15,8 +15,8 @@ Each case fits one family with `fit_posterior` at a fixed budget and asserts tha
 and, for the mixture, that the flow puts the known 0.3 weight in the minor mode.
 
 Power: the layer-free fit, a flow whose layers are frozen at the identity, must fail the same
-test: it cannot beat the best Gaussian, nor weigh the mixture's modes. (With the layers frozen,
-the family does not matter: the identity layers leave the same affine fit, draw for draw.)
+test: it cannot beat the best Gaussian, nor weigh the mixture's modes. (With its layers frozen
+a fit of any family is this same affine fit, up to its random draws.)
 
 What each family is asserted to reach: planar on the banana and the Gamma-Poisson rates,
 RealNVP on the banana, the mixture and the funnel, the neural ODE on the banana and the

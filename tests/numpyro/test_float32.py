@@ -27,7 +27,7 @@ y = np.random.default_rng(0).normal(1.0, 0.5, 20)  # float64 numpy data, as user
 specs = {
     "planar": FlowSpec.planar(2),
     "realnvp": FlowSpec.realnvp(2, hidden=[8]),
-    "neural_ode": FlowSpec.neural_ode(hidden=[8], solver="rk4", num_steps=2),
+    "neural_ode": FlowSpec.neural_ode(hidden=[8], solver="euler", num_steps=2),
 }
 out = {}
 for name, spec in specs.items():

@@ -8,9 +8,10 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from flowguides._common import NonFiniteLossError
+from flowguides._common import NonFiniteLossError, split_indices
 from flowguides.pyro import (
     DensityFit,
+    NonFiniteValidationError,
     PosteriorFit,
     VectorizationWarning,
     fit_density,
@@ -210,6 +211,19 @@ def test_fit_density_beats_a_gaussian():
     assert float(fit.log_prob(test).mean()) > baseline + 0.5
     assert len(fit.losses["train"]) >= len(fit.losses["val"]) > 0
     assert fit.sample(10, seed=0).shape == (10, 2)
+
+
+def test_fit_density_validates_at_the_first_and_last_step_and_refuses_no_finite_one():
+    rng = np.random.default_rng(0)
+    data = rng.normal(size=(200, 2)) * [1.0, 3.0] + [0.0, 5.0]
+    spec = FlowSpec.realnvp(num_layers=1, hidden=[8], dtype="float64")
+    settings = {"num_steps": 10, "learning_rate": 1e-2, "progress": False}
+    assert len(fit_density(data, spec, **settings).losses["val"]) == 2  # after steps 0 and 9
+    bad = data.copy()
+    bad[split_indices(len(bad), 0.1, 0)[1][0]] = 1e200  # a held-out row that overflows
+    with pytest.raises(NonFiniteValidationError, match="validation loss was not finite") as err:
+        fit_density(bad, spec, standardize=False, **settings)
+    assert isinstance(err.value.fit, DensityFit) and len(err.value.fit.losses["train"]) == 10
 
 
 def test_density_log_prob_includes_the_standardisation():

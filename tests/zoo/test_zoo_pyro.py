@@ -45,7 +45,7 @@ NUM_WEIGHTED = 100  # draws for diagnose, to_arviz and log_densities (one compil
 def _tau_is_the_type2_estimate(fit: PosteriorFit) -> None:
     """The ELBO's maximiser over tau, with a guide close to the posterior, is the marginal
     likelihood's (tau left at its initial 1.0 would be 46% off)."""
-    tau = float(pyro.param("tau"))
+    tau = float(pyro.param("tau").detach())
     assert abs(tau - data.type2_tau_hat()) < 0.06 * data.type2_tau_hat(), tau
 
 
