@@ -13,4 +13,4 @@ collect_ignore: list[str] = []
 if importlib.util.find_spec("torch") is None or importlib.util.find_spec("pyro") is None:
     collect_ignore += ["models_pyro.py", "test_zoo_pyro.py"]
 if importlib.util.find_spec("jax") is None or importlib.util.find_spec("numpyro") is None:
-    collect_ignore += ["models_numpyro.py", "test_zoo_numpyro.py"]
+    collect_ignore += ["models_numpyro.py", "test_zoo_numpyro.py", "test_zoo_numpyro_rest.py"]
