@@ -52,6 +52,8 @@ def one_size(groups: int, steps: int, seed: int) -> dict:
     tau = fit.sample(2000, seed=1)["tau"]
     fixed = fit.guide.preconditioner
     return {
+        "script": "high_dim_numpyro",
+        "commit": _commit(),
         "groups": groups,
         "latent_dim": fit.guide.latent_dim,
         "steps": steps,
@@ -64,6 +66,12 @@ def one_size(groups: int, steps: int, seed: int) -> dict:
         "tau_mean": round(float(tau.mean()), 3),
         "tau_sd": round(float(tau.std()), 3),
     }
+
+
+def _commit() -> str:
+    """The git commit the row ran on ("unknown" outside a checkout)."""
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return out.stdout.strip() or "unknown"
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ import argparse
 import json
 import multiprocessing
 import resource
+import subprocess
 import time
 from typing import Any
 
@@ -54,6 +55,8 @@ def run_one(num_groups: int, steps: int, known_scale: bool, per_group: int = 5) 
     )
     fixed = fit.guide.preconditioner
     return {
+        "script": "high_dim_pyro",
+        "commit": _commit(),
         "dim": fit.guide.latent_dim,
         "known_scale": known_scale,
         "precondition": None if fixed is None else list(fixed["precondition.scale_tril"].shape),
@@ -66,6 +69,12 @@ def run_one(num_groups: int, steps: int, known_scale: bool, per_group: int = 5) 
 
 def _worker(args: tuple, queue: Any) -> None:
     queue.put(run_one(*args))
+
+
+def _commit() -> str:
+    """The git commit the row ran on ("unknown" outside a checkout)."""
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return out.stdout.strip() or "unknown"
 
 
 def main() -> None:
