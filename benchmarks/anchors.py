@@ -9,7 +9,7 @@ RealNVP loop (``bare_realnvp``) as the speed floor. flowguides' ``AutoFlowGuide`
 same plain SVI loop as the anchors (``*_svi_loop``) and through ``fit_posterior``.
 
 Every SVI method gets the same step budget, particles, Adam learning rate and the shared
-schedule (:func:`flowguides._common.learning_rate_at`), and the architectures match
+schedule (:func:`flowguides.core.learning_rate_at`), and the architectures match
 (:data:`ARCH`). Each ``fit`` returns a :class:`Fitted` with its timing and a way to draw
 ``(draws, log p, log q)`` for :func:`benchmarks.metrics.score`.
 """
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import metrics
-from flowguides._common import learning_rate_at
+from flowguides.core import learning_rate_at
 
 __all__ = [
     "ARCH",
@@ -238,7 +238,7 @@ def _optax_schedule(budget: Budget) -> Any:
 def _jnp_cos_frac(step: Any, num_steps: int) -> Any:
     import jax.numpy as jnp
 
-    from flowguides._common import decay_steps
+    from flowguides.core import decay_steps
 
     frac = jnp.clip((step - num_steps // 2) / decay_steps(num_steps), 0.0, 1.0)
     return jnp.cos(jnp.pi * frac)

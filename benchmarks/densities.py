@@ -140,7 +140,7 @@ def _torch_loop(module: object, nll: Callable, data: DensityData, budget: Densit
     """Adam with the shared schedule on minibatch NLL for a torch module (zuko, normflows)."""
     import torch
 
-    from flowguides._common import learning_rate_at
+    from flowguides.core import learning_rate_at
 
     torch.manual_seed(budget.seed)
     x = torch.as_tensor(data.train)
@@ -210,7 +210,7 @@ def _flowjax(kind: str) -> Callable[[DensityData, DensityBudget], np.ndarray]:
         from flowjax.flows import coupling_flow, planar_flow
         from flowjax.train import fit_to_data
 
-        from flowguides._common import decay_steps
+        from flowguides.core import decay_steps
 
         d = data.train.shape[1]
         key, sub = jax.random.split(jax.random.key(budget.seed))

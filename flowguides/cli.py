@@ -76,7 +76,7 @@ def read_data(path: str) -> np.ndarray:
     """Rows of a ``.npy`` or ``.csv`` file (a header line is skipped when it is not numeric)."""
     import numpy as np
 
-    from flowguides._common import check_data
+    from flowguides.core import check_data
 
     file = Path(path)
     if not file.is_file():

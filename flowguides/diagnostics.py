@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from flowguides._common import call_with_vectorize
+from flowguides.core import call_with_vectorize
 
 __all__ = [
     "MIN_DRAWS",

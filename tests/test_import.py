@@ -8,7 +8,7 @@ import sys
 
 def test_import_loads_no_framework() -> None:
     code = (
-        "import sys, flowguides, flowguides.spec, flowguides.cli, flowguides._common;"
+        "import sys, flowguides, flowguides.spec, flowguides.cli, flowguides.core;"
         "flowguides.FlowSpec.realnvp().parameter_shapes(3);"
         "heavy = sorted(m for m in ('torch', 'jax', 'pyro', 'numpyro', 'arviz') if m in sys.modules);"
         "print(','.join(heavy))"

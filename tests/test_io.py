@@ -86,14 +86,14 @@ def test_weights_must_match_the_spec(tmp_path) -> None:
     w["layers.0.net.0.weight"] = np.zeros((2, 4, 2))
     folder = write_folder(tmp_path / "fit", SPEC, w, META)
     with pytest.raises(
-        LoadError, match=r"'layers.0.net.0.weight' expected shape \(2, 4, 1\), got \(2, 4, 2\)"
+        LoadError, match=r"parameter 'layers.0.net.0.weight': expected shape \(2, 4, 1\), got \(2, 4, 2\)"
     ):
         read_folder(folder)
     w = weights()
     del w["affine.loc"]
-    with pytest.raises(ValueError, match=r"missing \['affine.loc'\]"):
+    with pytest.raises(ValueError, match=r"missing parameter\(s\) \['affine.loc'\]"):
         check_weights(SPEC, DIM, w)
-    with pytest.raises(ValueError, match=r"unexpected \['extra'\]"):
+    with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['extra'\]"):
         check_weights(SPEC, DIM, {**weights(), "extra": np.zeros(1)})
 
 
@@ -117,7 +117,7 @@ def test_load_errors(tmp_path) -> None:
     ],
 )  # fmt: skip
 def test_a_bad_preconditioner_is_named(fixed, message):
-    from flowguides._common import check_preconditioner
+    from flowguides.core import check_preconditioner
 
     with pytest.raises(ValueError, match=message):
         check_preconditioner(fixed, 2)

@@ -1,33 +1,30 @@
 """The NumPyro (JAX) backend: flows, guides and fitting built from a `FlowSpec`.
 
-The same file, function and parameter names as `flowguides.pyro`; one weight file serves both.
+The same file, function and parameter names as `flowguides.pyro`; one weight file serves
+both. The errors and warnings are `flowguides.core`'s (one class each, for both backends).
 """
 
 from __future__ import annotations
 
-from flowguides._common import (
+from flowguides.core import (
+    FLOAT32_MIN_TOLERANCE,
+    DiscreteLatentError,
+    FitBelowStartWarning,
+    LaplaceFallbackWarning,
+    MaxStepsExceededError,
+    NoLatentSitesError,
     NonFiniteGradientError,
     NonFiniteLossError,
     NonFiniteValidationError,
+    ToleranceWarning,
 )
 from flowguides.numpyro._args import ConstantArgumentsWarning, ModelTracingError
 from flowguides.numpyro.build import Flow, FlowTransform, build_flow, get_weights, set_weights
 from flowguides.numpyro.coupling import RealNVP
 from flowguides.numpyro.fit import DensityFit, PosteriorFit, fit_density, fit_posterior
-from flowguides.numpyro.guide import (
-    AutoFlowGuide,
-    DiscreteLatentError,
-    LaplaceFallbackWarning,
-    NoLatentSitesError,
-)
+from flowguides.numpyro.guide import AutoFlowGuide
 from flowguides.numpyro.io import export_state, import_state
-from flowguides.numpyro.ode import (
-    FLOAT32_MIN_TOLERANCE,
-    NeuralODE,
-    ToleranceWarning,
-    flow_matching_loss,
-    training_solves,
-)
+from flowguides.numpyro.ode import NeuralODE, flow_matching_loss, training_solves
 from flowguides.numpyro.planar import Planar
 
 __all__ = [
@@ -36,9 +33,11 @@ __all__ = [
     "ConstantArgumentsWarning",
     "DensityFit",
     "DiscreteLatentError",
+    "FitBelowStartWarning",
     "Flow",
     "FlowTransform",
     "LaplaceFallbackWarning",
+    "MaxStepsExceededError",
     "ModelTracingError",
     "NeuralODE",
     "NoLatentSitesError",

@@ -19,13 +19,12 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from flowguides._common import PRECONDITION, decay_steps
+from flowguides.core import PRECONDITION, decay_steps
 
 __all__ = [
     "CHUNK",
     "cache_key",
     "cached",
-    "check_settings",
     "default_float",
     "make_optimizer",
     "run_chunks",
@@ -62,15 +61,6 @@ def make_optimizer(num_steps: int, learning_rate: float, clip_norm: float | None
         return {k: "fixed" if k.endswith(PRECONDITION) else "trained" for k in params}
 
     return optax.multi_transform({"trained": trained, "fixed": optax.set_to_zero()}, labels)
-
-
-def check_settings(num_steps: int, learning_rate: float, clip_norm: float | None) -> None:
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps: expected a positive integer, got {num_steps!r}")
-    if not learning_rate > 0:
-        raise ValueError(f"learning_rate: expected a positive number, got {learning_rate!r}")
-    if clip_norm is not None and not clip_norm > 0:
-        raise ValueError(f"clip_norm: expected a positive number or None, got {clip_norm!r}")
 
 
 def cache_key(*parts: Hashable, content: tuple) -> tuple | None:

@@ -17,10 +17,10 @@ import numpy as np
 import numpyro.distributions as dist
 from jax.scipy.stats import norm
 
-from flowguides._common import PRECONDITION
+from flowguides.core import PRECONDITION, check_tolerances, check_weights
 from flowguides.numpyro._base import FlowLayerTransform, as_init_random
 from flowguides.numpyro.coupling import RealNVP, init_realnvp
-from flowguides.numpyro.ode import NeuralODE, check_tolerances, init_neural_ode
+from flowguides.numpyro.ode import NeuralODE, init_neural_ode
 from flowguides.numpyro.planar import Planar, init_planar
 from flowguides.spec import FlowSpec, SpecError
 
@@ -30,7 +30,7 @@ __all__ = [
     "FlowTransform",
     "build_flow",
     "check_flow_tolerances",
-    "check_weights",
+    "as_weight_arrays",
     "get_weights",
     "init_params",
     "set_weights",
@@ -220,7 +220,7 @@ def build_flow(spec: FlowSpec | Mapping[str, Any], dim: int, *, seed: int = 0) -
         >>> float(flow.log_prob(jnp.zeros(2)))  # identity at init: a standard normal
         -1.8378770664093453
     """
-    from flowguides._common import as_spec
+    from flowguides.core import as_spec
 
     spec = as_spec(spec)
     spec.check_dim(dim)
@@ -248,24 +248,10 @@ def set_weights(flow: Flow, weights: Mapping[str, Any]) -> Flow:
         ValueError: a name is missing or unknown, or an array has the wrong shape.
     """
     fixed = {k: flow.params[k] for k in PRECONDITION if k in flow.params}
-    return Flow(flow.spec, flow.dim, {**check_weights(flow.spec, flow.dim, weights), **fixed})
+    return Flow(flow.spec, flow.dim, {**as_weight_arrays(flow.spec, flow.dim, weights), **fixed})
 
 
-def check_weights(spec: FlowSpec, dim: int, weights: Mapping[str, Any]) -> dict[str, jax.Array]:
-    """`weights` as arrays of the spec's dtype, after checking their names and shapes."""
-    shapes = spec.parameter_shapes(dim)
-    missing = [name for name in shapes if name not in weights]
-    extra = [name for name in weights if name not in shapes]
-    if missing:
-        raise ValueError(f"weights: missing parameter(s) {missing} (expected {list(shapes)})")
-    if extra:
-        raise ValueError(f"weights: unknown parameter(s) {extra} (expected {list(shapes)})")
-    out = {}
-    for name, shape in shapes.items():
-        value = jnp.asarray(weights[name], _dtype(spec))
-        if value.shape != shape:
-            raise ValueError(
-                f"weights: parameter {name!r}: expected shape {shape}, got {value.shape}"
-            )
-        out[name] = value
-    return out
+def as_weight_arrays(spec: FlowSpec, dim: int, weights: Mapping[str, Any]) -> dict[str, jax.Array]:
+    """`weights` as arrays of the spec's dtype, after `flowguides.core.check_weights`."""
+    check_weights(spec, dim, weights)
+    return {name: jnp.asarray(weights[name], _dtype(spec)) for name in spec.parameter_shapes(dim)}

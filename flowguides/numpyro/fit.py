@@ -45,15 +45,21 @@ from numpyro.infer.svi import SVIState
 from numpyro.infer.util import log_density, transform_fn
 from numpyro.infer.util import log_likelihood as _numpyro_log_likelihood
 
-from flowguides._common import (
+from flowguides.core import (
+    OBJECTIVES,
+    VALIDATE_EVERY,
     NonFiniteGradientError,
     NonFiniteLossError,
     NonFiniteValidationError,
     PosteriorFitMethods,
     as_spec,
     check_data,
+    check_objective,
+    check_training,
+    default_learning_rate,
     split_indices,
     standardization,
+    warn_if_below_start,
 )
 from flowguides.numpyro._args import (
     TRACER_ERRORS,
@@ -67,7 +73,6 @@ from flowguides.numpyro._training import (
     CHUNK,
     cache_key,
     cached,
-    check_settings,
     default_float,
     make_optimizer,
     run_chunks,
@@ -89,9 +94,7 @@ __all__ = [
     "fit_posterior",
 ]
 
-OBJECTIVES = ("maximum_likelihood", "flow_matching")
 
-_VALIDATE_EVERY = 25
 TRAINING_PRNG = "rbg"
 """The key implementation of `fit_posterior`'s SVI state: XLA's random-bit generator for the
 particles' draws (keys still split by threefry, so streams stay independent under `vmap`). An
@@ -217,7 +220,7 @@ def fit_posterior(
     spec: FlowSpec | Mapping[str, Any],
     *args: Any,
     num_steps: int = 2000,
-    learning_rate: float = 1e-2,
+    learning_rate: float | None = None,
     num_particles: int = 8,
     clip_norm: float | None = None,
     init_loc_fn: Callable[..., Any] = init_to_median,
@@ -248,7 +251,9 @@ def fit_posterior(
         model: a NumPyro model; `args` and `kwargs` are passed to it.
         spec: a `FlowSpec` or its dict form.
         num_steps: optimisation steps.
-        learning_rate: Adam's peak learning rate (decayed over the second half).
+        learning_rate: Adam's peak learning rate (decayed over the second half); None takes
+            `flowguides.core.default_learning_rate` of the latent dimension (1e-2 up to 1,000
+            dimensions, falling as ``1 / dim`` above).
         num_particles: ELBO particles per step (vectorised).
         clip_norm: global-norm gradient clipping, or None.
         init_loc_fn: the guide's initial location strategy.
@@ -262,6 +267,10 @@ def fit_posterior(
     Returns:
         The `PosteriorFit`.
 
+    Warns:
+        FitBelowStartWarning: the last tenth of the losses is clearly above the first steps'
+            (see `flowguides.core.warn_if_below_start`): the start was the better guide.
+
     Raises:
         NonFiniteLossError: the loss was not finite at some step (the error names it; its
             ``.fit`` holds the last finite parameters).
@@ -270,14 +279,13 @@ def fit_posterior(
         ValueError: a name in `static_argnames` is not an argument of the model.
     """
     spec = as_spec(spec)
-    check_settings(num_steps, learning_rate, clip_norm)
+    check_training(num_steps, learning_rate, clip_norm)
     if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
         raise ValueError(f"num_particles: expected a positive integer, got {num_particles!r}")
     t0 = time.perf_counter()
     guide = AutoFlowGuide(
         model, spec, init_loc_fn=init_loc_fn, init_scale=init_scale, static_argnames=static_argnames
     )
-    optimizer = make_optimizer(num_steps, learning_rate, clip_norm)
     entries = _history_entries(spec)
     has_ode = any(layer.type == "neural_ode" for layer in spec.layers)
     elbo = (
@@ -285,9 +293,14 @@ def fit_posterior(
         if has_ode
         else Trace_ELBO(num_particles, vectorize_particles=True)
     )
-    svi = SVI(model, guide, optimizer, elbo)
+    key = jax.random.key(seed, impl=TRAINING_PRNG)
     try:
-        state = _init_state(svi, guide, jax.random.key(seed, impl=TRAINING_PRNG), args, kwargs)
+        with handlers.block(), handlers.seed(rng_seed=jax.random.split(key, 3)[2]):
+            guide._setup_prototype(*args, **kwargs)  # the key `SVI.init` gives the guide
+        if learning_rate is None:
+            learning_rate = default_learning_rate(guide.latent_dim)
+        svi = SVI(model, guide, make_optimizer(num_steps, learning_rate, clip_norm), elbo)
+        state = _init_state(svi, guide, key, args, kwargs)
     except TRACER_ERRORS as exc:
         raise model_tracing_error(model, exc, bool(guide._constants)) from exc
     args, kwargs = as_constants(args, kwargs, guide._constants)  # as the guide's set-up saw
@@ -323,6 +336,7 @@ def fit_posterior(
         step, loss = int(bad_step), float(losses[int(bad_step)])
         error = NonFiniteLossError if not np.isfinite(loss) else NonFiniteGradientError
         raise error(step, loss, fit.params, fit)
+    warn_if_below_start(losses, learning_rate)
     return PosteriorFit(
         guide, model, spec, svi.get_params(state), losses, args, kwargs, seed, **extra
     )
@@ -361,10 +375,9 @@ def _init_state(
     """`svi.init` without its eager pass through the guide and the model (an XLA compile per
     distinct operation): the guide's set-up fixes every parameter, all unconstrained, so the
     state is the optimiser's state of `guide._initial_params`. The keys split as in
-    `SVI.init`. A model with its own `param` or `mutable` sites takes `svi.init`."""
-    state_key, _, guide_key = jax.random.split(key, 3)
-    with handlers.block(), handlers.seed(rng_seed=guide_key):
-        guide._setup_prototype(*args, **kwargs)
+    `SVI.init`. A model with its own `param` or `mutable` sites takes `svi.init`. The guide
+    is set up already (with the key `SVI.init` would give it)."""
+    state_key = jax.random.split(key, 3)[0]
     kinds = {site["type"] for site in guide.prototype_trace.values()}
     if kinds & {"param", "mutable"}:
         return svi.init(key, *args, **kwargs)
@@ -547,11 +560,11 @@ def fit_density(
         Lipman et al., "Flow Matching for Generative Modeling", ICLR 2023.
     """
     spec = as_spec(spec)
-    check_settings(num_steps, learning_rate, None)
+    check_training(num_steps, learning_rate, None)
     for name, value in (("batch_size", batch_size), ("patience", patience)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-    _check_objective(spec, objective, sigma_min)
+    check_objective(spec, objective, sigma_min)
     arr = check_data(data)
     dim = arr.shape[1]
     try:
@@ -604,23 +617,10 @@ def fit_density(
     if val.shape[0] > 0 and not np.isfinite(float(best_val)):
         fit = DensityFit(Flow(spec, dim, params), spec, losses, mean, std, seed, **common)
         steps_run = np.arange(ran)
-        due = (steps_run % _VALIDATE_EVERY == 0) | (steps_run == num_steps - 1)
+        due = (steps_run % VALIDATE_EVERY == 0) | (steps_run == num_steps - 1)
         raise NonFiniteValidationError(ran - 1, float(val_loss[:ran][due][-1]), params, fit)
     final = best_params if val.shape[0] > 0 else params
     return DensityFit(Flow(spec, dim, final), spec, losses, mean, std, seed, **common)
-
-
-def _check_objective(spec: FlowSpec, objective: str, sigma_min: float) -> None:
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective: expected one of {list(OBJECTIVES)}, got {objective!r}")
-    if not 0.0 <= sigma_min < 1.0:
-        raise ValueError(f"sigma_min: expected a number in [0, 1), got {sigma_min!r}")
-    types = [layer.type for layer in spec.layers]
-    if objective == "flow_matching" and types != ["neural_ode"]:
-        raise SpecError(
-            "layers: objective='flow_matching' trains the vector field of exactly one "
-            f"neural_ode layer, expected ['neural_ode'], got {types}"
-        )
 
 
 def _history_entries(spec: FlowSpec) -> Callable[[jax.Array, jax.Array], dict[str, jax.Array]]:
@@ -704,7 +704,7 @@ def _density_chunk(
                 new_params, new_opt = lax.cond(
                     finite, lambda: (new_params, new_opt), lambda: (params, opt_state)
                 )
-                due = (i % _VALIDATE_EVERY == 0) | (i == num_steps - 1)  # as the Pyro backend
+                due = (i % VALIDATE_EVERY == 0) | (i == num_steps - 1)  # as the Pyro backend
                 validate = finite & (val.shape[0] > 0) & due
                 val_loss = lax.cond(
                     validate,

@@ -26,7 +26,15 @@ from numpyro import handlers
 from numpyro.infer.autoguide import AutoContinuous
 from numpyro.infer.initialization import init_to_median
 
-from flowguides._common import AUTO_SCALES, FULL_RANK_MAX_DIM, as_spec, check_preconditioner
+from flowguides.core import (
+    AUTO_SCALES,
+    FULL_RANK_MAX_DIM,
+    DiscreteLatentError,
+    LaplaceFallbackWarning,
+    NoLatentSitesError,
+    as_spec,
+    check_preconditioner,
+)
 from flowguides.numpyro import ode
 from flowguides.numpyro._args import as_constants, callable_key, choose_constants, split_args
 from flowguides.numpyro._prototype import StagedPrototype
@@ -35,24 +43,16 @@ from flowguides.numpyro.build import (
     PRECONDITION,
     Flow,
     FlowTransform,
+    as_weight_arrays,
     check_flow_tolerances,
-    check_weights,
     init_params,
 )
-from flowguides.numpyro.laplace import LaplaceFallbackWarning, laplace_search, laplace_start
+from flowguides.numpyro.laplace import laplace_search, laplace_start
 from flowguides.spec import FlowSpec, SpecError
 
-__all__ = ["AutoFlowGuide", "DiscreteLatentError", "LaplaceFallbackWarning", "NoLatentSitesError"]
+__all__ = ["AutoFlowGuide"]
 
 _QUANTILE_SAMPLES = 4000
-
-
-class DiscreteLatentError(ValueError):
-    """The model has a discrete latent site, which a continuous flow cannot represent."""
-
-
-class NoLatentSitesError(ValueError):
-    """The model has no latent sample site to fit."""
 
 
 class AutoFlowGuide(AutoContinuous, StagedPrototype):
@@ -302,13 +302,13 @@ class AutoFlowGuide(AutoContinuous, StagedPrototype):
             `params` in `sample_posterior`, `median`, `get_flow`, ...
         """
         self._require_setup()
-        self._init_weights = check_weights(self.spec, self.latent_dim, weights)
+        self._init_weights = as_weight_arrays(self.spec, self.latent_dim, weights)
         fixed = self._precondition or {}
         return {f"{self.prefix}_{name}": v for name, v in {**self._init_weights, **fixed}.items()}
 
     def get_flow(self, params: Mapping[str, Any] | None = None) -> Flow:
         """The `Flow` on the unconstrained latent space at SVI `params` (default: initial)."""
-        weights = check_weights(self.spec, self.latent_dim, self.get_weights(params))
+        weights = as_weight_arrays(self.spec, self.latent_dim, self.get_weights(params))
         fixed = {
             name: (params or {}).get(f"{self.prefix}_{name}", value)
             for name, value in (self._precondition or {}).items()

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from numpyro import handlers
 
-from flowguides._common import FULL_RANK_MAX_DIM, PRECONDITION
-from flowguides.io import LoadError, SaveError, check_sites, density_meta, kind_of, site_meta
+from flowguides.core import FULL_RANK_MAX_DIM, PRECONDITION, LoadError, SaveError
+from flowguides.core.state import check_sites, density_meta, kind_of, site_meta
 from flowguides.numpyro._args import as_constants
 from flowguides.numpyro.build import Flow, build_flow, get_weights, set_weights
 from flowguides.numpyro.fit import DensityFit, PosteriorFit

@@ -19,18 +19,18 @@ import numpy as np
 import optax
 from jax import lax
 
-from flowguides._common import AUTO_SCALES, FULL_RANK_MAX_DIM
+from flowguides.core import (
+    AUTO_SCALES,
+    FULL_RANK_MAX_DIM,
+    MODE_TOLERANCE,
+    LaplaceFallbackWarning,
+)
 
 __all__ = ["LaplaceFallbackWarning", "hessian_diagonal", "laplace_search", "laplace_start"]
 
 _MAP_ITERATIONS = 2000
-_MODE_TOLERANCE = 0.1  # largest |gradient| x Laplace scale accepted as a mode
 _ELBO_DRAWS = 256
 _ENERGY_BATCH = 64  # draws per vectorised model evaluation in the start search
-
-
-class LaplaceFallbackWarning(UserWarning):
-    """The Laplace scale was unavailable at some coordinates; 0.1 was used there."""
 
 
 def minimize(energy: Callable[[jax.Array], jax.Array], x0: jax.Array) -> jax.Array:
@@ -112,7 +112,7 @@ def laplace_search(
     scale = jnp.where(good, 1.0 / jnp.sqrt(jnp.where(good, curvature, 1.0)), 0.1)
     # A mode is stationary: its Newton step, in its own scale, is small. A density that grows
     # without bound (a funnel's scale collapsing to 0) leaves a large step behind.
-    moving = ~(jnp.abs(jax.grad(energy)(loc_map)) * scale < _MODE_TOLERANCE)
+    moving = ~(jnp.abs(jax.grad(energy)(loc_map)) * scale < MODE_TOLERANCE)
     eps = jax.random.normal(jax.random.key(0), (_ELBO_DRAWS, dim), loc.dtype)
     # every start's draws (and 16 around the mode) go through one batched energy: one copy
     # of the model in the compiled program instead of one per start

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from collections.abc import Iterator, Mapping
 from typing import ClassVar
 
@@ -47,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 import optimistix as optx
 
+from flowguides.core import FLOAT32_MIN_TOLERANCE, ToleranceWarning, check_tolerances
 from flowguides.numpyro._base import FlowLayerTransform, as_init_random
 from flowguides.numpyro.coupling import ACTIVATIONS
 from flowguides.spec import FIXED_STEP_SOLVERS, NeuralODESpec
@@ -64,14 +64,7 @@ __all__ = [
     "vector_field",
 ]
 
-FLOAT32_MIN_TOLERANCE = 1e-6
-"""The tightest ``rtol``/``atol`` a float32 solve can honour (float32's epsilon is 1.2e-7)."""
-
 _RECORDERS: list[list[dict]] = []  # the open `training_solves` blocks, innermost last
-
-
-class ToleranceWarning(UserWarning):
-    """A float32 flow asks an adaptive solver for tolerances float32 cannot reach."""
 
 
 class RK4(diffrax.AbstractERK):
@@ -270,19 +263,6 @@ class NeuralODE(FlowLayerTransform):
 
     def inverse_and_log_det(self, y: jax.Array) -> tuple[jax.Array, jax.Array]:
         return self._training_solve(y, inverse=True)
-
-
-def check_tolerances(spec: NeuralODESpec, dtype: str) -> None:
-    """Warn (`ToleranceWarning`) when a float32 adaptive solve asks for too tight a tolerance."""
-    adaptive = spec.solver not in FIXED_STEP_SOLVERS
-    if dtype == "float32" and adaptive and min(spec.rtol, spec.atol) < FLOAT32_MIN_TOLERANCE:
-        warnings.warn(
-            f"rtol/atol: a float32 neural ODE cannot honour tolerances below "
-            f"{FLOAT32_MIN_TOLERANCE:g}, got rtol={spec.rtol:g}, atol={spec.atol:g}; use "
-            "dtype='float64' for tighter solves",
-            ToleranceWarning,
-            stacklevel=4,
-        )
 
 
 @contextlib.contextmanager

@@ -1,7 +1,23 @@
-"""The Pyro (torch) backend: flows, guides and fitting built from a `FlowSpec`."""
+"""The Pyro (torch) backend: flows, guides and fitting built from a `FlowSpec`.
+
+The same file, function and parameter names as `flowguides.numpyro`; one weight file serves
+both. The errors and warnings are `flowguides.core`'s (one class each, for both backends).
+"""
 
 from __future__ import annotations
 
+from flowguides.core import (
+    FLOAT32_MIN_TOLERANCE,
+    DiscreteLatentError,
+    FitBelowStartWarning,
+    LaplaceFallbackWarning,
+    MaxStepsExceededError,
+    NoLatentSitesError,
+    NonFiniteGradientError,
+    NonFiniteLossError,
+    NonFiniteValidationError,
+    ToleranceWarning,
+)
 from flowguides.pyro.build import (
     Affine,
     Flow,
@@ -11,36 +27,19 @@ from flowguides.pyro.build import (
     set_weights,
 )
 from flowguides.pyro.coupling import RealNVP
-from flowguides.pyro.fit import (
-    DensityFit,
-    NonFiniteGradientError,
-    NonFiniteValidationError,
-    PosteriorFit,
-    fit_density,
-    fit_posterior,
-)
-from flowguides.pyro.guide import (
-    AutoFlowGuide,
-    DiscreteLatentError,
-    LaplaceFallbackWarning,
-    NoLatentSitesError,
-    VectorizationWarning,
-)
+from flowguides.pyro.fit import DensityFit, PosteriorFit, fit_density, fit_posterior
+from flowguides.pyro.guide import AutoFlowGuide, VectorizationWarning
 from flowguides.pyro.io import export_state, import_state
-from flowguides.pyro.ode import (
-    MaxStepsExceededError,
-    NeuralODE,
-    ToleranceWarning,
-    flow_matching_loss,
-    training_solves,
-)
+from flowguides.pyro.ode import NeuralODE, flow_matching_loss, training_solves
 from flowguides.pyro.planar import Planar
 
 __all__ = [
+    "FLOAT32_MIN_TOLERANCE",
     "Affine",
     "AutoFlowGuide",
     "DensityFit",
     "DiscreteLatentError",
+    "FitBelowStartWarning",
     "Flow",
     "FlowDistribution",
     "LaplaceFallbackWarning",
@@ -48,6 +47,7 @@ __all__ = [
     "NeuralODE",
     "NoLatentSitesError",
     "NonFiniteGradientError",
+    "NonFiniteLossError",
     "NonFiniteValidationError",
     "Planar",
     "PosteriorFit",

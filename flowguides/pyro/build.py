@@ -14,6 +14,7 @@ import torch
 from pyro.distributions import TorchDistribution, constraints
 from torch import nn
 
+from flowguides.core import check_weights
 from flowguides.pyro._base import FusedTransformModule
 from flowguides.pyro.coupling import RealNVP
 from flowguides.pyro.ode import NeuralODE
@@ -264,20 +265,13 @@ def set_weights(flow: Flow, weights: Mapping[str, object]) -> Flow:
     Raises:
         ValueError: naming a missing or unknown parameter, or one whose shape is wrong.
     """
+    check_weights(flow.spec, flow.dim, weights)
     expected = _expected(flow)
-    missing = [n for n in expected if n not in weights]
-    extra = [n for n in weights if n not in expected]
-    if missing:
-        raise ValueError(f"weights: missing parameter(s) {missing}")
-    if extra:
-        raise ValueError(f"weights: unknown parameter(s) {extra}; expected names from the spec")
     params = dict(flow.named_parameters())
-    arrays = {}
-    for name, shape in expected.items():
-        value = torch.as_tensor(np.asarray(weights[name]), dtype=params[name].dtype)
-        if tuple(value.shape) != shape:
-            raise ValueError(f"weights[{name!r}]: expected shape {shape}, got {tuple(value.shape)}")
-        arrays[name] = value
+    arrays = {
+        name: torch.as_tensor(np.asarray(weights[name]), dtype=params[name].dtype)
+        for name in expected
+    }
     with torch.no_grad():
         for name, value in arrays.items():
             params[name].copy_(value)

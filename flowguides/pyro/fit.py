@@ -1,7 +1,7 @@
 """Fit a flow guide to a Pyro model's posterior, or a flow to a data set, in a few lines.
 
 Both loops use Adam (with optional global-norm clipping) and the shared schedule from
-[`learning_rate_at`][flowguides._common.learning_rate_at]; a NaN or infinite loss stops training
+[`learning_rate_at`][flowguides.core.learning_rate_at]; a NaN or infinite loss stops training
 with a `NonFiniteLossError` and leaves the last finite parameters in place.
 
 Flows with neural-ODE layers train with `training_solves` (STEER end times, the RNODE penalty
@@ -30,21 +30,27 @@ from pyro.infer.autoguide import init_to_median
 from pyro.poutine.util import site_is_subsample
 from tqdm import tqdm
 
-from flowguides._common import (
+from flowguides.core import (
+    OBJECTIVES,
+    VALIDATE_EVERY,
     NonFiniteGradientError,
     NonFiniteLossError,
     NonFiniteValidationError,
     PosteriorFitMethods,
     as_spec,
     check_data,
+    check_objective,
+    check_training,
+    default_learning_rate,
     learning_rate_at,
     split_indices,
     standardization,
+    warn_if_below_start,
 )
 from flowguides.pyro.build import Flow, build_flow
 from flowguides.pyro.guide import AutoFlowGuide
 from flowguides.pyro.ode import NeuralODE, flow_matching_loss, training_solves
-from flowguides.spec import FlowSpec, SpecError
+from flowguides.spec import FlowSpec
 
 __all__ = [
     "DEFAULT_INIT_SCALE",
@@ -58,8 +64,6 @@ __all__ = [
 ]
 
 DEFAULT_INIT_SCALE: float | str = "auto"
-OBJECTIVES = ("maximum_likelihood", "flow_matching")
-_VALIDATE_EVERY = 25
 
 
 @dataclass
@@ -340,21 +344,12 @@ def _progress(num_steps: int, progress: bool) -> tqdm:
     return tqdm(total=num_steps, disable=not progress, file=sys.stderr, leave=False)
 
 
-def _check_training(num_steps: int, learning_rate: float, clip_norm: float | None) -> None:
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps: expected a positive integer, got {num_steps!r}")
-    if not learning_rate > 0:
-        raise ValueError(f"learning_rate: expected a positive number, got {learning_rate!r}")
-    if clip_norm is not None and not clip_norm > 0:
-        raise ValueError(f"clip_norm: expected a positive number or None, got {clip_norm!r}")
-
-
 def fit_posterior(
     model: Callable[..., Any],
     spec: FlowSpec | Mapping[str, Any],
     *args: Any,
     num_steps: int = 2000,
-    learning_rate: float = 1e-2,
+    learning_rate: float | None = None,
     num_particles: int = 8,
     clip_norm: float | None = None,
     init_loc_fn: Callable[[dict], torch.Tensor] = init_to_median,
@@ -375,7 +370,9 @@ def fit_posterior(
         model: a Pyro model with continuous latent sites.
         spec: the flow spec (or its dict form).
         *args, **kwargs: passed to the model (and the guide).
-        num_steps, learning_rate, num_particles: the optimisation.
+        num_steps, learning_rate, num_particles: the optimisation. `learning_rate` is Adam's
+            peak rate; None takes `flowguides.core.default_learning_rate` of the latent
+            dimension (1e-2 up to 1,000 dimensions, falling as ``1 / dim`` above).
         clip_norm: global gradient-norm clipping (off when ``None``).
         init_loc_fn, init_scale: the guide's initialisation (see `AutoFlowGuide`).
         seed: seeds Pyro (initial weights, draws, subsampling).
@@ -388,13 +385,17 @@ def fit_posterior(
             ``False``: one at a time. The fit remembers the outcome for `log_densities`,
             `log_likelihood` and the diagnostics.
 
+    Warns:
+        FitBelowStartWarning: the last tenth of the losses is clearly above the first steps'
+            (see `flowguides.core.warn_if_below_start`): the start was the better guide.
+
     Raises:
         NonFiniteLossError: when a loss is NaN/inf; the guide keeps the last finite weights
             and the error's ``.fit`` holds the partial fit.
         ValueError: ``vectorize_particles=True`` where the model does not broadcast.
     """
     spec = as_spec(spec)
-    _check_training(num_steps, learning_rate, clip_norm)
+    check_training(num_steps, learning_rate, clip_norm)
     if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
         raise ValueError(f"num_particles: expected a positive integer, got {num_particles!r}")
     pyro.set_rng_seed(seed)
@@ -411,6 +412,8 @@ def fit_posterior(
         del store[name]  # stale weights of an earlier guide with the same prefix
     guide._setup_if_needed(*args, **kwargs)
     timing = {"setup_s": time.perf_counter() - t0}
+    if learning_rate is None:
+        learning_rate = default_learning_rate(guide.latent_dim)
     evaluations = _Evaluations(guide.flow)
     elbos: dict[bool, Trace_ELBO] = {}
 
@@ -465,6 +468,7 @@ def fit_posterior(
             smooth = value if smooth is None else 0.95 * smooth + 0.05 * value
             bar.set_postfix(loss=f"{smooth:.4g}", refresh=False)
             bar.update()
+    warn_if_below_start(np.asarray(losses), learning_rate)
     return partial_fit()
 
 
@@ -519,10 +523,10 @@ def fit_density(
         Lipman et al., "Flow Matching for Generative Modeling", ICLR 2023.
     """
     spec = as_spec(spec)
-    _check_training(num_steps, learning_rate, None)
+    check_training(num_steps, learning_rate, None)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
-    _check_objective(spec, objective, sigma_min)
+    check_objective(spec, objective, sigma_min)
     data = check_data(data)
     n, dim = data.shape
     train_idx, val_idx = split_indices(n, validation_fraction, seed)
@@ -576,7 +580,7 @@ def fit_density(
             trainer.step(step, loss + penalty, result)
             losses["train"].append(float(loss.detach()))
             evaluations.record(start, after_loss, penalty)
-            if len(val) and (step % _VALIDATE_EVERY == 0 or step == num_steps - 1):
+            if len(val) and (step % VALIDATE_EVERY == 0 or step == num_steps - 1):
                 with torch.no_grad():
                     val_loss = float(val_loss_fn())
                 losses["val"].append(val_loss)
@@ -593,16 +597,3 @@ def fit_density(
     if best is not None:
         flow.load_state_dict(best[1])
     return result()
-
-
-def _check_objective(spec: FlowSpec, objective: str, sigma_min: float) -> None:
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective: expected one of {list(OBJECTIVES)}, got {objective!r}")
-    if not 0.0 <= sigma_min < 1.0:
-        raise ValueError(f"sigma_min: expected a number in [0, 1), got {sigma_min!r}")
-    types = [layer.type for layer in spec.layers]
-    if objective == "flow_matching" and types != ["neural_ode"]:
-        raise SpecError(
-            "layers: objective='flow_matching' trains the vector field of exactly one "
-            f"neural_ode layer, expected ['neural_ode'], got {types}"
-        )

@@ -23,8 +23,10 @@ from pyro.infer.autoguide import AutoContinuous, init_to_median
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to
 
-from flowguides._common import (
+from flowguides.core import (
     PRECONDITION,
+    DiscreteLatentError,
+    NoLatentSitesError,
     as_spec,
     check_preconditioner,
     check_vectorize_option,
@@ -37,7 +39,7 @@ from flowguides.pyro.build import (
     get_weights,
     set_weights,
 )
-from flowguides.pyro.laplace import LaplaceFallbackWarning, best_start, laplace_start
+from flowguides.pyro.laplace import best_start, laplace_start
 from flowguides.pyro.vectorize import (
     HOW_TO_VECTORIZE,
     VectorizationWarning,
@@ -47,25 +49,9 @@ from flowguides.pyro.vectorize import (
 )
 from flowguides.spec import FlowSpec, SpecError
 
-__all__ = [
-    "AutoFlowGuide",
-    "DiscreteLatentError",
-    "LaplaceFallbackWarning",
-    "NoLatentSitesError",
-    "VectorizationWarning",
-]
+__all__ = ["AutoFlowGuide", "VectorizationWarning"]
 
 _NUM_SUMMARY_DRAWS = 4000
-
-
-class DiscreteLatentError(ValueError):
-    """The model has a discrete latent site, which a continuous flow cannot represent."""
-
-
-class NoLatentSitesError(ValueError):
-    """The model has no latent sample sites, so there is nothing for a guide to fit."""
-
-
 _CHECK_DRAWS = 3  # draws the broadcasting check evaluates together and one at a time
 
 

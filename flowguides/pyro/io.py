@@ -9,7 +9,8 @@ import numpy as np
 import pyro
 import torch
 
-from flowguides.io import LoadError, SaveError, check_sites, density_meta, kind_of, site_meta
+from flowguides.core import LoadError, SaveError
+from flowguides.core.state import check_sites, density_meta, kind_of, site_meta
 from flowguides.pyro.build import Flow, build_flow, get_weights, set_weights
 from flowguides.pyro.fit import DensityFit, PosteriorFit
 from flowguides.pyro.guide import AutoFlowGuide

@@ -17,7 +17,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from flowguides._common import AUTO_SCALES, FULL_RANK_MAX_DIM
+from flowguides.core import (
+    AUTO_SCALES,
+    FULL_RANK_MAX_DIM,
+    MODE_TOLERANCE,
+    LaplaceFallbackWarning,
+)
 from flowguides.pyro.build import Precondition
 
 if TYPE_CHECKING:
@@ -27,12 +32,7 @@ __all__ = ["LaplaceFallbackWarning", "best_start", "hessian_diagonal", "laplace_
 
 Start = tuple  # (affine loc, affine scale, (shift, scale_tril) or None)
 
-_MODE_TOLERANCE = 0.1  # largest |gradient| x Laplace scale accepted as a mode
 _BLOCK_ELEMENTS = 2**19  # copies of the model per Hessian-diagonal pass x values per copy
-
-
-class LaplaceFallbackWarning(UserWarning):
-    """``init_scale="laplace"`` met a non-positive Hessian diagonal and used 0.1 there."""
 
 
 class _LeftSupport(Exception):
@@ -124,7 +124,7 @@ def laplace_start(guide: AutoFlowGuide, init: torch.Tensor, args: tuple, kwargs:
     # grows without bound (a funnel's scale collapsing to 0) leaves a large step behind.
     point = loc.clone().requires_grad_(True)
     grad = torch.autograd.grad(energy(point), point)[0].detach()
-    moving = ~(grad.abs() * scale < _MODE_TOLERANCE)
+    moving = ~(grad.abs() * scale < MODE_TOLERANCE)
     if moving.any() or not _finite_around(energies, loc, scale):
         where = guide._coordinate_sites(torch.nonzero(moving).flatten().tolist())
         warnings.warn(

@@ -19,13 +19,18 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 from torchdiffeq import odeint, odeint_adjoint
 
+from flowguides.core import (
+    FLOAT32_MIN_TOLERANCE,
+    MaxStepsExceededError,
+    ToleranceWarning,
+    check_tolerances,
+)
 from flowguides.pyro._base import FusedTransformModule
 from flowguides.pyro.coupling import ACTIVATION_FUNCTIONS
 from flowguides.spec import FIXED_STEP_SOLVERS, NeuralODESpec, SpecError
@@ -40,17 +45,6 @@ __all__ = [
     "flow_matching_loss",
     "training_solves",
 ]
-
-FLOAT32_MIN_TOLERANCE = 1e-6
-"""The tightest ``rtol``/``atol`` a float32 solve can honour (float32's epsilon is 1.2e-7)."""
-
-
-class MaxStepsExceededError(RuntimeError):
-    """The adaptive solver needed more than the spec's ``max_steps`` steps."""
-
-
-class ToleranceWarning(UserWarning):
-    """A float32 flow asks an adaptive solver for tolerances float32 cannot reach."""
 
 
 class ConcatSquash(nn.Module):
@@ -295,19 +289,6 @@ class NeuralODE(FusedTransformModule):
     def inverse_and_log_det(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(z, log|det dz/dy|)``: integrate backwards from ``t1`` to 0."""
         return self._training_solve(y, inverse=True)
-
-
-def check_tolerances(spec: NeuralODESpec, dtype: str) -> None:
-    """Warn (`ToleranceWarning`) when a float32 adaptive solve asks for too tight a tolerance."""
-    adaptive = spec.solver not in FIXED_STEP_SOLVERS
-    if dtype == "float32" and adaptive and min(spec.rtol, spec.atol) < FLOAT32_MIN_TOLERANCE:
-        warnings.warn(
-            f"rtol/atol: a float32 neural ODE cannot honour tolerances below "
-            f"{FLOAT32_MIN_TOLERANCE:g}, got rtol={spec.rtol:g}, atol={spec.atol:g}; use "
-            "dtype='float64' for tighter solves",
-            ToleranceWarning,
-            stacklevel=4,
-        )
 
 
 @contextlib.contextmanager

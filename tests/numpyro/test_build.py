@@ -91,7 +91,7 @@ def test_float64_spec_without_jax_x64_names_the_fix():
 
 @pytest.mark.parametrize("kind", ["full", "diagonal"])
 def test_preconditioner_round_trips_and_its_log_det_matches_the_jacobian(kind):
-    from flowguides._common import PRECONDITION
+    from flowguides.core import PRECONDITION
 
     rng = np.random.default_rng(0)
     if kind == "full":

@@ -15,10 +15,10 @@ from numpyro.infer.util import log_density
 from scipy.special import betaln, logsumexp
 from scipy.stats import multivariate_normal
 
-from flowguides._common import NonFiniteLossError
+from flowguides.core import NonFiniteLossError
 from flowguides.numpyro import fit as fit_module
 from flowguides.numpyro import fit_density, fit_posterior
-from flowguides.numpyro.guide import AutoFlowGuide, DiscreteLatentError, NoLatentSitesError
+from flowguides.numpyro import AutoFlowGuide, DiscreteLatentError, NoLatentSitesError
 from flowguides.numpyro.ode import training_solves
 from flowguides.spec import FlowSpec, SpecError
 

@@ -58,7 +58,7 @@ def test_set_weights_works_in_place():
         (lambda w: w.update(extra=np.zeros(2)), r"unknown parameter\(s\) \['extra'\]"),
         (
             lambda w: w.update({"layers.0.u": np.zeros((2, 4))}),
-            r"weights\['layers.0.u'\]: expected shape \(2, 3\), got \(2, 4\)",
+            r"parameter 'layers.0.u': expected shape \(2, 3\), got \(2, 4\)",
         ),
     ],
 )

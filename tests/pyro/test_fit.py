@@ -8,7 +8,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from flowguides._common import NonFiniteLossError, split_indices
+from flowguides.core import NonFiniteLossError, split_indices
 from flowguides.pyro import (
     DensityFit,
     NonFiniteValidationError,

@@ -1,0 +1,98 @@
+"""Every rule of flowguides that needs no framework, written once for both backends.
+
+Importing it imports neither torch nor jax. Both backends re-export its errors and warnings
+(one class each: ``except flowguides.core.NonFiniteLossError`` catches either backend's), call
+its checks so that both refuse the same input with the same message, and follow its training
+rules (schedule, default learning rate, data splits, the start search's constants).
+
+- `flowguides.core.errors`: the errors and warnings.
+- `flowguides.core.checks`: argument, spec, weight and data checks.
+- `flowguides.core.training`: schedule, default learning rate, splits, starts.
+- `flowguides.core.results`: the methods both `PosteriorFit` classes share.
+- `flowguides.core.state`: the saved-folder format the backends' ``io.py`` read and write.
+"""
+
+from __future__ import annotations
+
+from flowguides.core.checks import (
+    FLOAT32_MIN_TOLERANCE,
+    OBJECTIVES,
+    PRECONDITION,
+    VECTORIZE_OPTIONS,
+    as_spec,
+    check_data,
+    check_objective,
+    check_preconditioner,
+    check_tolerances,
+    check_training,
+    check_vectorize_option,
+    check_weights,
+)
+from flowguides.core.errors import (
+    DiscreteLatentError,
+    FitBelowStartWarning,
+    LaplaceFallbackWarning,
+    LoadError,
+    MaxStepsExceededError,
+    NoLatentSitesError,
+    NonFiniteGradientError,
+    NonFiniteLossError,
+    NonFiniteValidationError,
+    SaveError,
+    ToleranceWarning,
+)
+from flowguides.core.results import PosteriorFitMethods, call_with_vectorize
+from flowguides.core.training import (
+    AUTO_SCALES,
+    DEFAULT_LEARNING_RATE,
+    FULL_RANK_MAX_DIM,
+    LEARNING_RATE_REFERENCE_DIM,
+    MODE_TOLERANCE,
+    VALIDATE_EVERY,
+    decay_steps,
+    default_learning_rate,
+    learning_rate_at,
+    split_indices,
+    standardization,
+    warn_if_below_start,
+)
+
+__all__ = [
+    "AUTO_SCALES",
+    "DEFAULT_LEARNING_RATE",
+    "FLOAT32_MIN_TOLERANCE",
+    "FULL_RANK_MAX_DIM",
+    "LEARNING_RATE_REFERENCE_DIM",
+    "MODE_TOLERANCE",
+    "OBJECTIVES",
+    "PRECONDITION",
+    "VALIDATE_EVERY",
+    "VECTORIZE_OPTIONS",
+    "DiscreteLatentError",
+    "FitBelowStartWarning",
+    "LaplaceFallbackWarning",
+    "LoadError",
+    "MaxStepsExceededError",
+    "NoLatentSitesError",
+    "NonFiniteGradientError",
+    "NonFiniteLossError",
+    "NonFiniteValidationError",
+    "PosteriorFitMethods",
+    "SaveError",
+    "ToleranceWarning",
+    "as_spec",
+    "call_with_vectorize",
+    "check_data",
+    "check_objective",
+    "check_preconditioner",
+    "check_tolerances",
+    "check_training",
+    "check_vectorize_option",
+    "check_weights",
+    "decay_steps",
+    "default_learning_rate",
+    "learning_rate_at",
+    "split_indices",
+    "standardization",
+    "warn_if_below_start",
+]

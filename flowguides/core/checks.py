@@ -1,0 +1,190 @@
+"""Argument checks both backends run before they build or train anything.
+
+Each raises with a message that names the argument, what was expected and what was given.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from flowguides.core.errors import ToleranceWarning
+from flowguides.spec import FIXED_STEP_SOLVERS, FlowSpec, NeuralODESpec, SpecError
+
+__all__ = [
+    "FLOAT32_MIN_TOLERANCE",
+    "OBJECTIVES",
+    "VECTORIZE_OPTIONS",
+    "as_spec",
+    "check_data",
+    "check_objective",
+    "check_preconditioner",
+    "check_tolerances",
+    "check_training",
+    "check_vectorize_option",
+    "check_weights",
+]
+
+OBJECTIVES = ("maximum_likelihood", "flow_matching")
+"""`fit_density` objectives: exact maximum likelihood, or conditional flow matching (one
+neural-ODE layer)."""
+
+FLOAT32_MIN_TOLERANCE = 1e-6
+"""The tightest ``rtol``/``atol`` a float32 solve can honour (float32's epsilon is 1.2e-7)."""
+
+PRECONDITION = ("precondition.shift", "precondition.scale_tril")
+"""Names of a guide's fixed (untrained) last map ``z = shift + scale_tril @ x``: the whitening
+it takes from a Laplace start (``shift`` the MAP, ``scale_tril`` the Cholesky factor of the
+inverse Hessian of the negative log joint there, or a vector of scales for a diagonal one).
+Not spec weights; saved in ``meta.json``."""
+
+
+def as_spec(spec: FlowSpec | Mapping[str, Any]) -> FlowSpec:
+    """Accept a `FlowSpec` or its dict form; anything else is a `TypeError`."""
+    if isinstance(spec, FlowSpec):
+        return spec
+    if isinstance(spec, Mapping):
+        return FlowSpec.from_dict(dict(spec))
+    raise TypeError(f"spec: expected a FlowSpec or a dict, got {type(spec).__name__}")
+
+
+def check_training(num_steps: int, learning_rate: float | None, clip_norm: float | None) -> None:
+    """Raise a `ValueError` unless `num_steps` is a positive integer, `learning_rate` a
+    positive number (or None for the default) and `clip_norm` positive or None."""
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps: expected a positive integer, got {num_steps!r}")
+    if learning_rate is not None and not learning_rate > 0:
+        raise ValueError(f"learning_rate: expected a positive number, got {learning_rate!r}")
+    if clip_norm is not None and not clip_norm > 0:
+        raise ValueError(f"clip_norm: expected a positive number or None, got {clip_norm!r}")
+
+
+def check_objective(spec: FlowSpec, objective: str, sigma_min: float) -> None:
+    """Raise unless `objective` is one of `OBJECTIVES` that `spec` can train with."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective: expected one of {list(OBJECTIVES)}, got {objective!r}")
+    if not 0.0 <= sigma_min < 1.0:
+        raise ValueError(f"sigma_min: expected a number in [0, 1), got {sigma_min!r}")
+    types = [layer.type for layer in spec.layers]
+    if objective == "flow_matching" and types != ["neural_ode"]:
+        raise SpecError(
+            "layers: objective='flow_matching' trains the vector field of exactly one "
+            f"neural_ode layer, expected ['neural_ode'], got {types}"
+        )
+
+
+def check_tolerances(spec: NeuralODESpec, dtype: str, *, stacklevel: int = 4) -> None:
+    """Warn (`ToleranceWarning`) when a float32 adaptive solve asks for too tight a tolerance."""
+    adaptive = spec.solver not in FIXED_STEP_SOLVERS
+    if dtype == "float32" and adaptive and min(spec.rtol, spec.atol) < FLOAT32_MIN_TOLERANCE:
+        warnings.warn(
+            f"rtol/atol: a float32 neural ODE cannot honour tolerances below "
+            f"{FLOAT32_MIN_TOLERANCE:g}, got rtol={spec.rtol:g}, atol={spec.atol:g}; use "
+            "dtype='float64' for tighter solves",
+            ToleranceWarning,
+            stacklevel=stacklevel,
+        )
+
+
+def check_weights(
+    spec: FlowSpec,
+    dim: int,
+    weights: Mapping[str, Any],
+    *,
+    error: type[Exception] = ValueError,
+) -> None:
+    """Raise `error` unless `weights` holds exactly the spec's parameter names in `dim`
+    dimensions (`FlowSpec.parameter_shapes`), each with its shape."""
+    shapes = spec.parameter_shapes(dim)
+    missing = [k for k in shapes if k not in weights]
+    extra = [k for k in weights if k not in shapes]
+    if missing:
+        raise error(
+            f"weights: missing parameter(s) {missing} for this spec in {dim} dimensions "
+            f"(expected {list(shapes)})"
+        )
+    if extra:
+        raise error(
+            f"weights: unknown parameter(s) {extra} for this spec in {dim} dimensions "
+            f"(expected {list(shapes)})"
+        )
+    for name, shape in shapes.items():
+        actual = tuple(np.shape(weights[name]))
+        if actual != tuple(shape):
+            raise error(f"weights: parameter {name!r}: expected shape {tuple(shape)}, got {actual}")
+
+
+def check_data(data: Any, *, name: str = "data", dim: int | None = None) -> np.ndarray:
+    """Return `data` as a finite 2-D float array ``(n, dim)``, or raise a `ValueError`.
+
+    The message names the problem: the rank, the dimension, or the rows holding NaN/inf.
+    """
+    arr = np.asarray(data)
+    if arr.dtype == object or not np.issubdtype(arr.dtype, np.number):
+        raise TypeError(f"{name}: expected a numeric array, got dtype {arr.dtype}")
+    if arr.ndim == 1:
+        raise ValueError(
+            f"{name}: expected a 2-D array (n_points, dim), got shape {arr.shape}; "
+            "for 1-D data use data[:, None]"
+        )
+    if arr.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D array (n_points, dim), got shape {arr.shape}")
+    if arr.shape[0] == 0:
+        raise ValueError(f"{name}: expected at least one row, got shape {arr.shape}")
+    if dim is not None and arr.shape[1] != dim:
+        raise ValueError(f"{name}: expected {dim} columns, got shape {arr.shape}")
+    bad = ~np.isfinite(arr).all(axis=1)
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        shown = ", ".join(map(str, rows[:10])) + (", ..." if len(rows) > 10 else "")
+        raise ValueError(f"{name}: {len(rows)} row(s) hold NaN or inf, rows [{shown}]")
+    return arr.astype(np.float64, copy=False)
+
+
+def check_preconditioner(fixed: Mapping[str, Any], dim: int) -> dict[str, np.ndarray]:
+    """`fixed` as float arrays after checking its names and shapes.
+
+    ``scale_tril`` is either a ``(dim, dim)`` lower-triangular matrix with a positive diagonal
+    (full-rank whitening) or a ``(dim,)`` vector of positive scales (a diagonal whitening,
+    stored and applied as a vector so that memory and work grow with ``dim``, not ``dim**2``).
+    """
+    if set(fixed) != set(PRECONDITION):
+        raise ValueError(
+            f"preconditioner: expected the keys {list(PRECONDITION)}, got {sorted(fixed)}"
+        )
+    shift, tril = (np.asarray(fixed[k], dtype=float) for k in PRECONDITION)
+    if shift.shape != (dim,) or tril.shape not in ((dim,), (dim, dim)):
+        raise ValueError(
+            f"preconditioner: expected shapes ({dim},) and ({dim}, {dim}) (full) or ({dim},) "
+            f"(diagonal), got {shift.shape} and {tril.shape}"
+        )
+    if not np.all(np.isfinite(shift)) or not np.all(np.isfinite(tril)):
+        raise ValueError("preconditioner: expected finite values, got NaN or inf")
+    if tril.ndim == 1:
+        if not np.all(tril > 0):
+            raise ValueError(
+                f"preconditioner: a diagonal {PRECONDITION[1]!r} must be positive, got "
+                f"min {tril.min()!r}"
+            )
+    elif np.any(np.triu(tril, 1) != 0) or not np.all(np.diagonal(tril) > 0):
+        raise ValueError(
+            f"preconditioner: {PRECONDITION[1]!r} must be lower triangular with a positive diagonal"
+        )
+    return {PRECONDITION[0]: shift, PRECONDITION[1]: tril}
+
+
+VECTORIZE_OPTIONS = ("auto", True, False)
+"""Values of ``vectorize_particles``: ``"auto"`` tries evaluating a batch of draws at once and
+falls back to one at a time where the model does not broadcast; ``True`` at once; ``False``
+one at a time. NumPyro's fits vectorise every model (``vmap``) and accept it for parity."""
+
+
+def check_vectorize_option(value: Any, *, allow_none: bool = False) -> None:
+    """Raise a `ValueError` unless `value` is ``"auto"``, ``True`` or ``False`` (or None)."""
+    if allow_none and value is None:
+        return
+    if not (isinstance(value, bool) or (isinstance(value, str) and value == "auto")):
+        raise ValueError(f"vectorize_particles: expected 'auto', True or False, got {value!r}")

@@ -1,0 +1,109 @@
+"""The errors and warnings both backends raise: one class each, re-exported by both.
+
+`except flowguides.core.DiscreteLatentError` catches the Pyro backend's and the NumPyro
+backend's alike.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "DiscreteLatentError",
+    "FitBelowStartWarning",
+    "LaplaceFallbackWarning",
+    "LoadError",
+    "MaxStepsExceededError",
+    "NoLatentSitesError",
+    "NonFiniteGradientError",
+    "NonFiniteLossError",
+    "NonFiniteValidationError",
+    "SaveError",
+    "ToleranceWarning",
+]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training met a NaN or infinite loss; the last finite state is kept.
+
+    Attributes:
+        step: the (0-based) step whose loss was not finite.
+        last_good: the last parameters whose loss was finite (backend objects).
+        fit: the fit object holding the last good state, when the backend can offer one.
+    """
+
+    def __init__(self, step: int, loss: float, last_good: Any = None, fit: Any = None) -> None:
+        super().__init__(
+            f"loss became {loss} at step {step}; training stopped and the parameters from the "
+            f"last finite step were kept (lower learning_rate, set clip_norm, or check the model "
+            f"for values outside its support)"
+        )
+        self.step = step
+        self.loss = loss
+        self.last_good = last_good
+        self.fit = fit
+
+
+class NonFiniteGradientError(NonFiniteLossError):
+    """The loss was finite but its gradient was not; no update was made from it."""
+
+    def __init__(self, step: int, loss: float, last_good: Any = None, fit: Any = None) -> None:
+        super().__init__(step, loss, last_good, fit)
+        self.args = (
+            f"the gradient became NaN or infinite at step {step} (loss {loss}); training "
+            "stopped and the parameters from the last finite step were kept (lower "
+            "learning_rate, set clip_norm, or check the model for values outside its support)",
+        )
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class NonFiniteValidationError(NonFiniteLossError):
+    """`fit_density`: no validation loss was finite, so no fitted state can be trusted."""
+
+    def __init__(self, step: int, loss: float, last_good: Any = None, fit: Any = None) -> None:
+        super().__init__(step, loss, last_good, fit)
+        self.args = (
+            f"the validation loss was not finite at any validation up to step {step} (last "
+            f"{loss}): the flow's log-density is NaN or infinite on the held-out rows; check "
+            "the data for extreme rows, keep standardize=True, or lower learning_rate",
+        )
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class DiscreteLatentError(ValueError):
+    """The model has a discrete latent site, which a continuous flow cannot represent."""
+
+
+class NoLatentSitesError(ValueError):
+    """The model has no latent sample site, so there is nothing for a guide to fit."""
+
+
+class LaplaceFallbackWarning(UserWarning):
+    """The Laplace start met a non-positive Hessian diagonal (or left the support) and used a
+    plain scale there; the message names the coordinates' sites."""
+
+
+class FitBelowStartWarning(UserWarning):
+    """A posterior fit ended with a clearly worse ELBO than it started from (its start, e.g.
+    the Laplace approximation, was the better guide): lower ``learning_rate`` or raise
+    ``num_particles``."""
+
+
+class MaxStepsExceededError(RuntimeError):
+    """An adaptive ODE solver needed more than the spec's ``max_steps`` steps."""
+
+
+class ToleranceWarning(UserWarning):
+    """A float32 flow asks an adaptive solver for tolerances float32 cannot reach."""
+
+
+class SaveError(ValueError):
+    """The object cannot be saved, or the target exists and `overwrite` is off."""
+
+
+class LoadError(ValueError):
+    """A saved folder is missing a file, corrupt, or does not match what it is loaded onto."""

@@ -1,0 +1,149 @@
+"""The training rules both backends follow: schedule, default learning rate, splits, starts.
+
+The NumPyro backend builds the schedule with optax (equal step for step to `learning_rate_at`);
+the Pyro backend calls `learning_rate_at`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+
+from flowguides.core.errors import FitBelowStartWarning
+
+__all__ = [
+    "AUTO_SCALES",
+    "DEFAULT_LEARNING_RATE",
+    "FULL_RANK_MAX_DIM",
+    "LEARNING_RATE_REFERENCE_DIM",
+    "MODE_TOLERANCE",
+    "VALIDATE_EVERY",
+    "decay_steps",
+    "default_learning_rate",
+    "learning_rate_at",
+    "split_indices",
+    "standardization",
+    "warn_if_below_start",
+]
+
+DEFAULT_LEARNING_RATE = 1e-2
+"""`fit_posterior`'s peak learning rate up to `LEARNING_RATE_REFERENCE_DIM` latent dimensions."""
+
+LEARNING_RATE_REFERENCE_DIM = 1000
+"""Above this many latent dimensions the default learning rate falls as ``1 / dim``."""
+
+VALIDATE_EVERY = 25
+"""`fit_density` evaluates the validation loss every this many steps (and at the first and
+last step)."""
+
+MODE_TOLERANCE = 0.1
+"""Largest ``|gradient| x Laplace scale`` the start search accepts as a mode."""
+
+
+def default_learning_rate(dim: int) -> float:
+    """`fit_posterior`'s default peak learning rate for a `dim`-dimensional latent space.
+
+    ``DEFAULT_LEARNING_RATE * min(1, LEARNING_RATE_REFERENCE_DIM / dim)``. Adam moves every
+    weight by about the learning rate per step, so a coupling network's first layer, whose
+    fan-in grows with ``dim``, moves its pre-activations by about ``learning_rate * dim``; with
+    noisy ELBO gradients that is a random walk which, at a fixed rate, overwhelms the signal in
+    high dimensions (the fit drifts below its own start). Scaling the rate as ``1 / fan-in``
+    (the rule of maximal-update parametrisation for Adam) keeps the per-step change of
+    pre-activations the same as at the reference size. See the benchmarks page for the
+    high-dimensional rows.
+
+    References:
+        Yang et al., "Tensor Programs V: Tuning Large Neural Networks via Zero-Shot
+        Hyperparameter Transfer", 2022.
+    """
+    return DEFAULT_LEARNING_RATE * min(1.0, LEARNING_RATE_REFERENCE_DIM / max(int(dim), 1))
+
+
+def warn_if_below_start(losses: np.ndarray, learning_rate: float, *, stacklevel: int = 3) -> bool:
+    """Warn (`FitBelowStartWarning`) when a fit's last losses are clearly above its first.
+
+    Compares the mean negative-ELBO estimate of the first ``min(5, n // 20)`` steps (the start)
+    with that of the last tenth of the steps; "clearly" means by more than three standard
+    errors (from the spread of the last tenth) and by more than 0.1% of the start's
+    magnitude. Fits of fewer than 40 steps are not judged.
+
+    Returns:
+        Whether it warned.
+    """
+    losses = np.asarray(losses, dtype=float)
+    losses = losses[np.isfinite(losses)]
+    n = losses.size
+    if n < 40:
+        return False
+    first = losses[: max(1, min(5, n // 20))]
+    last = losses[-max(2, n // 10) :]
+    spread = float(np.std(last, ddof=1))
+    error = spread * math.sqrt(1.0 / first.size + 1.0 / last.size)
+    start, end = float(first.mean()), float(last.mean())
+    if end - start > max(3.0 * error, 1e-3 * abs(start)):
+        warnings.warn(
+            f"the fit ended below its start: mean negative ELBO {end:.6g} over the last "
+            f"{last.size} steps against {start:.6g} over the first {first.size} (the start "
+            f"was the better guide); lower learning_rate (was {learning_rate:g}) or raise "
+            "num_particles",
+            FitBelowStartWarning,
+            stacklevel=stacklevel,
+        )
+        return True
+    return False
+
+
+def learning_rate_at(step: int, num_steps: int, learning_rate: float) -> float:
+    """The shared schedule: constant for the first half, then cosine decay to 1% at the end.
+
+    Equal, step for step, to ``optax.join_schedules([optax.constant_schedule(lr),
+    optax.cosine_decay_schedule(lr, decay_steps(num_steps), alpha=0.01)], [num_steps // 2])``,
+    which the NumPyro backend uses; the Pyro backend calls this function.
+    """
+    half = num_steps // 2
+    frac = min(max(step - half, 0) / decay_steps(num_steps), 1.0)
+    return learning_rate * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def decay_steps(num_steps: int) -> int:
+    """Length of the cosine part of the schedule (at least 1)."""
+    return max(num_steps - 1 - num_steps // 2, 1)
+
+
+def split_indices(n: int, validation_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Shuffled train/validation row indices; validation gets ``round(n * fraction)`` rows."""
+    if not 0.0 <= validation_fraction < 1.0:
+        raise ValueError(
+            f"validation_fraction: expected a number in [0, 1), got {validation_fraction!r}"
+        )
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val = int(round(n * validation_fraction))
+    if validation_fraction > 0 and n_val == 0 and n > 1:
+        n_val = 1
+    if n - n_val < 1:
+        raise ValueError(f"data: {n} row(s) leave nothing to train on after the validation split")
+    return perm[n_val:], perm[:n_val]
+
+
+def standardization(train: np.ndarray, standardize: bool) -> tuple[np.ndarray, np.ndarray] | None:
+    """Mean and standard deviation of the training rows (``None`` when switched off).
+
+    A constant column keeps standard deviation 1 so that nothing is divided by zero.
+    """
+    if not standardize:
+        return None
+    mean = train.mean(axis=0)
+    std = train.std(axis=0)
+    std = np.where(std > 0, std, 1.0)
+    return mean, std
+
+
+AUTO_SCALES = (0.1, 1.0)
+"""The plain starts ``init_scale="auto"`` weighs against the Laplace start: 0.1 (Pyro's
+`AutoNormal` default) and 1.0 (a standard-normal base, as in `AutoNormalizingFlow`)."""
+
+
+FULL_RANK_MAX_DIM = 256
+"""Largest latent dimension whose Laplace start whitens with the full Hessian (else diagonal)."""

@@ -1,0 +1,62 @@
+"""The framework-free rules in `flowguides.core`: defaults, warnings and shared checks."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from flowguides import FlowSpec
+from flowguides.core import (
+    DEFAULT_LEARNING_RATE,
+    FitBelowStartWarning,
+    check_weights,
+    default_learning_rate,
+    warn_if_below_start,
+)
+
+
+def test_default_learning_rate_falls_as_one_over_dim_above_the_reference() -> None:
+    assert default_learning_rate(2) == DEFAULT_LEARNING_RATE
+    assert default_learning_rate(1000) == DEFAULT_LEARNING_RATE
+    assert default_learning_rate(2000) == pytest.approx(DEFAULT_LEARNING_RATE / 2)
+    assert default_learning_rate(10_000) == pytest.approx(DEFAULT_LEARNING_RATE / 10)
+
+
+def _losses(start: float, end: float, n: int = 400, noise: float = 1.0) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return np.linspace(start, end, n) + noise * rng.standard_normal(n)
+
+
+def test_a_fit_that_ends_above_its_start_warns() -> None:
+    with pytest.warns(FitBelowStartWarning, match="lower learning_rate \\(was 0.01\\)"):
+        assert warn_if_below_start(_losses(100.0, 140.0), 0.01)
+
+
+@pytest.mark.parametrize("end", [60.0, 100.0], ids=["improving", "flat"])
+def test_an_improving_or_flat_fit_does_not_warn(end: float) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not warn_if_below_start(_losses(100.0, end, noise=5.0), 0.01)
+
+
+def test_short_fits_are_not_judged() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not warn_if_below_start(np.arange(30.0), 0.01)
+
+
+def test_weight_checks_name_the_parameter_and_shapes() -> None:
+    spec = FlowSpec.planar(num_layers=1)
+    shapes = spec.parameter_shapes(3)
+    weights = {k: np.zeros(v) for k, v in shapes.items()}
+    check_weights(spec, 3, weights)
+    name = next(iter(shapes))
+    with pytest.raises(ValueError, match=rf"missing parameter\(s\) \['{name}'\]"):
+        check_weights(spec, 3, {k: v for k, v in weights.items() if k != name})
+    with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['extra'\]"):
+        check_weights(spec, 3, {**weights, "extra": np.zeros(1)})
+    bad = {**weights, name: np.zeros((7,))}
+    with pytest.raises(ValueError, match=rf"parameter '{name}': expected shape .*, got \(7,\)"):
+        check_weights(spec, 3, bad)
