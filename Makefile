@@ -7,7 +7,7 @@ export OMP_NUM_THREADS := 1
 export XLA_FLAGS := --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1
 export MPLBACKEND := Agg
 
-.PHONY: install demo test lint docs bench bench-full bench-high-dim clean
+.PHONY: install demo test lint docs bench bench-full bench-high-dim bench-report clean
 
 $(BIN)/flowguides: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,9 @@ clean:
 	rm -rf $(VENV) site demo-output
 
 # High-dimensional fits (set-up, steps/s, peak memory against d), one JSON row per size.
+bench-report: install
+	$(BIN)/python -m benchmarks.report --readme
+
 bench-high-dim: install
-	$(BIN)/python -m benchmarks.high_dim_numpyro | tee benchmarks/results/high_dim_numpyro.jsonl
-	$(BIN)/python -m benchmarks.high_dim_pyro | tee benchmarks/results/high_dim_pyro.jsonl
+	$(BIN)/python -m benchmarks.high_dim_numpyro | tee -a benchmarks/results/high_dim_numpyro.jsonl
+	$(BIN)/python -m benchmarks.high_dim_pyro | tee -a benchmarks/results/high_dim_pyro.jsonl

@@ -1,15 +1,19 @@
 """Run the benchmark suites and write ``benchmarks/results/<suite>.json`` and ``docs/benchmarks.md``.
 
-Usage: ``python -m benchmarks.run [--quick] [--only PATTERN] [--suite NAME ...]``.
+Usage: ``python -m benchmarks.run [--quick] [--only PATTERN] [--suite NAME ...] [--steps N]
+[--particles N] [--draws N] [--seed N]``.
 
 Suites: ``speed`` (ELBO steps/s and compile time at equal particles; final ELBO at an equal step
 budget), ``posteriors`` (synthetic targets and the nine posteriordb posteriors: ELBO, PSIS k-hat,
 standardised mean error, sd ratio, wall time) and ``densities`` (forward KL: test NLL, wall
 time). ``--quick`` runs a subset with fewer steps (``make bench``, under 15 minutes on one
 thread); ``--only`` keeps the rows whose ``suite:problem:method`` matches a glob (or contains
-the text; ``|`` separates alternatives). A run's rows replace their namesakes in
-``benchmarks/results/<suite>.json`` and the other rows stay (each row records its step budget).
-Every row holds numbers or the error its method raised. Threads are pinned to one for
+the text; ``|`` separates alternatives, ``{a,b}`` expands to both); ``--steps``, ``--particles``, ``--draws`` and ``--seed``
+override the plan's settings. Each row records the settings that change its value (steps,
+particles, evaluation draws, seed, library versions: its key, ``report.KEY_FIELDS``), the commit
+and the UTC time it ran at; a row replaces the row of ``benchmarks/results/<suite>.json`` with
+its key and is added otherwise (``report.merge_rows``), so a rerun at other settings keeps the
+earlier rows. Every row holds numbers or the error its method raised. Threads are pinned to one for
 torch and XLA before either is imported; everything runs in float64.
 """
 
@@ -163,18 +167,18 @@ def _fresh() -> None:
     reuses the eager-op compiles of NumPyro's model set-up that an earlier one paid for."""
     import jax
 
-    from flowguides.numpyro import _training
+    import flowguides.numpyro
 
     jax.clear_caches()
-    _training._COMPILED.clear()
+    flowguides.numpyro.clear_compiled()
 
 
-def _density_row(name: str, data: densities.DensityData, method: str, steps: int) -> dict:
+def _density_row(name: str, data: densities.DensityData, method: str, cfg: dict) -> dict:
     row: dict[str, Any] = {"suite": "densities", "problem": name, "method": method,
-                           "num_steps": steps, "dim": int(data.train.shape[1])}  # fmt: skip
+                           "num_steps": cfg["steps"], "dim": int(data.train.shape[1])}  # fmt: skip
     try:
-        points, wall = densities.timed(densities.DENSITY_METHODS[method], data,
-                                       densities.DensityBudget(num_steps=steps))  # fmt: skip
+        budget = densities.DensityBudget(num_steps=cfg["steps"], seed=cfg.get("seed", 0))
+        points, wall = densities.timed(densities.DENSITY_METHODS[method], data, budget)
         nll = float(np.mean(points))
         row.update(test_nll=nll if np.isfinite(nll) else None, wall_s=wall,
                    test_nll_median=float(np.median(points)))  # fmt: skip
@@ -190,23 +194,43 @@ def _selected(pattern: str | None, *parts: str) -> bool:
     if pattern is None:
         return True
     key = ":".join(parts)
-    return any(fnmatch.fnmatch(key, p) or p in key for p in pattern.split("|"))
+    pats = [e for p in pattern.split("|") for e in _braces(p)]
+    return any(fnmatch.fnmatch(key, p) or p in key for p in pats)
+
+
+def _braces(pattern: str) -> list[str]:
+    """Expand ``{a,b}`` alternatives: ``s:{p,q}:m`` -> ``["s:p:m", "s:q:m"]``."""
+    head, brace, rest = pattern.partition("{")
+    if not brace or "}" not in rest:
+        return [pattern]
+    inner, _, tail = rest.partition("}")
+    return [head + alt + t for alt in inner.split(",") for t in _braces(tail)]
 
 
 def _merged(path: Path, rows: list[dict], meta: dict) -> tuple[dict, list[dict]]:
-    """This run's rows replace their namesakes in the existing results; the others are kept
-    (each row says its own step budget), in the order of the earlier file, new rows last."""
+    """This run's rows replace the rows with their key in the existing results and are added
+    otherwise, in the order of the earlier file, new rows last."""
     if not path.exists():
         return meta, rows
-    old = json.loads(path.read_text())
-    new = {(r["problem"], r["method"]): r for r in rows}
-    merged = [new.pop((r["problem"], r["method"]), r) for r in old["rows"]]
-    kept = len(old["rows"]) - (len(rows) - len(new))
-    return {**meta, "rows_from_earlier_runs": kept}, merged + list(new.values())
+    old = json.loads(path.read_text())["rows"]
+    merged = report.merge_rows(old, rows)
+    return {**meta, "rows_from_earlier_runs": len(merged) - len(rows)}, merged
+
+
+def _stamp(row: dict, cfg: dict, run: dict) -> dict:
+    """Add the row's remaining key fields (seed, draws, versions) and where and when it ran."""
+    if row["suite"] != "densities":
+        row["num_draws"] = cfg["draws"]
+    row["seed"] = cfg.get("seed", 0)
+    row["versions"] = report.row_versions(row["method"], run["versions"])
+    row.update(commit=run["commit"], run=run["run"], timestamp=report.utc_now())
+    return row
 
 
 def run_suite(suite: str, cfg: dict, only: str | None) -> list[dict]:
     """Run one suite's plan; returns its rows (and keeps draws for the plots)."""
+    run = {"versions": report.library_versions(),
+           "commit": report.git_commit(), "run": report.utc_now()}  # fmt: skip
     rows: list[dict] = []
     for pname, methods in cfg["plan"].items():
         methods = [m for m in methods if _selected(only, suite, pname, m)]
@@ -215,21 +239,24 @@ def run_suite(suite: str, cfg: dict, only: str | None) -> list[dict]:
         if suite == "densities":
             data = densities.load(pname)
             for m in methods:
-                rows.append(_density_row(pname, data, m, cfg["steps"]))
+                rows.append(_stamp(_density_row(pname, data, m, cfg), cfg, run))
                 _log(rows[-1])
             continue
         try:
             prob = problem(pname)
         except Exception as exc:  # noqa: BLE001
             rows += [
-                {"suite": suite, "problem": pname, "method": m, "error": _error(exc)}
+                _stamp({"suite": suite, "problem": pname, "method": m, "num_steps": cfg["steps"],
+                        "num_particles": cfg["particles"], "error": _error(exc)}, cfg, run)
                 for m in methods
-            ]
+            ]  # fmt: skip
             continue
-        budget = anchors.Budget(num_steps=cfg["steps"], num_particles=cfg["particles"])
+        budget = anchors.Budget(num_steps=cfg["steps"], num_particles=cfg["particles"],
+                                seed=cfg.get("seed", 0))  # fmt: skip
         mine = []
         for m in methods:
-            mine.append(_posterior_row(suite, prob, m, budget, cfg["draws"], report.KEPT))
+            row = _posterior_row(suite, prob, m, budget, cfg["draws"], report.KEPT)
+            mine.append(_stamp(row, cfg, run))
             _log(mine[-1])
         _timing_rounds(prob, budget, mine, cfg.get("rounds", 1), cfg.get("rounded", ()))
         rows += mine
@@ -290,7 +317,12 @@ def main(argv: list[str] | None = None) -> None:
         help="'|'-separated globs (or substrings) over 'suite:problem:method'",
     )
     parser.add_argument("--suite", nargs="*", choices=("speed", "posteriors", "densities"))
+    for flag, what in (("--steps", "training steps"), ("--particles", "ELBO particles"),
+                       ("--draws", "evaluation draws"), ("--seed", "seed")):  # fmt: skip
+        parser.add_argument(flag, type=int, help=f"{what} (default: the plan's)")
     args = parser.parse_args(argv)
+    overrides = {k: v for k, v in (("steps", args.steps), ("particles", args.particles),
+                                   ("draws", args.draws), ("seed", args.seed)) if v is not None}  # fmt: skip
     import torch
 
     torch.set_num_threads(1)
@@ -301,10 +333,9 @@ def main(argv: list[str] | None = None) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     for suite in args.suite or plan:
         t0 = time.perf_counter()
-        rows = run_suite(suite, plan[suite], args.only)
-        meta = report.machine(
-            quick=args.quick, seconds=time.perf_counter() - t0, config=plan[suite]
-        )
+        cfg = {**plan[suite], **overrides}
+        rows = run_suite(suite, cfg, args.only)
+        meta = report.machine(quick=args.quick, seconds=time.perf_counter() - t0, config=cfg)
         path = RESULTS / f"{suite}.json"
         meta, rows = _merged(path, rows, meta)
         text = json.dumps(_jsonable({"meta": meta, "rows": rows}), indent=1, allow_nan=False)

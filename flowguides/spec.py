@@ -41,8 +41,8 @@ from pydantic import (
 
 __all__ = [
     "SCHEMA_VERSION",
-    "ACTIVATIONS",
-    "SMOOTH_ACTIVATIONS",
+    "ACTIVATION_NAMES",
+    "SMOOTH_ACTIVATION_NAMES",
     "SOLVERS",
     "FIXED_STEP_SOLVERS",
     "SpecError",
@@ -54,8 +54,8 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
-ACTIVATIONS = ("relu", "tanh", "elu", "leaky_relu", "gelu")
-SMOOTH_ACTIVATIONS = ("tanh", "softplus", "elu")
+ACTIVATION_NAMES = ("relu", "tanh", "elu", "leaky_relu", "gelu")
+SMOOTH_ACTIVATION_NAMES = ("tanh", "softplus", "elu")
 SOLVERS = ("dopri5", "tsit5", "rk4", "euler")
 FIXED_STEP_SOLVERS = ("rk4", "euler")
 

@@ -86,7 +86,8 @@ def test_weights_must_match_the_spec(tmp_path) -> None:
     w["layers.0.net.0.weight"] = np.zeros((2, 4, 2))
     folder = write_folder(tmp_path / "fit", SPEC, w, META)
     with pytest.raises(
-        LoadError, match=r"parameter 'layers.0.net.0.weight': expected shape \(2, 4, 1\), got \(2, 4, 2\)"
+        LoadError,
+        match=r"parameter 'layers.0.net.0.weight': expected shape \(2, 4, 1\), got \(2, 4, 2\)",
     ):
         read_folder(folder)
     w = weights()

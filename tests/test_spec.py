@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flowguides import FlowSpec, NeuralODESpec, PlanarSpec, RealNVPSpec, SpecError
-from flowguides.spec import ACTIVATIONS, SMOOTH_ACTIVATIONS
+from flowguides.spec import ACTIVATION_NAMES, SMOOTH_ACTIVATION_NAMES
 
 widths = st.lists(st.integers(1, 128), min_size=0, max_size=3)
 planar = st.builds(PlanarSpec, repeat=st.integers(1, 32))
@@ -19,7 +19,7 @@ realnvp = st.builds(
     RealNVPSpec,
     repeat=st.integers(1, 8),
     hidden=widths,
-    activation=st.sampled_from(ACTIVATIONS),
+    activation=st.sampled_from(ACTIVATION_NAMES),
     scale_clamp=st.floats(0.1, 10.0),
     permutation=st.sampled_from(["reverse", "random"]),
     seed=st.integers(0, 2**31),
@@ -28,7 +28,7 @@ neural_ode = st.one_of(
     st.builds(
         NeuralODESpec,
         hidden=widths,
-        activation=st.sampled_from(SMOOTH_ACTIVATIONS),
+        activation=st.sampled_from(SMOOTH_ACTIVATION_NAMES),
         trace=st.sampled_from(["auto", "exact", "hutchinson"]),
         noise=st.sampled_from(["rademacher", "gaussian"]),
         solver=st.sampled_from(["dopri5", "tsit5"]),
@@ -86,7 +86,7 @@ layer_like = st.fixed_dictionaries(
     optional={
         "repeat": json_values,
         "hidden": json_values,
-        "activation": st.sampled_from([*ACTIVATIONS, "softplus", "swish"]),
+        "activation": st.sampled_from([*ACTIVATION_NAMES, "softplus", "swish"]),
         "solver": st.sampled_from(["dopri5", "rk4", "euler", "midpoint"]),
         "num_steps": json_values,
         "rtol": json_values,

@@ -15,6 +15,7 @@ from flowguides.core.errors import FitBelowStartWarning
 
 __all__ = [
     "AUTO_SCALES",
+    "BELOW_START_NATS",
     "DEFAULT_LEARNING_RATE",
     "FULL_RANK_MAX_DIM",
     "LEARNING_RATE_REFERENCE_DIM",
@@ -37,6 +38,9 @@ LEARNING_RATE_REFERENCE_DIM = 1000
 VALIDATE_EVERY = 25
 """`fit_density` evaluates the validation loss every this many steps (and at the first and
 last step)."""
+
+BELOW_START_NATS = 1.0
+"""`warn_if_below_start` ignores a fit that ends less than this many nats below its start."""
 
 MODE_TOLERANCE = 0.1
 """Largest ``|gradient| x Laplace scale`` the start search accepts as a mode."""
@@ -64,10 +68,12 @@ def default_learning_rate(dim: int) -> float:
 def warn_if_below_start(losses: np.ndarray, learning_rate: float, *, stacklevel: int = 3) -> bool:
     """Warn (`FitBelowStartWarning`) when a fit's last losses are clearly above its first.
 
-    Compares the mean negative-ELBO estimate of the first ``min(5, n // 20)`` steps (the start)
-    with that of the last tenth of the steps; "clearly" means by more than three standard
-    errors (from the spread of the last tenth) and by more than 0.1% of the start's
-    magnitude. Fits of fewer than 40 steps are not judged.
+    Compares the first step's negative-ELBO estimate (taken at the start, before any update)
+    with the mean of the last tenth of the steps; "clearly" means by more than three standard
+    errors (from the spread of the last tenth, for the one first estimate and the mean), by
+    more than 0.1% of the start's magnitude and by more than `BELOW_START_NATS` (a fit that
+    starts at an exact Laplace approximation drifts by noise alone; that is no harm worth a
+    warning). Fits of fewer than 40 steps are not judged.
 
     Returns:
         Whether it warned.
@@ -77,16 +83,16 @@ def warn_if_below_start(losses: np.ndarray, learning_rate: float, *, stacklevel:
     n = losses.size
     if n < 40:
         return False
-    first = losses[: max(1, min(5, n // 20))]
+    first = losses[:1]
     last = losses[-max(2, n // 10) :]
     spread = float(np.std(last, ddof=1))
     error = spread * math.sqrt(1.0 / first.size + 1.0 / last.size)
     start, end = float(first.mean()), float(last.mean())
-    if end - start > max(3.0 * error, 1e-3 * abs(start)):
+    if end - start > max(3.0 * error, 1e-3 * abs(start), BELOW_START_NATS):
         warnings.warn(
             f"the fit ended below its start: mean negative ELBO {end:.6g} over the last "
-            f"{last.size} steps against {start:.6g} over the first {first.size} (the start "
-            f"was the better guide); lower learning_rate (was {learning_rate:g}) or raise "
+            f"{last.size} steps against {start:.6g} at the first step (the start was the "
+            f"better guide); lower learning_rate (was {learning_rate:g}) or raise "
             "num_particles",
             FitBelowStartWarning,
             stacklevel=stacklevel,

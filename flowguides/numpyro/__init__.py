@@ -2,6 +2,9 @@
 
 The same file, function and parameter names as `flowguides.pyro`; one weight file serves
 both. The errors and warnings are `flowguides.core`'s (one class each, for both backends).
+Names only this backend exports: `FlowTransform` (the flow as one numpyro `Transform`),
+`ConstantArgumentsWarning` and `ModelTracingError` (a model's arguments are traced by JAX or
+compiled in as constants) and `clear_compiled` (the cache of compiled programs).
 """
 
 from __future__ import annotations
@@ -18,14 +21,16 @@ from flowguides.core import (
     NonFiniteValidationError,
     ToleranceWarning,
 )
-from flowguides.numpyro._args import ConstantArgumentsWarning, ModelTracingError
+from flowguides.numpyro._model import ConstantArgumentsWarning, ModelTracingError
+from flowguides.numpyro._training import clear_compiled
 from flowguides.numpyro.build import Flow, FlowTransform, build_flow, get_weights, set_weights
 from flowguides.numpyro.coupling import RealNVP
-from flowguides.numpyro.fit import DensityFit, PosteriorFit, fit_density, fit_posterior
+from flowguides.numpyro.density import DensityFit, fit_density
 from flowguides.numpyro.guide import AutoFlowGuide
 from flowguides.numpyro.io import export_state, import_state
 from flowguides.numpyro.ode import NeuralODE, flow_matching_loss, training_solves
 from flowguides.numpyro.planar import Planar
+from flowguides.numpyro.posterior import PosteriorFit, fit_posterior
 
 __all__ = [
     "FLOAT32_MIN_TOLERANCE",
@@ -49,6 +54,7 @@ __all__ = [
     "RealNVP",
     "ToleranceWarning",
     "build_flow",
+    "clear_compiled",
     "export_state",
     "fit_density",
     "fit_posterior",

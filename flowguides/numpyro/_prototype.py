@@ -5,7 +5,7 @@ times (the init strategy's prior draws, the transforms, the potential energy and
 every distinct eager operation is an XLA compile of its own, about half of `AutoIAFNormal`'s
 time to its first step on a 10-D problem. `StagedPrototype` does the same work as one jitted
 call of `initialize_model` (cached per model, init strategy and argument shapes, keyed as
-`flowguides.numpyro._args` says, so a second guide of the same model pays nothing), then traces the model once eagerly at the values it
+`flowguides.numpyro._model` says, so a second guide of the same model pays nothing), then traces the model once eagerly at the values it
 found, for the prototype trace that NumPyro's guide machinery reads. It is a drop-in base
 between `AutoContinuous` and `AutoGuide` in the method resolution order, and falls back to
 NumPyro's own set-up wherever the staged path does not apply: a traced key or argument (set-up
@@ -26,7 +26,7 @@ from numpyro import handlers
 from numpyro.infer.autoguide import AutoGuide
 from numpyro.infer.util import get_potential_fn, initialize_model
 
-from flowguides.numpyro._args import callable_key, split_args
+from flowguides.numpyro._model import callable_key, split_args
 from flowguides.numpyro._training import cache_key, cached
 
 try:  # NumPyro >= 0.20

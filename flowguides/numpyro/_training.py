@@ -1,8 +1,16 @@
-"""The compiled-training machinery `fit.py` shares between posteriors and densities.
+"""The compiled-training machinery `posterior.py` and `density.py` share (NumPyro).
 
-The shared schedule as an optax optimiser, a bounded cache of jitted chunk functions keyed on a
-fit's static structure (see `flowguides.numpyro._args` for the keys of models and arguments),
-and the host loop that runs chunks of `CHUNK` steps and advances the progress bar between them.
+The shared schedule as an optax optimiser (`make_optimizer`), a bounded cache of jitted
+programs keyed on a fit's static structure (`cache_key`, `cached`, `clear_compiled`; see
+`flowguides.numpyro._model` for the keys of models and arguments), the host loop that runs
+chunks of `CHUNK` steps and advances the progress bar between them (`run_chunks`,
+`progress_bar`, `timing`), and the per-step records of neural-ODE layers (`history_entries`,
+`mean_penalty`, as in the Pyro backend).
+
+The Pyro backend's ``_training.py`` has `mean_penalty` and `progress_bar` too; PyTorch steps
+eagerly, so it has ``Trainer``, ``Evaluations`` and ``with_penalty`` where this module
+compiles chunks of steps, and none of the names here for compiled programs, cache keys and
+traced values.
 """
 
 from __future__ import annotations
@@ -10,28 +18,45 @@ from __future__ import annotations
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
+from numpyro.distributions import constraints
 from tqdm.auto import tqdm
 
 from flowguides.core import PRECONDITION, decay_steps
+from flowguides.numpyro._model import value_key
+from flowguides.numpyro.ode import training_solves
+from flowguides.spec import FlowSpec
 
 __all__ = [
     "CHUNK",
+    "HISTORY",
+    "all_finite",
     "cache_key",
     "cached",
+    "clear_compiled",
+    "constraint_key",
     "default_float",
+    "history_entries",
     "make_optimizer",
+    "mean_penalty",
+    "params_key",
+    "posterior_chunk",
+    "progress_bar",
     "run_chunks",
+    "supports_key",
     "timing",
 ]
 
 CHUNK = 100
+HISTORY = "_flowguides_history"
+"""The SVI mutable-state entry where `fit_posterior`'s steps put their history entries."""
 _CACHE_SIZE = 32
 _COMPILED: OrderedDict[Hashable, Callable[..., Any]] = OrderedDict()
 
@@ -65,7 +90,7 @@ def make_optimizer(num_steps: int, learning_rate: float, clip_norm: float | None
 
 def cache_key(*parts: Hashable, content: tuple) -> tuple | None:
     """The key ``(*parts, *content)``, or None where a `content` part is None (a model or an
-    argument that cannot be keyed by its contents, see `flowguides.numpyro._args`)."""
+    argument that cannot be keyed by its contents, see `flowguides.numpyro._model`)."""
     return None if any(c is None for c in content) else (*parts, *content)
 
 
@@ -82,6 +107,79 @@ def cached(key: tuple | None, make: Callable[[], Callable[..., Any]]) -> Callabl
     return _COMPILED[key]
 
 
+def clear_compiled() -> None:
+    """Empty the cache of compiled programs (training chunks and guide set-ups).
+
+    The next fit, or guide set-up, compiles anew: for timing a first (cold) call, or to free
+    the memory the programs hold. Fits are unaffected otherwise (the cache is keyed by
+    content, so it never serves a stale program).
+    """
+    _COMPILED.clear()
+
+
+def params_key(params: Mapping[str, Any]) -> tuple:
+    """SVI parameters by name, shape and dtype."""
+    return tuple(sorted((k, jnp.shape(v), str(jnp.result_type(v))) for k, v in params.items()))
+
+
+def constraint_key(value: Any) -> Hashable | None:
+    """A constraint (or a value it holds) by content: its type and attributes, arrays by a
+    hash of their bytes; None where some part cannot be keyed."""
+    if not isinstance(value, constraints.Constraint):
+        return value_key(value)
+    parts = [(k, constraint_key(v)) for k, v in sorted(vars(value).items())]
+    return None if any(p is None for _, p in parts) else (type(value), tuple(parts))
+
+
+def supports_key(guide: Any) -> Hashable | None:
+    """A set-up guide's latent supports by content: a support whose bounds come from the data
+    (``Uniform(0, y.max())``) is fixed in the guide's prototype, so it keys the compile."""
+    trace = guide.prototype_trace
+    parts = [constraint_key(trace[name]["fn"].support) for name in guide._init_locs]
+    return None if any(p is None for p in parts) else tuple(parts)
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """Whether every entry of every array in `tree` is finite (a scalar bool)."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def mean_penalty(records: Sequence[dict], zero: jax.Array | float = 0.0) -> jax.Array | float:
+    """The sum over solves of each solve's mean RNODE penalty (`zero` when none has one).
+
+    Args:
+        records: the records of a `training_solves` block.
+        zero: the value without penalties.
+    """
+    return sum((jnp.mean(r["penalty"]) for r in records if "penalty" in r), zero)
+
+
+def history_entries(spec: FlowSpec) -> Callable[[jax.Array, jax.Array], dict[str, jax.Array]]:
+    """``entries(nfe, penalty)``: one step's history entries (empty without neural-ODE
+    layers); a gradient's evaluations equal the loss's except under the adjoint."""
+    has_ode = any(layer.type == "neural_ode" for layer in spec.layers)
+    backward = not any(getattr(layer, "adjoint", False) for layer in spec.layers)
+    regularized = any(
+        getattr(layer, "kinetic_weight", 0.0) > 0 or getattr(layer, "jacobian_weight", 0.0) > 0
+        for layer in spec.layers
+    )
+
+    def entries(nfe: jax.Array, penalty: jax.Array) -> dict[str, jax.Array]:
+        out = {"nfe_forward": nfe} if has_ode else {}
+        if has_ode and backward:
+            out["nfe_backward"] = nfe
+        if regularized:
+            out["regularization"] = jnp.asarray(penalty, default_float())
+        return out
+
+    return entries
+
+
+def progress_bar(num_steps: int, progress: bool) -> tqdm:
+    """A tqdm bar over `num_steps` on stderr (disabled unless `progress`)."""
+    return tqdm(total=num_steps, disable=not progress, file=sys.stderr, leave=False)
+
+
 def run_chunks(
     run_chunk: Callable,
     carry: tuple,
@@ -94,7 +192,7 @@ def run_chunks(
     each chunk's wall time, compile included, to `seconds`)."""
     outputs = []
     smoothed = None
-    with tqdm(total=num_steps, disable=not progress, file=sys.stderr, leave=False) as bar:
+    with progress_bar(num_steps, progress) as bar:
         for start in range(0, num_steps, CHUNK):
             t0 = time.perf_counter()
             carry, out = run_chunk(carry, jnp.asarray(start), data)
@@ -124,3 +222,41 @@ def timing(setup_s: float, seconds: list[float], num_steps: int) -> dict[str, fl
     per_step = (min(full) if full else seconds[0]) / CHUNK
     compile_s = max(seconds[0] - per_step * min(CHUNK, num_steps), 0.0)
     return {"setup_s": setup_s, "compile_s": compile_s, "steps_per_s": 1.0 / per_step}
+
+
+def posterior_chunk(
+    svi: Any, rebuild: Callable[[list], tuple], num_steps: int, traced: Callable[[], None]
+) -> Callable[..., Any]:
+    """The jitted chunk of `CHUNK` SVI steps of `fit_posterior`: ``chunk(carry, start,
+    arrays)`` with carry ``(state, good params, stopped, bad step)``; per step the loss and
+    the history entries (SVI mutable state `HISTORY`). `traced` is called whenever it traces."""
+
+    def chunk(carry: tuple, start: jax.Array, arrays: list):
+        traced()
+        args, kwargs = rebuild(arrays)
+
+        def step(c: tuple, i: jax.Array):
+            def run(c: tuple):
+                state, good, _, bad_step = c
+                with training_solves():  # the guide adds its RNODE penalty as a factor
+                    new, loss = svi.update(state, *args, **kwargs)
+                # the parameters this finite loss was computed at (not the optimiser state:
+                # after a non-finite loss or gradient training stops, and only these return)
+                params = svi.optim.get_params(state.optim_state)
+                good = lax.cond(jnp.isfinite(loss), lambda: params, lambda: good)
+                # a non-finite gradient makes Adam's update, so the new parameters, non-finite
+                finite = jnp.isfinite(loss) & all_finite(svi.optim.get_params(new.optim_state))
+                steps = (new.mutable_state or {}).get(HISTORY, {})
+                out = (loss.astype(default_float()), steps)
+                return (new, good, ~finite, jnp.where(finite, bad_step, i)), out
+
+            def skip(c: tuple):
+                steps = (c[0].mutable_state or {}).get(HISTORY, {})
+                nan = jnp.asarray(jnp.nan, default_float())
+                return c, (nan, jax.tree.map(jnp.zeros_like, steps))
+
+            return lax.cond((i < num_steps) & ~c[2], run, skip, c)
+
+        return lax.scan(step, carry, start + jnp.arange(CHUNK))
+
+    return jax.jit(chunk)

@@ -3,7 +3,16 @@
 A [`Flow`][flowguides.numpyro.build.Flow] is a small pytree: the spec and `dim` are static,
 the parameters a flat dict ``{name: array}`` keyed exactly as ``spec.parameter_shapes(dim)``.
 [`FlowTransform`][flowguides.numpyro.build.FlowTransform] is the whole flow (layers, then the
-affine) as one numpyro `Transform`, used by the guide and by `Flow` alike.
+affine) as one numpyro `Transform`, used by the guide and by `Flow` alike. `Flow`'s methods
+raise `flowguides.core.MaxStepsExceededError` where an adaptive solve runs out of steps
+(see `flowguides.numpyro.ode.solver_errors`).
+
+The public names match `flowguides.pyro.build` except framework-only ones: here
+`FlowTransform` (the whole flow as one numpyro `Transform`), `init_params` and
+`as_weight_arrays` (a JAX flow's weights are a pytree built apart from it) and
+`check_flow_tolerances` (a JAX layer is rebuilt at every call, so the flow checks its
+tolerances once, when built); there the torch modules `Affine` and `Precondition` and the Pyro
+distribution `FlowDistribution`.
 """
 
 from __future__ import annotations
@@ -17,20 +26,19 @@ import numpy as np
 import numpyro.distributions as dist
 from jax.scipy.stats import norm
 
-from flowguides.core import PRECONDITION, check_tolerances, check_weights
+from flowguides.core import PRECONDITION, as_spec, check_tolerances, check_weights
 from flowguides.numpyro._base import FlowLayerTransform, as_init_random
 from flowguides.numpyro.coupling import RealNVP, init_realnvp
-from flowguides.numpyro.ode import NeuralODE, init_neural_ode
+from flowguides.numpyro.ode import NeuralODE, init_neural_ode, solver_errors
 from flowguides.numpyro.planar import Planar, init_planar
 from flowguides.spec import FlowSpec, SpecError
 
 __all__ = [
-    "PRECONDITION",
     "Flow",
     "FlowTransform",
+    "as_weight_arrays",
     "build_flow",
     "check_flow_tolerances",
-    "as_weight_arrays",
     "get_weights",
     "init_params",
     "set_weights",
@@ -136,12 +144,14 @@ class Flow:
         base = dist.Normal(jnp.zeros(self.dim, _dtype(self.spec)), 1.0).to_event(1)
         return dist.TransformedDistribution(base, self.transform(key))
 
+    @solver_errors()
     def forward_and_log_det(
         self, eps: jax.Array, key: jax.Array | None = None
     ) -> tuple[jax.Array, jax.Array]:
         """Base noise ``(..., dim)`` -> ``(x, log|det dx/deps|)``."""
         return self.transform(key).forward_and_log_det(eps)
 
+    @solver_errors()
     def inverse_and_log_det(
         self, x: jax.Array, key: jax.Array | None = None
     ) -> tuple[jax.Array, jax.Array]:
@@ -154,9 +164,15 @@ class Flow:
         return jnp.sum(norm.logpdf(eps), axis=-1) + ladj
 
     def sample_and_log_prob(
-        self, sample_shape: Sequence[int], seed: int | jax.Array = 0
+        self, sample_shape: Sequence[int] = (), seed: int | jax.Array | None = None
     ) -> tuple[jax.Array, jax.Array]:
-        """Draws ``(*sample_shape, dim)`` and their log-density from the same forward pass."""
+        """Draws ``(*sample_shape, dim)`` and their log-density from the same forward pass.
+
+        Args:
+            sample_shape: the batch shape of the draws.
+            seed: an int or a PRNG key. JAX has no global random state, so None means key 0
+                (the same draws every call; Pyro's None draws from torch's global RNG).
+        """
         key = _as_key(seed)
         k_eps, k_noise = jax.random.split(key)
         shape = (*tuple(sample_shape), self.dim)
@@ -164,8 +180,10 @@ class Flow:
         x, ladj = self.forward_and_log_det(eps, k_noise)
         return x, jnp.sum(norm.logpdf(eps), axis=-1) - ladj
 
-    def sample(self, sample_shape: Sequence[int], seed: int | jax.Array = 0) -> jax.Array:
-        """Draws ``(*sample_shape, dim)``."""
+    def sample(
+        self, sample_shape: Sequence[int] = (), seed: int | jax.Array | None = None
+    ) -> jax.Array:
+        """Draws ``(*sample_shape, dim)``; `seed` as in `sample_and_log_prob`."""
         return self.sample_and_log_prob(sample_shape, seed)[0]
 
 
@@ -179,7 +197,9 @@ def _dtype(spec: FlowSpec) -> jnp.dtype:
     return jnp.float64 if spec.dtype == "float64" else jnp.float32
 
 
-def _as_key(seed: int | jax.Array) -> jax.Array:
+def _as_key(seed: int | jax.Array | None) -> jax.Array:
+    if seed is None:
+        return jax.random.key(0)
     if isinstance(seed, int | np.integer):
         return jax.random.key(int(seed))
     return seed
@@ -220,8 +240,6 @@ def build_flow(spec: FlowSpec | Mapping[str, Any], dim: int, *, seed: int = 0) -
         >>> float(flow.log_prob(jnp.zeros(2)))  # identity at init: a standard normal
         -1.8378770664093453
     """
-    from flowguides.core import as_spec
-
     spec = as_spec(spec)
     spec.check_dim(dim)
     check_flow_tolerances(spec)

@@ -5,6 +5,10 @@ Each coupling keeps ``x[..., :d1]`` (``d1 = dim // 2``) and maps the rest by
 spec's permutations sit between couplings. The `repeat` couplings' weights are stacked along a
 leading axis and applied with one `jax.lax.scan` (one compiled body whatever `repeat` is).
 
+The public names match `flowguides.pyro.coupling` except framework-only helpers: here the
+functional `dense_init`, `init_realnvp` and `mlp` (a JAX layer's weights are a pytree built by
+a separate initialiser); there the torch module `StackedLinear`.
+
 References:
     Dinh, Sohl-Dickstein & Bengio, "Density estimation using Real NVP", ICLR 2017.
 """

@@ -8,11 +8,15 @@ scale. A Laplace start (``init_scale="laplace"``, or ``"auto"`` where it wins) i
 a fixed last map ``z = MAP + L x`` (``L L^T`` the inverse Hessian, see `preconditioner`), with
 the affine and layers starting as the identity on ``x``. A draw carries its log-density from
 the forward pass, so scoring it needs no inverse.
+
+The guide mirrors `flowguides.pyro.guide.AutoFlowGuide` method for method, where NumPyro's
+functional parameters allow: `get_weights`, `get_flow` take the SVI `params` (Pyro's guide
+holds its own), `set_weights` and `set_preconditioner` return the guide in both, and
+`initial_params` (NumPyro only) gives the SVI parameter dict the guide starts from.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -27,27 +31,25 @@ from numpyro.infer.autoguide import AutoContinuous
 from numpyro.infer.initialization import init_to_median
 
 from flowguides.core import (
-    AUTO_SCALES,
     FULL_RANK_MAX_DIM,
+    PRECONDITION,
     DiscreteLatentError,
-    LaplaceFallbackWarning,
     NoLatentSitesError,
     as_spec,
     check_preconditioner,
 )
 from flowguides.numpyro import ode
-from flowguides.numpyro._args import as_constants, callable_key, choose_constants, split_args
+from flowguides.numpyro._model import as_constants, callable_key, choose_constants, split_args
 from flowguides.numpyro._prototype import StagedPrototype
 from flowguides.numpyro._training import cache_key, cached
 from flowguides.numpyro.build import (
-    PRECONDITION,
     Flow,
     FlowTransform,
     as_weight_arrays,
     check_flow_tolerances,
     init_params,
 )
-from flowguides.numpyro.laplace import laplace_search, laplace_start
+from flowguides.numpyro.laplace import choose_start, laplace_search
 from flowguides.spec import FlowSpec, SpecError
 
 __all__ = ["AutoFlowGuide"]
@@ -70,13 +72,14 @@ class AutoFlowGuide(AutoContinuous, StagedPrototype):
             short MAP fit, then the full-rank Laplace whitening, see `preconditioner`:
             diagonal, held as a vector, where the Hessian is not positive definite or the
             dimension exceeds `FULL_RANK_MAX_DIM` (its diagonal then comes from
-            Hessian-vector products, see `laplace.hessian_diagonal`); the 0.1 start with a warning where no mode is found) or
+            Hessian-vector products, see `laplace.hessian_diagonal`); the 0.1 start with a
+            `LaplaceFallbackWarning` where no mode is found) or
             ``"auto"``: whichever of the Laplace start and the plain starts with scale 0.1 and
             1.0 has the highest ELBO (256 draws, fixed seed; one compiled program, cached per
             model and argument shapes).
         prefix: the prefix of the guide's parameter names (``f"{prefix}_{name}"``).
         static_argnames: names of model arguments to compile in as constants rather than
-            trace (see `flowguides.numpyro._args`); without them, a model whose set-up fails
+            trace (see `flowguides.numpyro._model`); without them, a model whose set-up fails
             to trace its array arguments (it uses a data value in Python, e.g.
             ``int(counts.sum())``) gets every array argument as a constant, with a
             `ConstantArgumentsWarning`. Constant JAX arrays are passed to the model as numpy.
@@ -175,20 +178,17 @@ class AutoFlowGuide(AutoContinuous, StagedPrototype):
         shapes = (loc.shape, str(loc.dtype), full_rank)
         key = cache_key("laplace", *shapes, content=(callable_key(self.model), signature))
         out = jax.tree.map(np.asarray, cached(key, lambda: jax.jit(search))(loc, arrays))
-        fixed, elbo, why = laplace_start(out)
-        if self.init_scale == "laplace":
-            for message in why:
-                warnings.warn(f"init_scale='laplace': {message}", LaplaceFallbackWarning, 5)
-            if fixed is None:
-                return loc, np.full(loc.shape, 0.1, loc.dtype), None
-            return np.zeros_like(loc), np.ones_like(loc), fixed
-        starts = [(loc, np.full(loc.shape, s, loc.dtype), None) for s in AUTO_SCALES]
-        elbos = [float(e) for e in out["elbo_plain"]]
-        if fixed is not None:
-            starts.append((np.zeros_like(loc), np.ones_like(loc), fixed))
-            elbos.append(elbo)
-        elbos = [e if np.isfinite(e) else -np.inf for e in elbos]
-        return starts[int(np.argmax(elbos))]
+        return choose_start(self.init_scale, loc, out, self._coordinate_sites)
+
+    def _coordinate_sites(self, coords: Sequence[int]) -> list[str]:
+        """Names of the sites that own packed coordinates `coords` (packing order)."""
+        owners, pos = [], 0
+        for name, value in self._init_locs.items():
+            size = int(np.size(value))
+            if any(pos <= c < pos + size for c in coords):
+                owners.append(name)
+            pos += size
+        return owners
 
     @property
     def preconditioner(self) -> dict[str, jax.Array] | None:
@@ -201,8 +201,12 @@ class AutoFlowGuide(AutoContinuous, StagedPrototype):
         self._require_setup()
         return self._precondition
 
-    def set_preconditioner(self, fixed: Mapping[str, Any] | None) -> None:
-        """Set (or, with None, remove) the fixed whitening map, keyed by `PRECONDITION`."""
+    def set_preconditioner(self, fixed: Mapping[str, Any] | None) -> AutoFlowGuide:
+        """Set (or, with None, remove) the fixed whitening map, keyed by `PRECONDITION`.
+
+        Returns:
+            The guide.
+        """
         self._require_setup()
         dtype = self._init_weights["affine.loc"].dtype
         self._precondition = (
@@ -212,10 +216,13 @@ class AutoFlowGuide(AutoContinuous, StagedPrototype):
                 k: v.astype(dtype) for k, v in check_preconditioner(fixed, self.latent_dim).items()
             }
         )
+        return self
 
-    def _initial_params(self) -> dict[str, jax.Array]:
+    def initial_params(self) -> dict[str, jax.Array]:
         """The SVI parameters the guide registers at its first call, ``{f"{prefix}_{name}":
-        value}`` (the whitening included, for a Laplace start): all unconstrained."""
+        value}`` (the whitening included, for a Laplace start): all unconstrained, usable as
+        `params` in `sample_posterior`, `median`, `get_flow`, ... (NumPyro only: a Pyro guide
+        holds its parameters itself)."""
         self._require_setup()
         values = {**self._init_weights, **(self._precondition or {})}
         return {f"{self.prefix}_{name}": jnp.asarray(v) for name, v in values.items()}
@@ -294,17 +301,19 @@ class AutoFlowGuide(AutoContinuous, StagedPrototype):
             return {name: np.asarray(v) for name, v in self._init_weights.items()}
         return {name: np.asarray(params[f"{self.prefix}_{name}"]) for name in self._init_weights}
 
-    def set_weights(self, weights: Mapping[str, Any]) -> dict[str, jax.Array]:
-        """Make `weights` the guide's initial weights (used by the next `svi.init`).
+    def set_weights(self, weights: Mapping[str, Any]) -> AutoFlowGuide:
+        """Make `weights` the guide's initial weights (used by the next `svi.init`; read them
+        back as SVI parameters with `initial_params`).
 
         Returns:
-            The SVI parameter dict ``{f"{prefix}_{name}": array}`` holding them, usable as
-            `params` in `sample_posterior`, `median`, `get_flow`, ...
+            The guide.
+
+        Raises:
+            ValueError: a name is missing or unknown, or an array has the wrong shape.
         """
         self._require_setup()
         self._init_weights = as_weight_arrays(self.spec, self.latent_dim, weights)
-        fixed = self._precondition or {}
-        return {f"{self.prefix}_{name}": v for name, v in {**self._init_weights, **fixed}.items()}
+        return self
 
     def get_flow(self, params: Mapping[str, Any] | None = None) -> Flow:
         """The `Flow` on the unconstrained latent space at SVI `params` (default: initial)."""

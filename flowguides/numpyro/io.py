@@ -4,6 +4,9 @@ A Laplace start's whitening is saved in ``meta.json`` as it is held: a ``(dim, d
 (full rank) or a ``(dim,)`` vector (diagonal). Files written before diagonal whitenings were
 vectors hold a diagonal ``(dim, dim)`` matrix above `FULL_RANK_MAX_DIM`; it loads as its
 diagonal vector.
+
+The public names match `flowguides.pyro.io`; `import_state` takes no `vectorize_particles`
+(NumPyro guides always vectorise particles).
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ from numpyro import handlers
 
 from flowguides.core import FULL_RANK_MAX_DIM, PRECONDITION, LoadError, SaveError
 from flowguides.core.state import check_sites, density_meta, kind_of, site_meta
-from flowguides.numpyro._args import as_constants
+from flowguides.numpyro._model import as_constants
 from flowguides.numpyro.build import Flow, build_flow, get_weights, set_weights
-from flowguides.numpyro.fit import DensityFit, PosteriorFit
+from flowguides.numpyro.density import DensityFit
 from flowguides.numpyro.guide import AutoFlowGuide
+from flowguides.numpyro.posterior import PosteriorFit
 from flowguides.spec import FlowSpec
 
 __all__ = ["export_state", "import_state"]
@@ -112,7 +116,7 @@ def import_state(
         handlers.seed(guide._setup_prototype, 0)(*model_args, **kwargs)
         check_sites(meta, _guide_sites(guide))
         guide.set_preconditioner(_whitening(meta.get("precondition"), guide.latent_dim))
-        params = guide.set_weights(weights)
+        params = guide.set_weights(weights).initial_params()
         params = _import_model_params(guide, params, meta.get("model_params", {}))
         losses = np.asarray(meta.get("losses", []), dtype=float)
         args, kwargs = as_constants(tuple(model_args), kwargs, guide._constants)

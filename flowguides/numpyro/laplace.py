@@ -6,12 +6,19 @@ of ``H^-1`` up to `FULL_RANK_MAX_DIM` dimensions, and the diagonal ``1 / sqrt(di
 vector) above it or where `H` is not positive definite. The diagonal above `FULL_RANK_MAX_DIM`
 comes from exact Hessian-vector products with unit vectors, a block of coordinates at a time
 (see `hessian_diagonal`), so it needs neither the ``d x d`` Hessian nor its memory.
-`laplace_search` is everything `init_scale` decides on, as one traced program.
+
+The functions work on an energy callable (the negative log joint of the packed unconstrained
+latent vector) and a coordinate -> site map, not on the guide: `laplace_search` is everything
+`init_scale` decides on, as one traced program, `laplace_start` reads the Laplace start from
+it, and `choose_start` the start `init_scale` asks for.
+The public names and contracts match `flowguides.pyro.laplace`, whose eager `laplace_search`
+also takes the batched energy and computes the ELBOs only when asked.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -19,14 +26,9 @@ import numpy as np
 import optax
 from jax import lax
 
-from flowguides.core import (
-    AUTO_SCALES,
-    FULL_RANK_MAX_DIM,
-    MODE_TOLERANCE,
-    LaplaceFallbackWarning,
-)
+from flowguides.core import AUTO_SCALES, FULL_RANK_MAX_DIM, MODE_TOLERANCE, LaplaceFallbackWarning
 
-__all__ = ["LaplaceFallbackWarning", "hessian_diagonal", "laplace_search", "laplace_start"]
+__all__ = ["choose_start", "hessian_diagonal", "laplace_search", "laplace_start", "minimize"]
 
 _MAP_ITERATIONS = 2000
 _ELBO_DRAWS = 256
@@ -96,12 +98,24 @@ def hessian_diagonal(
 
 
 def laplace_search(
-    energy: Callable[[jax.Array], jax.Array], loc: jax.Array, full_rank: bool
+    energy: Callable[[jax.Array], jax.Array], loc: jax.Array, full_rank: bool | None = None
 ) -> dict[str, jax.Array]:
     """Everything `init_scale` decides on, as one traced program (compiled once per model and
     shapes): the MAP, the Hessian (full rank) or its diagonal, the mode checks and the
-    256-draw ELBO of every start."""
+    256-draw ELBO of every start.
+
+    Args:
+        energy: the negative log joint of one point ``(d,)``.
+        loc: where the MAP search starts (the plain starts' location), shape ``(d,)``.
+        full_rank: whether to form the ``d x d`` Hessian; None: ``d <= FULL_RANK_MAX_DIM``.
+
+    Returns:
+        ``loc_map``, ``scale``, ``good``, ``moving``, ``finite``, ``elbo_plain``,
+        ``elbo_diag`` and, full rank, ``tril`` (NaN where not positive definite) and
+        ``elbo_full``.
+    """
     dim = loc.shape[0]
+    full_rank = dim <= FULL_RANK_MAX_DIM if full_rank is None else full_rank
     loc_map = minimize(energy, loc)
     if full_rank:
         hess = jax.hessian(energy)(loc_map)
@@ -143,33 +157,69 @@ def laplace_search(
     return out
 
 
-def laplace_start(out: Mapping[str, np.ndarray]) -> tuple[tuple | None, float, list[str]]:
+def laplace_start(
+    out: Mapping[str, np.ndarray], sites: Callable[[Sequence[int]], list[str]]
+) -> tuple[tuple | None, float, list[str]]:
     """``((shift, scale_tril) or None, its ELBO, warnings)`` from `laplace_search`'s output.
 
     Full rank (``scale_tril`` a ``(d, d)`` matrix) where the Hessian is positive definite and
     the dimension is at most `FULL_RANK_MAX_DIM`, else diagonal (a ``(d,)`` vector) with 0.1
     at coordinates of non-positive curvature; None where the MAP search found no mode.
+
+    Args:
+        out: `laplace_search`'s output, as numpy arrays.
+        sites: the names of the sites that own the given packed coordinates (for warnings).
     """
     if not bool(out["finite"]) or bool(np.any(out["moving"])):
-        where = np.flatnonzero(out["moving"]).tolist()
-        return (
-            None,
-            -np.inf,
-            [
-                "the MAP search found no mode (the density grows without bound along latent "
-                f"coordinate(s) {where}, or is not finite around the point it reached); starting "
-                "from the initial location with scale 0.1"
-            ],
+        where = sites(np.flatnonzero(out["moving"]).tolist())
+        why = (
+            "the MAP search found no mode (the density grows without bound along sites "
+            f"{where}, or is not finite around the point it reached); starting from the "
+            "initial location with scale 0.1 instead"
         )
+        return None, -np.inf, [why]
     loc_map = out["loc_map"]
     tril = out.get("tril")
     if tril is not None and bool(np.all(np.isfinite(tril))) and bool(np.all(out["good"])):
         return (loc_map, tril), float(out["elbo_full"]), []
     why = []
     if not bool(np.all(out["good"])):
-        bad = np.flatnonzero(~out["good"]).tolist()
-        why.append(
-            "the Hessian of the negative log joint is not positive at latent coordinate(s) "
-            f"{bad}; using scale 0.1 there"
-        )
+        bad = sites(np.flatnonzero(~out["good"]).tolist())
+        why.append(f"the Hessian diagonal is not positive for sites {bad}; using scale 0.1 there")
     return (loc_map, out["scale"]), float(out["elbo_diag"]), why
+
+
+def choose_start(
+    init_scale: str,
+    loc: np.ndarray,
+    out: Mapping[str, np.ndarray],
+    sites: Callable[[Sequence[int]], list[str]],
+) -> tuple[np.ndarray, np.ndarray, tuple | None]:
+    """``(affine loc, affine scale, (shift, scale_tril) or None)`` for ``init_scale``.
+
+    ``"laplace"``: the Laplace start (the affine the identity on whitened coordinates),
+    warning (`LaplaceFallbackWarning`) where it falls back to a diagonal or, without a mode,
+    to the plain start at `loc` with scale 0.1. ``"auto"``: whichever of the plain starts
+    (`AUTO_SCALES`) and the Laplace start has the highest ELBO, silently.
+
+    Args:
+        init_scale: ``"laplace"`` or ``"auto"``.
+        loc: the plain starts' location.
+        out: `laplace_search`'s output, as numpy arrays.
+        sites: the names of the sites that own the given packed coordinates (for warnings).
+    """
+    fixed, elbo, why = laplace_start(out, sites)
+    identity = (np.zeros_like(loc), np.ones_like(loc))
+    if init_scale == "laplace":
+        for message in why:
+            warnings.warn(f"init_scale='laplace': {message}", LaplaceFallbackWarning, 6)
+        return (
+            (loc, np.full(loc.shape, 0.1, loc.dtype), None) if fixed is None else (*identity, fixed)
+        )
+    starts = [(loc, np.full(loc.shape, s, loc.dtype), None) for s in AUTO_SCALES]
+    elbos = [float(e) for e in out["elbo_plain"]]
+    if fixed is not None:
+        starts.append((*identity, fixed))
+        elbos.append(elbo)
+    elbos = [e if np.isfinite(e) else -np.inf for e in elbos]
+    return starts[int(np.argmax(elbos))]

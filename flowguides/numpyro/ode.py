@@ -7,7 +7,8 @@ solve. Base at ``t = 0``, data at ``t = t1``; the inverse integrates from ``t1``
 The whole batch is one ODE state (one step-size sequence for the batch, as in torchdiffeq).
 
 Solvers: ``dopri5``/``tsit5`` (adaptive, `diffrax.PIDController` with the spec's `rtol`/`atol`,
-at most `max_steps` steps: more raises an error saying so), ``rk4`` (Kutta's 3/8 rule, the
+at most `max_steps` steps: more raises an Equinox runtime error when the program runs, which
+`solver_errors` turns into `flowguides.core.MaxStepsExceededError`), ``rk4`` (Kutta's 3/8 rule, the
 ``rk4`` of torchdiffeq, written as a diffrax Butcher tableau) and ``euler`` (`num_steps` fixed
 steps). Gradients: `diffrax.RecursiveCheckpointAdjoint`, or `diffrax.BacksolveAdjoint` when
 ``spec.adjoint`` is set.
@@ -23,6 +24,12 @@ Hutchinson's estimator is unbiased for the log-determinant, not for the density:
 differs from ``exp(-E[l])``, so importance weights ``p / q`` built from a Hutchinson log-det are
 biased (and noisier). Use ``trace="exact"`` (the default for ``dim <= 10``) for diagnostics.
 
+The public names match `flowguides.pyro.ode` except framework-only ones: here the functional
+`init_neural_ode` and `vector_field`, the diffrax tableau `RK4` and `solver_errors` (a JAX
+solve fails at run time, outside any traced function, so the eager entry points translate the
+error; torch raises `MaxStepsExceededError` from the solve itself); there the torch module
+`ConcatSquash`.
+
 References:
     Chen et al., "Neural Ordinary Differential Equations", NeurIPS 2018.
     Grathwohl et al., "FFJORD: Free-form Continuous Dynamics for Scalable Reversible
@@ -36,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from collections.abc import Iterator, Mapping
 from typing import ClassVar
 
@@ -46,20 +54,19 @@ import jax.numpy as jnp
 import numpy as np
 import optimistix as optx
 
-from flowguides.core import FLOAT32_MIN_TOLERANCE, ToleranceWarning, check_tolerances
+from flowguides.core import MaxStepsExceededError
 from flowguides.numpyro._base import FlowLayerTransform, as_init_random
 from flowguides.numpyro.coupling import ACTIVATIONS
 from flowguides.spec import FIXED_STEP_SOLVERS, NeuralODESpec
 
 __all__ = [
-    "FLOAT32_MIN_TOLERANCE",
     "RK4",
     "NeuralODE",
-    "ToleranceWarning",
-    "check_tolerances",
     "flow_matching_loss",
     "in_training_solves",
     "init_neural_ode",
+    "pass_up",
+    "solver_errors",
     "training_solves",
     "vector_field",
 ]
@@ -82,6 +89,10 @@ class RK4(diffrax.AbstractERK):
         del terms
         return 4
 
+
+_MAX_STEPS_MESSAGE = re.compile(
+    r"max_steps: the \w+ solve needed more than max_steps=\d+ steps[^\n]*"
+)
 
 _SOLVERS = {"dopri5": diffrax.Dopri5, "tsit5": diffrax.Tsit5, "rk4": RK4, "euler": diffrax.Euler}
 # Field evaluations diffrax makes per step (accepted or rejected; the first-same-as-last
@@ -200,9 +211,10 @@ class NeuralODE(FlowLayerTransform):
         )
         ends = [y[0] for y in sol.ys]
         failed = sol.result != diffrax.RESULTS.successful
-        message = (
-            f"neural_ode: the {spec.solver} solve did not reach t={spec.t1} within max_steps="
-            f"{max_steps} steps; raise max_steps or loosen rtol/atol"
+        message = (  # `solver_errors` finds it by `_MAX_STEPS_MESSAGE`; as torch's message
+            f"max_steps: the {spec.solver} solve needed more than max_steps={max_steps} steps; "
+            f"raise max_steps, loosen rtol/atol (now {spec.rtol}/{spec.atol}), or use a "
+            "fixed-step solver"
         )
         y = eqx.error_if(ends[0], failed, message)
         per_step, start_up = _EVALUATIONS[spec.solver]
@@ -289,6 +301,28 @@ def training_solves() -> Iterator[list[dict]]:
         yield records
     finally:
         _RECORDERS.pop()
+
+
+@contextlib.contextmanager
+def solver_errors() -> Iterator[None]:
+    """Turn the run-time error of an adaptive solve that ran out of ``max_steps`` into
+    `flowguides.core.MaxStepsExceededError` (whose message names ``max_steps``, the solver and
+    the tolerances), for code run inside the block.
+
+    A JAX solve fails when the compiled program runs (`equinox.error_if`), as an
+    `equinox.EquinoxRuntimeError` (or, on some platforms, an XLA runtime error) that names no
+    flowguides class; any other error passes through unchanged.
+
+    Raises:
+        MaxStepsExceededError: from the original error, which it chains.
+    """
+    try:
+        yield
+    except Exception as exc:  # the error's class depends on the platform: read its message
+        found = _MAX_STEPS_MESSAGE.search(str(exc))
+        if found is None or isinstance(exc, MaxStepsExceededError):
+            raise
+        raise MaxStepsExceededError(found.group(0)) from exc
 
 
 def pass_up(records: list[dict]) -> None:

@@ -7,6 +7,9 @@ by bisection inside the bracket ``[s - |c|, s + |c|]``; `jax.lax.custom_root` gi
 through the solve by the implicit-function theorem. `repeat` layers are stacked along a leading
 axis and applied with `jax.lax.scan`.
 
+The public names match `flowguides.pyro.planar` except `init_planar` (a JAX layer's weights
+are a pytree built by a separate initialiser; a torch layer holds its own).
+
 References:
     Rezende & Mohamed, "Variational Inference with Normalizing Flows", ICML 2015.
 """

@@ -2,6 +2,9 @@
 
 The same file, function and parameter names as `flowguides.numpyro`; one weight file serves
 both. The errors and warnings are `flowguides.core`'s (one class each, for both backends).
+Names only this backend exports: `Affine` and `FlowDistribution` (torch modules and a Pyro
+distribution with no JAX counterpart) and `VectorizationWarning` (Pyro evaluates a model's
+batch of draws under an extra plate only where the model broadcasts).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from flowguides.core import (
     NonFiniteValidationError,
     ToleranceWarning,
 )
+from flowguides.pyro._model import VectorizationWarning
 from flowguides.pyro.build import (
     Affine,
     Flow,
@@ -27,11 +31,12 @@ from flowguides.pyro.build import (
     set_weights,
 )
 from flowguides.pyro.coupling import RealNVP
-from flowguides.pyro.fit import DensityFit, PosteriorFit, fit_density, fit_posterior
-from flowguides.pyro.guide import AutoFlowGuide, VectorizationWarning
+from flowguides.pyro.density import DensityFit, fit_density
+from flowguides.pyro.guide import AutoFlowGuide
 from flowguides.pyro.io import export_state, import_state
 from flowguides.pyro.ode import NeuralODE, flow_matching_loss, training_solves
 from flowguides.pyro.planar import Planar
+from flowguides.pyro.posterior import PosteriorFit, fit_posterior
 
 __all__ = [
     "FLOAT32_MIN_TOLERANCE",

@@ -4,6 +4,10 @@ A subclass implements `forward_and_log_det` and `inverse_and_log_det` (each retu
 output and ``log|det|`` of that direction, summed over the event dimension); this class
 derives Pyro's `_call`, `_inverse` and `log_abs_det_jacobian` from them and declares the
 bijection of ``R^dim`` (no cache: a parameter update must never meet a stale value).
+
+The public names match `flowguides.numpyro._base` except numpyro's `InitRandom`,
+`as_init_random` and `batched_dot`: a torch layer draws its initial weights from a
+`torch.Generator` and holds them itself, so it needs no separate initialiser.
 """
 
 from __future__ import annotations
@@ -12,10 +16,10 @@ import torch
 from pyro.distributions import constraints
 from pyro.distributions.torch_transform import TransformModule
 
-__all__ = ["FusedTransformModule"]
+__all__ = ["FlowLayerTransform"]
 
 
-class FusedTransformModule(TransformModule):
+class FlowLayerTransform(TransformModule):
     """A bijection of ``R^dim`` defined by its fused forward and inverse passes."""
 
     domain = constraints.real_vector

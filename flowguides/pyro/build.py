@@ -2,20 +2,27 @@
 
 The flow maps base noise ``eps ~ N(0, I)`` through the layers, then the optional affine, to
 ``x`` (the generative direction); `log_prob` runs the inverse.
+
+The public names match `flowguides.numpyro.build` except framework-only ones: here the torch
+modules `Affine` and `Precondition` (in JAX, parts of `FlowTransform`) and `FlowDistribution`,
+the Pyro distribution whose draws carry their log-density; there `FlowTransform`,
+`init_params`, `as_weight_arrays` and `check_flow_tolerances` (a JAX flow's weights are a
+pytree built apart from it; a torch layer checks its own tolerances when built).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
 from pyro.distributions import TorchDistribution, constraints
 from torch import nn
 
-from flowguides.core import check_weights
-from flowguides.pyro._base import FusedTransformModule
+from flowguides.core import as_spec, check_weights
+from flowguides.pyro._base import FlowLayerTransform
 from flowguides.pyro.coupling import RealNVP
 from flowguides.pyro.ode import NeuralODE
 from flowguides.pyro.planar import Planar
@@ -34,7 +41,7 @@ __all__ = [
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-class Affine(FusedTransformModule):
+class Affine(FlowLayerTransform):
     """``x = loc + exp(log_scale) * y``, elementwise; starts as the identity."""
 
     def __init__(self, dim: int, *, dtype: torch.dtype = torch.float32) -> None:
@@ -51,7 +58,7 @@ class Affine(FusedTransformModule):
         return (x - self.loc) * torch.exp(-self.log_scale), ladj
 
 
-class Precondition(FusedTransformModule):
+class Precondition(FlowLayerTransform):
     """A fixed (untrained) ``x = shift + scale_tril @ y``: an `AutoFlowGuide`'s whitening from
     its Laplace start, held as buffers (never optimised).
 
@@ -102,7 +109,7 @@ class Flow(nn.Module):
     """
 
     def __init__(
-        self, spec: FlowSpec, dim: int, layers: list[FusedTransformModule], affine: Affine | None
+        self, spec: FlowSpec, dim: int, layers: list[FlowLayerTransform], affine: Affine | None
     ):
         super().__init__()
         self.spec, self.dim = spec, dim
@@ -111,7 +118,7 @@ class Flow(nn.Module):
         self.precondition: Precondition | None = None
 
     @property
-    def transforms(self) -> list[FusedTransformModule]:
+    def transforms(self) -> list[FlowLayerTransform]:
         """All transforms in the generative order (layers, the affine, the preconditioner)."""
         fixed = [t for t in (self.affine, self.precondition) if t is not None]
         return [*self.layers, *fixed]
@@ -144,28 +151,33 @@ class Flow(nn.Module):
         eps, ladj = self.inverse_and_log_det(x)
         return self.base_log_prob(eps) + ladj
 
-    def rsample_and_log_prob(
-        self, sample_shape: tuple[int, ...] | torch.Size = ()
+    def sample_and_log_prob(
+        self, sample_shape: tuple[int, ...] | torch.Size = (), seed: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Reparametrised draws of shape ``(*sample_shape, dim)`` and their ``log q``.
 
-        One forward pass, no inverse: the log-density comes with the draw.
+        One forward pass, no inverse: the log-density comes with the draw, and both carry
+        gradients to the flow's parameters.
+
+        Args:
+            sample_shape: the batch shape of the draws.
+            seed: fixes the draws without touching torch's global RNG; None draws from it
+                (JAX has no global RNG, so there None means key 0).
         """
-        p = next(self.parameters())
-        eps = torch.randn(*sample_shape, self.dim, dtype=p.dtype, device=p.device)
-        x, ladj = self.forward_and_log_det(eps)
+        with torch.random.fork_rng(devices=[], enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            p = next(self.parameters())
+            eps = torch.randn(*sample_shape, self.dim, dtype=p.dtype, device=p.device)
+            x, ladj = self.forward_and_log_det(eps)  # Hutchinson noise and STEER draw too
         return x, self.base_log_prob(eps) - ladj
 
     @torch.no_grad()
     def sample(
         self, sample_shape: tuple[int, ...] | torch.Size = (), seed: int | None = None
     ) -> torch.Tensor:
-        """Draws of shape ``(*sample_shape, dim)``; `seed` fixes them without touching torch's RNG."""
-        if seed is None:
-            return self.rsample_and_log_prob(sample_shape)[0]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self.rsample_and_log_prob(sample_shape)[0]
+        """Draws of shape ``(*sample_shape, dim)``; `seed` as in `sample_and_log_prob`."""
+        return self.sample_and_log_prob(sample_shape, seed)[0]
 
     def distribution(self) -> FlowDistribution:
         """This flow as a Pyro distribution over ``R^dim``."""
@@ -199,7 +211,7 @@ class FlowDistribution(TorchDistribution):
     def rsample_and_log_prob(
         self, sample_shape: torch.Size | tuple[int, ...] = ()
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        x, log_q = self.flow.rsample_and_log_prob(self._extended_shape(sample_shape)[:-1])
+        x, log_q = self.flow.sample_and_log_prob(self._extended_shape(sample_shape)[:-1])
         self._last = (x, log_q, self._versions())
         return x, log_q
 
@@ -217,11 +229,11 @@ class FlowDistribution(TorchDistribution):
         return self.flow.log_prob(value)
 
 
-def build_flow(spec: FlowSpec, dim: int, *, seed: int = 0) -> Flow:
+def build_flow(spec: FlowSpec | Mapping[str, Any], dim: int, *, seed: int = 0) -> Flow:
     """Build the flow `spec` describes on ``R^dim``, in ``spec.dtype``.
 
     Args:
-        spec: the flow spec.
+        spec: a `FlowSpec` or its dict form.
         dim: the event size.
         seed: seeds the random initial weights (a new flow is the identity either way, except
             for planar `w` directions and hidden layers, which are random).
@@ -235,10 +247,11 @@ def build_flow(spec: FlowSpec, dim: int, *, seed: int = 0) -> Flow:
         >>> flow.log_prob(torch.zeros(3)).shape
         torch.Size([])
     """
+    spec = as_spec(spec)
     spec.check_dim(dim)
     dtype = _DTYPES[spec.dtype]
     generator = torch.Generator().manual_seed(seed)
-    layers: list[FusedTransformModule] = []
+    layers: list[FlowLayerTransform] = []
     for i, layer in enumerate(spec.layers):
         if layer.type == "planar":
             layers.append(Planar(dim, layer.repeat, generator=generator, dtype=dtype))

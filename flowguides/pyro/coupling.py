@@ -2,6 +2,9 @@
 
 One module holds the `repeat` stacked couplings of a
 [`RealNVPSpec`][flowguides.spec.RealNVPSpec] and the permutations between them.
+
+The public names match `flowguides.numpyro.coupling` except framework-only helpers: here the
+torch module `StackedLinear`; there the functional `dense_init`, `init_realnvp` and `mlp`.
 """
 
 from __future__ import annotations
@@ -13,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flowguides.pyro._base import FusedTransformModule
+from flowguides.pyro._base import FlowLayerTransform
 from flowguides.spec import RealNVPSpec
 
-__all__ = ["ACTIVATION_FUNCTIONS", "RealNVP", "StackedLinear"]
+__all__ = ["ACTIVATIONS", "RealNVP", "StackedLinear"]
 
-ACTIVATION_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
     "tanh": torch.tanh,
     "elu": F.elu,
@@ -55,7 +58,7 @@ class StackedLinear(nn.Module):
         return F.linear(h, self.weight[r], self.bias[r])
 
 
-class RealNVP(FusedTransformModule):
+class RealNVP(FlowLayerTransform):
     """`repeat` affine couplings with the spec's permutations between consecutive ones.
 
     Coupling `r` keeps ``z[..., :d1]`` (``d1 = dim // 2``) and maps the rest by
@@ -85,7 +88,7 @@ class RealNVP(FusedTransformModule):
             raise ValueError(f"dim: a realnvp layer needs dim >= 2, got {dim}")
         self.dim, self.repeat, self.d1 = dim, spec.repeat, dim // 2
         self.scale_clamp = spec.scale_clamp
-        self.activation = ACTIVATION_FUNCTIONS[spec.activation]
+        self.activation = ACTIVATIONS[spec.activation]
         sizes = spec.mlp_sizes(dim)
         last = len(sizes) - 2
         self.net = nn.ModuleList(

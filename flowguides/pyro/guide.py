@@ -10,7 +10,6 @@ affine and layers starting as the identity on ``x``.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -31,6 +30,7 @@ from flowguides.core import (
     check_preconditioner,
     check_vectorize_option,
 )
+from flowguides.pyro._model import BatchLogJoint
 from flowguides.pyro.build import (
     Flow,
     FlowDistribution,
@@ -39,23 +39,15 @@ from flowguides.pyro.build import (
     get_weights,
     set_weights,
 )
-from flowguides.pyro.laplace import best_start, laplace_start
-from flowguides.pyro.vectorize import (
-    HOW_TO_VECTORIZE,
-    VectorizationWarning,
-    describe,
-    log_joint_at,
-    mismatch,
-)
+from flowguides.pyro.laplace import choose_start, laplace_search
 from flowguides.spec import FlowSpec, SpecError
 
-__all__ = ["AutoFlowGuide", "VectorizationWarning"]
+__all__ = ["AutoFlowGuide"]
 
 _NUM_SUMMARY_DRAWS = 4000
-_CHECK_DRAWS = 3  # draws the broadcasting check evaluates together and one at a time
 
 
-class AutoFlowGuide(AutoContinuous):
+class AutoFlowGuide(AutoContinuous, BatchLogJoint):
     """A flow guide: ``eps ~ N(0, I)`` -> flow layers -> affine -> unconstrained latents.
 
     Drop-in for `AutoNormal`/`AutoDiagonalNormal`: works with `SVI` and
@@ -160,18 +152,31 @@ class AutoFlowGuide(AutoContinuous):
         init = self._init_loc()
         flow = build_flow(self.spec, dim, seed=int(torch.randint(2**31 - 1, ()))).to(init.dtype)
         self._check_broadcasting(init, args, kwargs)
-        if self.init_scale == "laplace":
-            loc, scale, fixed = laplace_start(self, init, args, kwargs)
-        elif self.init_scale == "auto":
-            loc, scale, fixed = best_start(self, init, args, kwargs)
-        else:
-            loc, scale, fixed = init, torch.full_like(init, float(self.init_scale)), None
+        loc, scale, fixed = self._initial_start(init, args, kwargs)
         with torch.no_grad():
             flow.affine.loc.copy_(loc)
             flow.affine.log_scale.copy_(torch.log(scale))
         if fixed is not None:
             flow.precondition = Precondition(*fixed)
         self.flow = flow
+
+    def _initial_start(self, init: torch.Tensor, args: tuple, kwargs: dict) -> tuple:
+        """``(affine loc, affine scale, (shift, scale_tril) or None)`` for `init_scale`."""
+        if self.init_scale not in ("laplace", "auto"):
+            return init, torch.full_like(init, float(self.init_scale)), None
+        values = self.latent_dim + sum(
+            site["value"].numel()
+            for site in self.model_trace.nodes.values()
+            if site["type"] == "sample" and torch.is_tensor(site["value"])
+        )
+        out = laplace_search(
+            lambda z: -self.log_joint(z, *args, **kwargs),
+            init,
+            energies=lambda z: -self.batch_log_joint(z, args, kwargs),
+            values_per_copy=values,
+            elbos=self.init_scale == "auto",
+        )
+        return choose_start(self.init_scale, init, out, self._coordinate_sites)
 
     def _explain_setup_error(self, exc: Exception) -> None:
         trace = self.prototype_trace
@@ -292,145 +297,11 @@ class AutoFlowGuide(AutoContinuous):
             site["name"]: biject_to(site["fn"].support)(u) for site, u in self.split_latent(latent)
         }
 
-    def log_joint(self, latent: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """``log p(data, z) + log|det J|`` of packed unconstrained `latent`.
-
-        The model's joint density (observations included, plate scales applied) at the
-        constrained values, plus the log-Jacobian of the unconstraining bijections: the target
-        density in the guide's space, so ``log_joint - log q`` is an importance log-weight.
-
-        Args:
-            latent: one point ``(latent_dim,)`` (evaluated without any extra plate, so this is
-                safe inside a running `SVI` step) or draws ``(S, latent_dim)``, evaluated as
-                `batch_log_joint` does.
-            *args, **kwargs: the model's arguments.
-
-        Returns:
-            A scalar, or one value per draw ``(S,)``.
-        """
-        if latent.dim() == 1:
-            return self._log_joint_one(latent, args, kwargs, self._bare_model[0])
-        return self.batch_log_joint(latent, args, kwargs)
-
-    def batch_log_joint(
-        self,
-        latent: torch.Tensor,
-        args: tuple = (),
-        kwargs: Mapping[str, Any] | None = None,
-        *,
-        vectorize_particles: bool | str | None = None,
-    ) -> torch.Tensor:
-        """`log_joint` of draws ``(S, latent_dim)``, one value per draw ``(S,)``.
-
-        Vectorised, the draws go through the model at once under an extra outermost plate;
-        otherwise one at a time (see `evaluate_batch`).
-
-        Args:
-            latent: the draws.
-            args, kwargs: the model's arguments.
-            vectorize_particles: ``True``, ``False``, ``"auto"``, or None for the guide's own
-                setting (with ``"auto"``, its outcome at set-up: `vectorized`).
-        """
-        kwargs = dict(kwargs or {})
-        return self.evaluate_batch(
-            lambda: self._log_joint_together(latent, args, kwargs, self._bare_model[0]),
-            lambda: torch.stack(
-                [self._log_joint_one(z, args, kwargs, self._bare_model[0]) for z in latent]
-            ),
-            vectorize_particles,
-        )
-
-    def evaluate_batch(
-        self,
-        together: Callable[[], Any],
-        one_by_one: Callable[[], Any],
-        vectorize_particles: bool | str | None = None,
-    ) -> Any:
-        """Run a batch of draws through the model `together` or `one_by_one`, as set.
-
-        ``False`` runs `one_by_one`. ``True`` and ``"auto"`` run `together` (``"auto"`` runs
-        `one_by_one` where set-up found that the model does not broadcast); should `together`
-        fail where `one_by_one` works, ``True`` raises a `ValueError` naming the option and
-        ``"auto"`` switches the guide to one draw at a time with a `VectorizationWarning`.
-        Where both fail, the model's own error from `one_by_one` is raised.
-        """
-        mode = self.vectorize_particles if vectorize_particles is None else vectorize_particles
-        check_vectorize_option(mode)
-        if mode is False or (mode == "auto" and self.vectorized is False):
-            return one_by_one()
-        try:
-            return together()
-        except Exception as exc:  # whatever it is, one draw at a time below tells
-            result = one_by_one()  # a model error raises here, as it would in Pyro's own loop
-            self._not_broadcasting(describe(exc), mode, exc)
-            return result
-
-    def _check_broadcasting(self, init: torch.Tensor, args: tuple, kwargs: dict) -> None:
-        """Decide `vectorized`: the log joint of a few draws near `init`, evaluated together
-        and one at a time, with the same subsample of any subsampled plate."""
-        if self.vectorize_particles is False:
-            self.vectorized = False
-            return
-        gen = torch.Generator().manual_seed(0)
-        noise = torch.randn((_CHECK_DRAWS, init.numel()), generator=gen, dtype=init.dtype)
-        draws = init + 0.1 * noise
-        fixed = poutine.Trace()  # the subsample indices of the model's plates
-        for name, site in self.model_trace.nodes.items():
-            if site_is_subsample(site):
-                fixed.add_node(name, **site)
-        model = poutine.replay(self._bare_model[0], trace=fixed)
-        with torch.no_grad():
-            one_by_one = torch.stack([self._log_joint_one(z, args, kwargs, model) for z in draws])
-            try:
-                reason = mismatch(self._log_joint_together(draws, args, kwargs, model), one_by_one)
-            except Exception as exc:  # the draws one at a time worked: a broadcasting failure
-                reason = describe(exc)
-        if reason is None:
-            self.vectorized = True
-        else:
-            self._not_broadcasting(reason, self.vectorize_particles)
-
-    def _not_broadcasting(
-        self, reason: str, mode: bool | str, exc: Exception | None = None
-    ) -> None:
-        if mode is True:
-            raise ValueError(
-                "vectorize_particles=True: the model does not broadcast over a batch of draws "
-                f"evaluated at once ({reason}); pass vectorize_particles='auto' or False to "
-                f"evaluate draws one at a time, or {HOW_TO_VECTORIZE}"
-            ) from exc
-        self.vectorized = False
-        if not self._warned:
-            self._warned = True
-            warnings.warn(
-                "model: it does not broadcast over a batch of draws evaluated at once "
-                f"({reason}), so particles and draws run through it one at a time (slower); "
-                f"{HOW_TO_VECTORIZE}; or pass vectorize_particles=False to skip this check",
-                VectorizationWarning,
-                stacklevel=4,
-            )
-
-    def _log_joint_one(
-        self, latent: torch.Tensor, args: tuple, kwargs: Mapping[str, Any], model: Callable
-    ) -> torch.Tensor:
-        """`log_joint` at one point ``(latent_dim,)``, without any extra plate."""
-        return log_joint_at(model, self.split_latent(latent), args, kwargs)
-
-    def _log_joint_together(
-        self, latent: torch.Tensor, args: tuple, kwargs: Mapping[str, Any], model: Callable
-    ) -> torch.Tensor:
-        """`log_joint` of draws ``(S, latent_dim)`` at once, under an outermost plate."""
-        nest, num = self.max_plate_nesting, latent.shape[0]
-        pairs = self._unpack_latent(latent.reshape(num, *([1] * nest), latent.shape[-1]))
-        return log_joint_at(model, pairs, args, kwargs, num=num, nest=nest)
-
     def draws(self, num_samples: int, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(latent, log q)``: packed unconstrained draws ``(num_samples, latent_dim)``."""
         self._require_setup()
-        with torch.no_grad(), torch.random.fork_rng(devices=[], enabled=seed is not None):
-            if seed is not None:
-                torch.manual_seed(seed)
-            return self.flow.rsample_and_log_prob((num_samples,))
+        with torch.no_grad():
+            return self.flow.sample_and_log_prob((num_samples,), seed)
 
     def _loc_scale(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Coordinatewise median and standard deviation of unconstrained draws."""

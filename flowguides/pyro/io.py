@@ -1,4 +1,8 @@
-"""The Pyro side of portable save/load (see `flowguides.io`): export and import state."""
+"""The Pyro side of portable save/load (see `flowguides.io`): export and import state.
+
+The public names match `flowguides.numpyro.io`; `import_state` also takes
+`vectorize_particles` (as `AutoFlowGuide` does; NumPyro guides always vectorise particles).
+"""
 
 from __future__ import annotations
 
@@ -12,8 +16,9 @@ import torch
 from flowguides.core import LoadError, SaveError
 from flowguides.core.state import check_sites, density_meta, kind_of, site_meta
 from flowguides.pyro.build import Flow, build_flow, get_weights, set_weights
-from flowguides.pyro.fit import DensityFit, PosteriorFit
+from flowguides.pyro.density import DensityFit
 from flowguides.pyro.guide import AutoFlowGuide
+from flowguides.pyro.posterior import PosteriorFit
 from flowguides.spec import FlowSpec
 
 __all__ = ["export_state", "import_state"]

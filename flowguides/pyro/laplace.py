@@ -6,37 +6,63 @@ of ``H^-1`` up to `FULL_RANK_MAX_DIM` dimensions, and the diagonal ``1 / sqrt(di
 vector) above it or where `H` is not positive definite. The diagonal above `FULL_RANK_MAX_DIM`
 comes from exact Hessian-vector products, one coordinate per draw of a batch (see
 `hessian_diagonal`), so it needs neither the ``d x d`` Hessian nor ``d`` separate passes.
+
+The functions work on an energy callable (the negative log joint of the packed unconstrained
+latent vector) and a coordinate -> site map, not on the guide: `laplace_search` is everything
+`init_scale` decides on, `laplace_start` reads the Laplace start from it, and `choose_start`
+the start `init_scale` asks for. The public names and
+contracts match `flowguides.numpyro.laplace`; torch runs eagerly, so `laplace_search` also
+takes the batched `energies` (for the Hessian diagonal and the ELBO draws, which JAX gets by
+mapping `energy`) and computes the ELBOs only when asked (JAX computes them in the same
+compiled program either way).
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from flowguides.core import (
-    AUTO_SCALES,
-    FULL_RANK_MAX_DIM,
-    MODE_TOLERANCE,
-    LaplaceFallbackWarning,
-)
-from flowguides.pyro.build import Precondition
+from flowguides.core import AUTO_SCALES, FULL_RANK_MAX_DIM, MODE_TOLERANCE, LaplaceFallbackWarning
 
-if TYPE_CHECKING:
-    from flowguides.pyro.guide import AutoFlowGuide
+__all__ = ["choose_start", "hessian_diagonal", "laplace_search", "laplace_start", "minimize"]
 
-__all__ = ["LaplaceFallbackWarning", "best_start", "hessian_diagonal", "laplace_start"]
+Energy = Callable[[torch.Tensor], torch.Tensor]
 
-Start = tuple  # (affine loc, affine scale, (shift, scale_tril) or None)
-
+_ELBO_DRAWS = 256
 _BLOCK_ELEMENTS = 2**19  # copies of the model per Hessian-diagonal pass x values per copy
 
 
 class _LeftSupport(Exception):
     """The MAP search evaluated the model outside a support (stop there, keep the best)."""
+
+
+def minimize(energy: Energy, x0: torch.Tensor) -> torch.Tensor:
+    """L-BFGS (strong Wolfe line search, at most 2000 iterations) for the minimum of `energy`;
+    returns the point of lowest finite energy it evaluated (`x0` if none), stopping where the
+    line search steps outside a support (the model raises `ValueError`)."""
+    z = x0.clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([z], max_iter=2000, line_search_fn="strong_wolfe")
+    best = [math.inf, x0]  # the lowest finite energy seen, and where
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        try:
+            value = energy(z)
+        except ValueError as exc:  # the line search stepped outside a support
+            raise _LeftSupport from exc
+        if torch.isfinite(value) and float(value.detach()) < best[0]:
+            best[:] = [float(value.detach()), z.detach().clone()]
+        value.backward()
+        return value
+
+    try:
+        opt.step(closure)
+    except _LeftSupport:
+        pass
+    return best[1]
 
 
 def hessian_diagonal(
@@ -80,115 +106,167 @@ def hessian_diagonal(
     return diagonal
 
 
-def laplace_start(guide: AutoFlowGuide, init: torch.Tensor, args: tuple, kwargs: dict) -> Start:
-    """MAP in unconstrained space, then the Laplace whitening: the affine starts as the
-    identity and the fixed preconditioner holds the MAP and the Cholesky factor of the
-    inverse Hessian (its diagonal, as a vector, where the Hessian is not positive definite or
-    the dimension exceeds `FULL_RANK_MAX_DIM`). Falls back to the 0.1 start without a mode."""
+def laplace_search(
+    energy: Energy,
+    loc: torch.Tensor,
+    full_rank: bool | None = None,
+    *,
+    energies: Energy,
+    values_per_copy: int | None = None,
+    elbos: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Everything `init_scale` decides on: the MAP, the Hessian (full rank) or its diagonal,
+    the mode checks and, with `elbos`, the 256-draw ELBO (fixed seed) of every start.
 
-    def energy(z: torch.Tensor) -> torch.Tensor:
-        return -guide.log_joint(z, *args, **kwargs)
+    Args:
+        energy: the negative log joint of one point ``(d,)``.
+        loc: where the MAP search starts (the plain starts' location), shape ``(d,)``.
+        full_rank: whether to form the ``d x d`` Hessian; None: ``d <= FULL_RANK_MAX_DIM``.
+        energies: `energy` of a batch of points ``(B, d)``, one value per row ``(B,)``.
+        values_per_copy: the values one evaluation of the model holds (latents and every
+            site's value): `hessian_diagonal` differentiates as many copies at once as keep
+            about ``2**19`` values alive, at most `FULL_RANK_MAX_DIM`; None: that maximum.
+        elbos: also estimate the ELBO of the plain starts (`AUTO_SCALES`) and of the Laplace
+            start, as ``"auto"`` needs.
 
-    def energies(z: torch.Tensor) -> torch.Tensor:
-        return -guide.batch_log_joint(z, args, kwargs)
-
-    z = init.clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([z], max_iter=2000, line_search_fn="strong_wolfe")
-    best = [math.inf, init]  # the lowest finite energy seen, and where
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        try:
-            value = energy(z)
-        except ValueError as exc:  # the line search stepped outside a support
-            raise _LeftSupport from exc
-        if torch.isfinite(value) and float(value.detach()) < best[0]:
-            best[:] = [float(value.detach()), z.detach().clone()]
-        value.backward()
-        return value
-
-    try:
-        opt.step(closure)
-    except _LeftSupport:
-        pass
-    loc = best[1]
-    full_rank = loc.numel() <= FULL_RANK_MAX_DIM
+    Returns:
+        ``loc_map``, ``scale`` (``1 / sqrt(diag H)``, 0.1 where not positive), ``good``
+        (where the curvature is positive), ``moving`` (coordinates whose Newton step is not
+        small: no mode), ``finite`` (the log joint around the point; checked only where no
+        coordinate moves), ``tril`` (the Cholesky factor of ``H^-1``, only where full rank
+        and positive definite), and with `elbos` ``elbo_plain`` and the Laplace start's
+        ``elbo_full`` or ``elbo_diag`` (where it has a mode).
+    """
+    dim = loc.numel()
+    full_rank = dim <= FULL_RANK_MAX_DIM if full_rank is None else full_rank
+    loc_map = minimize(energy, loc)
     if full_rank:
-        hessian = torch.autograd.functional.hessian(energy, loc)
-        hess = hessian.diagonal()
+        hessian = torch.autograd.functional.hessian(energy, loc_map)
+        curvature = hessian.diagonal()
     else:
-        hess = hessian_diagonal(energies, loc, _block_size(guide))
-    good = torch.isfinite(hess) & (hess > 0)
-    scale = torch.where(good, hess.clamp_min(1e-300).rsqrt(), torch.full_like(hess, 0.1))
+        curvature = hessian_diagonal(energies, loc_map, _block_size(values_per_copy))
+    good = torch.isfinite(curvature) & (curvature > 0)
+    scale = torch.where(good, curvature.clamp_min(1e-300).rsqrt(), torch.full_like(curvature, 0.1))
     # A mode is stationary: its Newton step, in its own scale, is small. A density that
     # grows without bound (a funnel's scale collapsing to 0) leaves a large step behind.
-    point = loc.clone().requires_grad_(True)
+    point = loc_map.clone().requires_grad_(True)
     grad = torch.autograd.grad(energy(point), point)[0].detach()
     moving = ~(grad.abs() * scale < MODE_TOLERANCE)
-    if moving.any() or not _finite_around(energies, loc, scale):
-        where = guide._coordinate_sites(torch.nonzero(moving).flatten().tolist())
-        warnings.warn(
-            "init_scale='laplace': the MAP search found no mode (the density grows "
-            f"without bound along sites {where}, or is not finite around the point it "
-            "reached); starting from the initial location with scale 0.1 instead",
-            LaplaceFallbackWarning,
-            stacklevel=4,
-        )
-        return init, torch.full_like(init, 0.1), None
-    identity = (torch.zeros_like(loc), torch.ones_like(loc))
-    if good.all() and full_rank:
+    finite = bool(moving.any()) or _finite_around(energies, loc_map, scale)
+    out = {
+        "loc_map": loc_map,
+        "scale": scale,
+        "good": good,
+        "moving": moving,
+        "finite": torch.tensor(finite),
+    }
+    if full_rank and bool(good.all()):
         tril = _inverse_cholesky(hessian)
         if tril is not None:
-            return (*identity, (loc, tril))
-    if not good.all():
-        bad = guide._coordinate_sites(torch.nonzero(~good).flatten().tolist())
-        warnings.warn(
-            f"init_scale='laplace': the Hessian diagonal is not positive for sites {bad}; "
-            "using scale 0.1 there",
-            LaplaceFallbackWarning,
-            stacklevel=4,
-        )
-    return (*identity, (loc, scale))
-
-
-def best_start(guide: AutoFlowGuide, init: torch.Tensor, args: tuple, kwargs: dict) -> Start:
-    """The Laplace start or a plain start (`AUTO_SCALES`), whichever has the highest ELBO
-    (256 draws, fixed seed)."""
-    starts: list[Start] = [(init, torch.full_like(init, s), None) for s in AUTO_SCALES]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", LaplaceFallbackWarning)
-        starts.append(laplace_start(guide, init, args, kwargs))
+            out["tril"] = tril
+    if not elbos:
+        return out
     gen = torch.Generator().manual_seed(0)
-    eps = torch.randn((256, init.numel()), generator=gen, dtype=init.dtype)
-
-    def elbo(start: Start) -> float:
-        loc, scale, fixed = start
-        z, log_det = loc + scale * eps, scale.log().sum()
-        if fixed is not None:
-            z, fixed_log_det = Precondition(*fixed).forward_and_log_det(z)
-            log_det = log_det + fixed_log_det[0]
-        try:
-            with torch.no_grad():
-                log_p = guide.batch_log_joint(z, args, kwargs)
-        except ValueError:  # values outside a support: the start is unusable
-            return -math.inf
-        value = float(log_p.mean() + log_det)
-        return value if math.isfinite(value) else -math.inf
-
-    return max(starts, key=elbo)
-
-
-def _block_size(guide: AutoFlowGuide) -> int:
-    """Coordinates per `hessian_diagonal` pass: as many copies of the model as keep about
-    `_BLOCK_ELEMENTS` values (latents and every site's value) alive, at most
-    `FULL_RANK_MAX_DIM`. Time hardly depends on it (the work is one copy per coordinate);
-    memory grows with it."""
-    values = guide.latent_dim + sum(
-        site["value"].numel()
-        for site in guide.model_trace.nodes.values()
-        if site["type"] == "sample" and torch.is_tensor(site["value"])
+    eps = torch.randn((_ELBO_DRAWS, dim), generator=gen, dtype=loc.dtype)
+    plain = [torch.full_like(loc, s) for s in AUTO_SCALES]
+    out["elbo_plain"] = torch.tensor(
+        [_elbo(energies, loc + s * eps, s.log().sum()) for s in plain], dtype=torch.float64
     )
-    return max(1, min(FULL_RANK_MAX_DIM, _BLOCK_ELEMENTS // values))
+    if bool(moving.any()) or not finite:
+        return out
+    if "tril" in out:
+        log_det = out["tril"].diagonal().log().sum()
+        out["elbo_full"] = torch.tensor(_elbo(energies, loc_map + eps @ out["tril"].T, log_det))
+    else:
+        out["elbo_diag"] = torch.tensor(_elbo(energies, loc_map + eps * scale, scale.log().sum()))
+    return out
+
+
+def laplace_start(
+    out: Mapping[str, torch.Tensor], sites: Callable[[Sequence[int]], list[str]]
+) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, float, list[str]]:
+    """``((shift, scale_tril) or None, its ELBO, warnings)`` from `laplace_search`'s output.
+
+    Full rank (``scale_tril`` a ``(d, d)`` matrix) where the Hessian is positive definite and
+    the dimension is at most `FULL_RANK_MAX_DIM`, else diagonal (a ``(d,)`` vector) with 0.1
+    at coordinates of non-positive curvature; None where the MAP search found no mode. The
+    ELBO is NaN where `laplace_search` ran without `elbos`.
+
+    Args:
+        out: `laplace_search`'s output.
+        sites: the names of the sites that own the given packed coordinates (for warnings).
+    """
+    moving = out["moving"]
+    if not bool(out["finite"]) or bool(moving.any()):
+        where = sites(torch.nonzero(moving).flatten().tolist())
+        why = (
+            "the MAP search found no mode (the density grows without bound along sites "
+            f"{where}, or is not finite around the point it reached); starting from the "
+            "initial location with scale 0.1 instead"
+        )
+        return None, -math.inf, [why]
+    loc_map, good = out["loc_map"], out["good"]
+    if "tril" in out:
+        return (loc_map, out["tril"]), float(out.get("elbo_full", math.nan)), []
+    why = []
+    if not bool(good.all()):
+        bad = sites(torch.nonzero(~good).flatten().tolist())
+        why.append(f"the Hessian diagonal is not positive for sites {bad}; using scale 0.1 there")
+    return (loc_map, out["scale"]), float(out.get("elbo_diag", math.nan)), why
+
+
+def choose_start(
+    init_scale: str,
+    loc: torch.Tensor,
+    out: Mapping[str, torch.Tensor],
+    sites: Callable[[Sequence[int]], list[str]],
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """``(affine loc, affine scale, (shift, scale_tril) or None)`` for ``init_scale``.
+
+    ``"laplace"``: the Laplace start (the affine the identity on whitened coordinates),
+    warning (`LaplaceFallbackWarning`) where it falls back to a diagonal or, without a mode,
+    to the plain start at `loc` with scale 0.1. ``"auto"``: whichever of the plain starts
+    (`AUTO_SCALES`) and the Laplace start has the highest ELBO, silently.
+
+    Args:
+        init_scale: ``"laplace"`` or ``"auto"``.
+        loc: the plain starts' location.
+        out: `laplace_search`'s output (with its ELBOs for ``"auto"``).
+        sites: the names of the sites that own the given packed coordinates (for warnings).
+    """
+    fixed, elbo, why = laplace_start(out, sites)
+    identity = (torch.zeros_like(loc), torch.ones_like(loc))
+    if init_scale == "laplace":
+        for message in why:
+            warnings.warn(f"init_scale='laplace': {message}", LaplaceFallbackWarning, 5)
+        return (loc, torch.full_like(loc, 0.1), None) if fixed is None else (*identity, fixed)
+    starts = [(loc, torch.full_like(loc, s), None) for s in AUTO_SCALES]
+    elbos = out["elbo_plain"].tolist()
+    if fixed is not None:
+        starts.append((*identity, fixed))
+        elbos.append(elbo)
+    return starts[max(range(len(starts)), key=elbos.__getitem__)]
+
+
+def _elbo(energies: Energy, z: torch.Tensor, log_det: torch.Tensor) -> float:
+    """``mean(-energies(z)) + log_det``; -inf where the draws leave a support or it is not
+    finite."""
+    try:
+        with torch.no_grad():
+            log_p = -energies(z)
+    except ValueError:  # values outside a support: the start is unusable
+        return -math.inf
+    value = float(log_p.mean() + log_det)
+    return value if math.isfinite(value) else -math.inf
+
+
+def _block_size(values_per_copy: int | None) -> int:
+    """Coordinates per `hessian_diagonal` pass: as many copies of the model as keep about
+    `_BLOCK_ELEMENTS` values alive, at most `FULL_RANK_MAX_DIM`. Time hardly depends on it
+    (the work is one copy per coordinate); memory grows with it."""
+    if values_per_copy is None:
+        return FULL_RANK_MAX_DIM
+    return max(1, min(FULL_RANK_MAX_DIM, _BLOCK_ELEMENTS // values_per_copy))
 
 
 def _finite_around(

@@ -4,15 +4,21 @@ The base sits at ``t = 0`` and the data at ``t = t1``; the state ``[z, log-det]`
 together, with the exact trace (``dim`` vector-Jacobian products) or Hutchinson's estimator
 (one noise draw held fixed for the whole solve).
 
-Training extras (Finlay et al., 2020; Ghosh et al., 2020): inside `training_solves`, each solve
-of a layer whose ``kinetic_weight`` or ``jacobian_weight`` is positive also integrates the
-RNODE regularisers ``∫ |f|² dt`` and ``∫ |∂f/∂z|_F² dt`` as two more states (left out of the
-step-size control), and with ``steer > 0`` ends at a random time. Outside it every solve ends
-at ``t1`` and carries no extra state. `flow_matching_loss` trains the field without solving.
+Training extras (Finlay et al., 2020; Ghosh et al., 2020): solves run inside
+`training_solves` record themselves (field evaluations, and the RNODE penalty where a layer's
+``kinetic_weight`` or ``jacobian_weight`` is positive: the regularisers ``∫ |f|² dt`` and
+``∫ |∂f/∂z|_F² dt`` are integrated as two more states, left out of the step-size control), and
+with ``steer > 0`` end at a random time. Outside the block every solve ends at ``t1`` and
+carries no extra state. `flow_matching_loss` trains the field without solving.
 
 Hutchinson's estimator is unbiased for the log-determinant, not for the density: ``E[exp(-l)]``
 differs from ``exp(-E[l])``, so importance weights ``p / q`` built from a Hutchinson log-det are
 biased (and noisier). Use ``trace="exact"`` (the default for ``dim <= 10``) for diagnostics.
+
+The public names match `flowguides.numpyro.ode` except framework-only ones: here the torch
+module `ConcatSquash`; there the functional `init_neural_ode` and `vector_field`, the diffrax
+tableau `RK4`, and `solver_errors` (torch raises `MaxStepsExceededError` from the solve itself;
+JAX raises it at run time, outside any traced function).
 """
 
 from __future__ import annotations
@@ -25,26 +31,21 @@ import torch
 from torch import nn
 from torchdiffeq import odeint, odeint_adjoint
 
-from flowguides.core import (
-    FLOAT32_MIN_TOLERANCE,
-    MaxStepsExceededError,
-    ToleranceWarning,
-    check_tolerances,
-)
-from flowguides.pyro._base import FusedTransformModule
-from flowguides.pyro.coupling import ACTIVATION_FUNCTIONS
+from flowguides.core import MaxStepsExceededError, check_tolerances
+from flowguides.pyro._base import FlowLayerTransform
+from flowguides.pyro.coupling import ACTIVATIONS
 from flowguides.spec import FIXED_STEP_SOLVERS, NeuralODESpec, SpecError
 
 __all__ = [
-    "FLOAT32_MIN_TOLERANCE",
     "ConcatSquash",
-    "MaxStepsExceededError",
     "NeuralODE",
-    "ToleranceWarning",
-    "check_tolerances",
     "flow_matching_loss",
+    "in_training_solves",
+    "pass_up",
     "training_solves",
 ]
+
+_RECORDERS: list[list[dict]] = []  # the open `training_solves` blocks, innermost last
 
 
 class ConcatSquash(nn.Module):
@@ -94,7 +95,7 @@ class _Dynamics(nn.Module):
         z = state[0]
         create = torch.is_grad_enabled()  # graphs only when something differentiates the solve
         with torch.enable_grad():
-            if not z.requires_grad:
+            if not (create and z.requires_grad):  # an adjoint's forward solve: no graph out
                 z = z.detach().requires_grad_(True)
             dz = self.velocity(z, t)
             if self.noise is None:
@@ -121,7 +122,7 @@ def _solution_norm(state: tuple[torch.Tensor, ...]) -> torch.Tensor:
     return torch.max(state[0].pow(2).mean().sqrt(), state[1].pow(2).mean().sqrt())
 
 
-class NeuralODE(FusedTransformModule):
+class NeuralODE(FlowLayerTransform):
     """A continuous normalising flow ``dz/dt = f(z, t)`` from ``t = 0`` (base) to ``t1`` (data).
 
     Attributes:
@@ -167,7 +168,7 @@ class NeuralODE(FusedTransformModule):
         check_tolerances(spec, "float32" if dtype == torch.float32 else "float64")
         self.spec, self.dim = spec, dim
         self.trace = spec.resolved_trace(dim)
-        self.activation = ACTIVATION_FUNCTIONS[spec.activation]
+        self.activation = ACTIVATIONS[spec.activation]
         sizes = spec.mlp_sizes(dim)
         last = len(sizes) - 2
         self.net = nn.ModuleList(
@@ -175,7 +176,6 @@ class NeuralODE(FusedTransformModule):
             for j, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True))
         )
         self.nfe = 0
-        self._penalties: list[torch.Tensor] | None = None  # set inside `training_solves`
 
     def field(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The vector field ``f(z, t)``: concatsquash layers, activation between them."""
@@ -268,18 +268,21 @@ class NeuralODE(FusedTransformModule):
         return ends[0], ends[1], {"kinetic": sign * ends[2], "jacobian": sign * ends[3]}
 
     def _training_solve(self, x: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        spec, penalties = self.spec, self._penalties
-        if penalties is None:
+        spec = self.spec
+        if not _RECORDERS:
             return self.solve(x, inverse=inverse, regularize=False)[:2]
         end_time = None
         if spec.steer > 0:
             end_time = spec.t1 * (1.0 + spec.steer * (2.0 * float(torch.rand(())) - 1.0))
         regularize = spec.kinetic_weight > 0 or spec.jacobian_weight > 0
+        start = self.nfe
         y, ladj, reg = self.solve(x, inverse=inverse, end_time=end_time, regularize=regularize)
+        record: dict = {"nfe": self.nfe - start, "backward": not spec.adjoint}
         if regularize:
-            penalties.append(
+            record["penalty"] = (
                 spec.kinetic_weight * reg["kinetic"] + spec.jacobian_weight * reg["jacobian"]
             )
+        _RECORDERS[-1].append(record)
         return y, ladj
 
     def forward_and_log_det(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -292,29 +295,42 @@ class NeuralODE(FusedTransformModule):
 
 
 @contextlib.contextmanager
-def training_solves(module: nn.Module) -> Iterator[list[torch.Tensor]]:
-    """Make the `NeuralODE` layers inside `module` solve as in training, for the block.
+def training_solves() -> Iterator[list[dict]]:
+    """Make the `NeuralODE` solves run inside the block solve as in training.
 
-    Each solve ends at a random time when ``steer > 0`` and, when a regulariser weight is
-    positive, appends ``kinetic_weight * KE + jacobian_weight * JF`` (one value per point) to
-    the yielded list; the training loss adds the mean of each entry.
+    Each solve ends at a random time when ``steer > 0`` (drawn from torch's global RNG) and
+    appends a record to the yielded list: ``"nfe"`` (its forward field evaluations, an int),
+    ``"backward"`` (False for ``adjoint=True``, whose backward solve counts its own
+    evaluations in `NeuralODE.nfe`; True where backpropagation goes once through each
+    recorded evaluation) and, when a regulariser weight is positive, ``"penalty"``:
+    ``kinetic_weight * KE + jacobian_weight * JF`` per point (a tensor that carries gradients).
+    Blocks nest; a solve records in the innermost. The same contract as
+    `flowguides.numpyro.ode.training_solves`, whose records are traced values.
 
     Example:
         ```python
-        with training_solves(flow) as penalties:
+        with training_solves() as records:
             loss = -flow.log_prob(batch).mean()
-        loss = loss + sum(p.mean() for p in penalties)
+        loss = loss + sum(r["penalty"].mean() for r in records if "penalty" in r)
         ```
     """
-    penalties: list[torch.Tensor] = []
-    layers = [m for m in module.modules() if isinstance(m, NeuralODE)]
-    for layer in layers:
-        layer._penalties = penalties
+    records: list[dict] = []
+    _RECORDERS.append(records)
     try:
-        yield penalties
+        yield records
     finally:
-        for layer in layers:
-            layer._penalties = None
+        _RECORDERS.pop()
+
+
+def pass_up(records: list[dict]) -> None:
+    """Append `records` (of an inner block that has ended) to the innermost open block."""
+    if _RECORDERS:
+        _RECORDERS[-1].extend(records)
+
+
+def in_training_solves() -> bool:
+    """Whether the code running now is inside a `training_solves` block."""
+    return bool(_RECORDERS)
 
 
 def flow_matching_loss(
@@ -328,6 +344,7 @@ def flow_matching_loss(
 
     ``x_t = (1 - (1 - sigma_min) t) x0 + t x1`` has velocity ``u = x1 - (1 - sigma_min) x0``
     in ``t ∈ [0, 1]``; the field runs on ODE time ``s = t * t1``, so it is fitted to ``u / t1``.
+    Inside `training_solves` it records one field evaluation (``{"nfe": 1}``).
 
     Args:
         ode: the neural-ODE layer whose field is trained.
@@ -345,4 +362,6 @@ def flow_matching_loss(
     target = (x1 - (1.0 - sigma_min) * x0) / ode.spec.t1
     velocity = ode.velocity(xt, t * ode.spec.t1)
     ode.watch_backward(velocity)
+    if _RECORDERS:
+        _RECORDERS[-1].append({"nfe": 1, "backward": True})
     return (velocity - target).pow(2).sum(-1).mean()

@@ -3,6 +3,9 @@
 One module holds the `repeat` stacked layers of a [`PlanarSpec`][flowguides.spec.PlanarSpec].
 Unlike Pyro's own `Planar`, this one has an exact inverse, so it can score points it did not
 sample (and fit densities).
+
+The public names match `flowguides.numpyro.planar` except numpyro's `init_planar` (a JAX
+layer's weights are a pytree built by a separate initialiser; a torch layer holds its own).
 """
 
 from __future__ import annotations
@@ -13,14 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flowguides.pyro._base import FusedTransformModule
+from flowguides.pyro._base import FlowLayerTransform
 
-__all__ = ["Planar"]
+__all__ = ["Planar", "planar_u_hat", "solve_planar"]
 
 _LOG_E_MINUS_1 = math.log(math.e - 1.0)
 
 
-class Planar(FusedTransformModule):
+class Planar(FlowLayerTransform):
     """`repeat` planar layers ``y = z + u_hat tanh(w.z + b)``, applied in order.
 
     ``u_hat = u + (softplus(w.u) - 1 - w.u) w / |w|^2`` so that ``u_hat.w > -1``: each layer is
@@ -59,9 +62,7 @@ class Planar(FusedTransformModule):
     def _layer(self, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(u_hat, w, b, m)`` of layer `r`, with ``m = u_hat.w = softplus(w.u) - 1``."""
         u, w, b = self.u[r], self.w[r], self.b[r]
-        wu = (w * u).sum()
-        u_hat = u + (F.softplus(wu) - 1.0 - wu) * w / (w * w).sum()
-        return u_hat, w, b, F.softplus(wu) - 1.0
+        return planar_u_hat(u, w), w, b, F.softplus((w * u).sum()) - 1.0
 
     def forward_and_log_det(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(y, log|det dy/dz|)`` for `z` of shape ``(..., dim)``."""
@@ -78,34 +79,44 @@ class Planar(FusedTransformModule):
         ladj = y.new_zeros(y.shape[:-1])
         for r in reversed(range(self.repeat)):
             u_hat, w, b, m = self._layer(r)
-            c = y @ w + b
-            with torch.no_grad():
-                root = _solve_monotone(c.detach(), m.detach())
-            # one Newton step at the root carries the implicit-function gradient
-            t = torch.tanh(root)
-            a = root - (root + m * t - c) / (1.0 + m * (1.0 - t * t))
-            t = torch.tanh(a)
+            t = torch.tanh(solve_planar(m, y @ w + b))
             y = y - u_hat * t.unsqueeze(-1)
             ladj = ladj - torch.log1p((1.0 - t * t) * m)
         return y, ladj
 
 
-def _solve_monotone(c: torch.Tensor, m: torch.Tensor, max_iter: int = 100) -> torch.Tensor:
-    """Solve ``a + m tanh(a) = c`` elementwise for ``m > -1`` (no gradient).
+def planar_u_hat(u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``u + (softplus(w.u) - 1 - w.u) w / |w|^2``, the invertibility-preserving `u`."""
+    wu = (w * u).sum()
+    return u + (F.softplus(wu) - 1.0 - wu) * w / (w * w).sum()
 
-    The root lies in ``[c - |m|, c + |m|]``; Newton steps that leave the current bracket are
+
+def solve_planar(c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Solve ``a + c tanh(a) = s`` for `a` (elementwise, ``c > -1``), differentiable in `c`
+    and `s`: the root is found without a graph, then one Newton step at the root carries the
+    implicit-function gradient."""
+    with torch.no_grad():
+        root = _solve_monotone(s.detach(), c.detach())
+    t = torch.tanh(root)
+    return root - (root + c * t - s) / (1.0 + c * (1.0 - t * t))
+
+
+def _solve_monotone(s: torch.Tensor, c: torch.Tensor, max_iter: int = 100) -> torch.Tensor:
+    """Solve ``a + c tanh(a) = s`` elementwise for ``c > -1`` (no gradient).
+
+    The root lies in ``[s - |c|, s + |c|]``; Newton steps that leave the current bracket are
     replaced by bisection, so the iteration always converges.
     """
-    spread = m.abs().expand_as(c)
-    lo, hi = c - spread, c + spread
-    a = c.clone()
-    eps = torch.finfo(c.dtype).eps
+    spread = c.abs().expand_as(s)
+    lo, hi = s - spread, s + spread
+    a = s.clone()
+    eps = torch.finfo(s.dtype).eps
     for _ in range(max_iter):
         t = torch.tanh(a)
-        g = a + m * t - c
+        g = a + c * t - s
         lo = torch.where(g < 0, a, lo)
         hi = torch.where(g > 0, a, hi)
-        step = g / (1.0 + m * (1.0 - t * t))
+        step = g / (1.0 + c * (1.0 - t * t))
         new = a - step
         outside = (new <= lo) | (new >= hi)
         new = torch.where(outside, 0.5 * (lo + hi), new)

@@ -238,7 +238,9 @@ def start_of(backend: str, posterior: str, setting: Setting, layer_free: Any) ->
     if backend == "pyro":
         return fit(backend, posterior, setting, frozen="all")
     guide = layer_free.guide
-    return dataclasses.replace(layer_free, params=guide.set_weights(guide.get_weights()))
+    return dataclasses.replace(
+        layer_free, params=guide.set_weights(guide.get_weights()).initial_params()
+    )
 
 
 def metrics(posterior: str, fitted: Any, num_draws: int = 4000) -> dict[str, float]:

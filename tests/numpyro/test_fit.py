@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
+import optax
 import pytest
 from numpyro import handlers
 from numpyro.infer.initialization import init_to_value
@@ -15,11 +16,17 @@ from numpyro.infer.util import log_density
 from scipy.special import betaln, logsumexp
 from scipy.stats import multivariate_normal
 
-from flowguides.core import NonFiniteLossError
-from flowguides.numpyro import fit as fit_module
-from flowguides.numpyro import fit_density, fit_posterior
-from flowguides.numpyro import AutoFlowGuide, DiscreteLatentError, NoLatentSitesError
-from flowguides.numpyro.ode import training_solves
+from flowguides.core import MaxStepsExceededError, NonFiniteLossError
+from flowguides.numpyro import (
+    AutoFlowGuide,
+    DiscreteLatentError,
+    Flow,
+    NoLatentSitesError,
+    fit_density,
+    fit_posterior,
+    training_solves,
+)
+from flowguides.numpyro import posterior as posterior_module
 from flowguides.spec import FlowSpec, SpecError
 
 RNG = np.random.default_rng(0)
@@ -75,9 +82,9 @@ def test_closed_form_posteriors(name):
     if name != "realnvp":
         return
     # same shapes, new data: the compiled training chunk is reused
-    traces = fit_module._TRACES["posterior"]
+    traces = posterior_module._TRACES["posterior"]
     again = fit_posterior(conjugate, SPECS[name], X, Y + 0.3, K, num_steps=1500, progress=False)
-    assert fit_module._TRACES["posterior"] == traces
+    assert posterior_module._TRACES["posterior"] == traces
     assert set(again.timing) == {"setup_s", "compile_s", "steps_per_s"}
     assert all(np.isfinite(v) and v >= 0 for v in again.timing.values())
     assert (
@@ -211,7 +218,8 @@ def test_the_guide_adds_the_rnode_penalty_only_in_training_solves():
     )
     guide = AutoFlowGuide(conjugate, spec, init_scale=0.5)
     handlers.seed(guide, 0)(X, Y, K)  # sets the guide up
-    params = guide.set_weights({k: v + 0.3 for k, v in guide.get_weights().items()})
+    weights = {k: v + 0.3 for k, v in guide.get_weights().items()}
+    params = guide.set_weights(weights).initial_params()
     seeded = handlers.substitute(handlers.seed(guide, 1), data=params)
 
     @jax.jit
@@ -249,22 +257,73 @@ def test_a_neural_ode_posterior_fit_records_its_history_without_changing_the_los
     # from the same state gives the same loss and parameters
     from numpyro.infer import SVI, Trace_ELBO
 
-    def step(elbo, mutable):
+    def step(elbo):
         guide = AutoFlowGuide(gaussian, spec, init_scale=1.0)
-        svi = SVI(gaussian, guide, fit_module.make_optimizer(30, 1e-2, None), elbo)
-        state = fit_module._init_state(svi, guide, jax.random.key(0), (), {})
-        if mutable:
-            zeros = fit_module._history_entries(spec)(np.int32(0), np.float64(0.0))
-            state = state._replace(mutable_state={fit_module._HISTORY: zeros})
+        with handlers.seed(rng_seed=jax.random.split(jax.random.key(0), 3)[2]):
+            guide._setup_prototype()  # as `fit_posterior` sets it up
+        svi = SVI(gaussian, guide, optax.adam(1e-2), elbo)
+        state = posterior_module._init_state(svi, guide, jax.random.key(0), (), {})
         for _ in range(2):
             with training_solves():
                 state, loss = svi.update(state)
         return svi.get_params(state), loss, state.mutable_state
 
-    entries = fit_module._history_entries(spec)
-    ours = step(fit_module._RecordingELBO(3, entries), True)
-    theirs = step(Trace_ELBO(3, vectorize_particles=True), False)
+    ours = step(posterior_module._RecordingELBO(3, spec))
+    theirs = step(Trace_ELBO(3, vectorize_particles=True))
     np.testing.assert_allclose(ours[1], theirs[1], rtol=1e-12)
     for name, value in theirs[0].items():
         np.testing.assert_allclose(ours[0][name], value, rtol=1e-12)
-    assert int(ours[2][fit_module._HISTORY]["nfe_forward"]) == 8 and theirs[2] is None
+    (records,) = ours[2].values()  # the step's history entries, as SVI mutable state
+    assert int(records["nfe_forward"]) == 8 and theirs[2] is None
+
+
+def gaussian_2d():
+    numpyro.sample("x", dist.Normal(jnp.zeros(2), jnp.array([1.0, 2.0])).to_event(1))
+
+
+def test_losses_are_the_negative_elbo_without_the_rnode_penalty():
+    """The zeroed last layer makes the field, so the penalty and its gradient, zero at the
+    start: a weighted and an unweighted fit take the same first step, so their second step
+    sees the same parameters and draws. There the penalty is positive, and the losses agree:
+    neither includes it (the weighted one would be larger by it)."""
+    fits = {}
+    for weight in (0.0, 5.0):
+        spec = FlowSpec.neural_ode(
+            hidden=[4], solver="rk4", num_steps=2, kinetic_weight=weight, dtype="float64"
+        )
+        fits[weight] = fit_posterior(
+            gaussian_2d, spec, num_steps=3, num_particles=3, init_scale=1.0,
+            learning_rate=0.05, progress=False,
+        )  # fmt: skip
+    penalty = fits[5.0].history["regularization"]
+    assert penalty[0] == 0.0 and penalty[1] > 1e-4
+    np.testing.assert_allclose(fits[5.0].losses[:2], fits[0.0].losses[:2], rtol=0, atol=1e-9)
+
+
+TIGHT_FEW_STEPS = {"rtol": 1e-12, "atol": 1e-12, "max_steps": 2, "dtype": "float64"}
+
+
+def test_an_adaptive_solve_out_of_max_steps_raises_max_steps_exceeded_in_training():
+    data = np.random.default_rng(0).normal(size=(64, 2)) * [1.0, 0.3]
+    spec = FlowSpec.neural_ode(hidden=[8], **TIGHT_FEW_STEPS)
+    with pytest.raises(MaxStepsExceededError, match="max_steps=2") as info:
+        fit_density(data, spec, num_steps=50, learning_rate=0.05, progress=False)
+    assert info.value.__cause__ is not None  # the solver's own error, chained
+    with pytest.raises(MaxStepsExceededError, match="max_steps=2"):
+        fit_posterior(
+            gaussian_2d, spec, num_steps=50, learning_rate=0.05, init_scale=1.0,
+            progress=False,
+        )  # fmt: skip
+
+
+def test_a_fitted_flow_out_of_max_steps_raises_max_steps_exceeded():
+    data = np.random.default_rng(0).normal(size=(64, 2)) * [1.0, 0.3]
+    spec = FlowSpec.neural_ode(hidden=[8], dtype="float64")
+    fit = fit_density(data, spec, num_steps=20, learning_rate=0.05, progress=False)
+    assert np.all(np.isfinite(fit.log_prob(data[:5])))  # with room, the same flow solves
+    few = FlowSpec.neural_ode(hidden=[8], **TIGHT_FEW_STEPS)
+    fit.flow, fit.spec = Flow(few, 2, fit.flow.params), few
+    with pytest.raises(MaxStepsExceededError, match="max_steps=2"):
+        fit.log_prob(data[:5])
+    with pytest.raises(MaxStepsExceededError, match="max_steps=2"):
+        fit.sample(5, seed=0)

@@ -13,9 +13,9 @@ from numpyro.distributions import constraints
 import flowguides
 from flowguides.diagnostics import arviz_major_version
 from flowguides.io import LoadError
-from flowguides.numpyro import fit as fit_module
 from flowguides.numpyro import fit_posterior
 from flowguides.numpyro import io as numpyro_io
+from flowguides.numpyro import posterior as posterior_module
 
 SPEC = {"layers": [{"type": "planar"}], "dtype": "float64"}
 FAST = {"num_steps": 200, "learning_rate": 0.05, "init_scale": 0.1, "progress": False}
@@ -94,9 +94,9 @@ def test_a_cached_chunk_never_runs_another_start_kinds_guide():
     exact = y.sum() / (y.size + 0.01)  # mu's posterior mean under the N(0, 10^2) prior
     plain = fit_posterior(two_latents, SPEC, y, **FAST)
     laplace = fit_posterior(two_latents, SPEC, y, **{**FAST, "init_scale": "laplace"})
-    traces = fit_module._TRACES["posterior"]
+    traces = posterior_module._TRACES["posterior"]
     again = fit_posterior(two_latents, SPEC, y, **FAST)
-    assert fit_module._TRACES["posterior"] == traces  # the plain chunk was reused
+    assert posterior_module._TRACES["posterior"] == traces  # the plain chunk was reused
     assert plain.guide.preconditioner is None and laplace.guide.preconditioner is not None
     for fit in (plain, laplace, again):
         assert float(fit.sample(2000, seed=1)["mu"].mean()) == pytest.approx(exact, abs=0.15)

@@ -9,14 +9,10 @@ import numpy as np
 import pytest
 from scipy.linalg import expm
 
+from flowguides.core import MaxStepsExceededError, ToleranceWarning
 from flowguides.numpyro import ode as ode_module
 from flowguides.numpyro.build import Flow, build_flow, check_flow_tolerances
-from flowguides.numpyro.ode import (
-    NeuralODE,
-    ToleranceWarning,
-    flow_matching_loss,
-    training_solves,
-)
+from flowguides.numpyro.ode import NeuralODE, flow_matching_loss, solver_errors, training_solves
 from flowguides.spec import FlowSpec, NeuralODESpec
 from tests.numpyro._jax_properties import check_identity, check_report, perturbed, transform_report
 
@@ -72,11 +68,25 @@ def test_hutchinson_trace_is_unbiased():
     np.testing.assert_allclose(same, estimates[0], rtol=1e-12)
 
 
-def test_exceeding_max_steps_raises_a_clear_error():
+def test_exceeding_max_steps_raises_the_core_error_naming_the_field():
+    """The same class as Pyro's: the eager methods translate Equinox's run-time error."""
     spec = FlowSpec.neural_ode(hidden=[5], rtol=1e-12, atol=1e-12, max_steps=2, dtype="float64")
     flow = perturbed(build_flow(spec, 3, seed=0), 1.0)
-    with pytest.raises(Exception, match="max_steps=2"):
-        jax.block_until_ready(flow.forward_and_log_det(jnp.asarray(X)))
+    for call in (
+        lambda: flow.log_prob(X),
+        lambda: flow.forward_and_log_det(jnp.asarray(X)),
+        lambda: flow.sample_and_log_prob((4,), seed=1),
+    ):
+        with pytest.raises(MaxStepsExceededError, match=r"max_steps: .*max_steps=2 steps") as info:
+            jax.block_until_ready(call())
+        assert info.value.__cause__ is not None  # chains Equinox's error
+    jitted = jax.jit(lambda x: flow.log_prob(x))  # a compiled caller wraps its own call
+    with pytest.raises(MaxStepsExceededError, match="loosen rtol/atol"), solver_errors():
+        jax.block_until_ready(jitted(X))
+    with pytest.raises(ZeroDivisionError), solver_errors():  # other errors pass through
+        1 / 0  # noqa: B018
+    roomy = FlowSpec.neural_ode(hidden=[5], rtol=1e-12, atol=1e-12, dtype="float64")
+    assert np.all(np.isfinite(Flow(roomy, 3, flow.params).log_prob(X)))
 
 
 def test_backsolve_adjoint_gradients_match_backpropagation():

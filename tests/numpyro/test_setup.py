@@ -1,7 +1,9 @@
-"""The staged guide set-up (`StagedPrototype`) and `fit_posterior`'s direct SVI state agree
-with NumPyro's own `initialize_model` and `svi.init`."""
+"""The staged guide set-up and `fit_posterior`'s direct SVI state agree with NumPyro's own
+`initialize_model` and `svi.init`."""
 
 from __future__ import annotations
+
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -14,15 +16,18 @@ from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.initialization import init_to_median
 from numpyro.infer.util import initialize_model
 
-from flowguides.numpyro import AutoFlowGuide, _training
-from flowguides.numpyro import _prototype as prototype
-from flowguides.numpyro.fit import _init_state
+from flowguides.numpyro import AutoFlowGuide, clear_compiled
+from flowguides.numpyro import posterior as posterior_module
 from flowguides.spec import FlowSpec
 
 SPEC = FlowSpec.realnvp(num_layers=2, hidden=[4], dtype="float64")
 
 
+MODEL_RUNS = itertools.count()  # how often the model's Python code ran (keyed by identity)
+
+
 def model(x, y=None):
+    next(MODEL_RUNS)
     # sites out of alphabetical order, constrained supports, a plate and a deterministic site
     sigma = numpyro.sample("sigma", dist.LogNormal(0.0, 1.0))
     w = numpyro.sample("w", dist.Normal(jnp.zeros(2), 1.0).to_event(1))
@@ -43,10 +48,11 @@ def _set_up(guide: AutoFlowGuide, key: jax.Array) -> None:
 
 def test_staged_set_up_matches_initialize_model_and_compiles_once():
     key = jax.random.key(3)
-    _training._COMPILED.clear()  # whatever ran before, this test's first guide compiles
-    before = prototype._TRACES["init"]
+    clear_compiled()  # whatever ran before, this test's first guide compiles
+    before = next(MODEL_RUNS)
     guide = AutoFlowGuide(model, SPEC)
     _set_up(guide, key)
+    first = next(MODEL_RUNS) - before - 1
     with handlers.seed(rng_seed=key):
         guide_key = numpyro.prng_key()  # the key AutoGuide's set-up draws
     info = initialize_model(
@@ -65,9 +71,17 @@ def test_staged_set_up_matches_initialize_model_and_compiles_once():
     for name in theirs:
         np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-12)
     assert set(guide.prototype_trace) == set(info.model_trace)
-    # a second guide of the same model and argument shapes reuses the compiled program
-    _set_up(AutoFlowGuide(model, SPEC), jax.random.key(4))
-    assert prototype._TRACES["init"] == before + 1
+    # a second guide of the same model and argument shapes reuses the compiled program: its
+    # set-up runs the model's code fewer times (no trace of the set-up program), and after
+    # `clear_compiled` as many as the first
+    runs = []
+    for clear in (False, True):
+        if clear:
+            clear_compiled()
+        before = next(MODEL_RUNS)
+        _set_up(AutoFlowGuide(model, SPEC), jax.random.key(4))
+        runs.append(next(MODEL_RUNS) - before - 1)
+    assert runs[0] < first == runs[1]
 
 
 def test_model_with_its_own_params_takes_numpyros_set_up_and_svi_init():
@@ -76,29 +90,34 @@ def test_model_with_its_own_params_takes_numpyros_set_up_and_svi_init():
         w = numpyro.sample("w", dist.Normal(jnp.zeros(2), 1.0).to_event(1))
         numpyro.sample("y", dist.Normal(x @ w + shift, 1.0).to_event(1), obs=y)
 
-    assert (
-        prototype.staged_prototype(with_param, init_to_median, jax.random.key(0), (X, Y), {})
-        is None
-    )
     guide = AutoFlowGuide(with_param, SPEC)
     svi = SVI(with_param, guide, optax.adam(1e-2), Trace_ELBO())
-    state = _init_state(svi, guide, jax.random.key(0), (X, Y), {})
+    with handlers.seed(rng_seed=jax.random.split(jax.random.key(0), 3)[2]):
+        guide._setup_prototype(X, Y)  # as `fit_posterior` sets it up
+    state = posterior_module._init_state(svi, guide, jax.random.key(0), (X, Y), {})
     params = svi.get_params(state)
     assert "shift" in params and "auto_affine.loc" in params
     assert guide.latent_dim == 2
 
 
 def test_staged_set_up_steps_aside_inside_jit_without_leaking_tracers():
-    seen = []
-
     def draw(key):
-        seen.append(prototype.staged_prototype(model, init_to_median, key, (X, Y), {}))
-        info = initialize_model(key, model, dynamic_args=True, model_args=(X, Y))
-        return info.param_info.z["w"]
+        guide = AutoFlowGuide(model, SPEC)
+        with handlers.seed(rng_seed=key):
+            # NumPyro's `AutoContinuous` set-up, which stages it (the flow's own set-up after
+            # it needs concrete values): with a traced key it takes NumPyro's path
+            super(AutoFlowGuide, guide)._setup_prototype(X, Y)
+        with handlers.seed(rng_seed=key):
+            numpyro.prng_key()  # the staged path's key, which it leaves unused here
+            guide_key = numpyro.prng_key()  # the key NumPyro's set-up draws after it
+        info = initialize_model(
+            guide_key, model, init_strategy=init_to_median, dynamic_args=True, model_args=(X, Y)
+        )
+        return guide._init_locs["w"], info.param_info.z["w"]
 
     with jax.checking_leaks():
-        out = jax.jit(draw)(jax.random.key(0))
-    assert seen == [None] and out.shape == (2,)
+        ours, theirs = jax.jit(draw)(jax.random.key(0))
+    np.testing.assert_allclose(ours, theirs, rtol=1e-12)
 
 
 def test_direct_state_equals_svi_init():
@@ -108,7 +127,9 @@ def test_direct_state_equals_svi_init():
         SVI(model, g, optax.adam(1e-2), Trace_ELBO(num_particles=2, vectorize_particles=True))
         for g in guides
     ]
-    ours = _init_state(svis[0], guides[0], key, (X, Y), {})
+    with handlers.seed(rng_seed=jax.random.split(key, 3)[2]):
+        guides[0]._setup_prototype(X, Y)  # as `fit_posterior` sets it up
+    ours = posterior_module._init_state(svis[0], guides[0], key, (X, Y), {})
     theirs = svis[1].init(key, X, Y)
     assert jax.tree.structure(ours) == jax.tree.structure(theirs)
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):

@@ -11,6 +11,7 @@ import numpyro
 import numpyro.distributions as dist
 import pytest
 
+from flowguides.core import split_indices
 from flowguides.numpyro import (
     ConstantArgumentsWarning,
     ModelTracingError,
@@ -20,7 +21,7 @@ from flowguides.numpyro import (
     fit_density,
     fit_posterior,
 )
-from flowguides.numpyro import fit as fit_module
+from flowguides.numpyro import posterior as posterior_module
 
 SPEC = {"layers": [{"type": "planar"}], "dtype": "float64"}
 FAST = {"num_steps": 300, "learning_rate": 0.05, "progress": False}
@@ -72,11 +73,11 @@ def test_static_argnames_says_so_up_front_and_compiles_once_per_data_set():
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConstantArgumentsWarning)
         seen_data = fit_posterior(branch, SPEC, np.full(6, 3.0), **settings)
-        traces = fit_module._TRACES["posterior"]
+        traces = posterior_module._TRACES["posterior"]
         again = fit_posterior(branch, SPEC, np.full(6, 3.0), **settings)
-        assert fit_module._TRACES["posterior"] == traces  # the same data: reused
+        assert posterior_module._TRACES["posterior"] == traces  # the same data: reused
         no_data = fit_posterior(branch, SPEC, np.full(6, -3.0), **settings)
-        assert fit_module._TRACES["posterior"] == traces + 1  # new data: compiled anew
+        assert posterior_module._TRACES["posterior"] == traces + 1  # new data: compiled anew
     assert abs(_mean(seen_data, "mu") - 18.0 / 7) < 0.05
     assert abs(_mean(again, "mu") - 18.0 / 7) < 0.05
     assert abs(_mean(no_data, "mu")) < 0.05  # the prior: the branch was not taken
@@ -116,9 +117,9 @@ def test_a_refit_after_the_data_changes_fits_the_new_data():
         assert abs(posterior_mean() - 50.0 / 6) < 0.5
         offset = -20.0  # rebinds the closure cell of the same function
         assert abs(posterior_mean() + 50.0 / 6) < 0.5
-        traces = fit_module._TRACES["posterior"]
+        traces = posterior_module._TRACES["posterior"]
         assert abs(posterior_mean() + 50.0 / 6) < 0.5
-        assert fit_module._TRACES["posterior"] == traces  # unchanged data: compile reused
+        assert posterior_module._TRACES["posterior"] == traces  # unchanged data: compile reused
     finally:
         Y_GLOBAL[:] = 0.0
 
@@ -150,7 +151,7 @@ def test_fit_density_validates_at_the_first_and_last_step_and_refuses_no_finite_
     assert any(moved)  # trained, not the initial flow
     # a held-out row whose log-density overflows: no validation loss is finite
     bad = data.copy()
-    val_rows = fit_module.split_indices(len(bad), 0.1, 0)[1]
+    val_rows = split_indices(len(bad), 0.1, 0)[1]
     bad[val_rows[0]] = 1e200
     with pytest.raises(NonFiniteValidationError, match="validation loss was not finite"):
         fit_density(bad, spec, standardize=False, **settings)  # the same compiled chunk

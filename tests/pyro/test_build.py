@@ -82,8 +82,31 @@ def test_draws_carry_the_log_prob_of_the_inverse_pass():
     flow = build_flow(SPEC, DIM)
     set_weights(flow, random_weights(flow))
     with torch.no_grad():
-        x, log_q = flow.rsample_and_log_prob((6,))
+        x, log_q = flow.sample_and_log_prob((6,))
         torch.testing.assert_close(log_q, flow.log_prob(x), rtol=0, atol=1e-6)
+
+
+def test_sample_and_log_prob_is_reparametrised_and_seeded():
+    flow = build_flow(SPEC, DIM)
+    set_weights(flow, random_weights(flow))
+    x, log_q = flow.sample_and_log_prob((5,), seed=4)
+    (x.sum() + log_q.sum()).backward()
+    assert all(float(p.grad.abs().sum()) > 0 for p in flow.parameters())
+    state = torch.random.get_rng_state()
+    again, log_q_again = flow.sample_and_log_prob((5,), seed=4)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is untouched
+    torch.testing.assert_close(again, x, rtol=0, atol=0)
+    torch.testing.assert_close(log_q_again, log_q, rtol=0, atol=0)
+    assert not torch.equal(flow.sample_and_log_prob((5,), seed=5)[0], x)
+
+
+def test_build_flow_takes_the_dict_form_of_a_spec():
+    from_dict = build_flow(SPEC.to_dict(), DIM, seed=3)
+    assert from_dict.spec == SPEC
+    for name, value in get_weights(build_flow(SPEC, DIM, seed=3)).items():
+        np.testing.assert_array_equal(get_weights(from_dict)[name], value)
+    with pytest.raises(SpecError, match="layers"):
+        build_flow({"layers": [{"type": "nope"}]}, DIM)
 
 
 def test_log_prob_integrates_to_one_in_one_dimension():

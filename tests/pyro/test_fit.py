@@ -8,7 +8,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from flowguides.core import NonFiniteLossError, split_indices
+from flowguides.core import MaxStepsExceededError, NonFiniteLossError, split_indices
 from flowguides.pyro import (
     DensityFit,
     NonFiniteValidationError,
@@ -292,3 +292,42 @@ def test_fit_density_non_finite_loss_keeps_the_last_finite_weights(monkeypatch):
 def test_fit_posterior_rejects_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         fit_posterior(regression, SPECS["planar"], X, Y, progress=False, **kwargs)
+
+
+def gaussian_2d():
+    scale = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    pyro.sample("x", dist.Normal(torch.zeros(2, dtype=torch.float64), scale).to_event(1))
+
+
+def test_losses_are_the_negative_elbo_without_the_rnode_penalty():
+    """The zeroed last layer makes the field, so the penalty and its gradient, zero at the
+    start: a weighted and an unweighted fit take the same first step, so their second step
+    sees the same parameters and draws. There the penalty is positive, and the losses agree:
+    neither includes it (the weighted one would be larger by it)."""
+    fits = {}
+    for weight in (0.0, 5.0):
+        spec = FlowSpec.neural_ode(
+            hidden=[4], solver="rk4", num_steps=2, kinetic_weight=weight, dtype="float64"
+        )
+        fits[weight] = fit_posterior(
+            gaussian_2d, spec, num_steps=3, num_particles=3, init_scale=1.0,
+            learning_rate=0.05, progress=False,
+        )  # fmt: skip
+    penalty = fits[5.0].history["regularization"]
+    assert penalty[0] == 0.0 and penalty[1] > 1e-4
+    np.testing.assert_allclose(fits[5.0].losses[:2], fits[0.0].losses[:2], rtol=0, atol=1e-9)
+
+
+TIGHT_FEW_STEPS = {"rtol": 1e-12, "atol": 1e-12, "max_steps": 2, "dtype": "float64"}
+
+
+def test_an_adaptive_solve_out_of_max_steps_raises_max_steps_exceeded_in_training():
+    data = np.random.default_rng(0).normal(size=(64, 2)) * [1.0, 0.3]
+    spec = FlowSpec.neural_ode(hidden=[8], **TIGHT_FEW_STEPS)
+    with pytest.raises(MaxStepsExceededError, match="max_steps=2"):
+        fit_density(data, spec, num_steps=50, learning_rate=0.05, progress=False)
+    with pytest.raises(MaxStepsExceededError, match="max_steps=2"):
+        fit_posterior(
+            gaussian_2d, spec, num_steps=50, learning_rate=0.05, init_scale=1.0,
+            progress=False,
+        )  # fmt: skip

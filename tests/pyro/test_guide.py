@@ -202,9 +202,27 @@ def test_guide_weights_round_trip():
     weights = guide.get_weights()
     assert list(weights) == list(SPEC.parameter_shapes(guide.latent_dim))
     weights["affine.loc"] = weights["affine.loc"] + 1.0
-    guide.set_weights(weights)
+    assert guide.set_weights(weights) is guide  # chains, as in NumPyro
     np.testing.assert_array_equal(guide.get_weights()["affine.loc"], weights["affine.loc"])
     assert guide.get_flow() is guide.flow
+
+
+def test_set_preconditioner_sets_removes_and_returns_the_guide():
+    guide = AutoFlowGuide(constrained_model, SPEC)
+    guide()
+    dim = guide.latent_dim
+    shift, scales = np.linspace(-1.0, 1.0, dim), np.linspace(0.5, 2.0, dim)
+    fixed = {"precondition.shift": shift, "precondition.scale_tril": scales}
+    eps = torch.randn(3, dim, dtype=torch.float64)
+    with torch.no_grad():
+        plain, plain_ladj = guide.flow.forward_and_log_det(eps)
+    assert guide.set_preconditioner(fixed) is guide
+    np.testing.assert_allclose(guide.preconditioner["precondition.scale_tril"], scales)
+    with torch.no_grad():  # z = shift + scales * (the plain flow's output)
+        z, ladj = guide.flow.forward_and_log_det(eps)
+    torch.testing.assert_close(z, torch.as_tensor(shift) + torch.as_tensor(scales) * plain)
+    torch.testing.assert_close(ladj, plain_ladj + float(np.log(scales).sum()))
+    assert guide.set_preconditioner(None) is guide and guide.preconditioner is None
 
 
 def test_discrete_latent_site_is_named_with_a_suggestion():

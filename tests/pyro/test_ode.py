@@ -6,14 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flowguides.pyro.ode import (
-    MaxStepsExceededError,
-    NeuralODE,
-    ToleranceWarning,
-    flow_matching_loss,
-    training_solves,
-)
-from flowguides.spec import NeuralODESpec, SpecError
+from flowguides.core import MaxStepsExceededError, ToleranceWarning
+from flowguides.pyro import build_flow
+from flowguides.pyro.ode import NeuralODE, flow_matching_loss, in_training_solves, training_solves
+from flowguides.spec import FlowSpec, NeuralODESpec, SpecError
 
 DIM = 3
 TIGHT = {"solver": "dopri5", "rtol": 1e-10, "atol": 1e-10, "hidden": (8,)}
@@ -69,6 +65,22 @@ def test_adjoint_gives_the_same_gradients(checks):
         y, ladj = transform.forward_and_log_det(x)
         ((y**2).sum() + ladj.sum()).backward()
         grads.append([p.grad.clone() for p in transform.parameters()])
+    for plain, adjoint in zip(*grads, strict=True):
+        torch.testing.assert_close(plain, adjoint, rtol=1e-6, atol=1e-8)
+
+
+def test_adjoint_reaches_an_input_that_carries_gradients(checks):
+    """Behind an affine base the solve's input needs gradients too: the adjoint's forward
+    solve must not try to differentiate through it (it once raised), and the gradients of
+    the flow's parameters agree with direct backpropagation."""
+    x = torch.randn(4, DIM, dtype=torch.float64)
+    grads = []
+    for adjoint in (False, True):
+        spec = FlowSpec.neural_ode(**{**TIGHT, "hidden": [4], "adjoint": adjoint}, dtype="float64")
+        flow = build_flow(spec, DIM)
+        checks.randomize(flow)
+        (-flow.log_prob(x).mean()).backward()
+        grads.append([p.grad.clone() for p in flow.parameters()])
     for plain, adjoint in zip(*grads, strict=True):
         torch.testing.assert_close(plain, adjoint, rtol=1e-6, atol=1e-8)
 
@@ -199,22 +211,61 @@ def test_hutchinson_is_unbiased_for_the_exact_trace(checks):
             assert abs(float(estimate.mean() - target[0])) < 4 * float(estimate.std()) / 4000**0.5
 
 
-def test_training_solves_add_the_weighted_penalty_only_when_asked(ode):
+def test_training_solves_record_the_weighted_penalty_only_when_asked(ode):
     z = torch.randn(3, DIM, dtype=torch.float64)
-    with torch.no_grad(), training_solves(ode) as penalties:
+    with torch.no_grad(), training_solves() as records:
         y, ladj = ode.forward_and_log_det(z)
-    assert penalties == []  # weights 0: no extra states, nothing recorded
+    assert len(records) == 1 and "penalty" not in records[0]  # weights 0: no extra states
     weighted = make(kinetic_weight=0.3, jacobian_weight=2.0)
     weighted.load_state_dict(ode.state_dict())
     with torch.no_grad():
         _, _, reg = weighted.solve(z)
-        with training_solves(weighted) as penalties:
+        with training_solves() as records:
             y_train, ladj_train = weighted.forward_and_log_det(z)
-    assert len(penalties) == 1
-    torch.testing.assert_close(penalties[0], 0.3 * reg["kinetic"] + 2.0 * reg["jacobian"])
+    assert len(records) == 1
+    torch.testing.assert_close(records[0]["penalty"], 0.3 * reg["kinetic"] + 2.0 * reg["jacobian"])
     torch.testing.assert_close(y_train, y)
     torch.testing.assert_close(ladj_train, ladj)
-    assert weighted._penalties is None  # evaluation again after the block
+    assert not in_training_solves()  # evaluation again after the block
+
+
+@pytest.mark.parametrize("adjoint", [False, True])
+def test_training_solves_record_nfe_and_backward_like_numpyro(adjoint, checks):
+    """One record per solve: its forward evaluations (rk4: 4 per step), whether a backward
+    pass repeats them (not under the adjoint), and the penalty, which carries gradients."""
+    spec = FlowSpec.neural_ode(
+        hidden=[4], solver="rk4", num_steps=3, adjoint=adjoint, kinetic_weight=0.5, dtype="float64"
+    )
+    flow = build_flow(spec, DIM)
+    checks.randomize(flow.layers[0])
+    x = torch.randn(4, DIM, dtype=torch.float64)
+    with training_solves() as records:
+        loss = -flow.log_prob(x).mean()
+        _, log_q = flow.sample_and_log_prob((2,))
+    assert [r["nfe"] for r in records] == [12, 12]
+    assert [r["backward"] for r in records] == [not adjoint] * 2
+    assert records[0]["penalty"].shape == (4,) and records[1]["penalty"].shape == (2,)
+    assert all(bool((r["penalty"] > 0).all()) for r in records)
+    penalty = sum(r["penalty"].mean() for r in records if "penalty" in r)
+    (loss + penalty).backward()
+    assert float(flow.layers[0].net[0].weight.grad.abs().sum()) > 0
+
+
+def test_training_solves_nest_and_record_in_the_innermost_block():
+    ode = make(solver="euler", num_steps=2)
+    z = torch.randn(2, DIM, dtype=torch.float64)
+    with torch.no_grad(), training_solves() as outer:
+        ode.forward_and_log_det(z)
+        with training_solves() as inner:
+            ode.forward_and_log_det(z)
+            ode.inverse_and_log_det(z)
+        assert in_training_solves()
+    assert len(outer) == 1 and len(inner) == 2
+    assert [r["nfe"] for r in outer + inner] == [2, 2, 2]
+    flow_matching_loss(ode, z, z, torch.rand(2, dtype=torch.float64), 0.0)  # outside: no record
+    with training_solves() as records:
+        flow_matching_loss(ode, z, z, torch.rand(2, dtype=torch.float64), 0.0)
+    assert records == [{"nfe": 1, "backward": True}]
 
 
 def test_steer_draws_the_training_end_time_and_evaluation_uses_t1():
@@ -224,7 +275,7 @@ def test_steer_draws_the_training_end_time_and_evaluation_uses_t1():
     )  # f = (1, 0, 0): the shift is the time
     z = torch.zeros(1, DIM, dtype=torch.float64)
     with torch.no_grad():
-        with training_solves(transform):
+        with training_solves():
             ends = [float(transform.forward_and_log_det(z)[0][0, 0]) for _ in range(20)]
             back = float(transform.inverse_and_log_det(z)[0][0, 0])
         evaluation = [float(transform.forward_and_log_det(z)[0][0, 0]) for _ in range(3)]

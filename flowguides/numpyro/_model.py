@@ -11,6 +11,10 @@ A compiled program bakes in every value the model reads that is not a traced arg
 module-level or closure array, a default, a static argument. `callable_key` keys a cache entry
 on the model's identity and the *contents* of those values, so that changing a global ``y`` and
 fitting again compiles anew instead of fitting the old ``y``.
+
+The Pyro backend's ``_model.py`` holds what its framework needs instead (running a batch of
+draws through a model written for one draw); the two files share their job, how a fit runs the
+user's model, not their names: each backend's needs are its framework's.
 """
 
 from __future__ import annotations

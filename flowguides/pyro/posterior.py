@@ -1,6 +1,6 @@
-"""Fit a flow guide to a Pyro model's posterior, or a flow to a data set, in a few lines.
+"""Fit a flow guide to a Pyro model's posterior: `PosteriorFit` and `fit_posterior`.
 
-Both loops use Adam (with optional global-norm clipping) and the shared schedule from
+The loop uses Adam (with optional global-norm clipping) and the shared schedule from
 [`learning_rate_at`][flowguides.core.learning_rate_at]; a NaN or infinite loss stops training
 with a `NonFiniteLossError` and leaves the last finite parameters in place.
 
@@ -8,14 +8,16 @@ Flows with neural-ODE layers train with `training_solves` (STEER end times, the 
 ``kinetic_weight * KE + jacobian_weight * JF`` averaged over points and summed over layers added
 to the loss) and record per step, in ``fit.history``, the vector-field evaluations of the loss
 (``"nfe_forward"``) and of its gradient (``"nfe_backward"``), plus the penalty
-(``"regularization"``) when a weight is positive. `fit_density` can also train a single
-neural-ODE layer by flow matching (``objective="flow_matching"``).
+(``"regularization"``) when a weight is positive. ``fit.losses`` leaves the penalty out.
+
+The same names and parameters as `flowguides.numpyro.posterior`, except where the framework
+differs: NumPyro's `fit_posterior` takes ``static_argnames`` (which arguments compile in as
+constants), Pyro's takes ``vectorize_particles`` (NumPyro vectorises every model with ``vmap``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -28,42 +30,19 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO
 from pyro.infer.autoguide import init_to_median
 from pyro.poutine.util import site_is_subsample
-from tqdm import tqdm
 
 from flowguides.core import (
-    OBJECTIVES,
-    VALIDATE_EVERY,
-    NonFiniteGradientError,
-    NonFiniteLossError,
-    NonFiniteValidationError,
     PosteriorFitMethods,
     as_spec,
-    check_data,
-    check_objective,
     check_training,
     default_learning_rate,
-    learning_rate_at,
-    split_indices,
-    standardization,
     warn_if_below_start,
 )
-from flowguides.pyro.build import Flow, build_flow
+from flowguides.pyro._training import Evaluations, Trainer, progress_bar, with_penalty
 from flowguides.pyro.guide import AutoFlowGuide
-from flowguides.pyro.ode import NeuralODE, flow_matching_loss, training_solves
 from flowguides.spec import FlowSpec
 
-__all__ = [
-    "DEFAULT_INIT_SCALE",
-    "OBJECTIVES",
-    "DensityFit",
-    "NonFiniteGradientError",
-    "NonFiniteValidationError",
-    "PosteriorFit",
-    "fit_density",
-    "fit_posterior",
-]
-
-DEFAULT_INIT_SCALE: float | str = "auto"
+__all__ = ["PosteriorFit", "fit_posterior"]
 
 
 @dataclass
@@ -102,7 +81,11 @@ class PosteriorFit(PosteriorFitMethods):
         }
 
     def sample(self, num_samples: int, seed: int | None = None) -> dict[str, np.ndarray]:
-        """Constrained posterior draws, ``name -> (num_samples, *site_shape)``."""
+        """Constrained posterior draws, ``name -> (num_samples, *site_shape)``.
+
+        Raises:
+            MaxStepsExceededError: an adaptive neural-ODE solve ran out of ``max_steps``.
+        """
         latent, _ = self.guide.draws(num_samples, seed)
         return {k: v.cpu().numpy() for k, v in self.guide.constrain(latent).items()}
 
@@ -128,6 +111,9 @@ class PosteriorFit(PosteriorFitMethods):
             vectorize_particles: ``True`` (the draws through the model at once), ``False``
                 (one at a time), ``"auto"``, or None (default): the guide's own choice (see
                 `AutoFlowGuide`).
+
+        Raises:
+            MaxStepsExceededError: an adaptive neural-ODE solve ran out of ``max_steps``.
         """
         with torch.no_grad(), torch.random.fork_rng(devices=[], enabled=seed is not None):
             if seed is not None:
@@ -225,125 +211,6 @@ class PosteriorFit(PosteriorFitMethods):
         return {name: value.cpu().numpy() for name, value in out.items()}
 
 
-@dataclass
-class DensityFit:
-    """A flow fitted to data by maximum likelihood or flow matching.
-
-    Attributes:
-        flow: the trained `Flow` (on standardised data when `mean`/`std` are set).
-        spec: the flow spec.
-        losses: ``{"train": per step, "val": per validation (every 25 steps)}``: mean negative
-            log-likelihoods in the standardised space (without the RNODE penalty), or the
-            flow-matching losses under ``objective="flow_matching"``.
-        mean, std: the standardisation (``None`` when off).
-        backend: ``"pyro"``.
-        history: per-step arrays for neural-ODE flows (``"nfe_forward"``, ``"nfe_backward"``,
-            ``"regularization"`` when a regulariser weight is positive); empty otherwise.
-        objective: ``"maximum_likelihood"`` or ``"flow_matching"``.
-    """
-
-    flow: Flow
-    spec: FlowSpec
-    losses: dict[str, np.ndarray]
-    mean: np.ndarray | None = None
-    std: np.ndarray | None = None
-    backend: str = "pyro"
-    history: dict[str, np.ndarray] = field(default_factory=dict)
-    objective: str = "maximum_likelihood"
-
-    def log_prob(self, x: Any) -> np.ndarray:
-        """Log-density of rows `x` ``(n, dim)`` in the data's own scale (Jacobian included)."""
-        x = check_data(x, name="x", dim=self.flow.dim)
-        offset = 0.0
-        if self.mean is not None:
-            x = (x - self.mean) / self.std
-            offset = float(np.log(self.std).sum())
-        with torch.no_grad():
-            log_q = self.flow.log_prob(torch.as_tensor(x, dtype=self.flow.dtype))
-        return log_q.cpu().numpy() - offset
-
-    def sample(self, n: int, seed: int | None = None) -> np.ndarray:
-        """`n` draws ``(n, dim)`` in the data's own scale."""
-        x = self.flow.sample((n,), seed=seed).cpu().numpy()
-        return x * self.std + self.mean if self.mean is not None else x
-
-
-class _Trainer:
-    """Adam + the shared schedule + clipping + the non-finite guard, over fixed parameters."""
-
-    def __init__(
-        self, params: list[torch.Tensor], num_steps: int, lr: float, clip_norm: float | None
-    ):
-        self.params, self.clip_norm = params, clip_norm
-        self.optim = torch.optim.Adam(params, lr=lr)
-        self.schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.optim, lambda step: learning_rate_at(step, num_steps, lr) / lr
-        )
-        self.last_good = [p.detach().clone() for p in params]  # refreshed in place each step
-
-    def step(self, step: int, loss: torch.Tensor, make_fit: Callable[[], Any]) -> float:
-        value = float(loss.detach())
-        if not np.isfinite(value):
-            with torch.no_grad():
-                for p, good in zip(self.params, self.last_good, strict=True):
-                    p.copy_(good)
-            raise NonFiniteLossError(step, value, self.last_good, make_fit())
-        with torch.no_grad():
-            for good, p in zip(self.last_good, self.params, strict=True):
-                good.copy_(p)
-        self.optim.zero_grad()
-        loss.backward()
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
-            raise NonFiniteGradientError(step, value, self.last_good, make_fit())
-        if self.clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)
-        self.optim.step()
-        self.schedule.step()
-        return value
-
-
-class _Evaluations:
-    """Per-step vector-field evaluations (forward, backward) and RNODE penalties of a flow."""
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.layers = [m for m in module.modules() if isinstance(m, NeuralODE)]
-        self.regularized = any(
-            m.spec.kinetic_weight > 0 or m.spec.jacobian_weight > 0 for m in self.layers
-        )
-        self.steps: dict[str, list[float]] = {"nfe_forward": [], "nfe_backward": []}
-        if self.regularized:
-            self.steps["regularization"] = []
-
-    def count(self) -> int:
-        return sum(m.nfe for m in self.layers)
-
-    def record(self, start: int, after_loss: int, penalty: torch.Tensor) -> None:
-        """Log one step: `start`/`after_loss` are `count()` before and after the loss."""
-        self.steps["nfe_forward"].append(after_loss - start)
-        self.steps["nfe_backward"].append(self.count() - after_loss)
-        if self.regularized:
-            self.steps["regularization"].append(float(penalty.detach()))
-
-    def history(self) -> dict[str, np.ndarray]:
-        if not self.layers:
-            return {}
-        return {k: np.asarray(v) for k, v in self.steps.items()}
-
-
-def _with_penalty(
-    flow: torch.nn.Module, loss_fn: Callable[[], torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(loss, penalty)``: `loss_fn` run with training solves, the mean RNODE penalty."""
-    with training_solves(flow) as penalties:
-        loss = loss_fn()
-    return loss, sum((p.mean() for p in penalties), loss.new_zeros(()))
-
-
-def _progress(num_steps: int, progress: bool) -> tqdm:
-    return tqdm(total=num_steps, disable=not progress, file=sys.stderr, leave=False)
-
-
 def fit_posterior(
     model: Callable[..., Any],
     spec: FlowSpec | Mapping[str, Any],
@@ -353,7 +220,7 @@ def fit_posterior(
     num_particles: int = 8,
     clip_norm: float | None = None,
     init_loc_fn: Callable[[dict], torch.Tensor] = init_to_median,
-    init_scale: float | str = DEFAULT_INIT_SCALE,
+    init_scale: float | str = "auto",
     seed: int = 0,
     progress: bool = True,
     vectorize_particles: bool | str = "auto",
@@ -385,6 +252,9 @@ def fit_posterior(
             ``False``: one at a time. The fit remembers the outcome for `log_densities`,
             `log_likelihood` and the diagnostics.
 
+    Returns:
+        The `PosteriorFit`.
+
     Warns:
         FitBelowStartWarning: the last tenth of the losses is clearly above the first steps'
             (see `flowguides.core.warn_if_below_start`): the start was the better guide.
@@ -392,6 +262,8 @@ def fit_posterior(
     Raises:
         NonFiniteLossError: when a loss is NaN/inf; the guide keeps the last finite weights
             and the error's ``.fit`` holds the partial fit.
+        NonFiniteGradientError: the loss was finite but a gradient was not (as above).
+        MaxStepsExceededError: an adaptive neural-ODE solve ran out of ``max_steps``.
         ValueError: ``vectorize_particles=True`` where the model does not broadcast.
     """
     spec = as_spec(spec)
@@ -414,7 +286,7 @@ def fit_posterior(
     timing = {"setup_s": time.perf_counter() - t0}
     if learning_rate is None:
         learning_rate = default_learning_rate(guide.latent_dim)
-    evaluations = _Evaluations(guide.flow)
+    evaluations = Evaluations(guide.flow)
     elbos: dict[bool, Trace_ELBO] = {}
 
     def negative_elbo(vectorized: bool | None = None) -> torch.Tensor:
@@ -430,8 +302,8 @@ def fit_posterior(
     with poutine.trace(param_only=True) as param_capture:
         start = evaluations.count()
         loss, penalty = guide.evaluate_batch(  # vectorised particles checked on the ELBO too
-            lambda: _with_penalty(guide.flow, negative_elbo),
-            lambda: _with_penalty(guide.flow, lambda: negative_elbo(False)),
+            lambda: with_penalty(negative_elbo),
+            lambda: with_penalty(lambda: negative_elbo(False)),
         )
         after_loss = evaluations.count()
     params = list(guide.parameters())
@@ -441,7 +313,7 @@ def fit_posterior(
         if id(p) not in seen:
             params.append(p)
             seen.add(id(p))
-    trainer = _Trainer(params, num_steps, learning_rate, clip_norm)
+    trainer = Trainer(params, num_steps, learning_rate, clip_norm)
     losses: list[float] = []
 
     def partial_fit() -> PosteriorFit:
@@ -455,11 +327,11 @@ def fit_posterior(
 
     smooth = None
     t1 = time.perf_counter()
-    with _progress(num_steps, progress) as bar:
+    with progress_bar(num_steps, progress) as bar:
         for step in range(num_steps):
             if step:
                 start = evaluations.count()
-                loss, penalty = _with_penalty(guide.flow, negative_elbo)
+                loss, penalty = with_penalty(negative_elbo)
                 after_loss = evaluations.count()
             trainer.step(step, loss + penalty, partial_fit)
             value = float(loss.detach())
@@ -470,130 +342,3 @@ def fit_posterior(
             bar.update()
     warn_if_below_start(np.asarray(losses), learning_rate)
     return partial_fit()
-
-
-def fit_density(
-    data: Any,
-    spec: FlowSpec | Mapping[str, Any],
-    *,
-    num_steps: int = 2000,
-    batch_size: int = 256,
-    learning_rate: float = 1e-3,
-    validation_fraction: float = 0.1,
-    patience: int = 500,
-    standardize: bool = True,
-    objective: str = "maximum_likelihood",
-    sigma_min: float = 1e-4,
-    seed: int = 0,
-    progress: bool = True,
-) -> DensityFit:
-    """Fit a flow to the rows of `data` ``(n, dim)`` on minibatches.
-
-    A `validation_fraction` of the rows is held out and scored after the first step, every 25
-    steps and after the last; training stops
-    after `patience` steps without a better validation loss and the best parameters are kept.
-
-    ``objective="maximum_likelihood"`` (the default) minimises the negative log-likelihood
-    (plus the RNODE penalty of neural-ODE layers). ``objective="flow_matching"`` needs a spec
-    whose layers are exactly one neural-ODE layer and fits its vector field without solving
-    (`flow_matching_loss`, base draws ``x0 ~ N(0, I)``, ``t ~ U(0, 1)``); the validation loss is
-    the same loss on the held-out rows (with noise fixed for the whole fit). The affine base is
-    not trained and stays the identity: the path joins N(0, I) to the (standardised) data
-    directly. `log_prob` afterwards is exact through the ODE.
-
-    Args:
-        data: the rows ``(n, dim)``.
-        spec: the flow spec (or its dict form).
-        num_steps, batch_size, learning_rate: the optimisation (Adam, shared schedule).
-        validation_fraction, patience: early stopping.
-        standardize: fit the flow to standardised data (the Jacobian enters `log_prob`).
-        objective: ``"maximum_likelihood"`` or ``"flow_matching"``.
-        sigma_min: the flow-matching path's width at the data end.
-        seed: seeds the split, the initial weights, minibatches and noise.
-        progress: show a tqdm bar on stderr.
-
-    Raises:
-        ValueError: for data of the wrong rank or holding NaN/inf (naming the rows), or a
-            setting out of range.
-        SpecError: ``objective="flow_matching"`` with a spec that is not one neural-ODE layer.
-        NonFiniteLossError: when a training loss is NaN/inf (the last finite weights are kept).
-        NonFiniteValidationError: no validation loss was finite.
-
-    References:
-        Lipman et al., "Flow Matching for Generative Modeling", ICLR 2023.
-    """
-    spec = as_spec(spec)
-    check_training(num_steps, learning_rate, None)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
-    check_objective(spec, objective, sigma_min)
-    data = check_data(data)
-    n, dim = data.shape
-    train_idx, val_idx = split_indices(n, validation_fraction, seed)
-    scaling = standardization(data[train_idx], standardize)
-    mean, std = scaling if scaling is not None else (None, None)
-    if scaling is not None:
-        data = (data - mean) / std
-    torch.manual_seed(seed)
-    flow = build_flow(spec, dim, seed=seed)
-    train = torch.as_tensor(data[train_idx], dtype=flow.dtype)
-    val = torch.as_tensor(data[val_idx], dtype=flow.dtype)
-    batch = min(batch_size, len(train))
-    if objective == "flow_matching":
-        ode = flow.layers[0]
-        val_noise = (torch.randn_like(val), torch.rand(len(val), dtype=flow.dtype))
-
-        def train_loss(x: torch.Tensor) -> torch.Tensor:
-            x0, t = torch.randn_like(x), torch.rand(len(x), dtype=x.dtype)
-            return flow_matching_loss(ode, x, x0, t, sigma_min)
-
-        def val_loss_fn() -> torch.Tensor:
-            return flow_matching_loss(ode, val, *val_noise, sigma_min)
-
-        params = list(ode.parameters())
-    else:
-
-        def train_loss(x: torch.Tensor) -> torch.Tensor:
-            return -flow.log_prob(x).mean()
-
-        def val_loss_fn() -> torch.Tensor:
-            return -flow.log_prob(val).mean()
-
-        params = list(flow.parameters())
-    trainer = _Trainer(params, num_steps, learning_rate, None)
-    evaluations = _Evaluations(flow)
-    rng = np.random.default_rng(seed)
-    losses: dict[str, list[float]] = {"train": [], "val": []}
-    best, best_step = None, 0
-
-    def result() -> DensityFit:
-        arrays = {k: np.asarray(v) for k, v in losses.items()}
-        history = evaluations.history()
-        return DensityFit(flow, spec, arrays, mean, std, history=history, objective=objective)
-
-    with _progress(num_steps, progress) as bar:
-        for step in range(num_steps):
-            rows = torch.as_tensor(rng.integers(0, len(train), size=batch))
-            start = evaluations.count()
-            loss, penalty = _with_penalty(flow, lambda rows=rows: train_loss(train[rows]))
-            after_loss = evaluations.count()
-            trainer.step(step, loss + penalty, result)
-            losses["train"].append(float(loss.detach()))
-            evaluations.record(start, after_loss, penalty)
-            if len(val) and (step % VALIDATE_EVERY == 0 or step == num_steps - 1):
-                with torch.no_grad():
-                    val_loss = float(val_loss_fn())
-                losses["val"].append(val_loss)
-                if np.isfinite(val_loss) and (best is None or val_loss < best[0]):
-                    best = (val_loss, {k: v.clone() for k, v in flow.state_dict().items()})
-                    best_step = step
-                bar.set_postfix(val=f"{val_loss:.4g}", refresh=False)
-                if step - best_step >= patience:
-                    break
-            bar.update()
-    if len(val) and best is None:
-        last = [p.detach().clone() for p in params]
-        raise NonFiniteValidationError(len(losses["train"]) - 1, losses["val"][-1], last, result())
-    if best is not None:
-        flow.load_state_dict(best[1])
-    return result()

@@ -1,0 +1,335 @@
+"""Fit a flow to a data set: `DensityFit` and `fit_density` (NumPyro).
+
+Training steps run inside `jax.lax.scan` in chunks of up to 100 steps (see
+`flowguides.numpyro.posterior`), with Adam on the shared schedule, minibatches drawn with
+replacement and early stopping on a held-out share of the rows. A non-finite loss, or a finite
+loss with a non-finite gradient, stops training at that step and raises `NonFiniteLossError`
+(`NonFiniteGradientError`) with the last finite parameters. Flows with neural-ODE layers train
+inside `training_solves` and record per step, in ``fit.history``, the field evaluations of the
+loss (``"nfe_forward"``) and of its gradient (``"nfe_backward"``, left out with
+``adjoint=True``), plus the RNODE penalty (``"regularization"``) when a weight is positive.
+``objective="flow_matching"`` trains a single neural-ODE layer by flow matching.
+
+The same names and parameters as `flowguides.pyro.density`; `DensityFit` also holds a ``seed``
+for its draws (JAX has no global random state).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from flowguides.core import (
+    VALIDATE_EVERY,
+    NonFiniteGradientError,
+    NonFiniteLossError,
+    NonFiniteValidationError,
+    as_spec,
+    check_data,
+    check_objective,
+    check_training,
+    split_indices,
+    standardization,
+)
+from flowguides.numpyro._training import (
+    CHUNK,
+    all_finite,
+    cached,
+    default_float,
+    history_entries,
+    make_optimizer,
+    mean_penalty,
+    run_chunks,
+)
+from flowguides.numpyro.build import Flow, build_flow
+from flowguides.numpyro.ode import flow_matching_loss, solver_errors, training_solves
+from flowguides.spec import FlowSpec, SpecError
+
+__all__ = ["DensityFit", "fit_density"]
+
+_TRACES = {"density": 0}  # times a training chunk was traced (tests read it)
+
+
+@jax.jit
+def _flow_log_prob(flow: Flow, x: jax.Array) -> jax.Array:
+    return flow.log_prob(x)
+
+
+@jax.jit
+def _flow_sample(flow: Flow, key: jax.Array, like: jax.Array) -> jax.Array:
+    return flow.sample(like.shape, key)
+
+
+@dataclass
+class DensityFit:
+    """A flow fitted to data by maximum likelihood or flow matching.
+
+    Attributes:
+        flow: the fitted `Flow` (on standardised data when `mean`/`std` are set).
+        spec: the `FlowSpec`.
+        losses: ``{"train": per step, "val": per validation}``: mean negative log-likelihoods
+            (without the RNODE penalty), or flow-matching losses under
+            ``objective="flow_matching"``, in the standardised scale.
+        mean, std: the standardisation, or None.
+        backend: ``"numpyro"``.
+        history: per-step arrays for neural-ODE flows (``"nfe_forward"``, ``"nfe_backward"``
+            unless a layer uses the adjoint, ``"regularization"`` when a regulariser weight is
+            positive); empty otherwise.
+        objective: ``"maximum_likelihood"`` or ``"flow_matching"``.
+    """
+
+    flow: Flow
+    spec: FlowSpec
+    losses: dict[str, np.ndarray]
+    mean: np.ndarray | None = None
+    std: np.ndarray | None = None
+    seed: int = 0
+    backend: str = "numpyro"
+    history: dict[str, np.ndarray] = field(default_factory=dict)
+    objective: str = "maximum_likelihood"
+
+    def __post_init__(self) -> None:
+        self._rng = np.random.default_rng(self.seed + 1)
+
+    def log_prob(self, x: Any) -> np.ndarray:
+        """``log p(x)`` per row, in the data's own scale (the standardisation included).
+
+        Raises:
+            ValueError: `x` is not a finite ``(n, dim)`` array.
+            MaxStepsExceededError: an adaptive neural-ODE solve ran out of ``max_steps``.
+        """
+        arr = check_data(x, name="x", dim=self.flow.dim)
+        offset = 0.0
+        if self.mean is not None:
+            arr, offset = (arr - self.mean) / self.std, np.sum(np.log(self.std))
+        with solver_errors():
+            return np.asarray(_flow_log_prob(self.flow, jnp.asarray(arr))) - offset
+
+    def sample(self, n: int, seed: int | None = None) -> np.ndarray:
+        """`n` draws ``(n, dim)`` in the data's scale.
+
+        Raises:
+            MaxStepsExceededError: an adaptive neural-ODE solve ran out of ``max_steps``.
+        """
+        seed = int(self._rng.integers(2**31)) if seed is None else seed
+        like = jnp.zeros((n,))
+        with solver_errors():
+            draws = np.asarray(_flow_sample(self.flow, jax.random.key(seed), like))
+        return draws if self.mean is None else draws * self.std + self.mean
+
+
+def fit_density(
+    data: Any,
+    spec: FlowSpec | Mapping[str, Any],
+    *,
+    num_steps: int = 2000,
+    batch_size: int = 256,
+    learning_rate: float = 1e-3,
+    validation_fraction: float = 0.1,
+    patience: int = 500,
+    standardize: bool = True,
+    objective: str = "maximum_likelihood",
+    sigma_min: float = 1e-4,
+    seed: int = 0,
+    progress: bool = True,
+) -> DensityFit:
+    """Fit a flow to the rows of `data` on minibatches.
+
+    Minibatches are drawn with replacement from the training rows; the validation loss is
+    computed after the first step, every 25 steps and after the last, and training stops once
+    `patience` steps pass without a better one, keeping the best parameters (without
+    validation rows, the last ones).
+
+    ``objective="maximum_likelihood"`` (the default) minimises the negative log-likelihood
+    (plus the RNODE penalty of neural-ODE layers). ``objective="flow_matching"`` needs a spec
+    whose layers are exactly one neural-ODE layer and fits its vector field without solving
+    (`flow_matching_loss`, base draws ``x0 ~ N(0, I)``, ``t ~ U(0, 1)``); the validation loss is
+    the same loss on the held-out rows with noise fixed for the whole fit. The affine base is
+    not trained and stays the identity. `log_prob` afterwards is exact through the ODE.
+
+    Args:
+        data: an array ``(n_points, dim)`` of finite values.
+        spec: a `FlowSpec` or its dict form.
+        num_steps: optimisation steps at most.
+        batch_size: rows per step (at most the number of training rows).
+        learning_rate: Adam's peak learning rate (decayed over the second half).
+        validation_fraction: the share of rows held out for early stopping.
+        patience: steps without a better validation loss before stopping.
+        standardize: fit the flow to standardised data (the Jacobian enters `log_prob`).
+        objective: ``"maximum_likelihood"`` or ``"flow_matching"``.
+        sigma_min: the flow-matching path's width at the data end, in ``[0, 1)``.
+        seed: seeds the split, initialisation, minibatches and noise.
+        progress: show a tqdm bar on stderr.
+
+    Returns:
+        The `DensityFit`.
+
+    Raises:
+        ValueError: `data` is not a finite 2-D array, or a setting is out of range.
+        SpecError: the spec needs more dimensions than `data` has columns, or
+            ``objective="flow_matching"`` with a spec that is not one neural-ODE layer.
+        NonFiniteLossError: the loss was not finite at some step.
+        NonFiniteGradientError: the loss was finite but its gradient was not.
+        NonFiniteValidationError: no validation loss was finite.
+        MaxStepsExceededError: an adaptive neural-ODE solve ran out of ``max_steps``.
+
+    References:
+        Lipman et al., "Flow Matching for Generative Modeling", ICLR 2023.
+    """
+    spec = as_spec(spec)
+    check_training(num_steps, learning_rate, None)
+    for name, value in (("batch_size", batch_size), ("patience", patience)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    check_objective(spec, objective, sigma_min)
+    arr = check_data(data)
+    dim = arr.shape[1]
+    try:
+        spec.check_dim(dim)
+    except SpecError as exc:
+        raise SpecError(f"{exc} (data has {dim} column(s))") from None
+    train_idx, val_idx = split_indices(arr.shape[0], validation_fraction, seed)
+    stats = standardization(arr[train_idx], standardize)
+    if stats is not None:
+        arr = (arr - stats[0]) / stats[1]
+    dtype = jnp.float64 if spec.dtype == "float64" else jnp.float32
+    train, val = jnp.asarray(arr[train_idx], dtype), jnp.asarray(arr[val_idx], dtype)
+    k_x0, k_t = jax.random.split(jax.random.fold_in(jax.random.key(seed), 1))
+    val_noise = (  # the flow-matching validation noise, fixed for the whole fit
+        jax.random.normal(k_x0, val.shape, dtype),
+        jax.random.uniform(k_t, val.shape[:1], dtype),
+    )
+    flow = build_flow(spec, dim, seed=seed)
+    optimizer = make_optimizer(num_steps, learning_rate, None)
+    batch = min(batch_size, train.shape[0])
+    settings = (batch, num_steps, patience, objective, sigma_min)
+    key = ("density", spec, dim, train.shape, val.shape, learning_rate, *settings)
+    run_chunk = cached(key, lambda: _density_chunk(optimizer, flow, *settings))
+    params = flow.params
+    best = (params, jnp.asarray(jnp.inf, default_float()), jnp.asarray(0))
+    carry = (
+        params,
+        optimizer.init(params),
+        jax.random.key(seed),
+        best,
+        params,
+        jnp.asarray(False),
+        jnp.asarray(-1),
+    )
+    with solver_errors():
+        carry, (train_loss, val_loss, steps) = run_chunks(
+            run_chunk, carry, (train, val, val_noise), num_steps, progress
+        )
+    params, _, _, (best_params, best_val, _), good, _, bad_step = carry
+    nonfinite = int(bad_step) >= 0
+    ran = int(bad_step) + 1 if nonfinite else int(np.sum(np.isfinite(train_loss)))
+    losses = {"train": train_loss[:ran], "val": val_loss[:ran][np.isfinite(val_loss[:ran])]}
+    history = {name: values[:ran] for name, values in steps.items()}
+    mean, std = (None, None) if stats is None else stats
+    common = {"history": history, "objective": objective}
+    if nonfinite:
+        fit = DensityFit(Flow(spec, dim, good), spec, losses, mean, std, seed, **common)
+        step, loss = int(bad_step), float(train_loss[int(bad_step)])
+        error = NonFiniteLossError if not np.isfinite(loss) else NonFiniteGradientError
+        raise error(step, loss, good, fit)
+    if val.shape[0] > 0 and not np.isfinite(float(best_val)):
+        fit = DensityFit(Flow(spec, dim, params), spec, losses, mean, std, seed, **common)
+        steps_run = np.arange(ran)
+        due = (steps_run % VALIDATE_EVERY == 0) | (steps_run == num_steps - 1)
+        raise NonFiniteValidationError(ran - 1, float(val_loss[:ran][due][-1]), params, fit)
+    final = best_params if val.shape[0] > 0 else params
+    return DensityFit(Flow(spec, dim, final), spec, losses, mean, std, seed, **common)
+
+
+def _density_losses(spec: FlowSpec, dim: int, objective: str, sigma_min: float):
+    """``train_loss(params, x, key) -> (loss + penalty, (loss, entries))``,
+    ``val_loss(params, val, noise, key)`` and ``entries(nfe, penalty)``: the per-step history
+    entries (empty without neural-ODE layers)."""
+    entries = history_entries(spec)
+
+    def field_loss(params: dict, x1: jax.Array, x0: jax.Array, t: jax.Array) -> jax.Array:
+        layer = Flow(spec, dim, params).transform().layers()[0]
+        return flow_matching_loss(layer, x1, x0, t, sigma_min)
+
+    def train_loss(params: dict, x: jax.Array, key: jax.Array):
+        with training_solves() as records:
+            if objective == "flow_matching":
+                k_x0, k_t = jax.random.split(key)
+                x0 = jax.random.normal(k_x0, x.shape, x.dtype)
+                loss = field_loss(params, x, x0, jax.random.uniform(k_t, x.shape[:1], x.dtype))
+            else:
+                loss = -jnp.mean(Flow(spec, dim, params).log_prob(x, key))
+        penalty = mean_penalty(records)
+        nfe = sum((jnp.asarray(r["nfe"], jnp.int32) for r in records), jnp.zeros((), jnp.int32))
+        return loss + penalty, (loss, entries(nfe, penalty))
+
+    def val_loss(params: dict, val: jax.Array, noise: tuple, key: jax.Array) -> jax.Array:
+        if objective == "flow_matching":
+            return field_loss(params, val, *noise)
+        return -jnp.mean(Flow(spec, dim, params).log_prob(val, key))
+
+    return train_loss, val_loss, entries
+
+
+def _density_chunk(
+    optimizer,
+    flow: Flow,
+    batch: int,
+    num_steps: int,
+    patience: int,
+    objective: str,
+    sigma_min: float,
+):
+    train_loss, val_loss_fn, entries = _density_losses(flow.spec, flow.dim, objective, sigma_min)
+
+    def chunk(carry: tuple, start: jax.Array, data: tuple):
+        _TRACES["density"] += 1
+        train, val, val_noise = data
+
+        def step(c: tuple, i: jax.Array):
+            def run(c: tuple):
+                params, opt_state, key, best, good, _, bad_step = c
+                key, k_batch, k_noise, k_val = jax.random.split(key, 4)
+                rows = jax.random.randint(k_batch, (batch,), 0, train.shape[0])
+                (_, (loss, steps)), grads = jax.value_and_grad(train_loss, has_aux=True)(
+                    params, train[rows], k_noise
+                )
+                updates, new_opt = optimizer.update(grads, opt_state, params)
+                good = lax.cond(jnp.isfinite(loss), lambda: params, lambda: good)
+                finite = jnp.isfinite(loss) & all_finite(grads)
+                new_params = optax.apply_updates(params, updates)
+                new_params, new_opt = lax.cond(
+                    finite, lambda: (new_params, new_opt), lambda: (params, opt_state)
+                )
+                due = (i % VALIDATE_EVERY == 0) | (i == num_steps - 1)  # as the Pyro backend
+                validate = finite & (val.shape[0] > 0) & due
+                val_loss = lax.cond(
+                    validate,
+                    lambda: val_loss_fn(new_params, val, val_noise, k_val).astype(default_float()),
+                    lambda: jnp.asarray(jnp.nan, default_float()),
+                )
+                best_params, best_val, best_step = best
+                better = validate & (val_loss < best_val)
+                best = lax.cond(better, lambda: (new_params, val_loss, i), lambda: best)
+                patience_out = validate & (i - best[2] >= patience)
+                stopped = ~finite | patience_out
+                bad_step = jnp.where(finite, bad_step, i)
+                out = (new_params, new_opt, key, best, good, stopped, bad_step)
+                return out, (loss.astype(default_float()), val_loss, steps)
+
+            def skip(c: tuple):
+                nan = jnp.asarray(jnp.nan, default_float())
+                return c, (nan, nan, entries(jnp.zeros((), jnp.int32), jnp.zeros(())))
+
+            return lax.cond((i < num_steps) & ~c[-2], run, skip, c)
+
+        return lax.scan(step, carry, start + jnp.arange(CHUNK))
+
+    return jax.jit(chunk)

@@ -1,0 +1,387 @@
+"""Fit a flow guide to a NumPyro model's posterior: `PosteriorFit` and `fit_posterior`.
+
+Training steps run inside `jax.lax.scan` in chunks of up to 100 steps, so the host
+synchronises (and the tqdm bar advances) once per chunk. The jitted chunk is cached on the
+fit's static structure and on the model by content (`flowguides.numpyro._model.callable_key`):
+a second call with the same shapes does not recompile, one after a change of the data the model
+reads from outside its arguments does (`clear_compiled` empties the cache). A non-finite loss
+or gradient stops training at that step and raises `NonFiniteLossError`
+(`NonFiniteGradientError`) with the last finite parameters. Adam (after optional global-norm
+clipping) follows the shared schedule. Neural-ODE layers train inside `training_solves` (STEER
+end times, the RNODE penalty added to the loss, left out of ``fit.losses``).
+
+The same names and parameters as `flowguides.pyro.posterior`, except where the framework
+differs: `TRAINING_PRNG` (a JAX key implementation) is this backend's own; `fit_posterior` takes
+``static_argnames`` (which arguments compile in as constants) where Pyro's takes
+``vectorize_particles`` (this backend vectorises every model with ``vmap``); `PosteriorFit`
+holds the SVI ``params`` (Pyro's guide holds its own) and a ``seed`` for its draws (JAX has no
+global random state).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from numpyro import handlers
+from numpyro.distributions import constraints
+from numpyro.distributions.transforms import biject_to
+from numpyro.infer import SVI, Trace_ELBO
+from numpyro.infer.initialization import init_to_median
+from numpyro.infer.svi import SVIState
+from numpyro.infer.util import log_density, transform_fn
+from numpyro.infer.util import log_likelihood as _numpyro_log_likelihood
+
+from flowguides.core import (
+    NonFiniteGradientError,
+    NonFiniteLossError,
+    PosteriorFitMethods,
+    as_spec,
+    check_training,
+    default_learning_rate,
+    warn_if_below_start,
+)
+from flowguides.numpyro._model import (
+    TRACER_ERRORS,
+    as_constants,
+    callable_key,
+    model_tracing_error,
+    split_args,
+)
+from flowguides.numpyro._training import (
+    HISTORY,
+    cache_key,
+    cached,
+    default_float,
+    history_entries,
+    make_optimizer,
+    mean_penalty,
+    params_key,
+    posterior_chunk,
+    run_chunks,
+    supports_key,
+    timing,
+)
+from flowguides.numpyro.guide import AutoFlowGuide
+from flowguides.numpyro.ode import solver_errors, training_solves
+from flowguides.spec import FlowSpec
+
+__all__ = ["TRAINING_PRNG", "PosteriorFit", "fit_posterior"]
+
+
+TRAINING_PRNG = "rbg"
+"""The key implementation of `fit_posterior`'s SVI state: XLA's random-bit generator for the
+particles' draws (keys still split by threefry, so streams stay independent under `vmap`). An
+SVI step splits keys and draws noise for every particle and site, which threefry's bits make
+a noticeable share of a step (see the benchmarks page)."""
+_TRACES = {"posterior": 0}  # times a training chunk was traced (tests read it)
+
+
+def _traced() -> None:
+    _TRACES["posterior"] += 1
+
+
+@dataclass
+class PosteriorFit(PosteriorFitMethods):
+    """A fitted `AutoFlowGuide` with its SVI parameters and the model's arguments.
+
+    Attributes:
+        guide: the `AutoFlowGuide`.
+        model: the model.
+        spec: the `FlowSpec`.
+        params: the SVI parameter dict.
+        losses: the negative ELBO estimate of every step run (without the RNODE penalty,
+            which is in ``history["regularization"]``).
+        args, kwargs: the model's arguments (constant JAX arrays as numpy, see
+            `fit_posterior`'s `static_argnames`).
+        backend: ``"numpyro"``.
+        history: per-step arrays for neural-ODE flows, as in `fit_density` and the Pyro
+            backend: ``"nfe_forward"`` (field evaluations of the vectorised particles' solves:
+            the most any particle's solve needed, which is what the batched solve runs),
+            ``"nfe_backward"`` (unless a layer uses the adjoint) and ``"regularization"`` (the
+            mean RNODE penalty, when a regulariser weight is positive); empty otherwise.
+        timing: ``setup_s`` (guide set-up: NumPyro's model tracing, the `init_scale`
+            search), ``compile_s`` (the training chunk's XLA compile, ~0 when a previous
+            call with the same shapes compiled it) and steady ``steps_per_s`` (the fastest
+            100-step chunk after the first).
+    """
+
+    guide: AutoFlowGuide
+    model: Callable[..., Any]
+    spec: FlowSpec
+    params: dict[str, jax.Array]
+    losses: np.ndarray
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    seed: int = 0
+    backend: str = "numpyro"
+    history: dict[str, np.ndarray] = field(default_factory=dict)
+    timing: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._rng = np.random.default_rng(self.seed + 1)
+        self._densities = jax.jit(self._log_densities_fn, static_argnums=1)
+
+    def _key(self, seed: int | None) -> jax.Array:
+        return jax.random.key(int(self._rng.integers(2**31)) if seed is None else seed)
+
+    @property
+    def latent_shapes(self) -> dict[str, tuple[int, ...]]:
+        """``{site: shape}`` of every latent site."""
+        return {name: tuple(np.shape(v)) for name, v in self.guide._init_locs.items()}
+
+    @property
+    def subsampled_plates(self) -> list[str]:
+        """Names of the model's plates that subsample their data (``subsample_size`` smaller
+        than the size). `flowguides.to_arviz` leaves ``observed_data`` and
+        ``log_likelihood`` out for such a model: each evaluation sees another subsample."""
+        return [
+            name
+            for name, site in self.guide.prototype_trace.items()
+            if site["type"] == "plate"
+            and site["args"][1] is not None
+            and 0 < site["args"][1] < site["args"][0]
+        ]
+
+    def observed_data(self) -> dict[str, np.ndarray]:
+        """``{site: value}`` of every observed site."""
+        trace = self.guide.prototype_trace
+        return {
+            name: np.asarray(site["value"])
+            for name, site in trace.items()
+            if site["type"] == "sample" and site["is_observed"]
+        }
+
+    def sample(self, num_samples: int, seed: int | None = None) -> dict[str, np.ndarray]:
+        """Constrained posterior draws ``{site: (num_samples, *site_shape)}``.
+
+        Raises:
+            MaxStepsExceededError: an adaptive neural-ODE solve ran out of ``max_steps``.
+        """
+        key = self._key(seed)
+        with solver_errors():
+            draws = self.guide.sample_posterior(
+                key, self.params, *self.args, sample_shape=(num_samples,), **self.kwargs
+            )
+            draws = jax.block_until_ready(draws)
+        return {name: np.asarray(draws[name]) for name in self.latent_shapes}
+
+    def _log_densities_fn(self, key: jax.Array, num_samples: int):
+        names = list(self.latent_shapes)
+
+        def one(k: jax.Array):
+            log_q, trace = log_density(
+                handlers.seed(self.guide, k), self.args, self.kwargs, self.params
+            )
+            model = handlers.replay(handlers.seed(self.model, k), trace)
+            log_p, _ = log_density(model, self.args, self.kwargs, self.params)
+            return {n: trace[n]["value"] for n in names}, log_p, log_q
+
+        return jax.vmap(one)(jax.random.split(key, num_samples))
+
+    def log_densities(
+        self, num_samples: int, seed: int | None = None
+    ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+        """Draws with ``log p(x, z)`` and ``log q(z)``, both in the constrained space.
+
+        Args:
+            num_samples, seed: the draws (`seed` None: one from the fit's generator).
+
+        Raises:
+            MaxStepsExceededError: an adaptive neural-ODE solve ran out of ``max_steps``.
+        """
+        key = self._key(seed)
+        with solver_errors():
+            draws, log_p, log_q = jax.block_until_ready(self._densities(key, num_samples))
+        return jax.tree.map(np.asarray, draws), np.asarray(log_p), np.asarray(log_q)
+
+    def log_likelihood(
+        self, draws: Mapping[str, Any], seed: int | None = None
+    ) -> dict[str, np.ndarray]:
+        """Pointwise log-likelihood ``{observed site: (S, *obs_shape)}`` of latent `draws`.
+
+        The model runs seeded (`seed`, or one from the fit's generator): a subsampled plate
+        (see `subsampled_plates`) draws its indices from it, the same for every draw."""
+        samples = {k: jnp.asarray(v) for k, v in draws.items()}
+        model = handlers.seed(self.model, self._key(seed))
+        out = _numpyro_log_likelihood(model, samples, *self.args, **self.kwargs)
+        return {k: np.asarray(v) for k, v in out.items()}
+
+
+def fit_posterior(
+    model: Callable[..., Any],
+    spec: FlowSpec | Mapping[str, Any],
+    *args: Any,
+    num_steps: int = 2000,
+    learning_rate: float | None = None,
+    num_particles: int = 8,
+    clip_norm: float | None = None,
+    init_loc_fn: Callable[..., Any] = init_to_median,
+    init_scale: float | str = "auto",
+    seed: int = 0,
+    progress: bool = True,
+    static_argnames: Sequence[str] | None = None,
+    **kwargs: Any,
+) -> PosteriorFit:
+    """Fit an `AutoFlowGuide` to `model`'s posterior by SVI with vectorised particles.
+
+    Neural-ODE layers train with STEER end times and their RNODE penalty (mean over
+    particles) added to the loss (see `training_solves`).
+
+    The model's array arguments are traced, so a compiled program is reused for new data of
+    the same shapes. A model that uses a data value in Python (``int(counts.sum())``,
+    ``range(int(T))``, ``if y.max() > 0:``) is found by tracing it once before anything
+    compiles; its array arguments are then compiled in as constants, as NumPyro's `SVI.run`
+    and `MCMC` do (one `ConstantArgumentsWarning`; a new data set compiles anew). Compiled
+    programs are cached on the model's identity and the contents of what it reads besides
+    its arguments (see `flowguides.numpyro._model.callable_key`), on the spec, the settings,
+    the traced arguments' shapes and dtypes and the constant ones' contents; a model reading
+    a value that cannot be keyed so (e.g. a DataFrame) is compiled anew on every call.
+
+    Args:
+        model: a NumPyro model; `args` and `kwargs` are passed to it.
+        spec: a `FlowSpec` or its dict form.
+        num_steps: optimisation steps.
+        learning_rate: Adam's peak learning rate (decayed over the second half); None takes
+            `flowguides.core.default_learning_rate` of the latent dimension (1e-2 up to 1,000
+            dimensions, falling as ``1 / dim`` above).
+        num_particles: ELBO particles per step (vectorised).
+        clip_norm: global-norm gradient clipping, or None.
+        init_loc_fn: the guide's initial location strategy.
+        init_scale: the guide's initial scale: a float, ``"laplace"`` or ``"auto"`` (the
+            default: the Laplace start where it finds a mode and has the better ELBO).
+        seed: seeds initialisation and training.
+        progress: show a tqdm bar on stderr.
+        static_argnames: names of model arguments to compile in as constants (JAX arrays
+            among them are passed to the model as numpy arrays, which stay concrete).
+
+    Returns:
+        The `PosteriorFit`.
+
+    Warns:
+        FitBelowStartWarning: the last tenth of the losses is clearly above the first steps'
+            (see `flowguides.core.warn_if_below_start`): the start was the better guide.
+
+    Raises:
+        NonFiniteLossError: the loss was not finite at some step (the error names it; its
+            ``.fit`` holds the last finite parameters).
+        NonFiniteGradientError: the loss was finite but its gradient was not (as above).
+        MaxStepsExceededError: an adaptive neural-ODE solve ran out of ``max_steps``.
+        ModelTracingError: the model turns a latent site's value into a Python value.
+        ValueError: a name in `static_argnames` is not an argument of the model.
+    """
+    spec = as_spec(spec)
+    check_training(num_steps, learning_rate, clip_norm)
+    if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
+        raise ValueError(f"num_particles: expected a positive integer, got {num_particles!r}")
+    t0 = time.perf_counter()
+    guide = AutoFlowGuide(
+        model, spec, init_loc_fn=init_loc_fn, init_scale=init_scale, static_argnames=static_argnames
+    )
+    has_ode = any(layer.type == "neural_ode" for layer in spec.layers)
+    elbo = (
+        _RecordingELBO(num_particles, spec)
+        if has_ode
+        else Trace_ELBO(num_particles, vectorize_particles=True)
+    )
+    key = jax.random.key(seed, impl=TRAINING_PRNG)
+    with solver_errors():
+        try:
+            with handlers.block(), handlers.seed(rng_seed=jax.random.split(key, 3)[2]):
+                guide._setup_prototype(*args, **kwargs)  # the key `SVI.init` gives the guide
+            if learning_rate is None:
+                learning_rate = default_learning_rate(guide.latent_dim)
+            svi = SVI(model, guide, make_optimizer(num_steps, learning_rate, clip_norm), elbo)
+            state = jax.block_until_ready(_init_state(svi, guide, key, args, kwargs))
+        except TRACER_ERRORS as exc:
+            raise model_tracing_error(model, exc, bool(guide._constants)) from exc
+        args, kwargs = as_constants(args, kwargs, guide._constants)  # as the guide's set-up saw
+        setup_s = time.perf_counter() - t0
+        arrays, signature, rebuild = split_args(args, kwargs, guide._constants)
+        settings = (spec, num_steps, learning_rate, num_particles, clip_norm)
+        # the chunk closes over this call's guide: key what its trace reads besides the
+        # params' values (which params it registers: a Laplace start's whitening)
+        structure = params_key(svi.optim.get_params(state.optim_state))
+        content = (callable_key(model), signature, supports_key(guide), structure)
+        key = cache_key("posterior", *settings, content=content)
+        run_chunk = cached(key, lambda: posterior_chunk(svi, rebuild, num_steps, _traced))
+        params = svi.optim.get_params(state.optim_state)
+        carry = (state, params, jnp.asarray(False), jnp.asarray(-1))
+        seconds: list[float] = []
+        try:
+            (state, good, stopped, bad_step), (losses, steps) = run_chunks(
+                run_chunk, carry, arrays, num_steps, progress, seconds
+            )
+        except TRACER_ERRORS as exc:
+            raise model_tracing_error(model, exc, bool(guide._constants)) from exc
+    times = timing(setup_s, seconds, num_steps)
+    ran = int(bad_step) + 1 if bool(stopped) else num_steps
+    history = {name: np.asarray(values[:ran]) for name, values in steps.items()}
+    extra = {"timing": times, "history": history}
+    penalized = losses  # the guide adds the RNODE penalty to log q, so to the step's loss
+    if "regularization" in steps:
+        losses = losses - steps["regularization"]
+    if bool(stopped):
+        fit = PosteriorFit(
+            guide, model, spec, svi.constrain_fn(good), losses, args, kwargs, seed, **extra
+        )
+        step = int(bad_step)
+        error = NonFiniteLossError if not np.isfinite(penalized[step]) else NonFiniteGradientError
+        raise error(step, float(penalized[step]), fit.params, fit)
+    warn_if_below_start(losses, learning_rate)
+    return PosteriorFit(
+        guide, model, spec, svi.get_params(state), losses, args, kwargs, seed, **extra
+    )
+
+
+class _RecordingELBO(Trace_ELBO):
+    """`Trace_ELBO` with vectorised particles that also returns, as SVI mutable state, the
+    step's history entries: each particle runs as NumPyro's single-particle ELBO (the same
+    keys, so the same loss as ``Trace_ELBO(num_particles, vectorize_particles=True)``) inside
+    its own `training_solves` block, which collects its guide's solves."""
+
+    def __init__(self, num_particles: int, spec: FlowSpec) -> None:
+        super().__init__(num_particles=num_particles, vectorize_particles=True)
+        self._single = Trace_ELBO(num_particles=1)
+        self.entries = history_entries(spec)
+
+    def loss_with_mutable_state(self, rng_key, param_map, model, guide, *args, **kwargs):
+        def one(key: jax.Array):
+            with training_solves() as records:
+                loss = self._single.loss(key, param_map, model, guide, *args, **kwargs)
+            nfe = sum((jnp.asarray(r["nfe"], jnp.int32) for r in records), jnp.zeros((), jnp.int32))
+            return loss, nfe, jnp.asarray(mean_penalty(records), default_float())
+
+        losses, nfe, penalty = jax.vmap(one)(jax.random.split(rng_key, self.num_particles))
+        entries = self.entries(jnp.max(nfe), jnp.mean(penalty))
+        return {"loss": jnp.mean(losses), "mutable_state": {HISTORY: entries}}
+
+
+def _init_state(
+    svi: SVI, guide: AutoFlowGuide, key: jax.Array, args: tuple, kwargs: dict
+) -> SVIState:
+    """`svi.init` without its eager pass through the guide and the model (an XLA compile per
+    distinct operation): the guide's set-up fixes every parameter, all unconstrained, so the
+    state is the optimiser's state of `guide.initial_params()`. The keys split as in
+    `SVI.init`. A model with its own `param` or `mutable` sites takes `svi.init`. The guide
+    is set up already (with the key `SVI.init` would give it). With a `_RecordingELBO`, the
+    state carries a zero history entry as SVI mutable state (where each step's records go)."""
+    state_key = jax.random.split(key, 3)[0]
+    kinds = {site["type"] for site in guide.prototype_trace.values()}
+    if kinds & {"param", "mutable"}:
+        state = svi.init(key, *args, **kwargs)
+    else:
+        params = guide.initial_params()
+        identity = biject_to(constraints.real)
+        svi.constrain_fn = partial(transform_fn, dict.fromkeys(params, identity))
+        state = SVIState(jax.jit(svi.optim.init)(params), None, state_key)
+    if isinstance(svi.loss, _RecordingELBO):
+        zeros = svi.loss.entries(np.zeros((), np.int32), np.zeros((), default_float()))
+        state = state._replace(mutable_state={HISTORY: zeros})
+    return state

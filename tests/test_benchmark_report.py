@@ -1,0 +1,90 @@
+"""The README's standing block is generated from ``benchmarks/results/``; rows merge by key.
+
+Imports neither torch nor JAX: CI's torch-free job runs it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from benchmarks import report
+
+__all__: list[str] = []
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _row(**fields: object) -> dict:
+    base = {"suite": "posteriors", "problem": "arK-arK", "method": "numpyro NUTS",
+            "num_steps": 1000, "num_particles": 8, "num_draws": 2000, "seed": 0,
+            "versions": {"jax": "0.10.2", "numpyro": "0.22.0"}, "mean_err": 0.05}  # fmt: skip
+    return {**base, **fields}
+
+
+def test_readme_block_matches_results() -> None:
+    text = (ROOT / "README.md").read_text()
+    start, end = text.find(report.BEGIN), text.find(report.END)
+    assert 0 <= start < end, "README.md lacks the results markers"
+    block = text[start : end + len(report.END)]
+    assert block == report.readme_block(RESULTS), (
+        "README.md's results block differs from benchmarks/results/: run "
+        "`python -m benchmarks.report --readme`"
+    )
+
+
+def test_readme_block_follows_a_changed_row(tmp_path: Path) -> None:
+    for p in RESULTS.glob("*.json"):
+        shutil.copy(p, tmp_path / p.name)
+    before = report.readme_block(tmp_path)
+    doc = json.loads((tmp_path / "densities.json").read_text())
+    row = next(r for r in doc["rows"] if not r.get("error"))
+    row["test_nll"] = 123.456
+    (tmp_path / "densities.json").write_text(json.dumps(doc))
+    after = report.readme_block(tmp_path)
+    assert after != before and "123" in after
+
+
+def test_rerun_with_other_steps_adds_a_row_and_same_key_replaces() -> None:
+    old = [_row(), _row(problem="garch-garch11")]
+    added = report.merge_rows(old, [_row(num_steps=5000, mean_err=0.01)])
+    assert len(added) == 3 and added[:2] == old and added[2]["num_steps"] == 5000
+    replaced = report.merge_rows(added, [_row(mean_err=0.2)])
+    assert len(replaced) == 3 and replaced[0]["mean_err"] == 0.2
+    assert [r["num_steps"] for r in replaced] == [1000, 1000, 5000]
+
+
+def test_every_key_field_separates_rows() -> None:
+    changes = {"num_particles": 16, "num_draws": 10_000, "seed": 1,
+               "versions": {"jax": "0.10.3", "numpyro": "0.22.0"}}  # fmt: skip
+    for field, value in changes.items():
+        merged = report.merge_rows([_row()], [_row(**{field: value})])
+        assert len(merged) == 2, field
+
+
+def test_latest_row_per_key_wins_by_timestamp() -> None:
+    rows = [_row(timestamp="2026-01-02T00:00:00Z", mean_err=0.2),
+            _row(timestamp="2026-01-01T00:00:00Z", mean_err=0.1), _row(mean_err=0.3)]  # fmt: skip
+    assert [r["mean_err"] for r in report.latest(rows)] == [0.2]
+
+
+def test_rerun_command_selects_exactly_the_rows() -> None:
+    rows = [_row(), _row(problem="garch-garch11"), _row(method="numpyro AutoNormal")]
+    cmd = report.rerun_command("posteriors", rows)
+    assert "--steps 1000 --particles 8 --draws 2000 --seed 0" in cmd
+    assert (
+        "'posteriors:{arK-arK,garch-garch11}:numpyro NUTS|posteriors:arK-arK:numpyro AutoNormal'"
+        in cmd
+    )
+
+
+def test_report_imports_neither_torch_nor_jax() -> None:
+    code = ("import sys, benchmarks.report as r; r.readme_block(r.ROOT / 'benchmarks' / 'results');"
+            " print(sorted(m for m in ('torch', 'jax', 'pyro', 'numpyro') if m in sys.modules))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout.strip()  # fmt: skip
+    assert out == "[]"
