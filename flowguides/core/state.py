@@ -28,7 +28,9 @@ __all__ = [
     "MODEL_PARAM_PREFIX",
     "check_sites",
     "density_meta",
+    "density_fields",
     "kind_of",
+    "posterior_meta",
     "read_folder",
     "site_meta",
     "write_folder",
@@ -180,3 +182,36 @@ def kind_of(meta: Mapping[str, Any]) -> str:
     if kind not in ("flow", "density", "posterior"):
         raise LoadError(f"load: meta.json kind: expected flow, density or posterior, got {kind!r}")
     return kind
+
+
+def posterior_meta(
+    dim: int,
+    sites: Mapping[str, tuple[tuple[int, ...], str]],
+    losses: Any,
+    model_params: Mapping[str, np.ndarray],
+    precondition: Mapping[str, np.ndarray] | None,
+) -> dict[str, Any]:
+    """``meta.json`` fields of a posterior fit: its latent `sites` (name -> (shape, support)),
+    the `losses`, the model's own parameters (which `flowguides.io.save` moves into the
+    weights file) and the guide's fixed whitening, all as numpy arrays or lists."""
+    meta: dict[str, Any] = {
+        "kind": "posterior",
+        "dim": dim,
+        "sites": site_meta(sites),
+        "losses": np.asarray(losses).tolist(),
+    }
+    if model_params:
+        meta["model_params"] = dict(model_params)
+    if precondition is not None:
+        meta["precondition"] = {k: np.asarray(v).tolist() for k, v in precondition.items()}
+    return meta
+
+
+def density_fields(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The `DensityFit` fields ``losses``, ``mean`` and ``std`` saved in a density's `meta`."""
+    mean, std = meta.get("mean"), meta.get("std")
+    return {
+        "losses": {k: np.asarray(v, dtype=float) for k, v in meta.get("losses", {}).items()},
+        "mean": None if mean is None else np.asarray(mean, dtype=float),
+        "std": None if std is None else np.asarray(std, dtype=float),
+    }

@@ -19,7 +19,13 @@ import numpy as np
 from numpyro import handlers
 
 from flowguides.core import FULL_RANK_MAX_DIM, PRECONDITION, LoadError, SaveError
-from flowguides.core.state import check_sites, density_meta, kind_of, site_meta
+from flowguides.core.state import (
+    check_sites,
+    density_fields,
+    density_meta,
+    kind_of,
+    posterior_meta,
+)
 from flowguides.numpyro._model import as_constants
 from flowguides.numpyro.build import Flow, build_flow, get_weights, set_weights
 from flowguides.numpyro.density import DensityFit
@@ -77,19 +83,10 @@ def export_state(obj: Any) -> tuple[FlowSpec, dict[str, np.ndarray], dict[str, A
         return obj.spec, get_weights(obj.flow), meta
     if isinstance(obj, PosteriorFit):
         guide = obj.guide
-        meta = {
-            "kind": "posterior",
-            "dim": guide.latent_dim,
-            "sites": site_meta(_guide_sites(guide)),
-            "losses": np.asarray(obj.losses).tolist(),
-        }
         model_params = {n: np.asarray(obj.params[n]) for n in _model_param_shapes(guide)}
-        if model_params:
-            meta["model_params"] = model_params  # `save` moves them into the weights file
-        if guide.preconditioner is not None:
-            meta["precondition"] = {
-                k: np.asarray(v).tolist() for k, v in guide.preconditioner.items()
-            }
+        meta = posterior_meta(
+            guide.latent_dim, _guide_sites(guide), obj.losses, model_params, guide.preconditioner
+        )
         return obj.spec, guide.get_weights(obj.params), meta
     raise SaveError(f"save: cannot save a {type(obj).__name__}")
 
@@ -124,15 +121,8 @@ def import_state(
     flow = set_weights(build_flow(spec, dim), weights)
     if kind == "flow":
         return flow
-    mean, std = meta.get("mean"), meta.get("std")
-    losses = {k: np.asarray(v, dtype=float) for k, v in meta.get("losses", {}).items()}
-    return DensityFit(
-        flow,
-        spec,
-        losses,
-        mean=None if mean is None else np.asarray(mean, dtype=float),
-        std=None if std is None else np.asarray(std, dtype=float),
-    )
+    fields = density_fields(meta)
+    return DensityFit(flow, spec, fields["losses"], mean=fields["mean"], std=fields["std"])
 
 
 def _whitening(fixed: Mapping[str, Any] | None, dim: int) -> Mapping[str, Any] | None:

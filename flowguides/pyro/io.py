@@ -14,7 +14,13 @@ import pyro
 import torch
 
 from flowguides.core import LoadError, SaveError
-from flowguides.core.state import check_sites, density_meta, kind_of, site_meta
+from flowguides.core.state import (
+    check_sites,
+    density_fields,
+    density_meta,
+    kind_of,
+    posterior_meta,
+)
 from flowguides.pyro.build import Flow, build_flow, get_weights, set_weights
 from flowguides.pyro.density import DensityFit
 from flowguides.pyro.guide import AutoFlowGuide
@@ -77,19 +83,12 @@ def export_state(obj: Any) -> tuple[FlowSpec, dict[str, np.ndarray], dict[str, A
         return obj.spec, get_weights(obj.flow), meta
     if isinstance(obj, PosteriorFit):
         guide = obj.guide
-        meta = {
-            "kind": "posterior",
-            "dim": guide.latent_dim,
-            "sites": site_meta(_guide_sites(guide)),
-            "losses": np.asarray(obj.losses).tolist(),
-        }
-        model_params = _export_model_params(guide)
-        if model_params:
-            meta["model_params"] = model_params  # `save` moves them into the weights file
-        if guide.preconditioner is not None:
-            meta["precondition"] = {
-                k: v.detach().cpu().numpy().tolist() for k, v in guide.preconditioner.items()
-            }
+        fixed = guide.preconditioner
+        if fixed is not None:
+            fixed = {k: v.detach().cpu().numpy() for k, v in fixed.items()}
+        meta = posterior_meta(
+            guide.latent_dim, _guide_sites(guide), obj.losses, _export_model_params(guide), fixed
+        )
         return obj.spec, guide.get_weights(), meta
     raise SaveError(f"save: cannot save a {type(obj).__name__}")
 
@@ -124,12 +123,5 @@ def import_state(
     flow = set_weights(build_flow(spec, dim), weights)
     if kind == "flow":
         return flow
-    mean, std = meta.get("mean"), meta.get("std")
-    losses = {k: np.asarray(v, dtype=float) for k, v in meta.get("losses", {}).items()}
-    return DensityFit(
-        flow,
-        spec,
-        losses,
-        mean=None if mean is None else np.asarray(mean, dtype=float),
-        std=None if std is None else np.asarray(std, dtype=float),
-    )
+    fields = density_fields(meta)
+    return DensityFit(flow, spec, fields["losses"], mean=fields["mean"], std=fields["std"])
