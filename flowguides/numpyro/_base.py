@@ -24,8 +24,8 @@ class InitRandom:
     """The random draws of initial weights, from one PRNG key.
 
     A concrete key seeds numpy on the host: initialisation then compiles nothing (drawing the
-    weights of a 4-layer RealNVP as one jitted program took ~5 s of XLA compile time on one CPU
-    thread, about as long as compiling the training step). A traced key (set-up inside `jit`)
+    weights as one jitted program would be a compile of its own, comparable to the training
+    step's; see the benchmarks page for compile times). A traced key (set-up inside `jit`)
     draws with `jax.random`, splitting the key per call.
     """
 

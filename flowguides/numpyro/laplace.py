@@ -38,7 +38,7 @@ _ENERGY_BATCH = 64  # draws per vectorised model evaluation in the start search
 def minimize(energy: Callable[[jax.Array], jax.Array], x0: jax.Array) -> jax.Array:
     """L-BFGS for the minimum of `energy` (robust to badly scaled sites), until a step moves
     no coordinate by more than 1e-10 of its size or after `_MAP_ITERATIONS` steps (an
-    ill-conditioned 26-D regression, posteriordb's diamonds, needs several hundred)."""
+    ill-conditioned regression can need several hundred)."""
     # a backtracking line search: the same minima as the default zoom search on the nine
     # posteriordb posteriors, at about half its XLA compile time
     linesearch = optax.scale_by_backtracking_linesearch(max_backtracking_steps=40, store_grad=True)
