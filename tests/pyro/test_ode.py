@@ -27,35 +27,6 @@ def ode(checks) -> NeuralODE:
     return transform
 
 
-def test_round_trip(ode, checks):
-    x_err, ladj_err = checks.round_trip_error(ode, torch.randn(20, DIM, dtype=torch.float64))
-    assert x_err < 1e-7 and ladj_err < 1e-7
-
-
-def test_log_det_matches_autograd_jacobian(ode, checks):
-    assert checks.jacobian_error(ode, torch.randn(2, DIM, dtype=torch.float64)) < 1e-7
-
-
-def test_fused_and_separate_methods_agree(ode, checks):
-    checks.fused_matches_separate(ode, torch.randn(4, DIM, dtype=torch.float64))
-
-
-def test_gradients_reach_every_parameter(checks):
-    transform = make(solver="rk4", num_steps=2, hidden=(4,))
-    checks.randomize(transform)
-    checks.gradients_reach_every_parameter(transform, torch.randn(3, DIM, dtype=torch.float64))
-
-
-def test_batch_shapes(checks):
-    transform = make(solver="euler", num_steps=2, hidden=(4,))
-    checks.randomize(transform)
-    checks.batch_shapes_work(transform, DIM)
-
-
-def test_identity_at_initialisation(checks):
-    checks.is_identity(make(), DIM)
-
-
 def test_adjoint_gives_the_same_gradients(checks):
     x = torch.randn(3, DIM, dtype=torch.float64)
     grads = []
@@ -106,13 +77,6 @@ def test_too_many_steps_raise_a_clear_error(checks):
 def test_tsit5_names_the_field_and_suggests_dopri5():
     with pytest.raises(SpecError, match="solver: 'tsit5'.*dopri5"):
         make(solver="tsit5")
-
-
-def test_parameters_follow_the_spec_layout():
-    spec = NeuralODESpec(hidden=(8, 6))
-    transform = NeuralODE(spec, DIM)
-    shapes = {f"layers.0.{k}": tuple(p.shape) for k, p in transform.named_parameters()}
-    assert shapes == dict(spec.parameter_shapes(DIM, "layers.0"))
 
 
 # -- analytic vector fields, regularisers, STEER, NFE, tolerances ----------------------------
