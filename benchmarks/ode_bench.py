@@ -106,7 +106,7 @@ def _one(backend: str, data: DensityData, log_sd: float, method: tuple, lr: floa
         nll = float(-np.mean(fit.log_prob(data.test))) + log_sd
         row["eval_s"] = time.perf_counter() - start
         row["nll"], row["kl"] = nll, nll - ENTROPY[data.name]
-        row["steps_run"] = len(fit.losses["train"])
+        row["steps_run"] = len(next(iter(fit.losses.values())))
         for key in ("nfe_forward", "nfe_backward"):
             if key in getattr(fit, "history", {}):
                 row[f"{key}_mean"] = float(np.mean(fit.history[key]))

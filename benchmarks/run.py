@@ -1,19 +1,21 @@
 """Run the benchmark suites and write ``benchmarks/results/<suite>.json`` and ``docs/benchmarks.md``.
 
 Usage: ``python -m benchmarks.run [--quick] [--only PATTERN] [--suite NAME ...] [--steps N]
-[--particles N] [--draws N] [--seed N]``.
+[--particles N] [--draws N] [--seeds N ...] [--results DIR]``.
 
 Suites: ``speed`` (ELBO steps/s and compile time at equal particles; final ELBO at an equal step
 budget), ``posteriors`` (synthetic targets and the nine posteriordb posteriors: ELBO, PSIS k-hat,
 standardised mean error, sd ratio, wall time) and ``densities`` (forward KL: test NLL, wall
 time). ``--quick`` runs a subset with fewer steps (``make bench``, under 15 minutes on one
 thread); ``--only`` keeps the rows whose ``suite:problem:method`` matches a glob (or contains
-the text; ``|`` separates alternatives, ``{a,b}`` expands to both); ``--steps``, ``--particles``, ``--draws`` and ``--seed``
-override the plan's settings. Each row records the settings that change its value (steps,
-particles, evaluation draws, seed, library versions: its key, ``report.KEY_FIELDS``), the commit
-and the UTC time it ran at; a row replaces the row of ``benchmarks/results/<suite>.json`` with
-its key and is added otherwise (``report.merge_rows``), so a rerun at other settings keeps the
-earlier rows. Every row holds numbers or the error its method raised. Threads are pinned to one for
+a text without ``:``; ``|`` separates alternatives, ``{a,b}`` expands to both); ``--steps``,
+``--particles``, ``--draws`` and ``--seeds`` override the plan's settings (the posteriors suite
+runs every row for each of its plan's seeds, one row per seed); ``--results DIR`` writes the
+results and the docs page under ``DIR`` instead of ``benchmarks/results/`` and ``docs/``. Each
+row records the settings that change its value (steps, particles, evaluation draws, seed, the
+method's own settings, library versions: its key, ``rows.KEY_FIELDS``), the commit and the UTC
+time it ran at; a row replaces the row of ``<results>/<suite>.json`` with its key and is added
+otherwise (``rows.merge_rows``), so a rerun at other settings keeps the earlier rows. Every row holds numbers or the error its method raised. Threads are pinned to one for
 torch and XLA before either is imported; everything runs in float64.
 """
 
@@ -39,6 +41,15 @@ from typing import Any  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import anchors, densities, metrics, report, targets  # noqa: E402
+from benchmarks.rows import (  # noqa: E402
+    TIMING_KEYS,
+    git_commit,
+    library_versions,
+    machine,
+    merge_rows,
+    row_versions,
+    utc_now,
+)
 
 __all__ = ["FULL", "QUICK", "main", "problem"]
 
@@ -82,11 +93,11 @@ QUICK: dict[str, Any] = {
         },
     },
     "posteriors": {
-        "steps": 1000, "particles": 8, "draws": 2000,
+        # three seeds per row (median and range in the report), so three problems only
+        "steps": 1000, "particles": 8, "draws": 2000, "seeds": (0, 1, 2),
         "plan": {
             p: _POST_QUICK
-            for p in ("banana", "U3", "eight_schools-eight_schools_noncentered",
-                      "kidiq-kidscore_momiq", "sblrc-blr")
+            for p in ("banana", "eight_schools-eight_schools_noncentered", "kidiq-kidscore_momiq")
         },
     },
     "densities": {"steps": 500, "plan": {"two_moons": _DENS_QUICK, "iris": _DENS_QUICK}},
@@ -99,7 +110,7 @@ FULL: dict[str, Any] = {
         "plan": {p: tuple(anchors.SPEED_METHODS) for p in ("funnel", "logistic")},
     },
     "posteriors": {
-        "steps": 5000, "particles": 8, "draws": 10_000,
+        "steps": 5000, "particles": 8, "draws": 10_000, "seeds": (0, 1, 2),
         "plan": {p: tuple(anchors.METHODS) for p in (*targets.TARGET_NAMES, *_PDB_ALL)},
     },
     "densities": {
@@ -141,13 +152,16 @@ def _posterior_row(
     suite: str, prob: anchors.Problem, method: str, budget: anchors.Budget, draws: int,
     keep: dict,
 ) -> dict[str, Any]:  # fmt: skip
-    fn = {**anchors.METHODS, **anchors.SPEED_METHODS}[method]
+    fn = _methods(suite)[method]
     row: dict[str, Any] = {"suite": suite, "problem": prob.name, "method": method,
-                           "num_steps": budget.num_steps, "num_particles": budget.num_particles}  # fmt: skip
+                           "num_steps": budget.num_steps, "num_particles": budget.num_particles,
+                           "seed": budget.seed}  # fmt: skip
+    if suite == "posteriors" and method in anchors.SETTINGS:
+        row["method_settings"] = anchors.SETTINGS[method]
     try:
         _fresh()
         fitted = fn(prob, budget)
-        row.update({k: v for k, v in fitted.timing.items() if k in report.TIMING_KEYS})
+        row.update({k: v for k, v in fitted.timing.items() if k in TIMING_KEYS})
         row["final_loss"] = fitted.final_loss
         if fitted.log_densities is not None:
             d, lp, lq = fitted.log_densities(draws, 1)
@@ -155,10 +169,18 @@ def _posterior_row(
         else:
             d = fitted.draws
             row.update(metrics.score(None, None, d, prob.reference))
-        keep[(prob.name, method)] = {k: np.asarray(v)[:2000] for k, v in d.items()}
+        row.update(fitted.extra)
+        if (prob.name, method) not in keep:
+            keep[(prob.name, method)] = {k: np.asarray(v)[:2000] for k, v in d.items()}
     except Exception as exc:  # noqa: BLE001 - a method's failure is a result, recorded per row
         row["error"] = _error(exc)
     return row
+
+
+def _methods(suite: str) -> dict[str, Any]:
+    """The posteriors suite's methods (SVI anchors with their learning-rate search) or the
+    speed suite's (every method at the budget's rate)."""
+    return anchors.METHODS if suite == "posteriors" else anchors.SPEED_METHODS
 
 
 def _fresh() -> None:
@@ -173,11 +195,12 @@ def _fresh() -> None:
     flowguides.numpyro.clear_compiled()
 
 
-def _density_row(name: str, data: densities.DensityData, method: str, cfg: dict) -> dict:
+def _density_row(name: str, data: densities.DensityData, method: str, cfg: dict, seed: int) -> dict:
     row: dict[str, Any] = {"suite": "densities", "problem": name, "method": method,
-                           "num_steps": cfg["steps"], "dim": int(data.train.shape[1])}  # fmt: skip
+                           "num_steps": cfg["steps"], "dim": int(data.train.shape[1]),
+                           "seed": seed}  # fmt: skip
     try:
-        budget = densities.DensityBudget(num_steps=cfg["steps"], seed=cfg.get("seed", 0))
+        budget = densities.DensityBudget(num_steps=cfg["steps"], seed=seed)
         points, wall = densities.timed(densities.DENSITY_METHODS[method], data, budget)
         nll = float(np.mean(points))
         row.update(test_nll=nll if np.isfinite(nll) else None, wall_s=wall,
@@ -190,12 +213,13 @@ def _density_row(name: str, data: densities.DensityData, method: str, cfg: dict)
 
 
 def _selected(pattern: str | None, *parts: str) -> bool:
-    """Whether ``suite:problem:method`` matches one of the ``|``-separated globs/substrings."""
+    """Whether ``suite:problem:method`` matches one of the ``|``-separated globs, or contains
+    one without a ``:`` (so ``s:p:pyro AutoNormal`` does not select ``pyro AutoNormalizingFlow``)."""
     if pattern is None:
         return True
     key = ":".join(parts)
     pats = [e for p in pattern.split("|") for e in _braces(p)]
-    return any(fnmatch.fnmatch(key, p) or p in key for p in pats)
+    return any(fnmatch.fnmatch(key, p) or (":" not in p and p in key) for p in pats)
 
 
 def _braces(pattern: str) -> list[str]:
@@ -213,54 +237,57 @@ def _merged(path: Path, rows: list[dict], meta: dict) -> tuple[dict, list[dict]]
     if not path.exists():
         return meta, rows
     old = json.loads(path.read_text())["rows"]
-    merged = report.merge_rows(old, rows)
+    merged = merge_rows(old, rows)
     return {**meta, "rows_from_earlier_runs": len(merged) - len(rows)}, merged
 
 
 def _stamp(row: dict, cfg: dict, run: dict) -> dict:
-    """Add the row's remaining key fields (seed, draws, versions) and where and when it ran."""
+    """Add the row's remaining key fields (draws, versions) and where and when it ran."""
     if row["suite"] != "densities":
         row["num_draws"] = cfg["draws"]
-    row["seed"] = cfg.get("seed", 0)
-    row["versions"] = report.row_versions(row["method"], run["versions"])
-    row.update(commit=run["commit"], run=run["run"], timestamp=report.utc_now())
+    row["versions"] = row_versions(row["method"], run["versions"])
+    row.update(commit=run["commit"], run=run["run"], timestamp=utc_now())
     return row
 
 
 def run_suite(suite: str, cfg: dict, only: str | None) -> list[dict]:
-    """Run one suite's plan; returns its rows (and keeps draws for the plots)."""
-    run = {"versions": report.library_versions(),
-           "commit": report.git_commit(), "run": report.utc_now()}  # fmt: skip
-    rows: list[dict] = []
+    """Run one suite's plan, each row once per seed of ``cfg["seeds"]``; returns its rows (and
+    keeps the first seed's draws for the plots)."""
+    run = {"versions": library_versions(), "commit": git_commit(), "run": utc_now()}
+    seeds = tuple(cfg.get("seeds", (0,)))
+    out: list[dict] = []
     for pname, methods in cfg["plan"].items():
         methods = [m for m in methods if _selected(only, suite, pname, m)]
         if not methods:
             continue
         if suite == "densities":
             data = densities.load(pname)
-            for m in methods:
-                rows.append(_stamp(_density_row(pname, data, m, cfg), cfg, run))
-                _log(rows[-1])
+            for seed in seeds:
+                for m in methods:
+                    out.append(_stamp(_density_row(pname, data, m, cfg, seed), cfg, run))
+                    _log(out[-1])
             continue
         try:
             prob = problem(pname)
         except Exception as exc:  # noqa: BLE001
-            rows += [
+            out += [
                 _stamp({"suite": suite, "problem": pname, "method": m, "num_steps": cfg["steps"],
-                        "num_particles": cfg["particles"], "error": _error(exc)}, cfg, run)
-                for m in methods
+                        "num_particles": cfg["particles"], "seed": seed, "error": _error(exc)},
+                       cfg, run)
+                for seed in seeds for m in methods
             ]  # fmt: skip
             continue
-        budget = anchors.Budget(num_steps=cfg["steps"], num_particles=cfg["particles"],
-                                seed=cfg.get("seed", 0))  # fmt: skip
-        mine = []
-        for m in methods:
-            row = _posterior_row(suite, prob, m, budget, cfg["draws"], report.KEPT)
-            mine.append(_stamp(row, cfg, run))
-            _log(mine[-1])
-        _timing_rounds(prob, budget, mine, cfg.get("rounds", 1), cfg.get("rounded", ()))
-        rows += mine
-    return rows
+        for seed in seeds:
+            budget = anchors.Budget(num_steps=cfg["steps"], num_particles=cfg["particles"],
+                                    seed=seed)  # fmt: skip
+            mine = []
+            for m in methods:
+                row = _posterior_row(suite, prob, m, budget, cfg["draws"], report.KEPT)
+                mine.append(_stamp(row, cfg, run))
+                _log(mine[-1])
+            _timing_rounds(prob, budget, mine, cfg.get("rounds", 1), cfg.get("rounded", ()))
+            out += mine
+    return out
 
 
 def _timing_rounds(
@@ -275,9 +302,7 @@ def _timing_rounds(
         for row in again:
             try:
                 _fresh()
-                timing = {**anchors.SPEED_METHODS, **anchors.METHODS}[row["method"]](
-                    prob, budget
-                ).timing
+                timing = _methods(row["suite"])[row["method"]](prob, budget).timing
             except Exception:  # noqa: BLE001 - the first round's row stands
                 continue
             for key, better in (("steps_per_s", max), ("setup_s", min), ("compile_s", min)):
@@ -292,7 +317,11 @@ def _log(row: dict) -> None:
     keys = ("wall_s", "steps_per_s", "compile_s", "elbo", "khat", "mean_err", "test_nll")
     vals = " ".join(f"{k}={row[k]:.3g}" for k in keys if isinstance(row.get(k), float))
     err = f" ERROR {row['error'][:120]}" if "error" in row else ""
-    print(f"[{row['suite']}] {row['problem']} | {row['method']}: {vals}{err}", flush=True)
+    print(
+        f"[{row['suite']}] {row['problem']} | {row['method']} | seed {row.get('seed')}: "
+        f"{vals}{err}",
+        flush=True,
+    )
 
 
 def _jsonable(obj: Any) -> Any:
@@ -318,11 +347,22 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--suite", nargs="*", choices=("speed", "posteriors", "densities"))
     for flag, what in (("--steps", "training steps"), ("--particles", "ELBO particles"),
-                       ("--draws", "evaluation draws"), ("--seed", "seed")):  # fmt: skip
+                       ("--draws", "evaluation draws")):  # fmt: skip
         parser.add_argument(flag, type=int, help=f"{what} (default: the plan's)")
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", help="seeds, one row each (default: the plan's)"
+    )
+    parser.add_argument(
+        "--results", type=Path, default=RESULTS,
+        help="folder of the results files; the docs page goes to DOCS or, for a folder other "
+        "than benchmarks/results, to RESULTS/docs",
+    )  # fmt: skip
+    parser.add_argument("--docs", type=Path, help="folder of benchmarks.md and its plots")
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in (("steps", args.steps), ("particles", args.particles),
-                                   ("draws", args.draws), ("seed", args.seed)) if v is not None}  # fmt: skip
+                                   ("draws", args.draws), ("seeds", args.seeds)) if v is not None}  # fmt: skip
+    results = args.results.resolve()
+    docs = args.docs or (ROOT / "docs" if results == RESULTS else results / "docs")
     import torch
 
     torch.set_num_threads(1)
@@ -330,18 +370,21 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     plan = QUICK if args.quick else FULL
     start = time.perf_counter()
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    results.mkdir(parents=True, exist_ok=True)
+    docs.mkdir(parents=True, exist_ok=True)
     for suite in args.suite or plan:
         t0 = time.perf_counter()
         cfg = {**plan[suite], **overrides}
         rows = run_suite(suite, cfg, args.only)
-        meta = report.machine(quick=args.quick, seconds=time.perf_counter() - t0, config=cfg)
-        path = RESULTS / f"{suite}.json"
+        meta = machine(quick=args.quick, seconds=time.perf_counter() - t0, config=cfg)
+        path = results / f"{suite}.json"
         meta, rows = _merged(path, rows, meta)
         text = json.dumps(_jsonable({"meta": meta, "rows": rows}), indent=1, allow_nan=False)
         path.write_text(text)
-    report.write_docs(RESULTS, ROOT / "docs")
-    print(f"done in {time.perf_counter() - start:.0f} s; wrote docs/benchmarks.md", flush=True)
+    report.write_docs(results, docs)
+    print(
+        f"done in {time.perf_counter() - start:.0f} s; wrote {docs / 'benchmarks.md'}", flush=True
+    )
 
 
 if __name__ == "__main__":

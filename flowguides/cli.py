@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from flowguides.core.checks import OBJECTIVES
+from flowguides.core.coupling import COUPLINGS
 from flowguides.spec import FlowSpec, SpecError
 
 if TYPE_CHECKING:
@@ -125,6 +127,8 @@ def _cmd_fit_density(args: argparse.Namespace) -> int:
         num_steps=args.steps,
         batch_size=args.batch_size,
         learning_rate=args.lr,
+        objective=args.objective,
+        coupling=args.coupling,
         seed=args.seed,
         progress=not args.quiet,
     )
@@ -185,6 +189,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default="maximum_likelihood",
+        help="maximum_likelihood, or flow_matching (a spec of one neural-ODE layer)",
+    )
+    p.add_argument(
+        "--coupling",
+        choices=COUPLINGS,
+        default="independent",
+        help="flow matching's pairing of noise and data: independent, or ot (minibatch "
+        "optimal transport)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

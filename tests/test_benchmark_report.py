@@ -11,7 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks import report
+from benchmarks import readme_block
+from benchmarks import rows as keyed
 
 __all__: list[str] = []
 
@@ -28,10 +29,10 @@ def _row(**fields: object) -> dict:
 
 def test_readme_block_matches_results() -> None:
     text = (ROOT / "README.md").read_text()
-    start, end = text.find(report.BEGIN), text.find(report.END)
+    start, end = text.find(readme_block.BEGIN), text.find(readme_block.END)
     assert 0 <= start < end, "README.md lacks the results markers"
-    block = text[start : end + len(report.END)]
-    assert block == report.readme_block(RESULTS), (
+    block = text[start : end + len(readme_block.END)]
+    assert block == readme_block.readme_block(RESULTS), (
         "README.md's results block differs from benchmarks/results/: run "
         "`python -m benchmarks.report --readme`"
     )
@@ -40,42 +41,43 @@ def test_readme_block_matches_results() -> None:
 def test_readme_block_follows_a_changed_row(tmp_path: Path) -> None:
     for p in RESULTS.glob("*.json"):
         shutil.copy(p, tmp_path / p.name)
-    before = report.readme_block(tmp_path)
+    before = readme_block.readme_block(tmp_path)
     doc = json.loads((tmp_path / "densities.json").read_text())
     row = next(r for r in doc["rows"] if not r.get("error"))
     row["test_nll"] = 123.456
     (tmp_path / "densities.json").write_text(json.dumps(doc))
-    after = report.readme_block(tmp_path)
+    after = readme_block.readme_block(tmp_path)
     assert after != before and "123" in after
 
 
 def test_rerun_with_other_steps_adds_a_row_and_same_key_replaces() -> None:
     old = [_row(), _row(problem="garch-garch11")]
-    added = report.merge_rows(old, [_row(num_steps=5000, mean_err=0.01)])
+    added = keyed.merge_rows(old, [_row(num_steps=5000, mean_err=0.01)])
     assert len(added) == 3 and added[:2] == old and added[2]["num_steps"] == 5000
-    replaced = report.merge_rows(added, [_row(mean_err=0.2)])
+    replaced = keyed.merge_rows(added, [_row(mean_err=0.2)])
     assert len(replaced) == 3 and replaced[0]["mean_err"] == 0.2
     assert [r["num_steps"] for r in replaced] == [1000, 1000, 5000]
 
 
 def test_every_key_field_separates_rows() -> None:
     changes = {"num_particles": 16, "num_draws": 10_000, "seed": 1,
+               "method_settings": {"chains": 4},
                "versions": {"jax": "0.10.3", "numpyro": "0.22.0"}}  # fmt: skip
     for field, value in changes.items():
-        merged = report.merge_rows([_row()], [_row(**{field: value})])
+        merged = keyed.merge_rows([_row()], [_row(**{field: value})])
         assert len(merged) == 2, field
 
 
 def test_latest_row_per_key_wins_by_timestamp() -> None:
     rows = [_row(timestamp="2026-01-02T00:00:00Z", mean_err=0.2),
             _row(timestamp="2026-01-01T00:00:00Z", mean_err=0.1), _row(mean_err=0.3)]  # fmt: skip
-    assert [r["mean_err"] for r in report.latest(rows)] == [0.2]
+    assert [r["mean_err"] for r in keyed.latest(rows)] == [0.2]
 
 
 def test_rerun_command_selects_exactly_the_rows() -> None:
     rows = [_row(), _row(problem="garch-garch11"), _row(method="numpyro AutoNormal")]
-    cmd = report.rerun_command("posteriors", rows)
-    assert "--steps 1000 --particles 8 --draws 2000 --seed 0" in cmd
+    cmd = keyed.rerun_command("posteriors", rows)
+    assert "--steps 1000 --particles 8 --draws 2000 --seeds 0 --only" in cmd
     assert (
         "'posteriors:{arK-arK,garch-garch11}:numpyro NUTS|posteriors:arK-arK:numpyro AutoNormal'"
         in cmd
@@ -83,8 +85,53 @@ def test_rerun_command_selects_exactly_the_rows() -> None:
 
 
 def test_report_imports_neither_torch_nor_jax() -> None:
-    code = ("import sys, benchmarks.report as r; r.readme_block(r.ROOT / 'benchmarks' / 'results');"
+    code = ("import sys, benchmarks.report as r, benchmarks.readme_block as b;"
+            " b.readme_block(r.ROOT / 'benchmarks' / 'results');"
             " print(sorted(m for m in ('torch', 'jax', 'pyro', 'numpyro') if m in sys.modules))")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          check=True).stdout.strip()  # fmt: skip
     assert out == "[]"
+
+
+def test_rerun_command_lists_every_seed() -> None:
+    cmd = keyed.rerun_command("posteriors", [_row(seed=2), _row(seed=0), _row(seed=1)])
+    assert "--seeds 0 1 2 --only 'posteriors:arK-arK:numpyro NUTS'" in cmd
+
+
+def test_seed_groups_split_by_everything_but_the_seed() -> None:
+    rows = [_row(seed=1), _row(seed=0), _row(seed=0, num_steps=5000), _row(seed=2)]
+    groups = keyed.seed_groups(rows)
+    assert [[r["seed"] for r in g] for g in groups] == [[0, 1, 2], [0]]
+    assert keyed.spread(groups[0], "mean_err") == (0.05, 0.05, 0.05)
+
+
+def test_lead_only_where_ranges_do_not_overlap() -> None:
+    ours = [_row(seed=s, mean_err=e) for s, e in enumerate((0.02, 0.03, 0.04))]
+    apart = [_row(seed=s, mean_err=e) for s, e in enumerate((0.05, 0.2, 0.3))]
+    touching = [_row(seed=s, mean_err=e) for s, e in enumerate((0.035, 0.2, 0.3))]
+    assert keyed.leads(ours, apart, "mean_err") and not keyed.leads(apart, ours, "mean_err")
+    assert not keyed.leads(ours, touching, "mean_err") and not keyed.leads(
+        touching, ours, "mean_err"
+    )
+    assert not keyed.leads(ours[:2], apart[:2], "mean_err"), "two seeds claim no lead"
+
+
+def _write_posteriors(folder: Path, ours: tuple, anchor: tuple) -> None:
+    rows = [
+        _row(method="flowguides-numpyro RealNVP", seed=s, mean_err=e) for s, e in enumerate(ours)
+    ]
+    rows += [_row(seed=s, mean_err=e) for s, e in enumerate(anchor)]
+    (folder / "posteriors.json").write_text(json.dumps({"meta": {}, "rows": rows}))
+
+
+def test_readme_block_words_a_lead_only_for_ranges_apart(tmp_path: Path) -> None:
+    _write_posteriors(tmp_path, (0.02, 0.03, 0.04), (0.05, 0.2, 0.3))
+    block = readme_block.readme_block(tmp_path)
+    assert (
+        "| arK | 1000 | `flowguides-numpyro RealNVP` | 0.03 [0.02 – 0.04] | `numpyro NUTS`" in block
+    )
+    assert "--seeds 0 1 2" in block and "0, 1, 2" in block
+    _write_posteriors(tmp_path, (0.02, 0.03, 0.06), (0.05, 0.2, 0.3))
+    block = readme_block.readme_block(tmp_path)
+    assert "| `flowguides-numpyro RealNVP` | 0.03" not in block
+    assert "Ranges overlap, no lead claimed: 1 flowguides-anchor pair(s)." in block

@@ -112,3 +112,68 @@ def test_jax_log_density_matches_numpy() -> None:
         z = rng.standard_normal((7, t.dim)) * 2
         got = np.asarray(t.log_prob_jax(jnp.asarray(z)))
         np.testing.assert_allclose(got, t.log_prob_numpy(z), rtol=1e-12)
+
+
+# -- the anchors' learning-rate search and MAP start -------------------------------------------
+def _fake_fit(losses: dict[float, float]):  # noqa: ANN202 - a stand-in method
+    from benchmarks.anchor_base import Fitted
+
+    def fit(problem: object, budget: object) -> Fitted:
+        loss = losses[budget.learning_rate]  # type: ignore[attr-defined]
+        if loss is None:
+            raise FloatingPointError("diverged")
+        return Fitted({"wall_s": 1.0}, final_loss=loss)
+
+    return fit
+
+
+def test_lr_search_keeps_the_best_final_elbo_and_records_the_grid() -> None:
+    from benchmarks.anchor_base import LR_GRID, Budget, lr_searched
+
+    losses = dict(zip(LR_GRID, (5.0, 2.0, float("nan")), strict=True))
+    fitted = lr_searched(_fake_fit(losses))(None, Budget(num_steps=10))  # type: ignore[arg-type]
+    assert fitted.extra["learning_rate"] == LR_GRID[1] and fitted.final_loss == 2.0
+    assert fitted.extra["lr_search"] == {str(LR_GRID[0]): -5.0, str(LR_GRID[1]): -2.0,
+                                         str(LR_GRID[2]): None}  # fmt: skip
+    failing = dict.fromkeys(LR_GRID)
+    with pytest.raises(RuntimeError, match="no rate of"):
+        lr_searched(_fake_fit(failing))(None, Budget(num_steps=10))  # type: ignore[arg-type]
+
+
+def _conjugate_problem():  # noqa: ANN202
+    """mu ~ N(0, 1), y_i ~ N(mu, 1); sigma ~ LogNormal(0, 1) apart: the posterior in the
+    unconstrained space (mu, log sigma) is exactly Gaussian, so a Laplace approximation at the
+    MAP is exact."""
+    import numpyro
+    import numpyro.distributions as dist
+
+    from benchmarks.anchor_base import Problem
+
+    y = np.array([0.3, -1.2, 2.0])
+
+    def model() -> None:
+        mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+        numpyro.sample("sigma", dist.LogNormal(0.0, 1.0))
+        numpyro.sample("y", dist.Normal(mu, 1.0).expand([3]).to_event(1), obs=y)
+
+    cov = np.eye(3) + np.ones((3, 3))
+    log_z = -0.5 * (y @ np.linalg.solve(cov, y) + np.linalg.slogdet(2 * np.pi * cov)[1])
+    return Problem("conjugate", lambda: None, lambda: model, None, float(log_z)), y
+
+
+def test_map_point_and_laplace_draws_are_exact_on_a_gaussian_posterior() -> None:
+    from benchmarks.anchor_base import Budget
+    from benchmarks.anchors_numpyro import map_point, numpyro_svi
+
+    prob, y = _conjugate_problem()
+    at_map = map_point(prob.numpyro_model(), seed=0)
+    # the unconstrained mode: mu = sum(y) / (n + 1); log sigma = 0 (LogNormal's Jacobian)
+    assert float(at_map["mu"]) == pytest.approx(y.sum() / 4, abs=1e-6)
+    assert float(at_map["sigma"]) == pytest.approx(1.0, abs=1e-6)
+    fit = numpyro_svi("AutoLaplaceApproximation")(prob, Budget(num_steps=5, learning_rate=1e-6))
+    draws, log_p, log_q = fit.log_densities(400, 1)
+    # exact q: every log weight equals log Z (draws in the wrong order or a missing Jacobian
+    # would spread them)
+    np.testing.assert_allclose(log_p - log_q, prob.log_z, atol=1e-6)
+    assert draws["mu"].std() == pytest.approx(0.5, rel=0.15)
+    assert np.log(draws["sigma"]).std() == pytest.approx(1.0, rel=0.15)

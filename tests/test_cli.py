@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from flowguides import FlowSpec
@@ -57,3 +58,45 @@ def test_console_script_help() -> None:
     assert out.returncode == 0
     for command in ("spec-schema", "show-spec", "demo"):
         assert command in out.stdout
+
+
+def _ring_csv(tmp_path) -> str:
+    rng = np.random.default_rng(0)
+    angle = rng.uniform(0, 2 * np.pi, 200)
+    path = tmp_path / "ring.csv"
+    rows = np.c_[np.cos(angle), np.sin(angle)] + rng.normal(scale=0.1, size=(200, 2))
+    np.savetxt(path, rows, delimiter=",")
+    return str(path)
+
+
+@pytest.mark.torch
+def test_fit_density_by_flow_matching_with_ot_coupling(tmp_path, capsys) -> None:
+    pytest.importorskip("torch")
+    from flowguides import io
+
+    spec = tmp_path / "ode.json"
+    FlowSpec.neural_ode(hidden=[8], solver="rk4", num_steps=2).save(spec)
+    out = tmp_path / "fit"
+    args = ["fit-density", _ring_csv(tmp_path), "--spec", str(spec), "--backend", "pyro"]
+    args += ["--out", str(out), "--steps", "30", "--objective", "flow_matching"]
+    assert main([*args, "--coupling", "ot", "--quiet"]) == 0
+    fit = io.load(out, backend="pyro")
+    assert set(fit.losses) == {"flow_matching", "val_nll"}
+    assert len(fit.losses["flow_matching"]) == 30 and len(fit.losses["val_nll"]) == 2
+
+
+@pytest.mark.torch
+def test_fit_density_refuses_ot_coupling_without_flow_matching(tmp_path, capsys) -> None:
+    pytest.importorskip("torch")
+    args = ["fit-density", _ring_csv(tmp_path), "--spec", "neural_ode", "--backend", "pyro"]
+    assert main([*args, "--out", str(tmp_path / "fit"), "--coupling", "ot", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "coupling: 'ot'" in err and "objective='maximum_likelihood'" in err
+    assert not (tmp_path / "fit").exists()
+
+
+def test_fit_density_help_names_the_objective_and_coupling(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["fit-density", "--help"])
+    out = capsys.readouterr().out
+    assert "{maximum_likelihood,flow_matching}" in out and "{independent,ot}" in out

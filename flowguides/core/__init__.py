@@ -8,6 +8,7 @@ rules (schedule, default learning rate, data splits, the start search's constant
 - `flowguides.core.errors`: the errors and warnings.
 - `flowguides.core.checks`: argument, spec, weight and data checks.
 - `flowguides.core.training`: schedule, default learning rate, splits, starts.
+- `flowguides.core.coupling`: flow matching's minibatch coupling and validation schedule.
 - `flowguides.core.results`: the methods both `PosteriorFit` classes share.
 - `flowguides.core.state`: the saved-folder format the backends' ``io.py`` read and write.
 """
@@ -27,6 +28,14 @@ from flowguides.core.checks import (
     check_training,
     check_vectorize_option,
     check_weights,
+)
+from flowguides.core.coupling import (
+    COUPLINGS,
+    FLOW_MATCHING_VALIDATE_EVERY,
+    FLOW_MATCHING_VALIDATION_ROWS,
+    check_coupling,
+    ot_permutation,
+    validation_spec,
 )
 from flowguides.core.errors import (
     DiscreteLatentError,
@@ -59,8 +68,11 @@ from flowguides.core.training import (
 
 __all__ = [
     "AUTO_SCALES",
+    "COUPLINGS",
     "DEFAULT_LEARNING_RATE",
     "FLOAT32_MIN_TOLERANCE",
+    "FLOW_MATCHING_VALIDATE_EVERY",
+    "FLOW_MATCHING_VALIDATION_ROWS",
     "FULL_RANK_MAX_DIM",
     "LEARNING_RATE_REFERENCE_DIM",
     "MODE_TOLERANCE",
@@ -82,6 +94,7 @@ __all__ = [
     "ToleranceWarning",
     "as_spec",
     "call_with_vectorize",
+    "check_coupling",
     "check_data",
     "check_objective",
     "check_preconditioner",
@@ -92,7 +105,9 @@ __all__ = [
     "decay_steps",
     "default_learning_rate",
     "learning_rate_at",
+    "ot_permutation",
     "split_indices",
     "standardization",
+    "validation_spec",
     "warn_if_below_start",
 ]

@@ -8,7 +8,9 @@ loss with a non-finite gradient, stops training at that step and raises `NonFini
 inside `training_solves` and record per step, in ``fit.history``, the field evaluations of the
 loss (``"nfe_forward"``) and of its gradient (``"nfe_backward"``, left out with
 ``adjoint=True``), plus the RNODE penalty (``"regularization"``) when a weight is positive.
-``objective="flow_matching"`` trains a single neural-ODE layer by flow matching.
+``objective="flow_matching"`` trains a single neural-ODE layer by flow matching (independent or
+minibatch optimal-transport coupling) and early-stops on an exact-trace validation negative
+log-likelihood (`flowguides.core.coupling`).
 
 The same names and parameters as `flowguides.pyro.density`; `DensityFit` also holds a ``seed``
 for its draws (JAX has no global random state).
@@ -27,16 +29,20 @@ import optax
 from jax import lax
 
 from flowguides.core import (
+    FLOW_MATCHING_VALIDATE_EVERY,
+    FLOW_MATCHING_VALIDATION_ROWS,
     VALIDATE_EVERY,
     NonFiniteGradientError,
     NonFiniteLossError,
     NonFiniteValidationError,
     as_spec,
+    check_coupling,
     check_data,
     check_objective,
     check_training,
     split_indices,
     standardization,
+    validation_spec,
 )
 from flowguides.numpyro._training import (
     CHUNK,
@@ -49,7 +55,12 @@ from flowguides.numpyro._training import (
     run_chunks,
 )
 from flowguides.numpyro.build import Flow, build_flow
-from flowguides.numpyro.ode import flow_matching_loss, solver_errors, training_solves
+from flowguides.numpyro.ode import (
+    couple_noise,
+    flow_matching_loss,
+    solver_errors,
+    training_solves,
+)
 from flowguides.spec import FlowSpec, SpecError
 
 __all__ = ["DensityFit", "fit_density"]
@@ -74,15 +85,21 @@ class DensityFit:
     Attributes:
         flow: the fitted `Flow` (on standardised data when `mean`/`std` are set).
         spec: the `FlowSpec`.
-        losses: ``{"train": per step, "val": per validation}``: mean negative log-likelihoods
-            (without the RNODE penalty), or flow-matching losses under
-            ``objective="flow_matching"``, in the standardised scale.
+        losses: in the standardised scale. Maximum likelihood: ``{"train": per step, "val":
+            per validation}``, mean negative log-likelihoods (without the RNODE penalty).
+            Flow matching: ``{"flow_matching": per step, the flow-matching training loss;
+            "val_nll": per validation, the mean negative log-likelihood of the validation
+            subset}``.
         mean, std: the standardisation, or None.
         backend: ``"numpyro"``.
         history: per-step arrays for neural-ODE flows (``"nfe_forward"``, ``"nfe_backward"``
             unless a layer uses the adjoint, ``"regularization"`` when a regulariser weight is
-            positive); empty otherwise.
+            positive); empty otherwise. Flow matching adds ``"nfe_val"``, per validation
+            (aligned with ``losses["val_nll"]``): the field evaluations of the exact-trace
+            solve that scored the validation subset, so the returned flow's scoring cost is
+            ``nfe_val`` at the best ``val_nll``.
         objective: ``"maximum_likelihood"`` or ``"flow_matching"``.
+        coupling: ``"independent"`` or ``"ot"`` (flow matching's pairing of noise and data).
     """
 
     flow: Flow
@@ -94,6 +111,7 @@ class DensityFit:
     backend: str = "numpyro"
     history: dict[str, np.ndarray] = field(default_factory=dict)
     objective: str = "maximum_likelihood"
+    coupling: str = "independent"
 
     def __post_init__(self) -> None:
         self._rng = np.random.default_rng(self.seed + 1)
@@ -136,23 +154,30 @@ def fit_density(
     patience: int = 500,
     standardize: bool = True,
     objective: str = "maximum_likelihood",
+    coupling: str = "independent",
     sigma_min: float = 1e-4,
     seed: int = 0,
     progress: bool = True,
 ) -> DensityFit:
     """Fit a flow to the rows of `data` on minibatches.
 
-    Minibatches are drawn with replacement from the training rows; the validation loss is
-    computed after the first step, every 25 steps and after the last, and training stops once
-    `patience` steps pass without a better one, keeping the best parameters (without
-    validation rows, the last ones).
+    Minibatches are drawn with replacement from the training rows. Training stops once
+    `patience` steps pass without a better validation negative log-likelihood, keeping the
+    best parameters (without validation rows, the last ones).
 
     ``objective="maximum_likelihood"`` (the default) minimises the negative log-likelihood
-    (plus the RNODE penalty of neural-ODE layers). ``objective="flow_matching"`` needs a spec
-    whose layers are exactly one neural-ODE layer and fits its vector field without solving
-    (`flow_matching_loss`, base draws ``x0 ~ N(0, I)``, ``t ~ U(0, 1)``); the validation loss is
-    the same loss on the held-out rows with noise fixed for the whole fit. The affine base is
-    not trained and stays the identity. `log_prob` afterwards is exact through the ODE.
+    (plus the RNODE penalty of neural-ODE layers) and scores every validation row after the
+    first step, every `flowguides.core.VALIDATE_EVERY` (25) steps and after the last.
+
+    ``objective="flow_matching"`` needs a spec whose layers are exactly one neural-ODE layer
+    and fits its vector field without solving (`flow_matching_loss`, base draws
+    ``x0 ~ N(0, I)`` paired with the minibatch by `coupling`, ``t ~ U(0, 1)``). It is
+    validated by the negative log-likelihood all the same: after the first step, every
+    `flowguides.core.FLOW_MATCHING_VALIDATE_EVERY` (100) steps and after the last, an
+    exact-trace solve (the spec's solver) scores a fixed subset of the first
+    `flowguides.core.FLOW_MATCHING_VALIDATION_ROWS` (128) validation rows, so validation stays
+    a small share of training. The affine base is not trained and stays the identity.
+    `log_prob` afterwards is exact through the ODE.
 
     Args:
         data: an array ``(n_points, dim)`` of finite values.
@@ -164,6 +189,9 @@ def fit_density(
         patience: steps without a better validation loss before stopping.
         standardize: fit the flow to standardised data (the Jacobian enters `log_prob`).
         objective: ``"maximum_likelihood"`` or ``"flow_matching"``.
+        coupling: flow matching's pairing of base draws and data in a minibatch:
+            ``"independent"`` or ``"ot"`` (the exact minibatch optimal-transport assignment,
+            Tong et al., 2023; `couple_noise`, on the host through `jax.pure_callback`).
         sigma_min: the flow-matching path's width at the data end, in ``[0, 1)``.
         seed: seeds the split, initialisation, minibatches and noise.
         progress: show a tqdm bar on stderr.
@@ -172,7 +200,8 @@ def fit_density(
         The `DensityFit`.
 
     Raises:
-        ValueError: `data` is not a finite 2-D array, or a setting is out of range.
+        ValueError: `data` is not a finite 2-D array, or a setting is out of range
+            (``coupling="ot"`` without flow matching included).
         SpecError: the spec needs more dimensions than `data` has columns, or
             ``objective="flow_matching"`` with a spec that is not one neural-ODE layer.
         NonFiniteLossError: the loss was not finite at some step.
@@ -182,6 +211,8 @@ def fit_density(
 
     References:
         Lipman et al., "Flow Matching for Generative Modeling", ICLR 2023.
+        Tong et al., "Improving and Generalizing Flow-Based Generative Models with Minibatch
+        Optimal Transport", TMLR 2024.
     """
     spec = as_spec(spec)
     check_training(num_steps, learning_rate, None)
@@ -189,6 +220,7 @@ def fit_density(
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: expected a positive integer, got {value!r}")
     check_objective(spec, objective, sigma_min)
+    check_coupling(coupling, objective)
     arr = check_data(data)
     dim = arr.shape[1]
     try:
@@ -200,16 +232,14 @@ def fit_density(
     if stats is not None:
         arr = (arr - stats[0]) / stats[1]
     dtype = jnp.float64 if spec.dtype == "float64" else jnp.float32
+    flow_matching = objective == "flow_matching"
+    if flow_matching:  # the fixed validation subset
+        val_idx = val_idx[:FLOW_MATCHING_VALIDATION_ROWS]
     train, val = jnp.asarray(arr[train_idx], dtype), jnp.asarray(arr[val_idx], dtype)
-    k_x0, k_t = jax.random.split(jax.random.fold_in(jax.random.key(seed), 1))
-    val_noise = (  # the flow-matching validation noise, fixed for the whole fit
-        jax.random.normal(k_x0, val.shape, dtype),
-        jax.random.uniform(k_t, val.shape[:1], dtype),
-    )
     flow = build_flow(spec, dim, seed=seed)
     optimizer = make_optimizer(num_steps, learning_rate, None)
     batch = min(batch_size, train.shape[0])
-    settings = (batch, num_steps, patience, objective, sigma_min)
+    settings = (batch, num_steps, patience, objective, coupling, sigma_min)
     key = ("density", spec, dim, train.shape, val.shape, learning_rate, *settings)
     run_chunk = cached(key, lambda: _density_chunk(optimizer, flow, *settings))
     params = flow.params
@@ -224,16 +254,20 @@ def fit_density(
         jnp.asarray(-1),
     )
     with solver_errors():
-        carry, (train_loss, val_loss, steps) = run_chunks(
-            run_chunk, carry, (train, val, val_noise), num_steps, progress
+        carry, (train_loss, val_loss, val_nfe, steps) = run_chunks(
+            run_chunk, carry, (train, val), num_steps, progress
         )
     params, _, _, (best_params, best_val, _), good, _, bad_step = carry
     nonfinite = int(bad_step) >= 0
     ran = int(bad_step) + 1 if nonfinite else int(np.sum(np.isfinite(train_loss)))
-    losses = {"train": train_loss[:ran], "val": val_loss[:ran][np.isfinite(val_loss[:ran])]}
+    validated = np.isfinite(val_loss[:ran])
+    keys = ("flow_matching", "val_nll") if flow_matching else ("train", "val")
+    losses = {keys[0]: train_loss[:ran], keys[1]: val_loss[:ran][validated]}
     history = {name: values[:ran] for name, values in steps.items()}
+    if flow_matching:
+        history["nfe_val"] = val_nfe[:ran][validated].astype(np.int64)
     mean, std = (None, None) if stats is None else stats
-    common = {"history": history, "objective": objective}
+    common = {"history": history, "objective": objective, "coupling": coupling}
     if nonfinite:
         fit = DensityFit(Flow(spec, dim, good), spec, losses, mean, std, seed, **common)
         step, loss = int(bad_step), float(train_loss[int(bad_step)])
@@ -242,40 +276,47 @@ def fit_density(
     if val.shape[0] > 0 and not np.isfinite(float(best_val)):
         fit = DensityFit(Flow(spec, dim, params), spec, losses, mean, std, seed, **common)
         steps_run = np.arange(ran)
-        due = (steps_run % VALIDATE_EVERY == 0) | (steps_run == num_steps - 1)
+        every = FLOW_MATCHING_VALIDATE_EVERY if flow_matching else VALIDATE_EVERY
+        due = (steps_run % every == 0) | (steps_run == num_steps - 1)
         raise NonFiniteValidationError(ran - 1, float(val_loss[:ran][due][-1]), params, fit)
     final = best_params if val.shape[0] > 0 else params
     return DensityFit(Flow(spec, dim, final), spec, losses, mean, std, seed, **common)
 
 
-def _density_losses(spec: FlowSpec, dim: int, objective: str, sigma_min: float):
+def _density_losses(spec: FlowSpec, dim: int, objective: str, coupling: str, sigma_min: float):
     """``train_loss(params, x, key) -> (loss + penalty, (loss, entries))``,
-    ``val_loss(params, val, noise, key)`` and ``entries(nfe, penalty)``: the per-step history
-    entries (empty without neural-ODE layers)."""
+    ``val_loss(params, val, key) -> (nll, nfe)`` (``nfe`` the field evaluations of a
+    flow-matching fit's exact-trace validation solve, else 0) and ``entries(nfe, penalty)``:
+    the per-step history entries (empty without neural-ODE layers)."""
     entries = history_entries(spec)
-
-    def field_loss(params: dict, x1: jax.Array, x0: jax.Array, t: jax.Array) -> jax.Array:
-        layer = Flow(spec, dim, params).transform().layers()[0]
-        return flow_matching_loss(layer, x1, x0, t, sigma_min)
+    scoring = validation_spec(spec) if objective == "flow_matching" else spec
 
     def train_loss(params: dict, x: jax.Array, key: jax.Array):
         with training_solves() as records:
             if objective == "flow_matching":
                 k_x0, k_t = jax.random.split(key)
-                x0 = jax.random.normal(k_x0, x.shape, x.dtype)
-                loss = field_loss(params, x, x0, jax.random.uniform(k_t, x.shape[:1], x.dtype))
+                x0 = couple_noise(jax.random.normal(k_x0, x.shape, x.dtype), x, coupling)
+                t = jax.random.uniform(k_t, x.shape[:1], x.dtype)
+                layer = Flow(spec, dim, params).transform().layers()[0]
+                loss = flow_matching_loss(layer, x, x0, t, sigma_min)
             else:
                 loss = -jnp.mean(Flow(spec, dim, params).log_prob(x, key))
         penalty = mean_penalty(records)
-        nfe = sum((jnp.asarray(r["nfe"], jnp.int32) for r in records), jnp.zeros((), jnp.int32))
+        nfe = _total_nfe(records)
         return loss + penalty, (loss, entries(nfe, penalty))
 
-    def val_loss(params: dict, val: jax.Array, noise: tuple, key: jax.Array) -> jax.Array:
-        if objective == "flow_matching":
-            return field_loss(params, val, *noise)
-        return -jnp.mean(Flow(spec, dim, params).log_prob(val, key))
+    def val_loss(params: dict, val: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+        if objective != "flow_matching":
+            return -jnp.mean(Flow(spec, dim, params).log_prob(val, key)), jnp.zeros((), jnp.int32)
+        with training_solves() as records:  # no STEER or penalty in `scoring`: only counts
+            nll = -jnp.mean(Flow(scoring, dim, params).log_prob(val))
+        return nll, _total_nfe(records)
 
     return train_loss, val_loss, entries
+
+
+def _total_nfe(records: list[dict]) -> jax.Array:
+    return sum((jnp.asarray(r["nfe"], jnp.int32) for r in records), jnp.zeros((), jnp.int32))
 
 
 def _density_chunk(
@@ -285,13 +326,17 @@ def _density_chunk(
     num_steps: int,
     patience: int,
     objective: str,
+    coupling: str,
     sigma_min: float,
 ):
-    train_loss, val_loss_fn, entries = _density_losses(flow.spec, flow.dim, objective, sigma_min)
+    train_loss, val_loss_fn, entries = _density_losses(
+        flow.spec, flow.dim, objective, coupling, sigma_min
+    )
+    every = FLOW_MATCHING_VALIDATE_EVERY if objective == "flow_matching" else VALIDATE_EVERY
 
     def chunk(carry: tuple, start: jax.Array, data: tuple):
         _TRACES["density"] += 1
-        train, val, val_noise = data
+        train, val = data
 
         def step(c: tuple, i: jax.Array):
             def run(c: tuple):
@@ -308,12 +353,17 @@ def _density_chunk(
                 new_params, new_opt = lax.cond(
                     finite, lambda: (new_params, new_opt), lambda: (params, opt_state)
                 )
-                due = (i % VALIDATE_EVERY == 0) | (i == num_steps - 1)  # as the Pyro backend
+                due = (i % every == 0) | (i == num_steps - 1)  # as the Pyro backend
                 validate = finite & (val.shape[0] > 0) & due
-                val_loss = lax.cond(
+
+                def score():
+                    nll, nfe = val_loss_fn(new_params, val, k_val)
+                    return nll.astype(default_float()), nfe
+
+                val_loss, val_nfe = lax.cond(
                     validate,
-                    lambda: val_loss_fn(new_params, val, val_noise, k_val).astype(default_float()),
-                    lambda: jnp.asarray(jnp.nan, default_float()),
+                    score,
+                    lambda: (jnp.asarray(jnp.nan, default_float()), jnp.zeros((), jnp.int32)),
                 )
                 best_params, best_val, best_step = best
                 better = validate & (val_loss < best_val)
@@ -322,11 +372,12 @@ def _density_chunk(
                 stopped = ~finite | patience_out
                 bad_step = jnp.where(finite, bad_step, i)
                 out = (new_params, new_opt, key, best, good, stopped, bad_step)
-                return out, (loss.astype(default_float()), val_loss, steps)
+                return out, (loss.astype(default_float()), val_loss, val_nfe, steps)
 
             def skip(c: tuple):
                 nan = jnp.asarray(jnp.nan, default_float())
-                return c, (nan, nan, entries(jnp.zeros((), jnp.int32), jnp.zeros(())))
+                zero = jnp.zeros((), jnp.int32)
+                return c, (nan, nan, zero, entries(zero, jnp.zeros(())))
 
             return lax.cond((i < num_steps) & ~c[-2], run, skip, c)
 

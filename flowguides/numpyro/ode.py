@@ -18,7 +18,8 @@ Training extras (Finlay et al., 2020; Ghosh et al., 2020): solves traced inside
 as two more states (left out of the step-size control) when ``kinetic_weight`` or
 ``jacobian_weight`` is positive, and with ``steer > 0`` end at a time drawn from the layer's
 PRNG key. Outside the block every solve ends at ``t1`` and carries no extra state.
-`flow_matching_loss` trains the field without solving.
+`flow_matching_loss` trains the field without solving, on base draws paired with the data by
+`couple_noise` (independently, or by minibatch optimal transport).
 
 Hutchinson's estimator is unbiased for the log-determinant, not for the density: ``E[exp(-l)]``
 differs from ``exp(-E[l])``, so importance weights ``p / q`` built from a Hutchinson log-det are
@@ -54,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 import optimistix as optx
 
-from flowguides.core import MaxStepsExceededError
+from flowguides.core import MaxStepsExceededError, check_coupling, ot_permutation
 from flowguides.numpyro._base import FlowLayerTransform, as_init_random
 from flowguides.numpyro.coupling import ACTIVATIONS
 from flowguides.spec import FIXED_STEP_SOLVERS, NeuralODESpec
@@ -62,6 +63,7 @@ from flowguides.spec import FIXED_STEP_SOLVERS, NeuralODESpec
 __all__ = [
     "RK4",
     "NeuralODE",
+    "couple_noise",
     "flow_matching_loss",
     "in_training_solves",
     "init_neural_ode",
@@ -367,3 +369,36 @@ def flow_matching_loss(
     if _RECORDERS:
         _RECORDERS[-1].append({"nfe": jnp.asarray(1), "backward": True})
     return jnp.mean(jnp.sum((velocity - target) ** 2, axis=-1))
+
+
+def _host_permutation(x0: np.ndarray, x1: np.ndarray) -> np.ndarray:
+    return ot_permutation(x0, x1).astype(np.int32)
+
+
+def couple_noise(x0: jax.Array, x1: jax.Array, coupling: str) -> jax.Array:
+    """The base draws `x0` ``(n, dim)`` in the order that pairs them with the data rows `x1`.
+
+    ``coupling="independent"`` returns `x0` as it is; ``"ot"`` returns ``x0[perm]`` with
+    ``perm`` the exact minibatch optimal-transport assignment
+    (`flowguides.core.ot_permutation`), computed on the host through `jax.pure_callback`, so
+    it runs inside jitted and scanned training steps; row ``j`` of the result is the base
+    draw paired with ``x1[j]``. The same contract as `flowguides.pyro.ode.couple_noise`.
+
+    Raises:
+        ValueError: an unknown `coupling`, or `x0` and `x1` of different shapes.
+
+    References:
+        Tong et al., "Improving and Generalizing Flow-Based Generative Models with Minibatch
+        Optimal Transport", TMLR 2024.
+    """
+    check_coupling(coupling, "flow_matching")
+    if coupling == "independent":
+        return x0
+    if jnp.shape(x0) != jnp.shape(x1) or jnp.ndim(x0) != 2:
+        raise ValueError(
+            f"x0, x1: expected two (n, dim) arrays of the same shape, got {jnp.shape(x0)} and "
+            f"{jnp.shape(x1)}"
+        )
+    result = jax.ShapeDtypeStruct(jnp.shape(x0)[:1], jnp.int32)
+    perm = jax.pure_callback(_host_permutation, result, x0, x1, vmap_method="sequential")
+    return x0[perm]

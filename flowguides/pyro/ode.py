@@ -9,7 +9,8 @@ Training extras (Finlay et al., 2020; Ghosh et al., 2020): solves run inside
 ``kinetic_weight`` or ``jacobian_weight`` is positive: the regularisers ``∫ |f|² dt`` and
 ``∫ |∂f/∂z|_F² dt`` are integrated as two more states, left out of the step-size control), and
 with ``steer > 0`` end at a random time. Outside the block every solve ends at ``t1`` and
-carries no extra state. `flow_matching_loss` trains the field without solving.
+carries no extra state. `flow_matching_loss` trains the field without solving, on base draws
+paired with the data by `couple_noise` (independently, or by minibatch optimal transport).
 
 Hutchinson's estimator is unbiased for the log-determinant, not for the density: ``E[exp(-l)]``
 differs from ``exp(-E[l])``, so importance weights ``p / q`` built from a Hutchinson log-det are
@@ -31,7 +32,7 @@ import torch
 from torch import nn
 from torchdiffeq import odeint, odeint_adjoint
 
-from flowguides.core import MaxStepsExceededError, check_tolerances
+from flowguides.core import MaxStepsExceededError, check_coupling, check_tolerances, ot_permutation
 from flowguides.pyro._base import FlowLayerTransform
 from flowguides.pyro.coupling import ACTIVATIONS
 from flowguides.spec import FIXED_STEP_SOLVERS, NeuralODESpec, SpecError
@@ -39,6 +40,7 @@ from flowguides.spec import FIXED_STEP_SOLVERS, NeuralODESpec, SpecError
 __all__ = [
     "ConcatSquash",
     "NeuralODE",
+    "couple_noise",
     "flow_matching_loss",
     "in_training_solves",
     "pass_up",
@@ -365,3 +367,26 @@ def flow_matching_loss(
     if _RECORDERS:
         _RECORDERS[-1].append({"nfe": 1, "backward": True})
     return (velocity - target).pow(2).sum(-1).mean()
+
+
+def couple_noise(x0: torch.Tensor, x1: torch.Tensor, coupling: str) -> torch.Tensor:
+    """The base draws `x0` ``(n, dim)`` in the order that pairs them with the data rows `x1`.
+
+    ``coupling="independent"`` returns `x0` as it is; ``"ot"`` returns ``x0[perm]`` with
+    ``perm`` the exact minibatch optimal-transport assignment
+    (`flowguides.core.ot_permutation`, computed on the host), so row ``j`` of the result is
+    the base draw paired with ``x1[j]``. The same contract as
+    `flowguides.numpyro.ode.couple_noise`.
+
+    Raises:
+        ValueError: an unknown `coupling`, or `x0` and `x1` of different shapes.
+
+    References:
+        Tong et al., "Improving and Generalizing Flow-Based Generative Models with Minibatch
+        Optimal Transport", TMLR 2024.
+    """
+    check_coupling(coupling, "flow_matching")
+    if coupling == "independent":
+        return x0
+    perm = ot_permutation(x0.detach().cpu().numpy(), x1.detach().cpu().numpy())
+    return x0[torch.as_tensor(perm, device=x0.device)]

@@ -1,0 +1,202 @@
+"""JAX methods outside NumPyro's SVI: FlowJAX, blackjax's multi-path Pathfinder and the bare
+hand-written RealNVP loop (the speed floor), each on the NumPyro model's flat unconstrained log
+density (:func:`benchmarks.anchors_numpyro.potential`).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from benchmarks import metrics
+from benchmarks.anchor_base import ARCH, Budget, Fitted, Problem, final_loss
+from benchmarks.anchors_numpyro import optax_schedule, potential
+
+__all__ = ["PATHFINDER_SETTINGS", "bare_realnvp", "flowjax_elbo", "pathfinder"]
+
+PATHFINDER_SETTINGS = {"paths": 4, "draws_per_path": 1000, "elbo_draws": 25, "maxiter": 1000,
+                       "init": "uniform(-2, 2) unconstrained", "resampling": "PSIS"}  # fmt: skip
+"""Stan's multi-path Pathfinder defaults: paths, draws per path, ELBO draws per L-BFGS
+iterate, most L-BFGS iterations, initial points, importance resampling."""
+
+
+def flowjax_elbo(problem: Problem, budget: Budget) -> Fitted:
+    """FlowJAX ``coupling_flow`` (affine) on the model's unconstrained space, ``ElboLoss``."""
+    import jax
+    import jax.numpy as jnp
+    from flowjax.distributions import Normal
+    from flowjax.flows import coupling_flow
+    from flowjax.train import fit_to_key_based_loss
+    from flowjax.train.losses import ElboLoss
+
+    model = problem.numpyro_model()
+    t0 = time.perf_counter()
+    flat0, log_p, unravel, constrain = potential(model, budget.seed)
+    key, sub = jax.random.split(jax.random.key(budget.seed))
+    flow = coupling_flow(
+        sub, base_dist=Normal(flat0, jnp.ones_like(flat0)), flow_layers=ARCH["couplings"],
+        nn_width=ARCH["hidden"][0], nn_depth=len(ARCH["hidden"]), invert=False,
+    )  # fmt: skip
+    loss = ElboLoss(log_p, num_samples=budget.num_particles)
+    optimizer = optax_schedule(budget)
+    setup = time.perf_counter() - t0
+    # one step first (compiles), then the rest: the step function is cached across calls
+    t1 = time.perf_counter()
+    flow, first = fit_to_key_based_loss(
+        key, flow, loss_fn=loss, steps=1, optimizer=optimizer, show_progress=False
+    )
+    t2 = time.perf_counter()
+    flow, losses = fit_to_key_based_loss(
+        key, flow, loss_fn=loss, steps=budget.num_steps - 1, optimizer=optimizer,
+        show_progress=False,
+    )  # fmt: skip
+    t3 = time.perf_counter()
+    steady = (t3 - t2) / (budget.num_steps - 1)
+    timing = {
+        "wall_s": setup + t3 - t1, "compile_s": max(t2 - t1 - steady, 0.0),
+        "steps_per_s": 1.0 / steady, "setup_s": setup,
+    }  # fmt: skip
+    # NB: restarting fit_to_key_based_loss resets Adam's state and the schedule once (step 1).
+
+    def draw(num: int, seed: int) -> tuple:
+        x, log_q = flow.sample_and_log_prob(jax.random.key(seed), (num,))
+        lp = jax.lax.map(log_p, x, batch_size=1000)
+        values = jax.lax.map(lambda v: constrain(unravel(v)), x, batch_size=1000)
+        return {k: np.asarray(v) for k, v in values.items()}, np.asarray(lp), np.asarray(log_q)
+
+    return Fitted(timing, final_loss(first + losses), draw)
+
+
+def pathfinder(problem: Problem, budget: Budget) -> Fitted:
+    """blackjax's multi-path Pathfinder at :data:`PATHFINDER_SETTINGS` (the SVI budget's seed
+    only): one single-path Pathfinder per initial point (``blackjax.vi.pathfinder``), each
+    path's best Gaussian drawn from, and the pooled draws resampled by their PSIS-smoothed
+    importance weights (``blackjax.vi.multipathfinder.psis_weights``), as Stan's and PyMC's
+    multi-path Pathfinder do. Adds ``khat`` (PSIS Pareto k of the pooled log weights) to its
+    row.
+
+    References:
+        Zhang, Carpenter, Gelman and Vehtari (2022), "Pathfinder: Parallel quasi-Newton
+        variational inference", JMLR 23(306).
+    """
+    import jax
+    import jax.numpy as jnp
+    from blackjax.vi import pathfinder as single
+    from blackjax.vi.multipathfinder import MultipathfinderState, psis_weights
+
+    s = PATHFINDER_SETTINGS
+    model = problem.numpyro_model()
+    t0 = time.perf_counter()
+    flat0, log_p, unravel, constrain = potential(model, budget.seed)
+    k_init, k_fit, k_draw, k_pick = jax.random.split(jax.random.PRNGKey(budget.seed), 4)
+    x0 = jax.random.uniform(k_init, (s["paths"], flat0.shape[0]), flat0.dtype, -2.0, 2.0)
+
+    @jax.jit
+    def run(keys: Any, x0: Any, draw_keys: Any) -> tuple:
+        def one(key: Any, x: Any, draw_key: Any) -> tuple:
+            state, _ = single.approximate(key, log_p, x, s["elbo_draws"], maxiter=s["maxiter"])
+            x, log_q = single.sample(draw_key, state, s["draws_per_path"])
+            return state, x, jax.vmap(log_p)(x), log_q
+
+        return jax.vmap(one)(keys, x0, draw_keys)
+
+    states, x, lp, lq = run(jax.random.split(k_fit, s["paths"]), x0,
+                            jax.random.split(k_draw, s["paths"]))  # fmt: skip
+    log_w, khat = psis_weights(MultipathfinderState(states, x, lp, lq))
+    pool = x.reshape(-1, flat0.shape[0])
+    pick = jax.random.choice(k_pick, pool.shape[0], (pool.shape[0],), p=jnp.exp(log_w))
+    values = jax.lax.map(lambda v: constrain(unravel(v)), pool[pick], batch_size=1000)
+    draws = {k: np.asarray(v) for k, v in values.items()}
+    wall = time.perf_counter() - t0
+    return Fitted({"wall_s": wall, "compile_s": None}, draws=draws, extra={"khat": float(khat)})
+
+
+def bare_realnvp(problem: Problem, budget: Budget, chunk: int = 100) -> Fitted:
+    """The floor: the same RealNVP (conventions.md) + affine, hand-written in JAX, reverse KL on
+    the model's flat log density, Adam with the shared schedule, ``lax.scan`` over `chunk` steps
+    per jitted call."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    t0 = time.perf_counter()
+    flat0, log_p, unravel, constrain = potential(problem.numpyro_model(), budget.seed)
+    d = flat0.shape[0]
+    d1, d2, reps = d // 2, d - d // 2, ARCH["couplings"]
+    sizes = [d1, *ARCH["hidden"], 2 * d2]
+    keys = jax.random.split(jax.random.PRNGKey(budget.seed), len(sizes))
+    params: dict[str, Any] = {
+        "loc": flat0,
+        "log_scale": jnp.full(d, np.log(0.1), dtype=flat0.dtype),
+    }
+    for j, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        bound = 0.0 if j == len(sizes) - 2 else 1.0 / n_in**0.5
+        w = jax.random.uniform(keys[j], (reps, n_out, n_in), minval=-bound, maxval=bound)
+        params[f"W{j}"], params[f"b{j}"] = w, jnp.zeros((reps, n_out))
+
+    def sample_and_log_q(p: dict, key: Any) -> tuple[Any, Any]:
+        eps = jax.random.normal(key, (budget.num_particles, d))
+        x, ladj = eps, 0.0
+        for r in range(reps):
+            h = x[..., :d1]
+            for j in range(len(sizes) - 1):
+                h = h @ p[f"W{j}"][r].T + p[f"b{j}"][r]
+                h = jax.nn.relu(h) if j < len(sizes) - 2 else h
+            s = 3.0 * jnp.tanh(h[..., d2:] / 3.0)
+            x = jnp.concatenate([x[..., :d1], x[..., d1:] * jnp.exp(s) + h[..., :d2]], -1)
+            ladj = ladj + s.sum(-1)
+            x = x[..., ::-1] if r < reps - 1 else x
+        x = p["loc"] + jnp.exp(p["log_scale"]) * x
+        log_q = jax.scipy.stats.norm.logpdf(eps).sum(-1) - ladj - p["log_scale"].sum()
+        return x, log_q
+
+    def loss(p: dict, key: Any) -> Any:
+        x, log_q = sample_and_log_q(p, key)
+        return jnp.mean(log_q - jax.vmap(log_p)(x))
+
+    opt = optax_schedule(budget)
+
+    @jax.jit
+    def run_chunk(carry: tuple, keys: Any) -> tuple:
+        def body(c: tuple, k: Any) -> tuple:
+            p, state = c
+            value, grads = jax.value_and_grad(loss)(p, k)
+            updates, state = opt.update(grads, state, p)
+            return (optax.apply_updates(p, updates), state), value
+
+        return jax.lax.scan(body, carry, keys)
+
+    # strong (not weak) dtypes throughout, so the carry's types never change between calls
+    box = [
+        jax.tree.map(
+            lambda a: jnp.asarray(a).astype(jnp.asarray(a).dtype), (params, opt.init(params))
+        )
+    ]
+    all_keys = jax.random.split(jax.random.PRNGKey(budget.seed + 1), budget.num_steps)
+    losses: list = []
+
+    def step(i: int) -> Any:
+        box[0], values = run_chunk(box[0], all_keys[i * chunk : (i + 1) * chunk])
+        losses.extend(np.asarray(values))
+        return values
+
+    setup = time.perf_counter() - t0
+    timing = metrics.timed_steps(
+        step, max(budget.num_steps // chunk, 3), jax.block_until_ready, block_size=1
+    )  # each step is a chunk: the fastest chunk after the first two
+    timing.update(wall_s=timing["wall_s"] + setup, steps_per_s=timing["steps_per_s"] * chunk)
+    timing["compile_s"] = max(timing["first_step_s"] - timing["steady_step_s"], 0.0)
+    timing["setup_s"] = setup
+
+    def draw(num: int, seed: int) -> tuple:
+        x, log_q = jax.jit(jax.vmap(sample_and_log_q, (None, 0)))(
+            box[0][0], jax.random.split(jax.random.PRNGKey(seed), num // budget.num_particles)
+        )
+        x, log_q = x.reshape(-1, d), log_q.reshape(-1)
+        lp = jax.lax.map(log_p, x, batch_size=1000)
+        values = jax.lax.map(lambda v: constrain(unravel(v)), x, batch_size=1000)
+        return {k: np.asarray(v) for k, v in values.items()}, np.asarray(lp), np.asarray(log_q)
+
+    return Fitted(timing, final_loss(losses), draw)

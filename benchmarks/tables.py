@@ -1,0 +1,219 @@
+"""Markdown tables of the result rows, shared by ``docs/benchmarks.md`` and the README block.
+
+:func:`speed_section`, :func:`posteriors_section` and :func:`densities_section` write one
+suite's part of the benchmarks page from its latest rows (:func:`benchmarks.rows.latest`);
+the posteriors section shows each accuracy figure as the median and range over the seeds of a
+:func:`benchmarks.rows.seed_groups` group. Imports neither torch nor JAX.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from benchmarks.rows import rerun_command, seed_groups, settings, spread
+
+__all__ = [
+    "RATIOS",
+    "densities_section",
+    "density_cell",
+    "fmt",
+    "posteriors_section",
+    "ran",
+    "speed_ratios",
+    "speed_section",
+    "spread_cell",
+    "table",
+]
+
+RATIOS = (
+    ("flowguides-pyro RealNVP (SVI loop)", "pyro AutoNormalizingFlow(coupling)"),
+    ("flowguides-pyro planar (SVI loop)", "pyro AutoNormalizingFlow(planar)"),
+    ("flowguides-pyro RealNVP (SVI loop)", "pyro AutoIAFNormal"),
+    ("flowguides-numpyro RealNVP (SVI loop)", "numpyro AutoIAFNormal"),
+    ("flowguides-numpyro RealNVP (SVI loop)", "numpyro AutoBNAFNormal"),
+    ("flowguides-numpyro RealNVP (SVI loop)", "flowjax coupling (ElboLoss)"),
+    ("flowguides-numpyro RealNVP (SVI loop)", "bare JAX RealNVP (floor)"),
+    ("flowguides-pyro RealNVP (fit_posterior)", "pyro AutoNormalizingFlow(coupling)"),
+    ("flowguides-pyro RealNVP (fit_posterior)", "pyro AutoIAFNormal"),
+    ("flowguides-numpyro RealNVP (fit_posterior)", "numpyro AutoIAFNormal"),
+    ("flowguides-numpyro RealNVP (fit_posterior)", "bare JAX RealNVP (floor)"),
+)
+"""(flowguides row, anchor row) pairs compared in the speed suite."""
+
+
+def fmt(x: Any, digits: int = 3) -> str:
+    """A number for a table: ``digits`` significant digits, ``–`` for None."""
+    if x is None:
+        return "–"
+    if isinstance(x, str):
+        return x
+    if isinstance(x, float):
+        if not np.isfinite(x):
+            return str(x)
+        return f"{x:.{digits}g}" if abs(x) < 1e5 else f"{x:.2e}"
+    return str(x)
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def spread_cell(group: list[dict], field: str, digits: int = 3) -> str:
+    """``median [min – max]`` of ``field`` over a seed group (the value alone for one seed)."""
+    s = spread(group, field)
+    if s is None:
+        return "–"
+    med, lo, hi = s
+    n = sum(isinstance(r.get(field), int | float) for r in group)
+    return (
+        fmt(med, digits)
+        if n == 1
+        else f"{fmt(med, digits)} [{fmt(lo, digits)} – {fmt(hi, digits)}]"
+    )
+
+
+def _err(rows: list[dict]) -> str:
+    errs = [r for r in rows if r.get("error")]
+    if len(rows) == 1 and errs:
+        return f"**error**: `{errs[0]['error'][:160]}`"
+    return "; ".join(f"**seed {r.get('seed')} error**: `{r['error'][:120]}`" for r in errs)
+
+
+def _first_step(row: dict) -> float | None:
+    """Set-up plus compile: the wait before training runs at speed."""
+    parts = [row.get("setup_s"), row.get("compile_s")]
+    return sum(parts) if all(isinstance(p, float) for p in parts) else None
+
+
+def ran(row: dict) -> str:
+    """When and on which commit a row ran (a migrated row: the commit that first recorded it)."""
+    when = (row.get("timestamp") or "").replace("T", " ").replace(":00Z", "").rstrip("Z")
+    where = row.get("commit") or (f"recorded in {row['recorded_in']}" if row.get("recorded_in")
+                                  else None)  # fmt: skip
+    return " / ".join(x for x in (when or "–", where or "–"))
+
+
+def _commands(suite: str, rows: list[dict]) -> str:
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(settings(r), []).append(r)
+    return "Rerun:\n\n" + "\n".join(f"    {rerun_command(suite, g)}" for g in groups.values())
+
+
+def speed_ratios(rows: list[dict]) -> list[tuple[dict, dict]]:
+    """(flowguides row, anchor row) pairs of :data:`RATIOS` measured in one run at the same
+    settings and seed."""
+    pairs = []
+    for fg, anchor in RATIOS:
+        for a in (r for r in rows if r["method"] == fg and r.get("steps_per_s")):
+            pairs += [
+                (a, b) for b in rows
+                if b["method"] == anchor and b.get("steps_per_s") and a.get("run") is not None
+                and a.get("run") == b.get("run") and settings(a) == settings(b)
+                and a.get("seed") == b.get("seed")
+            ]  # fmt: skip
+    return pairs
+
+
+def speed_section(rows: list[dict]) -> str:
+    """The speed suite's tables: every row, then the ratios between rows of one run."""
+    out = []
+    for prob in dict.fromkeys(r["problem"] for r in rows):
+        sub = [r for r in rows if r["problem"] == prob]
+        body = [[r["method"], fmt(r.get("num_steps")), fmt(r.get("steps_per_s")),
+                 fmt(r.get("setup_s")), fmt(r.get("compile_s")), fmt(r.get("wall_s")),
+                 fmt(r.get("elbo")), fmt(r.get("khat")), ran(r), _err([r])]
+                for r in sub]  # fmt: skip
+        out.append(f"### {prob}\n\n" + table(
+            ["method", "steps", "steps/s", "setup s", "compile s", "wall s", "ELBO", "k-hat",
+             "ran (UTC) / commit", "error"], body) + "\n\n" + _commands("speed", sub))  # fmt: skip
+        ratio_rows = []
+        for a, b in speed_ratios(sub):
+            fa, fb = _first_step(a), _first_step(b)
+            ca, cb = a.get("compile_s"), b.get("compile_s")
+            ratio_rows.append([a["method"], b["method"], fmt(a["steps_per_s"] / b["steps_per_s"]),
+                               fmt(ca / cb if ca and cb else None),
+                               fmt(fa / fb if fa and fb else None),
+                               fmt(a["elbo"] - b["elbo"] if a.get("elbo") is not None
+                                   and b.get("elbo") is not None else None)])  # fmt: skip
+        out.append(f"Ratios on {prob}, only between rows of one run (steps/s ratio > 1: "
+                   "flowguides faster; compile and set-up + compile ratios < 1: flowguides ready "
+                   "sooner; ELBO difference > 0: flowguides better):\n\n"
+                   + (table(["flowguides", "anchor", "steps/s ratio", "compile ratio",
+                             "set-up + compile ratio", "ELBO difference"], ratio_rows)
+                      if ratio_rows else "no flowguides and anchor rows from one run."))  # fmt: skip
+    return "\n\n".join(out)
+
+
+def _notes(group: list[dict]) -> str:
+    """The chosen learning rates of a searched anchor; NUTS's Monte Carlo standard error."""
+    notes = []
+    chains = (group[0].get("method_settings") or {}).get("chains")
+    if chains:
+        notes.append(f"{chains} chains")
+    lrs = [r["learning_rate"] for r in group if r.get("learning_rate") is not None]
+    if lrs:
+        notes.append("lr " + ", ".join(fmt(x) for x in lrs))
+    if spread(group, "mcse_max") is not None:
+        notes.append(f"MCSE of means ≤ {spread_cell(group, 'mcse_max', 2)} sd")
+    if spread(group, "divergences") is not None:
+        notes.append(
+            f"divergences {', '.join(str(r['divergences']) for r in group if 'divergences' in r)}"
+        )
+    return "; ".join(notes) or "–"
+
+
+def posteriors_section(rows: list[dict]) -> str:
+    """The posteriors suite's tables: per problem, one line per seed group."""
+    out = []
+    for prob in dict.fromkeys(r["problem"] for r in rows):
+        sub = [r for r in rows if r["problem"] == prob]
+        body = []
+        for g in seed_groups(sub):
+            lo, hi = spread(g, "sd_ratio_min"), spread(g, "sd_ratio_max")
+            sd = f"{fmt(lo[1])} – {fmt(hi[2])}" if lo and hi else "–"
+            r = g[-1]
+            body.append([r["method"], fmt(r.get("num_steps")), fmt(r.get("num_draws")),
+                         ", ".join(str(x.get("seed")) for x in g),
+                         spread_cell(g, "mean_err"), sd, spread_cell(g, "khat"),
+                         spread_cell(g, "elbo"), spread_cell(g, "elbo_gap"),
+                         spread_cell(g, "wall_s"), _notes(g), ran(max(g, key=lambda x: x.get("timestamp") or "")),
+                         _err(g)])  # fmt: skip
+        out.append(f"### {prob}\n\n" + table(
+            ["method", "steps", "draws", "seeds", "mean err (sd)", "sd ratio", "k-hat", "ELBO",
+             "log Z − ELBO", "wall s", "notes", "ran (UTC) / commit", "error"], body)
+            + "\n\n" + _commands("posteriors", sub))  # fmt: skip
+    return "\n\n".join(out)
+
+
+def density_cell(r: dict | None) -> str:
+    """``mean / median (wall s)`` of a density row, its error, or ``not run``."""
+    if r is None:
+        return "not run"
+    if r.get("error"):
+        return f"error: `{r['error'][:80]}`"
+    return (
+        f"{fmt(r.get('test_nll'))} / {fmt(r.get('test_nll_median'))} ({fmt(r.get('wall_s'), 2)} s)"
+    )
+
+
+def densities_section(rows: list[dict]) -> str:
+    """The densities suite's tables: one per step budget, data sets across."""
+    out = []
+    for steps in dict.fromkeys(r.get("num_steps") for r in rows):
+        sub = [r for r in rows if r.get("num_steps") == steps]
+        sets = list(dict.fromkeys(r["problem"] for r in sub))
+        cell = {(r["problem"], r["method"]): r for r in sub}
+        body = [[m, *[density_cell(cell.get((s, m))) for s in sets]]
+                for m in dict.fromkeys(r["method"] for r in sub)]  # fmt: skip
+        dims = {r["problem"]: r.get("dim") for r in sub}
+        runs = ", ".join(sorted({ran(r) for r in sub}))
+        out.append(f"### {steps} steps (ran: {runs})\n\n"
+                   + table(["method", *[f"{s} ({dims[s]}-D)" for s in sets]], body)
+                   + "\n\n" + _commands("densities", sub))  # fmt: skip
+    return "\n\n".join(out)
