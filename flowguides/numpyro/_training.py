@@ -5,7 +5,9 @@ programs keyed on a fit's static structure (`cache_key`, `cached`, `clear_compil
 `flowguides.numpyro._model` for the keys of models and arguments), the host loop that runs
 chunks of `CHUNK` steps and advances the progress bar between them (`run_chunks`,
 `progress_bar`, `timing`), and the per-step records of neural-ODE layers (`history_entries`,
-`mean_penalty`, as in the Pyro backend).
+`mean_penalty`, as in the Pyro backend) and `fit_posterior`'s objectives and gradient
+estimators (`check_objective_options`, `ObjectiveLoss`, `objective_loss`, as in the Pyro
+backend).
 
 The Pyro backend's ``_training.py`` has `mean_penalty` and `progress_bar` too; PyTorch steps
 eagerly, so it has ``Trainer``, ``Evaluations`` and ``with_penalty`` where this module
@@ -26,26 +28,37 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
-from numpyro.distributions import constraints
+from numpyro import handlers
+from numpyro.distributions import TransformedDistribution, constraints
+from numpyro.infer import Trace_ELBO
+from numpyro.infer.elbo import ELBO
+from numpyro.infer.util import log_density
 from tqdm.auto import tqdm
 
 from flowguides.core import PRECONDITION, decay_steps
 from flowguides.numpyro._model import value_key
+from flowguides.numpyro.build import FlowTransform
 from flowguides.numpyro.ode import training_solves
-from flowguides.spec import FlowSpec
+from flowguides.spec import FlowSpec, SpecError
 
 __all__ = [
     "CHUNK",
+    "GRADIENTS",
     "HISTORY",
+    "POSTERIOR_OBJECTIVES",
+    "ObjectiveLoss",
+    "RecordingELBO",
     "all_finite",
     "cache_key",
     "cached",
+    "check_objective_options",
     "clear_compiled",
     "constraint_key",
     "default_float",
     "history_entries",
     "make_optimizer",
     "mean_penalty",
+    "objective_loss",
     "params_key",
     "posterior_chunk",
     "progress_bar",
@@ -260,3 +273,137 @@ def posterior_chunk(
         return lax.scan(step, carry, start + jnp.arange(CHUNK))
 
     return jax.jit(chunk)
+
+
+POSTERIOR_OBJECTIVES = ("elbo", "iwelbo")
+"""`fit_posterior` objectives: the ELBO, or the importance-weighted ELBO of `num_inner` draws."""
+GRADIENTS = ("reparam", "stl")
+"""`fit_posterior` gradient estimators: the reparametrisation gradient, or sticking the landing
+(DReG for ``objective="iwelbo"``)."""
+
+
+def check_objective_options(spec: FlowSpec, objective: str, gradient: str, num_inner: int) -> None:
+    """Raise unless `objective`, `gradient` and `num_inner` are valid for `spec`.
+
+    Raises:
+        ValueError: an unknown `objective` or `gradient`, or `num_inner` not a positive integer
+            (or above 1 with ``objective="elbo"``).
+        SpecError: a neural-ODE layer with anything but ``("elbo", "reparam")``.
+    """
+    if objective not in POSTERIOR_OBJECTIVES:
+        raise ValueError(
+            f"objective: expected one of {list(POSTERIOR_OBJECTIVES)}, got {objective!r}"
+        )
+    if gradient not in GRADIENTS:
+        raise ValueError(f"gradient: expected one of {list(GRADIENTS)}, got {gradient!r}")
+    if isinstance(num_inner, bool) or not isinstance(num_inner, int) or num_inner < 1:
+        raise ValueError(f"num_inner: expected a positive integer, got {num_inner!r}")
+    if objective == "elbo" and num_inner != 1:
+        raise ValueError(f"num_inner: only objective='iwelbo' uses it, expected 1, got {num_inner}")
+    types = [layer.type for layer in spec.layers]
+    if "neural_ode" in types and (objective, gradient) != ("elbo", "reparam"):
+        raise SpecError(
+            f"layers: objective={objective!r} with gradient={gradient!r} needs planar or realnvp "
+            "layers (STL would add an inverse ODE solve per draw, and the RNODE records follow "
+            f"the ELBO's particles); neural_ode layers train with 'elbo' and 'reparam', got {types}"
+        )
+
+
+def objective_loss(
+    log_w: jax.Array, log_w_path: jax.Array | None, objective: str, gradient: str
+) -> jax.Array:
+    """The loss of log-weights ``(num_particles, num_inner)``: its value is the negative
+    ELBO (mean of `log_w`) or IW-ELBO (mean over rows of ``logsumexp - log K``); its gradient
+    the reparametrisation one of that value, or with ``gradient="stl"`` that of `log_w_path`
+    (``log q`` at stopped flow parameters): STL for the ELBO, DReG for the IW-ELBO
+    (``sum_k stop(w_k^2) log w_k`` with ``w`` the normalised weights of a row)."""
+    if objective == "elbo":
+        value = jnp.mean(log_w)
+        path = None if log_w_path is None else jnp.mean(log_w_path)
+    else:
+        value = jnp.mean(jax.nn.logsumexp(log_w, -1) - jnp.log(log_w.shape[-1]))
+        if log_w_path is not None:
+            weights = jax.nn.softmax(lax.stop_gradient(log_w), -1)
+            path = jnp.mean(jnp.sum(weights * weights * log_w_path, -1))
+    if gradient == "reparam" or log_w_path is None:
+        return -value
+    return -(lax.stop_gradient(value) + path - lax.stop_gradient(path))
+
+
+class ObjectiveLoss(ELBO):
+    """`fit_posterior`'s loss for ``objective="iwelbo"`` or ``gradient="stl"``: each of
+    ``num_particles * num_inner`` draws (vectorised, keys split as `Trace_ELBO` splits them)
+    gives its log-weight ``log p - log q``, then `objective_loss`.
+
+    With ``gradient="stl"``, the flow's ``log q`` of each draw is evaluated again by its
+    inverse pass with the flow's parameters under `jax.lax.stop_gradient` (Roeder et al.
+    2017): the draw keeps its path gradient and loses the score term, whose expectation is
+    zero.
+
+    Args:
+        objective, gradient, num_particles, num_inner: as in `fit_posterior`.
+    """
+
+    def __init__(self, objective: str, gradient: str, num_particles: int, num_inner: int) -> None:
+        super().__init__(num_particles=num_particles * num_inner)
+        self.objective, self.gradient = objective, gradient
+        self.shape = (num_particles, num_inner)
+
+    def log_weights(self, rng_key, param_map, model, guide, *args, **kwargs):
+        """``(log_w, log_w_path)``, each ``(num_particles, num_inner)`` (`log_w_path` None
+        unless ``gradient="stl"``)."""
+
+        def one(key: jax.Array):
+            model_seed, guide_seed = jax.random.split(key)
+            log_q, trace = log_density(handlers.seed(guide, guide_seed), args, kwargs, param_map)
+            model_run = handlers.replay(handlers.seed(model, model_seed), trace)
+            log_w = log_density(model_run, args, kwargs, param_map)[0] - log_q
+            if self.gradient == "reparam":
+                return log_w, log_w
+            path = log_w
+            for site in trace.values():
+                fn = site.get("fn")
+                if site["type"] == "sample" and isinstance(fn, TransformedDistribution):
+                    flow = fn.transforms[0]
+                    if isinstance(flow, FlowTransform):
+                        live = fn.log_prob(site["value"], site["intermediates"] or None)
+                        stopped = FlowTransform(
+                            lax.stop_gradient(flow.params), flow.spec, flow.dim, flow.key
+                        )
+                        stopped_fn = TransformedDistribution(fn.base_dist, stopped)
+                        path = path + live - stopped_fn.log_prob(site["value"])
+            return log_w, path
+
+        keys = jax.random.split(rng_key, self.num_particles)
+        log_w, path = jax.vmap(one)(keys)
+        shaped = (log_w.reshape(self.shape), path.reshape(self.shape))
+        return shaped if self.gradient == "stl" else (shaped[0], None)
+
+    def loss_with_mutable_state(self, rng_key, param_map, model, guide, *args, **kwargs):
+        """``{"loss": the loss (see `objective_loss`), "mutable_state": None}``."""
+        log_w, path = self.log_weights(rng_key, param_map, model, guide, *args, **kwargs)
+        return {"loss": objective_loss(log_w, path, self.objective, self.gradient),
+                "mutable_state": None}  # fmt: skip
+
+
+class RecordingELBO(Trace_ELBO):
+    """`Trace_ELBO` with vectorised particles that also returns, as SVI mutable state, the
+    step's history entries: each particle runs as NumPyro's single-particle ELBO (the same
+    keys, so the same loss as ``Trace_ELBO(num_particles, vectorize_particles=True)``) inside
+    its own `training_solves` block, which collects its guide's solves."""
+
+    def __init__(self, num_particles: int, spec: FlowSpec) -> None:
+        super().__init__(num_particles=num_particles, vectorize_particles=True)
+        self._single = Trace_ELBO(num_particles=1)
+        self.entries = history_entries(spec)
+
+    def loss_with_mutable_state(self, rng_key, param_map, model, guide, *args, **kwargs):
+        def one(key: jax.Array):
+            with training_solves() as records:
+                loss = self._single.loss(key, param_map, model, guide, *args, **kwargs)
+            nfe = sum((jnp.asarray(r["nfe"], jnp.int32) for r in records), jnp.zeros((), jnp.int32))
+            return loss, nfe, jnp.asarray(mean_penalty(records), default_float())
+
+        losses, nfe, penalty = jax.vmap(one)(jax.random.split(rng_key, self.num_particles))
+        entries = self.entries(jnp.max(nfe), jnp.mean(penalty))
+        return {"loss": jnp.mean(losses), "mutable_state": {HISTORY: entries}}

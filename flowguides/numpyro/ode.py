@@ -21,15 +21,12 @@ PRNG key. Outside the block every solve ends at ``t1`` and carries no extra stat
 `flow_matching_loss` trains the field without solving, on base draws paired with the data by
 `couple_noise` (independently, or by minibatch optimal transport).
 
-Hutchinson's estimator is unbiased for the log-determinant, not for the density: ``E[exp(-l)]``
-differs from ``exp(-E[l])``, so importance weights ``p / q`` built from a Hutchinson log-det are
-biased (and noisier). Use ``trace="exact"`` (the default for ``dim <= 10``) for diagnostics.
+Hutchinson's estimator is unbiased for the log-determinant, not for the density, so importance
+weights from it are biased: use ``trace="exact"`` (the default for ``dim <= 10``) for diagnostics.
 
-The public names match `flowguides.pyro.ode` except framework-only ones: here the functional
-`init_neural_ode` and `vector_field`, the diffrax tableau `RK4` and `solver_errors` (a JAX
-solve fails at run time, outside any traced function, so the eager entry points translate the
-error; torch raises `MaxStepsExceededError` from the solve itself); there the torch module
-`ConcatSquash`.
+Public names match `flowguides.pyro.ode` but for framework-only ones: the functional
+`init_neural_ode`/`vector_field`, the tableau `RK4` and `solver_errors` (a JAX solve fails at
+run time, so eager entry points translate the error); Pyro has its module `ConcatSquash`.
 
 References:
     Chen et al., "Neural Ordinary Differential Equations", NeurIPS 2018.

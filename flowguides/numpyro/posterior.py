@@ -56,12 +56,13 @@ from flowguides.numpyro._model import (
 )
 from flowguides.numpyro._training import (
     HISTORY,
+    ObjectiveLoss,
+    RecordingELBO,
     cache_key,
     cached,
+    check_objective_options,
     default_float,
-    history_entries,
     make_optimizer,
-    mean_penalty,
     params_key,
     posterior_chunk,
     run_chunks,
@@ -69,7 +70,7 @@ from flowguides.numpyro._training import (
     timing,
 )
 from flowguides.numpyro.guide import AutoFlowGuide
-from flowguides.numpyro.ode import solver_errors, training_solves
+from flowguides.numpyro.ode import solver_errors
 from flowguides.spec import FlowSpec
 
 __all__ = ["TRAINING_PRNG", "PosteriorFit", "fit_posterior"]
@@ -97,7 +98,8 @@ class PosteriorFit(PosteriorFitMethods):
         spec: the `FlowSpec`.
         params: the SVI parameter dict.
         losses: the negative ELBO estimate of every step run (without the RNODE penalty,
-            which is in ``history["regularization"]``).
+            which is in ``history["regularization"]``); with ``objective="iwelbo"`` the
+            negative IW-ELBO estimate (see `fit_posterior`).
         args, kwargs: the model's arguments (constant JAX arrays as numpy, see
             `fit_posterior`'s `static_argnames`).
         backend: ``"numpyro"``.
@@ -227,6 +229,9 @@ def fit_posterior(
     seed: int = 0,
     progress: bool = True,
     static_argnames: Sequence[str] | None = None,
+    objective: str = "elbo",
+    gradient: str = "reparam",
+    num_inner: int = 1,
     **kwargs: Any,
 ) -> PosteriorFit:
     """Fit an `AutoFlowGuide` to `model`'s posterior by SVI with vectorised particles.
@@ -260,6 +265,15 @@ def fit_posterior(
         progress: show a tqdm bar on stderr.
         static_argnames: names of model arguments to compile in as constants (JAX arrays
             among them are passed to the model as numpy arrays, which stay concrete).
+        objective: ``"elbo"`` (default) or ``"iwelbo"``: the importance-weighted ELBO
+            ``log (1/K) sum_k p(x, z_k) / q(z_k)`` of ``K = num_inner`` draws (Burda et al.
+            2016), averaged over `num_particles` groups; `losses` then holds its negative.
+        gradient: ``"reparam"`` (default) or ``"stl"``: sticking the landing (Roeder et al.
+            2017), the path gradient with ``log q`` at stopped flow parameters (one inverse
+            pass of the flow per draw); with ``"iwelbo"`` its IW form DReG (Tucker et al.
+            2019), which trains the guide only (a model with its own ``numpyro.param`` is
+            refused). See the NeuTra and objectives page of the docs.
+        num_inner: `K` of the IW-ELBO (1 with ``"elbo"``).
 
     Returns:
         The `PosteriorFit`.
@@ -274,27 +288,38 @@ def fit_posterior(
         NonFiniteGradientError: the loss was finite but its gradient was not (as above).
         MaxStepsExceededError: an adaptive neural-ODE solve ran out of ``max_steps``.
         ModelTracingError: the model turns a latent site's value into a Python value.
-        ValueError: a name in `static_argnames` is not an argument of the model.
+        ValueError: a name in `static_argnames` is not an argument of the model; an
+            unknown `objective` or `gradient`, a bad `num_inner`.
+        SpecError: neural-ODE layers with an objective or gradient other than the defaults.
     """
     spec = as_spec(spec)
     check_training(num_steps, learning_rate, clip_norm)
     if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
         raise ValueError(f"num_particles: expected a positive integer, got {num_particles!r}")
+    check_objective_options(spec, objective, gradient, num_inner)
     t0 = time.perf_counter()
     guide = AutoFlowGuide(
         model, spec, init_loc_fn=init_loc_fn, init_scale=init_scale, static_argnames=static_argnames
     )
     has_ode = any(layer.type == "neural_ode" for layer in spec.layers)
     elbo = (
-        _RecordingELBO(num_particles, spec)
+        RecordingELBO(num_particles, spec)
         if has_ode
         else Trace_ELBO(num_particles, vectorize_particles=True)
+        if (objective, gradient) == ("elbo", "reparam")
+        else ObjectiveLoss(objective, gradient, num_particles, num_inner)
     )
     key = jax.random.key(seed, impl=TRAINING_PRNG)
     with solver_errors():
         try:
             with handlers.block(), handlers.seed(rng_seed=jax.random.split(key, 3)[2]):
                 guide._setup_prototype(*args, **kwargs)  # the key `SVI.init` gives the guide
+            own = {"param", "mutable"} & {s["type"] for s in guide.prototype_trace.values()}
+            if (objective, gradient) == ("iwelbo", "stl") and own:
+                raise ValueError(
+                    "gradient: 'stl' with objective='iwelbo' (DReG) trains the guide only, "
+                    "but the model has its own numpyro.param sites; use gradient='reparam'"
+                )
             if learning_rate is None:
                 learning_rate = default_learning_rate(guide.latent_dim)
             svi = SVI(model, guide, make_optimizer(num_steps, learning_rate, clip_norm), elbo)
@@ -304,7 +329,8 @@ def fit_posterior(
         args, kwargs = as_constants(args, kwargs, guide._constants)  # as the guide's set-up saw
         setup_s = time.perf_counter() - t0
         arrays, signature, rebuild = split_args(args, kwargs, guide._constants)
-        settings = (spec, num_steps, learning_rate, num_particles, clip_norm)
+        settings = (spec, num_steps, learning_rate, num_particles, clip_norm, objective, gradient)
+        settings = (*settings, num_inner)
         # the chunk closes over this call's guide: key what its trace reads besides the
         # params' values (which params it registers: a Laplace start's whitening)
         structure = params_key(svi.optim.get_params(state.optim_state))
@@ -340,29 +366,6 @@ def fit_posterior(
     )
 
 
-class _RecordingELBO(Trace_ELBO):
-    """`Trace_ELBO` with vectorised particles that also returns, as SVI mutable state, the
-    step's history entries: each particle runs as NumPyro's single-particle ELBO (the same
-    keys, so the same loss as ``Trace_ELBO(num_particles, vectorize_particles=True)``) inside
-    its own `training_solves` block, which collects its guide's solves."""
-
-    def __init__(self, num_particles: int, spec: FlowSpec) -> None:
-        super().__init__(num_particles=num_particles, vectorize_particles=True)
-        self._single = Trace_ELBO(num_particles=1)
-        self.entries = history_entries(spec)
-
-    def loss_with_mutable_state(self, rng_key, param_map, model, guide, *args, **kwargs):
-        def one(key: jax.Array):
-            with training_solves() as records:
-                loss = self._single.loss(key, param_map, model, guide, *args, **kwargs)
-            nfe = sum((jnp.asarray(r["nfe"], jnp.int32) for r in records), jnp.zeros((), jnp.int32))
-            return loss, nfe, jnp.asarray(mean_penalty(records), default_float())
-
-        losses, nfe, penalty = jax.vmap(one)(jax.random.split(rng_key, self.num_particles))
-        entries = self.entries(jnp.max(nfe), jnp.mean(penalty))
-        return {"loss": jnp.mean(losses), "mutable_state": {HISTORY: entries}}
-
-
 def _init_state(
     svi: SVI, guide: AutoFlowGuide, key: jax.Array, args: tuple, kwargs: dict
 ) -> SVIState:
@@ -370,7 +373,7 @@ def _init_state(
     distinct operation): the guide's set-up fixes every parameter, all unconstrained, so the
     state is the optimiser's state of `guide.initial_params()`. The keys split as in
     `SVI.init`. A model with its own `param` or `mutable` sites takes `svi.init`. The guide
-    is set up already (with the key `SVI.init` would give it). With a `_RecordingELBO`, the
+    is set up already (with the key `SVI.init` would give it). With a `RecordingELBO`, the
     state carries a zero history entry as SVI mutable state (where each step's records go)."""
     state_key = jax.random.split(key, 3)[0]
     kinds = {site["type"] for site in guide.prototype_trace.values()}
@@ -381,7 +384,7 @@ def _init_state(
         identity = biject_to(constraints.real)
         svi.constrain_fn = partial(transform_fn, dict.fromkeys(params, identity))
         state = SVIState(jax.jit(svi.optim.init)(params), None, state_key)
-    if isinstance(svi.loss, _RecordingELBO):
+    if isinstance(svi.loss, RecordingELBO):
         zeros = svi.loss.entries(np.zeros((), np.int32), np.zeros((), default_float()))
         state = state._replace(mutable_state={HISTORY: zeros})
     return state

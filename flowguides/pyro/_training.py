@@ -3,8 +3,9 @@
 Adam on the shared schedule with optional global-norm clipping and the non-finite guard
 (`Trainer`), the per-step record of vector-field evaluations and RNODE penalties of a flow's
 neural-ODE layers (`Evaluations`), the mean penalty of a `training_solves` block
-(`mean_penalty`, as in the NumPyro backend) and the progress bar (`progress_bar`, as in the
-NumPyro backend).
+(`mean_penalty`, as in the NumPyro backend), the progress bar (`progress_bar`, as in the
+NumPyro backend) and `fit_posterior`'s objectives and gradient estimators
+(`check_objective_options`, `ObjectiveLoss`, `objective_loss`, as in the NumPyro backend).
 
 The NumPyro backend's ``_training.py`` runs the same rules as compiled chunks of steps
 (``make_optimizer``, ``run_chunks``, a compile cache); PyTorch steps eagerly, so `Trainer` and
@@ -14,18 +15,40 @@ counterpart here.
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
+from pyro.infer import Trace_ELBO
+from pyro.infer.util import get_dependent_plate_dims, torch_sum
 from tqdm import tqdm
 
 from flowguides.core import NonFiniteGradientError, NonFiniteLossError, learning_rate_at
+from flowguides.pyro.build import Flow, FlowDistribution
 from flowguides.pyro.ode import NeuralODE, training_solves
+from flowguides.spec import FlowSpec, SpecError
 
-__all__ = ["Evaluations", "Trainer", "mean_penalty", "progress_bar", "with_penalty"]
+__all__ = [
+    "GRADIENTS",
+    "POSTERIOR_OBJECTIVES",
+    "Evaluations",
+    "ObjectiveLoss",
+    "Trainer",
+    "check_objective_options",
+    "mean_penalty",
+    "objective_loss",
+    "progress_bar",
+    "with_penalty",
+]
+
+POSTERIOR_OBJECTIVES = ("elbo", "iwelbo")
+"""`fit_posterior` objectives: the ELBO, or the importance-weighted ELBO of `num_inner` draws."""
+GRADIENTS = ("reparam", "stl")
+"""`fit_posterior` gradient estimators: the reparametrisation gradient, or sticking the landing
+(DReG for ``objective="iwelbo"``)."""
 
 
 class Trainer:
@@ -131,3 +154,133 @@ def with_penalty(loss_fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, tor
 def progress_bar(num_steps: int, progress: bool) -> tqdm:
     """A tqdm bar over `num_steps` on stderr (disabled unless `progress`)."""
     return tqdm(total=num_steps, disable=not progress, file=sys.stderr, leave=False)
+
+
+def check_objective_options(spec: FlowSpec, objective: str, gradient: str, num_inner: int) -> None:
+    """Raise unless `objective`, `gradient` and `num_inner` are valid for `spec`.
+
+    Raises:
+        ValueError: an unknown `objective` or `gradient`, or `num_inner` not a positive integer
+            (or above 1 with ``objective="elbo"``).
+        SpecError: a neural-ODE layer with anything but ``("elbo", "reparam")``.
+    """
+    if objective not in POSTERIOR_OBJECTIVES:
+        raise ValueError(
+            f"objective: expected one of {list(POSTERIOR_OBJECTIVES)}, got {objective!r}"
+        )
+    if gradient not in GRADIENTS:
+        raise ValueError(f"gradient: expected one of {list(GRADIENTS)}, got {gradient!r}")
+    if isinstance(num_inner, bool) or not isinstance(num_inner, int) or num_inner < 1:
+        raise ValueError(f"num_inner: expected a positive integer, got {num_inner!r}")
+    if objective == "elbo" and num_inner != 1:
+        raise ValueError(f"num_inner: only objective='iwelbo' uses it, expected 1, got {num_inner}")
+    types = [layer.type for layer in spec.layers]
+    if "neural_ode" in types and (objective, gradient) != ("elbo", "reparam"):
+        raise SpecError(
+            f"layers: objective={objective!r} with gradient={gradient!r} needs planar or realnvp "
+            "layers (STL would add an inverse ODE solve per draw, and the RNODE records follow "
+            f"the ELBO's particles); neural_ode layers train with 'elbo' and 'reparam', got {types}"
+        )
+
+
+def objective_loss(
+    log_w: torch.Tensor, log_w_path: torch.Tensor | None, objective: str, gradient: str
+) -> torch.Tensor:
+    """The loss of log-weights ``(num_particles, num_inner)``: its value is the negative
+    ELBO (mean of `log_w`) or IW-ELBO (mean over rows of ``logsumexp - log K``); its gradient
+    the reparametrisation one of that value, or with ``gradient="stl"`` that of `log_w_path`
+    (``log q`` at stopped flow parameters): STL for the ELBO, DReG for the IW-ELBO
+    (``sum_k stop(w_k^2) log w_k`` with ``w`` the normalised weights of a row)."""
+    if objective == "elbo":
+        value = log_w.mean()
+        path = None if log_w_path is None else log_w_path.mean()
+    else:
+        value = (torch.logsumexp(log_w, -1) - math.log(log_w.shape[-1])).mean()
+        if log_w_path is not None:
+            weights = torch.softmax(log_w.detach(), -1)
+            path = (weights * weights * log_w_path).sum(-1).mean()
+    if gradient == "reparam" or log_w_path is None:
+        return -value
+    return -(value.detach() + path - path.detach())
+
+
+class ObjectiveLoss(Trace_ELBO):
+    """`fit_posterior`'s loss for ``objective="iwelbo"`` or ``gradient="stl"``: Pyro's traces
+    of ``num_particles * num_inner`` draws (vectorised as `Trace_ELBO` does), each draw's
+    log-weight ``log p - log q``, then `objective_loss`.
+
+    With ``gradient="stl"``, the flow's ``log q`` of each draw is evaluated again by its
+    inverse pass with the flow's parameters detached (Roeder et al. 2017): the draw keeps its
+    path gradient and loses the score term, whose expectation is zero.
+
+    Args:
+        flow: the guide's flow.
+        objective, gradient, num_particles, num_inner: as in `fit_posterior`.
+        vectorize_particles, max_plate_nesting: as in `Trace_ELBO`.
+    """
+
+    def __init__(
+        self,
+        flow: Flow,
+        objective: str,
+        gradient: str,
+        num_particles: int,
+        num_inner: int,
+        *,
+        vectorize_particles: bool,
+        max_plate_nesting: int,
+    ) -> None:
+        super().__init__(
+            num_particles=num_particles * num_inner,
+            vectorize_particles=vectorize_particles,
+            max_plate_nesting=max_plate_nesting,
+        )
+        self.flow, self.objective, self.gradient = flow, objective, gradient
+        self.shape = (num_particles, num_inner)
+
+    def _detached_log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        params = {f"flow.{n}": p.detach() for n, p in self.flow.named_parameters()}
+        return torch.func.functional_call(_LogProb(self.flow), params, (value,))
+
+    def log_weights(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any):
+        """``(log_w, log_w_path)``, each ``(num_particles, num_inner)`` (`log_w_path` None
+        unless ``gradient="stl"``)."""
+        rows, paths = [], []
+        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+            dims = get_dependent_plate_dims(model_trace.nodes.values())
+            log_w, path = 0.0, 0.0
+            for site in model_trace.nodes.values():
+                if site["type"] == "sample":
+                    log_w = log_w + torch_sum(site["log_prob"], dims)
+            for site in guide_trace.nodes.values():
+                if site["type"] == "sample":
+                    log_q = torch_sum(site["log_prob"], dims)
+                    log_w = log_w - log_q
+                    if self.gradient == "stl" and isinstance(site["fn"], FlowDistribution):
+                        stopped = torch_sum(self._detached_log_prob(site["value"]), dims)
+                        path = path + log_q - stopped
+            rows.append(log_w)
+            paths.append(log_w + path)
+        total = math.prod(self.shape)
+
+        def shaped(values: list) -> torch.Tensor:
+            out = values[0] if len(values) == 1 else torch.stack(values)
+            return torch.broadcast_to(out, (total,)).reshape(self.shape)
+
+        return shaped(rows), shaped(paths) if self.gradient == "stl" else None
+
+    def differentiable_loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any):
+        """The loss (see `objective_loss`); its value is the negative (IW-)ELBO estimate."""
+        log_w, log_w_path = self.log_weights(model, guide, *args, **kwargs)
+        return objective_loss(log_w, log_w_path, self.objective, self.gradient)
+
+
+class _LogProb(torch.nn.Module):
+    """``flow.log_prob`` as a module's ``forward`` (for `torch.func.functional_call`)."""
+
+    def __init__(self, flow: Flow) -> None:
+        super().__init__()
+        self.flow = flow
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.flow.log_prob(x)

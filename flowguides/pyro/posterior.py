@@ -38,7 +38,14 @@ from flowguides.core import (
     default_learning_rate,
     warn_if_below_start,
 )
-from flowguides.pyro._training import Evaluations, Trainer, progress_bar, with_penalty
+from flowguides.pyro._training import (
+    Evaluations,
+    ObjectiveLoss,
+    Trainer,
+    check_objective_options,
+    progress_bar,
+    with_penalty,
+)
 from flowguides.pyro.guide import AutoFlowGuide
 from flowguides.spec import FlowSpec
 
@@ -53,7 +60,8 @@ class PosteriorFit(PosteriorFitMethods):
         guide: the trained `AutoFlowGuide` (it holds the parameters).
         model: the model.
         spec: the flow spec.
-        losses: the negative ELBO estimate at each step (without the RNODE penalty).
+        losses: the negative ELBO estimate at each step (without the RNODE penalty); with
+            ``objective="iwelbo"`` the negative IW-ELBO estimate (see `fit_posterior`).
         args, kwargs: the model's arguments used for fitting.
         backend: ``"pyro"``.
         history: per-step arrays for neural-ODE flows (``"nfe_forward"``, ``"nfe_backward"``,
@@ -224,6 +232,9 @@ def fit_posterior(
     seed: int = 0,
     progress: bool = True,
     vectorize_particles: bool | str = "auto",
+    objective: str = "elbo",
+    gradient: str = "reparam",
+    num_inner: int = 1,
     **kwargs: Any,
 ) -> PosteriorFit:
     """Fit an `AutoFlowGuide` to ``model(*args, **kwargs)`` by maximising the ELBO.
@@ -251,6 +262,15 @@ def fit_posterior(
             ``True``: at once, a `ValueError` where the model does not broadcast;
             ``False``: one at a time. The fit remembers the outcome for `log_densities`,
             `log_likelihood` and the diagnostics.
+        objective: ``"elbo"`` (default) or ``"iwelbo"``: the importance-weighted ELBO
+            ``log (1/K) sum_k p(x, z_k) / q(z_k)`` of ``K = num_inner`` draws (Burda et al.
+            2016), averaged over `num_particles` groups; `losses` then holds its negative.
+        gradient: ``"reparam"`` (default) or ``"stl"``: sticking the landing (Roeder et al.
+            2017), the path gradient with ``log q`` at detached flow parameters (one inverse
+            pass of the flow per draw); with ``"iwelbo"`` its IW form DReG (Tucker et al.
+            2019), which trains the guide only (a model with its own ``pyro.param`` is
+            refused). See the NeuTra and objectives page of the docs.
+        num_inner: `K` of the IW-ELBO (1 with ``"elbo"``).
 
     Returns:
         The `PosteriorFit`.
@@ -264,12 +284,15 @@ def fit_posterior(
             and the error's ``.fit`` holds the partial fit.
         NonFiniteGradientError: the loss was finite but a gradient was not (as above).
         MaxStepsExceededError: an adaptive neural-ODE solve ran out of ``max_steps``.
-        ValueError: ``vectorize_particles=True`` where the model does not broadcast.
+        ValueError: ``vectorize_particles=True`` where the model does not broadcast; an
+            unknown `objective` or `gradient`, a bad `num_inner`.
+        SpecError: neural-ODE layers with an objective or gradient other than the defaults.
     """
     spec = as_spec(spec)
     check_training(num_steps, learning_rate, clip_norm)
     if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
         raise ValueError(f"num_particles: expected a positive integer, got {num_particles!r}")
+    check_objective_options(spec, objective, gradient, num_inner)
     pyro.set_rng_seed(seed)
     t0 = time.perf_counter()
     guide = AutoFlowGuide(
@@ -287,15 +310,20 @@ def fit_posterior(
     if learning_rate is None:
         learning_rate = default_learning_rate(guide.latent_dim)
     evaluations = Evaluations(guide.flow)
+    nesting = guide.max_plate_nesting
     elbos: dict[bool, Trace_ELBO] = {}
+    plain = (objective, gradient) == ("elbo", "reparam")
 
     def negative_elbo(vectorized: bool | None = None) -> torch.Tensor:
         vectorized = guide.vectorized if vectorized is None else vectorized
         if vectorized not in elbos:
-            elbos[vectorized] = Trace_ELBO(
-                num_particles=num_particles,
-                vectorize_particles=vectorized,
-                max_plate_nesting=guide.max_plate_nesting,
+            options = {"vectorize_particles": vectorized, "max_plate_nesting": nesting}
+            elbos[vectorized] = (
+                Trace_ELBO(num_particles=num_particles, **options)
+                if plain
+                else ObjectiveLoss(
+                    guide.flow, objective, gradient, num_particles, num_inner, **options
+                )
             )
         return elbos[vectorized].differentiable_loss(model, guide, *args, **kwargs)
 
@@ -306,13 +334,19 @@ def fit_posterior(
             lambda: with_penalty(lambda: negative_elbo(False)),
         )
         after_loss = evaluations.count()
-    params = list(guide.parameters())
+    own = list(guide.parameters())
+    params = list(own)
     seen = {id(p) for p in params}
     for site in param_capture.trace.nodes.values():
         p = site["value"].unconstrained()
         if id(p) not in seen:
             params.append(p)
             seen.add(id(p))
+    if (objective, gradient) == ("iwelbo", "stl") and len(params) > len(own):
+        raise ValueError(
+            "gradient: 'stl' with objective='iwelbo' (DReG) trains the guide only, but the "
+            "model has its own pyro.param sites; use gradient='reparam'"
+        )
     trainer = Trainer(params, num_steps, learning_rate, clip_norm)
     losses: list[float] = []
 
