@@ -9,9 +9,8 @@ The whole batch is one ODE state (one step-size sequence for the batch, as in to
 Solvers: ``dopri5``/``tsit5`` (adaptive, `diffrax.PIDController` with the spec's `rtol`/`atol`,
 at most `max_steps` steps: more raises an Equinox runtime error when the program runs, which
 `solver_errors` turns into `flowguides.core.MaxStepsExceededError`), ``rk4`` (Kutta's 3/8 rule, the
-``rk4`` of torchdiffeq, written as a diffrax Butcher tableau) and ``euler`` (`num_steps` fixed
-steps). Gradients: `diffrax.RecursiveCheckpointAdjoint`, or `diffrax.BacksolveAdjoint` when
-``spec.adjoint`` is set.
+``rk4`` of torchdiffeq, as a diffrax tableau) and ``euler`` (`num_steps` fixed steps).
+Gradients: `diffrax.RecursiveCheckpointAdjoint` (`diffrax.BacksolveAdjoint` with ``adjoint``).
 
 Training extras (Finlay et al., 2020; Ghosh et al., 2020): solves traced inside
 `training_solves` also integrate the RNODE regularisers ``∫ |f|² dt`` and ``∫ |∂f/∂z|_F² dt``
