@@ -42,7 +42,7 @@ _LAZY = {
     "numpyro": ("flowguides.numpyro", None),
     "save": ("flowguides.io", "save"),
     "load": ("flowguides.io", "load"),
-    "to_arviz": ("flowguides.diagnostics", "to_arviz"),
+    "to_arviz": ("flowguides.inference_data", "to_arviz"),
     "diagnose": ("flowguides.diagnostics", "diagnose"),
     "Diagnosis": ("flowguides.diagnostics", "Diagnosis"),
 }

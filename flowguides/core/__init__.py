@@ -17,12 +17,16 @@ from __future__ import annotations
 
 from flowguides.core.checks import (
     FLOAT32_MIN_TOLERANCE,
+    GRADIENTS,
     OBJECTIVES,
+    POSTERIOR_OBJECTIVES,
     PRECONDITION,
     VECTORIZE_OPTIONS,
     as_spec,
     check_data,
+    check_neutra_options,
     check_objective,
+    check_objective_options,
     check_preconditioner,
     check_tolerances,
     check_training,
@@ -50,7 +54,7 @@ from flowguides.core.errors import (
     SaveError,
     ToleranceWarning,
 )
-from flowguides.core.results import PosteriorFitMethods, call_with_vectorize
+from flowguides.core.results import NeuTraResult, PosteriorFitMethods, call_with_vectorize
 from flowguides.core.training import (
     AUTO_SCALES,
     DEFAULT_LEARNING_RATE,
@@ -67,6 +71,11 @@ from flowguides.core.training import (
 )
 
 __all__ = [
+    "GRADIENTS",
+    "POSTERIOR_OBJECTIVES",
+    "NeuTraResult",
+    "check_neutra_options",
+    "check_objective_options",
     "AUTO_SCALES",
     "COUPLINGS",
     "DEFAULT_LEARNING_RATE",

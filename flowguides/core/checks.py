@@ -16,11 +16,15 @@ from flowguides.spec import FIXED_STEP_SOLVERS, FlowSpec, NeuralODESpec, SpecErr
 
 __all__ = [
     "FLOAT32_MIN_TOLERANCE",
+    "GRADIENTS",
+    "POSTERIOR_OBJECTIVES",
     "OBJECTIVES",
     "VECTORIZE_OPTIONS",
     "as_spec",
     "check_data",
+    "check_neutra_options",
     "check_objective",
+    "check_objective_options",
     "check_preconditioner",
     "check_tolerances",
     "check_training",
@@ -34,6 +38,12 @@ neural-ODE layer)."""
 
 FLOAT32_MIN_TOLERANCE = 1e-6
 """The tightest ``rtol``/``atol`` a float32 solve can honour (float32's epsilon is 1.2e-7)."""
+
+POSTERIOR_OBJECTIVES = ("elbo", "iwelbo")
+"""`fit_posterior` objectives: the ELBO, or the importance-weighted ELBO of `num_inner` draws."""
+GRADIENTS = ("reparam", "stl")
+"""`fit_posterior` gradient estimators: the reparametrisation gradient, or sticking the landing
+(DReG for ``objective="iwelbo"``)."""
 
 PRECONDITION = ("precondition.shift", "precondition.scale_tril")
 """Names of a guide's fixed (untrained) last map ``z = shift + scale_tril @ x``: the whitening
@@ -188,3 +198,50 @@ def check_vectorize_option(value: Any, *, allow_none: bool = False) -> None:
         return
     if not (isinstance(value, bool) or (isinstance(value, str) and value == "auto")):
         raise ValueError(f"vectorize_particles: expected 'auto', True or False, got {value!r}")
+
+
+def check_objective_options(spec: FlowSpec, objective: str, gradient: str, num_inner: int) -> None:
+    """Raise (`ValueError`, naming the argument) unless `objective`, `gradient` and `num_inner`
+    are valid, and (`SpecError`) for neural-ODE layers with anything but the defaults."""
+    if objective not in POSTERIOR_OBJECTIVES:
+        raise ValueError(
+            f"objective: expected one of {list(POSTERIOR_OBJECTIVES)}, got {objective!r}"
+        )
+    if gradient not in GRADIENTS:
+        raise ValueError(f"gradient: expected one of {list(GRADIENTS)}, got {gradient!r}")
+    if isinstance(num_inner, bool) or not isinstance(num_inner, int) or num_inner < 1:
+        raise ValueError(f"num_inner: expected a positive integer, got {num_inner!r}")
+    if objective == "elbo" and num_inner != 1:
+        raise ValueError(f"num_inner: only objective='iwelbo' uses it, expected 1, got {num_inner}")
+    types = [layer.type for layer in spec.layers]
+    if "neural_ode" in types and (objective, gradient) != ("elbo", "reparam"):
+        raise SpecError(
+            f"layers: objective={objective!r} with gradient={gradient!r} needs planar or realnvp "
+            "layers (STL would add an inverse ODE solve per draw, and the RNODE records follow "
+            f"the ELBO's particles); neural_ode layers train with 'elbo' and 'reparam', got {types}"
+        )
+
+
+def check_neutra_options(spec: FlowSpec, num_warmup: int, num_samples: int, num_chains: int):
+    """Raise unless the budgets are valid and `spec` has no neural-ODE layer.
+
+    Raises:
+        ValueError: a budget that is not a positive integer (`num_warmup` may be 0).
+        SpecError: a neural-ODE layer (see `neutra`).
+    """
+    for name, value, low in [
+        ("num_warmup", num_warmup, 0),
+        ("num_samples", num_samples, 1),
+        ("num_chains", num_chains, 1),
+    ]:
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            kind = "a non-negative" if low == 0 else "a positive"
+            raise ValueError(f"{name}: expected {kind} integer, got {value!r}")
+    types = [layer.type for layer in spec.layers]
+    if "neural_ode" in types:
+        raise SpecError(
+            "layers: NeuTra runs the flow forward, with its log-determinant and their "
+            "gradients, at every leapfrog step: for a neural_ode layer that is an ODE solve "
+            "and its adjoint per step, so it is refused; fit a planar or realnvp flow for "
+            f"NeuTra, got {types}"
+        )

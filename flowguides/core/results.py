@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from flowguides.core.checks import check_vectorize_option
 
-__all__ = ["PosteriorFitMethods", "call_with_vectorize"]
+__all__ = ["NeuTraResult", "PosteriorFitMethods", "call_with_vectorize"]
 
 
 def call_with_vectorize(
@@ -75,3 +76,47 @@ class PosteriorFitMethods:
         from flowguides.diagnostics import resample_fit
 
         return resample_fit(self, num_samples, seed, vectorize_particles=vectorize_particles)
+
+
+@dataclass
+class NeuTraResult:
+    """Draws and diagnostics of a NeuTra NUTS run.
+
+    Attributes:
+        samples: constrained draws ``{site: (num_chains * num_samples, *site_shape)}``, the
+            layout of `PosteriorFit.sample` (chains one after another).
+        diverging: ``(num_chains, num_samples)``: whether each transition diverged.
+        ess: bulk effective sample size of each coordinate, ``{site: site_shape}``.
+        r_hat: split R-hat of each coordinate, ``{site: site_shape}`` (split chains, so it
+            is defined for one chain too).
+        num_chains: the number of chains.
+        reparam_site: the site NUTS sampled: the flow's base noise.
+        timing: ``sampling_s`` (warm-up and sampling, all chains).
+    """
+
+    samples: dict[str, np.ndarray]
+    diverging: np.ndarray
+    ess: dict[str, np.ndarray]
+    r_hat: dict[str, np.ndarray]
+    num_chains: int
+    reparam_site: str
+    timing: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def divergences(self) -> int:
+        """The number of divergent transitions after warm-up, all chains."""
+        return int(np.sum(self.diverging))
+
+    def by_chain(self) -> dict[str, np.ndarray]:
+        """`samples` as ``{site: (num_chains, num_samples, *site_shape)}``."""
+        return {k: v.reshape(self.num_chains, -1, *v.shape[1:]) for k, v in self.samples.items()}
+
+    def to_arviz(self) -> Any:
+        """ArviZ's data object (``InferenceData`` on 0.x, ``DataTree`` on 1.x): the group
+        ``posterior`` (dims ``{site}_dim_{i}``, one chain per chain) and ``sample_stats``
+        with ``diverging``."""
+        from flowguides.inference_data import groups_to_arviz, site_dims
+
+        posterior = self.by_chain()
+        groups = {"posterior": posterior, "sample_stats": {"diverging": self.diverging}}
+        return groups_to_arviz(groups, site_dims(posterior, 2))

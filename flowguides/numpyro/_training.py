@@ -5,9 +5,9 @@ programs keyed on a fit's static structure (`cache_key`, `cached`, `clear_compil
 `flowguides.numpyro._model` for the keys of models and arguments), the host loop that runs
 chunks of `CHUNK` steps and advances the progress bar between them (`run_chunks`,
 `progress_bar`, `timing`), and the per-step records of neural-ODE layers (`history_entries`,
-`mean_penalty`, as in the Pyro backend) and `fit_posterior`'s objectives and gradient
-estimators (`check_objective_options`, `ObjectiveLoss`, `objective_loss`, as in the Pyro
-backend).
+`mean_penalty`, as in the Pyro backend) and `fit_posterior`'s losses (`ObjectiveLoss`,
+`objective_loss`, `check_objective_options`, as in the Pyro backend; `OrderedTraceELBO`,
+`RecordingELBO`); `use_compilation_cache` turns on JAX's persistent compilation cache.
 
 The Pyro backend's ``_training.py`` has `mean_penalty` and `progress_bar` too; PyTorch steps
 eagerly, so it has ``Trainer``, ``Evaluations`` and ``with_penalty`` where this module
@@ -17,10 +17,13 @@ traced values.
 
 from __future__ import annotations
 
+import copy
+import os
 import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -28,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
+from jax.experimental.compilation_cache import compilation_cache
 from numpyro import handlers
 from numpyro.distributions import TransformedDistribution, constraints
 from numpyro.infer import Trace_ELBO
@@ -39,19 +43,17 @@ from flowguides.core import PRECONDITION, decay_steps
 from flowguides.numpyro._model import value_key
 from flowguides.numpyro.build import FlowTransform
 from flowguides.numpyro.ode import training_solves
-from flowguides.spec import FlowSpec, SpecError
+from flowguides.spec import FlowSpec
 
 __all__ = [
     "CHUNK",
-    "GRADIENTS",
     "HISTORY",
-    "POSTERIOR_OBJECTIVES",
     "ObjectiveLoss",
+    "OrderedTraceELBO",
     "RecordingELBO",
     "all_finite",
     "cache_key",
     "cached",
-    "check_objective_options",
     "clear_compiled",
     "constraint_key",
     "default_float",
@@ -65,6 +67,7 @@ __all__ = [
     "run_chunks",
     "supports_key",
     "timing",
+    "use_compilation_cache",
 ]
 
 CHUNK = 100
@@ -128,6 +131,28 @@ def clear_compiled() -> None:
     content, so it never serves a stale program).
     """
     _COMPILED.clear()
+
+
+def use_compilation_cache(path: str | os.PathLike[str] | None = None) -> Path:
+    """Turn on JAX's persistent compilation cache for every program a fit compiles (whatever
+    its compile time or size): a later process loads the programs it finds there instead of
+    compiling them. What it stores and how to clear it: see the conventions page.
+
+    Args:
+        path: the directory (created where missing); None: ``$XDG_CACHE_HOME/flowguides/jax``
+            (``~/.cache/flowguides/jax`` where ``XDG_CACHE_HOME`` is unset).
+
+    Returns:
+        The directory, absolute.
+    """
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    directory = Path(root / "flowguides" / "jax" if path is None else path).expanduser().resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)  # -1: no minimum
+    compilation_cache.reset_cache()  # JAX reads the directory setting once: read it anew
+    return directory
 
 
 def params_key(params: Mapping[str, Any]) -> tuple:
@@ -242,7 +267,12 @@ def posterior_chunk(
 ) -> Callable[..., Any]:
     """The jitted chunk of `CHUNK` SVI steps of `fit_posterior`: ``chunk(carry, start,
     arrays)`` with carry ``(state, good params, stopped, bad step)``; per step the loss and
-    the history entries (SVI mutable state `HISTORY`). `traced` is called whenever it traces."""
+    the history entries (SVI mutable state `HISTORY`). `traced` is called whenever it traces.
+    A plain `Trace_ELBO` runs as `OrderedTraceELBO` (on a copy of `svi`) where it can."""
+    mutable = any(site["type"] == "mutable" for site in svi.guide.prototype_trace.values())
+    if type(svi.loss) is Trace_ELBO and not mutable:
+        svi = copy.copy(svi)
+        svi.loss = OrderedTraceELBO(svi.loss.num_particles)
 
     def chunk(carry: tuple, start: jax.Array, arrays: list):
         traced()
@@ -275,40 +305,6 @@ def posterior_chunk(
     return jax.jit(chunk)
 
 
-POSTERIOR_OBJECTIVES = ("elbo", "iwelbo")
-"""`fit_posterior` objectives: the ELBO, or the importance-weighted ELBO of `num_inner` draws."""
-GRADIENTS = ("reparam", "stl")
-"""`fit_posterior` gradient estimators: the reparametrisation gradient, or sticking the landing
-(DReG for ``objective="iwelbo"``)."""
-
-
-def check_objective_options(spec: FlowSpec, objective: str, gradient: str, num_inner: int) -> None:
-    """Raise unless `objective`, `gradient` and `num_inner` are valid for `spec`.
-
-    Raises:
-        ValueError: an unknown `objective` or `gradient`, or `num_inner` not a positive integer
-            (or above 1 with ``objective="elbo"``).
-        SpecError: a neural-ODE layer with anything but ``("elbo", "reparam")``.
-    """
-    if objective not in POSTERIOR_OBJECTIVES:
-        raise ValueError(
-            f"objective: expected one of {list(POSTERIOR_OBJECTIVES)}, got {objective!r}"
-        )
-    if gradient not in GRADIENTS:
-        raise ValueError(f"gradient: expected one of {list(GRADIENTS)}, got {gradient!r}")
-    if isinstance(num_inner, bool) or not isinstance(num_inner, int) or num_inner < 1:
-        raise ValueError(f"num_inner: expected a positive integer, got {num_inner!r}")
-    if objective == "elbo" and num_inner != 1:
-        raise ValueError(f"num_inner: only objective='iwelbo' uses it, expected 1, got {num_inner}")
-    types = [layer.type for layer in spec.layers]
-    if "neural_ode" in types and (objective, gradient) != ("elbo", "reparam"):
-        raise SpecError(
-            f"layers: objective={objective!r} with gradient={gradient!r} needs planar or realnvp "
-            "layers (STL would add an inverse ODE solve per draw, and the RNODE records follow "
-            f"the ELBO's particles); neural_ode layers train with 'elbo' and 'reparam', got {types}"
-        )
-
-
 def objective_loss(
     log_w: jax.Array, log_w_path: jax.Array | None, objective: str, gradient: str
 ) -> jax.Array:
@@ -335,10 +331,8 @@ class ObjectiveLoss(ELBO):
     ``num_particles * num_inner`` draws (vectorised, keys split as `Trace_ELBO` splits them)
     gives its log-weight ``log p - log q``, then `objective_loss`.
 
-    With ``gradient="stl"``, the flow's ``log q`` of each draw is evaluated again by its
-    inverse pass with the flow's parameters under `jax.lax.stop_gradient` (Roeder et al.
-    2017): the draw keeps its path gradient and loses the score term, whose expectation is
-    zero.
+    With ``gradient="stl"``, each draw's ``log q`` is evaluated again by the flow's inverse
+    at `jax.lax.stop_gradient` parameters (Roeder et al. 2017): no score term.
 
     Args:
         objective, gradient, num_particles, num_inner: as in `fit_posterior`.
@@ -380,27 +374,47 @@ class ObjectiveLoss(ELBO):
         return shaped if self.gradient == "stl" else (shaped[0], None)
 
     def loss_with_mutable_state(self, rng_key, param_map, model, guide, *args, **kwargs):
-        """``{"loss": the loss (see `objective_loss`), "mutable_state": None}``."""
         log_w, path = self.log_weights(rng_key, param_map, model, guide, *args, **kwargs)
         return {"loss": objective_loss(log_w, path, self.objective, self.gradient),
                 "mutable_state": None}  # fmt: skip
 
 
-class RecordingELBO(Trace_ELBO):
-    """`Trace_ELBO` with vectorised particles that also returns, as SVI mutable state, the
-    step's history entries: each particle runs as NumPyro's single-particle ELBO (the same
-    keys, so the same loss as ``Trace_ELBO(num_particles, vectorize_particles=True)``) inside
-    its own `training_solves` block, which collects its guide's solves."""
+class OrderedTraceELBO(Trace_ELBO):
+    """`Trace_ELBO` with vectorised particles (the same keys; no mutable state) whose program
+    is the same in every process: NumPyro's orders its sites' terms by a `set` of names,
+    which string hashing orders anew in each process; `particle` sums them in trace order."""
+
+    def particle(self, key: jax.Array, param_map, model, guide, args, kwargs) -> jax.Array:
+        """One particle's ``log p(x, z) - log q(z)``."""
+        model_seed, guide_seed = jax.random.split(key)
+        log_q, trace = log_density(handlers.seed(guide, guide_seed), args, kwargs, param_map)
+        model_run = handlers.replay(handlers.seed(model, model_seed), trace)
+        return log_density(model_run, args, kwargs, param_map)[0] - log_q
+
+    def loss_with_mutable_state(self, rng_key, param_map, model, guide, *args, **kwargs):
+        def one(key: jax.Array) -> jax.Array:
+            return self.particle(key, param_map, model, guide, args, kwargs)
+
+        if self.num_particles == 1:
+            return {"loss": -one(rng_key), "mutable_state": None}
+        elbos = jax.vmap(one)(jax.random.split(rng_key, self.num_particles))
+        return {"loss": -jnp.mean(elbos), "mutable_state": None}
+
+
+class RecordingELBO(OrderedTraceELBO):
+    """`OrderedTraceELBO` that also returns, as SVI mutable state, the step's history
+    entries: each particle runs as its `particle` (the same keys, so the same loss as
+    ``Trace_ELBO(num_particles, vectorize_particles=True)``) inside its own
+    `training_solves` block, which collects its guide's solves."""
 
     def __init__(self, num_particles: int, spec: FlowSpec) -> None:
         super().__init__(num_particles=num_particles, vectorize_particles=True)
-        self._single = Trace_ELBO(num_particles=1)
         self.entries = history_entries(spec)
 
     def loss_with_mutable_state(self, rng_key, param_map, model, guide, *args, **kwargs):
         def one(key: jax.Array):
             with training_solves() as records:
-                loss = self._single.loss(key, param_map, model, guide, *args, **kwargs)
+                loss = -self.particle(key, param_map, model, guide, args, kwargs)
             nfe = sum((jnp.asarray(r["nfe"], jnp.int32) for r in records), jnp.zeros((), jnp.int32))
             return loss, nfe, jnp.asarray(mean_penalty(records), default_float())
 

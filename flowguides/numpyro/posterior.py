@@ -43,6 +43,7 @@ from flowguides.core import (
     NonFiniteLossError,
     PosteriorFitMethods,
     as_spec,
+    check_objective_options,
     check_training,
     default_learning_rate,
     warn_if_below_start,
@@ -60,7 +61,6 @@ from flowguides.numpyro._training import (
     RecordingELBO,
     cache_key,
     cached,
-    check_objective_options,
     default_float,
     make_optimizer,
     params_key,
@@ -70,6 +70,7 @@ from flowguides.numpyro._training import (
     timing,
 )
 from flowguides.numpyro.guide import AutoFlowGuide
+from flowguides.numpyro.neutra import neutra as _neutra
 from flowguides.numpyro.ode import solver_errors
 from flowguides.spec import FlowSpec
 
@@ -82,6 +83,9 @@ particles' draws (keys still split by threefry, so streams stay independent unde
 SVI step splits keys and draws noise for every particle and site, which threefry's bits make
 a noticeable share of a step (see the benchmarks page)."""
 _TRACES = {"posterior": 0}  # times a training chunk was traced (tests read it)
+
+
+_RecordingELBO = RecordingELBO  # moved to _training.py; tests/numpyro/test_fit.py reads it here
 
 
 def _traced() -> None:
@@ -132,6 +136,8 @@ class PosteriorFit(PosteriorFitMethods):
 
     def _key(self, seed: int | None) -> jax.Array:
         return jax.random.key(int(self._rng.integers(2**31)) if seed is None else seed)
+
+    neutra = _neutra  # fit.neutra(num_warmup, num_samples, num_chains, seed, progress)
 
     @property
     def latent_shapes(self) -> dict[str, tuple[int, ...]]:

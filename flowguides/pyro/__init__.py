@@ -22,6 +22,7 @@ from flowguides.core import (
     ToleranceWarning,
 )
 from flowguides.pyro._model import VectorizationWarning
+from flowguides.pyro._training import ObjectiveLoss
 from flowguides.pyro.build import (
     Affine,
     Flow,
@@ -34,6 +35,7 @@ from flowguides.pyro.coupling import RealNVP
 from flowguides.pyro.density import DensityFit, fit_density
 from flowguides.pyro.guide import AutoFlowGuide
 from flowguides.pyro.io import export_state, import_state
+from flowguides.pyro.neutra import NeuTraResult
 from flowguides.pyro.ode import NeuralODE, flow_matching_loss, training_solves
 from flowguides.pyro.planar import Planar
 from flowguides.pyro.posterior import PosteriorFit, fit_posterior
@@ -49,6 +51,8 @@ __all__ = [
     "FlowDistribution",
     "LaplaceFallbackWarning",
     "MaxStepsExceededError",
+    "NeuTraResult",
+    "ObjectiveLoss",
     "NeuralODE",
     "NoLatentSitesError",
     "NonFiniteGradientError",

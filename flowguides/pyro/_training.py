@@ -29,26 +29,16 @@ from tqdm import tqdm
 from flowguides.core import NonFiniteGradientError, NonFiniteLossError, learning_rate_at
 from flowguides.pyro.build import Flow, FlowDistribution
 from flowguides.pyro.ode import NeuralODE, training_solves
-from flowguides.spec import FlowSpec, SpecError
 
 __all__ = [
-    "GRADIENTS",
-    "POSTERIOR_OBJECTIVES",
     "Evaluations",
     "ObjectiveLoss",
     "Trainer",
-    "check_objective_options",
     "mean_penalty",
     "objective_loss",
     "progress_bar",
     "with_penalty",
 ]
-
-POSTERIOR_OBJECTIVES = ("elbo", "iwelbo")
-"""`fit_posterior` objectives: the ELBO, or the importance-weighted ELBO of `num_inner` draws."""
-GRADIENTS = ("reparam", "stl")
-"""`fit_posterior` gradient estimators: the reparametrisation gradient, or sticking the landing
-(DReG for ``objective="iwelbo"``)."""
 
 
 class Trainer:
@@ -154,33 +144,6 @@ def with_penalty(loss_fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, tor
 def progress_bar(num_steps: int, progress: bool) -> tqdm:
     """A tqdm bar over `num_steps` on stderr (disabled unless `progress`)."""
     return tqdm(total=num_steps, disable=not progress, file=sys.stderr, leave=False)
-
-
-def check_objective_options(spec: FlowSpec, objective: str, gradient: str, num_inner: int) -> None:
-    """Raise unless `objective`, `gradient` and `num_inner` are valid for `spec`.
-
-    Raises:
-        ValueError: an unknown `objective` or `gradient`, or `num_inner` not a positive integer
-            (or above 1 with ``objective="elbo"``).
-        SpecError: a neural-ODE layer with anything but ``("elbo", "reparam")``.
-    """
-    if objective not in POSTERIOR_OBJECTIVES:
-        raise ValueError(
-            f"objective: expected one of {list(POSTERIOR_OBJECTIVES)}, got {objective!r}"
-        )
-    if gradient not in GRADIENTS:
-        raise ValueError(f"gradient: expected one of {list(GRADIENTS)}, got {gradient!r}")
-    if isinstance(num_inner, bool) or not isinstance(num_inner, int) or num_inner < 1:
-        raise ValueError(f"num_inner: expected a positive integer, got {num_inner!r}")
-    if objective == "elbo" and num_inner != 1:
-        raise ValueError(f"num_inner: only objective='iwelbo' uses it, expected 1, got {num_inner}")
-    types = [layer.type for layer in spec.layers]
-    if "neural_ode" in types and (objective, gradient) != ("elbo", "reparam"):
-        raise SpecError(
-            f"layers: objective={objective!r} with gradient={gradient!r} needs planar or realnvp "
-            "layers (STL would add an inverse ODE solve per draw, and the RNODE records follow "
-            f"the ELBO's particles); neural_ode layers train with 'elbo' and 'reparam', got {types}"
-        )
 
 
 def objective_loss(

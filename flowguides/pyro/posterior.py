@@ -34,6 +34,7 @@ from pyro.poutine.util import site_is_subsample
 from flowguides.core import (
     PosteriorFitMethods,
     as_spec,
+    check_objective_options,
     check_training,
     default_learning_rate,
     warn_if_below_start,
@@ -42,11 +43,11 @@ from flowguides.pyro._training import (
     Evaluations,
     ObjectiveLoss,
     Trainer,
-    check_objective_options,
     progress_bar,
     with_penalty,
 )
 from flowguides.pyro.guide import AutoFlowGuide
+from flowguides.pyro.neutra import neutra as _neutra
 from flowguides.spec import FlowSpec
 
 __all__ = ["PosteriorFit", "fit_posterior"]
@@ -79,6 +80,8 @@ class PosteriorFit(PosteriorFitMethods):
     backend: str = "pyro"
     history: dict[str, np.ndarray] = field(default_factory=dict)
     timing: dict[str, float] = field(default_factory=dict)
+
+    neutra = _neutra  # fit.neutra(num_warmup, num_samples, num_chains, seed, progress)
 
     @property
     def latent_shapes(self) -> dict[str, tuple[int, ...]]:
