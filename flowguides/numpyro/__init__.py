@@ -4,7 +4,8 @@ The same file, function and parameter names as `flowguides.pyro`; one weight fil
 both. The errors and warnings are `flowguides.core`'s (one class each, for both backends).
 Names only this backend exports: `FlowTransform` (the flow as one numpyro `Transform`),
 `ConstantArgumentsWarning` and `ModelTracingError` (a model's arguments are traced by JAX or
-compiled in as constants) and `clear_compiled` (the cache of compiled programs).
+compiled in as constants), `clear_compiled` (the cache of compiled programs) and
+`use_compilation_cache` (JAX's persistent compilation cache, across processes).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from flowguides.core import (
     ToleranceWarning,
 )
 from flowguides.numpyro._model import ConstantArgumentsWarning, ModelTracingError
-from flowguides.numpyro._training import ObjectiveLoss, clear_compiled
+from flowguides.numpyro._training import ObjectiveLoss, clear_compiled, use_compilation_cache
 from flowguides.numpyro.build import Flow, FlowTransform, build_flow, get_weights, set_weights
 from flowguides.numpyro.coupling import RealNVP
 from flowguides.numpyro.density import DensityFit, fit_density
@@ -66,4 +67,5 @@ __all__ = [
     "import_state",
     "set_weights",
     "training_solves",
+    "use_compilation_cache",
 ]

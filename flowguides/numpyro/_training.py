@@ -6,8 +6,8 @@ programs keyed on a fit's static structure (`cache_key`, `cached`, `clear_compil
 chunks of `CHUNK` steps and advances the progress bar between them (`run_chunks`,
 `progress_bar`, `timing`), and the per-step records of neural-ODE layers (`history_entries`,
 `mean_penalty`, as in the Pyro backend) and `fit_posterior`'s losses (`ObjectiveLoss`,
-`objective_loss`, `check_objective_options`, as in the Pyro backend; `OrderedTraceELBO`,
-`RecordingELBO`); `use_compilation_cache` turns on JAX's persistent compilation cache.
+`objective_loss`, as in the Pyro backend; `RecordingELBO`); `use_compilation_cache` turns on
+JAX's persistent compilation cache.
 
 The Pyro backend's ``_training.py`` has `mean_penalty` and `progress_bar` too; PyTorch steps
 eagerly, so it has ``Trainer``, ``Evaluations`` and ``with_penalty`` where this module
@@ -49,7 +49,6 @@ __all__ = [
     "CHUNK",
     "HISTORY",
     "ObjectiveLoss",
-    "OrderedTraceELBO",
     "RecordingELBO",
     "all_finite",
     "cache_key",
@@ -134,9 +133,8 @@ def clear_compiled() -> None:
 
 
 def use_compilation_cache(path: str | os.PathLike[str] | None = None) -> Path:
-    """Turn on JAX's persistent compilation cache for every program a fit compiles (whatever
-    its compile time or size): a later process loads the programs it finds there instead of
-    compiling them. What it stores and how to clear it: see the conventions page.
+    """Turn on JAX's persistent compilation cache for every program a fit compiles, however
+    quick or small: a later process loads them instead (see the conventions page).
 
     Args:
         path: the directory (created where missing); None: ``$XDG_CACHE_HOME/flowguides/jax``
@@ -145,13 +143,13 @@ def use_compilation_cache(path: str | os.PathLike[str] | None = None) -> Path:
     Returns:
         The directory, absolute.
     """
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    directory = Path(root / "flowguides" / "jax" if path is None else path).expanduser().resolve()
+    home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flowguides/jax"
+    directory = Path(home if path is None else path).expanduser().resolve()
     directory.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)  # -1: no minimum
-    compilation_cache.reset_cache()  # JAX reads the directory setting once: read it anew
+    compilation_cache.reset_cache()  # JAX reads the setting once per process: read it anew
     return directory
 
 
@@ -268,11 +266,13 @@ def posterior_chunk(
     """The jitted chunk of `CHUNK` SVI steps of `fit_posterior`: ``chunk(carry, start,
     arrays)`` with carry ``(state, good params, stopped, bad step)``; per step the loss and
     the history entries (SVI mutable state `HISTORY`). `traced` is called whenever it traces.
-    A plain `Trace_ELBO` runs as `OrderedTraceELBO` (on a copy of `svi`) where it can."""
+    A plain `Trace_ELBO` runs as the same `ObjectiveLoss` (on a copy of `svi`; not with
+    mutable sites): NumPyro's orders the sites by a `set` of names, so by string hashing,
+    which changes per process, and the program (its persistent-cache key) with it."""
     mutable = any(site["type"] == "mutable" for site in svi.guide.prototype_trace.values())
     if type(svi.loss) is Trace_ELBO and not mutable:
         svi = copy.copy(svi)
-        svi.loss = OrderedTraceELBO(svi.loss.num_particles)
+        svi.loss = ObjectiveLoss("elbo", "reparam", svi.loss.num_particles, 1)
 
     def chunk(carry: tuple, start: jax.Array, arrays: list):
         traced()
@@ -328,8 +328,8 @@ def objective_loss(
 
 class ObjectiveLoss(ELBO):
     """`fit_posterior`'s loss for ``objective="iwelbo"`` or ``gradient="stl"``: each of
-    ``num_particles * num_inner`` draws (vectorised, keys split as `Trace_ELBO` splits them)
-    gives its log-weight ``log p - log q``, then `objective_loss`.
+    ``num_particles * num_inner`` draws (vectorised, keys split as `Trace_ELBO` splits them,
+    one draw takes the key itself) gives its log-weight ``log p - log q``, then `objective_loss`.
 
     With ``gradient="stl"``, each draw's ``log q`` is evaluated again by the flow's inverse
     at `jax.lax.stop_gradient` parameters (Roeder et al. 2017): no score term.
@@ -368,8 +368,8 @@ class ObjectiveLoss(ELBO):
                         path = path + live - stopped_fn.log_prob(site["value"])
             return log_w, path
 
-        keys = jax.random.split(rng_key, self.num_particles)
-        log_w, path = jax.vmap(one)(keys)
+        n = self.num_particles
+        log_w, path = jax.vmap(one)(rng_key[None] if n == 1 else jax.random.split(rng_key, n))
         shaped = (log_w.reshape(self.shape), path.reshape(self.shape))
         return shaped if self.gradient == "stl" else (shaped[0], None)
 
@@ -379,42 +379,21 @@ class ObjectiveLoss(ELBO):
                 "mutable_state": None}  # fmt: skip
 
 
-class OrderedTraceELBO(Trace_ELBO):
-    """`Trace_ELBO` with vectorised particles (the same keys; no mutable state) whose program
-    is the same in every process: NumPyro's orders its sites' terms by a `set` of names,
-    which string hashing orders anew in each process; `particle` sums them in trace order."""
-
-    def particle(self, key: jax.Array, param_map, model, guide, args, kwargs) -> jax.Array:
-        """One particle's ``log p(x, z) - log q(z)``."""
-        model_seed, guide_seed = jax.random.split(key)
-        log_q, trace = log_density(handlers.seed(guide, guide_seed), args, kwargs, param_map)
-        model_run = handlers.replay(handlers.seed(model, model_seed), trace)
-        return log_density(model_run, args, kwargs, param_map)[0] - log_q
-
-    def loss_with_mutable_state(self, rng_key, param_map, model, guide, *args, **kwargs):
-        def one(key: jax.Array) -> jax.Array:
-            return self.particle(key, param_map, model, guide, args, kwargs)
-
-        if self.num_particles == 1:
-            return {"loss": -one(rng_key), "mutable_state": None}
-        elbos = jax.vmap(one)(jax.random.split(rng_key, self.num_particles))
-        return {"loss": -jnp.mean(elbos), "mutable_state": None}
-
-
-class RecordingELBO(OrderedTraceELBO):
-    """`OrderedTraceELBO` that also returns, as SVI mutable state, the step's history
-    entries: each particle runs as its `particle` (the same keys, so the same loss as
-    ``Trace_ELBO(num_particles, vectorize_particles=True)``) inside its own
-    `training_solves` block, which collects its guide's solves."""
+class RecordingELBO(Trace_ELBO):
+    """`Trace_ELBO` with vectorised particles that also returns, as SVI mutable state, the
+    step's history entries: each particle runs as a one-draw ELBO `ObjectiveLoss` (the same
+    keys, so the same loss as ``Trace_ELBO(num_particles, vectorize_particles=True)``) inside
+    its own `training_solves` block, which collects its guide's solves."""
 
     def __init__(self, num_particles: int, spec: FlowSpec) -> None:
         super().__init__(num_particles=num_particles, vectorize_particles=True)
+        self._single = ObjectiveLoss("elbo", "reparam", 1, 1)
         self.entries = history_entries(spec)
 
     def loss_with_mutable_state(self, rng_key, param_map, model, guide, *args, **kwargs):
         def one(key: jax.Array):
             with training_solves() as records:
-                loss = -self.particle(key, param_map, model, guide, args, kwargs)
+                loss = self._single.loss(key, param_map, model, guide, *args, **kwargs)
             nfe = sum((jnp.asarray(r["nfe"], jnp.int32) for r in records), jnp.zeros((), jnp.int32))
             return loss, nfe, jnp.asarray(mean_penalty(records), default_float())
 
