@@ -6,8 +6,7 @@ programs keyed on a fit's static structure (`cache_key`, `cached`, `clear_compil
 chunks of `CHUNK` steps and advances the progress bar between them (`run_chunks`,
 `progress_bar`, `timing`), and the per-step records of neural-ODE layers (`history_entries`,
 `mean_penalty`, as in the Pyro backend) and `fit_posterior`'s losses (`ObjectiveLoss`,
-`objective_loss`, as in the Pyro backend; `RecordingELBO`); `use_compilation_cache` turns on
-JAX's persistent compilation cache.
+`objective_loss`, as in the Pyro backend; `RecordingELBO`) and `use_compilation_cache`.
 
 The Pyro backend's ``_training.py`` has `mean_penalty` and `progress_bar` too; PyTorch steps
 eagerly, so it has ``Trainer``, ``Evaluations`` and ``with_penalty`` where this module
@@ -266,9 +265,7 @@ def posterior_chunk(
     """The jitted chunk of `CHUNK` SVI steps of `fit_posterior`: ``chunk(carry, start,
     arrays)`` with carry ``(state, good params, stopped, bad step)``; per step the loss and
     the history entries (SVI mutable state `HISTORY`). `traced` is called whenever it traces.
-    A plain `Trace_ELBO` runs as the same `ObjectiveLoss` (on a copy of `svi`; not with
-    mutable sites): NumPyro's orders the sites by a `set` of names, so by string hashing,
-    which changes per process, and the program (its persistent-cache key) with it."""
+    Without mutable sites, a `Trace_ELBO` runs as `ObjectiveLoss` (see the conventions page)."""
     mutable = any(site["type"] == "mutable" for site in svi.guide.prototype_trace.values())
     if type(svi.loss) is Trace_ELBO and not mutable:
         svi = copy.copy(svi)
@@ -328,8 +325,8 @@ def objective_loss(
 
 class ObjectiveLoss(ELBO):
     """`fit_posterior`'s loss for ``objective="iwelbo"`` or ``gradient="stl"``: each of
-    ``num_particles * num_inner`` draws (vectorised, keys split as `Trace_ELBO` splits them,
-    one draw takes the key itself) gives its log-weight ``log p - log q``, then `objective_loss`.
+    ``num_particles * num_inner`` draws (vectorised; keys as `Trace_ELBO` gives them, so one
+    draw takes the key itself) gives its log-weight ``log p - log q``, then `objective_loss`.
 
     With ``gradient="stl"``, each draw's ``log q`` is evaluated again by the flow's inverse
     at `jax.lax.stop_gradient` parameters (Roeder et al. 2017): no score term.
@@ -369,7 +366,7 @@ class ObjectiveLoss(ELBO):
             return log_w, path
 
         n = self.num_particles
-        log_w, path = jax.vmap(one)(rng_key[None] if n == 1 else jax.random.split(rng_key, n))
+        log_w, path = one(rng_key) if n == 1 else jax.vmap(one)(jax.random.split(rng_key, n))
         shaped = (log_w.reshape(self.shape), path.reshape(self.shape))
         return shaped if self.gradient == "stl" else (shaped[0], None)
 

@@ -113,9 +113,9 @@ class PosteriorFit(PosteriorFitMethods):
             ``"nfe_backward"`` (unless a layer uses the adjoint) and ``"regularization"`` (the
             mean RNODE penalty, when a regulariser weight is positive); empty otherwise.
         timing: ``setup_s`` (guide set-up: NumPyro's model tracing, the `init_scale`
-            search), ``compile_s`` (the training chunk's XLA compile, ~0 when a previous
-            call with the same shapes compiled it) and steady ``steps_per_s`` (the fastest
-            100-step chunk after the first).
+            search), ``compile_s`` (the training chunk's XLA compile: none when this process
+            compiled it for the same shapes, a load when `use_compilation_cache` holds it)
+            and steady ``steps_per_s`` (the fastest 100-step chunk after the first).
     """
 
     guide: AutoFlowGuide

@@ -1,0 +1,120 @@
+"""`use_compilation_cache`: a fit in one process writes its programs to the directory, and a
+fit in a new process reads them back (no new entry) with the same losses to the last digit.
+
+Each fit runs in a fresh subprocess (the cache is per process) with a different
+``PYTHONHASHSEED``: NumPyro's `Trace_ELBO` orders its sites by a set of names, so a program
+built from it would differ between the two processes and miss the cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("numpyro")
+
+FIT = """
+import json, sys
+import jax
+jax.config.update("jax_enable_x64", True)
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+from flowguides.numpyro import fit_posterior, use_compilation_cache
+from flowguides.spec import FlowSpec
+
+directory = use_compilation_cache(sys.argv[1])
+
+def schools(y, sigma):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = numpyro.sample("tau", dist.HalfCauchy(5.0))
+    with numpyro.plate("school", y.shape[0]):
+        theta = numpyro.sample("theta", dist.Normal(mu, tau))
+        numpyro.sample("obs", dist.Normal(theta, sigma), obs=y)
+
+y = np.array([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0])
+sigma = np.array([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0])
+spec = FlowSpec.realnvp(num_layers=2, hidden=(8,))
+fit = fit_posterior(schools, spec, y, sigma, num_steps=150, init_scale=0.1, progress=False)
+print(json.dumps({"directory": str(directory), "losses": [repr(v) for v in fit.losses]}))
+"""
+
+
+def _fit(cache: Path, hash_seed: str) -> dict:
+    env = {**os.environ, "PYTHONHASHSEED": hash_seed, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", FIT, str(cache)], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _entries(cache: Path) -> set[str]:
+    return {str(p.relative_to(cache)) for p in cache.rglob("*") if p.is_file()}
+
+
+def test_a_fit_writes_its_programs_and_a_new_process_reads_them(tmp_path):
+    cache = tmp_path / "jax-cache"
+    first = _fit(cache, "1")
+    assert first["directory"] == str(cache.resolve())
+    written = _entries(cache)
+    assert any("chunk" in name for name in written), sorted(written)  # the training chunk
+    second = _fit(cache, "2")
+    assert _entries(cache) == written  # every program came from the cache: nothing new
+    assert second["losses"] == first["losses"]
+    assert len(set(first["losses"])) > 1  # the fit trained
+
+
+def test_the_default_directory_is_per_user(tmp_path, monkeypatch):
+    from flowguides.numpyro import use_compilation_cache
+
+    jax = pytest.importorskip("jax")
+    before = jax.config.jax_compilation_cache_dir
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    try:
+        directory = use_compilation_cache()
+        assert directory == tmp_path.resolve() / "flowguides" / "jax"
+        assert directory.is_dir()
+        assert jax.config.jax_compilation_cache_dir == str(directory)
+        assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.0
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
+        from jax.experimental.compilation_cache import compilation_cache
+
+        compilation_cache.reset_cache()
+
+
+@pytest.mark.parametrize("num_particles", [1, 3])
+def test_the_elbo_a_fit_trains_on_equals_numpyros_trace_elbo(num_particles):
+    """The chunk runs a plain `Trace_ELBO` as `ObjectiveLoss`: the same keys, the same loss
+    and gradient (up to the order of the sum)."""
+    import jax
+    import numpyro
+    import numpyro.distributions as dist
+    from numpyro.infer import Trace_ELBO
+    from numpyro.infer.autoguide import AutoNormal
+
+    from flowguides.numpyro import ObjectiveLoss
+
+    def model():
+        a = numpyro.sample("a", dist.Normal(0.0, 1.0))
+        numpyro.sample("b", dist.Gamma(2.0, 1.0))
+        numpyro.sample("y", dist.Normal(a, 0.5), obs=0.3)
+
+    guide = AutoNormal(model)
+    with numpyro.handlers.seed(rng_seed=0):
+        params = {k: v["value"] for k, v in numpyro.handlers.trace(guide).get_trace().items()
+                  if v["type"] == "param"}  # fmt: skip
+    ours, theirs = ObjectiveLoss("elbo", "reparam", num_particles, 1), Trace_ELBO(num_particles)
+    for seed in range(3):
+        key = jax.random.key(seed)
+        value, grad = jax.value_and_grad(lambda p, k=key: ours.loss(k, p, model, guide))(params)
+        expected, g = jax.value_and_grad(lambda p, k=key: theirs.loss(k, p, model, guide))(params)
+        assert float(value) == pytest.approx(float(expected), rel=1e-12)
+        for name in params:
+            assert float(abs(grad[name] - g[name]).max()) < 1e-10
