@@ -60,3 +60,13 @@ def test_weight_checks_name_the_parameter_and_shapes() -> None:
     bad = {**weights, name: np.zeros((7,))}
     with pytest.raises(ValueError, match=rf"parameter '{name}': expected shape .*, got \(7,\)"):
         check_weights(spec, 3, bad)
+
+
+def test_coordinate_sites_names_the_owners_in_packing_order() -> None:
+    from flowguides.core import coordinate_sites
+
+    sizes = {"mu": 1, "theta": 8, "tau": 1}
+    assert coordinate_sites(sizes, [0]) == ["mu"]
+    assert coordinate_sites(sizes, [8, 9]) == ["theta", "tau"]
+    assert coordinate_sites(sizes, [1, 4, 8]) == ["theta"]
+    assert coordinate_sites(sizes, []) == []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -18,6 +19,7 @@ __all__ = [
     "BELOW_START_NATS",
     "DEFAULT_LEARNING_RATE",
     "FULL_RANK_MAX_DIM",
+    "coordinate_sites",
     "LEARNING_RATE_REFERENCE_DIM",
     "MODE_TOLERANCE",
     "VALIDATE_EVERY",
@@ -153,3 +155,14 @@ AUTO_SCALES = (0.1, 1.0)
 
 FULL_RANK_MAX_DIM = 256
 """Largest latent dimension whose Laplace start whitens with the full Hessian (else diagonal)."""
+
+
+def coordinate_sites(sizes: Mapping[str, int], coords: Sequence[int]) -> list[str]:
+    """Names of the sites that own packed coordinates `coords`, given each site's number of
+    unconstrained coordinates in packing order (`sizes`); for warnings that name sites."""
+    owners, pos = [], 0
+    for name, size in sizes.items():
+        if any(pos <= c < pos + size for c in coords):
+            owners.append(name)
+        pos += size
+    return owners

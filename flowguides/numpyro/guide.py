@@ -37,6 +37,7 @@ from flowguides.core import (
     NoLatentSitesError,
     as_spec,
     check_preconditioner,
+    coordinate_sites,
 )
 from flowguides.numpyro import ode
 from flowguides.numpyro._model import as_constants, callable_key, choose_constants, split_args
@@ -182,13 +183,8 @@ class AutoFlowGuide(AutoContinuous, StagedPrototype):
 
     def _coordinate_sites(self, coords: Sequence[int]) -> list[str]:
         """Names of the sites that own packed coordinates `coords` (packing order)."""
-        owners, pos = [], 0
-        for name, value in self._init_locs.items():
-            size = int(np.size(value))
-            if any(pos <= c < pos + size for c in coords):
-                owners.append(name)
-            pos += size
-        return owners
+        sizes = {name: int(np.size(value)) for name, value in self._init_locs.items()}
+        return coordinate_sites(sizes, coords)
 
     @property
     def preconditioner(self) -> dict[str, jax.Array] | None:

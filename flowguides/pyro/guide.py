@@ -29,6 +29,7 @@ from flowguides.core import (
     as_spec,
     check_preconditioner,
     check_vectorize_option,
+    coordinate_sites,
 )
 from flowguides.pyro._model import BatchLogJoint
 from flowguides.pyro.build import (
@@ -210,13 +211,8 @@ class AutoFlowGuide(AutoContinuous, BatchLogJoint):
 
     def _coordinate_sites(self, coords: Sequence[int]) -> list[str]:
         """Names of the sites that own packed coordinates `coords`."""
-        owners, pos = [], 0
-        for name, shape in self._unconstrained_shapes.items():
-            size = math.prod(shape)
-            if any(pos <= c < pos + size for c in coords):
-                owners.append(name)
-            pos += size
-        return owners
+        sizes = {name: math.prod(shape) for name, shape in self._unconstrained_shapes.items()}
+        return coordinate_sites(sizes, coords)
 
     # -- the posterior ---------------------------------------------------------------------
     def get_posterior(self, *args: Any, **kwargs: Any) -> FlowDistribution:
