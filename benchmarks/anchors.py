@@ -72,9 +72,21 @@ _AT_MAP: dict[str, Method] = {
     "numpyro AutoMultivariateNormal": numpyro_svi("AutoMultivariateNormal"),
 }
 
+_OBJECTIVES: dict[str, dict[str, Any]] = {
+    "STL": {"gradient": "stl"},
+    "IWELBO K=8, DReG": {"objective": "iwelbo", "gradient": "stl", "num_inner": 8},
+}
+"""fit_posterior's other training objectives (the ELBO table of docs/benchmarks.md): the sticking-the-landing
+gradient, and the importance-weighted ELBO of 8 inner draws per particle with its doubly
+reparametrised gradient (``gradient="stl"`` with ``objective="iwelbo"``)."""
+
 METHODS: dict[str, Method] = {
     **{f"flowguides-pyro {n}": pyro_fit_posterior(f) for n, f in _FAMILIES},
     **{f"flowguides-numpyro {n}": numpyro_fit_posterior(f) for n, f in _FAMILIES},
+    **{
+        f"flowguides-numpyro RealNVP ({n})": numpyro_fit_posterior("realnvp", **o)
+        for n, o in _OBJECTIVES.items()
+    },  # fmt: skip
     **{name: lr_searched(fit) for name, fit in {**_SVI_ANCHORS, **_AT_MAP}.items()},
     "blackjax multi-path Pathfinder": pathfinder,
     "numpyro NUTS": nuts,
@@ -82,6 +94,7 @@ METHODS: dict[str, Method] = {
 """Posterior methods by display name, flowguides first; SVI anchors with the rate search."""
 
 SETTINGS: dict[str, dict[str, Any]] = {
+    **{f"flowguides-numpyro RealNVP ({n})": dict(o) for n, o in _OBJECTIVES.items()},
     **{name: {"lr_grid": list(LR_GRID)} for name in _SVI_ANCHORS},
     **{name: {"lr_grid": list(LR_GRID), "init": "MAP (L-BFGS)"} for name in _AT_MAP},
     "blackjax multi-path Pathfinder": dict(PATHFINDER_SETTINGS),

@@ -190,12 +190,13 @@ def _gaussian_log_densities(model: Callable, gaussian: Any, num: int, seed: int)
 
 
 def numpyro_fit_posterior(
-    family: str, *, twice: bool = False
+    family: str, *, twice: bool = False, **options: Any
 ) -> Callable[[Problem, Budget], Fitted]:
     """flowguides' NumPyro ``fit_posterior``, timed by its own ``fit.timing`` (set-up, the
     first chunk's compile, steady steps/s); with ``twice``, a second identical call is run and
     its set-up and compile (the cached path) are recorded as ``again_setup_s`` and
-    ``again_compile_s``."""
+    ``again_compile_s``. ``options`` go to ``fit_posterior`` (``objective``, ``gradient``,
+    ``num_inner``)."""
 
     def fit(problem: Problem, budget: Budget) -> Fitted:
         from flowguides.numpyro import fit_posterior
@@ -205,6 +206,7 @@ def numpyro_fit_posterior(
         kwargs = {
             "num_steps": budget.num_steps, "learning_rate": budget.learning_rate,
             "num_particles": budget.num_particles, "seed": budget.seed, "progress": False,
+            **options,
         }  # fmt: skip
         t0 = time.perf_counter()
         res = fit_posterior(model, spec, **kwargs)
