@@ -1,185 +1,180 @@
-"""Density data sets and the density-fitting methods compared on them (forward KL).
+"""The density-fitting methods compared on `benchmarks.density_data` (forward KL).
 
-Data: two moons, 8 Gaussians and a checkerboard (2-D, the FFJORD generators), and
-scikit-learn's iris (4-D), wine (13-D), breast cancer (30-D) and digits (64-D, dequantised by
-adding ``U(0, 1)`` noise to the integer pixels). Each set is split 75/25 with a fixed seed and
-standardised with the training mean and sd; every method sees the same standardised arrays, so
-test NLLs (mean nats per point) are comparable across methods.
+Every method, at matched sizes (:data:`DENSITY_ARCH`), trains under the same
+`benchmarks.density_training.DensityBudget` (steps, batch size, Adam's peak learning rate and
+schedule, seed) and the same `benchmarks.density_training.CheckpointPolicy` (validation rows,
+cadence, patience, best parameters restored). That policy is ``fit_density``'s own, which the
+flowguides rows run with ``standardize=False`` (every method sees the same standardised
+arrays); the anchors train in `benchmarks.density_training`'s loops, which apply it step for
+step. One difference is the library's: flow-matching fits score a fixed subset of the
+validation rows every `flowguides.core.FLOW_MATCHING_VALIDATE_EVERY` steps.
 
-Methods, at matched sizes (:data:`DENSITY_ARCH`), an equal budget of minibatch steps and the
-same Adam learning rate and schedule (constant, then cosine decay to 1% over the second half):
-flowguides' ``fit_density`` (RealNVP, planar with its exact inverse, neural ODE; both backends),
-zuko's ``RealNVP`` and ``CNF``, normflows' RealNVP and planar flows, FlowJAX's coupling and planar
-flows (``fit_to_data``). A method that cannot fit a density raises; the runner records the error.
+Methods: flowguides' ``fit_density`` (RealNVP, planar, neural ODE by maximum likelihood, with
+RNODE's regularisers, by flow matching with independent and optimal-transport coupling; both
+backends), zuko's ``RealNVP`` and ``CNF`` (at flowguides' solver tolerances), normflows' RealNVP
+and planar flows, FlowJAX's coupling and planar flows. :func:`evaluate` runs one and returns its
+row fields; the test NLL of a neural-ODE flow uses the exact trace.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+
+from benchmarks.density_data import DATASETS, DensityData, load, standard_error
+from benchmarks.density_training import (
+    CHECKPOINT,
+    CheckpointPolicy,
+    DensityBudget,
+    flowjax_fit,
+    torch_fit,
+)
+from flowguides.core import FLOW_MATCHING_VALIDATE_EVERY, VALIDATE_EVERY
 
 __all__ = [
     "DATASETS",
     "DENSITY_ARCH",
     "DENSITY_METHODS",
+    "RNODE_WEIGHTS",
     "DensityBudget",
     "DensityData",
+    "Fitted",
+    "evaluate",
     "load",
-    "timed",
 ]
 
 DENSITY_ARCH = {"couplings": 4, "hidden": (64, 64), "planar": 16, "ode_hidden": (64, 64)}
 """Matched sizes for every density method."""
 
-
-@dataclass(frozen=True)
-class DensityData:
-    """A standardised train/test split."""
-
-    name: str
-    train: np.ndarray
-    test: np.ndarray
+RNODE_WEIGHTS = {"kinetic_weight": 0.01, "jacobian_weight": 0.01}
+"""The regulariser weights of the RNODE rows."""
 
 
-@dataclass(frozen=True)
-class DensityBudget:
-    """Equal budget: minibatch steps, batch size, Adam learning rate."""
+@dataclass
+class Fitted:
+    """A fitted method: its per-point test NLL and its own row fields."""
 
-    num_steps: int
-    batch_size: int = 256
-    learning_rate: float = 1e-3
-    seed: int = 0
+    nll: np.ndarray
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _moons(n: int, rng: np.random.Generator) -> np.ndarray:
-    from sklearn.datasets import make_moons
-
-    return make_moons(n, noise=0.05, random_state=int(rng.integers(2**31)))[0]
-
-
-def _eight_gaussians(n: int, rng: np.random.Generator) -> np.ndarray:
-    angles = np.arange(8) * np.pi / 4
-    centers = 4.0 * np.stack([np.cos(angles), np.sin(angles)], -1)
-    idx = rng.integers(0, 8, n)
-    return (centers[idx] + 0.5 * rng.standard_normal((n, 2))) / math.sqrt(2.0)
-
-
-def _checkerboard(n: int, rng: np.random.Generator) -> np.ndarray:
-    x1 = rng.random(n) * 4 - 2
-    x2 = rng.random(n) - rng.integers(0, 2, n) * 2.0 + np.floor(x1) % 2
-    return np.stack([x1, x2], -1) * 2.0
-
-
-def _sklearn(name: str) -> Callable[[int, np.random.Generator], np.ndarray]:
-    def load_set(n: int, rng: np.random.Generator) -> np.ndarray:
-        from sklearn import datasets
-
-        x = getattr(datasets, f"load_{name}")().data.astype(float)
-        if name == "digits":
-            x = x + rng.random(x.shape)
-        return x
-
-    return load_set
-
-
-DATASETS: dict[str, Callable[[int, np.random.Generator], np.ndarray]] = {
-    "two_moons": _moons,
-    "8gaussians": _eight_gaussians,
-    "checkerboard": _checkerboard,
-    "iris": _sklearn("iris"),
-    "wine": _sklearn("wine"),
-    "breast_cancer": _sklearn("breast_cancer"),
-    "digits": _sklearn("digits"),
-}
-"""Data set name -> ``(n, rng) -> raw array`` (``n`` is used by the 2-D generators only)."""
-
-
-def load(name: str, n_synthetic: int = 8000, seed: int = 0) -> DensityData:
-    """One data set, split 75/25 (fixed seed) and standardised by the training statistics."""
-    if name not in DATASETS:
-        raise KeyError(f"data set: expected one of {list(DATASETS)}, got {name!r}")
-    rng = np.random.default_rng(seed)
-    x = DATASETS[name](n_synthetic, rng)
-    perm = rng.permutation(len(x))
-    cut = int(0.75 * len(x))
-    train, test = x[perm[:cut]], x[perm[cut:]]
-    mean, sd = train.mean(0), train.std(0)
-    sd = np.where(sd > 0, sd, 1.0)
-    return DensityData(name, (train - mean) / sd, (test - mean) / sd)
-
-
-# -- methods: each returns the test NLL (mean nats per point) ---------------------------------
-def _flowguides(backend: str, family: str) -> Callable[[DensityData, DensityBudget], np.ndarray]:
-    def fit(data: DensityData, budget: DensityBudget) -> float:
-        import importlib
-
-        from flowguides.spec import FlowSpec
-
+# -- methods: each returns a `Fitted` ----------------------------------------------------------
+def _flowguides(
+    backend: str, family: str, objective: str = "maximum_likelihood", coupling: str = "independent"
+) -> Callable[..., Fitted]:
+    def fit(data: DensityData, budget: DensityBudget, policy: CheckpointPolicy = CHECKPOINT):
+        if policy.every != VALIDATE_EVERY:
+            raise ValueError(
+                f"policy.every: fit_density scores every {VALIDATE_EVERY} steps, got {policy.every}"
+            )
         mod = importlib.import_module(f"flowguides.{backend}")
-        spec = {
-            "realnvp": FlowSpec.realnvp(
-                num_layers=DENSITY_ARCH["couplings"], hidden=DENSITY_ARCH["hidden"], dtype="float64"
-            ),
-            "planar": FlowSpec.planar(num_layers=DENSITY_ARCH["planar"], dtype="float64"),
-            "neural_ode": FlowSpec.neural_ode(hidden=DENSITY_ARCH["ode_hidden"], dtype="float64"),
-        }[family]
         res = mod.fit_density(
-            data.train, spec, num_steps=budget.num_steps, batch_size=budget.batch_size,
-            learning_rate=budget.learning_rate, seed=budget.seed, progress=False,
+            data.train, _spec(family), num_steps=budget.num_steps, batch_size=budget.batch_size,
+            learning_rate=budget.learning_rate, validation_fraction=policy.validation_fraction,
+            patience=policy.patience, standardize=False, objective=objective, coupling=coupling,
+            seed=budget.seed, progress=False,
         )  # fmt: skip
-        return -np.asarray(res.log_prob(data.test))
+        if family in ("realnvp", "planar"):
+            return Fitted(-np.asarray(res.log_prob(data.test)), _fit_summary(res, budget))
+        nll, nfe = _exact_ode_nll(backend, res, data.test)
+        extra = _fit_summary(res, budget) | {"nfe_test": nfe}
+        return Fitted(nll, extra)
 
     return fit
 
 
-def _torch_loop(module: object, nll: Callable, data: DensityData, budget: DensityBudget) -> None:
-    """Adam with the shared schedule on minibatch NLL for a torch module (zuko, normflows)."""
-    import torch
+def _spec(family: str) -> Any:
+    """The `FlowSpec` of a flowguides row (float64, `DENSITY_ARCH` sizes)."""
+    from flowguides.spec import FlowSpec
 
-    from flowguides.core import learning_rate_at
-
-    torch.manual_seed(budget.seed)
-    x = torch.as_tensor(data.train)
-    opt = torch.optim.Adam(module.parameters(), lr=budget.learning_rate)
-    n = budget.num_steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: learning_rate_at(s, n, 1.0))
-    gen = torch.Generator().manual_seed(budget.seed)
-    for _ in range(n):
-        idx = torch.randint(len(x), (min(budget.batch_size, len(x)),), generator=gen)
-        loss = nll(x[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
+    if family == "realnvp":
+        hidden = DENSITY_ARCH["hidden"]
+        return FlowSpec.realnvp(
+            num_layers=DENSITY_ARCH["couplings"], hidden=hidden, dtype="float64"
+        )
+    if family == "planar":
+        return FlowSpec.planar(num_layers=DENSITY_ARCH["planar"], dtype="float64")
+    weights = RNODE_WEIGHTS if family == "rnode" else {}
+    return FlowSpec.neural_ode(DENSITY_ARCH["ode_hidden"], dtype="float64", **weights)
 
 
-def _zuko(kind: str) -> Callable[[DensityData, DensityBudget], np.ndarray]:
-    def fit(data: DensityData, budget: DensityBudget) -> float:
+def _fit_summary(res: Any, budget: DensityBudget) -> dict[str, Any]:
+    """Steps run, the kept step, the best and last validation NLL, and field evaluations."""
+    fm = res.objective == "flow_matching"
+    train, val = (res.losses[k] for k in (("flow_matching", "val_nll") if fm else ("train", "val")))
+    every = FLOW_MATCHING_VALIDATE_EVERY if fm else VALIDATE_EVERY
+    due = [s for s in range(len(train)) if s % every == 0 or s == budget.num_steps - 1]
+    out: dict[str, Any] = {"steps_run": len(train)}
+    if len(val):
+        best = int(np.nanargmin(val))
+        out.update(best_step=due[best], best_val_nll=float(val[best]), last_val_nll=float(val[-1]))
+        if "nfe_val" in res.history:
+            out["nfe_val_best"] = int(res.history["nfe_val"][best])
+    for key in ("nfe_forward", "nfe_backward"):
+        if key in res.history and len(res.history[key]):
+            out[f"{key}_mean"] = float(np.mean(res.history[key]))
+    return out
+
+
+def _exact_ode_nll(backend: str, res: Any, test: np.ndarray) -> tuple[np.ndarray, int]:
+    """Per-point test NLL of a fitted neural ODE with the exact trace, and the field
+    evaluations of that one batched solve (shared by every test point)."""
+    if backend == "pyro":
+        import torch
+
+        from flowguides.pyro.ode import NeuralODE
+
+        odes = [m for m in res.flow.modules() if isinstance(m, NeuralODE)]
+        traces, start = [m.trace for m in odes], sum(m.nfe for m in odes)
+        for m in odes:
+            m.trace = "exact"
+        try:
+            with torch.no_grad():
+                nll = -res.log_prob(test)
+        finally:
+            for m, trace in zip(odes, traces, strict=True):
+                m.trace = trace
+        return nll, int(sum(m.nfe for m in odes) - start)
+    import jax.numpy as jnp
+
+    from flowguides.core import validation_spec
+    from flowguides.numpyro.build import Flow
+    from flowguides.numpyro.ode import training_solves
+
+    flow = Flow(validation_spec(res.spec), res.flow.dim, res.flow.params)
+    with training_solves() as records:
+        log_q = flow.log_prob(jnp.asarray(test))
+    return -np.asarray(log_q), int(sum(int(r["nfe"]) for r in records))
+
+
+def _zuko(kind: str) -> Callable[..., Fitted]:
+    def fit(data: DensityData, budget: DensityBudget, policy: CheckpointPolicy = CHECKPOINT):
         import torch
         import zuko
 
         d = data.train.shape[1]
-        hidden = DENSITY_ARCH["ode_hidden" if kind == "CNF" else "hidden"]
-        if kind == "CNF":
-            flow = zuko.flows.CNF(d, hidden_features=hidden)
+        if kind == "CNF":  # flowguides' default solver tolerances
+            flow = zuko.flows.CNF(d, hidden_features=DENSITY_ARCH["ode_hidden"], atol=1e-5)
         else:
             flow = zuko.flows.RealNVP(
-                d, transforms=DENSITY_ARCH["couplings"], hidden_features=hidden
+                d, transforms=DENSITY_ARCH["couplings"], hidden_features=DENSITY_ARCH["hidden"]
             )
         flow = flow.double()
-        _torch_loop(flow, lambda xb: -flow().log_prob(xb).mean(), data, budget)
+        summary = torch_fit(flow, lambda x: -flow().log_prob(x).mean(), data, budget, policy)
         with torch.no_grad():
-            return -flow().log_prob(torch.as_tensor(data.test)).numpy()
+            return Fitted(-flow().log_prob(torch.as_tensor(data.test)).numpy(), summary)
 
     return fit
 
 
-def _normflows(kind: str) -> Callable[[DensityData, DensityBudget], np.ndarray]:
-    def fit(data: DensityData, budget: DensityBudget) -> float:
+def _normflows(kind: str) -> Callable[..., Fitted]:
+    def fit(data: DensityData, budget: DensityBudget, policy: CheckpointPolicy = CHECKPOINT):
         import normflows as nf
         import torch
 
@@ -194,61 +189,49 @@ def _normflows(kind: str) -> Callable[[DensityData, DensityBudget], np.ndarray]:
                 flows += [nf.flows.Permute(d, mode="swap")]
         model = nf.NormalizingFlow(nf.distributions.DiagGaussian(d, trainable=False), flows)
         model = model.double()
-        _torch_loop(model, model.forward_kld, data, budget)
+        summary = torch_fit(model, model.forward_kld, data, budget, policy)
         with torch.no_grad():
-            return -model.log_prob(torch.as_tensor(data.test)).numpy()
+            return Fitted(-model.log_prob(torch.as_tensor(data.test)).numpy(), summary)
 
     return fit
 
 
-def _flowjax(kind: str) -> Callable[[DensityData, DensityBudget], np.ndarray]:
-    def fit(data: DensityData, budget: DensityBudget) -> float:
+def _flowjax(kind: str) -> Callable[..., Fitted]:
+    def fit(data: DensityData, budget: DensityBudget, policy: CheckpointPolicy = CHECKPOINT):
         import jax
         import jax.numpy as jnp
-        import optax
         from flowjax.distributions import Normal
         from flowjax.flows import coupling_flow, planar_flow
-        from flowjax.train import fit_to_data
-
-        from flowguides.core import decay_steps
 
         d = data.train.shape[1]
-        key, sub = jax.random.split(jax.random.key(budget.seed))
+        key = jax.random.key(budget.seed)
         base = Normal(jnp.zeros(d))
         if kind == "planar":
-            flow = planar_flow(sub, base_dist=base, flow_layers=DENSITY_ARCH["planar"])
+            flow = planar_flow(key, base_dist=base, flow_layers=DENSITY_ARCH["planar"])
         else:
             flow = coupling_flow(
-                sub, base_dist=base, flow_layers=DENSITY_ARCH["couplings"],
+                key, base_dist=base, flow_layers=DENSITY_ARCH["couplings"],
                 nn_width=DENSITY_ARCH["hidden"][0], nn_depth=len(DENSITY_ARCH["hidden"]),
             )  # fmt: skip
-        n_train = int(0.9 * len(data.train))  # fit_to_data holds out 10% for early stopping
-        batch = min(budget.batch_size, n_train)
-        per_epoch = max(n_train // batch, 1)
-        epochs = max(math.ceil(budget.num_steps / per_epoch), 1)
-        total = epochs * per_epoch
-        schedule = optax.join_schedules(
-            [optax.constant_schedule(budget.learning_rate),
-             optax.cosine_decay_schedule(budget.learning_rate, decay_steps(total), alpha=0.01)],
-            [total // 2],
-        )  # fmt: skip
-        flow, _ = fit_to_data(
-            key, flow, jnp.asarray(data.train), optimizer=optax.adam(schedule),
-            max_epochs=epochs, max_patience=max(epochs // 4, 5), batch_size=batch,
-            show_progress=False,
-        )  # fmt: skip
-        return -np.asarray(flow.log_prob(jnp.asarray(data.test)))
+        flow, summary = flowjax_fit(flow, data, budget, policy)
+        return Fitted(-np.asarray(flow.log_prob(jnp.asarray(data.test))), summary)
 
     return fit
 
 
-DENSITY_METHODS: dict[str, Callable[[DensityData, DensityBudget], np.ndarray]] = {
-    "flowguides-pyro RealNVP": _flowguides("pyro", "realnvp"),
-    "flowguides-pyro planar": _flowguides("pyro", "planar"),
-    "flowguides-pyro neural ODE": _flowguides("pyro", "neural_ode"),
-    "flowguides-numpyro RealNVP": _flowguides("numpyro", "realnvp"),
-    "flowguides-numpyro planar": _flowguides("numpyro", "planar"),
-    "flowguides-numpyro neural ODE": _flowguides("numpyro", "neural_ode"),
+DENSITY_METHODS: dict[str, Callable[..., Fitted]] = {
+    **{
+        f"flowguides-{b} {name}": _flowguides(b, *how)
+        for b in ("pyro", "numpyro")
+        for name, how in (
+            ("RealNVP", ("realnvp",)),
+            ("planar", ("planar",)),
+            ("neural ODE", ("neural_ode",)),
+            ("neural ODE (RNODE)", ("rnode",)),
+            ("neural ODE (FM)", ("neural_ode", "flow_matching")),
+            ("neural ODE (FM OT)", ("neural_ode", "flow_matching", "ot")),
+        )
+    },
     "zuko RealNVP": _zuko("RealNVP"),
     "zuko CNF": _zuko("CNF"),
     "normflows RealNVP": _normflows("realnvp"),
@@ -256,16 +239,49 @@ DENSITY_METHODS: dict[str, Callable[[DensityData, DensityBudget], np.ndarray]] =
     "flowjax coupling": _flowjax("coupling"),
     "flowjax planar": _flowjax("planar"),
 }
-"""Density method name -> ``fit(data, budget) -> per-point test NLL``; time it from outside."""
+"""Density method name -> ``fit(data, budget, policy=CHECKPOINT) -> Fitted``."""
 
 
-def timed(fit: Callable[[DensityData, DensityBudget], np.ndarray], data: DensityData,
-          budget: DensityBudget) -> tuple[np.ndarray, float]:  # fmt: skip
-    """``(per-point test NLL, wall seconds)`` of one method (after emptying JAX's compilation
-    caches)."""
+def _fresh() -> None:
+    """Empty JAX's compilation caches and flowguides' compiled programs: each row pays its own
+    compiles."""
     import jax
 
+    import flowguides.numpyro
+
     jax.clear_caches()
+    flowguides.numpyro.clear_compiled()
+
+
+def evaluate(
+    method: str, data: DensityData, budget: DensityBudget, policy: CheckpointPolicy = CHECKPOINT
+) -> dict[str, Any]:
+    """One method's row fields: ``test_nll`` (mean nats per test point, None when not finite,
+    with ``error`` set), ``test_nll_se`` (``sd / sqrt(n)`` of the per-point NLL),
+    ``test_nll_median``, ``wall_s`` (fit and test scoring, from empty compilation caches),
+    ``entropy_gap`` where the data's entropy is known, ``method_settings`` (batch size,
+    learning rate and the checkpoint policy: a row key), and the method's own summary
+    (``steps_run``, ``best_step``, ``best_val_nll``, ``last_val_nll``; neural-ODE rows ``nfe_test``, the field
+    evaluations of one exact test solve, plus the training means ``nfe_forward_mean``,
+    ``nfe_backward_mean`` and flow matching's ``nfe_val_best``)."""
+    _fresh()
     t0 = time.perf_counter()
-    nll = fit(data, budget)
-    return nll, time.perf_counter() - t0
+    fitted = DENSITY_METHODS[method](data, budget, policy)
+    wall = time.perf_counter() - t0
+    points = np.asarray(fitted.nll, dtype=float)
+    nll = float(np.mean(points))
+    row: dict[str, Any] = {
+        "test_nll": nll if math.isfinite(nll) else None,
+        "test_nll_se": standard_error(points) if math.isfinite(nll) else None,
+        "test_nll_median": float(np.median(points)),
+        "wall_s": wall,
+        "method_settings": {"batch_size": budget.batch_size, "learning_rate": budget.learning_rate,
+                            "validate_every": policy.every, "patience": policy.patience,
+                            "validation_fraction": policy.validation_fraction},
+    }  # fmt: skip
+    if data.entropy is not None and math.isfinite(nll):
+        row["entropy_gap"] = nll - data.entropy
+    row.update(fitted.extra)
+    if not math.isfinite(nll):
+        row["error"] = f"non-finite test NLL ({nll})"
+    return row

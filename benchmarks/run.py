@@ -105,6 +105,17 @@ QUICK: dict[str, Any] = {
 }  # fmt: skip
 """``make bench``: a subset sized to finish under 15 minutes on one thread."""
 
+_DENS_FULL = (
+    "flowguides-pyro RealNVP", "flowguides-pyro planar", "flowguides-numpyro RealNVP",
+    "flowguides-numpyro planar", "zuko RealNVP", "normflows RealNVP", "normflows planar",
+    "flowjax coupling", "flowjax planar",
+)  # fmt: skip
+_DENS_ODE = (
+    "flowguides-numpyro neural ODE", "flowguides-numpyro neural ODE (RNODE)",
+    "flowguides-numpyro neural ODE (FM)", "flowguides-numpyro neural ODE (FM OT)",
+    "flowguides-pyro neural ODE (FM)", "flowguides-pyro neural ODE (FM OT)", "zuko CNF",
+)  # fmt: skip
+_TWO_D = ("two_moons", "8gaussians", "checkerboard", "spiral")
 _POST_FULL = (
     "flowguides-pyro RealNVP", "flowguides-numpyro RealNVP", "flowguides-numpyro RealNVP (STL)",
     "flowguides-numpyro RealNVP (IWELBO K=8, DReG)", "numpyro AutoIAFNormal",
@@ -124,7 +135,7 @@ FULL: dict[str, Any] = {
     },
     "densities": {
         "steps": 2000,
-        "plan": {d: tuple(densities.DENSITY_METHODS) for d in densities.DATASETS},
+        "plan": {d: _DENS_FULL + (_DENS_ODE if d in _TWO_D else ()) for d in densities.DATASETS},
     },
 }  # fmt: skip
 """``make bench-full``, sized to finish within two hours on one thread: the speed suite at
@@ -133,7 +144,10 @@ plan); the posteriors suite on the funnel, the banana and the nine posteriordb p
 flowguides' RealNVP in both backends (and NumPyro's STL and IW-ELBO objectives), the anchors a
 user would try (NumPyro's IAF, full-rank Gaussian and Laplace, multi-path Pathfinder) and NUTS,
 three seeds each (NUTS, whose rows report their own Monte Carlo error, the first seed only);
-every density set and method at 2,000 steps."""
+every density set at 2,000 steps with every discrete flow, and on the four 2-D sets the neural
+ODEs (NumPyro's by maximum likelihood, RNODE and flow matching with independent and OT
+coupling, Pyro's by flow matching, zuko's CNF; the Pyro neural ODE by maximum likelihood, a
+torchdiffeq solve per step, runs in ``benchmarks/ode_bench.py``)."""
 
 
 def problem(name: str) -> anchors.Problem:
@@ -216,12 +230,7 @@ def _density_row(name: str, data: densities.DensityData, method: str, cfg: dict,
                            "seed": seed}  # fmt: skip
     try:
         budget = densities.DensityBudget(num_steps=cfg["steps"], seed=seed)
-        points, wall = densities.timed(densities.DENSITY_METHODS[method], data, budget)
-        nll = float(np.mean(points))
-        row.update(test_nll=nll if np.isfinite(nll) else None, wall_s=wall,
-                   test_nll_median=float(np.median(points)))  # fmt: skip
-        if not np.isfinite(nll):
-            row["error"] = f"non-finite test NLL ({nll})"
+        row.update(densities.evaluate(method, data, budget))
     except Exception as exc:  # noqa: BLE001
         row["error"] = _error(exc)
     return row
@@ -344,7 +353,8 @@ def _timing_rounds(
 
 
 def _log(row: dict) -> None:
-    keys = ("wall_s", "steps_per_s", "compile_s", "elbo", "khat", "mean_err", "test_nll")
+    keys = ("wall_s", "steps_per_s", "compile_s", "elbo", "khat", "mean_err", "test_nll",
+            "test_nll_se", "entropy_gap")  # fmt: skip
     vals = " ".join(f"{k}={row[k]:.3g}" for k in keys if isinstance(row.get(k), float))
     err = f" ERROR {row['error'][:120]}" if "error" in row else ""
     print(

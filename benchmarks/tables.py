@@ -192,13 +192,21 @@ def posteriors_section(rows: list[dict]) -> str:
 
 
 def density_cell(r: dict | None) -> str:
-    """``mean / median (wall s)`` of a density row, its error, or ``not run``."""
+    """``mean ± se / median (wall s)`` of a density row, with the gap to the true entropy and
+    the field evaluations of one test solve where the row has them; its error, or ``not run``."""
     if r is None:
         return "not run"
     if r.get("error"):
         return f"error: `{r['error'][:80]}`"
+    se = f" ± {fmt(r['test_nll_se'])}" if r.get("test_nll_se") is not None else ""
+    extra = "".join(
+        f"; {label} {fmt(r[key])}"
+        for key, label in (("entropy_gap", "gap"), ("nfe_test", "NFE"))
+        if r.get(key) is not None
+    )
     return (
-        f"{fmt(r.get('test_nll'))} / {fmt(r.get('test_nll_median'))} ({fmt(r.get('wall_s'), 2)} s)"
+        f"{fmt(r.get('test_nll'))}{se} / {fmt(r.get('test_nll_median'))} "
+        f"({fmt(r.get('wall_s'), 2)} s{extra})"
     )
 
 
