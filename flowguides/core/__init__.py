@@ -9,7 +9,8 @@ rules (schedule, default learning rate, data splits, the start search's constant
 - `flowguides.core.checks`: argument, spec, weight and data checks.
 - `flowguides.core.training`: schedule, default learning rate, splits, starts.
 - `flowguides.core.coupling`: flow matching's minibatch coupling and validation schedule.
-- `flowguides.core.results`: the methods both `PosteriorFit` classes share.
+- `flowguides.core.results`: the methods both `PosteriorFit` classes share; `infer`'s
+  routing by PSIS k-hat (`KHAT_GUIDE`, `KHAT_PSIS`, `choose_route`) and its `InferResult`.
 - `flowguides.core.state`: the saved-folder format the backends' ``io.py`` read and write.
 """
 
@@ -54,7 +55,20 @@ from flowguides.core.errors import (
     SaveError,
     ToleranceWarning,
 )
-from flowguides.core.results import NeuTraResult, PosteriorFitMethods, call_with_vectorize
+from flowguides.core.results import (
+    INFER_ROUTES,
+    KHAT_GUIDE,
+    KHAT_PSIS,
+    NEUTRA_OPTIONS,
+    InferDiagnosis,
+    InferResult,
+    NeuTraResult,
+    PosteriorFitMethods,
+    call_with_vectorize,
+    check_infer_options,
+    choose_route,
+    route_fit,
+)
 from flowguides.core.training import (
     AUTO_SCALES,
     DEFAULT_LEARNING_RATE,
@@ -72,6 +86,15 @@ from flowguides.core.training import (
 )
 
 __all__ = [
+    "INFER_ROUTES",
+    "KHAT_GUIDE",
+    "KHAT_PSIS",
+    "NEUTRA_OPTIONS",
+    "InferDiagnosis",
+    "InferResult",
+    "check_infer_options",
+    "choose_route",
+    "route_fit",
     "GRADIENTS",
     "POSTERIOR_OBJECTIVES",
     "NeuTraResult",

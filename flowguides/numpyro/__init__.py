@@ -28,6 +28,7 @@ from flowguides.numpyro.build import Flow, FlowTransform, build_flow, get_weight
 from flowguides.numpyro.coupling import RealNVP
 from flowguides.numpyro.density import DensityFit, fit_density
 from flowguides.numpyro.guide import AutoFlowGuide
+from flowguides.numpyro.infer import InferResult, infer
 from flowguides.numpyro.io import export_state, import_state
 from flowguides.numpyro.neutra import NeuTraResult
 from flowguides.numpyro.ode import NeuralODE, flow_matching_loss, training_solves
@@ -41,6 +42,7 @@ __all__ = [
     "DensityFit",
     "DiscreteLatentError",
     "FitBelowStartWarning",
+    "InferResult",
     "Flow",
     "FlowTransform",
     "LaplaceFallbackWarning",
@@ -65,6 +67,7 @@ __all__ = [
     "flow_matching_loss",
     "get_weights",
     "import_state",
+    "infer",
     "set_weights",
     "training_solves",
     "use_compilation_cache",

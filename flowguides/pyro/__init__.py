@@ -34,6 +34,7 @@ from flowguides.pyro.build import (
 from flowguides.pyro.coupling import RealNVP
 from flowguides.pyro.density import DensityFit, fit_density
 from flowguides.pyro.guide import AutoFlowGuide
+from flowguides.pyro.infer import InferResult, infer
 from flowguides.pyro.io import export_state, import_state
 from flowguides.pyro.neutra import NeuTraResult
 from flowguides.pyro.ode import NeuralODE, flow_matching_loss, training_solves
@@ -47,6 +48,7 @@ __all__ = [
     "DensityFit",
     "DiscreteLatentError",
     "FitBelowStartWarning",
+    "InferResult",
     "Flow",
     "FlowDistribution",
     "LaplaceFallbackWarning",
@@ -70,6 +72,7 @@ __all__ = [
     "flow_matching_loss",
     "get_weights",
     "import_state",
+    "infer",
     "set_weights",
     "training_solves",
 ]

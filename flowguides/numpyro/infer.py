@@ -1,0 +1,133 @@
+"""One call from a NumPyro model to draws worth trusting: fit a flow guide, diagnose it, escalate.
+
+`infer` fits the guide (`fit_posterior`), diagnoses it by the Pareto k-hat of its importance
+weights (Yao et al. 2018) and returns draws by the cheapest route the diagnosis trusts: the
+guide's own draws, their PSIS resample, or NUTS through the flow (NeuTra, Hoffman et al. 2019);
+a neural-ODE flow, which NeuTra refuses, falls back to plain NUTS on the model. The routing is
+`flowguides.core.route_fit`, written once for both backends.
+
+The same names and parameters as `flowguides.pyro.infer`, except where the framework
+differs: NumPyro's plain NUTS runs the chains with its own ``chain_method`` from one key, as
+`neutra` does.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from numpyro import handlers
+from numpyro.diagnostics import effective_sample_size, split_gelman_rubin
+from numpyro.infer import MCMC, NUTS
+
+from flowguides.core import InferResult, NeuTraResult, check_infer_options, route_fit
+from flowguides.numpyro.neutra import neutra as _neutra
+from flowguides.numpyro.posterior import PosteriorFit, fit_posterior
+from flowguides.spec import FlowSpec
+
+__all__ = ["InferResult", "infer"]
+
+
+def infer(
+    model: Callable[..., Any],
+    spec: FlowSpec | Mapping[str, Any],
+    *args: Any,
+    num_steps: int = 2000,
+    num_draws: int = 4000,
+    neutra: Mapping[str, int] | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    fit_options: Mapping[str, Any] | None = None,
+    **kwargs: Any,
+) -> InferResult:
+    """Fit a flow guide to ``model(*args, **kwargs)`` and return draws by the cheapest route
+    its PSIS k-hat trusts.
+
+    The routes, by the k-hat of `num_draws` guide draws (see `flowguides.core.choose_route`):
+
+    - ``"guide"``: k-hat below `KHAT_GUIDE` (0.5), or constant importance weights: the
+      guide's own draws.
+    - ``"psis"``: k-hat from 0.5 up to `KHAT_PSIS` (0.7; ``1 - 1/log10(num_draws)`` where
+      lower): the same draws resampled with replacement by their Pareto-smoothed importance
+      weights. Resampled draws hold duplicates; their effective size is the PSIS ESS,
+      ``result.diagnosis.ess``, not `num_draws`.
+    - ``"neutra"``: k-hat at or above that, or not finite: NUTS on the model reparametrised
+      by the trained flow (``fit.neutra``), ``num_chains * num_samples`` draws.
+    - ``"nuts"``: as ``"neutra"``, for a flow with a neural-ODE layer, which NeuTra refuses
+      (an ODE solve per leapfrog step): plain ``MCMC(NUTS(model))``, the reason saying so.
+
+    Args:
+        model: a NumPyro model with continuous latent sites.
+        spec: the flow spec (or its dict form).
+        *args, **kwargs: passed to the model, as by `fit_posterior` (whose own parameter
+            names, such as ``learning_rate``, reach it rather than the model).
+        num_steps: optimisation steps of the fit.
+        num_draws: the guide's draws to diagnose (at least 25), returned by the routes
+            ``"guide"`` and ``"psis"``.
+        neutra: NUTS's budget, for routes ``"neutra"`` and ``"nuts"``: some of
+            ``num_warmup``, ``num_samples``, ``num_chains`` (`neutra`'s defaults otherwise).
+        seed: seeds the fit, the guide's draws, the resampling and NUTS.
+        progress: show the fit's and NUTS's progress bars and print the route chosen (stderr).
+        fit_options: more options of `fit_posterior` (``learning_rate``, ``init_scale``, ...).
+
+    Returns:
+        The `InferResult`: ``route``, ``diagnosis``, ``draws``, ``fit``, ``mcmc``.
+
+    Raises:
+        ValueError: a bad `num_draws` or NUTS budget; an unknown option in `neutra` or
+            `fit_options` (the error names it), or one that is `infer`'s own argument;
+            anything `fit_posterior` raises.
+        TypeError: `neutra` or `fit_options` is not a dict.
+
+    References:
+        Yao, Vehtari, Simpson & Gelman (2018), "Yes, but Did It Work?: Evaluating Variational
+        Inference", ICML. Hoffman, Sountsov, Dillon, Langmore, Tran & Vasudevan (2019),
+        "NeuTra-lizing Bad Geometry in Hamiltonian Monte Carlo Using Neural Transport",
+        arXiv:1903.03704.
+    """
+    budget, options = check_infer_options(
+        num_draws, neutra, fit_options, kwargs, fit_posterior, _neutra
+    )
+    fit = fit_posterior(
+        model, spec, *args, num_steps=num_steps, seed=seed, progress=progress, **options, **kwargs
+    )
+    return route_fit(
+        fit, num_draws=num_draws, budget=budget, seed=seed, progress=progress, nuts=_nuts
+    )
+
+
+def _nuts(
+    fit: PosteriorFit, num_warmup: int, num_samples: int, num_chains: int, seed: int, progress: bool
+) -> NeuTraResult:
+    """Plain NUTS on `fit`'s model (the route ``"nuts"``), as a `NeuTraResult` with an empty
+    ``reparam_site``; the model's own ``numpyro.param`` values are the fitted ones."""
+    t0 = time.perf_counter()
+    trace = fit.guide.prototype_trace
+    own = {
+        name: fit.params[name] for name in fit.params if trace.get(name, {}).get("type") == "param"
+    }
+    parallel = jax.local_device_count() >= num_chains
+    mcmc = MCMC(
+        NUTS(handlers.substitute(fit.model, data=own)),
+        num_warmup=num_warmup,
+        num_samples=num_samples,
+        num_chains=num_chains,
+        chain_method="parallel" if parallel else "sequential",
+        progress_bar=progress,
+    )
+    mcmc.run(jax.random.key(seed), *fit.args, extra_fields=("diverging",), **fit.kwargs)
+    draws = mcmc.get_samples(group_by_chain=True)
+    by_chain = {name: np.asarray(draws[name]) for name in fit.latent_shapes}
+    diverging = np.asarray(mcmc.get_extra_fields(group_by_chain=True)["diverging"], bool)
+    return NeuTraResult(
+        samples={k: v.reshape(-1, *v.shape[2:]) for k, v in by_chain.items()},
+        diverging=diverging.reshape(num_chains, num_samples),
+        ess={k: np.asarray(effective_sample_size(v)) for k, v in by_chain.items()},
+        r_hat={k: np.asarray(split_gelman_rubin(v)) for k, v in by_chain.items()},
+        num_chains=num_chains,
+        reparam_site="",
+        timing={"sampling_s": time.perf_counter() - t0},
+    )

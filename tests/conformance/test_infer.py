@@ -1,0 +1,261 @@
+"""`infer` in both backends: each route taken on a posterior built to need it.
+
+- route ``"guide"``: a conjugate normal posterior, fitted; the draws match its closed form.
+- route ``"psis"``: a skewed posterior ``p(x) ∝ N(x; 0, 1) Φ(-x)^(-K)`` against an untrained
+  guide ``N(0, 1)`` (one step at a negligible learning rate). Under that guide ``Φ(-x)`` is
+  uniform, so the importance weights ``Φ(-x)^(-K)`` are exactly Pareto with shape ``K = 0.6``:
+  k-hat lands in ``[0.5, 0.7)`` at the fixed seed. Its estimate still scatters from seed to
+  seed, so the routing itself is also tested on injected weights (backend-free, below).
+- route ``"neutra"``: Neal's funnel fitted by one planar layer for a few steps from a start
+  far too narrow (scale 0.1 where v has sd 3), so k-hat is far above 0.7.
+- route ``"nuts"``: the funnel with that narrow start in an untrained neural-ODE flow, which
+  NeuTra refuses.
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from flowguides import FlowSpec
+from flowguides.core import (
+    KHAT_GUIDE,
+    KHAT_PSIS,
+    InferResult,
+    NeuTraResult,
+    choose_route,
+    route_fit,
+)
+
+__all__: list[str] = []
+
+BACKENDS = [
+    pytest.param("pyro", marks=pytest.mark.torch),
+    pytest.param("numpyro", marks=pytest.mark.jax),
+]
+Y = np.random.default_rng(0).normal(1.0, 1.0, size=20)
+POST_MEAN, POST_SD = Y.sum() / (20 + 1e-2), 1.0 / math.sqrt(20 + 1e-2)  # prior N(0, 10)
+SKEW = 0.6  # the Pareto shape of the skewed posterior's weights under N(0, 1)
+UNTRAINED = {"learning_rate": 1e-12, "init_scale": 1.0}  # with num_steps=1: the start
+NARROW = {"init_scale": 0.1}  # on the funnel (sd 3 in v): k-hat far above 0.7 at 2,000 draws
+
+
+def _skewed_mean() -> float:
+    """``E_p[x]`` of the skewed posterior, by quadrature (the untrained guide's mean is 0)."""
+    from scipy.special import log_ndtr
+
+    x = np.linspace(-12.0, 30.0, 200_001)
+    density = np.exp(-(x**2) / 2 - SKEW * log_ndtr(-x))
+    return float((x * density).sum() / density.sum())
+
+
+def _backend(name: str) -> SimpleNamespace:
+    """The backend's `infer`, the test models written in it, and `init_to_value`."""
+    if name == "pyro":
+        import pyro
+        import pyro.distributions as dist
+        import torch as xp
+        from pyro.infer.autoguide import init_to_value
+
+        from flowguides.pyro import infer
+
+        pyro.clear_param_store()
+        ppl, special, y, zero = pyro, xp.special, xp.tensor(Y, dtype=xp.float32), xp.tensor(0.0)
+    else:
+        import jax.numpy as xp
+        import jax.scipy.special as special
+        import numpyro as ppl
+        import numpyro.distributions as dist
+        from numpyro.infer import init_to_value
+
+        from flowguides.numpyro import infer
+
+        y, zero = Y, 0.0
+
+    def normal(y):
+        mu = ppl.sample("mu", dist.Normal(0.0, 10.0))
+        with ppl.plate("n", len(y)):
+            ppl.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+    def skewed():
+        x = ppl.sample("x", dist.Normal(0.0, 1.0))
+        ppl.factor("skew", -SKEW * special.log_ndtr(-x))
+
+    def funnel():
+        v = ppl.sample("v", dist.Normal(0.0, 3.0))
+        with ppl.plate("d", 2):
+            ppl.sample("x", dist.Normal(0.0, xp.exp(v / 2)))
+
+    at_zero = init_to_value(values={"x": zero})
+    return SimpleNamespace(
+        infer=infer, normal=normal, skewed=skewed, funnel=funnel, y=y, at_zero=at_zero
+    )
+
+
+# -- the routing, backend-free: weights injected ---------------------------------------------
+
+
+def test_choose_route_at_the_thresholds() -> None:
+    assert (KHAT_GUIDE, KHAT_PSIS) == (0.5, 0.7)
+    assert [choose_route(k)[0] for k in (0.49, 0.5, 0.69, 0.7, math.nan, math.inf)] == [
+        "guide", "psis", "psis", "neutra", "neutra", "neutra"
+    ]  # fmt: skip
+    assert choose_route(math.nan, exact=True)[0] == "guide"
+    assert choose_route(0.65, khat_psis=0.6)[0] == "neutra"  # fewer draws: a lower threshold
+    assert choose_route(0.3, neural_ode=True)[0] == "guide"
+    route, reason = choose_route(0.8, neural_ode=True)
+    assert route == "nuts" and "k-hat 0.80 >= 0.70" in reason and "neural-ODE" in reason
+    assert "0.5 <= k-hat 0.62 < 0.70" in choose_route(0.62)[1]
+
+
+class _StubFit:
+    """A fit whose importance log-weights are set: ``-k log u`` at the quantiles ``u`` of a
+    uniform, a Pareto sample of shape `k` without sampling noise."""
+
+    def __init__(self, k: float, layer: str = "planar", num: int = 4000) -> None:
+        u = (np.arange(num) + 0.5) / num
+        self.log_weights = -k * np.log(u)
+        self.x = np.arange(num, dtype=float)  # draw i is the value i: a resample shows its rows
+        self.spec = SimpleNamespace(layers=[SimpleNamespace(type=layer)])
+        self.ran: list[str] = []
+
+    def log_densities(self, num_samples: int, seed: int | None = None):
+        assert num_samples == self.x.size
+        return {"x": self.x}, self.log_weights, np.zeros(num_samples)
+
+    def _mcmc(self, kind: str, **budget) -> NeuTraResult:
+        self.ran.append(kind)
+        samples = {"x": np.full(budget["num_chains"] * budget["num_samples"], -1.0)}
+        diverging = np.zeros((budget["num_chains"], budget["num_samples"]), bool)
+        return NeuTraResult(samples, diverging, {}, {}, budget["num_chains"], kind)
+
+    def neutra(self, **budget) -> NeuTraResult:
+        return self._mcmc("neutra", **budget)
+
+
+def _route(fit: _StubFit) -> InferResult:
+    budget = {"num_warmup": 1, "num_samples": 5, "num_chains": 2}
+    nuts = lambda fit, **options: fit._mcmc("nuts", **options)  # noqa: E731
+    return route_fit(fit, num_draws=fit.x.size, budget=budget, seed=0, progress=False, nuts=nuts)
+
+
+def test_route_fit_takes_each_route_on_injected_weights() -> None:
+    guide = _route(_StubFit(0.2))
+    assert guide.route == "guide" and guide.mcmc is None and guide.diagnosis.khat < 0.5
+    np.testing.assert_array_equal(guide.draws["x"], np.arange(4000.0))  # the draws themselves
+
+    psis = _route(_StubFit(0.6))
+    assert psis.route == "psis" and 0.5 <= psis.diagnosis.khat < 0.7
+    rows = psis.draws["x"]
+    assert rows.shape == (4000,) and np.isin(rows, np.arange(4000.0)).all()
+    assert np.unique(rows).size < 4000  # a resample: duplicates
+    assert psis.diagnosis.ess < 4000
+    assert np.median(rows) < 1000  # the heaviest weights sit on the first rows (u near 0)
+
+    exact = _route(_StubFit(0.0))  # constant weights
+    assert exact.route == "guide" and math.isnan(exact.diagnosis.khat)
+
+    for layer, route in [("planar", "neutra"), ("neural_ode", "nuts")]:
+        fit = _StubFit(0.9, layer)
+        result = _route(fit)
+        assert result.route == route and fit.ran == [route]
+        assert result.draws["x"].shape == (10,) and result.mcmc.reparam_site == route
+        assert f"route={route!r}" in repr(result) and "k-hat 0.8" in repr(result)
+
+
+def test_route_fit_sends_non_finite_weights_to_nuts() -> None:
+    fit = _StubFit(0.2)
+    fit.log_weights[3] = -np.inf
+    result = _route(fit)
+    assert result.route == "neutra" and math.isinf(result.diagnosis.khat)
+    assert "infinite" in result.diagnosis.reason
+
+
+# -- each route end to end, both backends ------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_guide_route_on_a_gaussian_posterior(backend: str) -> None:
+    b = _backend(backend)
+    spec = FlowSpec.planar(num_layers=2, dtype="float64")
+    result = b.infer(b.normal, spec, b.y, num_steps=100, num_draws=2000, progress=False)
+    assert result.route == "guide" and result.mcmc is None
+    assert result.diagnosis.khat < KHAT_GUIDE or "constant" in result.diagnosis.reason
+    mu = result.draws["mu"]
+    assert mu.shape == (2000,)
+    # the fit's own error and 2,000 draws: within a tenth of a posterior sd, and 10% in sd
+    assert abs(mu.mean() - POST_MEAN) < 0.1 * POST_SD
+    assert mu.std() == pytest.approx(POST_SD, rel=0.1)
+    assert result.to_arviz().posterior["mu"].shape == (1, 2000)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_psis_route_on_a_skewed_posterior(backend: str, capsys) -> None:
+    b = _backend(backend)
+    spec = FlowSpec.planar(num_layers=1, dtype="float64")
+    options = {**UNTRAINED, "init_loc_fn": b.at_zero}
+    result = b.infer(b.skewed, spec, num_steps=1, seed=1, fit_options=options)
+    assert "infer: route 'psis'" in capsys.readouterr().err  # progress names the route
+    assert result.route == "psis" and 0.5 <= result.diagnosis.khat < 0.7
+    proposals, _, _ = result.fit.log_densities(4000, 1)  # the same seed: the same draws
+    x = result.draws["x"]
+    assert x.shape == (4000,) and np.isin(x, proposals["x"]).all()
+    assert np.unique(x).size < 4000 and result.diagnosis.ess < 4000
+    assert abs(proposals["x"].mean()) < 0.1  # the guide is N(0, 1)
+    assert abs(x.mean() - _skewed_mean()) < 0.25  # moved most of the way from 0 (the guide's)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_neutra_route_on_a_funnel_with_a_weak_flow(backend: str) -> None:
+    b = _backend(backend)
+    spec = FlowSpec.planar(num_layers=1, dtype="float64")
+    result = b.infer(
+        b.funnel, spec, num_steps=10, num_draws=2000, neutra={"num_warmup": 30, "num_samples": 20},
+        progress=False, fit_options=NARROW,
+    )  # fmt: skip
+    assert result.route == "neutra" and result.diagnosis.khat >= result.diagnosis.khat_psis
+    assert "NeuTra" in result.diagnosis.reason and "route='neutra'" in repr(result)
+    assert isinstance(result.mcmc, NeuTraResult) and result.mcmc.reparam_site
+    assert result.draws is result.mcmc.samples
+    assert result.draws["v"].shape == (20,) and result.draws["x"].shape == (20, 2)
+    assert "diverging" in result.to_arviz().sample_stats
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nuts_route_for_a_neural_ode_flow(backend: str) -> None:
+    b = _backend(backend)
+    spec = FlowSpec.neural_ode(hidden=[4], solver="rk4", num_steps=2, dtype="float64")
+    budget = {"num_warmup": 30, "num_samples": 20, "num_chains": 2}
+    result = b.infer(
+        b.funnel, spec, num_steps=1, num_draws=2000, neutra=budget, progress=False,
+        fit_options={**UNTRAINED, **NARROW},
+    )  # fmt: skip
+    assert result.route == "nuts" and "neural-ODE" in result.diagnosis.reason
+    assert result.mcmc.reparam_site == "" and result.mcmc.diverging.shape == (2, 20)
+    assert result.draws["v"].shape == (40,) and result.draws["x"].shape == (40, 2)
+    assert np.ptp(result.draws["v"]) > 0  # the chains moved
+    assert result.to_arviz().posterior["x"].shape == (2, 20, 2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_options_are_named_before_fitting(backend: str) -> None:
+    b = _backend(backend)
+    spec = FlowSpec.planar(num_layers=1)
+    call = lambda **options: b.infer(b.skewed, spec, progress=False, **options)  # noqa: E731
+    with pytest.raises(ValueError, match=r"neutra: unknown option\(s\) \['num_warmups'\]"):
+        call(neutra={"num_warmups": 10})
+    with pytest.raises(ValueError, match=r"neutra: \['seed'\] are infer's own arguments"):
+        call(neutra={"seed": 1})
+    with pytest.raises(ValueError, match="num_samples: expected a positive integer, got 0"):
+        call(neutra={"num_samples": 0})
+    with pytest.raises(ValueError, match=r"fit_options: unknown option\(s\) \['learning_rat'\]"):
+        call(fit_options={"learning_rat": 0.1})
+    with pytest.raises(ValueError, match=r"fit_options: \['num_steps'\] are infer's own"):
+        call(fit_options={"num_steps": 5})
+    with pytest.raises(ValueError, match="num_draws: expected an integer >= 25, got 10"):
+        call(num_draws=10)
+    with pytest.raises(TypeError, match="neutra: expected a dict or None, got int"):
+        call(neutra=3)
