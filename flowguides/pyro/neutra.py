@@ -14,19 +14,61 @@ chain ``chain``), NumPyro runs them with its own ``chain_method``.
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import Any
 
 import numpy as np
 import pyro
 import torch
+from pyro import poutine
 from pyro.infer import MCMC, NUTS
 from pyro.infer.reparam import NeuTraReparam
 from pyro.ops.stats import effective_sample_size, split_gelman_rubin
+from torch.distributions import ComposeTransform
 
 from flowguides.core import NeuTraResult, check_neutra_options
 
 __all__ = ["NeuTraResult", "neutra"]
+
+
+class _GuideIn:
+    """`guide` for `NeuTraReparam` with its flow evaluated in `dtype`: a copy of the trained
+    flow cast to the dtype of the model's log density. A float32 guide of a model whose
+    likelihood is float64 (float32 latents from ``Normal(0., 10.)``, float64 data) would
+    otherwise meet NUTS's float64 positions; the cast widens the weights exactly, so the map
+    is the trained one."""
+
+    def __init__(self, guide: Any, dtype: torch.dtype) -> None:
+        self._guide = guide
+        self.flow = (
+            guide.flow
+            if guide.flow.affine.loc.dtype == dtype
+            else copy.deepcopy(guide.flow).to(dtype)
+        )
+
+    def get_transform(self) -> ComposeTransform:
+        return ComposeTransform(self.flow.transforms)
+
+    def get_base_dist(self) -> pyro.distributions.Distribution:
+        zeros = self.flow.affine.loc.new_zeros(self._guide.latent_dim)
+        return pyro.distributions.Normal(zeros, 1.0).to_event(1)
+
+    def __getattr__(self, name: str) -> Any:  # prototype_trace, plates, _unpack_latent
+        return getattr(self._guide, name)
+
+
+def _log_density_dtype(fit: Any) -> torch.dtype:
+    """The floating dtype the model's log density comes out in: the promotion of the flow's
+    dtype and every floating sample value (latent and observed) of one run of the model."""
+    with torch.no_grad(), poutine.block():
+        trace = poutine.trace(fit.model).get_trace(*fit.args, **fit.kwargs)
+    dtype = fit.guide.flow.affine.loc.dtype
+    for site in trace.nodes.values():
+        value = site.get("value")
+        if site["type"] == "sample" and torch.is_tensor(value) and value.is_floating_point():
+            dtype = torch.promote_types(dtype, value.dtype)
+    return dtype
 
 
 def neutra(
@@ -62,8 +104,8 @@ def neutra(
         Geometry in Hamiltonian Monte Carlo Using Neural Transport", arXiv:1903.03704.
     """
     check_neutra_options(fit.spec, num_warmup, num_samples, num_chains)
-    guide = fit.guide
-    trained = [p for p in guide.parameters() if p.requires_grad]
+    guide = _GuideIn(fit.guide, _log_density_dtype(fit))
+    trained = [p for p in fit.guide.parameters() if p.requires_grad]
     chains: list[dict[str, torch.Tensor]] = []
     diverging = np.zeros((num_chains, num_samples), bool)
     t0 = time.perf_counter()
@@ -72,14 +114,15 @@ def neutra(
             p.requires_grad_(False)
         for chain in range(num_chains):
             pyro.set_rng_seed(seed + chain)
-            reparam = NeuTraReparam(guide)
-            kernel = NUTS(reparam.reparam(fit.model), max_plate_nesting=guide.max_plate_nesting)
+            reparam = NeuTraReparam(fit.guide)
+            reparam.guide = guide  # after its AutoContinuous check
+            kernel = NUTS(reparam.reparam(fit.model), max_plate_nesting=fit.guide.max_plate_nesting)
             mcmc = MCMC(kernel, num_samples, warmup_steps=num_warmup, disable_progbar=not progress)
             mcmc.run(*fit.args, **fit.kwargs)
             draws = mcmc.get_samples()
             site = next(name for name in draws if name.endswith("_shared_latent"))
             with torch.no_grad():  # `reparam.transform_sample`, batched as `fit.sample` is
-                values = guide.constrain(guide.flow.forward_and_log_det(draws[site])[0])
+                values = fit.guide.constrain(guide.flow.forward_and_log_det(draws[site])[0])
             chains.append({name: values[name] for name in fit.latent_shapes})
             diverging[chain, mcmc.diagnostics()["divergences"]["chain 0"]] = True
     finally:

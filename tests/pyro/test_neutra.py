@@ -56,3 +56,24 @@ def test_neutra_refuses_neural_ode_flows_and_bad_budgets(fit):
     ode = fit_posterior(funnel, spec, num_steps=2, init_scale=1.0, progress=False)
     with pytest.raises(SpecError, match="ODE solve and its adjoint per step"):
         ode.neutra(num_samples=10)
+
+
+def test_neutra_runs_a_float32_guide_on_a_float64_likelihood():
+    """The way users write it: ``Normal(0., 10.)`` makes a float32 latent (and a float32
+    guide), the data are float64, so the log density and NUTS's positions are float64."""
+    pyro.clear_param_store()
+    y = torch.linspace(-1.0, 3.0, 20, dtype=torch.float64)
+
+    def model(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        with pyro.plate("data", len(y)):
+            pyro.sample("obs", dist.Normal(mu, 1.0), obs=y)
+
+    fit = fit_posterior(model, FlowSpec.planar(num_layers=2), y, num_steps=200, progress=False)
+    assert fit.guide.flow.affine.loc.dtype == torch.float32
+    result = fit.neutra(num_warmup=100, num_samples=200, seed=0, progress=False)
+    # the conjugate posterior: mean 100 * sum(y) / (100 n + 1), sd sqrt(100 / (100 n + 1))
+    n = len(y)
+    mean, sd = 100 * float(y.sum()) / (100 * n + 1), (100 / (100 * n + 1)) ** 0.5
+    assert abs(result.samples["mu"].mean() - mean) < 0.5 * sd
+    assert fit.guide.flow.affine.loc.dtype == torch.float32  # the fit's own flow is untouched
