@@ -11,6 +11,8 @@ rules (schedule, default learning rate, data splits, the start search's constant
 - `flowguides.core.coupling`: flow matching's minibatch coupling and validation schedule.
 - `flowguides.core.results`: the methods both `PosteriorFit` classes share; `infer`'s
   routing by PSIS k-hat (`KHAT_GUIDE`, `KHAT_PSIS`, `choose_route`) and its `InferResult`.
+- `flowguides.core.data`: what `fit_density` accepts (arrays, memory-mapped arrays,
+  iterables of minibatches): checks, splits and standardisation, streamed.
 - `flowguides.core.state`: the saved-folder format the backends' ``io.py`` read and write.
 """
 
@@ -42,6 +44,7 @@ from flowguides.core.coupling import (
     ot_permutation,
     validation_spec,
 )
+from flowguides.core.data import STREAM_BLOCK_BYTES, data_kind, prepare_data
 from flowguides.core.errors import (
     DiscreteLatentError,
     FitBelowStartWarning,
@@ -72,6 +75,7 @@ from flowguides.core.results import (
 from flowguides.core.training import (
     AUTO_SCALES,
     DEFAULT_LEARNING_RATE,
+    DENSITY_LEARNING_RATE,
     FULL_RANK_MAX_DIM,
     LEARNING_RATE_REFERENCE_DIM,
     MODE_TOLERANCE,
@@ -86,6 +90,10 @@ from flowguides.core.training import (
 )
 
 __all__ = [
+    "DENSITY_LEARNING_RATE",
+    "STREAM_BLOCK_BYTES",
+    "data_kind",
+    "prepare_data",
     "INFER_ROUTES",
     "KHAT_GUIDE",
     "KHAT_PSIS",

@@ -24,6 +24,7 @@ __all__ = [
     "MODE_TOLERANCE",
     "VALIDATE_EVERY",
     "decay_steps",
+    "DENSITY_LEARNING_RATE",
     "default_learning_rate",
     "learning_rate_at",
     "split_indices",
@@ -36,6 +37,11 @@ DEFAULT_LEARNING_RATE = 1e-2
 
 LEARNING_RATE_REFERENCE_DIM = 1000
 """Above this many latent dimensions the default learning rate falls as ``1 / dim``."""
+
+DENSITY_LEARNING_RATE = 3e-3
+"""`fit_density`'s default peak learning rate, from the defaults sweep of the benchmarks
+(``benchmarks/density_defaults.py``, rows in ``benchmarks/results/density_defaults.jsonl``):
+the best or near the best rate for RealNVP and planar flows at 500 and 2,000 steps."""
 
 VALIDATE_EVERY = 25
 """`fit_density` evaluates the validation loss every this many steps (and at the first and

@@ -1,8 +1,10 @@
 """Fit a flow to a data set: `DensityFit` and `fit_density` (NumPyro).
 
-Training steps run inside `jax.lax.scan` in chunks of up to 100 steps (see
+Training steps on an in-memory array run inside `jax.lax.scan` in chunks of up to 100 steps (see
 `flowguides.numpyro.posterior`), with Adam on the shared schedule, minibatches drawn with
-replacement and early stopping on a held-out share of the rows. A non-finite loss, or a finite
+replacement and early stopping on a held-out share of the rows; a memory-mapped array or an
+iterable of minibatches is streamed to the device a step at a time, double-buffered, and
+``devices`` splits each minibatch over several devices (`flowguides.numpyro._stream`). A non-finite loss, or a finite
 loss with a non-finite gradient, stops training at that step and raises `NonFiniteLossError`
 (`NonFiniteGradientError`) with the last finite parameters. Flows with neural-ODE layers train
 inside `training_solves` and record per step, in ``fit.history``, the field evaluations of the
@@ -18,17 +20,16 @@ for its draws (JAX has no global random state).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from jax import lax
 
 from flowguides.core import (
+    DENSITY_LEARNING_RATE,
     FLOW_MATCHING_VALIDATE_EVERY,
     FLOW_MATCHING_VALIDATION_ROWS,
     VALIDATE_EVERY,
@@ -40,13 +41,20 @@ from flowguides.core import (
     check_data,
     check_objective,
     check_training,
-    split_indices,
-    standardization,
     validation_spec,
 )
+from flowguides.core.data import prepare_data
+from flowguides.numpyro._stream import (
+    batch_sharding,
+    check_divisible,
+    density_step,
+    device_chunk,
+    device_mesh,
+    replicate,
+    run_stream,
+    stream_program,
+)
 from flowguides.numpyro._training import (
-    CHUNK,
-    all_finite,
     cached,
     default_float,
     history_entries,
@@ -149,13 +157,15 @@ def fit_density(
     *,
     num_steps: int = 2000,
     batch_size: int = 256,
-    learning_rate: float = 1e-3,
+    learning_rate: float = DENSITY_LEARNING_RATE,
     validation_fraction: float = 0.1,
     patience: int = 500,
     standardize: bool = True,
     objective: str = "maximum_likelihood",
     coupling: str = "independent",
     sigma_min: float = 1e-4,
+    validation_data: Any = None,
+    devices: int | Sequence[jax.Device] | None = None,
     seed: int = 0,
     progress: bool = True,
 ) -> DensityFit:
@@ -164,6 +174,25 @@ def fit_density(
     Minibatches are drawn with replacement from the training rows. Training stops once
     `patience` steps pass without a better validation negative log-likelihood, keeping the
     best parameters (without validation rows, the last ones).
+
+    `data` is one of (`flowguides.core.data`): an in-memory array, whose training rows go to
+    the device once, each step drawing its minibatch there; a memory-mapped array
+    (``np.load(path, mmap_mode="r")``, an h5py or zarr data set), split as an in-memory one,
+    checked and standardised in one pass over the file, its validation rows read into memory
+    once, and each step's minibatch (the in-memory path's rows for the same seed, so the same
+    fit) read in sorted row order; or an iterable of minibatches ``(n_k, dim)`` (an iterator
+    or generator, or a re-iterable such as a ``DataLoader``, read epoch after epoch) that ends
+    training when an iterator runs out, is standardised by its first minibatch and validated
+    on `validation_data`; `batch_size` and `validation_fraction` do not apply to it. A list is
+    read as rows: stream a list of minibatches with ``iter(batches)``. Streamed minibatches
+    are double-buffered: minibatch ``k + 1`` goes to the device before step ``k`` is awaited.
+
+    `devices` splits each minibatch along its rows over a `jax.sharding.Mesh`, with the
+    parameters, optimiser state and validation rows replicated: one compiled program, XLA
+    inserting the all-reduce of the gradient, the same fit as on one device up to rounding.
+    On several hosts, call ``jax.distributed.initialize()`` in every process first and run
+    the same call (same data and seed) in each with ``devices=jax.devices()`` (every host's
+    devices); each process fills the shards of its own devices.
 
     ``objective="maximum_likelihood"`` (the default) minimises the negative log-likelihood
     (plus the RNODE penalty of neural-ODE layers) and scores every validation row after the
@@ -180,11 +209,13 @@ def fit_density(
     `log_prob` afterwards is exact through the ODE.
 
     Args:
-        data: an array ``(n_points, dim)`` of finite values.
+        data: an in-memory or memory-mapped array ``(n_points, dim)`` of finite values, or
+            an iterable of finite float minibatches ``(n_k, dim)``.
         spec: a `FlowSpec` or its dict form.
         num_steps: optimisation steps at most.
         batch_size: rows per step (at most the number of training rows).
-        learning_rate: Adam's peak learning rate (decayed over the second half).
+        learning_rate: Adam's peak learning rate (decayed over the second half; default
+            `flowguides.core.DENSITY_LEARNING_RATE`).
         validation_fraction: the share of rows held out for early stopping.
         patience: steps without a better validation loss before stopping.
         standardize: fit the flow to standardised data (the Jacobian enters `log_prob`).
@@ -193,6 +224,12 @@ def fit_density(
             ``"independent"`` or ``"ot"`` (the exact minibatch optimal-transport assignment,
             Tong et al., 2023; `couple_noise`, on the host through `jax.pure_callback`).
         sigma_min: the flow-matching path's width at the data end, in ``[0, 1)``.
+        validation_data: an iterable's validation rows ``(n_val, dim)``; None: no validation
+            (the last parameters are kept). Only for an iterable (arrays hold out
+            `validation_fraction` of their rows).
+        devices: None (the default device), a count (the first of `jax.devices()`) or a
+            sequence of JAX devices; minibatch row counts must divide evenly over them. The
+            Pyro backend has no `devices`.
         seed: seeds the split, initialisation, minibatches and noise.
         progress: show a tqdm bar on stderr.
 
@@ -200,8 +237,11 @@ def fit_density(
         The `DensityFit`.
 
     Raises:
-        ValueError: `data` is not a finite 2-D array, or a setting is out of range
-            (``coupling="ot"`` without flow matching included).
+        TypeError: `data` is not numeric, or a minibatch not floating-point (naming it).
+        ValueError: `data` is not a finite 2-D array, a minibatch is bad (naming its index, its
+            shape and what was expected), or a setting is out of range (``coupling="ot"``
+            without flow matching, `validation_data` with an array, `devices`, minibatches
+            that do not split evenly over the devices included).
         SpecError: the spec needs more dimensions than `data` has columns, or
             ``objective="flow_matching"`` with a spec that is not one neural-ODE layer.
         NonFiniteLossError: the loss was not finite at some step.
@@ -221,27 +261,33 @@ def fit_density(
             raise ValueError(f"{name}: expected a positive integer, got {value!r}")
     check_objective(spec, objective, sigma_min)
     check_coupling(coupling, objective)
-    arr = check_data(data)
-    dim = arr.shape[1]
+    mesh = device_mesh(devices)
+    flow_matching = objective == "flow_matching"
+    source = prepare_data(
+        data,
+        validation_fraction=validation_fraction,
+        validation_data=validation_data,
+        standardize=standardize,
+        seed=seed,
+        validation_rows=FLOW_MATCHING_VALIDATION_ROWS if flow_matching else None,
+    )
+    dim, stats = source.dim, source.stats
     try:
         spec.check_dim(dim)
     except SpecError as exc:
         raise SpecError(f"{exc} (data has {dim} column(s))") from None
-    train_idx, val_idx = split_indices(arr.shape[0], validation_fraction, seed)
-    stats = standardization(arr[train_idx], standardize)
-    if stats is not None:
-        arr = (arr - stats[0]) / stats[1]
     dtype = jnp.float64 if spec.dtype == "float64" else jnp.float32
-    flow_matching = objective == "flow_matching"
-    if flow_matching:  # the fixed validation subset
-        val_idx = val_idx[:FLOW_MATCHING_VALIDATION_ROWS]
-    train, val = jnp.asarray(arr[train_idx], dtype), jnp.asarray(arr[val_idx], dtype)
+    val = jnp.asarray(source.val, dtype)
+    if source.train is not None:
+        train = jnp.asarray(source.train, dtype)
+        batch = min(batch_size, train.shape[0])
+    else:  # an iterable's minibatches are checked as they come
+        batch = 0 if source.mapped is None else min(batch_size, source.mapped.n_train)
+    check_divisible(batch, mesh, "batch_size")
     flow = build_flow(spec, dim, seed=seed)
     optimizer = make_optimizer(num_steps, learning_rate, None)
-    batch = min(batch_size, train.shape[0])
     settings = (batch, num_steps, patience, objective, coupling, sigma_min)
-    key = ("density", spec, dim, train.shape, val.shape, learning_rate, *settings)
-    run_chunk = cached(key, lambda: _density_chunk(optimizer, flow, *settings))
+    mesh_key = None if mesh is None else tuple(d.id for d in mesh.devices.flat)
     params = flow.params
     best = (params, jnp.asarray(jnp.inf, default_float()), jnp.asarray(0))
     carry = (
@@ -253,10 +299,24 @@ def fit_density(
         jnp.asarray(False),
         jnp.asarray(-1),
     )
+    carry, val = replicate((carry, val), mesh)
+    last_step, step_args = num_steps - 1, _density_settings(flow, *settings[1:])
     with solver_errors():
-        carry, (train_loss, val_loss, val_nfe, steps) = run_chunks(
-            run_chunk, carry, (train, val), num_steps, progress
-        )
+        if source.train is not None:
+            key = ("density", spec, dim, train.shape, val.shape, learning_rate, *settings)
+            make = lambda: device_chunk(optimizer, step_args, batch, mesh, _TRACES)  # noqa: E731
+            run_chunk = cached(key if mesh is None else (*key, mesh_key), make)
+            carry, outputs = run_chunks(
+                run_chunk, carry, (replicate(train, mesh), val), num_steps, progress
+            )
+        else:
+            key = ("density_stream", spec, dim, val.shape, learning_rate, *settings, mesh_key)
+            step = density_step(optimizer, *step_args, batch_sharding(mesh))
+            program = cached(key, lambda: stream_program(step, mesh))
+            carry, outputs, last_step = run_stream(
+                program, carry, source, val, num_steps, batch, seed, dtype, mesh, progress
+            )
+    train_loss, val_loss, val_nfe, steps = outputs
     params, _, _, (best_params, best_val, _), good, _, bad_step = carry
     nonfinite = int(bad_step) >= 0
     ran = int(bad_step) + 1 if nonfinite else int(np.sum(np.isfinite(train_loss)))
@@ -277,7 +337,7 @@ def fit_density(
         fit = DensityFit(Flow(spec, dim, params), spec, losses, mean, std, seed, **common)
         steps_run = np.arange(ran)
         every = FLOW_MATCHING_VALIDATE_EVERY if flow_matching else VALIDATE_EVERY
-        due = (steps_run % every == 0) | (steps_run == num_steps - 1)
+        due = (steps_run % every == 0) | (steps_run == last_step)
         raise NonFiniteValidationError(ran - 1, float(val_loss[:ran][due][-1]), params, fit)
     final = best_params if val.shape[0] > 0 else params
     return DensityFit(Flow(spec, dim, final), spec, losses, mean, std, seed, **common)
@@ -319,68 +379,10 @@ def _total_nfe(records: list[dict]) -> jax.Array:
     return sum((jnp.asarray(r["nfe"], jnp.int32) for r in records), jnp.zeros((), jnp.int32))
 
 
-def _density_chunk(
-    optimizer,
-    flow: Flow,
-    batch: int,
-    num_steps: int,
-    patience: int,
-    objective: str,
-    coupling: str,
-    sigma_min: float,
-):
-    train_loss, val_loss_fn, entries = _density_losses(
-        flow.spec, flow.dim, objective, coupling, sigma_min
-    )
+def _density_settings(
+    flow: Flow, num_steps: int, patience: int, objective: str, coupling: str, sigma_min: float
+) -> tuple:
+    """`density_step`'s and `device_chunk`'s step arguments: losses, steps, patience, every."""
     every = FLOW_MATCHING_VALIDATE_EVERY if objective == "flow_matching" else VALIDATE_EVERY
-
-    def chunk(carry: tuple, start: jax.Array, data: tuple):
-        _TRACES["density"] += 1
-        train, val = data
-
-        def step(c: tuple, i: jax.Array):
-            def run(c: tuple):
-                params, opt_state, key, best, good, _, bad_step = c
-                key, k_batch, k_noise, k_val = jax.random.split(key, 4)
-                rows = jax.random.randint(k_batch, (batch,), 0, train.shape[0])
-                (_, (loss, steps)), grads = jax.value_and_grad(train_loss, has_aux=True)(
-                    params, train[rows], k_noise
-                )
-                updates, new_opt = optimizer.update(grads, opt_state, params)
-                good = lax.cond(jnp.isfinite(loss), lambda: params, lambda: good)
-                finite = jnp.isfinite(loss) & all_finite(grads)
-                new_params = optax.apply_updates(params, updates)
-                new_params, new_opt = lax.cond(
-                    finite, lambda: (new_params, new_opt), lambda: (params, opt_state)
-                )
-                due = (i % every == 0) | (i == num_steps - 1)  # as the Pyro backend
-                validate = finite & (val.shape[0] > 0) & due
-
-                def score():
-                    nll, nfe = val_loss_fn(new_params, val, k_val)
-                    return nll.astype(default_float()), nfe
-
-                val_loss, val_nfe = lax.cond(
-                    validate,
-                    score,
-                    lambda: (jnp.asarray(jnp.nan, default_float()), jnp.zeros((), jnp.int32)),
-                )
-                best_params, best_val, best_step = best
-                better = validate & (val_loss < best_val)
-                best = lax.cond(better, lambda: (new_params, val_loss, i), lambda: best)
-                patience_out = validate & (i - best[2] >= patience)
-                stopped = ~finite | patience_out
-                bad_step = jnp.where(finite, bad_step, i)
-                out = (new_params, new_opt, key, best, good, stopped, bad_step)
-                return out, (loss.astype(default_float()), val_loss, val_nfe, steps)
-
-            def skip(c: tuple):
-                nan = jnp.asarray(jnp.nan, default_float())
-                zero = jnp.zeros((), jnp.int32)
-                return c, (nan, nan, zero, entries(zero, jnp.zeros(())))
-
-            return lax.cond((i < num_steps) & ~c[-2], run, skip, c)
-
-        return lax.scan(step, carry, start + jnp.arange(CHUNK))
-
-    return jax.jit(chunk)
+    losses = _density_losses(flow.spec, flow.dim, objective, coupling, sigma_min)
+    return losses, num_steps, patience, every

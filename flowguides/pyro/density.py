@@ -11,7 +11,8 @@ neural-ODE layer by flow matching (independent or minibatch optimal-transport co
 early-stops on an exact-trace validation negative log-likelihood
 (`flowguides.core.coupling`).
 
-The same names and parameters as `flowguides.numpyro.density`.
+The same names and parameters as `flowguides.numpyro.density`, less ``devices`` (NumPyro's
+sharding over several devices; here, a `torch.distributed` group of processes).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from flowguides.core import (
+    DENSITY_LEARNING_RATE,
     FLOW_MATCHING_VALIDATE_EVERY,
     FLOW_MATCHING_VALIDATION_ROWS,
     VALIDATE_EVERY,
@@ -34,8 +36,15 @@ from flowguides.core import (
     check_data,
     check_objective,
     check_training,
-    split_indices,
-    standardization,
+)
+from flowguides.core.data import prepare_data
+from flowguides.pyro._stream import (
+    agree_stats,
+    all_have,
+    data_parallel,
+    global_mean,
+    minibatches,
+    process_group,
 )
 from flowguides.pyro._training import Evaluations, Trainer, progress_bar, with_penalty
 from flowguides.pyro.build import Flow, build_flow
@@ -121,13 +130,14 @@ def fit_density(
     *,
     num_steps: int = 2000,
     batch_size: int = 256,
-    learning_rate: float = 1e-3,
+    learning_rate: float = DENSITY_LEARNING_RATE,
     validation_fraction: float = 0.1,
     patience: int = 500,
     standardize: bool = True,
     objective: str = "maximum_likelihood",
     coupling: str = "independent",
     sigma_min: float = 1e-4,
+    validation_data: Any = None,
     seed: int = 0,
     progress: bool = True,
 ) -> DensityFit:
@@ -135,6 +145,28 @@ def fit_density(
 
     A `validation_fraction` of the rows is held out. Training stops after `patience` steps
     without a better validation negative log-likelihood and the best parameters are kept.
+
+    `data` is one of (`flowguides.core.data`): an in-memory array, each step drawing its
+    minibatch from the training rows; a memory-mapped array (``np.load(path, mmap_mode="r")``,
+    an h5py or zarr data set), split as an in-memory one, checked and standardised in one pass
+    over the file, its validation rows read into memory once, and each step's minibatch (the
+    in-memory path's rows for the same seed, so the same fit) read in sorted row order; or an
+    iterable of minibatches ``(n_k, dim)`` (an iterator or generator, or a re-iterable such as
+    a ``DataLoader``, read epoch after epoch) that ends training when an iterator runs out
+    (validating after its last step), is standardised by its first minibatch and validated on
+    `validation_data`; `batch_size` and `validation_fraction` do not apply to it. A list is
+    read as rows: stream a list of minibatches with ``iter(batches)``. Streamed minibatches
+    are prefetched: minibatch ``k + 1`` is read on a worker thread while step ``k`` runs.
+
+    Inside a `torch.distributed` group of several processes (launched with ``torchrun``, the
+    group initialised by the caller with ``torch.distributed.init_process_group``), every
+    process makes the same call: `batch_size` is the global minibatch (divisible by the number
+    of processes), drawn alike in each process, each training on its contiguous share of the
+    rows through `DistributedDataParallel`, which averages the gradients. The losses are the
+    means over the processes, so all log, validate and stop alike and return the same flow. An
+    iterable yields each process's own share (training ends when one process's runs out),
+    standardised by process 0's first minibatch. NumPyro splits minibatches over devices
+    with ``devices`` instead.
 
     ``objective="maximum_likelihood"`` (the default) minimises the negative log-likelihood
     (plus the RNODE penalty of neural-ODE layers) and scores every validation row after the
@@ -152,7 +184,8 @@ def fit_density(
     through the ODE.
 
     Args:
-        data: the rows ``(n, dim)``.
+        data: an in-memory or memory-mapped array ``(n, dim)`` of finite values, or an
+            iterable of finite float minibatches ``(n_k, dim)``.
         spec: the flow spec (or its dict form).
         num_steps, batch_size, learning_rate: the optimisation (Adam, shared schedule).
         validation_fraction, patience: early stopping (`patience` in steps).
@@ -162,6 +195,9 @@ def fit_density(
             ``"independent"`` or ``"ot"`` (the exact minibatch optimal-transport assignment,
             Tong et al., 2023; `couple_noise`; needs Scipy).
         sigma_min: the flow-matching path's width at the data end.
+        validation_data: an iterable's validation rows ``(n_val, dim)``; None: no validation
+            (the last parameters are kept). Only for an iterable (arrays hold out
+            `validation_fraction` of their rows).
         seed: seeds the split, the initial weights, minibatches and noise.
         progress: show a tqdm bar on stderr.
 
@@ -169,8 +205,11 @@ def fit_density(
         The `DensityFit`.
 
     Raises:
-        ValueError: for data of the wrong rank or holding NaN/inf (naming the rows), or a
-            setting out of range (``coupling="ot"`` without flow matching included).
+        TypeError: `data` is not numeric, or a minibatch not floating-point (naming it).
+        ValueError: for data of the wrong rank or holding NaN/inf (naming the rows), a bad
+            minibatch (naming its index, its shape and what was expected), or a setting out of
+            range (``coupling="ot"`` without flow matching, `validation_data` with an array, a
+            `batch_size` that does not divide over a group's processes included).
         SpecError: ``objective="flow_matching"`` with a spec that is not one neural-ODE layer.
         NonFiniteLossError: when a training loss is NaN/inf (the last finite weights are kept).
         NonFiniteGradientError: the loss was finite but a gradient was not.
@@ -188,24 +227,32 @@ def fit_density(
         raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
     check_objective(spec, objective, sigma_min)
     check_coupling(coupling, objective)
-    data = check_data(data)
-    n, dim = data.shape
-    train_idx, val_idx = split_indices(n, validation_fraction, seed)
-    scaling = standardization(data[train_idx], standardize)
-    mean, std = scaling if scaling is not None else (None, None)
-    if scaling is not None:
-        data = (data - mean) / std
+    flow_matching = objective == "flow_matching"
+    group = process_group()
+    source = prepare_data(
+        data,
+        validation_fraction=validation_fraction,
+        validation_data=validation_data,
+        standardize=standardize,
+        seed=seed,
+        validation_rows=FLOW_MATCHING_VALIDATION_ROWS if flow_matching else None,
+        agree_stats=None if group is None else agree_stats,
+    )
+    dim = source.dim
+    mean, std = source.stats if source.stats is not None else (None, None)
     torch.manual_seed(seed)
     flow = build_flow(spec, dim, seed=seed)
-    train = torch.as_tensor(data[train_idx], dtype=flow.dtype)
-    val = torch.as_tensor(data[val_idx], dtype=flow.dtype)
-    batch = min(batch_size, len(train))
-    flow_matching = objective == "flow_matching"
+    val = torch.as_tensor(source.val, dtype=flow.dtype)
+    n_train = len(source.train) if source.train is not None else 0
+    batch = min(batch_size, source.mapped.n_train if source.mapped is not None else n_train)
+    if group is not None and batch % group[1]:
+        raise ValueError(
+            f"batch_size: expected a row count divisible by the {group[1]} processes, got {batch}"
+        )
     every, keys = VALIDATE_EVERY, ("train", "val")
     nfe_val: list[int] = []
     if flow_matching:
         ode = flow.layers[0]
-        val = val[:FLOW_MATCHING_VALIDATION_ROWS]
         every, keys = FLOW_MATCHING_VALIDATE_EVERY, ("flow_matching", "val_nll")
 
         def train_loss(x: torch.Tensor) -> torch.Tensor:
@@ -229,9 +276,11 @@ def fit_density(
             return -flow.log_prob(val).mean()
 
         params = list(flow.parameters())
+    step_loss = train_loss
+    if group is not None:  # gradients averaged over the processes
+        step_loss = data_parallel(ode if flow_matching else flow, train_loss)
     trainer = Trainer(params, num_steps, learning_rate, None)
     evaluations = Evaluations(flow)
-    rng = np.random.default_rng(seed)
     losses: dict[str, list[float]] = {key: [] for key in keys}
     best, best_step = None, 0
 
@@ -244,26 +293,42 @@ def fit_density(
             flow, spec, arrays, mean, std, history=history, objective=objective, coupling=coupling
         )
 
-    with progress_bar(num_steps, progress) as bar:
+    def validate(step: int) -> bool:
+        """Score the validation rows after `step`; whether patience has run out."""
+        nonlocal best, best_step
+        with torch.no_grad():
+            val_loss = float(val_loss_fn())
+        losses[keys[1]].append(val_loss)
+        if np.isfinite(val_loss) and (best is None or val_loss < best[0]):
+            best = (val_loss, {k: v.clone() for k, v in flow.state_dict().items()})
+            best_step = step
+        bar.set_postfix(val=f"{val_loss:.4g}", refresh=False)
+        return step - best_step >= patience
+
+    batches = minibatches(source, batch, np.random.default_rng(seed), flow.dtype, group)
+    with progress_bar(num_steps, progress) as bar, contextlib.closing(batches):
+        step, ended = -1, False
         for step in range(num_steps):
-            rows = torch.as_tensor(rng.integers(0, len(train), size=batch))
+            x = next(batches, None)
+            if x is None if group is None else not all_have(x):  # step - 1 was the last
+                ended = True
+                break
             start = evaluations.count()
-            loss, penalty = with_penalty(lambda rows=rows: train_loss(train[rows]))
+            loss, penalty = with_penalty(lambda x=x: step_loss(x))
             after_loss = evaluations.count()
-            trainer.step(step, loss + penalty, result)
-            losses[keys[0]].append(float(loss.detach()))
+            total, value = loss + penalty, None
+            if group is not None:  # the mean over the processes, the local gradient
+                value, mean_penalty = global_mean(loss, penalty)
+                total = total + ((value + mean_penalty) - total.detach())
+            trainer.step(step, total, result)
+            losses[keys[0]].append(float(loss.detach()) if value is None else value)
             evaluations.record(start, after_loss, penalty)
-            if len(val) and (step % every == 0 or step == num_steps - 1):
-                with torch.no_grad():
-                    val_loss = float(val_loss_fn())
-                losses[keys[1]].append(val_loss)
-                if np.isfinite(val_loss) and (best is None or val_loss < best[0]):
-                    best = (val_loss, {k: v.clone() for k, v in flow.state_dict().items()})
-                    best_step = step
-                bar.set_postfix(val=f"{val_loss:.4g}", refresh=False)
-                if step - best_step >= patience:
-                    break
+            due = step % every == 0 or step == num_steps - 1
+            if len(val) and due and validate(step):
+                break
             bar.update()
+        if ended and len(val) and (step - 1) % every != 0:
+            validate(step - 1)
     if len(val) and best is None:
         last = [p.detach().clone() for p in params]
         raise NonFiniteValidationError(

@@ -1,0 +1,97 @@
+"""`fit_density(..., devices=...)`: minibatches split over several devices, parameters
+replicated, the same fit as on one device.
+
+JAX fixes its device count when it starts, so the four-device runs happen in one subprocess
+with ``--xla_force_host_platform_device_count=4`` (one thread per device, as the suite pins).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from flowguides import FlowSpec
+from flowguides.numpyro import fit_density
+
+SCRIPT = """
+import json
+import jax, numpy as np
+from flowguides import FlowSpec
+from flowguides.numpyro import fit_density
+
+assert len(jax.devices()) == 4
+rng = np.random.default_rng(0)
+x = rng.normal(size=400)
+data = np.c_[x, 0.5 * x**2 + 0.3 * rng.normal(size=400)]
+spec = FlowSpec.realnvp(2, hidden=[8], dtype="float64")
+settings = {"num_steps": 30, "batch_size": 32, "learning_rate": 1e-2, "progress": False}
+
+def batches():
+    r = np.random.default_rng(1)
+    for _ in range(30):
+        yield data[r.integers(0, 400, 32)]
+
+out = {}
+for kind in ("array", "iterator"):
+    runs = []
+    for devices in (None, 4):
+        source = data if kind == "array" else batches()
+        extra = {} if kind == "array" else {"validation_data": data[:40]}
+        fit = fit_density(source, spec, devices=devices, **settings, **extra)
+        leaf = next(iter(fit.flow.params.values()))
+        runs.append({
+            "train": fit.losses["train"].tolist(),
+            "val": fit.losses["val"].tolist(),
+            "log_prob": fit.log_prob(data[:20]).tolist(),
+            "devices": len(leaf.sharding.device_set),
+        })
+    out[kind] = runs
+try:
+    fit_density(data, spec, devices=3, **settings)
+except ValueError as exc:
+    out["indivisible"] = str(exc)
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def runs() -> dict:
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4 "
+        "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
+        "JAX_ENABLE_X64": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("kind", ["array", "iterator"])
+def test_four_devices_give_the_one_device_loss_trajectory(runs, kind):
+    one, four = runs[kind]
+    assert (one["devices"], four["devices"]) == (1, 4)  # the parameters sit on all four
+    assert len(four["train"]) == 30 and len(four["val"]) == 3
+    for key in ("train", "val", "log_prob"):
+        np.testing.assert_allclose(four[key], one[key], rtol=1e-10, atol=1e-12)
+    assert np.ptp(four["train"]) > 0.1  # it trained
+
+
+def test_devices_is_checked(runs):
+    assert runs["indivisible"] == (
+        "batch_size: expected a row count divisible by the 3 devices, got 32"
+    )
+    data = np.random.default_rng(0).normal(size=(50, 2))
+    spec = FlowSpec.realnvp(2, hidden=[4], dtype="float64")
+    with pytest.raises(ValueError, match=r"devices: expected a count in \[1, \d+\]"):
+        fit_density(data, spec, devices=0, progress=False)
+    with pytest.raises(ValueError, match="devices: expected None, a count or a sequence"):
+        fit_density(data, spec, devices=["cpu"], progress=False)
