@@ -130,7 +130,7 @@ FULL: dict[str, Any] = {
     },
     "posteriors": {
         "steps": 2000, "particles": 8, "draws": 10_000, "seeds": (0, 1, 2),
-        "once": ("numpyro NUTS",),
+        "once": ("numpyro NUTS", *_POST_FULL[2:4]),
         "plan": {p: _POST_FULL for p in ("funnel", "banana", *_PDB_ALL)},
     },
     "densities": {
@@ -143,7 +143,8 @@ FULL: dict[str, Any] = {
 plan); the posteriors suite on the funnel, the banana and the nine posteriordb posteriors with
 flowguides' RealNVP in both backends (and NumPyro's STL and IW-ELBO objectives), the anchors a
 user would try (NumPyro's IAF, full-rank Gaussian and Laplace, multi-path Pathfinder) and NUTS,
-three seeds each (NUTS, whose rows report their own Monte Carlo error, the first seed only);
+three seeds each (NUTS, whose rows report their own Monte Carlo error, and the STL and IW-ELBO
+rows the first seed only);
 every density set at 2,000 steps with every discrete flow, and on the four 2-D sets the neural
 ODEs (NumPyro's by maximum likelihood, RNODE and flow matching with independent and OT
 coupling, Pyro's by flow matching, zuko's CNF; the Pyro neural ODE by maximum likelihood, a
