@@ -79,3 +79,23 @@ def test_the_diagonal_start_is_a_vector_of_the_exact_curvature_and_round_trips(
     (tmp_path / "old" / "meta.json").write_text(json.dumps(meta))
     old = io.load(tmp_path / "old", backend="numpyro", model=regression, model_args=(X, Y))
     np.testing.assert_allclose(old.guide.preconditioner["precondition.scale_tril"], scale)
+
+
+def test_laplace_start_of_a_subsampled_model_is_the_full_data_posterior():
+    """A plate with ``subsample_size`` (written the way users write a minibatch model): the
+    start search runs on all rows, so its MAP and scale are the full posterior's (closed
+    form: a normal mean with a N(0, 10) prior), not one minibatch's scaled up."""
+    y = jnp.asarray(np.random.default_rng(1).normal(2.0, 1.0, size=(2000, 2)))
+
+    def model(y):
+        mu = numpyro.sample("mu", dist.Normal(jnp.zeros(2), 10.0).to_event(1))
+        with numpyro.plate("data", y.shape[0], subsample_size=20) as idx:
+            numpyro.sample("obs", dist.Normal(mu, 1.0).to_event(1), obs=y[idx])
+
+    spec = {"layers": [{"type": "planar"}], "dtype": "float64"}
+    fit = fit_posterior(model, spec, y, num_steps=2, init_scale="laplace", progress=False)
+    precision = y.shape[0] + 1.0 / 100.0
+    fixed = fit.guide.preconditioner
+    np.testing.assert_allclose(fixed["precondition.shift"], y.sum(0) / precision, rtol=1e-6)
+    scale = np.asarray(fixed["precondition.scale_tril"])
+    np.testing.assert_allclose(np.diag(scale), precision**-0.5, rtol=1e-6)
