@@ -1,23 +1,29 @@
-"""Time to first draw, cold and warm: a first `fit_posterior` plus draws in a fresh process.
+"""Time to first draw, cold and cached: a first `fit_posterior` plus draws against NumPyro NUTS.
 
 Each run is a new Python process that turns on the persistent compilation cache
-(`flowguides.numpyro.use_compilation_cache`) in one directory shared by the runs, fits
-``FlowSpec.realnvp(num_layers=4)`` to one posterior of `benchmarks/models/` with the default
-settings (float64, one thread) and draws from the fit. A run that finds the cache empty is
-``cold``, one that finds entries (the previous run's) ``warm``. One JSON row per run goes to
-stdout:
+(`flowguides.numpyro.use_compilation_cache`) in one directory shared by the runs (float64, one
+thread). It fits ``FlowSpec.realnvp(num_layers=4)`` to one posterior of `benchmarks/models/`
+with `fit_posterior`'s defaults and draws from the fit; then, in the same process, NumPyro NUTS
+runs one chain of 1,000 warm-up + 1,000 draws on the same model. The first run finds the cache
+empty (``cold``); later ones find what it compiled (``warm``: the cached rerun). NUTS runs in
+the cold run only unless ``--nuts every``.
 
-* ``setup_s``, ``compile_s``: `fit.timing`'s guide set-up (start search included) and
-  training-chunk compile (tracing included; a load from the cache when warm);
-* ``train_s``: the rest of the `fit_posterior` call; ``draw_s``: ``fit.sample(num_draws)``;
-* ``total_s``: from just before the fit to the last draw (imports not included; they are
-  ``import_s``); ``cache_entries``: the files in the cache directory after the run;
-* the commit (``+dirty`` with uncommitted changes) and the settings.
+One row per method and run, keyed as `benchmarks/rows.py` keys rows (suite ``first_call``,
+``method_settings.cache`` ``cold`` or ``warm``), with the commit, UTC time, library versions
+and settings (threads, float64, machine):
 
-Run from the repository root (rows are printed only, not written)::
+* flowguides: `fit.timing` (`flowguides.core.timing.FIT_TIMING_KEYS`: ``setup_s`` =
+  ``init_s`` + ``start_s``, ``compile_s``, ``train_s``, ``fit_s``, ``steps_per_s``) and
+  ``draws_s``; ``wall_s``: from just before the fit to the last draw;
+* NUTS: ``wall_s`` (``MCMC.run`` and the draws, compiles included) and ``divergences``;
+* both: ``import_s`` (the process's imports: flowguides, JAX, NumPyro) and ``cache_entries``
+  (files in the cache directory after the method ran).
 
-    python -m benchmarks.first_call                               # eight schools, 2 runs
+Run from the repository root (rows are printed; ``--write`` merges them into ``--out``)::
+
+    python -m benchmarks.first_call                                   # eight schools, 2 runs
     python -m benchmarks.first_call --model garch-garch11 --runs 3
+    python -m benchmarks.first_call --all --write                     # the nine posteriors
     python -m benchmarks.first_call --cache-dir ~/.cache/flowguides/jax   # keep the cache
 """
 
@@ -43,69 +49,137 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import jax  # noqa: E402
-import numpyro  # noqa: E402
+import numpy as np  # noqa: E402
 
 from benchmarks.models.numpyro_models import MODELS  # noqa: E402
 from benchmarks.models.posteriordb import NAMES, load  # noqa: E402
+from benchmarks.rows import (  # noqa: E402
+    git_commit,
+    library_versions,
+    merge_rows,
+    row_versions,
+    utc_now,
+)
+from flowguides.core.timing import FIT_TIMING_KEYS  # noqa: E402
 from flowguides.numpyro import fit_posterior, use_compilation_cache  # noqa: E402
 from flowguides.spec import FlowSpec  # noqa: E402
 
-__all__ = ["main", "run_once"]
+__all__ = ["NUTS_SETTINGS", "flowguides_row", "main", "nuts_row", "write_rows"]
+
+_IMPORTED = time.perf_counter()
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = "eight_schools-eight_schools_noncentered"
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "first_call.jsonl"
+SPEC = "FlowSpec.realnvp(num_layers=4)"
+NUTS_SETTINGS = {"num_chains": 1, "num_warmup": 1000, "num_samples": 1000}
+"""NumPyro NUTS's budget in the rows (one chain, as a first call would run it)."""
 
 
-def _commit() -> str:
-    def git(*args: str) -> str:
-        out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
-        return out.stdout.strip()
-
-    head = git("rev-parse", "--short", "HEAD") or "unknown"
-    return f"{head}+dirty" if git("status", "--porcelain", "--untracked-files=no") else head
+def _entries(cache_dir: Path) -> int:
+    return sum(1 for p in cache_dir.rglob("*") if p.is_file())
 
 
-def run_once(name: str, cache_dir: Path, num_draws: int, seed: int) -> dict[str, Any]:
-    """Fit and draw once in this process with the cache in `cache_dir`; return the row."""
-    import_s = time.perf_counter() - _STARTED
-    use_compilation_cache(cache_dir)
-    post = load(name)
-    t0 = time.perf_counter()
-    fit = fit_posterior(
-        MODELS[name], FlowSpec.realnvp(num_layers=4), seed=seed, progress=False, **post.data
-    )
-    fit_s = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    fit.sample(num_draws, seed=seed)
-    draw_s = time.perf_counter() - t1
-    setup_s, compile_s = fit.timing["setup_s"], fit.timing["compile_s"]
+def _row(name: str, method: str, run: str, settings: dict, cache_dir: Path) -> dict[str, Any]:
+    """The fields every row has: its key, the commit, time, versions and environment."""
     return {
-        "model": name,
-        "setup_s": setup_s,
-        "compile_s": compile_s,
-        "train_s": fit_s - setup_s - compile_s,
-        "draw_s": draw_s,
-        "total_s": time.perf_counter() - t0,
-        "import_s": import_s,
-        "steps_per_s": fit.timing["steps_per_s"],
-        "final_loss": float(fit.losses[-1]),
-        "cache_entries": sum(1 for p in cache_dir.rglob("*") if p.is_file()),
-        "commit": _commit(),
-        "settings": {
-            "spec": "FlowSpec.realnvp(num_layers=4)",
-            "fit_posterior": "defaults",
-            "num_draws": num_draws,
-            "seed": seed,
+        "suite": "first_call",
+        "problem": name,
+        "method": method,
+        "seed": settings.pop("seed"),
+        **{k: settings.pop(k, None) for k in ("num_steps", "num_particles", "num_draws")},
+        "method_settings": {**settings, "cache": run},
+        "commit": git_commit(),
+        "timestamp": utc_now(),
+        "versions": row_versions(method, library_versions()),
+        "environment": {
+            "xla_flags": os.environ.get("XLA_FLAGS"),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
             "float64": bool(jax.config.jax_enable_x64),
-            "xla_flags": os.environ["XLA_FLAGS"],
-            "versions": {"jax": jax.__version__, "numpyro": numpyro.__version__},
+            "python": platform.python_version(),
             "machine": f"{platform.machine()}, {platform.processor() or platform.system()}",
         },
+        "import_s": _IMPORTED - _STARTED,
+        "cache_entries": _entries(cache_dir),
     }
 
 
+def flowguides_row(name: str, run: str, cache_dir: Path, num_draws: int, seed: int) -> dict:
+    """A first `fit_posterior` (defaults) and `num_draws` draws in this process; its row."""
+    data = load(name).data
+    t0 = time.perf_counter()
+    spec = FlowSpec.realnvp(num_layers=4)
+    fit = fit_posterior(MODELS[name], spec, seed=seed, progress=False, **data)
+    fit.sample(num_draws, seed=seed)
+    wall_s = time.perf_counter() - t0
+    settings = {"seed": seed, "num_steps": len(fit.losses), "num_particles": 8}
+    settings.update(num_draws=num_draws, spec=SPEC, fit_posterior="defaults")
+    row = _row(name, "flowguides-numpyro RealNVP", run, settings, cache_dir)
+    timing = {k: fit.timing[k] for k in (*FIT_TIMING_KEYS, "draws_s")}
+    final = float(np.mean(fit.losses[-100:]))
+    row.update(latent_dim=fit.guide.latent_dim, wall_s=wall_s, final_loss_mean100=final)
+    return {**row, **timing}
+
+
+def nuts_row(name: str, run: str, cache_dir: Path, seed: int) -> dict:
+    """NumPyro NUTS at `NUTS_SETTINGS` in this process; its row."""
+    from numpyro.infer import MCMC, NUTS
+
+    data = load(name).data
+    s = NUTS_SETTINGS
+    t0 = time.perf_counter()
+    sizes = {k: s[k] for k in ("num_warmup", "num_samples", "num_chains")}
+    mcmc = MCMC(NUTS(MODELS[name]), **sizes, progress_bar=False)
+    mcmc.run(jax.random.key(seed), extra_fields=("diverging",), **data)
+    draws = {k: np.asarray(v) for k, v in mcmc.get_samples().items()}
+    wall_s = time.perf_counter() - t0
+    settings = {"seed": seed, "num_draws": s["num_samples"], **s}
+    row = _row(name, "numpyro NUTS", run, settings, cache_dir)
+    diverging = int(np.asarray(mcmc.get_extra_fields()["diverging"]).sum())
+    return {**row, "wall_s": wall_s, "divergences": diverging, "sites": sorted(draws)}
+
+
+def write_rows(rows: list[dict], path: Path) -> None:
+    """Merge `rows` into the JSON-lines file `path` (a row with the same key is replaced)."""
+    lines = path.read_text().splitlines() if path.is_file() else []
+    old = [json.loads(line) for line in lines if line.strip()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    merged = merge_rows(old, rows)
+    path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in merged))
+
+
+def _child(args: argparse.Namespace) -> list[dict]:
+    cache_dir = args.cache_dir
+    use_compilation_cache(cache_dir)
+    rows = [flowguides_row(args.model[0], args.run, cache_dir, args.num_draws, args.seed)]
+    if args.with_nuts:
+        rows.append(nuts_row(args.model[0], args.run, cache_dir, args.seed))
+    return rows
+
+
+def _runs(name: str, args: argparse.Namespace, cache_dir: Path) -> list[dict] | int:
+    """The fresh processes for posterior `name`, one after another: their rows, or the exit
+    status of the first that failed."""
+    rows = []
+    for i in range(args.runs):
+        run = "warm" if _entries(cache_dir) else "cold"
+        command = [sys.executable, "-m", "benchmarks.first_call", "--child", "--run", run]
+        command += ["--model", name, "--num-draws", str(args.num_draws)]
+        command += ["--seed", str(args.seed), "--cache-dir", str(cache_dir)]
+        if args.nuts == "every" or (args.nuts == "first" and i == 0):
+            command.append("--with-nuts")
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+        if done.returncode:
+            sys.stderr.write(done.stderr)
+            return done.returncode
+        for row in json.loads(done.stdout.strip().splitlines()[-1]):
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Command line entry: run the fresh processes one after another, print their rows.
+    """Command line entry: run the fresh processes, print their rows (and write them).
 
     Args:
         argv: the arguments (``sys.argv[1:]`` when ``None``).
@@ -114,30 +188,35 @@ def main(argv: list[str] | None = None) -> int:
         0, or the exit status of the first run that failed.
     """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=NAMES, default=DEFAULT_MODEL)
+    parser.add_argument("--model", choices=NAMES, action="append", help=f"default {DEFAULT_MODEL}")
+    parser.add_argument("--all", action="store_true", help="the nine posteriors (long)")
     parser.add_argument("--runs", type=int, default=2, help="fresh processes (cold, then warm)")
     parser.add_argument("--num-draws", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--nuts",
+        choices=["first", "every", "none"],
+        default="first",
+        help="the runs NUTS runs in: the first (cold) one, every one, none",
+    )
     parser.add_argument("--cache-dir", type=Path, help="default: a new temporary directory")
+    parser.add_argument("--write", action="store_true", help="merge the rows into --out")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--run", default="cold", help=argparse.SUPPRESS)
+    parser.add_argument("--with-nuts", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        row = run_once(args.model, args.cache_dir, args.num_draws, args.seed)
-        print(json.dumps(row), flush=True)
+        print(json.dumps(_child(args)), flush=True)
         return 0
-    with tempfile.TemporaryDirectory(prefix="flowguides-first-call-") as scratch:
-        cache_dir = (args.cache_dir or Path(scratch)).expanduser().resolve()
-        for _ in range(args.runs):
-            cold = not any(p.is_file() for p in cache_dir.rglob("*"))
-            command = [sys.executable, "-m", "benchmarks.first_call", "--child"]
-            command += ["--model", args.model, "--num-draws", str(args.num_draws)]
-            command += ["--seed", str(args.seed), "--cache-dir", str(cache_dir)]
-            done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-            if done.returncode:
-                sys.stderr.write(done.stderr)
-                return done.returncode
-            row = json.loads(done.stdout.strip().splitlines()[-1])
-            print(json.dumps({"run": "cold" if cold else "warm", **row}), flush=True)
+    names = list(NAMES) if args.all else args.model or [DEFAULT_MODEL]
+    for name in names:
+        with tempfile.TemporaryDirectory(prefix="flowguides-first-call-") as scratch:
+            rows = _runs(name, args, (args.cache_dir or Path(scratch)).expanduser().resolve())
+        if isinstance(rows, int):
+            return rows
+        if args.write:
+            write_rows(rows, args.out)  # after each posterior: a long run keeps what it did
     return 0
 
 

@@ -1,6 +1,9 @@
 """The `flowguides` command line.
 
-Run ``flowguides --help`` for the commands; each has its own ``--help``.
+Run ``flowguides --help`` for the commands; each has its own ``--help``. Commands that run the
+NumPyro backend turn on JAX's persistent compilation cache
+(`flowguides.numpyro.use_compilation_cache`, see the conventions page), so that a later run
+loads the programs a first run compiled; ``--no-cache`` leaves it off.
 """
 
 from __future__ import annotations
@@ -161,7 +164,16 @@ def _cmd_log_prob(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from flowguides.demo import run_demo
 
-    return run_demo(out=args.out, quick=args.quick)
+    return run_demo(out=args.out, quick=args.quick, cache=not args.no_cache)
+
+
+def _compilation_cache(args: argparse.Namespace) -> None:
+    """Turn on the persistent compilation cache for a command that runs the NumPyro backend,
+    unless ``--no-cache`` says not to (the demo turns it on itself)."""
+    if getattr(args, "backend", None) == "numpyro" and not args.no_cache:
+        from flowguides.numpyro import use_compilation_cache
+
+        use_compilation_cache()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,6 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Normalizing flows as guides and densities for Pyro and NumPyro.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    cache = argparse.ArgumentParser(add_help=False)
+    cache.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="leave JAX's persistent compilation cache off (NumPyro; on by default, in "
+        "$XDG_CACHE_HOME/flowguides/jax)",
+    )
 
     p = sub.add_parser("spec-schema", help="print the JSON Schema of the flow spec")
     p.set_defaults(func=_cmd_spec_schema)
@@ -179,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dim", type=int, default=2, help="dimension for the parameter table")
     p.set_defaults(func=_cmd_show_spec)
 
-    p = sub.add_parser("fit-density", help="fit a flow density to a data file")
+    p = sub.add_parser("fit-density", help="fit a flow density to a data file", parents=[cache])
     p.add_argument("data", help="a .csv (header optional) or .npy file of shape (n, dim)")
     p.add_argument(
         "--spec", required=True, help="a .json/.yaml spec or realnvp:N, planar:N, neural_ode"
@@ -207,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_fit_density)
 
-    p = sub.add_parser("sample", help="draw from a saved density fit")
+    p = sub.add_parser("sample", help="draw from a saved density fit", parents=[cache])
     p.add_argument("dir", help="a folder written by fit-density")
     p.add_argument("-n", type=int, required=True, help="number of draws")
     p.add_argument("--out", required=True, help=".csv or .npy file")
@@ -215,14 +234,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_sample)
 
-    p = sub.add_parser("log-prob", help="log-density of a saved fit at the rows of a data file")
+    p = sub.add_parser(
+        "log-prob", help="log-density of a saved fit at the rows of a data file", parents=[cache]
+    )
     p.add_argument("dir", help="a folder written by fit-density")
     p.add_argument("data", help="a .csv or .npy file of shape (n, dim)")
     p.add_argument("--out", required=True, help=".csv or .npy file")
     p.add_argument("--backend", choices=["pyro", "numpyro"], default="numpyro")
     p.set_defaults(func=_cmd_log_prob)
 
-    p = sub.add_parser("demo", help="run the demo and write its plots")
+    p = sub.add_parser("demo", help="run the demo and write its plots", parents=[cache])
     p.add_argument("--out", default="demo-output", help="folder for the demo's plots")
     p.add_argument("--quick", action="store_true", help="a few steps only (for tests)")
     p.set_defaults(func=_cmd_demo)
@@ -234,6 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        _compilation_cache(args)
         return args.func(args)
     except (SpecError, ValueError, TypeError, FileNotFoundError, ImportError) as exc:
         print(f"flowguides {args.command}: error: {exc}", file=sys.stderr)

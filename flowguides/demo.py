@@ -4,6 +4,9 @@
    fitted with a RealNVP flow guide in Pyro and in NumPyro and with NumPyro's diagonal-normal
    `AutoNormal`, against posteriordb's reference draws.
 2. Density fitting: a RealNVP density on two moons, with its contour plot.
+
+The NumPyro parts run with JAX's persistent compilation cache on (see
+`flowguides.numpyro.use_compilation_cache`): a second demo loads what the first compiled.
 """
 
 from __future__ import annotations
@@ -110,14 +113,24 @@ def _diagonal_normal_numpyro(num_steps: int):
     return {k: np.asarray(v) for k, v in draws.items()}, elbo
 
 
-def run_demo(out: str = "demo-output", quick: bool = False) -> int:
-    """Run the demo, print its tables and write its plots to `out`; returns the exit status."""
+def run_demo(out: str = "demo-output", quick: bool = False, cache: bool = True) -> int:
+    """Run the demo, print its tables and write its plots to `out`; returns the exit status.
+
+    Args:
+        out: the folder for the plots.
+        quick: a few steps only (for tests).
+        cache: turn on JAX's persistent compilation cache in its default directory.
+    """
     from flowguides.diagnostics import diagnose
 
     if importlib.util.find_spec("jax") is not None:
         import numpyro
 
         numpyro.enable_x64()  # the demo runs in float64 in both backends
+        if cache:
+            from flowguides.numpyro import use_compilation_cache
+
+            use_compilation_cache()
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     steps = 60 if quick else 1500

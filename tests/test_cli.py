@@ -100,3 +100,47 @@ def test_fit_density_help_names_the_objective_and_coupling(capsys) -> None:
         main(["fit-density", "--help"])
     out = capsys.readouterr().out
     assert "{maximum_likelihood,flow_matching}" in out and "{independent,ot}" in out
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["fit-density", "d.csv", "--spec", "planar"], ["sample", "fit", "-n", "1"],
+     ["log-prob", "fit", "d.csv"]],
+)  # fmt: skip
+def test_numpyro_commands_turn_the_compilation_cache_on_unless_told_not_to(command, monkeypatch):
+    pytest.importorskip("numpyro")
+    import flowguides.numpyro
+    from flowguides import cli
+
+    calls = []
+    monkeypatch.setattr(flowguides.numpyro, "use_compilation_cache", lambda: calls.append(1))
+    for extra, expected in (([], 1), (["--no-cache"], 1), (["--backend", "pyro"], 1)):
+        cli._compilation_cache(cli.build_parser().parse_args([*command, "--out", "o", *extra]))
+        assert len(calls) == expected  # on by default (numpyro), then left off
+
+
+def test_the_demo_runs_with_the_cache_unless_told_not_to(monkeypatch) -> None:
+    import flowguides.demo
+
+    seen = []
+    monkeypatch.setattr(flowguides.demo, "run_demo", lambda **kw: seen.append(kw["cache"]) or 0)
+    assert main(["demo", "--quick"]) == 0 and main(["demo", "--quick", "--no-cache"]) == 0
+    assert seen == [True, False]
+
+
+def test_fit_density_with_numpyro_fills_the_cache_in_a_new_process(tmp_path) -> None:
+    pytest.importorskip("numpyro")
+    import os
+
+    csv = _ring_csv(tmp_path)
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "flowguides.cli", "fit-density", csv, "--spec", "realnvp:1"]
+    command += ["--steps", "3", "--quiet", "--out"]
+    done = subprocess.run([*command, str(tmp_path / "a"), "--no-cache"], env=env,
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    cache = tmp_path / "home" / "flowguides" / "jax"
+    assert not cache.exists()  # --no-cache: nothing written
+    done = subprocess.run([*command, str(tmp_path / "b")], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [p for p in cache.rglob("*") if p.is_file()]  # programs for the next process

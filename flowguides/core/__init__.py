@@ -13,6 +13,9 @@ rules (schedule, default learning rate, data splits, the start search's constant
   routing by PSIS k-hat (`KHAT_GUIDE`, `KHAT_PSIS`, `choose_route`) and its `InferResult`.
 - `flowguides.core.data`: what `fit_density` accepts (arrays, memory-mapped arrays,
   iterables of minibatches): checks, splits and standardisation, streamed.
+- `flowguides.core.timing`: the keys of `fit.timing` (set-up parts, compile, training, draws).
+- `flowguides.core.calls`: what flowguides reads off user callables (names, parameter labels,
+  the stack level of a warning).
 - `flowguides.core.state`: the saved-folder format the backends' ``io.py`` read and write.
 """
 

@@ -1,4 +1,6 @@
-"""A model's arguments in compiled programs: traced or constant, and the keys compiles cache on.
+"""A model's arguments in compiled programs: traced or constant, and the keys compiles cache on;
+what a `PosteriorFit` reads off its model (`observed_data`, `log_likelihood`,
+`subsampled_plates`: the fit's methods of those names).
 
 `fit_posterior` traces the array arguments of a model, so that a compile is reused for new
 data of the same shapes. A model that uses a data value in Python (``int(counts.sum())``,
@@ -21,18 +23,19 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import inspect
 import sys
 import types
 import warnings
 from collections.abc import Callable, Collection, Hashable, Mapping
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from numpyro import handlers
+from numpyro.infer.util import log_likelihood as _numpyro_log_likelihood
+
+from flowguides.core.calls import callable_name, first_line, parameter_labels, user_stacklevel
 
 __all__ = [
     "TRACER_ERRORS",
@@ -41,8 +44,11 @@ __all__ = [
     "as_constants",
     "callable_key",
     "choose_constants",
+    "log_likelihood",
     "model_tracing_error",
+    "observed_data",
     "split_args",
+    "subsampled_plates",
     "value_key",
 ]
 
@@ -256,24 +262,6 @@ def as_constants(
     return out_args, out_kwargs
 
 
-def _labels_of(model: Callable[..., Any], args: tuple, kwargs: Mapping[str, Any]) -> dict:
-    """``{name: label}`` of the model's parameters, positional ones at their positions."""
-    try:
-        params = list(inspect.signature(model).parameters.values())
-    except (TypeError, ValueError):
-        params = []
-    names: dict[str, Label] = {}
-    position = 0
-    for p in params:
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
-            names[p.name] = position if position < len(args) else p.name
-            position += 1
-        elif p.kind == p.KEYWORD_ONLY:
-            names[p.name] = p.name
-    names.update({k: k for k in kwargs})
-    return names
-
-
 def _trace_error(
     model: Callable[..., Any], args: tuple, kwargs: Mapping[str, Any], constants: Collection
 ) -> Exception | None:
@@ -295,26 +283,6 @@ def _trace_error(
     return None
 
 
-def _caller_level() -> int:
-    """The `stacklevel` of the first caller outside flowguides and installed packages."""
-    package = str(Path(__file__).parents[1])
-    frame, level = sys._getframe(1), 1
-    while frame.f_back is not None:
-        name = frame.f_code.co_filename
-        if not (name.startswith(package) or "-packages" in name or name.startswith("<")):
-            break
-        frame, level = frame.f_back, level + 1
-    return level
-
-
-def _first_line(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-
-
-def _name(model: Any) -> str:
-    return getattr(model, "__name__", type(model).__name__)
-
-
 def model_tracing_error(
     model: Callable[..., Any], exc: Exception, constants: bool = True
 ) -> ModelTracingError:
@@ -324,8 +292,9 @@ def model_tracing_error(
         hint = "if the value comes from an argument, name it in static_argnames; if "
     else:
         hint = "its array arguments were constants, so it comes from a latent site: if "
+    name = callable_name(model)
     return ModelTracingError(
-        f"model {_name(model)!r} turns a traced value into a Python value ({_first_line(exc)}): "
+        f"model {name!r} turns a traced value into a Python value ({first_line(exc)}): "
         f"{hint}it is a latent site's value, it is traced in any gradient fit (NumPyro's SVI "
         "and MCMC too) and cannot set a Python bool, int or float, an if or a loop bound; use "
         "jnp.where or jax.lax.cond"
@@ -348,7 +317,7 @@ def choose_constants(
     """
     if isinstance(static_argnames, str):
         static_argnames = [static_argnames]
-    names = _labels_of(model, args, kwargs)
+    names = parameter_labels(model, args, kwargs)
     unknown = [n for n in static_argnames or () if n not in names]
     if unknown:
         raise ValueError(
@@ -375,11 +344,47 @@ def choose_constants(
     by_label = {label: n for n, label in names.items()}
     shown = sorted(str(by_label.get(label, label)) for label in holding - explicit)
     warnings.warn(
-        f"model {_name(model)!r} uses the value of an argument in Python "
-        f"({_first_line(traced_error)}); its array argument(s) {shown} are compiled in as "
+        f"model {callable_name(model)!r} uses the value of an argument in Python "
+        f"({first_line(traced_error)}); its array argument(s) {shown} are compiled in as "
         "constants, as NumPyro's SVI and MCMC do, so each new data set compiles anew (a refit "
         f"on the same data does not). Pass static_argnames={shown} to say so up front.",
         ConstantArgumentsWarning,
-        stacklevel=_caller_level(),
+        stacklevel=user_stacklevel(),
     )
     return everything
+
+
+def subsampled_plates(fit: Any) -> list[str]:
+    """Names of the model's plates that subsample their data (``subsample_size`` smaller
+    than the size). `flowguides.to_arviz` leaves ``observed_data`` and ``log_likelihood``
+    out for such a model: each evaluation sees another subsample."""
+    return [
+        name
+        for name, site in fit.guide.prototype_trace.items()
+        if site["type"] == "plate"
+        and site["args"][1] is not None
+        and 0 < site["args"][1] < site["args"][0]
+    ]
+
+
+def observed_data(fit: Any) -> dict[str, np.ndarray]:
+    """``{site: value}`` of every observed site."""
+    trace = fit.guide.prototype_trace
+    return {
+        name: np.asarray(site["value"])
+        for name, site in trace.items()
+        if site["type"] == "sample" and site["is_observed"]
+    }
+
+
+def log_likelihood(
+    fit: Any, draws: Mapping[str, Any], seed: int | None = None
+) -> dict[str, np.ndarray]:
+    """Pointwise log-likelihood ``{observed site: (S, *obs_shape)}`` of latent `draws`.
+
+    The model runs seeded (`seed`, or one from the fit's generator): a subsampled plate
+    (see `subsampled_plates`) draws its indices from it, the same for every draw."""
+    samples = {k: jnp.asarray(v) for k, v in draws.items()}
+    model = handlers.seed(fit.model, fit._key(seed))
+    out = _numpyro_log_likelihood(model, samples, *fit.args, **fit.kwargs)
+    return {k: np.asarray(v) for k, v in out.items()}

@@ -4,9 +4,11 @@ The shared schedule as an optax optimiser (`make_optimizer`), a bounded cache of
 programs keyed on a fit's static structure (`cache_key`, `cached`, `clear_compiled`; see
 `flowguides.numpyro._model` for the keys of models and arguments), the host loop that runs
 chunks of `CHUNK` steps and advances the progress bar between them (`run_chunks`,
-`progress_bar`, `timing`), and the per-step records of neural-ODE layers (`history_entries`,
-`mean_penalty`, as in the Pyro backend) and `fit_posterior`'s losses (`ObjectiveLoss`,
-`objective_loss`, as in the Pyro backend; `RecordingELBO`) and `use_compilation_cache`.
+`progress_bar`; `flowguides.core.timing` reads the timings off them), the optimiser's state
+before any step (`initial_optimizer_state`), the per-step records of neural-ODE layers
+(`history_entries`, `mean_penalty`, as in the Pyro backend), `fit_posterior`'s losses
+(`ObjectiveLoss`, `objective_loss`, as in the Pyro backend; `RecordingELBO`) and
+`use_compilation_cache`.
 
 The Pyro backend's ``_training.py`` has `mean_penalty` and `progress_bar` too; PyTorch steps
 eagerly, so it has ``Trainer``, ``Evaluations`` and ``with_penalty`` where this module
@@ -56,6 +58,7 @@ __all__ = [
     "constraint_key",
     "default_float",
     "history_entries",
+    "initial_optimizer_state",
     "make_optimizer",
     "mean_penalty",
     "objective_loss",
@@ -64,7 +67,6 @@ __all__ = [
     "progress_bar",
     "run_chunks",
     "supports_key",
-    "timing",
     "use_compilation_cache",
 ]
 
@@ -100,6 +102,15 @@ def make_optimizer(num_steps: int, learning_rate: float, clip_norm: float | None
         return {k: "fixed" if k.endswith(PRECONDITION) else "trained" for k in params}
 
     return optax.multi_transform({"trained": trained, "fixed": optax.set_to_zero()}, labels)
+
+
+def initial_optimizer_state(optim: Any, params: Mapping[str, Any]) -> tuple:
+    """``optim.init(params)`` for NumPyro's wrapper of a `make_optimizer` optimiser, without
+    running it (an XLA compile): NumPyro's step counter and every optax state entry (Adam's
+    moments and counts) start at zero, so only their shapes are traced."""
+    step, (_, state) = jax.eval_shape(optim.init, params)
+    zeros = jax.tree.map(lambda s: jax.device_put(np.zeros(s.shape, s.dtype)), state)
+    return jax.device_put(0), (params, zeros)  # NumPyro's counter: jnp.array(0), weakly typed
 
 
 def cache_key(*parts: Hashable, content: tuple) -> tuple | None:
@@ -246,17 +257,6 @@ def run_chunks(
             if bool(carry[-2]):  # stopped
                 break
     return carry, jax.tree.map(lambda *a: np.concatenate(a), *outputs)
-
-
-def timing(setup_s: float, seconds: list[float], num_steps: int) -> dict[str, float]:
-    """``setup_s`` (guide set-up and start search), ``compile_s`` (first chunk minus a steady
-    one; 0 when the compiled chunk came from the cache) and steady ``steps_per_s``: that of
-    the fastest full chunk after the first (the first compiles; the fastest, as ``timeit``
-    takes the best of its repeats, is the least disturbed by other work on the machine)."""
-    full = [s for i, s in enumerate(seconds) if i > 0 and (i + 1) * CHUNK <= num_steps]
-    per_step = (min(full) if full else seconds[0]) / CHUNK
-    compile_s = max(seconds[0] - per_step * min(CHUNK, num_steps), 0.0)
-    return {"setup_s": setup_s, "compile_s": compile_s, "steps_per_s": 1.0 / per_step}
 
 
 def posterior_chunk(

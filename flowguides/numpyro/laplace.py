@@ -32,6 +32,7 @@ __all__ = ["choose_start", "hessian_diagonal", "laplace_search", "laplace_start"
 
 _MAP_ITERATIONS = 2000
 _ELBO_DRAWS = 256
+_ELBO_PRNG = "rbg"  # XLA's generator: a small fraction of threefry's compile time
 _ENERGY_BATCH = 64  # draws per vectorised model evaluation in the start search
 
 
@@ -39,25 +40,41 @@ def minimize(energy: Callable[[jax.Array], jax.Array], x0: jax.Array) -> jax.Arr
     """L-BFGS for the minimum of `energy` (robust to badly scaled sites), until a step moves
     no coordinate by more than 1e-10 of its size or after `_MAP_ITERATIONS` steps (an
     ill-conditioned regression can need several hundred)."""
+    return _lbfgs(energy, x0)[0]
+
+
+def _lbfgs(energy: Callable[[jax.Array], jax.Array], x0: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`minimize`'s ``(minimum, gradient there)``.
+
+    The model appears twice in the program: in the line search, by value only, and in one
+    value-and-gradient evaluation per step at the point the step reached (the first step
+    takes none: it evaluates the start), whose gradient the next step, and the caller, read.
+    """
     # a backtracking line search: the same minima as the default zoom search on the nine
     # posteriordb posteriors, at about half its XLA compile time
-    linesearch = optax.scale_by_backtracking_linesearch(max_backtracking_steps=40, store_grad=True)
+    linesearch = optax.scale_by_backtracking_linesearch(max_backtracking_steps=40)
     solver = optax.lbfgs(linesearch=linesearch)
-    value_and_grad = optax.value_and_grad_from_state(energy)
+    value_and_grad = jax.value_and_grad(energy)
 
     def step(carry: tuple) -> tuple:
-        x, state, i, _ = carry
-        value, grad = value_and_grad(x, state=state)
-        updates, state = solver.update(grad, state, x, value=value, grad=grad, value_fn=energy)
-        new = optax.apply_updates(x, updates)
-        moved = jnp.max(jnp.abs(new - x) / (1.0 + jnp.abs(x)))
-        return new, state, i + 1, moved
+        x, value, grad, state, i, _ = carry
+
+        def advance(x: jax.Array, state: tuple) -> tuple:
+            updates, state = solver.update(grad, state, x, value=value, grad=grad, value_fn=energy)
+            return optax.apply_updates(x, updates), state
+
+        new, state = lax.cond(i > 0, advance, lambda x, state: (x, state), x, state)
+        value, grad = value_and_grad(new)
+        moved = jnp.where(i > 0, jnp.max(jnp.abs(new - x) / (1.0 + jnp.abs(x))), jnp.inf)
+        return new, value, grad, state, i + 1, moved
 
     def running(carry: tuple) -> jax.Array:
-        return (carry[2] < _MAP_ITERATIONS) & (carry[3] > 1e-10)
+        return (carry[4] <= _MAP_ITERATIONS) & (carry[5] > 1e-10)
 
-    start = (x0, solver.init(x0), jnp.asarray(0), jnp.asarray(jnp.inf, x0.dtype))
-    return lax.while_loop(running, step, start)[0]
+    inf = jnp.asarray(jnp.inf, x0.dtype)
+    start = (x0, inf, jnp.zeros_like(x0), solver.init(x0), jnp.asarray(0), inf)
+    x, _, grad, *_ = lax.while_loop(running, step, start)
+    return x, grad
 
 
 def hessian_diagonal(
@@ -102,7 +119,8 @@ def laplace_search(
 ) -> dict[str, jax.Array]:
     """Everything `init_scale` decides on, as one traced program (compiled once per model and
     shapes): the MAP, the Hessian (full rank) or its diagonal, the mode checks and the
-    256-draw ELBO of every start.
+    256-draw ELBO of every start (the same fixed draws, from XLA's generator, for every
+    start; the model is evaluated on all of them in batches of 64).
 
     Args:
         energy: the negative log joint of one point ``(d,)``.
@@ -116,7 +134,7 @@ def laplace_search(
     """
     dim = loc.shape[0]
     full_rank = dim <= FULL_RANK_MAX_DIM if full_rank is None else full_rank
-    loc_map = minimize(energy, loc)
+    loc_map, grad_map = _lbfgs(energy, loc)
     if full_rank:
         hess = jax.hessian(energy)(loc_map)
         curvature = jnp.diag(hess)
@@ -126,8 +144,8 @@ def laplace_search(
     scale = jnp.where(good, 1.0 / jnp.sqrt(jnp.where(good, curvature, 1.0)), 0.1)
     # A mode is stationary: its Newton step, in its own scale, is small. A density that grows
     # without bound (a funnel's scale collapsing to 0) leaves a large step behind.
-    moving = ~(jnp.abs(jax.grad(energy)(loc_map)) * scale < MODE_TOLERANCE)
-    eps = jax.random.normal(jax.random.key(0), (_ELBO_DRAWS, dim), loc.dtype)
+    moving = ~(jnp.abs(grad_map) * scale < MODE_TOLERANCE)
+    eps = jax.random.normal(jax.random.key(0, impl=_ELBO_PRNG), (_ELBO_DRAWS, dim), loc.dtype)
     # every start's draws (and 16 around the mode) go through one batched energy: one copy
     # of the model in the compiled program instead of one per start
     starts = [(loc + s * eps, dim * jnp.log(s)) for s in AUTO_SCALES]
@@ -139,7 +157,10 @@ def laplace_search(
         starts.append((loc_map + eps @ tril.T, jnp.sum(jnp.log(jnp.diagonal(tril)))))
     around = loc_map + scale * eps[:16]
     points = jnp.concatenate([*(z for z, _ in starts), around])
-    energies = lax.map(energy, points, batch_size=_ENERGY_BATCH)
+    # padded to whole batches: a remainder would be one more copy of the model
+    padding = jnp.broadcast_to(loc_map, (-len(points) % _ENERGY_BATCH, dim))
+    padded = jnp.concatenate([points, padding])
+    energies = lax.map(energy, padded, batch_size=_ENERGY_BATCH)[: len(points)]
     elbos = -jnp.mean(energies[: _ELBO_DRAWS * len(starts)].reshape(len(starts), -1), axis=1)
     elbos = elbos + jnp.stack([log_det for _, log_det in starts])
     out = {

@@ -1,10 +1,9 @@
 """Fit a flow guide to a NumPyro model's posterior: `PosteriorFit` and `fit_posterior`.
 
 Training steps run inside `jax.lax.scan` in chunks of up to 100 steps, so the host
-synchronises (and the tqdm bar advances) once per chunk. The jitted chunk is cached on the
-fit's static structure and on the model by content (`flowguides.numpyro._model.callable_key`):
-a second call with the same shapes does not recompile, one after a change of the data the model
-reads from outside its arguments does (`clear_compiled` empties the cache). A non-finite loss
+synchronises (and the tqdm bar advances) once per chunk. The jitted chunk, like the draws'
+program, is cached on the fit's static structure and on the model by content (`clear_compiled`
+empties the cache; see `flowguides.numpyro._model.callable_key`). A non-finite loss
 or gradient stops training at that step and raises `NonFiniteLossError`
 (`NonFiniteGradientError`) with the last finite parameters. Adam (after optional global-norm
 clipping) follows the shared schedule. Neural-ODE layers train inside `training_solves` (STEER
@@ -27,7 +26,6 @@ from functools import partial
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from numpyro import handlers
 from numpyro.distributions import constraints
@@ -36,7 +34,6 @@ from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.initialization import init_to_median
 from numpyro.infer.svi import SVIState
 from numpyro.infer.util import log_density, transform_fn
-from numpyro.infer.util import log_likelihood as _numpyro_log_likelihood
 
 from flowguides.core import (
     NonFiniteGradientError,
@@ -48,26 +45,30 @@ from flowguides.core import (
     default_learning_rate,
     warn_if_below_start,
 )
+from flowguides.core.timing import add_seconds, chunk_timing, fit_timing, timed_calls
+from flowguides.numpyro import _model
 from flowguides.numpyro._model import (
     TRACER_ERRORS,
     as_constants,
     callable_key,
     model_tracing_error,
     split_args,
+    value_key,
 )
 from flowguides.numpyro._training import (
+    CHUNK,
     HISTORY,
     ObjectiveLoss,
     RecordingELBO,
     cache_key,
     cached,
     default_float,
+    initial_optimizer_state,
     make_optimizer,
     params_key,
     posterior_chunk,
     run_chunks,
     supports_key,
-    timing,
 )
 from flowguides.numpyro.guide import AutoFlowGuide
 from flowguides.numpyro.neutra import neutra as _neutra
@@ -83,9 +84,8 @@ particles' draws (keys still split by threefry, so streams stay independent unde
 SVI step splits keys and draws noise for every particle and site, which threefry's bits make
 a noticeable share of a step (see the benchmarks page)."""
 _TRACES = {"posterior": 0}  # times a training chunk was traced (tests read it)
-
-
 _RecordingELBO = RecordingELBO  # moved to _training.py; tests/numpyro/test_fit.py reads it here
+_split3 = jax.jit(lambda key: tuple(jax.random.split(key, 3)))  # one program, not one per op
 
 
 def _traced() -> None:
@@ -112,10 +112,10 @@ class PosteriorFit(PosteriorFitMethods):
             the most any particle's solve needed, which is what the batched solve runs),
             ``"nfe_backward"`` (unless a layer uses the adjoint) and ``"regularization"`` (the
             mean RNODE penalty, when a regulariser weight is positive); empty otherwise.
-        timing: ``setup_s`` (guide set-up: NumPyro's model tracing, the `init_scale`
-            search), ``compile_s`` (the training chunk's XLA compile: none when this process
-            compiled it for the same shapes, a load when `use_compilation_cache` holds it)
-            and steady ``steps_per_s`` (the fastest 100-step chunk after the first).
+        timing: where the call's time went, `flowguides.core.timing.FIT_TIMING_KEYS`
+            (``compile_s``: the training chunk's, none when this process compiled it, a load
+            when `use_compilation_cache` holds it; ``steps_per_s``: the fastest 100-step
+            chunk after the first), and ``draws_s``: all `sample` calls so far.
     """
 
     guide: AutoFlowGuide
@@ -133,6 +133,7 @@ class PosteriorFit(PosteriorFitMethods):
     def __post_init__(self) -> None:
         self._rng = np.random.default_rng(self.seed + 1)
         self._densities = jax.jit(self._log_densities_fn, static_argnums=1)
+        self._draws: dict[int, Callable[..., Any]] = {}
 
     def _key(self, seed: int | None) -> jax.Array:
         return jax.random.key(int(self._rng.integers(2**31)) if seed is None else seed)
@@ -144,41 +145,35 @@ class PosteriorFit(PosteriorFitMethods):
         """``{site: shape}`` of every latent site."""
         return {name: tuple(np.shape(v)) for name, v in self.guide._init_locs.items()}
 
-    @property
-    def subsampled_plates(self) -> list[str]:
-        """Names of the model's plates that subsample their data (``subsample_size`` smaller
-        than the size). `flowguides.to_arviz` leaves ``observed_data`` and
-        ``log_likelihood`` out for such a model: each evaluation sees another subsample."""
-        return [
-            name
-            for name, site in self.guide.prototype_trace.items()
-            if site["type"] == "plate"
-            and site["args"][1] is not None
-            and 0 < site["args"][1] < site["args"][0]
-        ]
-
-    def observed_data(self) -> dict[str, np.ndarray]:
-        """``{site: value}`` of every observed site."""
-        trace = self.guide.prototype_trace
-        return {
-            name: np.asarray(site["value"])
-            for name, site in trace.items()
-            if site["type"] == "sample" and site["is_observed"]
-        }
+    subsampled_plates = property(_model.subsampled_plates)
+    observed_data = _model.observed_data  # fit.observed_data()
+    log_likelihood = _model.log_likelihood  # fit.log_likelihood(draws, seed)
 
     def sample(self, num_samples: int, seed: int | None = None) -> dict[str, np.ndarray]:
-        """Constrained posterior draws ``{site: (num_samples, *site_shape)}``.
+        """Constrained posterior draws ``{site: (num_samples, *site_shape)}`` (one program
+        per `num_samples`, compiled once for a model, its data and the fit's shapes).
 
         Raises:
             MaxStepsExceededError: an adaptive neural-ODE solve ran out of ``max_steps``.
         """
-        key = self._key(seed)
+        t0 = time.perf_counter()
+        if num_samples not in self._draws:
+            guide, args, kwargs, names = self.guide, self.args, self.kwargs, self.latent_shapes
+            shape = (num_samples,)
+
+            def draws(key: jax.Array, params: dict) -> dict[str, jax.Array]:
+                out = guide.sample_posterior(key, params, *args, sample_shape=shape, **kwargs)
+                return {name: out[name] for name in names}
+
+            content = (callable_key(self.model), value_key((args, kwargs)), supports_key(guide))
+            shapes = (guide.prefix, tuple(names.items()), params_key(self.params))
+            key = cache_key("draws", self.spec, shape, *shapes, content=content)
+            self._draws[num_samples] = cached(key, lambda: jax.jit(draws))
         with solver_errors():
-            draws = self.guide.sample_posterior(
-                key, self.params, *self.args, sample_shape=(num_samples,), **self.kwargs
-            )
-            draws = jax.block_until_ready(draws)
-        return {name: np.asarray(draws[name]) for name in self.latent_shapes}
+            out = jax.block_until_ready(self._draws[num_samples](self._key(seed), self.params))
+        out = {name: np.asarray(value) for name, value in out.items()}
+        add_seconds(self.timing, "draws_s", time.perf_counter() - t0)
+        return out
 
     def _log_densities_fn(self, key: jax.Array, num_samples: int):
         names = list(self.latent_shapes)
@@ -209,18 +204,6 @@ class PosteriorFit(PosteriorFitMethods):
             draws, log_p, log_q = jax.block_until_ready(self._densities(key, num_samples))
         return jax.tree.map(np.asarray, draws), np.asarray(log_p), np.asarray(log_q)
 
-    def log_likelihood(
-        self, draws: Mapping[str, Any], seed: int | None = None
-    ) -> dict[str, np.ndarray]:
-        """Pointwise log-likelihood ``{observed site: (S, *obs_shape)}`` of latent `draws`.
-
-        The model runs seeded (`seed`, or one from the fit's generator): a subsampled plate
-        (see `subsampled_plates`) draws its indices from it, the same for every draw."""
-        samples = {k: jnp.asarray(v) for k, v in draws.items()}
-        model = handlers.seed(self.model, self._key(seed))
-        out = _numpyro_log_likelihood(model, samples, *self.args, **self.kwargs)
-        return {k: np.asarray(v) for k, v in out.items()}
-
 
 def fit_posterior(
     model: Callable[..., Any],
@@ -246,14 +229,12 @@ def fit_posterior(
     particles) added to the loss (see `training_solves`).
 
     The model's array arguments are traced, so a compiled program is reused for new data of
-    the same shapes. A model that uses a data value in Python (``int(counts.sum())``,
-    ``range(int(T))``, ``if y.max() > 0:``) is found by tracing it once before anything
-    compiles; its array arguments are then compiled in as constants, as NumPyro's `SVI.run`
-    and `MCMC` do (one `ConstantArgumentsWarning`; a new data set compiles anew). Compiled
-    programs are cached on the model's identity and the contents of what it reads besides
-    its arguments (see `flowguides.numpyro._model.callable_key`), on the spec, the settings,
-    the traced arguments' shapes and dtypes and the constant ones' contents; a model reading
-    a value that cannot be keyed so (e.g. a DataFrame) is compiled anew on every call.
+    the same shapes; those of a model that uses a data value in Python (``int(counts.sum())``,
+    ``if y.max() > 0:``) are compiled in as constants, as NumPyro's `SVI.run` and `MCMC` do
+    (one `ConstantArgumentsWarning`). Programs are cached on the model and what it reads
+    besides its arguments, by content (a model reading a value that cannot be keyed so, e.g.
+    a DataFrame, compiles anew on every call), the spec, the settings and the arguments' shapes
+    (see `flowguides.numpyro._model`).
 
     Args:
         model: a NumPyro model; `args` and `kwargs` are passed to it.
@@ -304,6 +285,7 @@ def fit_posterior(
         raise ValueError(f"num_particles: expected a positive integer, got {num_particles!r}")
     check_objective_options(spec, objective, gradient, num_inner)
     t0 = time.perf_counter()
+    times: dict[str, float] = {}
     guide = AutoFlowGuide(
         model, spec, init_loc_fn=init_loc_fn, init_scale=init_scale, static_argnames=static_argnames
     )
@@ -318,8 +300,9 @@ def fit_posterior(
     key = jax.random.key(seed, impl=TRAINING_PRNG)
     with solver_errors():
         try:
-            with handlers.block(), handlers.seed(rng_seed=jax.random.split(key, 3)[2]):
-                guide._setup_prototype(*args, **kwargs)  # the key `SVI.init` gives the guide
+            with handlers.block(), handlers.seed(rng_seed=_split3(key)[2]):
+                with timed_calls(guide, "_initial_start", times, "start_s"):
+                    guide._setup_prototype(*args, **kwargs)  # the key `SVI.init` gives the guide
             own = {"param", "mutable"} & {s["type"] for s in guide.prototype_trace.values()}
             if (objective, gradient) == ("iwelbo", "stl") and own:
                 raise ValueError(
@@ -344,7 +327,7 @@ def fit_posterior(
         key = cache_key("posterior", *settings, content=content)
         run_chunk = cached(key, lambda: posterior_chunk(svi, rebuild, num_steps, _traced))
         params = svi.optim.get_params(state.optim_state)
-        carry = (state, params, jnp.asarray(False), jnp.asarray(-1))
+        carry = (state, params, jax.device_put(False), jax.device_put(-1))
         seconds: list[float] = []
         try:
             (state, good, stopped, bad_step), (losses, steps) = run_chunks(
@@ -352,13 +335,13 @@ def fit_posterior(
             )
         except TRACER_ERRORS as exc:
             raise model_tracing_error(model, exc, bool(guide._constants)) from exc
-    times = timing(setup_s, seconds, num_steps)
     ran = int(bad_step) + 1 if bool(stopped) else num_steps
     history = {name: np.asarray(values[:ran]) for name, values in steps.items()}
-    extra = {"timing": times, "history": history}
     penalized = losses  # the guide adds the RNODE penalty to log q, so to the step's loss
     if "regularization" in steps:
         losses = losses - steps["regularization"]
+    times = fit_timing(t0, setup_s, times["start_s"], **chunk_timing(seconds, num_steps, CHUNK))
+    extra = {"timing": times, "history": history}
     if bool(stopped):
         fit = PosteriorFit(
             guide, model, spec, svi.constrain_fn(good), losses, args, kwargs, seed, **extra
@@ -377,11 +360,10 @@ def _init_state(
 ) -> SVIState:
     """`svi.init` without its eager pass through the guide and the model (an XLA compile per
     distinct operation): the guide's set-up fixes every parameter, all unconstrained, so the
-    state is the optimiser's state of `guide.initial_params()`. The keys split as in
+    state is `initial_optimizer_state` of `guide.initial_params()`. The keys split as in
     `SVI.init`. A model with its own `param` or `mutable` sites takes `svi.init`. The guide
     is set up already (with the key `SVI.init` would give it). With a `RecordingELBO`, the
     state carries a zero history entry as SVI mutable state (where each step's records go)."""
-    state_key = jax.random.split(key, 3)[0]
     kinds = {site["type"] for site in guide.prototype_trace.values()}
     if kinds & {"param", "mutable"}:
         state = svi.init(key, *args, **kwargs)
@@ -389,7 +371,7 @@ def _init_state(
         params = guide.initial_params()
         identity = biject_to(constraints.real)
         svi.constrain_fn = partial(transform_fn, dict.fromkeys(params, identity))
-        state = SVIState(jax.jit(svi.optim.init)(params), None, state_key)
+        state = SVIState(initial_optimizer_state(svi.optim, params), None, _split3(key)[0])
     if isinstance(svi.loss, RecordingELBO):
         zeros = svi.loss.entries(np.zeros((), np.int32), np.zeros((), default_float()))
         state = state._replace(mutable_state={HISTORY: zeros})

@@ -39,6 +39,7 @@ from flowguides.core import (
     default_learning_rate,
     warn_if_below_start,
 )
+from flowguides.core.timing import add_seconds, fit_timing, timed_calls
 from flowguides.pyro._training import (
     Evaluations,
     ObjectiveLoss,
@@ -67,8 +68,10 @@ class PosteriorFit(PosteriorFitMethods):
         backend: ``"pyro"``.
         history: per-step arrays for neural-ODE flows (``"nfe_forward"``, ``"nfe_backward"``,
             ``"regularization"`` when a regulariser weight is positive); empty otherwise.
-        timing: ``setup_s`` (guide set-up, the `init_scale` search included) and
-            ``steps_per_s`` (the training loop), from `fit_posterior`.
+        timing: where the call's time went, `flowguides.core.timing.FIT_TIMING_KEYS`
+            (``setup_s`` up to the first step: the guide's set-up, the `init_scale` search
+            and the vectorisation check; ``compile_s`` 0: nothing compiles; ``steps_per_s``:
+            the training loop's), and ``draws_s``: all `sample` calls so far.
     """
 
     guide: AutoFlowGuide
@@ -92,13 +95,17 @@ class PosteriorFit(PosteriorFitMethods):
         }
 
     def sample(self, num_samples: int, seed: int | None = None) -> dict[str, np.ndarray]:
-        """Constrained posterior draws, ``name -> (num_samples, *site_shape)``.
+        """Constrained posterior draws, ``name -> (num_samples, *site_shape)`` (the call's time
+        is added to ``timing["draws_s"]``).
 
         Raises:
             MaxStepsExceededError: an adaptive neural-ODE solve ran out of ``max_steps``.
         """
+        t0 = time.perf_counter()
         latent, _ = self.guide.draws(num_samples, seed)
-        return {k: v.cpu().numpy() for k, v in self.guide.constrain(latent).items()}
+        out = {k: v.cpu().numpy() for k, v in self.guide.constrain(latent).items()}
+        add_seconds(self.timing, "draws_s", time.perf_counter() - t0)
+        return out
 
     def log_densities(
         self,
@@ -298,6 +305,7 @@ def fit_posterior(
     check_objective_options(spec, objective, gradient, num_inner)
     pyro.set_rng_seed(seed)
     t0 = time.perf_counter()
+    times: dict[str, float] = {}
     guide = AutoFlowGuide(
         model,
         spec,
@@ -308,8 +316,8 @@ def fit_posterior(
     store = pyro.get_param_store()
     for name in [n for n in store.keys() if n.startswith(f"{guide._pyro_name}.flow$$$")]:
         del store[name]  # stale weights of an earlier guide with the same prefix
-    guide._setup_if_needed(*args, **kwargs)
-    timing = {"setup_s": time.perf_counter() - t0}
+    with timed_calls(guide, "_initial_start", times, "start_s"):
+        guide._setup_if_needed(*args, **kwargs)
     if learning_rate is None:
         learning_rate = default_learning_rate(guide.latent_dim)
     evaluations = Evaluations(guide.flow)
@@ -354,12 +362,11 @@ def fit_posterior(
     losses: list[float] = []
 
     def partial_fit() -> PosteriorFit:
-        losses_so_far = np.asarray(losses)
-        if losses:
-            timing["steps_per_s"] = len(losses) / (time.perf_counter() - t1)
+        steps_per_s = len(losses) / (time.perf_counter() - t1) if losses else 0.0
+        timing = fit_timing(t0, t1 - t0, times["start_s"], 0.0, steps_per_s)
         return PosteriorFit(
-            guide, model, spec, losses_so_far, args, kwargs, history=evaluations.history(),
-            timing=dict(timing),
+            guide, model, spec, np.asarray(losses), args, kwargs, history=evaluations.history(),
+            timing=timing,
         )  # fmt: skip
 
     smooth = None

@@ -1,5 +1,6 @@
-"""`use_compilation_cache`: a fit in one process writes its programs to the directory, and a
-fit in a new process reads them back (no new entry) with the same losses to the last digit.
+"""`use_compilation_cache`: a fit and its draws in one process write their programs to the
+directory, and a new process reads them back (no new entry) with the same losses and draws to
+the last digit.
 
 Each fit runs in a fresh subprocess (the cache is per process) with a different
 ``PYTHONHASHSEED``: NumPyro's `Trace_ELBO` orders its sites by a set of names, so a program
@@ -41,7 +42,9 @@ y = np.array([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0])
 sigma = np.array([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0])
 spec = FlowSpec.realnvp(num_layers=2, hidden=(8,))
 fit = fit_posterior(schools, spec, y, sigma, num_steps=150, init_scale=0.1, progress=False)
-print(json.dumps({"directory": str(directory), "losses": [repr(v) for v in fit.losses]}))
+draws = fit.sample(100, seed=1)["tau"]
+print(json.dumps({"directory": str(directory), "losses": [repr(v) for v in fit.losses],
+                  "draws": [repr(v) for v in draws], "timing": fit.timing}))
 """
 
 
@@ -67,7 +70,9 @@ def test_a_fit_writes_its_programs_and_a_new_process_reads_them(tmp_path):
     second = _fit(cache, "2")
     assert _entries(cache) == written  # every program came from the cache: nothing new
     assert second["losses"] == first["losses"]
+    assert second["draws"] == first["draws"]  # the draws' program too
     assert len(set(first["losses"])) > 1  # the fit trained
+    assert second["timing"]["draws_s"] > 0 and "start_s" in second["timing"]
 
 
 def test_the_default_directory_is_per_user(tmp_path, monkeypatch):

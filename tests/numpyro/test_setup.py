@@ -1,9 +1,10 @@
 """The staged guide set-up and `fit_posterior`'s direct SVI state agree with NumPyro's own
-`initialize_model` and `svi.init`."""
+`initialize_model` and `svi.init`; the start search, the timings and the draws' program."""
 
 from __future__ import annotations
 
 import itertools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -11,12 +12,16 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import optax
+import pytest
 from numpyro import handlers
 from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.initialization import init_to_median
 from numpyro.infer.util import initialize_model
+from numpyro.optim import optax_to_numpyro
 
-from flowguides.numpyro import AutoFlowGuide, clear_compiled
+from flowguides.core import AUTO_SCALES
+from flowguides.core.timing import FIT_TIMING_KEYS
+from flowguides.numpyro import AutoFlowGuide, clear_compiled, fit_posterior, laplace
 from flowguides.numpyro import posterior as posterior_module
 from flowguides.spec import FlowSpec
 
@@ -145,3 +150,110 @@ def test_direct_state_equals_svi_init():
         np.testing.assert_allclose(
             svis[0].get_params(s1)[name], svis[1].get_params(s2)[name], rtol=1e-10
         )
+
+
+def test_initial_optimizer_state_equals_init_and_compiles_nothing():
+    from flowguides.numpyro._training import initial_optimizer_state, make_optimizer
+
+    params = {  # a Laplace start's fixed whitening has no Adam state
+        "auto_affine.loc": jnp.arange(3.0),
+        "auto_layers.0.w": jnp.ones((2, 3), jnp.float32),
+        "auto_precondition.scale_tril": jnp.eye(3),
+    }
+    optim = optax_to_numpyro(make_optimizer(300, 1e-2, 5.0))  # clipping, schedule, Adam
+    compiles = []
+
+    def listen(event: str, seconds: float, **kwargs) -> None:
+        if event.endswith("backend_compile_duration"):
+            compiles.append(kwargs.get("fun_name"))
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        ours = initial_optimizer_state(optim, params)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    theirs = optim.init(params)
+    assert compiles == []
+    assert jax.tree.structure(ours) == jax.tree.structure(theirs)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
+        a, b = jnp.asarray(a), jnp.asarray(b)
+        assert (a.shape, a.dtype, a.weak_type) == (b.shape, b.dtype, b.weak_type)
+        np.testing.assert_array_equal(a, b)
+    # the same first update from either state
+    grads = jax.tree.map(jnp.ones_like, params)
+    for a, b in zip(
+        jax.tree.leaves(optim.update(grads, ours, value=1.0)),
+        jax.tree.leaves(optim.update(grads, theirs, value=1.0)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_timing_accounts_for_the_whole_call_and_the_draws():
+    t0 = time.perf_counter()
+    fit = fit_posterior(model, SPEC, X, Y, num_steps=300, init_scale="auto", progress=False)
+    wall = time.perf_counter() - t0
+    timing = fit.timing
+    assert tuple(timing) == FIT_TIMING_KEYS
+    assert all(np.isfinite(v) and v >= 0 for v in timing.values())
+    assert timing["start_s"] > 0  # the "auto" search ran and was timed
+    assert timing["init_s"] + timing["start_s"] == pytest.approx(timing["setup_s"])
+    parts = timing["setup_s"] + timing["compile_s"] + timing["train_s"]
+    assert parts == pytest.approx(timing["fit_s"]) and timing["fit_s"] <= wall
+    plain = fit_posterior(model, SPEC, X, Y, num_steps=100, init_scale=0.1, progress=False)
+    assert plain.timing["start_s"] < 1e-3  # no search: the start is the given scale
+    # every draw call adds its time; the second call of the same size reuses the program
+    t0 = time.perf_counter()
+    fit.sample(1000, seed=0)
+    first = time.perf_counter() - t0
+    assert 0 < fit.timing["draws_s"] <= first
+    fit.sample(1000, seed=1)
+    assert first < fit.timing["draws_s"] <= time.perf_counter() - t0
+    assert "draws_s" not in plain.timing
+
+
+def test_draws_are_one_program_shared_by_fits_of_the_same_model_and_data():
+    fit = fit_posterior(model, SPEC, X, Y, num_steps=100, init_scale=0.1, progress=False)
+    draws = fit.sample(500, seed=2)
+    # the program gives NumPyro's own (eager) draws of the same key
+    eager = fit.guide.sample_posterior(jax.random.key(2), fit.params, X, Y, sample_shape=(500,))
+    assert set(draws) == {"sigma", "w", "rho"}
+    for name, value in draws.items():
+        assert value.shape == (500, *fit.latent_shapes[name])
+        np.testing.assert_allclose(value, eager[name], rtol=1e-10, atol=1e-12)
+    again = fit_posterior(model, SPEC, X, Y, num_steps=100, init_scale=0.3, seed=1, progress=False)
+    again.sample(500, seed=2)
+    assert again._draws[500] is fit._draws[500]  # same model, data and shapes: no compile
+    whitened = fit_posterior(model, SPEC, X, Y, num_steps=100, init_scale="laplace", progress=False)
+    whitened.sample(500, seed=2)
+    assert whitened._draws[500] is not fit._draws[500]  # more parameters: its own program
+    other = fit_posterior(model, SPEC, X, Y + 1.0, num_steps=100, init_scale=0.1, progress=False)
+    ours = other.sample(500, seed=2)["w"]
+    key = jax.random.key(2)
+    eager = other.guide.sample_posterior(key, other.params, X, Y + 1.0, sample_shape=(500,))
+    np.testing.assert_allclose(ours, eager["w"], rtol=1e-10, atol=1e-12)
+    assert other._draws[500] is not fit._draws[500]  # new data: its own program
+
+
+def test_the_search_reads_the_gradient_at_the_mode_and_scores_every_start():
+    a = jnp.asarray([[2.0, 0.3], [0.3, 0.5]])
+
+    def energy(z):  # a skewed, non-quadratic bowl with its minimum away from the start
+        return 0.5 * (z - 1.0) @ a @ (z - 1.0) + 0.1 * jnp.sum((z - 1.0) ** 4)
+
+    x, grad = laplace._lbfgs(energy, jnp.zeros(2))
+    np.testing.assert_allclose(x, [1.0, 1.0], atol=1e-6)
+    np.testing.assert_allclose(grad, jax.grad(energy)(x), rtol=1e-12, atol=1e-15)
+    loc = jnp.asarray([0.5, -0.5])
+    out = jax.jit(lambda z: laplace.laplace_search(energy, z))(loc)
+    np.testing.assert_allclose(out["loc_map"], x, rtol=1e-12)
+    # each start's ELBO from its 256 draws, evaluated here one by one
+    eps = jax.random.normal(jax.random.key(0, impl=laplace._ELBO_PRNG), (256, 2))
+    elbo = lambda z, log_det: -jnp.mean(jax.vmap(energy)(z)) + log_det  # noqa: E731
+    for scale, value in zip(AUTO_SCALES, out["elbo_plain"], strict=True):
+        expected = elbo(loc + scale * eps, 2 * jnp.log(scale))
+        np.testing.assert_allclose(value, expected, rtol=1e-12)
+    tril = out["tril"]
+    expected = elbo(x + eps @ tril.T, jnp.sum(jnp.log(jnp.diagonal(tril))))
+    np.testing.assert_allclose(out["elbo_full"], expected, rtol=1e-12)
+    assert not np.any(out["moving"]) and bool(out["finite"])
