@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from flowguides.core.checks import OBJECTIVES
 from flowguides.core.coupling import COUPLINGS
+from flowguides.core.training import DENSITY_LEARNING_RATE
 from flowguides.spec import FlowSpec, SpecError
 
 if TYPE_CHECKING:
@@ -207,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder to write the fit, loss.png, density.png")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=DENSITY_LEARNING_RATE)
     p.add_argument(
         "--objective",
         choices=OBJECTIVES,

@@ -157,12 +157,18 @@ def callable_key(fn: Any, _depth: int = 0, _seen: frozenset = frozenset()) -> Ha
             return value_key(fn)
         # a callable object (a class with __call__, a NumPyro handler around a model): its
         # __call__ and every attribute it holds
+        if id(fn) in _seen or _depth > _MAX_DEPTH:
+            return None  # a cycle or too deep: not keyed, so not cached
         attrs = getattr(fn, "__dict__", {})
+        call = type(fn).__call__  # a slot wrapper for a C-level __call__: keyed as itself
         parts = [
             ("self", value_key(fn)),
-            ("call", callable_key(type(fn).__call__, _depth + 1, _seen)),
+            ("call", callable_key(call, _depth + 1, _seen | {id(fn)})
+                     if isinstance(call, types.FunctionType) else ("builtin", call)),
+        ]  # fmt: skip
+        parts += [
+            (n, _free_key(v, set(), _depth, _seen | {id(fn)})) for n, v in sorted(attrs.items())
         ]
-        parts += [(n, _free_key(v, set(), _depth, _seen)) for n, v in sorted(attrs.items())]
         return None if _missing(parts) else ("object", tuple(parts))
     if id(fn) in _seen or _depth > _MAX_DEPTH or not _is_user_code(fn):
         return (types.FunctionType, fn)

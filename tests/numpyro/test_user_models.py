@@ -155,3 +155,23 @@ def test_fit_density_validates_at_the_first_and_last_step_and_refuses_no_finite_
     bad[val_rows[0]] = 1e200
     with pytest.raises(NonFiniteValidationError, match="validation loss was not finite"):
         fit_density(bad, spec, standardize=False, **settings)  # the same compiled chunk
+
+
+_exp = jnp.exp  # a library callable object under a user's own name
+
+
+def test_a_model_calling_a_jax_function_through_its_own_alias_fits_and_caches():
+    """``exp = jnp.exp`` then ``exp(v / 2)``: the cache key follows the alias (a callable
+    object whose ``__call__`` is a C-level slot) without recursing, and a second fit of the
+    same model reuses the compiled program."""
+
+    def funnel():
+        v = numpyro.sample("v", dist.Normal(0.0, 3.0))
+        with numpyro.plate("d", 2):
+            numpyro.sample("x", dist.Normal(0.0, _exp(v / 2)))
+
+    fit = fit_posterior(funnel, SPEC, num_steps=20, progress=False)
+    traces = dict(posterior_module._TRACES)
+    again = fit_posterior(funnel, SPEC, num_steps=20, progress=False)
+    assert dict(posterior_module._TRACES) == traces
+    assert np.isfinite(fit.losses).all() and np.isfinite(again.losses).all()
