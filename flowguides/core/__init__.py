@@ -83,6 +83,7 @@ from flowguides.core.training import (
     LEARNING_RATE_REFERENCE_DIM,
     MODE_TOLERANCE,
     VALIDATE_EVERY,
+    WITH_REPLACEMENT_RATIO,
     coordinate_sites,
     decay_steps,
     default_learning_rate,
@@ -93,6 +94,7 @@ from flowguides.core.training import (
 )
 
 __all__ = [
+    "WITH_REPLACEMENT_RATIO",
     "DENSITY_LEARNING_RATE",
     "STREAM_BLOCK_BYTES",
     "data_kind",

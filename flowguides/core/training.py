@@ -25,6 +25,7 @@ __all__ = [
     "VALIDATE_EVERY",
     "decay_steps",
     "DENSITY_LEARNING_RATE",
+    "WITH_REPLACEMENT_RATIO",
     "default_learning_rate",
     "learning_rate_at",
     "split_indices",
@@ -42,6 +43,13 @@ DENSITY_LEARNING_RATE = 3e-3
 """`fit_density`'s default peak learning rate, from the defaults sweep of the benchmarks
 (``benchmarks/density_defaults.py``, rows in ``benchmarks/results/density_defaults.jsonl``):
 the best or near the best rate for RealNVP and planar flows at 500 and 2,000 steps."""
+
+WITH_REPLACEMENT_RATIO = 10
+"""NumPyro's `fit_posterior` draws a subsampled plate's indices uniformly *with* replacement
+(``O(subsample_size)`` a step) where the plate is at least this many times its
+``subsample_size``, and without replacement (NumPyro's distribution, vectorised) below. Both
+make the minibatch ELBO unbiased; their variances differ by the finite population factor
+``(size - subsample_size) / (size - 1)``, within 10% above the ratio."""
 
 VALIDATE_EVERY = 25
 """`fit_density` evaluates the validation loss every this many steps (and at the first and

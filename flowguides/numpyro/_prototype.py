@@ -12,20 +12,27 @@ NumPyro's own set-up wherever the staged path does not apply: a traced key or ar
 inside `jit`), `param`/`mutable` sites or discrete latent sites in the model, a subsampled
 plate, no valid initial point (NumPyro then raises its own diagnostics), or a NumPyro without
 the helpers used here.
+
+Subsampled plates: `full_data` runs a model on all rows of its subsampled plates (the start
+search's energy), `training_model` makes their minibatch draws vectorised (see
+`flowguides.core.WITH_REPLACEMENT_RATIO`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpyro
+from jax import lax
 from numpyro import handlers
 from numpyro.infer.autoguide import AutoGuide
 from numpyro.infer.util import get_potential_fn, initialize_model
+from numpyro.primitives import Messenger
 
+from flowguides.core import WITH_REPLACEMENT_RATIO
 from flowguides.numpyro._model import callable_key, split_args
 from flowguides.numpyro._training import cache_key, cached
 
@@ -34,7 +41,13 @@ try:  # NumPyro >= 0.20
 except ImportError:  # pragma: no cover - older NumPyro: its own set-up
     _prepare_model_for_potential = _transforms_from_trace = None
 
-__all__ = ["StagedPrototype", "staged_prototype"]
+__all__ = [
+    "StagedPrototype",
+    "full_data",
+    "staged_prototype",
+    "subsampled",
+    "training_model",
+]
 
 _TRACES = {"init": 0}  # times the init program was traced (tests read it)
 
@@ -129,3 +142,57 @@ def staged_prototype(
     # jit returns dicts in sorted key order; NumPyro packs latent sites in model order
     init_locs = {name: z[name] for name in trace if name in z}
     return init_locs, potential_gen, postprocess_gen, trace
+
+
+class full_data(Messenger):
+    """Every subsampled plate (``subsample_size`` below its size) takes all its indices: the
+    model runs on the full data with likelihood scale 1. The start search runs under it, so
+    the MAP and the Hessian whitening are the full posterior's, not one minibatch's scaled
+    up (whose MAP sits about ``sqrt(size / subsample_size)`` posterior sds away)."""
+
+    def process_message(self, msg: dict) -> None:
+        if msg["type"] == "plate" and msg["value"] is None:
+            size = msg["args"][0]
+            msg["args"] = (size, None)
+            msg["value"] = jnp.arange(size)
+
+
+def _with_replacement(size: int, subsample_size: int, rng_key: jax.Array | None = None):
+    return jax.random.randint(rng_key, (subsample_size,), 0, size)
+
+
+def _without_replacement(size: int, subsample_size: int, rng_key: jax.Array | None = None):
+    # a uniformly random subset in random order (the indices of the largest of `size`
+    # uniform keys): NumPyro's distribution, vectorised, where NumPyro's CPU draw runs a
+    # sequential Fisher-Yates scan of `subsample_size` steps
+    return lax.top_k(jax.random.uniform(rng_key, (size,)), subsample_size)[1]
+
+
+class _fast_subsample(Messenger):
+    """Subsampled plates draw their minibatch indices by a vectorised draw: uniformly with
+    replacement where the plate is at least `WITH_REPLACEMENT_RATIO` times its
+    ``subsample_size`` (``O(subsample_size)``), else a uniform subset without replacement
+    (``O(size)``, as NumPyro's own draw)."""
+
+    def process_message(self, msg: dict) -> None:
+        if msg["type"] == "plate" and msg["value"] is None and msg["args"][1] is not None:
+            size, subsample_size = msg["args"]
+            large = size >= WITH_REPLACEMENT_RATIO * subsample_size
+            msg["fn"] = _with_replacement if large else _without_replacement
+
+
+def subsampled(prototype_trace: Mapping[str, Any]) -> bool:
+    """Whether a model's trace has a plate that subsamples (``subsample_size`` below its
+    size)."""
+    return any(
+        site["type"] == "plate"
+        and site["args"][1] is not None
+        and site["args"][1] < site["args"][0]
+        for site in prototype_trace.values()
+    )
+
+
+def training_model(model: Callable[..., Any], subsamples: bool) -> Callable[..., Any]:
+    """`model` with its subsampled plates drawing by `_fast_subsample` (`model` itself when
+    it `subsamples` nothing)."""
+    return _fast_subsample(model) if subsamples else model

@@ -29,7 +29,6 @@ from jax import lax
 from numpyro import handlers
 from numpyro.infer.autoguide import AutoContinuous
 from numpyro.infer.initialization import init_to_median
-from numpyro.primitives import Messenger
 
 from flowguides.core import (
     FULL_RANK_MAX_DIM,
@@ -42,7 +41,7 @@ from flowguides.core import (
 )
 from flowguides.numpyro import ode
 from flowguides.numpyro._model import as_constants, callable_key, choose_constants, split_args
-from flowguides.numpyro._prototype import StagedPrototype
+from flowguides.numpyro._prototype import StagedPrototype, full_data
 from flowguides.numpyro._training import cache_key, cached
 from flowguides.numpyro.build import (
     Flow,
@@ -57,19 +56,6 @@ from flowguides.spec import FlowSpec, SpecError
 __all__ = ["AutoFlowGuide"]
 
 _QUANTILE_SAMPLES = 4000
-
-
-class _full_data(Messenger):
-    """Every subsampled plate (``subsample_size`` below its size) takes all its indices: the
-    model runs on the full data with likelihood scale 1. The start search runs under it, so
-    the MAP and the Hessian whitening are the full posterior's, not one minibatch's scaled
-    up (whose MAP sits about ``sqrt(size / subsample_size)`` posterior sds away)."""
-
-    def process_message(self, msg: dict) -> None:
-        if msg["type"] == "plate" and msg["value"] is None:
-            size = msg["args"][0]
-            msg["args"] = (size, None)
-            msg["value"] = jnp.arange(size)
 
 
 class AutoFlowGuide(AutoContinuous, StagedPrototype):
@@ -188,7 +174,7 @@ class AutoFlowGuide(AutoContinuous, StagedPrototype):
         def search(z0: jax.Array, arrays: list) -> dict[str, jax.Array]:
             a, k = rebuild(arrays)
             potential = potential_gen(*a, **k)
-            with _full_data():  # traced once: the program holds the full-data energy
+            with full_data():  # traced once: the program holds the full-data energy
                 return laplace_search(lambda z: potential(unpack(z)), z0, full_rank)
 
         shapes = (loc.shape, str(loc.dtype), full_rank)

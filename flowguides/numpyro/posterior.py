@@ -55,6 +55,7 @@ from flowguides.numpyro._model import (
     split_args,
     value_key,
 )
+from flowguides.numpyro._prototype import subsampled, training_model
 from flowguides.numpyro._training import (
     CHUNK,
     HISTORY,
@@ -311,7 +312,9 @@ def fit_posterior(
                 )
             if learning_rate is None:
                 learning_rate = default_learning_rate(guide.latent_dim)
-            svi = SVI(model, guide, make_optimizer(num_steps, learning_rate, clip_norm), elbo)
+            subsamples = subsampled(guide.prototype_trace)
+            optimizer = make_optimizer(num_steps, learning_rate, clip_norm)
+            svi = SVI(training_model(model, subsamples), guide, optimizer, elbo)
             state = jax.block_until_ready(_init_state(svi, guide, key, args, kwargs))
         except TRACER_ERRORS as exc:
             raise model_tracing_error(model, exc, bool(guide._constants)) from exc
@@ -319,7 +322,7 @@ def fit_posterior(
         setup_s = time.perf_counter() - t0
         arrays, signature, rebuild = split_args(args, kwargs, guide._constants)
         settings = (spec, num_steps, learning_rate, num_particles, clip_norm, objective, gradient)
-        settings = (*settings, num_inner)
+        settings = (*settings, num_inner, subsamples)
         # the chunk closes over this call's guide: key what its trace reads besides the
         # params' values (which params it registers: a Laplace start's whitening)
         structure = params_key(svi.optim.get_params(state.optim_state))

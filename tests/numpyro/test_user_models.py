@@ -175,3 +175,34 @@ def test_a_model_calling_a_jax_function_through_its_own_alias_fits_and_caches():
     again = fit_posterior(funnel, SPEC, num_steps=20, progress=False)
     assert dict(posterior_module._TRACES) == traces
     assert np.isfinite(fit.losses).all() and np.isfinite(again.losses).all()
+
+
+def test_a_minibatch_model_draws_fast_unbiased_indices_and_fits_the_full_posterior():
+    """A plate with ``subsample_size``: training draws indices with replacement where the
+    plate is at least `WITH_REPLACEMENT_RATIO` times the batch, a uniform subset without
+    replacement below; the fit matches the closed-form full-data posterior."""
+    from numpyro import handlers
+
+    from flowguides.core import WITH_REPLACEMENT_RATIO
+    from flowguides.numpyro._prototype import training_model
+
+    y = jnp.asarray(np.random.default_rng(3).normal(1.5, 1.0, size=2000))
+
+    def model(y, batch):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 10.0))
+        with numpyro.plate("data", y.shape[0], subsample_size=batch) as idx:
+            numpyro.sample("obs", dist.Normal(mu, 1.0), obs=y[idx])
+
+    for batch in (20, 1000):
+        trace = handlers.trace(handlers.seed(training_model(model, True), 0)).get_trace(y, batch)
+        idx = np.asarray(trace["data"]["value"])
+        assert idx.shape == (batch,) and idx.min() >= 0 and idx.max() < 2000
+        assert trace["obs"]["scale"] == pytest.approx(2000 / batch)
+        if 2000 < WITH_REPLACEMENT_RATIO * batch:  # the subset: no index twice
+            assert len(set(idx.tolist())) == batch
+    fit = fit_posterior(model, SPEC, y, 20, num_steps=1500, seed=0, progress=False)
+    draws = np.asarray(fit.sample(4000, seed=1)["mu"])
+    precision = 2000 + 1 / 100
+    mean, sd = float(y.sum()) / precision, precision**-0.5
+    assert abs(draws.mean() - mean) < 0.5 * sd
+    assert 0.7 < draws.std() / sd < 1.3
