@@ -21,9 +21,9 @@ import numpy as np
 import pyro
 import torch
 from pyro.infer import MCMC, NUTS
-from pyro.ops.stats import effective_sample_size, split_gelman_rubin
 
 from flowguides.core import InferResult, NeuTraResult, check_infer_options, route_fit
+from flowguides.pyro.neutra import chains_result
 from flowguides.pyro.neutra import neutra as _neutra
 from flowguides.pyro.posterior import PosteriorFit, fit_posterior
 from flowguides.spec import FlowSpec
@@ -115,13 +115,4 @@ def _nuts(
         draws = mcmc.get_samples()
         chains.append({name: draws[name].detach() for name in fit.latent_shapes})
         diverging[chain, mcmc.diagnostics()["divergences"]["chain 0"]] = True
-    by_chain = {name: torch.stack([c[name] for c in chains]) for name in chains[0]}
-    return NeuTraResult(
-        samples={k: v.reshape(-1, *v.shape[2:]).cpu().numpy() for k, v in by_chain.items()},
-        diverging=diverging,
-        ess={k: effective_sample_size(v).cpu().numpy() for k, v in by_chain.items()},
-        r_hat={k: split_gelman_rubin(v).cpu().numpy() for k, v in by_chain.items()},
-        num_chains=num_chains,
-        reparam_site="",
-        timing={"sampling_s": time.perf_counter() - t0},
-    )
+    return chains_result(chains, diverging, "", time.perf_counter() - t0)

@@ -29,7 +29,7 @@ from torch.distributions import ComposeTransform
 
 from flowguides.core import NeuTraResult, check_neutra_options
 
-__all__ = ["NeuTraResult", "neutra"]
+__all__ = ["NeuTraResult", "chains_result", "neutra"]
 
 
 class _GuideIn:
@@ -128,13 +128,22 @@ def neutra(
     finally:
         for p in trained:
             p.requires_grad_(True)
+    return chains_result(chains, diverging, site, time.perf_counter() - t0)
+
+
+def chains_result(
+    chains: list[dict[str, torch.Tensor]], diverging: np.ndarray, site: str, seconds: float
+) -> NeuTraResult:
+    """The `NeuTraResult` of NUTS chains run one after another: `chains` holds each chain's
+    draws per site (``(num_samples, *shape)``), `diverging` its divergences, `site` the
+    sampled base-noise site (empty for plain NUTS)."""
     by_chain = {name: torch.stack([c[name] for c in chains]) for name in chains[0]}
     return NeuTraResult(
         samples={k: v.reshape(-1, *v.shape[2:]).cpu().numpy() for k, v in by_chain.items()},
         diverging=diverging,
         ess={k: effective_sample_size(v).cpu().numpy() for k, v in by_chain.items()},
         r_hat={k: split_gelman_rubin(v).cpu().numpy() for k, v in by_chain.items()},
-        num_chains=num_chains,
+        num_chains=len(chains),
         reparam_site=site,
-        timing={"sampling_s": time.perf_counter() - t0},
+        timing={"sampling_s": seconds},
     )
