@@ -20,10 +20,10 @@ from typing import Any
 import jax
 import numpy as np
 from numpyro import handlers
-from numpyro.diagnostics import effective_sample_size, split_gelman_rubin
 from numpyro.infer import MCMC, NUTS
 
 from flowguides.core import InferResult, NeuTraResult, check_infer_options, route_fit
+from flowguides.numpyro.neutra import chains_result
 from flowguides.numpyro.neutra import neutra as _neutra
 from flowguides.numpyro.posterior import PosteriorFit, fit_posterior
 from flowguides.spec import FlowSpec
@@ -122,12 +122,4 @@ def _nuts(
     draws = mcmc.get_samples(group_by_chain=True)
     by_chain = {name: np.asarray(draws[name]) for name in fit.latent_shapes}
     diverging = np.asarray(mcmc.get_extra_fields(group_by_chain=True)["diverging"], bool)
-    return NeuTraResult(
-        samples={k: v.reshape(-1, *v.shape[2:]) for k, v in by_chain.items()},
-        diverging=diverging.reshape(num_chains, num_samples),
-        ess={k: np.asarray(effective_sample_size(v)) for k, v in by_chain.items()},
-        r_hat={k: np.asarray(split_gelman_rubin(v)) for k, v in by_chain.items()},
-        num_chains=num_chains,
-        reparam_site="",
-        timing={"sampling_s": time.perf_counter() - t0},
-    )
+    return chains_result(by_chain, diverging, "", time.perf_counter() - t0)

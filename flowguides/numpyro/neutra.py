@@ -26,7 +26,7 @@ from numpyro.infer.reparam import NeuTraReparam
 
 from flowguides.core import NeuTraResult, check_neutra_options
 
-__all__ = ["NeuTraResult", "neutra"]
+__all__ = ["NeuTraResult", "chains_result", "neutra"]
 
 
 def neutra(
@@ -80,12 +80,22 @@ def neutra(
     samples = {name: np.asarray(values[name]) for name in fit.latent_shapes}
     by_chain = {k: v.reshape(num_chains, num_samples, *v.shape[1:]) for k, v in samples.items()}
     diverging = np.asarray(mcmc.get_extra_fields(group_by_chain=True)["diverging"], bool)
+    return chains_result(by_chain, diverging, site, time.perf_counter() - t0)
+
+
+def chains_result(
+    by_chain: dict[str, np.ndarray], diverging: np.ndarray, site: str, seconds: float
+) -> NeuTraResult:
+    """The `NeuTraResult` of NUTS chains: `by_chain` holds each site's draws
+    ``(num_chains, num_samples, *shape)``, `diverging` the divergences, `site` the sampled
+    base-noise site (empty for plain NUTS)."""
+    num_chains, num_samples = diverging.shape[0], diverging.shape[-1]
     return NeuTraResult(
-        samples=samples,
+        samples={k: v.reshape(-1, *v.shape[2:]) for k, v in by_chain.items()},
         diverging=diverging.reshape(num_chains, num_samples),
         ess={k: np.asarray(effective_sample_size(v)) for k, v in by_chain.items()},
         r_hat={k: np.asarray(split_gelman_rubin(v)) for k, v in by_chain.items()},
         num_chains=num_chains,
         reparam_site=site,
-        timing={"sampling_s": time.perf_counter() - t0},
+        timing={"sampling_s": seconds},
     )

@@ -115,4 +115,5 @@ def _nuts(
         draws = mcmc.get_samples()
         chains.append({name: draws[name].detach() for name in fit.latent_shapes})
         diverging[chain, mcmc.diagnostics()["divergences"]["chain 0"]] = True
-    return chains_result(chains, diverging, "", time.perf_counter() - t0)
+    by_chain = {name: torch.stack([c[name] for c in chains]) for name in chains[0]}
+    return chains_result(by_chain, diverging, "", time.perf_counter() - t0)

@@ -128,22 +128,22 @@ def neutra(
     finally:
         for p in trained:
             p.requires_grad_(True)
-    return chains_result(chains, diverging, site, time.perf_counter() - t0)
+    by_chain = {name: torch.stack([c[name] for c in chains]) for name in chains[0]}
+    return chains_result(by_chain, diverging, site, time.perf_counter() - t0)
 
 
 def chains_result(
-    chains: list[dict[str, torch.Tensor]], diverging: np.ndarray, site: str, seconds: float
+    by_chain: dict[str, torch.Tensor], diverging: np.ndarray, site: str, seconds: float
 ) -> NeuTraResult:
-    """The `NeuTraResult` of NUTS chains run one after another: `chains` holds each chain's
-    draws per site (``(num_samples, *shape)``), `diverging` its divergences, `site` the
-    sampled base-noise site (empty for plain NUTS)."""
-    by_chain = {name: torch.stack([c[name] for c in chains]) for name in chains[0]}
+    """The `NeuTraResult` of NUTS chains: `by_chain` holds each site's draws
+    ``(num_chains, num_samples, *shape)``, `diverging` the divergences, `site` the sampled
+    base-noise site (empty for plain NUTS)."""
     return NeuTraResult(
         samples={k: v.reshape(-1, *v.shape[2:]).cpu().numpy() for k, v in by_chain.items()},
         diverging=diverging,
         ess={k: effective_sample_size(v).cpu().numpy() for k, v in by_chain.items()},
         r_hat={k: split_gelman_rubin(v).cpu().numpy() for k, v in by_chain.items()},
-        num_chains=len(chains),
+        num_chains=diverging.shape[0],
         reparam_site=site,
         timing={"sampling_s": seconds},
     )
