@@ -113,9 +113,11 @@ _DENS_FULL = (
 _DENS_ODE = (
     "flowguides-numpyro neural ODE", "flowguides-numpyro neural ODE (RNODE)",
     "flowguides-numpyro neural ODE (FM)", "flowguides-numpyro neural ODE (FM OT)",
-    "flowguides-pyro neural ODE (FM)", "flowguides-pyro neural ODE (FM OT)", "zuko CNF",
+    "flowguides-pyro neural ODE (FM)", "flowguides-pyro neural ODE (FM OT)",
 )  # fmt: skip
 _TWO_D = ("two_moons", "8gaussians", "checkerboard", "spiral")
+# zuko's CNF (an exact-trace torchdiffeq solve per step) is by far the slowest row (wall_s)
+_ZUKO_CNF_SETS = ("two_moons", "8gaussians")
 _POST_FULL = (
     "flowguides-pyro RealNVP", "flowguides-numpyro RealNVP", "flowguides-numpyro RealNVP (STL)",
     "flowguides-numpyro RealNVP (IWELBO K=8, DReG)", "numpyro AutoIAFNormal",
@@ -135,7 +137,12 @@ FULL: dict[str, Any] = {
     },
     "densities": {
         "steps": 2000,
-        "plan": {d: _DENS_FULL + (_DENS_ODE if d in _TWO_D else ()) for d in densities.DATASETS},
+        "plan": {
+            d: _DENS_FULL
+            + (_DENS_ODE if d in _TWO_D else ())
+            + (("zuko CNF",) if d in _ZUKO_CNF_SETS else ())
+            for d in densities.DATASETS
+        },
     },
 }  # fmt: skip
 """``make bench-full``, sized to finish within two hours on one thread: the speed suite at
@@ -147,7 +154,8 @@ three seeds each (NUTS, whose rows report their own Monte Carlo error, and the S
 rows the first seed only);
 every density set at 2,000 steps with every discrete flow, and on the four 2-D sets the neural
 ODEs (NumPyro's by maximum likelihood, RNODE and flow matching with independent and OT
-coupling, Pyro's by flow matching, zuko's CNF; the Pyro neural ODE by maximum likelihood, a
+coupling, Pyro's by flow matching; zuko's CNF, the slowest row of the suite, on two moons and
+8 Gaussians only; the Pyro neural ODE by maximum likelihood, a
 torchdiffeq solve per step, runs in ``benchmarks/ode_bench.py``)."""
 
 
