@@ -1,7 +1,7 @@
 """Run the benchmark suites and write ``benchmarks/results/<suite>.json`` and ``docs/benchmarks.md``.
 
 Usage: ``python -m benchmarks.run [--quick] [--only PATTERN] [--suite NAME ...] [--steps N]
-[--particles N] [--draws N] [--seeds N ...] [--results DIR]``.
+[--particles N] [--draws N] [--seeds N ...] [--results DIR] [--row-timeout S]``.
 
 Suites: ``speed`` (ELBO steps/s and compile time at equal particles; final ELBO at an equal step
 budget), ``posteriors`` (synthetic targets and the nine posteriordb posteriors: ELBO, PSIS k-hat,
@@ -15,7 +15,9 @@ results and the docs page under ``DIR`` instead of ``benchmarks/results/`` and `
 row records the settings that change its value (steps, particles, evaluation draws, seed, the
 method's own settings, library versions: its key, ``rows.KEY_FIELDS``), the commit and the UTC
 time it ran at; a row replaces the row of ``<results>/<suite>.json`` with its key and is added
-otherwise (``rows.merge_rows``), so a rerun at other settings keeps the earlier rows. Every row holds numbers or the error its method raised. Threads are pinned to one for
+otherwise (``rows.merge_rows``), so a rerun at other settings keeps the earlier rows. Every row holds numbers or the error its method raised. The posteriors and speed rows run in a worker
+process (:mod:`benchmarks.isolate`): a row past ``--row-timeout`` seconds is killed and records
+the timeout, and the suite goes on. Threads are pinned to one for
 torch and XLA before either is imported; everything runs in float64.
 """
 
@@ -31,6 +33,7 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 import argparse  # noqa: E402
 import fnmatch  # noqa: E402
+import importlib  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
@@ -42,6 +45,7 @@ from typing import Any  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import anchors, densities, metrics, report, targets  # noqa: E402
+from benchmarks.isolate import RowFailed, Worker  # noqa: E402
 from benchmarks.rows import (  # noqa: E402
     TIMING_KEYS,
     git_commit,
@@ -187,32 +191,63 @@ def _error(exc: BaseException) -> str:
 
 
 def _posterior_row(
-    suite: str, prob: anchors.Problem, method: str, budget: anchors.Budget, draws: int,
-    keep: dict,
-) -> dict[str, Any]:  # fmt: skip
-    fn = _methods(suite)[method]
-    row: dict[str, Any] = {"suite": suite, "problem": prob.name, "method": method,
+    suite: str, pname: str, method: str, budget: anchors.Budget, draws: int, keep: dict
+) -> dict[str, Any]:
+    row: dict[str, Any] = {"suite": suite, "problem": pname, "method": method,
                            "num_steps": budget.num_steps, "num_particles": budget.num_particles,
                            "seed": budget.seed}  # fmt: skip
     if suite == "posteriors" and method in anchors.SETTINGS:
         row["method_settings"] = anchors.SETTINGS[method]
     try:
-        _fresh()
-        fitted = fn(prob, budget)
-        row.update({k: v for k, v in fitted.timing.items() if k in TIMING_KEYS})
-        row["final_loss"] = fitted.final_loss
-        if fitted.log_densities is not None:
-            d, lp, lq = fitted.log_densities(draws, 1)
-            row.update(metrics.score(lp, lq, d, prob.reference, prob.log_z))
-        else:
-            d = fitted.draws
-            row.update(metrics.score(None, None, d, prob.reference))
-        row.update(fitted.extra)
-        if (prob.name, method) not in keep:
-            keep[(prob.name, method)] = {k: np.asarray(v)[:2000] for k, v in d.items()}
+        fields, kept = _run("benchmarks.run:posterior_task", suite, pname, method, budget, draws)
     except Exception as exc:  # noqa: BLE001 - a method's failure is a result, recorded per row
-        row["error"] = _error(exc)
+        row["error"] = str(exc)[:300] if isinstance(exc, RowFailed) else _error(exc)
+        return row
+    row.update(fields)
+    keep.setdefault((pname, method), kept)
     return row
+
+
+_PROBLEMS: dict[str, anchors.Problem] = {}
+_WORKER: list[Worker] = []  # the row worker of main(); empty: tasks run in this process
+
+
+def _run(task: str, *args: Any) -> Any:
+    """Run a task in the row worker (:mod:`benchmarks.isolate`), or here without one."""
+    if _WORKER:
+        return _WORKER[0](task, *args)
+    module, _, name = task.partition(":")
+    return getattr(importlib.import_module(module), name)(*args)
+
+
+def posterior_task(
+    suite: str, pname: str, method: str, budget: anchors.Budget, draws: int
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Fit and score one row (the row worker's task): the row's measured fields and the first
+    2,000 draws per site, for the report's plots."""
+    if pname not in _PROBLEMS:
+        _PROBLEMS[pname] = problem(pname)
+    prob = _PROBLEMS[pname]
+    _fresh()
+    fitted = _methods(suite)[method](prob, budget)
+    out: dict[str, Any] = {k: v for k, v in fitted.timing.items() if k in TIMING_KEYS}
+    out["final_loss"] = fitted.final_loss
+    if fitted.log_densities is not None:
+        d, lp, lq = fitted.log_densities(draws, 1)
+        out.update(metrics.score(lp, lq, d, prob.reference, prob.log_z))
+    else:
+        d = fitted.draws
+        out.update(metrics.score(None, None, d, prob.reference))
+    out.update(fitted.extra)
+    return out, {k: np.asarray(v)[:2000] for k, v in d.items()}
+
+
+def timing_task(suite: str, pname: str, method: str, budget: anchors.Budget) -> dict[str, Any]:
+    """One more timing round of a row (the row worker's task): the fit's ``timing``."""
+    if pname not in _PROBLEMS:
+        _PROBLEMS[pname] = problem(pname)
+    _fresh()
+    return dict(_methods(suite)[method](_PROBLEMS[pname], budget).timing)
 
 
 def _methods(suite: str) -> dict[str, Any]:
@@ -313,7 +348,7 @@ def run_suite(
             save(out)
             continue
         try:
-            prob = problem(pname)
+            problem(pname)
         except Exception as exc:  # noqa: BLE001
             out += [
                 _stamp({"suite": suite, "problem": pname, "method": m, "num_steps": cfg["steps"],
@@ -329,17 +364,17 @@ def run_suite(
             for m in methods:
                 if m in cfg.get("once", ()) and seed != seeds[0]:
                     continue
-                row = _posterior_row(suite, prob, m, budget, cfg["draws"], report.KEPT)
+                row = _posterior_row(suite, pname, m, budget, cfg["draws"], report.KEPT)
                 mine.append(_stamp(row, cfg, run))
                 _log(mine[-1])
-            _timing_rounds(prob, budget, mine, cfg.get("rounds", 1), cfg.get("rounded", ()))
+            _timing_rounds(pname, budget, mine, cfg.get("rounds", 1), cfg.get("rounded", ()))
             out += mine
         save(out)
     return out
 
 
 def _timing_rounds(
-    prob: anchors.Problem, budget: anchors.Budget, rows: list[dict], rounds: int, rounded: tuple
+    pname: str, budget: anchors.Budget, rows: list[dict], rounds: int, rounded: tuple
 ) -> None:
     """Rerun the `rounded` methods `rounds - 1` more times, interleaved (A B C A B C ...), and
     keep each row's best: the highest steps/s, the lowest set-up and compile. Other work on a
@@ -349,8 +384,8 @@ def _timing_rounds(
     for _ in range(rounds - 1):
         for row in again:
             try:
-                _fresh()
-                timing = _methods(row["suite"])[row["method"]](prob, budget).timing
+                timing = _run("benchmarks.run:timing_task", row["suite"], pname, row["method"],
+                              budget)  # fmt: skip
             except Exception:  # noqa: BLE001 - the first round's row stands
                 continue
             for key, better in (("steps_per_s", max), ("setup_s", min), ("compile_s", min)):
@@ -407,6 +442,11 @@ def main(argv: list[str] | None = None) -> None:
         "than benchmarks/results, to RESULTS/docs",
     )  # fmt: skip
     parser.add_argument("--docs", type=Path, help="folder of benchmarks.md and its plots")
+    parser.add_argument(
+        "--row-timeout", type=float, default=1800.0,
+        help="seconds a posteriors or speed row may run before its worker process is killed "
+        "and the row records the timeout (default 1800; 0: no limit)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in (("steps", args.steps), ("particles", args.particles),
                                    ("draws", args.draws), ("seeds", args.seeds)) if v is not None}  # fmt: skip
@@ -421,6 +461,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     results.mkdir(parents=True, exist_ok=True)
     docs.mkdir(parents=True, exist_ok=True)
+    _WORKER[:] = [Worker(args.row_timeout or None)]
     for suite in args.suite or plan:
         t0 = time.perf_counter()
         cfg = {**plan[suite], **overrides}
@@ -428,6 +469,7 @@ def main(argv: list[str] | None = None) -> None:
         earlier = json.loads(path.read_text())["rows"] if path.exists() else []
         save = partial(_save, path, earlier, dict(quick=args.quick, t0=t0, config=cfg))
         save(run_suite(suite, cfg, args.only, save), done=True)
+    _WORKER.pop().close()
     report.write_docs(results, docs)
     print(
         f"done in {time.perf_counter() - start:.0f} s; wrote {docs / 'benchmarks.md'}", flush=True
