@@ -110,7 +110,9 @@ def pathfinder(problem: Problem, budget: Budget) -> Fitted:
             x, log_q = single.sample(draw_key, state, s["draws_per_path"])
             return state, x, jax.vmap(log_p)(x), log_q
 
-        return jax.vmap(one)(keys, x0, draw_keys)
+        # the paths one after another: a vmap of blackjax's L-BFGS loops deadlocked XLA's CPU
+        # runtime with intra_op_parallelism_threads=1 (0% CPU, never returned)
+        return jax.lax.map(lambda a: one(*a), (keys, x0, draw_keys))
 
     states, x, lp, lq = run(jax.random.split(k_fit, s["paths"]), x0,
                             jax.random.split(k_draw, s["paths"]))  # fmt: skip

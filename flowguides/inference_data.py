@@ -13,13 +13,8 @@ from typing import Any
 import numpy as np
 
 from flowguides.core import call_with_vectorize
-from flowguides.diagnostics import (
-    _check_draws,
-    _import_arviz,
-    _log_densities,
-    arviz_major_version,
-    khat_threshold,
-)
+from flowguides.diagnostics import _check_draws, _log_densities
+from flowguides.psis import _import_arviz, arviz_major_version, khat_threshold
 
 __all__ = ["groups_to_arviz", "site_dims", "to_arviz"]
 

@@ -39,6 +39,8 @@ from pydantic import (
     model_validator,
 )
 
+from flowguides._spec_errors import describe_errors
+
 __all__ = [
     "SCHEMA_VERSION",
     "ACTIVATION_NAMES",
@@ -64,6 +66,13 @@ Shape = tuple[int, ...]
 
 class SpecError(ValueError):
     """A flow spec, or its use with a given `dim`, is invalid; the message names the field."""
+
+
+def _spec_error(exc: ValidationError) -> SpecError:
+    lines = describe_errors(_LAYER_TYPES, exc)
+    if len(lines) == 1:
+        return SpecError(lines[0])
+    return SpecError("invalid flow spec:\n  " + "\n  ".join(lines))
 
 
 class _Frozen(BaseModel):
@@ -204,56 +213,6 @@ class NeuralODESpec(_Frozen):
 LayerSpec = Annotated[PlanarSpec | RealNVPSpec | NeuralODESpec, Field(discriminator="type")]
 _LAYER_TYPES = {"planar": PlanarSpec, "realnvp": RealNVPSpec, "neural_ode": NeuralODESpec}
 _FLOW_FIELDS = ("base", "dtype", "schema_version")
-_INT_FIELDS = ("repeat", "num_steps", "max_steps", "seed")
-
-
-def _format_loc(loc: tuple[Any, ...]) -> str:
-    """``('layers', 2, 'realnvp', 'hidden', 0)`` -> ``layers[2].hidden[0]``."""
-    out = ""
-    for k, part in enumerate(loc):
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif k == 2 and loc[0] == "layers" and part in _LAYER_TYPES:
-            continue  # pydantic's discriminator tag, not a field
-        else:
-            out += f".{part}" if out else str(part)
-    return out
-
-
-def _describe(loc: str, err: dict[str, Any]) -> str:
-    """One line ``field.path: expected X, got Y`` for one pydantic error."""
-    kind, value = err["type"], err.get("input")
-    ctx = err.get("ctx", {})
-    if kind == "value_error":  # our own validators write "field: message"
-        msg = str(ctx.get("error", err["msg"]))
-        field, _, rest = msg.partition(": ")
-        return f"{loc}.{field}: {rest}" if loc and field != loc else msg
-    if kind == "extra_forbidden":
-        return f"{loc}: unknown field (got value {value!r})"
-    if kind == "union_tag_invalid":
-        tag = ctx.get("tag", value)
-        return f"{loc}.type: expected one of {sorted(_LAYER_TYPES)}, got {tag!r}"
-    if kind == "union_tag_not_found":
-        return f"{loc}.type: missing; expected one of {sorted(_LAYER_TYPES)}"
-    if kind == "literal_error":
-        return f"{loc}: expected one of {ctx.get('expected')}, got {value!r}"
-    if kind == "greater_than" and ctx.get("gt") == 0:
-        integer = loc.endswith("]") or loc.rsplit(".", 1)[-1] in _INT_FIELDS
-        what = "integer" if integer else "number"
-        return f"{loc}: expected a positive {what}, got {value!r}"
-    if kind == "greater_than_equal":
-        return f"{loc}: expected a number >= {ctx.get('ge')}, got {value!r}"
-    if kind == "missing":
-        return f"{loc}: required field is missing"
-    msg = err["msg"].replace("tuple", "list")
-    return f"{loc}: {msg[0].lower()}{msg[1:]}, got {value!r}"
-
-
-def _spec_error(exc: ValidationError) -> SpecError:
-    lines = [_describe(_format_loc(tuple(e["loc"])), e) for e in exc.errors()]
-    if len(lines) == 1:
-        return SpecError(lines[0])
-    return SpecError("invalid flow spec:\n  " + "\n  ".join(lines))
 
 
 class FlowSpec(_Frozen):

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from flowguides import diagnostics as dg
+from flowguides.psis import _import_arviz
 
 S = 4000
 
@@ -247,7 +248,7 @@ def test_resample_fit_warns_on_an_unreliable_guide():
 
 def _summary_and_loo(data):
     """ArviZ's summary and loo on either line; the elpd estimate of loo."""
-    az = dg._import_arviz()
+    az = _import_arviz()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # 0.x: a notice about rcParams defaults
         summary = az.summary(data)
