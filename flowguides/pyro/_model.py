@@ -15,6 +15,8 @@ fit runs the user's model, not their names: each backend's needs are its framewo
 from __future__ import annotations
 
 import contextlib
+import itertools
+import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -22,6 +24,7 @@ from typing import Any
 import pyro
 import torch
 from pyro import poutine
+from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to
 
@@ -32,6 +35,7 @@ __all__ = [
     "BatchLogJoint",
     "VectorizationWarning",
     "describe",
+    "full_data_chunks",
     "log_joint_at",
     "mismatch",
 ]
@@ -87,6 +91,7 @@ def log_joint_at(
     *,
     num: int | None = None,
     nest: int = 0,
+    jacobian: bool = True,
 ) -> torch.Tensor:
     """``log p(data, z) + log|det J|`` at unconstrained values, by conditioning `model`.
 
@@ -98,13 +103,15 @@ def log_joint_at(
             lead every value and go through the model at once under an outermost plate at
             ``dim = -nest - 1`` (one value per draw, ``(num,)``).
         nest: the model's plate nesting.
+        jacobian: add ``log|det J|`` (False: the log joint alone).
     """
     values, total = {}, 0.0
     for site, u in pairs:
         transform = biject_to(site["fn"].support)
         x = transform(u)
         values[site["name"]] = x
-        total = total + _per_draw(transform.log_abs_det_jacobian(u, x), num, nest)
+        if jacobian:
+            total = total + _per_draw(transform.log_abs_det_jacobian(u, x), num, nest)
     plate = (
         contextlib.nullcontext()
         if num is None
@@ -130,12 +137,79 @@ def _per_draw(log_prob: Any, num: int | None, nest: int) -> torch.Tensor:
     return log_prob.reshape(log_prob.shape[0], -1).sum(-1).expand(num)
 
 
+class _Chunk(Messenger):
+    """One chunk of the full data: each subsampled plate takes the given indices (its own
+    ``subsample_size`` of them, as Pyro requires), its sites lose the plate's
+    ``size / subsample_size`` scale and are masked where a last chunk is padded, and every
+    site outside the subsampled plates counts in the `first` chunk only."""
+
+    def __init__(self, indices: dict[str, tuple[torch.Tensor, torch.Tensor]], first: bool):
+        super().__init__()
+        self.indices, self.first = indices, first
+
+    def _process_message(self, msg: Any) -> None:
+        if msg["type"] != "sample":
+            return
+        if site_is_subsample(msg):
+            if msg["name"] in self.indices:
+                msg["value"] = self.indices[msg["name"]][0]
+            return
+        frames = [f for f in msg["cond_indep_stack"] if f.name in self.indices]
+        mask = None if frames or self.first else torch.tensor(False)
+        for frame in frames:
+            idx, keep = self.indices[frame.name]
+            msg["scale"] = msg["scale"] * frame.size / frame.full_size
+            if not bool(keep.all()):
+                keep = keep.reshape(-1, *(1,) * (-frame.dim - 1))
+                mask = keep if mask is None else mask & keep
+        if mask is not None:
+            msg["mask"] = mask if msg["mask"] is None else msg["mask"] & mask
+
+
+def full_data_chunks(trace: poutine.Trace) -> list[Callable[[Callable], Callable]] | None:
+    """Handlers that together run a model on all rows of its subsampled plates, one chunk of
+    ``subsample_size`` rows each (every combination of chunks where several plates
+    subsample), or None where no plate of `trace` subsamples or a latent site sits inside
+    one (its value is the minibatch's own).
+
+    The sum of the log joints of ``handler(model)`` over the handlers is the full-data log
+    joint at scale 1: the start search's target (Pyro's plate checks that a subsample has
+    exactly ``subsample_size`` indices, so the full data cannot go through in one call).
+    """
+    plates = {}
+    for name, site in trace.nodes.items():
+        fn = site.get("fn")
+        if site_is_subsample(site) and fn.subsample_size and fn.subsample_size < fn.size:
+            plates[name] = (fn.size, fn.subsample_size, site["value"])
+    if not plates:
+        return None
+    for site in trace.nodes.values():
+        if site["type"] != "sample" or site_is_subsample(site):
+            continue
+        for f in site["cond_indep_stack"]:
+            if f.name not in plates:
+                continue
+            if not site["is_observed"]:
+                return None  # a local latent: its value is one minibatch's
+            if f.dim is None and plates[f.name][0] % plates[f.name][1]:
+                return None  # a sequential plate cannot mask a padded last chunk
+    per_plate = []
+    for name, (size, batch, proto) in plates.items():
+        rows = torch.arange(math.ceil(size / batch) * batch, device=proto.device)
+        keep = rows < size
+        rows = torch.where(keep, rows, torch.zeros_like(rows))
+        per_plate.append([(name, (rows[k : k + batch], keep[k : k + batch]))
+                          for k in range(0, rows.numel(), batch)])  # fmt: skip
+    combos = list(itertools.product(*per_plate))
+    return [_Chunk(dict(combo), first=i == 0) for i, combo in enumerate(combos)]
+
+
 class BatchLogJoint:
     """The log joint of `AutoFlowGuide` at one point or a batch of draws, and the set-up check
     that decides whether the model broadcasts over such a batch (`vectorized`).
 
     A mixin for `AutoFlowGuide` (the Pyro counterpart of NumPyro's ``_prototype.py``): it
-    reads the guide's `prototype_trace`, `model_trace`, `max_plate_nesting`,
+    reads the guide's `prototype_trace`, `model_trace`, `_chunks`, `max_plate_nesting`,
     `vectorize_particles`, `vectorized`, `split_latent` and `_unpack_latent`.
     """
 
@@ -212,6 +286,30 @@ class BatchLogJoint:
             self._not_broadcasting(describe(exc), mode, exc)
             return result
 
+    def start_log_joint(
+        self, latent: torch.Tensor, args: tuple, kwargs: Mapping[str, Any]
+    ) -> torch.Tensor:
+        """`log_joint` as the start search needs it: on all rows of the model's subsampled
+        plates (`full_data_chunks`, set up in `_chunks`), so the MAP and the Hessian are the
+        full posterior's, not one minibatch's scaled up (whose MAP sits about
+        ``sqrt(size / subsample_size)`` posterior sds away), and the same at every call;
+        `log_joint` itself where the model subsamples nothing."""
+        chunks = self._chunks
+        if chunks is None:
+            return self.log_joint(latent, *args, **kwargs)
+        model = self._bare_model[0]
+
+        def summed(z: torch.Tensor, together: bool) -> torch.Tensor:
+            at = self._log_joint_together if together else self._log_joint_one
+            parts = [at(z, args, kwargs, c(model), jacobian=i == 0) for i, c in enumerate(chunks)]
+            return torch.stack(parts).sum(0)
+
+        if latent.dim() == 1:
+            return summed(latent, False)
+        return self.evaluate_batch(
+            lambda: summed(latent, True), lambda: torch.stack([summed(z, False) for z in latent])
+        )
+
     def _check_broadcasting(self, init: torch.Tensor, args: tuple, kwargs: dict) -> None:
         """Decide `vectorized`: the log joint of a few draws near `init`, evaluated together
         and one at a time, with the same subsample of any subsampled plate."""
@@ -258,15 +356,25 @@ class BatchLogJoint:
             )
 
     def _log_joint_one(
-        self, latent: torch.Tensor, args: tuple, kwargs: Mapping[str, Any], model: Callable
+        self,
+        latent: torch.Tensor,
+        args: tuple,
+        kwargs: Mapping[str, Any],
+        model: Callable,
+        jacobian: bool = True,
     ) -> torch.Tensor:
         """`log_joint` at one point ``(latent_dim,)``, without any extra plate."""
-        return log_joint_at(model, self.split_latent(latent), args, kwargs)
+        return log_joint_at(model, self.split_latent(latent), args, kwargs, jacobian=jacobian)
 
     def _log_joint_together(
-        self, latent: torch.Tensor, args: tuple, kwargs: Mapping[str, Any], model: Callable
+        self,
+        latent: torch.Tensor,
+        args: tuple,
+        kwargs: Mapping[str, Any],
+        model: Callable,
+        jacobian: bool = True,
     ) -> torch.Tensor:
         """`log_joint` of draws ``(S, latent_dim)`` at once, under an outermost plate."""
         nest, num = self.max_plate_nesting, latent.shape[0]
         pairs = self._unpack_latent(latent.reshape(num, *([1] * nest), latent.shape[-1]))
-        return log_joint_at(model, pairs, args, kwargs, num=num, nest=nest)
+        return log_joint_at(model, pairs, args, kwargs, num=num, nest=nest, jacobian=jacobian)

@@ -31,7 +31,7 @@ from flowguides.core import (
     check_vectorize_option,
     coordinate_sites,
 )
-from flowguides.pyro._model import BatchLogJoint
+from flowguides.pyro._model import BatchLogJoint, full_data_chunks
 from flowguides.pyro.build import (
     Flow,
     FlowDistribution,
@@ -123,6 +123,7 @@ class AutoFlowGuide(AutoContinuous, BatchLogJoint):
         self.init_scale = init_scale
         self.max_plate_nesting = 0
         self.model_trace: poutine.Trace | None = None
+        self._chunks: list | None = None  # the full data in chunks, where the model subsamples
         self.vectorize_particles = vectorize_particles
         self.vectorized: bool | None = None  # the outcome, decided at set-up
         self._warned = False
@@ -142,6 +143,7 @@ class AutoFlowGuide(AutoContinuous, BatchLogJoint):
                 nesting.append(len(site["fn"].batch_shape))
                 nesting += [-f.dim for f in site["cond_indep_stack"] if f.vectorized]
         self.max_plate_nesting = max(nesting)
+        self._chunks = full_data_chunks(self.model_trace)
         dim = self.latent_dim
         try:
             self.spec.check_dim(dim)
@@ -171,9 +173,9 @@ class AutoFlowGuide(AutoContinuous, BatchLogJoint):
             if site["type"] == "sample" and torch.is_tensor(site["value"])
         )
         out = laplace_search(
-            lambda z: -self.log_joint(z, *args, **kwargs),
+            lambda z: -self.start_log_joint(z, args, kwargs),
             init,
-            energies=lambda z: -self.batch_log_joint(z, args, kwargs),
+            energies=lambda z: -self.start_log_joint(z, args, kwargs),
             values_per_copy=values,
             elbos=self.init_scale == "auto",
         )
