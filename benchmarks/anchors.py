@@ -32,6 +32,7 @@ from benchmarks.anchor_base import (
     flowguides_spec,
     lr_searched,
 )
+from benchmarks.anchors_infer import flowguides_infer
 from benchmarks.anchors_jax import PATHFINDER_SETTINGS, bare_realnvp, flowjax_elbo, pathfinder
 from benchmarks.anchors_numpyro import (
     NUTS_SETTINGS,
@@ -90,6 +91,8 @@ METHODS: dict[str, Method] = {
     **{name: lr_searched(fit) for name, fit in {**_SVI_ANCHORS, **_AT_MAP}.items()},
     "blackjax multi-path Pathfinder": pathfinder,
     "numpyro NUTS": nuts,
+    "flowguides-numpyro infer (RealNVP)": flowguides_infer("numpyro"),
+    "flowguides-pyro infer (RealNVP)": flowguides_infer("pyro"),
 }
 """Posterior methods by display name, flowguides first; SVI anchors with the rate search."""
 

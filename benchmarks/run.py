@@ -126,7 +126,8 @@ _POST_FULL = (
     "flowguides-pyro RealNVP", "flowguides-numpyro RealNVP", "flowguides-numpyro RealNVP (STL)",
     "flowguides-numpyro RealNVP (IWELBO K=8, DReG)", "numpyro AutoIAFNormal",
     "numpyro AutoMultivariateNormal", "numpyro AutoLaplaceApproximation",
-    "blackjax multi-path Pathfinder", "numpyro NUTS",
+    "blackjax multi-path Pathfinder", "numpyro NUTS", "flowguides-numpyro infer (RealNVP)",
+    "flowguides-pyro infer (RealNVP)",
 )  # fmt: skip
 
 FULL: dict[str, Any] = {
@@ -136,7 +137,7 @@ FULL: dict[str, Any] = {
     },
     "posteriors": {
         "steps": 2000, "particles": 8, "draws": 10_000, "seeds": (0, 1, 2),
-        "once": ("numpyro NUTS", *_POST_FULL[2:4]),
+        "once": ("numpyro NUTS", *_POST_FULL[2:4], *_POST_FULL[-2:]),
         "plan": {p: _POST_FULL for p in ("funnel", "banana", *_PDB_ALL)},
     },
     "densities": {

@@ -9,8 +9,9 @@ rules (schedule, default learning rate, data splits, the start search's constant
 - `flowguides.core.checks`: argument, spec, weight and data checks.
 - `flowguides.core.training`: schedule, default learning rate, splits, starts.
 - `flowguides.core.coupling`: flow matching's minibatch coupling and validation schedule.
-- `flowguides.core.results`: the methods both `PosteriorFit` classes share; `infer`'s
-  routing by PSIS k-hat (`KHAT_GUIDE`, `KHAT_PSIS`, `choose_route`) and its `InferResult`.
+- `flowguides.core.results`: the methods both `PosteriorFit` classes share, `NeuTraResult`.
+- `flowguides.core.routes`: `infer`'s routing by PSIS k-hat (`KHAT_GUIDE`, `KHAT_PSIS`,
+  `choose_route`), its check of NUTS chains (`chains_trouble`) and its `InferResult`.
 - `flowguides.core.data`: what `fit_density` accepts (arrays, memory-mapped arrays,
   iterables of minibatches): checks, splits and standardisation, streamed.
 - `flowguides.core.timing`: the keys of `fit.timing` (set-up parts, compile, training, draws).
@@ -62,15 +63,20 @@ from flowguides.core.errors import (
     ToleranceWarning,
 )
 from flowguides.core.results import (
-    INFER_ROUTES,
-    KHAT_GUIDE,
-    KHAT_PSIS,
     NEUTRA_OPTIONS,
-    InferDiagnosis,
-    InferResult,
     NeuTraResult,
     PosteriorFitMethods,
     call_with_vectorize,
+)
+from flowguides.core.routes import (
+    INFER_ROUTES,
+    KHAT_GUIDE,
+    KHAT_PSIS,
+    NEUTRA_MAX_DIVERGENT,
+    NEUTRA_MAX_RHAT,
+    InferDiagnosis,
+    InferResult,
+    chains_trouble,
     check_infer_options,
     choose_route,
     route_fit,
@@ -102,10 +108,13 @@ __all__ = [
     "INFER_ROUTES",
     "KHAT_GUIDE",
     "KHAT_PSIS",
+    "NEUTRA_MAX_DIVERGENT",
+    "NEUTRA_MAX_RHAT",
     "NEUTRA_OPTIONS",
     "InferDiagnosis",
     "InferResult",
     "check_infer_options",
+    "chains_trouble",
     "choose_route",
     "route_fit",
     "GRADIENTS",

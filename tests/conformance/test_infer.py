@@ -115,12 +115,15 @@ class _StubFit:
     """A fit whose importance log-weights are set: ``-k log u`` at the quantiles ``u`` of a
     uniform, a Pareto sample of shape `k` without sampling noise."""
 
-    def __init__(self, k: float, layer: str = "planar", num: int = 4000) -> None:
+    def __init__(
+        self, k: float, layer: str = "planar", num: int = 4000, stuck: tuple[str, ...] = ()
+    ) -> None:
         u = (np.arange(num) + 0.5) / num
         self.log_weights = -k * np.log(u)
         self.x = np.arange(num, dtype=float)  # draw i is the value i: a resample shows its rows
         self.spec = SimpleNamespace(layers=[SimpleNamespace(type=layer)])
         self.ran: list[str] = []
+        self.stuck = stuck  # the kinds of chain that do not move, every transition divergent
 
     def log_densities(self, num_samples: int, seed: int | None = None):
         assert num_samples == self.x.size
@@ -129,8 +132,9 @@ class _StubFit:
     def _mcmc(self, kind: str, **budget) -> NeuTraResult:
         self.ran.append(kind)
         samples = {"x": np.full(budget["num_chains"] * budget["num_samples"], -1.0)}
-        diverging = np.zeros((budget["num_chains"], budget["num_samples"]), bool)
-        return NeuTraResult(samples, diverging, {}, {}, budget["num_chains"], kind)
+        diverging = np.full((budget["num_chains"], budget["num_samples"]), kind in self.stuck)
+        r_hat = {"x": np.array(np.nan if kind in self.stuck else 1.0)}
+        return NeuTraResult(samples, diverging, {}, r_hat, budget["num_chains"], kind)
 
     def neutra(self, **budget) -> NeuTraResult:
         return self._mcmc("neutra", **budget)
@@ -164,6 +168,22 @@ def test_route_fit_takes_each_route_on_injected_weights() -> None:
         assert result.route == route and fit.ran == [route]
         assert result.draws["x"].shape == (10,) and result.mcmc.reparam_site == route
         assert f"route={route!r}" in repr(result) and "k-hat 0.8" in repr(result)
+
+
+def test_failed_neutra_chains_fall_back_to_plain_nuts_and_failed_nuts_warns() -> None:
+    """NeuTra chains that do not move (every transition divergent: a flow whose pulled-back
+    density traps NUTS) are not returned as trustworthy: plain NUTS runs, and says why."""
+    fit = _StubFit(0.9, stuck=("neutra",))
+    result = _route(fit)
+    assert fit.ran == ["neutra", "nuts"] and result.route == "nuts"
+    assert result.mcmc.reparam_site == "nuts"
+    assert "NeuTra's chains failed (100% of transitions diverged" in result.diagnosis.reason
+    fit = _StubFit(0.9, stuck=("neutra", "nuts"))
+    with pytest.warns(UserWarning, match="route 'nuts': NUTS's chains failed"):
+        assert _route(fit).route == "nuts"
+    fit = _StubFit(0.9, layer="neural_ode", stuck=("nuts",))
+    with pytest.warns(UserWarning, match="split R-hat not finite"):
+        assert _route(fit).route == "nuts" and fit.ran == ["nuts"]
 
 
 def test_route_fit_sends_non_finite_weights_to_nuts() -> None:
@@ -230,14 +250,15 @@ def test_nuts_route_for_a_neural_ode_flow(backend: str) -> None:
     spec = FlowSpec.neural_ode(hidden=[4], solver="rk4", num_steps=2, dtype="float64")
     budget = {"num_warmup": 30, "num_samples": 20, "num_chains": 2}
     result = b.infer(
-        b.funnel, spec, num_steps=1, num_draws=2000, neutra=budget, progress=False,
+        b.normal, spec, b.y, num_steps=1, num_draws=2000, neutra=budget, progress=False,
         fit_options={**UNTRAINED, **NARROW},
     )  # fmt: skip
     assert result.route == "nuts" and "neural-ODE" in result.diagnosis.reason
     assert result.mcmc.reparam_site == "" and result.mcmc.diverging.shape == (2, 20)
-    assert result.draws["v"].shape == (40,) and result.draws["x"].shape == (40, 2)
-    assert np.ptp(result.draws["v"]) > 0  # the chains moved
-    assert result.to_arviz().posterior["x"].shape == (2, 20, 2)
+    assert result.draws["mu"].shape == (40,)
+    assert np.ptp(result.draws["mu"]) > 0  # the chains moved
+    assert abs(result.draws["mu"].mean() - POST_MEAN) < 3 * POST_SD
+    assert result.to_arviz().posterior["mu"].shape == (2, 20)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

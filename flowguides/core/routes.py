@@ -1,0 +1,319 @@
+"""`infer`'s routing, shared by both backends: the guide's PSIS k-hat picks the cheapest
+trustworthy route (`choose_route`), `route_fit` takes it (and drops NeuTra's chains for plain
+NUTS where they fail, `chains_trouble`), and `InferResult` holds the outcome."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import sys
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+from flowguides.core.checks import check_neutra_options
+from flowguides.core.results import NEUTRA_OPTIONS, NeuTraResult
+
+__all__ = [
+    "INFER_ROUTES",
+    "KHAT_GUIDE",
+    "KHAT_PSIS",
+    "NEUTRA_MAX_DIVERGENT",
+    "NEUTRA_MAX_RHAT",
+    "InferDiagnosis",
+    "InferResult",
+    "chains_trouble",
+    "check_infer_options",
+    "choose_route",
+    "route_fit",
+]
+
+KHAT_GUIDE = 0.5
+"""`infer` uses the guide's own draws below this k-hat (Yao et al. 2018)."""
+
+KHAT_PSIS = 0.7
+"""`infer` resamples the guide's draws by their PSIS weights from `KHAT_GUIDE` up to this k-hat
+(or up to the sample-size-aware ``min(1 - 1/log10(S), 0.7)`` of Vehtari et al. 2024, where
+``S`` draws make it lower) and runs NUTS from it on."""
+
+INFER_ROUTES = ("guide", "psis", "neutra", "nuts")
+
+NEUTRA_MAX_DIVERGENT = 0.1
+"""`infer` drops NeuTra's chains for plain NUTS where more than this fraction of transitions
+diverged (a flow whose pulled-back density has a region NUTS cannot move through)."""
+
+NEUTRA_MAX_RHAT = 1.1
+"""... or where the largest split R-hat is not finite (a chain that does not move) or, with at
+least `RHAT_MIN_SAMPLES` draws per chain (fewer make it too noisy to act on), above this."""
+
+RHAT_MIN_SAMPLES = 100
+"""The routes of `infer`, cheapest first."""
+
+
+@dataclass(frozen=True)
+class InferDiagnosis:
+    """Why `infer` took its route: the PSIS diagnosis of the fitted guide.
+
+    Attributes:
+        khat: the Pareto k-hat of the guide's importance weights (``nan`` where it could not
+            be estimated, ``inf`` where the weights' tail is too heavy or some are not finite).
+        khat_guide: below it, the guide's own draws (`KHAT_GUIDE`).
+        khat_psis: below it, PSIS resampling: `KHAT_PSIS`, or ``1 - 1/log10(S)`` where lower.
+        ess: the PSIS effective sample size of the guide's `num_proposals` draws (``nan``
+            where some importance weights are not finite).
+        num_proposals: ``S``, the guide's draws the diagnosis used.
+        reason: one sentence: the route and why.
+    """
+
+    khat: float
+    khat_guide: float
+    khat_psis: float
+    ess: float
+    num_proposals: int
+    reason: str
+
+
+@dataclass(repr=False, eq=False)
+class InferResult:
+    """What `infer` returns: draws from the cheapest route the PSIS diagnosis trusts.
+
+    Attributes:
+        route: ``"guide"`` (the guide's draws), ``"psis"`` (its draws resampled by their
+            smoothed importance weights: duplicates, of effective size ``diagnosis.ess``),
+            ``"neutra"`` (NUTS through the flow) or ``"nuts"`` (plain NUTS on the model).
+        diagnosis: the `InferDiagnosis`.
+        draws: constrained draws ``{site: (num_draws, *site_shape)}``, the layout of
+            `PosteriorFit.sample` (after NUTS: ``num_chains * num_samples`` draws, chains one
+            after another).
+        fit: the `PosteriorFit`.
+        mcmc: the `NeuTraResult` where NUTS ran, else None.
+    """
+
+    route: str
+    diagnosis: InferDiagnosis
+    draws: dict[str, np.ndarray]
+    fit: Any
+    mcmc: NeuTraResult | None = None
+
+    def to_arviz(self) -> Any:
+        """ArviZ's data object (``InferenceData`` on 0.x, ``DataTree`` on 1.x) of `draws`.
+
+        After NUTS, `NeuTraResult.to_arviz` (one chain per chain, ``sample_stats`` with
+        ``diverging``); else the group ``posterior`` with one chain. For the guide's own
+        draws with their importance weights and log-likelihood, use
+        ``flowguides.to_arviz(result.fit)``."""
+        if self.mcmc is not None:
+            return self.mcmc.to_arviz()
+        from flowguides.inference_data import groups_to_arviz, site_dims
+
+        posterior = {name: value[None] for name, value in self.draws.items()}
+        return groups_to_arviz({"posterior": posterior}, site_dims(posterior, 2))
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{k}: {tuple(np.shape(v))}" for k, v in self.draws.items())
+        return f"InferResult(route={self.route!r}, draws={{{shapes}}}): {self.diagnosis.reason}"
+
+
+def choose_route(
+    khat: float, *, khat_psis: float = KHAT_PSIS, exact: bool = False, neural_ode: bool = False
+) -> tuple[str, str]:
+    """`infer`'s route for a guide with Pareto `khat`, and the reason, in one sentence.
+
+    >>> choose_route(0.6)[0], choose_route(0.9)[0], choose_route(0.9, neural_ode=True)[0]
+    ('psis', 'neutra', 'nuts')
+
+    Args:
+        khat: the guide's k-hat (``nan`` or ``inf`` take NUTS, as the least trusted).
+        khat_psis: the upper end of the PSIS route.
+        exact: the importance weights are constant (the guide is the posterior, up to a
+            constant; k-hat is then ``nan``): the guide's draws.
+        neural_ode: the flow has a neural-ODE layer, which NeuTra refuses: plain NUTS.
+
+    Returns:
+        ``(route, reason)``, the route one of `INFER_ROUTES`.
+    """
+    if exact:
+        return "guide", (
+            "the importance weights are constant, so the guide matches the posterior: its own "
+            "draws are used"
+        )
+    if khat < KHAT_GUIDE:
+        return "guide", (
+            f"k-hat {khat:.2f} < {KHAT_GUIDE}: the guide is close to the posterior, so its own "
+            "draws are used"
+        )
+    if khat < khat_psis:
+        return "psis", (
+            f"{KHAT_GUIDE} <= k-hat {khat:.2f} < {khat_psis:.2f}: the guide is usable after "
+            "Pareto smoothing, so its draws are resampled by their smoothed importance weights"
+        )
+    cause = (
+        "k-hat could not be estimated (the largest importance weights are tied)"
+        if math.isnan(khat)
+        else "k-hat is infinite (the importance weights' tail is too heavy, or not finite)"
+        if math.isinf(khat)
+        else f"k-hat {khat:.2f} >= {khat_psis:.2f}"
+    )
+    if neural_ode:
+        return "nuts", (
+            f"{cause}: importance sampling cannot correct the guide, and NeuTra refuses "
+            "neural-ODE flows (an ODE solve per leapfrog step), so plain NUTS ran on the model"
+        )
+    return "neutra", (
+        f"{cause}: importance sampling cannot correct the guide, so NUTS ran on the model "
+        "reparametrised by the flow (NeuTra)"
+    )
+
+
+def _as_options(name: str, options: Any) -> dict[str, Any]:
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise TypeError(f"{name}: expected a dict or None, got {type(options).__name__}")
+    return dict(options)
+
+
+def check_infer_options(
+    num_draws: int,
+    neutra: Mapping[str, Any] | None,
+    fit_options: Mapping[str, Any] | None,
+    model_kwargs: Mapping[str, Any],
+    fit_fn: Callable[..., Any],
+    neutra_fn: Callable[..., Any],
+) -> tuple[dict[str, int], dict[str, Any]]:
+    """Check `infer`'s options before anything is fitted.
+
+    Args:
+        num_draws, neutra, fit_options: as `infer` took them.
+        model_kwargs: `infer`'s keyword arguments for the model.
+        fit_fn, neutra_fn: the backend's `fit_posterior` and `neutra` (their signatures say
+            which options they take, and `neutra_fn` gives the NUTS budget's defaults).
+
+    Returns:
+        The NUTS budget (`NEUTRA_OPTIONS`, defaults filled in) and the fit's options.
+
+    Raises:
+        ValueError: `num_draws` is not an integer of at least 25 (PSIS needs them); an option
+            that is unknown, is `infer`'s own or is also a model keyword; a bad NUTS budget.
+        TypeError: `neutra` or `fit_options` is not a dict.
+    """
+    from flowguides.diagnostics import MIN_DRAWS
+
+    if isinstance(num_draws, bool) or not isinstance(num_draws, int) or num_draws < MIN_DRAWS:
+        raise ValueError(f"num_draws: expected an integer >= {MIN_DRAWS}, got {num_draws!r}")
+    neutra, fit_options = _as_options("neutra", neutra), _as_options("fit_options", fit_options)
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    fit_takes = [p.name for p in inspect.signature(fit_fn).parameters.values() if p.kind in kinds]
+    for name, options, own, takes in [
+        ("neutra", neutra, ("seed", "progress"), NEUTRA_OPTIONS),
+        ("fit_options", fit_options, ("model", "spec", "num_steps", "seed", "progress"), fit_takes),
+    ]:
+        if mine := sorted(set(options) & set(own)):
+            raise ValueError(f"{name}: {mine} are infer's own arguments; pass them to infer")
+        allowed = [option for option in takes if option not in own]
+        if unknown := sorted(set(options) - set(allowed)):
+            raise ValueError(f"{name}: unknown option(s) {unknown}; expected some of {allowed}")
+    if both := sorted(set(fit_options) & set(model_kwargs)):
+        raise ValueError(f"fit_options: {both} also given as keyword arguments; give them once")
+    defaults = inspect.signature(neutra_fn).parameters
+    budget = {name: neutra.get(name, defaults[name].default) for name in NEUTRA_OPTIONS}
+    check_neutra_options(_NO_LAYERS, **budget)  # the budgets now, for NeuTra and plain NUTS
+    return budget, fit_options
+
+
+_NO_LAYERS = SimpleNamespace(layers=())  # a spec stand-in: `check_neutra_options` reads layers
+
+
+def route_fit(
+    fit: Any,
+    *,
+    num_draws: int,
+    budget: Mapping[str, int],
+    seed: int,
+    progress: bool,
+    nuts: Callable[..., NeuTraResult],
+) -> InferResult:
+    """`infer` after the fit: diagnose `fit`'s guide from `num_draws` draws, take the route.
+
+    Args:
+        fit: a `PosteriorFit`.
+        num_draws: the guide's draws, diagnosed and (routes ``"guide"``, ``"psis"``) returned.
+        budget: NUTS's ``num_warmup``, ``num_samples`` and ``num_chains``.
+        seed: seeds the guide's draws, the resampling and NUTS.
+        progress: print the route chosen (to stderr) and show NUTS's progress bar.
+        nuts: the backend's plain NUTS, called as ``nuts(fit, **budget, seed=, progress=)``.
+
+    Returns:
+        The `InferResult`.
+    """
+    from flowguides.diagnostics import diagnose_weights, khat_threshold, resample
+
+    proposals, log_p, log_q = fit.log_densities(num_draws, seed)
+    log_weights = np.asarray(log_p, np.float64) - np.asarray(log_q, np.float64)
+    khat, ess, exact = math.inf, math.nan, False
+    khat_psis = min(KHAT_PSIS, khat_threshold(num_draws))
+    if np.isfinite(log_weights).all():
+        psis = diagnose_weights(log_p, log_q)
+        khat, ess, exact = psis.khat, psis.ess, psis.verdict.startswith("exact")
+    neural_ode = any(layer.type == "neural_ode" for layer in fit.spec.layers)
+    route, reason = choose_route(khat, khat_psis=khat_psis, exact=exact, neural_ode=neural_ode)
+    diagnosis = InferDiagnosis(khat, KHAT_GUIDE, khat_psis, ess, num_draws, reason)
+    if progress:
+        print(f"infer: route {route!r}: {reason}", file=sys.stderr, flush=True)
+    mcmc = None
+    if route == "guide":
+        draws = {name: np.asarray(value) for name, value in proposals.items()}
+    elif route == "psis":
+        draws = resample(proposals, log_weights, num_draws, seed=[seed, 1])
+    else:
+        run = fit.neutra if route == "neutra" else lambda **options: nuts(fit, **options)
+        mcmc = run(**budget, seed=seed, progress=progress)
+        trouble = chains_trouble(mcmc)
+        if route == "neutra" and trouble is not None:
+            route = "nuts"
+            reason = f"{reason}; but NeuTra's chains failed ({trouble}), so NUTS ran on the model"
+            diagnosis = InferDiagnosis(khat, KHAT_GUIDE, khat_psis, ess, num_draws, reason)
+            if progress:
+                print(f"infer: route 'nuts': {reason}", file=sys.stderr, flush=True)
+            mcmc = nuts(fit, **budget, seed=seed, progress=progress)
+            trouble = chains_trouble(mcmc)
+        if trouble is not None:
+            warnings.warn(
+                f"infer: route {route!r}: NUTS's chains failed ({trouble}); its draws may be "
+                "far from the posterior: run longer chains or reparametrise the model",
+                UserWarning,
+                stacklevel=3,
+            )
+        draws = mcmc.samples
+    return InferResult(route, diagnosis, draws, fit, mcmc)
+
+
+def chains_trouble(mcmc: NeuTraResult) -> str | None:
+    """Why NUTS chains cannot be trusted, or None: more than `NEUTRA_MAX_DIVERGENT` of the
+    transitions diverged, or the largest split R-hat is not finite or (from at least
+    `RHAT_MIN_SAMPLES` draws per chain) above `NEUTRA_MAX_RHAT`.
+
+    >>> ok = NeuTraResult({}, np.zeros((1, 100), bool), {}, {"x": np.array(1.01)}, 1, "")
+    >>> chains_trouble(ok) is None
+    True
+    >>> stuck = NeuTraResult({}, np.ones((1, 100), bool), {}, {"x": np.array(np.nan)}, 1, "")
+    >>> chains_trouble(stuck)
+    '100% of transitions diverged; split R-hat not finite (a chain that does not move)'
+    """
+    out = []
+    frac = float(np.mean(mcmc.diverging)) if mcmc.diverging.size else 0.0
+    if frac > NEUTRA_MAX_DIVERGENT:
+        out.append(f"{frac:.0%} of transitions diverged")
+    rhats = [np.asarray(v, np.float64).ravel() for v in mcmc.r_hat.values()]
+    rhat = np.concatenate(rhats) if rhats else np.zeros(0)
+    if rhat.size and not np.isfinite(rhat).all():
+        out.append("split R-hat not finite (a chain that does not move)")
+    elif (
+        rhat.size and mcmc.diverging.shape[-1] >= RHAT_MIN_SAMPLES and rhat.max() > NEUTRA_MAX_RHAT
+    ):
+        out.append(f"split R-hat {rhat.max():.2f} > {NEUTRA_MAX_RHAT}")
+    return "; ".join(out) or None
