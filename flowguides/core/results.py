@@ -68,6 +68,11 @@ class PosteriorFitMethods:
         )[1]
         return float(np.mean(log_weights))
 
+    def deterministic(self, draws: dict[str, Any]) -> dict[str, np.ndarray]:
+        """The model's deterministic sites missing from `draws` (constrained latent draws
+        ``{site: (S, *shape)}``), from the model run at each draw (the PPL's `Predictive`)."""
+        return self.guide.deterministic(draws, *self.args, **self.kwargs)
+
     def resample(
         self,
         num_samples: int,

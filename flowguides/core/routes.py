@@ -289,6 +289,7 @@ def route_fit(
                 stacklevel=3,
             )
         draws = mcmc.samples
+    draws.update(fit.deterministic(draws))  # after NUTS: into `mcmc.samples` too
     return InferResult(route, diagnosis, draws, fit, mcmc)
 
 

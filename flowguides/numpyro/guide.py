@@ -27,6 +27,7 @@ import numpyro
 import numpyro.distributions as dist
 from jax import lax
 from numpyro import handlers
+from numpyro.infer import Predictive
 from numpyro.infer.autoguide import AutoContinuous
 from numpyro.infer.initialization import init_to_median
 
@@ -284,6 +285,26 @@ class AutoFlowGuide(AutoContinuous, StagedPrototype):
         return {k: v[0] for k, v in self.quantiles(params, [0.5]).items()}
 
     # -- weights ---------------------------------------------------------------------------
+    def deterministic(
+        self, draws: Mapping[str, Any], *args: Any, **kwargs: Any
+    ) -> dict[str, np.ndarray]:
+        """The model's ``numpyro.deterministic`` sites missing from `draws` (constrained latent
+        draws ``{site: (S, *shape)}``), by NumPyro's `Predictive` over them."""
+        self._require_setup()
+        trace = self.prototype_trace
+        missing = [n for n, s in trace.items() if s["type"] == "deterministic" and n not in draws]
+        if not missing:
+            return {}
+        latent = {
+            n: jnp.asarray(v)
+            for n, v in draws.items()
+            if trace.get(n, {}).get("type") == "sample" and not trace[n]["is_observed"]
+        }
+        out = Predictive(self.model, posterior_samples=latent, return_sites=missing)(
+            jax.random.key(0), *args, **kwargs
+        )
+        return {n: np.asarray(out[n]) for n in missing}
+
     def _require_setup(self) -> None:
         if self._init_weights is None:
             raise RuntimeError(

@@ -151,8 +151,9 @@ class PosteriorFit(PosteriorFitMethods):
     log_likelihood = _model.log_likelihood  # fit.log_likelihood(draws, seed)
 
     def sample(self, num_samples: int, seed: int | None = None) -> dict[str, np.ndarray]:
-        """Constrained posterior draws ``{site: (num_samples, *site_shape)}`` (one program
-        per `num_samples`, compiled once for a model, its data and the fit's shapes).
+        """Constrained posterior draws ``{site: (num_samples, *site_shape)}`` of the latent
+        sites and the model's ``numpyro.deterministic`` sites (one program per `num_samples`,
+        compiled once for a model, its data and the fit's shapes).
 
         Raises:
             MaxStepsExceededError: an adaptive neural-ODE solve ran out of ``max_steps``.
@@ -161,10 +162,12 @@ class PosteriorFit(PosteriorFitMethods):
         if num_samples not in self._draws:
             guide, args, kwargs, names = self.guide, self.args, self.kwargs, self.latent_shapes
             shape = (num_samples,)
+            trace = guide.prototype_trace
+            keep = [*names, *(n for n, s in trace.items() if s["type"] == "deterministic")]
 
             def draws(key: jax.Array, params: dict) -> dict[str, jax.Array]:
                 out = guide.sample_posterior(key, params, *args, sample_shape=shape, **kwargs)
-                return {name: out[name] for name in names}
+                return {name: out[name] for name in keep if name in out}
 
             content = (callable_key(self.model), value_key((args, kwargs)), supports_key(guide))
             shapes = (guide.prefix, tuple(names.items()), params_key(self.params))

@@ -18,6 +18,7 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.distributions.transforms import ComposeTransform
+from pyro.infer import Predictive
 from pyro.infer.autoguide import AutoContinuous, init_to_median
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to
@@ -294,6 +295,33 @@ class AutoFlowGuide(AutoContinuous, BatchLogJoint):
         return {
             site["name"]: biject_to(site["fn"].support)(u) for site, u in self.split_latent(latent)
         }
+
+    def deterministic(
+        self, draws: Mapping[str, Any], *args: Any, **kwargs: Any
+    ) -> dict[str, np.ndarray]:
+        """The model's ``pyro.deterministic`` sites missing from `draws` (constrained latent
+        draws ``{site: (S, *shape)}``), by Pyro's `Predictive` over them (all at once where
+        the model broadcasts over a batch of draws, else one at a time)."""
+        nodes = self.model_trace.nodes
+        missing = [
+            n for n, s in nodes.items()
+            if s["type"] == "sample" and s["infer"].get("_deterministic") and n not in draws
+        ]  # fmt: skip
+        if not missing:
+            return {}
+        latent = {n: torch.as_tensor(np.asarray(draws[n])) for n in self._unconstrained_shapes}
+        num = next(iter(latent.values())).shape[0]
+
+        def run(parallel: bool) -> dict[str, torch.Tensor]:
+            predictive = Predictive(
+                self._bare_model[0], posterior_samples=latent, num_samples=num,
+                return_sites=missing, parallel=parallel,
+            )  # fmt: skip
+            with torch.no_grad():
+                return predictive(*args, **kwargs)
+
+        out = self.evaluate_batch(lambda: run(True), lambda: run(False))
+        return {n: out[n].reshape(num, *nodes[n]["value"].shape).cpu().numpy() for n in missing}
 
     def draws(self, num_samples: int, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(latent, log q)``: packed unconstrained draws ``(num_samples, latent_dim)``."""

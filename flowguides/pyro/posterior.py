@@ -95,8 +95,9 @@ class PosteriorFit(PosteriorFitMethods):
         }
 
     def sample(self, num_samples: int, seed: int | None = None) -> dict[str, np.ndarray]:
-        """Constrained posterior draws, ``name -> (num_samples, *site_shape)`` (the call's time
-        is added to ``timing["draws_s"]``).
+        """Constrained posterior draws, ``name -> (num_samples, *site_shape)``, of the latent
+        sites and the model's ``pyro.deterministic`` sites (the call's time is added to
+        ``timing["draws_s"]``).
 
         Raises:
             MaxStepsExceededError: an adaptive neural-ODE solve ran out of ``max_steps``.
@@ -104,6 +105,7 @@ class PosteriorFit(PosteriorFitMethods):
         t0 = time.perf_counter()
         latent, _ = self.guide.draws(num_samples, seed)
         out = {k: v.cpu().numpy() for k, v in self.guide.constrain(latent).items()}
+        out.update(self.deterministic(out))
         add_seconds(self.timing, "draws_s", time.perf_counter() - t0)
         return out
 

@@ -139,6 +139,9 @@ class _StubFit:
     def neutra(self, **budget) -> NeuTraResult:
         return self._mcmc("neutra", **budget)
 
+    def deterministic(self, draws: dict) -> dict:
+        return {}
+
 
 def _route(fit: _StubFit) -> InferResult:
     budget = {"num_warmup": 1, "num_samples": 5, "num_chains": 2}

@@ -217,9 +217,10 @@ def test_draws_are_one_program_shared_by_fits_of_the_same_model_and_data():
     draws = fit.sample(500, seed=2)
     # the program gives NumPyro's own (eager) draws of the same key
     eager = fit.guide.sample_posterior(jax.random.key(2), fit.params, X, Y, sample_shape=(500,))
-    assert set(draws) == {"sigma", "w", "rho"}
+    assert set(draws) == {"sigma", "w", "rho", "w_sum"}  # latent and deterministic sites
+    assert set(eager) == set(draws)
     for name, value in draws.items():
-        assert value.shape == (500, *fit.latent_shapes[name])
+        assert value.shape == (500, *fit.latent_shapes.get(name, ()))
         np.testing.assert_allclose(value, eager[name], rtol=1e-10, atol=1e-12)
     again = fit_posterior(model, SPEC, X, Y, num_steps=100, init_scale=0.3, seed=1, progress=False)
     again.sample(500, seed=2)

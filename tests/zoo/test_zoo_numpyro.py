@@ -193,6 +193,16 @@ def _latent_sites(case: Case) -> dict[str, dict]:
     }
 
 
+def _deterministic_shapes(case: Case) -> dict[str, tuple]:
+    """``{site: shape}`` of the model's ``numpyro.deterministic`` sites, which draws carry."""
+    seeded = handlers.seed(case.model, rng_seed=0)
+    trace = handlers.trace(handlers.substitute(seeded, substitute_fn=init_to_uniform))
+    trace = trace.get_trace(*case.args)
+    return {
+        n: tuple(np.shape(s["value"])) for n, s in trace.items() if s["type"] == "deterministic"
+    }
+
+
 FIRST_HALF = list(CASES)[: len(CASES) // 2]  # the rest run from test_zoo_numpyro_rest.py, so
 # that pytest-xdist (--dist loadfile) can put the two halves on two workers
 
@@ -221,7 +231,10 @@ def run_case(name: str, tmp_path) -> None:
             case.fit_check(fit)
 
         draws = fit.sample(NUM_DRAWS, seed=1)
-        assert set(draws) == set(shapes)
+        determ = _deterministic_shapes(case)
+        assert set(draws) == set(shapes) | set(determ)
+        for site, shape in determ.items():
+            assert draws[site].shape == (NUM_DRAWS, *shape), site
         for site, shape in shapes.items():
             assert draws[site].shape == (NUM_DRAWS, *shape), site
             support = latent[site]["fn"].support

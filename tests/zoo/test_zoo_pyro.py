@@ -211,6 +211,17 @@ def _latent_sites(model: Callable, args: tuple) -> dict[str, dict]:
     }
 
 
+def _deterministic_shapes(model: Callable, args: tuple) -> dict[str, tuple]:
+    """``{site: shape}`` of the model's ``pyro.deterministic`` sites, which draws carry too."""
+    with poutine.block():
+        trace = poutine.trace(model).get_trace(*args)
+    return {
+        name: tuple(site["value"].shape)
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample" and site["infer"].get("_deterministic")
+    }
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_zoo_model(name, tmp_path):
     case = CASES[name]
@@ -232,7 +243,10 @@ def test_zoo_model(name, tmp_path):
             case.fit_check(fit)
 
         draws = fit.sample(NUM_DRAWS, seed=1)
-        assert set(draws) == set(shapes)
+        determ = _deterministic_shapes(case.model, case.args)
+        assert set(draws) == set(shapes) | set(determ)
+        for site, shape in determ.items():
+            assert draws[site].shape == (NUM_DRAWS, *shape), site
         for site, shape in shapes.items():
             assert draws[site].shape == (NUM_DRAWS, *shape), site
             inside = latent[site]["fn"].support.check(torch.as_tensor(draws[site]))

@@ -1,0 +1,75 @@
+"""Deterministic sites (``numpyro.deterministic`` / ``pyro.deterministic``), the way users write
+them: `fit.sample` and every `infer` route return them beside the latent sites, equal to the
+model's expression at each draw."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from flowguides import FlowSpec
+
+__all__: list[str] = []
+
+Y = np.random.default_rng(3).normal(1.0, 1.0, size=30)
+
+
+def _setup(backend: str):
+    if backend == "pyro":
+        import pyro
+        import pyro.distributions as dist
+        import torch
+
+        from flowguides.pyro import fit_posterior, infer
+
+        pyro.clear_param_store()
+        y = torch.tensor(Y)
+
+        def model(y):
+            mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+            log_s = pyro.sample("log_s", dist.Normal(0.0, 1.0))
+            pyro.deterministic("shifted", mu + 2.0 * log_s)
+            with pyro.plate("n", len(y)):
+                pyro.sample("y", dist.Normal(mu, torch.exp(log_s)), obs=y)
+
+    else:
+        import jax.numpy as jnp
+        import numpyro
+        import numpyro.distributions as dist
+
+        from flowguides.numpyro import fit_posterior, infer
+
+        y = jnp.asarray(Y)
+
+        def model(y):
+            mu = numpyro.sample("mu", dist.Normal(0.0, 10.0))
+            log_s = numpyro.sample("log_s", dist.Normal(0.0, 1.0))
+            numpyro.deterministic("shifted", mu + 2.0 * log_s)
+            with numpyro.plate("n", len(y)):
+                numpyro.sample("y", dist.Normal(mu, jnp.exp(log_s)), obs=y)
+
+    return model, y, fit_posterior, infer
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [pytest.param("pyro", marks=pytest.mark.torch), pytest.param("numpyro", marks=pytest.mark.jax)],
+)
+def test_sample_and_infer_return_deterministic_sites(backend: str) -> None:
+    model, y, fit_posterior, infer = _setup(backend)
+    spec = FlowSpec.planar(num_layers=1, dtype="float64")
+    fit = fit_posterior(model, spec, y, num_steps=200, progress=False)
+    draws = fit.sample(500, seed=1)
+    assert set(draws) == {"mu", "log_s", "shifted"}
+    np.testing.assert_allclose(draws["shifted"], draws["mu"] + 2.0 * draws["log_s"], rtol=1e-6)
+    # the PSIS route (resampled guide draws) and the NUTS route (after NUTS) alike
+    for options, route in (({}, None), ({"learning_rate": 1e-12, "init_scale": 1.0}, "nuts")):
+        result = infer(
+            model, spec, y, num_steps=200 if route is None else 1, num_draws=500,
+            neutra={"num_warmup": 50, "num_samples": 50}, progress=False, fit_options=options,
+        )  # fmt: skip
+        d = result.draws
+        assert set(d) == {"mu", "log_s", "shifted"}, result.route
+        np.testing.assert_allclose(d["shifted"], d["mu"] + 2.0 * d["log_s"], rtol=1e-6)
+        if result.mcmc is not None:
+            assert result.draws is result.mcmc.samples
