@@ -46,7 +46,10 @@ def _serve(conn: Any) -> None:
         pass
     conn.send("ready")
     while True:
-        msg = conn.recv()
+        try:
+            msg = conn.recv()
+        except EOFError:
+            return  # the parent is gone
         if msg is None:
             return
         task, args = msg
@@ -55,9 +58,13 @@ def _serve(conn: Any) -> None:
             out = getattr(importlib.import_module(module), name)(*args)
         except BaseException as exc:  # noqa: BLE001 - sent back, raised in the parent
             text = f"{type(exc).__name__}: {exc}".strip().replace("\n", " ")
-            conn.send(("error", text, traceback.format_exc()))
+            reply = ("error", text, traceback.format_exc())
         else:
-            conn.send(("ok", out, None))
+            reply = ("ok", out, None)
+        try:
+            conn.send(reply)
+        except (BrokenPipeError, OSError):
+            return  # the parent is gone (killed): nobody to run rows for
 
 
 class Worker:
