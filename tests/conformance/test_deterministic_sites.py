@@ -58,18 +58,18 @@ def _setup(backend: str):
 def test_sample_and_infer_return_deterministic_sites(backend: str) -> None:
     model, y, fit_posterior, infer = _setup(backend)
     spec = FlowSpec.planar(num_layers=1, dtype="float64")
-    fit = fit_posterior(model, spec, y, num_steps=200, progress=False)
+    fit = fit_posterior(model, spec, y, num_steps=100, progress=False)
     draws = fit.sample(500, seed=1)
     assert set(draws) == {"mu", "log_s", "shifted"}
     np.testing.assert_allclose(draws["shifted"], draws["mu"] + 2.0 * draws["log_s"], rtol=1e-6)
     # the PSIS route (resampled guide draws) and the NUTS route (after NUTS) alike
-    for options, route in (({}, None), ({"learning_rate": 1e-12, "init_scale": 1.0}, "nuts")):
+    for steps, options in ((100, {}), (1, {"learning_rate": 1e-12, "init_scale": 1.0})):
         result = infer(
-            model, spec, y, num_steps=200 if route is None else 1, num_draws=500,
-            neutra={"num_warmup": 50, "num_samples": 50}, progress=False, fit_options=options,
+            model, spec, y, num_steps=steps, num_draws=500, progress=False, fit_options=options,
+            neutra={"num_warmup": 30, "num_samples": 30},
         )  # fmt: skip
         d = result.draws
         assert set(d) == {"mu", "log_s", "shifted"}, result.route
         np.testing.assert_allclose(d["shifted"], d["mu"] + 2.0 * d["log_s"], rtol=1e-6)
-        if result.mcmc is not None:
-            assert result.draws is result.mcmc.samples
+        if steps == 1:  # the untrained flow: k-hat sends it to NUTS
+            assert result.mcmc is not None and result.draws is result.mcmc.samples

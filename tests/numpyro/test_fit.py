@@ -264,9 +264,10 @@ def test_a_neural_ode_posterior_fit_records_its_history_without_changing_the_los
             guide._setup_prototype()  # as `fit_posterior` sets it up
         svi = SVI(gaussian, guide, optax.adam(1e-2), elbo)
         state = posterior_module._init_state(svi, guide, jax.random.key(0), (), {})
+        update = jax.jit(svi.update)  # traced inside training_solves, once per ELBO
         for _ in range(2):
             with training_solves():
-                state, loss = svi.update(state)
+                state, loss = update(state)
         return svi.get_params(state), loss, state.mutable_state
 
     ours = step(posterior_module._RecordingELBO(3, spec))
