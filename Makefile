@@ -7,7 +7,7 @@ export OMP_NUM_THREADS := 1
 export XLA_FLAGS := --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1
 export MPLBACKEND := Agg
 
-.PHONY: install demo test lint docs bench bench-full bench-high-dim bench-report clean
+.PHONY: install demo test lint docs bench bench-full bench-high-dim bench-large bench-report clean
 
 $(BIN)/flowguides: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,3 +49,8 @@ bench-report: install
 bench-high-dim: install
 	$(BIN)/python -m benchmarks.high_dim_numpyro | tee -a benchmarks/results/high_dim_numpyro.jsonl
 	$(BIN)/python -m benchmarks.high_dim_pyro | tee -a benchmarks/results/high_dim_pyro.jsonl
+
+# Large-N posteriors: subsampled fits (with and without the control variate) against full-data NUTS.
+bench-large: install
+	$(BIN)/python -m benchmarks.large --problem logistic --rows 100000 1000000 --backends numpyro
+	$(BIN)/python -m benchmarks.large --problem logistic --rows 100000 --backends pyro --steps 1000

@@ -11,8 +11,9 @@ Methods, one JSON row each (``--out`` appends JSON lines, by default
 
 * ``numpyro NUTS (full data)``: one chain, ``--warmup`` + ``--samples``, the full likelihood
   at every leapfrog step;
-* ``flowguides-numpyro RealNVP (subsampled)`` and ``flowguides-pyro RealNVP (subsampled)``:
-  ``fit_posterior`` with the likelihood plate subsampled to ``--batch`` rows per step.
+* ``flowguides-numpyro RealNVP (subsampled, control_variate=...)`` and the same for Pyro:
+  ``fit_posterior`` with the likelihood plate subsampled to ``--batch`` rows per step, once per
+  ``--control-variates`` setting (default: ``taylor`` and ``none``).
 
 The reference the errors are measured against is stated in each row (``reference``): for
 ``logistic`` the Laplace approximation on the full data (L-BFGS MAP and the exact Hessian;
@@ -181,7 +182,16 @@ def run_nuts(problem: str, data: dict, groups: int, warmup: int, samples: int, s
     return draws, time.perf_counter() - t0
 
 
-def run_fit(backend: str, problem: str, data: dict, groups: int, batch: int, steps: int, seed: int):
+def run_fit(
+    backend: str,
+    problem: str,
+    data: dict,
+    groups: int,
+    batch: int,
+    steps: int,
+    seed: int,
+    control_variate: str = "auto",
+):
     """flowguides ``fit_posterior`` with the plate subsampled to ``batch`` rows."""
     from flowguides.spec import FlowSpec
 
@@ -201,7 +211,8 @@ def run_fit(backend: str, problem: str, data: dict, groups: int, batch: int, ste
 
         args = {k: torch.as_tensor(v) for k, v in data.items()}
         model = pyro_model(problem, groups, batch)
-    fit = fit_posterior(model, spec, num_steps=steps, seed=seed, progress=False, **args)
+    options = {"num_steps": steps, "seed": seed, "control_variate": control_variate}
+    fit = fit_posterior(model, spec, progress=False, **options, **args)
     draws = fit.sample(4000, seed=seed)
     return {k: np.asarray(v) for k, v in draws.items()}, time.perf_counter() - t0, fit.timing
 
@@ -219,6 +230,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reference-samples", type=int, default=4000)
     parser.add_argument("--backends", nargs="+", default=["numpyro", "pyro"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--control-variates", nargs="+", default=["taylor", "none"],
+        help="fit_posterior's control_variate settings, one row each",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/large.jsonl")
     args = parser.parse_args(argv)
     import torch
@@ -243,16 +258,18 @@ def main(argv: list[str] | None = None) -> None:
                     "warmup": args.warmup, "samples": args.samples,
                     **_score(_moments(draws, names), ref)})  # fmt: skip
         for backend in args.backends:
-            try:
-                draws, wall, timing = run_fit(
-                    backend, args.problem, data, groups, args.batch, args.steps, args.seed
-                )
-                out.append({"method": f"flowguides-{backend} RealNVP (subsampled)",
-                            "wall_s": wall, "num_steps": args.steps, **timing,
-                            **_score(_moments(draws, names), ref)})  # fmt: skip
-            except Exception as exc:  # noqa: BLE001 - a method's failure is a result
-                out.append({"method": f"flowguides-{backend} RealNVP (subsampled)",
-                            "error": f"{type(exc).__name__}: {exc}"[:300]})  # fmt: skip
+            for cv in args.control_variates:
+                method = f"flowguides-{backend} RealNVP (subsampled, control_variate={cv})"
+                try:
+                    draws, wall, timing = run_fit(
+                        backend, args.problem, data, groups, args.batch, args.steps, args.seed, cv
+                    )
+                    out.append({"method": method, "wall_s": wall, "num_steps": args.steps,
+                                "control_variate": cv, **timing,
+                                **_score(_moments(draws, names), ref)})  # fmt: skip
+                except Exception as exc:  # noqa: BLE001 - a method's failure is a result
+                    out.append({"method": method, "control_variate": cv,
+                                "error": f"{type(exc).__name__}: {exc}"[:300]})  # fmt: skip
         with args.out.open("a") as f:
             for row in out:
                 row = {**settings, **row, "reference": how, **stamp, "timestamp": utc_now()}

@@ -23,6 +23,8 @@ rules (schedule, default learning rate, data splits, the start search's constant
 from __future__ import annotations
 
 from flowguides.core.checks import (
+    CONTROL_VARIATE_PREFIX,
+    CONTROL_VARIATES,
     FLOAT32_MIN_TOLERANCE,
     GRADIENTS,
     OBJECTIVES,
@@ -30,6 +32,7 @@ from flowguides.core.checks import (
     PRECONDITION,
     VECTORIZE_OPTIONS,
     as_spec,
+    check_control_variate,
     check_data,
     check_neutra_options,
     check_objective,
@@ -123,6 +126,8 @@ __all__ = [
     "check_neutra_options",
     "check_objective_options",
     "AUTO_SCALES",
+    "CONTROL_VARIATES",
+    "CONTROL_VARIATE_PREFIX",
     "COUPLINGS",
     "DEFAULT_LEARNING_RATE",
     "FLOAT32_MIN_TOLERANCE",
@@ -150,6 +155,7 @@ __all__ = [
     "as_spec",
     "call_with_vectorize",
     "check_coupling",
+    "check_control_variate",
     "check_data",
     "check_objective",
     "check_preconditioner",

@@ -45,6 +45,24 @@ GRADIENTS = ("reparam", "stl")
 """`fit_posterior` gradient estimators: the reparametrisation gradient, or sticking the landing
 (DReG for ``objective="iwelbo"``)."""
 
+CONTROL_VARIATES = ("auto", "taylor", "none")
+"""`fit_posterior`'s ``control_variate`` for a model whose plates subsample: ``"taylor"`` the
+Taylor control variate around the full-data MAP (second order up to `FULL_RANK_MAX_DIM`
+latent dimensions, first order above), ``"none"`` the plain minibatch estimate, ``"auto"``
+(the default) the Taylor one where the model subsamples and the start search found a mode."""
+CONTROL_VARIATE_PREFIX = "_flowguides_cv_"
+"""Prefix of the control variate's fixed SVI parameters (the expansion point and the full
+data's terms there) and of its factor site."""
+
+
+def check_control_variate(control_variate: str) -> None:
+    """Raise `ValueError` unless `control_variate` is one of `CONTROL_VARIATES`."""
+    if control_variate not in CONTROL_VARIATES:
+        raise ValueError(
+            f"control_variate: expected one of {list(CONTROL_VARIATES)}, got {control_variate!r}"
+        )
+
+
 PRECONDITION = ("precondition.shift", "precondition.scale_tril")
 """Names of a guide's fixed (untrained) last map ``z = shift + scale_tril @ x``: the whitening
 it takes from a Laplace start (``shift`` the MAP, ``scale_tril`` the Cholesky factor of the

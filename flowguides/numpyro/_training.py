@@ -40,7 +40,7 @@ from numpyro.infer.elbo import ELBO
 from numpyro.infer.util import log_density
 from tqdm.auto import tqdm
 
-from flowguides.core import PRECONDITION, decay_steps
+from flowguides.core import CONTROL_VARIATE_PREFIX, PRECONDITION, decay_steps
 from flowguides.numpyro._model import value_key
 from flowguides.numpyro.build import FlowTransform
 from flowguides.numpyro.ode import training_solves
@@ -84,8 +84,9 @@ def default_float() -> jnp.dtype:
 
 def make_optimizer(num_steps: int, learning_rate: float, clip_norm: float | None):
     """Adam on the shared schedule (after global-norm clipping when `clip_norm` is set); the
-    fixed whitening of a Laplace start (SVI parameters named after `PRECONDITION`) is left
-    out: no update and no Adam moments."""
+    fixed whitening of a Laplace start (SVI parameters named after `PRECONDITION`) and the
+    control variate's terms (`CONTROL_VARIATE_PREFIX`) are left out: no update and no Adam
+    moments."""
     schedule = optax.join_schedules(
         [
             optax.constant_schedule(learning_rate),
@@ -99,9 +100,15 @@ def make_optimizer(num_steps: int, learning_rate: float, clip_norm: float | None
     def labels(params: Any) -> Any:
         if not isinstance(params, dict):
             return jax.tree.map(lambda _: "trained", params)
-        return {k: "fixed" if k.endswith(PRECONDITION) else "trained" for k in params}
+        return {k: "fixed" if _fixed(k) else "trained" for k in params}
 
     return optax.multi_transform({"trained": trained, "fixed": optax.set_to_zero()}, labels)
+
+
+def _fixed(name: str) -> bool:
+    """Whether SVI parameter `name` is fixed: a Laplace start's whitening or the control
+    variate's expansion terms."""
+    return name.endswith(PRECONDITION) or name.startswith(CONTROL_VARIATE_PREFIX)
 
 
 def initial_optimizer_state(optim: Any, params: Mapping[str, Any]) -> tuple:

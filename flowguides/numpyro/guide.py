@@ -41,6 +41,7 @@ from flowguides.core import (
     coordinate_sites,
 )
 from flowguides.numpyro import ode
+from flowguides.numpyro._control import reference_params
 from flowguides.numpyro._model import as_constants, callable_key, choose_constants, split_args
 from flowguides.numpyro._prototype import StagedPrototype, full_data
 from flowguides.numpyro._training import cache_key, cached
@@ -121,6 +122,9 @@ class AutoFlowGuide(AutoContinuous, StagedPrototype):
         self.init_scale = init_scale
         self._init_weights: dict[str, jax.Array] | None = None
         self._precondition: dict[str, jax.Array] | None = None
+        # the start search's full-data MAP and its terms (`control_variate_model`), where it
+        # found a mode
+        self._reference: dict[str, np.ndarray] | None = None
         self.static_argnames = static_argnames
         self._constants: frozenset = frozenset()  # labels of constant arguments, see set-up
         super().__init__(model, prefix=prefix, init_loc_fn=init_loc_fn)
@@ -181,6 +185,10 @@ class AutoFlowGuide(AutoContinuous, StagedPrototype):
         shapes = (loc.shape, str(loc.dtype), full_rank)
         key = cache_key("laplace", *shapes, content=(callable_key(self.model), signature))
         out = jax.tree.map(np.asarray, cached(key, lambda: jax.jit(search))(loc, arrays))
+        found = bool(out["finite"]) and not bool(np.any(out["moving"]))
+        if found and not np.all(np.isfinite(out.get("hess", 0.0))):
+            out = {k: v for k, v in out.items() if k != "hess"}  # first order only
+        self._reference = reference_params(out) if found else None
         return choose_start(self.init_scale, loc, out, self._coordinate_sites)
 
     def _coordinate_sites(self, coords: Sequence[int]) -> list[str]:

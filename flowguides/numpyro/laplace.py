@@ -43,8 +43,10 @@ def minimize(energy: Callable[[jax.Array], jax.Array], x0: jax.Array) -> jax.Arr
     return _lbfgs(energy, x0)[0]
 
 
-def _lbfgs(energy: Callable[[jax.Array], jax.Array], x0: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """`minimize`'s ``(minimum, gradient there)``.
+def _lbfgs(
+    energy: Callable[[jax.Array], jax.Array], x0: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`minimize`'s ``(minimum, gradient there, energy there)``.
 
     The model appears twice in the program: in the line search, by value only, and in one
     value-and-gradient evaluation per step at the point the step reached (the first step
@@ -73,8 +75,8 @@ def _lbfgs(energy: Callable[[jax.Array], jax.Array], x0: jax.Array) -> tuple[jax
 
     inf = jnp.asarray(jnp.inf, x0.dtype)
     start = (x0, inf, jnp.zeros_like(x0), solver.init(x0), jnp.asarray(0), inf)
-    x, _, grad, *_ = lax.while_loop(running, step, start)
-    return x, grad
+    x, value, grad, *_ = lax.while_loop(running, step, start)
+    return x, grad, value
 
 
 def hessian_diagonal(
@@ -82,8 +84,9 @@ def hessian_diagonal(
 ) -> jax.Array:
     """The exact diagonal of the Hessian of the scalar `energy` at `point`, without the Hessian.
 
-    Row ``i`` of ``H`` is the Hessian-vector product ``H e_i`` (forward-mode derivative of the
-    gradient along the unit vector ``e_i``), and ``H[i, i]`` its ``i``-th entry. A block of
+    Row ``i`` of ``H`` is the Hessian-vector product ``H e_i`` (reverse-mode derivative of the
+    gradient with cotangent the unit vector ``e_i``: reverse mode only, so a model with a
+    ``jax.custom_vjp`` function, which forward mode cannot differentiate, works), and ``H[i, i]`` its ``i``-th entry. A block of
     `block_size` coordinates runs as one vectorised product (`jax.vmap`), the blocks one
     after another (`lax.map`): ``d`` products in all, exact, with memory ``block_size x d``
     plus the model's own for `block_size` evaluations, instead of the ``d x d`` Hessian.
@@ -99,10 +102,10 @@ def hessian_diagonal(
     dim = point.shape[0]
     block = min(FULL_RANK_MAX_DIM if block_size is None else block_size, dim)
     num_blocks = -(-dim // block)
-    grad = jax.grad(energy)
+    _, pullback = jax.vjp(jax.grad(energy), point)
 
     def row(tangent: jax.Array) -> jax.Array:
-        return jax.jvp(grad, (point,), (tangent,))[1]
+        return pullback(tangent)[0]  # H symmetric: the reverse product is H e_i too
 
     def one_block(start: jax.Array) -> jax.Array:
         coords = start + jnp.arange(block)
@@ -128,15 +131,16 @@ def laplace_search(
         full_rank: whether to form the ``d x d`` Hessian; None: ``d <= FULL_RANK_MAX_DIM``.
 
     Returns:
-        ``loc_map``, ``scale``, ``good``, ``moving``, ``finite``, ``elbo_plain``,
-        ``elbo_diag`` and, full rank, ``tril`` (NaN where not positive definite) and
-        ``elbo_full``.
+        ``loc_map``, ``grad_map`` and ``energy_map`` (the energy's gradient and value there),
+        ``scale``, ``good``, ``moving``, ``finite``, ``elbo_plain``, ``elbo_diag`` and, full
+        rank, ``hess`` (the symmetrised Hessian), ``tril`` (NaN where not positive definite)
+        and ``elbo_full``.
     """
     dim = loc.shape[0]
     full_rank = dim <= FULL_RANK_MAX_DIM if full_rank is None else full_rank
-    loc_map, grad_map = _lbfgs(energy, loc)
-    if full_rank:
-        hess = jax.hessian(energy)(loc_map)
+    loc_map, grad_map, energy_map = _lbfgs(energy, loc)
+    if full_rank:  # reverse over reverse: works through a model's jax.custom_vjp functions
+        hess = jax.jacrev(jax.grad(energy))(loc_map)
         curvature = jnp.diag(hess)
     else:
         curvature = hessian_diagonal(energy, loc_map)
@@ -165,6 +169,8 @@ def laplace_search(
     elbos = elbos + jnp.stack([log_det for _, log_det in starts])
     out = {
         "loc_map": loc_map,
+        "grad_map": grad_map,
+        "energy_map": energy_map,
         "scale": scale,
         "good": good,
         "moving": moving,
@@ -175,6 +181,7 @@ def laplace_search(
     if full_rank:
         out["tril"] = tril
         out["elbo_full"] = elbos[-1]
+        out["hess"] = sym
     return out
 
 

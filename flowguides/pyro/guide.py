@@ -32,6 +32,7 @@ from flowguides.core import (
     check_vectorize_option,
     coordinate_sites,
 )
+from flowguides.pyro._control import reference_terms
 from flowguides.pyro._model import BatchLogJoint, full_data_chunks
 from flowguides.pyro.build import (
     Flow,
@@ -125,6 +126,7 @@ class AutoFlowGuide(AutoContinuous, BatchLogJoint):
         self.max_plate_nesting = 0
         self.model_trace: poutine.Trace | None = None
         self._chunks: list | None = None  # the full data in chunks, where the model subsamples
+        self._reference: dict | None = None  # the start search's full-data MAP and its terms
         self.vectorize_particles = vectorize_particles
         self.vectorized: bool | None = None  # the outcome, decided at set-up
         self._warned = False
@@ -180,6 +182,8 @@ class AutoFlowGuide(AutoContinuous, BatchLogJoint):
             values_per_copy=values,
             elbos=self.init_scale == "auto",
         )
+        found = bool(out["finite"]) and not bool(out["moving"].any())
+        self._reference = reference_terms(out) if found else None  # see `_control.py`
         return choose_start(self.init_scale, init, out, self._coordinate_sites)
 
     def _explain_setup_error(self, exc: Exception) -> None:

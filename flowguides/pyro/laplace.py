@@ -130,7 +130,9 @@ def laplace_search(
             start, as ``"auto"`` needs.
 
     Returns:
-        ``loc_map``, ``scale`` (``1 / sqrt(diag H)``, 0.1 where not positive), ``good``
+        ``loc_map``, ``energy_map`` and ``grad_map`` (the energy and its gradient there),
+        ``hess`` (the symmetrised Hessian, full rank, where finite), ``scale``
+        (``1 / sqrt(diag H)``, 0.1 where not positive), ``good``
         (where the curvature is positive), ``moving`` (coordinates whose Newton step is not
         small: no mode), ``finite`` (the log joint around the point; checked only where no
         coordinate moves), ``tril`` (the Cholesky factor of ``H^-1``, only where full rank
@@ -150,7 +152,8 @@ def laplace_search(
     # A mode is stationary: its Newton step, in its own scale, is small. A density that
     # grows without bound (a funnel's scale collapsing to 0) leaves a large step behind.
     point = loc_map.clone().requires_grad_(True)
-    grad = torch.autograd.grad(energy(point), point)[0].detach()
+    energy_map = energy(point)
+    grad = torch.autograd.grad(energy_map, point)[0].detach()
     moving = ~(grad.abs() * scale < MODE_TOLERANCE)
     finite = bool(moving.any()) or _finite_around(energies, loc_map, scale)
     out = {
@@ -159,7 +162,11 @@ def laplace_search(
         "good": good,
         "moving": moving,
         "finite": torch.tensor(finite),
+        "energy_map": energy_map.detach(),
+        "grad_map": grad,
     }
+    if full_rank and bool(torch.isfinite(hessian).all()):
+        out["hess"] = (hessian + hessian.T) / 2
     if full_rank and bool(good.all()):
         tril = _inverse_cholesky(hessian)
         if tril is not None:

@@ -34,12 +34,14 @@ from pyro.poutine.util import site_is_subsample
 from flowguides.core import (
     PosteriorFitMethods,
     as_spec,
+    check_control_variate,
     check_objective_options,
     check_training,
     default_learning_rate,
     warn_if_below_start,
 )
 from flowguides.core.timing import add_seconds, fit_timing, timed_calls
+from flowguides.pyro._control import with_control_variate
 from flowguides.pyro._training import (
     Evaluations,
     ObjectiveLoss,
@@ -247,6 +249,7 @@ def fit_posterior(
     objective: str = "elbo",
     gradient: str = "reparam",
     num_inner: int = 1,
+    control_variate: str = "auto",
     **kwargs: Any,
 ) -> PosteriorFit:
     """Fit an `AutoFlowGuide` to ``model(*args, **kwargs)`` by maximising the ELBO.
@@ -283,6 +286,15 @@ def fit_posterior(
             2019), which trains the guide only (a model with its own ``pyro.param`` is
             refused). See the NeuTra and objectives page of the docs.
         num_inner: `K` of the IW-ELBO (1 with ``"elbo"``).
+        control_variate: for a model whose plates subsample (``subsample_size``): ``"auto"``
+            (the default) the Taylor control variate where the start search found the
+            full-data MAP, ``"taylor"`` always (an error where it cannot), ``"none"`` the plain
+            minibatch estimate. The Taylor control variate (the difference estimator of
+            NumPyro's ``HMCECS``) subtracts from each step's minibatch log joint its expansion
+            around the MAP (second order up to `flowguides.core.FULL_RANK_MAX_DIM` latent
+            dimensions, first order above) and adds back the full data's: still unbiased, with
+            far less noise near the posterior (see `flowguides.pyro._control`). A model that
+            subsamples nothing ignores it.
 
     Returns:
         The `PosteriorFit`.
@@ -297,7 +309,9 @@ def fit_posterior(
         NonFiniteGradientError: the loss was finite but a gradient was not (as above).
         MaxStepsExceededError: an adaptive neural-ODE solve ran out of ``max_steps``.
         ValueError: ``vectorize_particles=True`` where the model does not broadcast; an
-            unknown `objective` or `gradient`, a bad `num_inner`.
+            unknown `objective`, `gradient` or `control_variate`, a bad `num_inner`;
+            ``control_variate="taylor"`` for a model that subsamples nothing or without a
+            full-data MAP.
         SpecError: neural-ODE layers with an objective or gradient other than the defaults.
     """
     spec = as_spec(spec)
@@ -305,6 +319,7 @@ def fit_posterior(
     if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
         raise ValueError(f"num_particles: expected a positive integer, got {num_particles!r}")
     check_objective_options(spec, objective, gradient, num_inner)
+    check_control_variate(control_variate)
     pyro.set_rng_seed(seed)
     t0 = time.perf_counter()
     times: dict[str, float] = {}
@@ -322,6 +337,7 @@ def fit_posterior(
         guide._setup_if_needed(*args, **kwargs)
     if learning_rate is None:
         learning_rate = default_learning_rate(guide.latent_dim)
+    train, _ = with_control_variate(control_variate, model, guide)
     evaluations = Evaluations(guide.flow)
     nesting = guide.max_plate_nesting
     elbos: dict[bool, Trace_ELBO] = {}
@@ -338,7 +354,7 @@ def fit_posterior(
                     guide.flow, objective, gradient, num_particles, num_inner, **options
                 )
             )
-        return elbos[vectorized].differentiable_loss(model, guide, *args, **kwargs)
+        return elbos[vectorized].differentiable_loss(train, guide, *args, **kwargs)
 
     with poutine.trace(param_only=True) as param_capture:
         start = evaluations.count()

@@ -242,12 +242,15 @@ def test_the_search_reads_the_gradient_at_the_mode_and_scores_every_start():
     def energy(z):  # a skewed, non-quadratic bowl with its minimum away from the start
         return 0.5 * (z - 1.0) @ a @ (z - 1.0) + 0.1 * jnp.sum((z - 1.0) ** 4)
 
-    x, grad = laplace._lbfgs(energy, jnp.zeros(2))
+    x, grad, value = laplace._lbfgs(energy, jnp.zeros(2))
     np.testing.assert_allclose(x, [1.0, 1.0], atol=1e-6)
     np.testing.assert_allclose(grad, jax.grad(energy)(x), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(value, energy(x), rtol=1e-12, atol=1e-15)
     loc = jnp.asarray([0.5, -0.5])
     out = jax.jit(lambda z: laplace.laplace_search(energy, z))(loc)
     np.testing.assert_allclose(out["loc_map"], x, rtol=1e-12)
+    np.testing.assert_allclose(out["energy_map"], energy(x), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(out["hess"], jax.hessian(energy)(x), rtol=1e-10)
     # each start's ELBO from its 256 draws, evaluated here one by one
     eps = jax.random.normal(jax.random.key(0, impl=laplace._ELBO_PRNG), (256, 2))
     elbo = lambda z, log_det: -jnp.mean(jax.vmap(energy)(z)) + log_det  # noqa: E731

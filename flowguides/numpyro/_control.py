@@ -1,0 +1,174 @@
+"""The Taylor control variate of a subsampled model's log joint (`fit_posterior`'s
+``control_variate``).
+
+A model whose plates subsample (``numpyro.plate(..., subsample_size=n)``) gives an unbiased but
+noisy estimate ``f_B(u)`` of the full log joint ``F(u)`` at each step (``u`` the packed
+unconstrained latents, ``B`` the step's indices). The difference estimator (Bardenet et al.
+2017, Quiroz et al. 2019; NumPyro's ``HMCECS`` with its ``taylor_proxy``) subtracts the Taylor
+expansion ``T_B`` of ``f_B`` around a fixed point ``u0`` (the full-data MAP) and adds back its
+exact full-data expectation ``T_F``:
+
+    f_B(u) - T_B(u) + T_F(u),   E_B[T_B(u)] = T_F(u) for every u,
+
+so the estimate stays unbiased while its noise shrinks to that of the Taylor remainder (third
+order in ``u - u0`` for the second-order expansion). ``T_F`` needs the full data's value,
+gradient and Hessian at ``u0``, which the start search computes anyway (`laplace_search`);
+``T_B`` the batch's (same indices) value and gradient at ``u0`` and one reverse-mode
+Hessian-vector product along ``u - u0`` (reverse mode only, like the start search, so a model
+with ``jax.custom_vjp`` functions works). Above `FULL_RANK_MAX_DIM` latent dimensions (no ``d x d`` Hessian) the
+expansion is first order.
+
+The expansion point and its full-data terms are SVI parameters of the training model (named
+after `CONTROL_VARIATE_PREFIX`), fixed by the optimiser like a Laplace start's whitening, so a
+compiled training chunk serves any data of the same shapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+from numpyro import handlers
+from numpyro.distributions.transforms import biject_to
+from numpyro.infer.util import potential_energy
+
+from flowguides.core import CONTROL_VARIATE_PREFIX
+from flowguides.numpyro._prototype import subsampled
+
+__all__ = [
+    "control_variate_model",
+    "reference_params",
+    "supports_control_variate",
+    "with_control_variate",
+]
+
+_FACTOR = f"{CONTROL_VARIATE_PREFIX}factor"
+
+
+def reference_params(out: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The fixed SVI parameters of the control variate from `laplace_search`'s output (which
+    ran on the full data): the expansion point (the MAP), the negative log joint there, its
+    gradient and, where the search formed it, its Hessian."""
+    names = {"loc": "loc_map", "energy": "energy_map", "grad": "grad_map", "hess": "hess"}
+    return {
+        f"{CONTROL_VARIATE_PREFIX}{k}": np.asarray(out[v]) for k, v in names.items() if v in out
+    }
+
+
+def control_variate_model(
+    training: Callable[..., Any],
+    model: Callable[..., Any],
+    init_locs: Mapping[str, Any],
+    reference: Mapping[str, np.ndarray],
+) -> Callable[..., Any]:
+    """`training` (the model as it trains: its subsampled plates drawing indices) with the
+    factor ``T_F(u) - T_B(u)`` added, `model` (the user's) evaluating ``f_B`` on the drawn
+    indices. `init_locs` are the guide's unconstrained latent sites, in its packing order;
+    `reference` the `reference_params`."""
+    names = list(init_locs)  # packed in this order (as NumPyro's AutoContinuous packs)
+    shapes = [jnp.shape(init_locs[name]) for name in names]
+    ends = np.cumsum([int(np.prod(shape)) for shape in shapes]).tolist()
+
+    def unravel(v: jax.Array) -> dict[str, jax.Array]:
+        parts = jnp.split(v, ends[:-1])
+        return {n: p.reshape(s) for n, p, s in zip(names, parts, shapes, strict=True)}
+
+    def ravel(values: Mapping[str, jax.Array]) -> jax.Array:
+        return jnp.concatenate([jnp.reshape(values[name], -1) for name in names])
+
+    second_order = f"{CONTROL_VARIATE_PREFIX}hess" in reference
+
+    def fixed(name: str) -> jax.Array:
+        key = f"{CONTROL_VARIATE_PREFIX}{name}"
+        return jax.lax.stop_gradient(numpyro.param(key, reference[key]))
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with handlers.trace() as trace:
+            out = training(*args, **kwargs)
+        # the step's indices, and the model's own `param` values (as SVI set them)
+        plates = {
+            name: site["value"]
+            for name, site in trace.items()
+            if (site["type"] == "plate" and site["args"][1] is not None) or site["type"] == "param"
+        }
+        unconstrained = {
+            name: biject_to(trace[name]["fn"].support).inv(trace[name]["value"]) for name in names
+        }
+        u = ravel(unconstrained)
+        loc, energy, grad = fixed("loc"), fixed("energy"), fixed("grad")
+        delta = u - loc
+
+        def batch(v: jax.Array) -> jax.Array:  # f_B at v, on this step's indices
+            params = {**unravel(v), **plates}
+            with handlers.block():
+                return -potential_energy(model, args, kwargs, params)
+
+        # reverse mode only (as training itself): a model's jax.custom_vjp functions work
+        (value, slope), pullback = jax.vjp(jax.value_and_grad(batch), loc)
+        if second_order:  # H_B delta, a reverse Hessian-vector product at u0
+            curvature = pullback((jnp.zeros_like(value), delta))[0]
+            full = -energy - grad @ delta - 0.5 * delta @ (fixed("hess") @ delta)
+            expansion = value + slope @ delta + 0.5 * delta @ curvature
+        else:
+            full = -energy - grad @ delta
+            expansion = value + slope @ delta
+        numpyro.factor(_FACTOR, full - expansion)
+        return out
+
+    return wrapped
+
+
+def supports_control_variate(prototype_trace: Mapping[str, Any]) -> str | None:
+    """None where the control variate applies to the model of `prototype_trace`, else why
+    not: a ``numpyro.mutable`` site (state the inner evaluation would update). A latent
+    inside a subsampled plate never reaches here: `AutoContinuous` refuses local latents."""
+    for name, site in prototype_trace.items():
+        if site["type"] == "mutable":
+            return f"the model has a numpyro.mutable site {name!r}"
+    return None
+
+
+def with_control_variate(
+    control_variate: str,
+    train: Callable[..., Any],
+    model: Callable[..., Any],
+    guide: Any,
+) -> tuple[Callable[..., Any], dict[str, np.ndarray] | None]:
+    """``(training model, reference)`` for `fit_posterior`'s `control_variate`: `train` with
+    the control variate and its `reference_params`, or ``(train, None)`` where it is off or
+    does not apply (``"auto"``: silently where the model subsamples nothing, has a mutable
+    site or the start search found no mode; ``"taylor"``: a `ValueError` saying why). Its
+    derivatives are those the start search took of the same model (gradient and reverse
+    Hessian-vector products at the MAP), so a model that set up traces them.
+
+    Args:
+        control_variate: ``"auto"``, ``"taylor"`` or ``"none"``.
+        train: the model as it trains (`training_model`).
+        model: the user's model.
+        guide: the set-up `AutoFlowGuide` (its prototype trace and start search).
+    """
+    trace = guide.prototype_trace
+    subsamples = subsampled(trace)
+    if control_variate == "none" or (control_variate == "auto" and not subsamples):
+        return train, None
+    why = (
+        "the model subsamples no plate (no plate with a subsample_size below its size), so "
+        "there is no minibatch noise to reduce"
+        if not subsamples
+        else supports_control_variate(trace)
+    )
+    if why is None and guide._reference is None:
+        why = (
+            "it expands around the full-data MAP, which the start search did not find "
+            f"(init_scale={guide.init_scale!r}; it searches with 'auto' or 'laplace')"
+        )
+    if why is None:
+        reference = guide._reference
+        return control_variate_model(train, model, guide._init_locs, reference), reference
+    if control_variate == "taylor":
+        raise ValueError(f"control_variate='taylor': {why}; use control_variate='none'")
+    return train, None

@@ -1,0 +1,136 @@
+"""The Taylor control variate of a subsampled model's log joint (`fit_posterior`'s
+``control_variate``): the Pyro counterpart of `flowguides.numpyro._control`, same estimator.
+
+A model whose plates subsample gives an unbiased but noisy estimate ``f_B(u)`` of the full log
+joint ``F(u)`` at each step. The difference estimator (Bardenet et al. 2017, Quiroz et al. 2019;
+NumPyro's ``HMCECS`` with its ``taylor_proxy``) subtracts the Taylor expansion ``T_B`` of
+``f_B`` around the full-data MAP ``u0`` and adds back its exact full-data expectation ``T_F``:
+``f_B(u) - T_B(u) + T_F(u)``, unbiased for every ``u``, its noise that of the Taylor remainder.
+``T_F`` takes the full data's value, gradient and Hessian at ``u0`` from the start search;
+``T_B`` is the step's minibatch (the same plate indices, replayed) at ``u0``: its value, its
+gradient and, second order, one Hessian-vector product per particle. First order above
+`FULL_RANK_MAX_DIM` latent dimensions (no ``d x d`` Hessian).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.distributions.transforms import biject_to
+from pyro.poutine.util import site_is_subsample
+
+from flowguides.core import CONTROL_VARIATE_PREFIX
+from flowguides.pyro._model import log_joint_at
+
+__all__ = ["control_variate_model", "reference_terms", "with_control_variate"]
+
+
+def reference_terms(out: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The control variate's fixed terms from `laplace_search`'s output (run on the full
+    data): the MAP, the negative log joint there, its gradient and, where formed, its Hessian."""
+    names = {"loc": "loc_map", "energy": "energy_map", "grad": "grad_map", "hess": "hess"}
+    return {k: out[v].detach() for k, v in names.items() if v in out}
+
+
+def control_variate_model(
+    model: Callable[..., Any], guide: Any, reference: Mapping[str, torch.Tensor]
+) -> Callable[..., Any]:
+    """`model` with the factor ``T_F(u) - T_B(u)`` added (one value per particle where the
+    ELBO runs its particles at once, under its outermost plate). `guide` is the set-up
+    `AutoFlowGuide` (its sites, packing and plate nesting); `reference` the `reference_terms`."""
+    loc, energy, grad = reference["loc"], reference["energy"], reference["grad"]
+    hess = reference.get("hess")
+    names = [name for name, _ in guide.prototype_trace.iter_stochastic_nodes()]
+    sizes = {name: int(torch.Size(guide._unconstrained_shapes[name]).numel()) for name in names}
+    nest = guide.max_plate_nesting
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with poutine.trace() as capture:
+            out = model(*args, **kwargs)
+        trace = capture.trace
+        indices = {
+            name: site["value"]
+            for name, site in trace.nodes.items()
+            if site["type"] == "sample" and site_is_subsample(site)
+        }
+        parts = []
+        for name in names:
+            site = trace.nodes[name]
+            u = biject_to(site["fn"].support).inv(site["value"])
+            parts.append(u.reshape(-1, sizes[name]))
+        delta = torch.cat(parts, -1) - loc  # (particles, d): one row per particle run here
+        point = loc.clone().requires_grad_(True)
+        with torch.enable_grad():
+            batch = poutine.condition(model, data=indices)  # this step's minibatch
+            value = log_joint_at(batch, guide.split_latent(point), args, kwargs)
+            (slope,) = torch.autograd.grad(value, point, create_graph=hess is not None)
+            expansion = value.detach() + delta @ slope.detach()
+            full = -energy - delta @ grad
+            if hess is not None:
+                products = torch.stack(
+                    [
+                        torch.autograd.grad(slope, point, row, retain_graph=True)[0]
+                        for row in delta.detach()
+                    ]
+                )  # H_B delta per particle; as constants, `quadratic` has the value
+                # delta' H_B delta / 2 and the gradient H_B delta
+                quadratic = (delta * products).sum(-1) - 0.5 * (delta.detach() * products).sum(-1)
+                expansion = expansion + quadratic
+                full = full - 0.5 * ((delta @ hess) * delta).sum(-1)
+        factor = full - expansion
+        shape = (factor.shape[0], *([1] * nest)) if _particle_plate(trace) else ()
+        pyro.factor(f"{CONTROL_VARIATE_PREFIX}factor", factor.reshape(shape))
+        return out
+
+    return wrapped
+
+
+def _particle_plate(trace: Any) -> bool:
+    """Whether the model ran under the ELBO's vectorised particle plate."""
+    return any(
+        frame.name == "num_particles_vectorized"
+        for site in trace.nodes.values()
+        if site["type"] == "sample"
+        for frame in site["cond_indep_stack"]
+    )
+
+
+def with_control_variate(
+    control_variate: str, model: Callable[..., Any], guide: Any
+) -> tuple[Callable[..., Any], bool]:
+    """``(training model, on)`` for `fit_posterior`'s `control_variate`: `model` with the
+    control variate, or `model` itself where it is off or does not apply (``"auto"``:
+    silently where the model subsamples nothing, the start search could not run it on the
+    full data or found no mode; ``"taylor"``: a `ValueError` saying why)."""
+    subsampled = any(
+        site_is_subsample(site) and 0 < (site["fn"].subsample_size or 0) < site["fn"].size
+        for site in guide.model_trace.nodes.values()
+    )
+    if control_variate == "none" or (control_variate == "auto" and not subsampled):
+        return model, False
+    why = None
+    if not subsampled:
+        why = (
+            "the model subsamples no plate (no plate with a subsample_size below its size), so "
+            "there is no minibatch noise to reduce"
+        )
+    elif guide._chunks is None:
+        why = (
+            "the start search could not run the model on the full data (a latent site inside "
+            "a subsampled plate, or a sequential plate whose size is not a multiple of its "
+            "subsample_size), so there is no full-data MAP to expand around"
+        )
+    elif guide._reference is None:
+        why = (
+            "it expands around the full-data MAP, which the start search did not find "
+            f"(init_scale={guide.init_scale!r}; it searches with 'auto' or 'laplace')"
+        )
+    if why is None:
+        return control_variate_model(model, guide, guide._reference), True
+    if control_variate == "taylor":
+        raise ValueError(f"control_variate='taylor': {why}; use control_variate='none'")
+    return model, False
