@@ -41,6 +41,7 @@ from flowguides.numpyro._prototype import subsampled
 
 __all__ = [
     "control_variate_model",
+    "public_params",
     "reference_params",
     "supports_control_variate",
     "with_control_variate",
@@ -120,6 +121,11 @@ def control_variate_model(
         return out
 
     return wrapped
+
+
+def public_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The SVI parameters without the control variate's fixed terms (`fit.params`)."""
+    return {k: v for k, v in params.items() if not k.startswith(CONTROL_VARIATE_PREFIX)}
 
 
 def supports_control_variate(prototype_trace: Mapping[str, Any]) -> str | None:

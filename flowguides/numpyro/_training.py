@@ -84,9 +84,8 @@ def default_float() -> jnp.dtype:
 
 def make_optimizer(num_steps: int, learning_rate: float, clip_norm: float | None):
     """Adam on the shared schedule (after global-norm clipping when `clip_norm` is set); the
-    fixed whitening of a Laplace start (SVI parameters named after `PRECONDITION`) and the
-    control variate's terms (`CONTROL_VARIATE_PREFIX`) are left out: no update and no Adam
-    moments."""
+    fixed whitening of a Laplace start (`PRECONDITION`) and the control variate's terms
+    (`CONTROL_VARIATE_PREFIX`) are left out: no update and no Adam moments."""
     schedule = optax.join_schedules(
         [
             optax.constant_schedule(learning_rate),
@@ -100,15 +99,10 @@ def make_optimizer(num_steps: int, learning_rate: float, clip_norm: float | None
     def labels(params: Any) -> Any:
         if not isinstance(params, dict):
             return jax.tree.map(lambda _: "trained", params)
-        return {k: "fixed" if _fixed(k) else "trained" for k in params}
+        fixed = (k.endswith(PRECONDITION) or k.startswith(CONTROL_VARIATE_PREFIX) for k in params)
+        return {k: "fixed" if f else "trained" for k, f in zip(params, fixed, strict=True)}
 
     return optax.multi_transform({"trained": trained, "fixed": optax.set_to_zero()}, labels)
-
-
-def _fixed(name: str) -> bool:
-    """Whether SVI parameter `name` is fixed: a Laplace start's whitening or the control
-    variate's expansion terms."""
-    return name.endswith(PRECONDITION) or name.startswith(CONTROL_VARIATE_PREFIX)
 
 
 def initial_optimizer_state(optim: Any, params: Mapping[str, Any]) -> tuple:

@@ -1,13 +1,12 @@
 """Fit a flow guide to a NumPyro model's posterior: `PosteriorFit` and `fit_posterior`.
 
-Training steps run inside `jax.lax.scan` in chunks of up to 100 steps, so the host
-synchronises (and the tqdm bar advances) once per chunk. The jitted chunk, like the draws'
-program, is cached on the fit's static structure and on the model by content (`clear_compiled`
-empties the cache; see `flowguides.numpyro._model.callable_key`). A non-finite loss
-or gradient stops training at that step and raises `NonFiniteLossError`
-(`NonFiniteGradientError`) with the last finite parameters. Adam (after optional global-norm
-clipping) follows the shared schedule. Neural-ODE layers train inside `training_solves` (STEER
-end times, the RNODE penalty added to the loss, left out of ``fit.losses``).
+Training steps run inside `jax.lax.scan` in chunks of up to 100 steps, so the host synchronises
+(and the tqdm bar advances) once per chunk. The jitted chunk, like the draws' program, is cached on
+the fit's static structure and on the model by content (`clear_compiled` empties the cache; see
+`flowguides.numpyro._model.callable_key`). A non-finite loss or gradient stops training at that
+step and raises `NonFiniteLossError` (`NonFiniteGradientError`) with the last finite parameters.
+Adam (after optional clipping) follows the shared schedule. Neural-ODE layers train inside
+`training_solves` (STEER end times, the RNODE penalty added to the loss, not to ``fit.losses``).
 
 The same names and parameters as `flowguides.pyro.posterior`, except where the framework
 differs: `TRAINING_PRNG` (a JAX key implementation) is this backend's own; `fit_posterior` takes
@@ -36,7 +35,6 @@ from numpyro.infer.svi import SVIState
 from numpyro.infer.util import log_density, transform_fn
 
 from flowguides.core import (
-    CONTROL_VARIATE_PREFIX,
     NonFiniteGradientError,
     NonFiniteLossError,
     PosteriorFitMethods,
@@ -49,7 +47,7 @@ from flowguides.core import (
 )
 from flowguides.core.timing import add_seconds, chunk_timing, fit_timing, timed_calls
 from flowguides.numpyro import _model
-from flowguides.numpyro._control import with_control_variate
+from flowguides.numpyro._control import public_params, with_control_variate
 from flowguides.numpyro._model import (
     TRACER_ERRORS,
     as_constants,
@@ -269,15 +267,10 @@ def fit_posterior(
             2019), which trains the guide only (a model with its own ``numpyro.param`` is
             refused). See the NeuTra and objectives page of the docs.
         num_inner: `K` of the IW-ELBO (1 with ``"elbo"``).
-        control_variate: for a model whose plates subsample (``subsample_size``): ``"auto"``
-            (the default) the Taylor control variate where the start search found the
-            full-data MAP, ``"taylor"`` always (an error where it cannot), ``"none"`` the plain
-            minibatch estimate. The Taylor control variate (the difference estimator of
-            NumPyro's ``HMCECS``) subtracts from each step's minibatch log joint its expansion
-            around the MAP (second order up to `flowguides.core.FULL_RANK_MAX_DIM` latent
-            dimensions, first order above) and adds back the full data's: still unbiased, with
-            far less noise near the posterior (see `flowguides.numpyro._control`). A model
-            that subsamples nothing ignores it.
+        control_variate: for a model whose plates subsample: ``"auto"`` (the default) the
+            Taylor control variate around the full-data MAP where the start search found it,
+            ``"taylor"`` always (an error where it cannot), ``"none"`` the plain minibatch
+            estimate; unbiased either way (see the conventions page, "Subsampled models").
 
     Returns:
         The `PosteriorFit`.
@@ -294,8 +287,7 @@ def fit_posterior(
         ModelTracingError: the model turns a latent site's value into a Python value.
         ValueError: a name in `static_argnames` is not an argument of the model; an
             unknown `objective`, `gradient` or `control_variate`, a bad `num_inner`;
-            ``control_variate="taylor"`` for a model that subsamples nothing or without a
-            full-data MAP.
+            ``control_variate="taylor"`` where it cannot apply (the message says why).
         SpecError: neural-ODE layers with an objective or gradient other than the defaults.
     """
     spec = as_spec(spec)
@@ -368,19 +360,14 @@ def fit_posterior(
     times = fit_timing(t0, setup_s, times["start_s"], **chunk_timing(seconds, num_steps, CHUNK))
     extra = {"timing": times, "history": history}
     if bool(stopped):
-        good = _public(svi.constrain_fn(good))
-        fit = PosteriorFit(guide, model, spec, good, losses, args, kwargs, seed, **extra)
+        fit = PosteriorFit(guide, model, spec, public_params(svi.constrain_fn(good)), losses,
+                           args, kwargs, seed, **extra)  # fmt: skip
         step = int(bad_step)
         error = NonFiniteLossError if not np.isfinite(penalized[step]) else NonFiniteGradientError
         raise error(step, float(penalized[step]), fit.params, fit)
     warn_if_below_start(losses, learning_rate)
-    params = _public(svi.get_params(state))
+    params = public_params(svi.get_params(state))
     return PosteriorFit(guide, model, spec, params, losses, args, kwargs, seed, **extra)
-
-
-def _public(params: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """The SVI parameters without the control variate's fixed terms."""
-    return {k: v for k, v in params.items() if not k.startswith(CONTROL_VARIATE_PREFIX)}
 
 
 def _init_state(
@@ -394,8 +381,7 @@ def _init_state(
     """`svi.init` without its eager pass through the guide and the model (an XLA compile per
     distinct operation): the guide's set-up fixes every parameter, all unconstrained, so the
     state is `initial_optimizer_state` of `guide.initial_params()` and the control variate's
-    fixed `reference` terms (empty: none; the training model registers them under those
-    names, see `control_variate_model`). The keys split as in
+    `reference` terms, if any (`control_variate_model`). The keys split as in
     `SVI.init`. A model with its own `param` or `mutable` sites takes `svi.init`. The guide
     is set up already (with the key `SVI.init` would give it). With a `RecordingELBO`, the
     state carries a zero history entry as SVI mutable state (where each step's records go)."""

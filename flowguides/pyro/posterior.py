@@ -286,15 +286,10 @@ def fit_posterior(
             2019), which trains the guide only (a model with its own ``pyro.param`` is
             refused). See the NeuTra and objectives page of the docs.
         num_inner: `K` of the IW-ELBO (1 with ``"elbo"``).
-        control_variate: for a model whose plates subsample (``subsample_size``): ``"auto"``
-            (the default) the Taylor control variate where the start search found the
-            full-data MAP, ``"taylor"`` always (an error where it cannot), ``"none"`` the plain
-            minibatch estimate. The Taylor control variate (the difference estimator of
-            NumPyro's ``HMCECS``) subtracts from each step's minibatch log joint its expansion
-            around the MAP (second order up to `flowguides.core.FULL_RANK_MAX_DIM` latent
-            dimensions, first order above) and adds back the full data's: still unbiased, with
-            far less noise near the posterior (see `flowguides.pyro._control`). A model that
-            subsamples nothing ignores it.
+        control_variate: for a model whose plates subsample: ``"auto"`` (the default) the
+            Taylor control variate around the full-data MAP where the start search found it,
+            ``"taylor"`` always (an error where it cannot), ``"none"`` the plain minibatch
+            estimate; unbiased either way (see the conventions page, "Subsampled models").
 
     Returns:
         The `PosteriorFit`.
@@ -310,8 +305,7 @@ def fit_posterior(
         MaxStepsExceededError: an adaptive neural-ODE solve ran out of ``max_steps``.
         ValueError: ``vectorize_particles=True`` where the model does not broadcast; an
             unknown `objective`, `gradient` or `control_variate`, a bad `num_inner`;
-            ``control_variate="taylor"`` for a model that subsamples nothing or without a
-            full-data MAP.
+            ``control_variate="taylor"`` where it cannot apply (the message says why).
         SpecError: neural-ODE layers with an objective or gradient other than the defaults.
     """
     spec = as_spec(spec)
