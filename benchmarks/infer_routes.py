@@ -8,6 +8,7 @@ One JSON row per (problem, seed, draws) (``suite`` ``infer_routes``), appended t
 (default ``benchmarks/results/infer_routes.jsonl``). Usage::
 
     python -m benchmarks.infer_routes --seeds 0 1 2 --draws 4000 16000 [--neutra]
+    python -m benchmarks.infer_routes --fit-options '{"objective": "iwelbo", "num_inner": 8}'
 """
 
 from __future__ import annotations
@@ -36,8 +37,11 @@ def _errors(draws: dict, reference: metrics.Reference) -> dict:
     return {k: s[k] for k in ("mean_err", "sd_ratio_min", "sd_ratio_max")}
 
 
-def study(name: str, seed: int, num_draws: list[int], neutra: bool, budget: Budget) -> list:
-    """The rows of one posterior and seed (one fit, every draw count)."""
+def study(
+    name: str, seed: int, num_draws: list[int], neutra: dict | None, budget: Budget, options: dict
+) -> list:
+    """The rows of one posterior and seed (one fit with `options` of `fit_posterior`, every
+    draw count)."""
     import jax
 
     jax.config.update("jax_enable_x64", True)
@@ -50,18 +54,21 @@ def study(name: str, seed: int, num_draws: list[int], neutra: bool, budget: Budg
     fit = fit_posterior(
         prob.numpyro_model(), flowguides_spec("realnvp"), num_steps=budget.num_steps,
         seed=seed, progress=False, learning_rate=budget.learning_rate,
-        num_particles=budget.num_particles,
+        num_particles=budget.num_particles, **options,
     )  # fmt: skip
     base = {"suite": "infer_routes", "problem": name, "method": "flowguides-numpyro RealNVP",
+            "fit_options": options,
             "num_steps": budget.num_steps, "num_particles": budget.num_particles, "seed": seed,
             "fit_s": time.perf_counter() - t0}  # fmt: skip
-    if neutra:
+    if neutra is not None:
+        base["neutra_budget"] = neutra
         t1 = time.perf_counter()
-        res = fit.neutra(seed=seed, progress=False)
+        res = fit.neutra(seed=seed, progress=False, **neutra)
         samples = dict(res.samples)
         samples.update(fit.deterministic(samples))
         base.update({f"neutra_{k}": v for k, v in _errors(samples, prob.reference).items()})
         base["neutra_s"], base["neutra_divergences"] = time.perf_counter() - t1, res.divergences
+        base["neutra_min_ess"] = min(float(np.min(v)) for v in res.ess.values())
     out = []
     for s in num_draws:
         t1 = time.perf_counter()
@@ -85,14 +92,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--draws", nargs="+", type=int, default=[4000, 16000])
     ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--particles", type=int, default=8)
     ap.add_argument("--neutra", action="store_true", help="also run NeuTra NUTS on each fit")
+    ap.add_argument(
+        "--neutra-budget",
+        type=json.loads,
+        default={},
+        help="NeuTra's budget, as JSON: '{\"num_warmup\": 1000}' (its defaults else)",
+    )
+    ap.add_argument(
+        "--fit-options",
+        type=json.loads,
+        default={},
+        help='more options of fit_posterior, as JSON: \'{"objective": "iwelbo"}\'',
+    )
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
-    budget = Budget(num_steps=args.steps)
+    budget = Budget(num_steps=args.steps, num_particles=args.particles)
     meta = {"commit": rows.git_commit(), "versions": rows.library_versions(), "run": rows.utc_now()}
     for name in args.problems:
         for seed in args.seeds:
-            for row in study(name, seed, args.draws, args.neutra, budget):
+            for row in study(
+                name,
+                seed,
+                args.draws,
+                args.neutra_budget if args.neutra else None,
+                budget,
+                args.fit_options,
+            ):
                 row.update(meta, timestamp=rows.utc_now())
                 line = json.dumps(row, sort_keys=True, default=float)
                 print(line, flush=True)

@@ -10,8 +10,8 @@ rules (schedule, default learning rate, data splits, the start search's constant
 - `flowguides.core.training`: schedule, default learning rate, splits, starts.
 - `flowguides.core.coupling`: flow matching's minibatch coupling and validation schedule.
 - `flowguides.core.results`: the methods both `PosteriorFit` classes share, `NeuTraResult`.
-- `flowguides.core.routes`: `infer`'s routing by PSIS k-hat (`KHAT_GUIDE`, `KHAT_PSIS`,
-  `choose_route`), its check of NUTS chains (`chains_trouble`) and its `InferResult`.
+- `flowguides.core.routes`: `infer`'s routing by PSIS k-hat and weight spread (`KHAT_GUIDE`,
+  `GUIDE_MAX_WEIGHT_CV`, `KHAT_PSIS`, `PSIS_MAX_WEIGHT_CV`, `choose_route`), its check of NUTS chains (`chains_trouble`) and its `InferResult`.
 - `flowguides.core.data`: what `fit_density` accepts (arrays, memory-mapped arrays,
   iterables of minibatches): checks, splits and standardisation, streamed.
 - `flowguides.core.timing`: the keys of `fit.timing` (set-up parts, compile, training, draws).
@@ -72,11 +72,14 @@ from flowguides.core.results import (
     call_with_vectorize,
 )
 from flowguides.core.routes import (
+    GUIDE_MAX_WEIGHT_CV,
+    INFER_NUTS_BUDGET,
     INFER_ROUTES,
     KHAT_GUIDE,
     KHAT_PSIS,
     NEUTRA_MAX_DIVERGENT,
     NEUTRA_MAX_RHAT,
+    PSIS_MAX_WEIGHT_CV,
     InferDiagnosis,
     InferResult,
     chains_trouble,
@@ -108,9 +111,12 @@ __all__ = [
     "STREAM_BLOCK_BYTES",
     "data_kind",
     "prepare_data",
+    "GUIDE_MAX_WEIGHT_CV",
+    "INFER_NUTS_BUDGET",
     "INFER_ROUTES",
     "KHAT_GUIDE",
     "KHAT_PSIS",
+    "PSIS_MAX_WEIGHT_CV",
     "NEUTRA_MAX_DIVERGENT",
     "NEUTRA_MAX_RHAT",
     "NEUTRA_OPTIONS",

@@ -19,9 +19,12 @@ from flowguides.core.checks import check_neutra_options
 from flowguides.core.results import NEUTRA_OPTIONS, NeuTraResult
 
 __all__ = [
+    "INFER_NUTS_BUDGET",
     "INFER_ROUTES",
+    "GUIDE_MAX_WEIGHT_CV",
     "KHAT_GUIDE",
     "KHAT_PSIS",
+    "PSIS_MAX_WEIGHT_CV",
     "NEUTRA_MAX_DIVERGENT",
     "NEUTRA_MAX_RHAT",
     "InferDiagnosis",
@@ -33,7 +36,22 @@ __all__ = [
 ]
 
 KHAT_GUIDE = 0.5
-"""`infer` uses the guide's own draws below this k-hat (Yao et al. 2018)."""
+"""`infer` uses the guide's own draws below this k-hat (Yao et al. 2018), where also
+`GUIDE_MAX_WEIGHT_CV` holds."""
+
+GUIDE_MAX_WEIGHT_CV = 0.1
+"""... and where the coefficient of variation of the smoothed importance weights is at most
+this (a relative PSIS ESS of at least ``1 / (1 + 0.1**2)``, about 0.99). Weighting moves the
+mean of any function ``h`` of the draws by ``Cov_q(w, h) <= cv(w) sd_q(h)`` (Cauchy-Schwarz,
+``E_q w = 1``), so the guide's own draws are then within a tenth of an sd of the weighted
+estimate; with more spread in the weights, PSIS resampling is the more accurate route even
+below `KHAT_GUIDE` (measured: docs/infer.md, "The routes")."""
+
+PSIS_MAX_WEIGHT_CV = 1.0
+"""`infer` resamples by the PSIS weights (k-hat below `KHAT_PSIS`) only where their
+coefficient of variation is at most this, i.e. a PSIS ESS of at least half the draws; beyond
+it weighting moves means by more than the guide's own sd, and NUTS runs. A calibration on the
+posteriordb posteriors, not a bound: docs/infer.md, "The routes"."""
 
 KHAT_PSIS = 0.7
 """`infer` resamples the guide's draws by their PSIS weights from `KHAT_GUIDE` up to this k-hat
@@ -41,6 +59,11 @@ KHAT_PSIS = 0.7
 ``S`` draws make it lower) and runs NUTS from it on."""
 
 INFER_ROUTES = ("guide", "psis", "neutra", "nuts")
+
+INFER_NUTS_BUDGET = {"num_warmup": 1000, "num_samples": 2000, "num_chains": 1}
+"""`infer`'s NUTS budget (routes ``"neutra"`` and ``"nuts"``) where its `neutra` argument does
+not set one: twice `neutra`'s own defaults, since `infer` runs NUTS where the guide failed and
+its draws are the answer (measured: docs/infer.md, "The routes")."""
 
 NEUTRA_MAX_DIVERGENT = 0.1
 """`infer` drops NeuTra's chains for plain NUTS where more than this fraction of transitions
@@ -61,6 +84,8 @@ class InferDiagnosis:
     Attributes:
         khat: the Pareto k-hat of the guide's importance weights (``nan`` where it could not
             be estimated, ``inf`` where the weights' tail is too heavy or some are not finite).
+        weight_cv: the smoothed weights' coefficient of variation, ``sqrt(S / ess - 1)``
+            (``nan`` where `ess` is).
         khat_guide: below it, the guide's own draws (`KHAT_GUIDE`).
         khat_psis: below it, PSIS resampling: `KHAT_PSIS`, or ``1 - 1/log10(S)`` where lower.
         ess: the PSIS effective sample size of the guide's `num_proposals` draws (``nan``
@@ -75,6 +100,7 @@ class InferDiagnosis:
     ess: float
     num_proposals: int
     reason: str
+    weight_cv: float = math.nan
 
 
 @dataclass(repr=False, eq=False)
@@ -119,15 +145,27 @@ class InferResult:
 
 
 def choose_route(
-    khat: float, *, khat_psis: float = KHAT_PSIS, exact: bool = False, neural_ode: bool = False
+    khat: float,
+    *,
+    weight_cv: float = math.inf,
+    khat_psis: float = KHAT_PSIS,
+    exact: bool = False,
+    neural_ode: bool = False,
 ) -> tuple[str, str]:
     """`infer`'s route for a guide with Pareto `khat`, and the reason, in one sentence.
 
-    >>> choose_route(0.6)[0], choose_route(0.9)[0], choose_route(0.9, neural_ode=True)[0]
-    ('psis', 'neutra', 'nuts')
+    >>> choose_route(0.3, weight_cv=0.05)[0], choose_route(0.3, weight_cv=0.5)[0]
+    ('guide', 'psis')
+    >>> choose_route(0.6, weight_cv=0.5)[0], choose_route(0.6, weight_cv=1.5)[0]
+    ('psis', 'neutra')
+    >>> choose_route(0.9)[0], choose_route(0.9, neural_ode=True)[0]
+    ('neutra', 'nuts')
 
     Args:
         khat: the guide's k-hat (``nan`` or ``inf`` take NUTS, as the least trusted).
+        weight_cv: the smoothed importance weights' coefficient of variation (unknown:
+            ``inf``); the guide's own draws need it at most `GUIDE_MAX_WEIGHT_CV`, their
+            PSIS resample at most `PSIS_MAX_WEIGHT_CV`.
         khat_psis: the upper end of the PSIS route.
         exact: the importance weights are constant (the guide is the posterior, up to a
             constant; k-hat is then ``nan``): the guide's draws.
@@ -141,19 +179,27 @@ def choose_route(
             "the importance weights are constant, so the guide matches the posterior: its own "
             "draws are used"
         )
-    if khat < KHAT_GUIDE:
+    if khat < KHAT_GUIDE and weight_cv <= GUIDE_MAX_WEIGHT_CV:
         return "guide", (
-            f"k-hat {khat:.2f} < {KHAT_GUIDE}: the guide is close to the posterior, so its own "
-            "draws are used"
+            f"k-hat {khat:.2f} < {KHAT_GUIDE} and the weights' cv {weight_cv:.2f} <= "
+            f"{GUIDE_MAX_WEIGHT_CV}: the guide is close to the posterior (weighting would move "
+            "no mean by more than a tenth of an sd), so its own draws are used"
         )
-    if khat < khat_psis:
-        return "psis", (
-            f"{KHAT_GUIDE} <= k-hat {khat:.2f} < {khat_psis:.2f}: the guide is usable after "
-            "Pareto smoothing, so its draws are resampled by their smoothed importance weights"
+    if khat < khat_psis and weight_cv <= PSIS_MAX_WEIGHT_CV:
+        why = (
+            f"k-hat {khat:.2f} < {KHAT_GUIDE}, but the weights' cv {weight_cv:.2f} > "
+            f"{GUIDE_MAX_WEIGHT_CV} (weighting moves means by up to that many sds)"
+            if khat < KHAT_GUIDE
+            else f"{KHAT_GUIDE} <= k-hat {khat:.2f} < {khat_psis:.2f}: the guide is usable after "
+            "Pareto smoothing"
         )
+        return "psis", f"{why}, so its draws are resampled by their smoothed importance weights"
     cause = (
         "k-hat could not be estimated (the largest importance weights are tied)"
         if math.isnan(khat)
+        else f"k-hat {khat:.2f} < {khat_psis:.2f}, but the weights' cv {weight_cv:.2f} > "
+        f"{PSIS_MAX_WEIGHT_CV} (a PSIS ESS below half the draws)"
+        if khat < khat_psis
         else "k-hat is infinite (the importance weights' tail is too heavy, or not finite)"
         if math.isinf(khat)
         else f"k-hat {khat:.2f} >= {khat_psis:.2f}"
@@ -183,18 +229,17 @@ def check_infer_options(
     fit_options: Mapping[str, Any] | None,
     model_kwargs: Mapping[str, Any],
     fit_fn: Callable[..., Any],
-    neutra_fn: Callable[..., Any],
 ) -> tuple[dict[str, int], dict[str, Any]]:
     """Check `infer`'s options before anything is fitted.
 
     Args:
         num_draws, neutra, fit_options: as `infer` took them.
         model_kwargs: `infer`'s keyword arguments for the model.
-        fit_fn, neutra_fn: the backend's `fit_posterior` and `neutra` (their signatures say
-            which options they take, and `neutra_fn` gives the NUTS budget's defaults).
+        fit_fn: the backend's `fit_posterior` (its signature says which options it takes).
 
     Returns:
-        The NUTS budget (`NEUTRA_OPTIONS`, defaults filled in) and the fit's options.
+        The NUTS budget (`NEUTRA_OPTIONS`, `INFER_NUTS_BUDGET` filling in) and the fit's
+        options.
 
     Raises:
         ValueError: `num_draws` is not an integer of at least 25 (PSIS needs them); an option
@@ -219,8 +264,7 @@ def check_infer_options(
             raise ValueError(f"{name}: unknown option(s) {unknown}; expected some of {allowed}")
     if both := sorted(set(fit_options) & set(model_kwargs)):
         raise ValueError(f"fit_options: {both} also given as keyword arguments; give them once")
-    defaults = inspect.signature(neutra_fn).parameters
-    budget = {name: neutra.get(name, defaults[name].default) for name in NEUTRA_OPTIONS}
+    budget = {name: neutra.get(name, INFER_NUTS_BUDGET[name]) for name in NEUTRA_OPTIONS}
     check_neutra_options(_NO_LAYERS, **budget)  # the budgets now, for NeuTra and plain NUTS
     return budget, fit_options
 
@@ -259,9 +303,16 @@ def route_fit(
     if np.isfinite(log_weights).all():
         psis = diagnose_weights(log_p, log_q)
         khat, ess, exact = psis.khat, psis.ess, psis.verdict.startswith("exact")
+    cv = math.sqrt(max(num_draws / ess - 1.0, 0.0)) if ess > 0 else math.nan
     neural_ode = any(layer.type == "neural_ode" for layer in fit.spec.layers)
-    route, reason = choose_route(khat, khat_psis=khat_psis, exact=exact, neural_ode=neural_ode)
-    diagnosis = InferDiagnosis(khat, KHAT_GUIDE, khat_psis, ess, num_draws, reason)
+    route, reason = choose_route(
+        khat,
+        weight_cv=math.inf if math.isnan(cv) else cv,
+        khat_psis=khat_psis,
+        exact=exact,
+        neural_ode=neural_ode,
+    )
+    diagnosis = InferDiagnosis(khat, KHAT_GUIDE, khat_psis, ess, num_draws, reason, cv)
     if progress:
         print(f"infer: route {route!r}: {reason}", file=sys.stderr, flush=True)
     mcmc = None
@@ -276,7 +327,7 @@ def route_fit(
         if route == "neutra" and trouble is not None:
             route = "nuts"
             reason = f"{reason}; but NeuTra's chains failed ({trouble}), so NUTS ran on the model"
-            diagnosis = InferDiagnosis(khat, KHAT_GUIDE, khat_psis, ess, num_draws, reason)
+            diagnosis = InferDiagnosis(khat, KHAT_GUIDE, khat_psis, ess, num_draws, reason, cv)
             if progress:
                 print(f"infer: route 'nuts': {reason}", file=sys.stderr, flush=True)
             mcmc = nuts(fit, **budget, seed=seed, progress=progress)

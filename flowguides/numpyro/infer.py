@@ -24,7 +24,6 @@ from numpyro.infer import MCMC, NUTS
 
 from flowguides.core import InferResult, NeuTraResult, check_infer_options, route_fit
 from flowguides.numpyro.neutra import chains_result
-from flowguides.numpyro.neutra import neutra as _neutra
 from flowguides.numpyro.posterior import PosteriorFit, fit_posterior
 from flowguides.spec import FlowSpec
 
@@ -48,9 +47,10 @@ def infer(
 
     The routes, by the k-hat of `num_draws` guide draws (see `flowguides.core.choose_route`):
 
-    - ``"guide"``: k-hat below `KHAT_GUIDE` (0.5), or constant importance weights: the
-      guide's own draws.
-    - ``"psis"``: k-hat from 0.5 up to `KHAT_PSIS` (0.7; ``1 - 1/log10(num_draws)`` where
+    - ``"guide"``: k-hat below `KHAT_GUIDE` (0.5) and importance weights whose coefficient
+      of variation is at most `GUIDE_MAX_WEIGHT_CV` (0.1: weighting would move no mean by
+      more than a tenth of an sd), or constant weights: the guide's own draws.
+    - ``"psis"``: otherwise k-hat below `KHAT_PSIS` (0.7; ``1 - 1/log10(num_draws)`` where
       lower): the same draws resampled with replacement by their Pareto-smoothed importance
       weights. Resampled draws hold duplicates; their effective size is the PSIS ESS,
       ``result.diagnosis.ess``, not `num_draws`.
@@ -68,7 +68,8 @@ def infer(
         num_draws: the guide's draws to diagnose (at least 25), returned by the routes
             ``"guide"`` and ``"psis"``.
         neutra: NUTS's budget, for routes ``"neutra"`` and ``"nuts"``: some of
-            ``num_warmup``, ``num_samples``, ``num_chains`` (`neutra`'s defaults otherwise).
+            ``num_warmup``, ``num_samples``, ``num_chains`` (`INFER_NUTS_BUDGET` otherwise:
+            1,000 + 2,000, one chain).
         seed: seeds the fit, the guide's draws, the resampling and NUTS.
         progress: show the fit's and NUTS's progress bars and print the route chosen (stderr).
         fit_options: more options of `fit_posterior` (``learning_rate``, ``init_scale``, ...).
@@ -88,9 +89,7 @@ def infer(
         "NeuTra-lizing Bad Geometry in Hamiltonian Monte Carlo Using Neural Transport",
         arXiv:1903.03704.
     """
-    budget, options = check_infer_options(
-        num_draws, neutra, fit_options, kwargs, fit_posterior, _neutra
-    )
+    budget, options = check_infer_options(num_draws, neutra, fit_options, kwargs, fit_posterior)
     fit = fit_posterior(
         model, spec, *args, num_steps=num_steps, seed=seed, progress=progress, **options, **kwargs
     )

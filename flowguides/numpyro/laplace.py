@@ -31,6 +31,8 @@ from flowguides.core import AUTO_SCALES, FULL_RANK_MAX_DIM, MODE_TOLERANCE, Lapl
 __all__ = ["choose_start", "hessian_diagonal", "laplace_search", "laplace_start", "minimize"]
 
 _MAP_ITERATIONS = 2000
+_MAP_STALLED = 1e-10  # a step that moves no coordinate by more than this (relative) stalled
+_MAP_RESTARTS = 3  # fresh L-BFGS memory where a step stalls (a failed line search), at most
 _ELBO_DRAWS = 256
 _ELBO_PRNG = "rbg"  # XLA's generator: a small fraction of threefry's compile time
 _ENERGY_BATCH = 64  # draws per vectorised model evaluation in the start search
@@ -59,7 +61,12 @@ def _lbfgs(
     value_and_grad = jax.value_and_grad(energy)
 
     def step(carry: tuple) -> tuple:
-        x, value, grad, state, i, _ = carry
+        x, value, grad, state, i, moved, restarts = carry
+        # a step that stalled (the line search found no decrease along the L-BFGS direction,
+        # which a curvature memory from far away can point wrong) restarts from the point with
+        # fresh memory, i.e. along the gradient; at a minimum it stalls again, and stops
+        stalled = (i > 1) & ~(moved > _MAP_STALLED)
+        state = lax.cond(stalled, lambda: solver.init(x), lambda: state)
 
         def advance(x: jax.Array, state: tuple) -> tuple:
             updates, state = solver.update(grad, state, x, value=value, grad=grad, value_fn=energy)
@@ -68,13 +75,14 @@ def _lbfgs(
         new, state = lax.cond(i > 0, advance, lambda x, state: (x, state), x, state)
         value, grad = value_and_grad(new)
         moved = jnp.where(i > 0, jnp.max(jnp.abs(new - x) / (1.0 + jnp.abs(x))), jnp.inf)
-        return new, value, grad, state, i + 1, moved
+        return new, value, grad, state, i + 1, moved, restarts + stalled
 
     def running(carry: tuple) -> jax.Array:
-        return (carry[4] <= _MAP_ITERATIONS) & (carry[5] > 1e-10)
+        moved, restarts = carry[5], carry[6]
+        return (carry[4] <= _MAP_ITERATIONS) & ((moved > _MAP_STALLED) | (restarts < _MAP_RESTARTS))
 
     inf = jnp.asarray(jnp.inf, x0.dtype)
-    start = (x0, inf, jnp.zeros_like(x0), solver.init(x0), jnp.asarray(0), inf)
+    start = (x0, inf, jnp.zeros_like(x0), solver.init(x0), jnp.asarray(0), inf, jnp.asarray(0))
     x, value, grad, *_ = lax.while_loop(running, step, start)
     return x, grad, value
 
