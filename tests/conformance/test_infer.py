@@ -23,11 +23,13 @@ import pytest
 from flowguides import FlowSpec
 from flowguides.core import (
     GUIDE_MAX_WEIGHT_CV,
+    INFER_NUTS_BUDGET,
     KHAT_GUIDE,
     KHAT_PSIS,
     PSIS_MAX_WEIGHT_CV,
     InferResult,
     NeuTraResult,
+    check_infer_options,
     choose_route,
     route_fit,
 )
@@ -122,6 +124,19 @@ def test_choose_route_at_the_thresholds() -> None:
     route, reason = choose_route(0.6, weight_cv=1.3)
     assert route == "neutra" and "cv 1.30 > 1.0" in reason and "half the draws" in reason
     assert PSIS_MAX_WEIGHT_CV == 1.0
+
+
+def test_the_nuts_budget_defaults_to_infers_own_and_takes_each_setting() -> None:
+    """`infer` runs NUTS where the guide failed, so its draws are the answer: twice `neutra`'s
+    own defaults unless the `neutra` dict sets a value."""
+
+    def fit_fn(model, spec, *, num_steps=1, learning_rate=None): ...
+
+    budget, options = check_infer_options(100, None, {"learning_rate": 0.1}, {}, fit_fn)
+    assert budget == INFER_NUTS_BUDGET == {"num_warmup": 1000, "num_samples": 2000, "num_chains": 1}
+    assert options == {"learning_rate": 0.1}
+    budget, _ = check_infer_options(100, {"num_samples": 50}, None, {}, fit_fn)
+    assert budget == {**INFER_NUTS_BUDGET, "num_samples": 50}
     route, reason = choose_route(0.8, neural_ode=True)
     assert route == "nuts" and "k-hat 0.80 >= 0.70" in reason and "neural-ODE" in reason
     assert "0.5 <= k-hat 0.62 < 0.70" in choose_route(0.62, weight_cv=0.5)[1]
