@@ -59,13 +59,20 @@ def _lbfgs(
     linesearch = optax.scale_by_backtracking_linesearch(max_backtracking_steps=40)
     solver = optax.lbfgs(linesearch=linesearch)
     value_and_grad = jax.value_and_grad(energy)
+    tolerance = float(jnp.finfo(x0.dtype).eps) ** (1 / 3)
+
+    def stationary(x: jax.Array, value: jax.Array, grad: jax.Array) -> jax.Array:
+        relative = jnp.max(jnp.abs(grad) * jnp.maximum(jnp.abs(x), 1.0))
+        return relative <= tolerance * jnp.maximum(jnp.abs(value), 1.0)
 
     def step(carry: tuple) -> tuple:
         x, value, grad, state, i, moved, restarts = carry
         # a step that stalled (the line search found no decrease along the L-BFGS direction,
-        # which a curvature memory from far away can point wrong) restarts from the point with
-        # fresh memory, i.e. along the gradient; at a minimum it stalls again, and stops
-        stalled = (i > 1) & ~(moved > _MAP_STALLED)
+        # which a curvature memory from far away can point wrong) short of a stationary point
+        # restarts from the point with fresh memory, i.e. along the gradient. Stationary: the
+        # relative gradient max_i |g_i| max(|x_i|, 1) / max(|f|, 1) is below eps^(1/3)
+        # (Dennis & Schnabel 1996, sec. 7.2); a converged search is left as it is.
+        stalled = (i > 1) & ~(moved > _MAP_STALLED) & ~stationary(x, value, grad)
         state = lax.cond(stalled, lambda: solver.init(x), lambda: state)
 
         def advance(x: jax.Array, state: tuple) -> tuple:
@@ -78,8 +85,9 @@ def _lbfgs(
         return new, value, grad, state, i + 1, moved, restarts + stalled
 
     def running(carry: tuple) -> jax.Array:
-        moved, restarts = carry[5], carry[6]
-        return (carry[4] <= _MAP_ITERATIONS) & ((moved > _MAP_STALLED) | (restarts < _MAP_RESTARTS))
+        x, value, grad, _, i, moved, restarts = carry
+        restart = (restarts < _MAP_RESTARTS) & ~stationary(x, value, grad)
+        return (i <= _MAP_ITERATIONS) & ((moved > _MAP_STALLED) | restart)
 
     inf = jnp.asarray(jnp.inf, x0.dtype)
     start = (x0, inf, jnp.zeros_like(x0), solver.init(x0), jnp.asarray(0), inf, jnp.asarray(0))
