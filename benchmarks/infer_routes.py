@@ -1,8 +1,8 @@
 """How far `infer`'s routes can be trusted: one NumPyro RealNVP fit per posteriordb posterior
 and seed, then for each number of diagnosed draws (``--draws``) the guide's PSIS k-hat and the
 errors of its own draws and of their PSIS resample against the reference, and, with
-``--neutra``, of NeuTra NUTS at `neutra`'s default budget. The rows are the evidence for
-`flowguides.core.routes`' thresholds (the benchmarks page, "infer's routes").
+``--neutra``, of NeuTra NUTS (at `neutra`'s defaults or ``--neutra-budget``). The rows are
+the evidence for `flowguides.core.routes`' thresholds (docs/infer.md, "The routes").
 
 One JSON row per (problem, seed, draws) (``suite`` ``infer_routes``), appended to ``--out``
 (default ``benchmarks/results/infer_routes.jsonl``). Usage::

@@ -11,7 +11,8 @@ rules (schedule, default learning rate, data splits, the start search's constant
 - `flowguides.core.coupling`: flow matching's minibatch coupling and validation schedule.
 - `flowguides.core.results`: the methods both `PosteriorFit` classes share, `NeuTraResult`.
 - `flowguides.core.routes`: `infer`'s routing by PSIS k-hat and weight spread (`KHAT_GUIDE`,
-  `GUIDE_MAX_WEIGHT_CV`, `KHAT_PSIS`, `PSIS_MAX_WEIGHT_CV`, `choose_route`), its check of NUTS chains (`chains_trouble`) and its `InferResult`.
+  `GUIDE_MAX_WEIGHT_CV`, `KHAT_PSIS`, `PSIS_MAX_WEIGHT_CV`, `choose_route`), its check of NUTS
+  chains (`chains_trouble`) and its `InferResult`.
 - `flowguides.core.data`: what `fit_density` accepts (arrays, memory-mapped arrays,
   iterables of minibatches): checks, splits and standardisation, streamed.
 - `flowguides.core.timing`: the keys of `fit.timing` (set-up parts, compile, training, draws).
