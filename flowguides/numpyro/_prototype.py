@@ -33,8 +33,8 @@ from numpyro.infer.util import get_potential_fn, initialize_model
 from numpyro.primitives import Messenger
 
 from flowguides.core import WITH_REPLACEMENT_RATIO
+from flowguides.numpyro._compile import cache_key, cached, jit
 from flowguides.numpyro._model import callable_key, split_args
-from flowguides.numpyro._training import cache_key, cached
 
 try:  # NumPyro >= 0.20
     from numpyro.infer.util import _prepare_model_for_potential, _transforms_from_trace
@@ -116,7 +116,7 @@ def staged_prototype(
 
     try:
         content = (callable_key(model), callable_key(init_loc_fn), signature)
-        program = cached(cache_key("prototype", content=content), lambda: jax.jit(init))
+        program = cached(cache_key("prototype", content=content), lambda: jit(init))
         z, values, valid = program(key, arrays)
     except Exception:  # noqa: BLE001 - NumPyro's own set-up raises its own, clearer error
         return None

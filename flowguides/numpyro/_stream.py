@@ -32,6 +32,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flowguides.core.data import DataSource
+from flowguides.numpyro._compile import jit
 from flowguides.numpyro._training import CHUNK, all_finite, default_float, progress_bar
 
 __all__ = [
@@ -194,9 +195,9 @@ def device_chunk(optimizer, step_args: tuple, batch: int, mesh: Mesh | None, tra
         return lax.scan(lambda c, i: step(c, i, draw, val), carry, start + jnp.arange(CHUNK))
 
     if mesh is None:
-        return jax.jit(chunk)
+        return jit(chunk)
     rep = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(chunk, in_shardings=(rep, rep, rep), out_shardings=rep)
+    return jit(chunk, in_shardings=(rep, rep, rep), out_shardings=rep)
 
 
 @partial(jax.jit, static_argnums=(1, 2, 3))
@@ -224,10 +225,10 @@ def stream_program(step: Callable, mesh: Mesh | None) -> Callable:
         return step(carry, i, lambda _: x, val, last)
 
     if mesh is None:
-        return jax.jit(one)
+        return jit(one)
     rep = NamedSharding(mesh, PartitionSpec())
     rows = batch_sharding(mesh)
-    return jax.jit(one, in_shardings=(rep, rep, rows, rep, rep), out_shardings=rep)
+    return jit(one, in_shardings=(rep, rep, rows, rep, rep), out_shardings=rep)
 
 
 def run_stream(

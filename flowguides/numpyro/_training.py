@@ -1,14 +1,13 @@
 """The compiled-training machinery `posterior.py` and `density.py` share (NumPyro).
 
-The shared schedule as an optax optimiser (`make_optimizer`), a bounded cache of jitted
-programs keyed on a fit's static structure (`cache_key`, `cached`, `clear_compiled`; see
-`flowguides.numpyro._model` for the keys of models and arguments), the host loop that runs
+The shared schedule as an optax optimiser (`make_optimizer`), keys of a fit's static
+structure for the cache of compiled programs (`params_key`, `supports_key`, `constraint_key`;
+the cache itself is `flowguides.numpyro._compile`'s), the host loop that runs
 chunks of `CHUNK` steps and advances the progress bar between them (`run_chunks`,
 `progress_bar`; `flowguides.core.timing` reads the timings off them), the optimiser's state
 before any step (`initial_optimizer_state`), the per-step records of neural-ODE layers
 (`history_entries`, `mean_penalty`, as in the Pyro backend), `fit_posterior`'s losses
-(`ObjectiveLoss`, `objective_loss`, as in the Pyro backend; `RecordingELBO`) and
-`use_compilation_cache`.
+(`ObjectiveLoss`, `objective_loss`, as in the Pyro backend; `RecordingELBO`).
 
 The Pyro backend's ``_training.py`` has `mean_penalty` and `progress_bar` too; PyTorch steps
 eagerly, so it has ``Trainer``, ``Evaluations`` and ``with_penalty`` where this module
@@ -19,12 +18,9 @@ traced values.
 from __future__ import annotations
 
 import copy
-import os
 import sys
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -32,7 +28,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
-from jax.experimental.compilation_cache import compilation_cache
 from numpyro import handlers
 from numpyro.distributions import TransformedDistribution, constraints
 from numpyro.infer import Trace_ELBO
@@ -41,6 +36,7 @@ from numpyro.infer.util import log_density
 from tqdm.auto import tqdm
 
 from flowguides.core import CONTROL_VARIATE_PREFIX, PRECONDITION, decay_steps
+from flowguides.numpyro._compile import jit
 from flowguides.numpyro._model import value_key
 from flowguides.numpyro.build import FlowTransform
 from flowguides.numpyro.ode import training_solves
@@ -52,9 +48,6 @@ __all__ = [
     "ObjectiveLoss",
     "RecordingELBO",
     "all_finite",
-    "cache_key",
-    "cached",
-    "clear_compiled",
     "constraint_key",
     "default_float",
     "history_entries",
@@ -67,14 +60,11 @@ __all__ = [
     "progress_bar",
     "run_chunks",
     "supports_key",
-    "use_compilation_cache",
 ]
 
 CHUNK = 100
 HISTORY = "_flowguides_history"
 """The SVI mutable-state entry where `fit_posterior`'s steps put their history entries."""
-_CACHE_SIZE = 32
-_COMPILED: OrderedDict[Hashable, Callable[..., Any]] = OrderedDict()
 
 
 def default_float() -> jnp.dtype:
@@ -112,56 +102,6 @@ def initial_optimizer_state(optim: Any, params: Mapping[str, Any]) -> tuple:
     step, (_, state) = jax.eval_shape(optim.init, params)
     zeros = jax.tree.map(lambda s: jax.device_put(np.zeros(s.shape, s.dtype)), state)
     return jax.device_put(0), (params, zeros)  # NumPyro's counter: jnp.array(0), weakly typed
-
-
-def cache_key(*parts: Hashable, content: tuple) -> tuple | None:
-    """The key ``(*parts, *content)``, or None where a `content` part is None (a model or an
-    argument that cannot be keyed by its contents, see `flowguides.numpyro._model`)."""
-    return None if any(c is None for c in content) else (*parts, *content)
-
-
-def cached(key: tuple | None, make: Callable[[], Callable[..., Any]]) -> Callable[..., Any]:
-    """The program cached under `key`, made by `make` on a miss; with key None, not cached."""
-    if key is None:
-        return make()
-    if key in _COMPILED:
-        _COMPILED.move_to_end(key)
-    else:
-        _COMPILED[key] = make()
-        while len(_COMPILED) > _CACHE_SIZE:
-            _COMPILED.popitem(last=False)
-    return _COMPILED[key]
-
-
-def clear_compiled() -> None:
-    """Empty the cache of compiled programs (training chunks and guide set-ups).
-
-    The next fit, or guide set-up, compiles anew: for timing a first (cold) call, or to free
-    the memory the programs hold. Fits are unaffected otherwise (the cache is keyed by
-    content, so it never serves a stale program).
-    """
-    _COMPILED.clear()
-
-
-def use_compilation_cache(path: str | os.PathLike[str] | None = None) -> Path:
-    """Turn on JAX's persistent compilation cache for every program a fit compiles, however
-    quick or small: a later process loads them instead (see the conventions page).
-
-    Args:
-        path: the directory (created where missing); None: ``$XDG_CACHE_HOME/flowguides/jax``
-            (``~/.cache/flowguides/jax`` where ``XDG_CACHE_HOME`` is unset).
-
-    Returns:
-        The directory, absolute.
-    """
-    home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flowguides/jax"
-    directory = Path(home if path is None else path).expanduser().resolve()
-    directory.mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(directory))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)  # -1: no minimum
-    compilation_cache.reset_cache()  # JAX reads the setting once per process: read it anew
-    return directory
 
 
 def params_key(params: Mapping[str, Any]) -> tuple:
@@ -300,7 +240,7 @@ def posterior_chunk(
 
         return lax.scan(step, carry, start + jnp.arange(CHUNK))
 
-    return jax.jit(chunk)
+    return jit(chunk)
 
 
 def objective_loss(

@@ -44,6 +44,7 @@ from flowguides.core import (
     validation_spec,
 )
 from flowguides.core.data import prepare_data
+from flowguides.numpyro._compile import cached
 from flowguides.numpyro._stream import (
     batch_sharding,
     check_divisible,
@@ -55,7 +56,6 @@ from flowguides.numpyro._stream import (
     stream_program,
 )
 from flowguides.numpyro._training import (
-    cached,
     default_float,
     history_entries,
     make_optimizer,

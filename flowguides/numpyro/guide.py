@@ -41,10 +41,10 @@ from flowguides.core import (
     coordinate_sites,
 )
 from flowguides.numpyro import ode
+from flowguides.numpyro._compile import cache_key, cached, jit
 from flowguides.numpyro._control import reference_params
 from flowguides.numpyro._model import as_constants, callable_key, choose_constants, split_args
 from flowguides.numpyro._prototype import StagedPrototype, full_data
-from flowguides.numpyro._training import cache_key, cached
 from flowguides.numpyro.build import (
     Flow,
     FlowTransform,
@@ -184,7 +184,7 @@ class AutoFlowGuide(AutoContinuous, StagedPrototype):
 
         shapes = (loc.shape, str(loc.dtype), full_rank)
         key = cache_key("laplace", *shapes, content=(callable_key(self.model), signature))
-        out = jax.tree.map(np.asarray, cached(key, lambda: jax.jit(search))(loc, arrays))
+        out = jax.tree.map(np.asarray, cached(key, lambda: jit(search))(loc, arrays))
         found = bool(out["finite"]) and not bool(np.any(out["moving"]))
         if found and not np.all(np.isfinite(out.get("hess", 0.0))):
             out = {k: v for k, v in out.items() if k != "hess"}  # first order only

@@ -47,6 +47,7 @@ from flowguides.core import (
 )
 from flowguides.core.timing import add_seconds, chunk_timing, fit_timing, timed_calls
 from flowguides.numpyro import _model
+from flowguides.numpyro._compile import cache_key, cached, jit
 from flowguides.numpyro._control import public_params, with_control_variate
 from flowguides.numpyro._model import (
     TRACER_ERRORS,
@@ -62,8 +63,6 @@ from flowguides.numpyro._training import (
     HISTORY,
     ObjectiveLoss,
     RecordingELBO,
-    cache_key,
-    cached,
     default_float,
     initial_optimizer_state,
     make_optimizer,
@@ -134,7 +133,7 @@ class PosteriorFit(PosteriorFitMethods):
 
     def __post_init__(self) -> None:
         self._rng = np.random.default_rng(self.seed + 1)
-        self._densities = jax.jit(self._log_densities_fn, static_argnums=1)
+        self._densities = jit(self._log_densities_fn, static_argnums=1)
         self._draws: dict[int, Callable[..., Any]] = {}
 
     def _key(self, seed: int | None) -> jax.Array:
@@ -173,7 +172,7 @@ class PosteriorFit(PosteriorFitMethods):
             content = (callable_key(self.model), value_key((args, kwargs)), supports_key(guide))
             shapes = (guide.prefix, tuple(names.items()), params_key(self.params))
             key = cache_key("draws", self.spec, shape, *shapes, content=content)
-            self._draws[num_samples] = cached(key, lambda: jax.jit(draws))
+            self._draws[num_samples] = cached(key, lambda: jit(draws))
         with solver_errors():
             out = jax.block_until_ready(self._draws[num_samples](self._key(seed), self.params))
         out = {name: np.asarray(value) for name, value in out.items()}
