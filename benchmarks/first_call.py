@@ -12,10 +12,12 @@ One row per method and run, keyed as `benchmarks/rows.py` keys rows (suite ``fir
 ``method_settings.cache`` ``cold`` or ``warm``), with the commit, UTC time, library versions
 and settings (threads, float64, machine):
 
-* flowguides: `fit.timing` (`flowguides.core.timing.FIT_TIMING_KEYS`: ``setup_s`` =
+* flowguides: ``method_settings.compiler_options`` (`flowguides.numpyro._compile`'s for the
+  CPU, or ``--compiler-options``), `fit.timing` (`flowguides.core.timing.FIT_TIMING_KEYS`: ``setup_s`` =
   ``init_s`` + ``start_s``, ``compile_s``, ``train_s``, ``fit_s``, ``steps_per_s``) and
   ``draws_s``; ``wall_s``: from just before the fit to the last draw;
 * NUTS: ``wall_s`` (``MCMC.run`` and the draws, compiles included) and ``divergences``;
+  ``method_settings.alongside`` the flowguides compiler options of the process it ran in;
 * both: ``import_s`` (the process's imports: flowguides, JAX, NumPyro) and ``cache_entries``
   (files in the cache directory after the method ran).
 
@@ -25,6 +27,7 @@ Run from the repository root (rows are printed; ``--write`` merges them into ``-
     python -m benchmarks.first_call --model garch-garch11 --runs 3
     python -m benchmarks.first_call --all --write                     # the nine posteriors
     python -m benchmarks.first_call --cache-dir ~/.cache/flowguides/jax   # keep the cache
+    python -m benchmarks.first_call --all --write --compiler-options '{"xla_backend_optimization_level": 3}'
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ from benchmarks.rows import (  # noqa: E402
     utc_now,
 )
 from flowguides.core.timing import FIT_TIMING_KEYS  # noqa: E402
-from flowguides.numpyro import fit_posterior, use_compilation_cache  # noqa: E402
+from flowguides.numpyro import _compile, fit_posterior, use_compilation_cache  # noqa: E402
 from flowguides.spec import FlowSpec  # noqa: E402
 
 __all__ = ["NUTS_SETTINGS", "flowguides_row", "main", "nuts_row", "write_rows"]
@@ -114,6 +117,7 @@ def flowguides_row(name: str, run: str, cache_dir: Path, num_draws: int, seed: i
     wall_s = time.perf_counter() - t0
     settings = {"seed": seed, "num_steps": len(fit.losses), "num_particles": 8}
     settings.update(num_draws=num_draws, spec=SPEC, fit_posterior="defaults")
+    settings["compiler_options"] = _compile.compiler_options()
     row = _row(name, "flowguides-numpyro RealNVP", run, settings, cache_dir)
     timing = {k: fit.timing[k] for k in (*FIT_TIMING_KEYS, "draws_s")}
     final = float(np.mean(fit.losses[-100:]))
@@ -134,6 +138,8 @@ def nuts_row(name: str, run: str, cache_dir: Path, seed: int) -> dict:
     draws = {k: np.asarray(v) for k, v in mcmc.get_samples().items()}
     wall_s = time.perf_counter() - t0
     settings = {"seed": seed, "num_draws": s["num_samples"], **s}
+    # the process it ran in (NUTS compiles with XLA's defaults): pairs it with its flowguides row
+    settings["alongside"] = {"compiler_options": _compile.compiler_options()}
     row = _row(name, "numpyro NUTS", run, settings, cache_dir)
     diverging = int(np.asarray(mcmc.get_extra_fields()["diverging"]).sum())
     return {**row, "wall_s": wall_s, "divergences": diverging, "sites": sorted(draws)}
@@ -150,6 +156,8 @@ def write_rows(rows: list[dict], path: Path) -> None:
 
 def _child(args: argparse.Namespace) -> list[dict]:
     cache_dir = args.cache_dir
+    if args.compiler_options is not None:
+        _compile.CPU_COMPILER_OPTIONS = args.compiler_options
     use_compilation_cache(cache_dir)
     rows = [flowguides_row(args.model[0], args.run, cache_dir, args.num_draws, args.seed)]
     if args.with_nuts:
@@ -166,6 +174,8 @@ def _runs(name: str, args: argparse.Namespace, cache_dir: Path) -> list[dict] | 
         command = [sys.executable, "-m", "benchmarks.first_call", "--child", "--run", run]
         command += ["--model", name, "--num-draws", str(args.num_draws)]
         command += ["--seed", str(args.seed), "--cache-dir", str(cache_dir)]
+        if args.compiler_options is not None:
+            command += ["--compiler-options", json.dumps(args.compiler_options)]
         if args.nuts == "every" or (args.nuts == "first" and i == 0):
             command.append("--with-nuts")
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
@@ -200,6 +210,12 @@ def main(argv: list[str] | None = None) -> int:
         help="the runs NUTS runs in: the first (cold) one, every one, none",
     )
     parser.add_argument("--cache-dir", type=Path, help="default: a new temporary directory")
+    parser.add_argument(
+        "--compiler-options",
+        type=json.loads,
+        help="JSON: flowguides' CPU compiler options instead of CPU_COMPILER_OPTIONS "
+        "(e.g. '{\"xla_backend_optimization_level\": 3}', XLA's default); in the rows",
+    )
     parser.add_argument("--write", action="store_true", help="merge the rows into --out")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

@@ -20,7 +20,12 @@ import numpy as np
 
 from benchmarks.readme_block import write_readme
 from benchmarks.rows import latest
-from benchmarks.tables import densities_section, posteriors_section, speed_section
+from benchmarks.tables import (
+    densities_section,
+    first_call_section,
+    posteriors_section,
+    speed_section,
+)
 
 __all__ = ["KEPT", "main", "write_docs"]
 
@@ -134,6 +139,23 @@ def write_docs(results: Path, docs: Path) -> None:
             + "\n"
         )  # fmt: skip
         parts.append(writers[name](rows) + "\n")
+    first_call = results / "first_call.jsonl"
+    if first_call.is_file():
+        lines = first_call.read_text().splitlines()
+        rows = latest([json.loads(line) for line in lines if line.strip()])
+        parts.append("## First call: time to first draw (NumPyro)\n")
+        parts.append(
+            "Written by `python -m benchmarks.first_call --all --write` (rows in "
+            "`benchmarks/results/first_call.jsonl`, with their settings, versions and commit): "
+            "each posterior in fresh processes (float64, one thread) sharing one persistent "
+            "compilation cache. *cold*: the first process, the cache empty: `fit_posterior` "
+            "with `FlowSpec.realnvp(num_layers=4)` and its defaults, then 10,000 draws; NumPyro "
+            "NUTS (one chain, 1,000 + 1,000) in the same process. *warm*: the same script "
+            "rerun in a new process with the cache full. Times exclude the imports. A table per "
+            "set of compiler options flowguides compiled with "
+            "(`flowguides.numpyro._compile.CPU_COMPILER_OPTIONS`).\n"
+        )
+        parts.append(first_call_section(rows) + "\n")
     pngs = sorted(p.name for p in img.glob("bench-*.png"))
     if pngs:
         parts.append("## Plots: draws against the reference (first two coordinates)\n")

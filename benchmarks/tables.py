@@ -1,7 +1,7 @@
 """Markdown tables of the result rows, shared by ``docs/benchmarks.md`` and the README block.
 
-:func:`speed_section`, :func:`posteriors_section` and :func:`densities_section` write one
-suite's part of the benchmarks page from its latest rows (:func:`benchmarks.rows.latest`);
+:func:`speed_section`, :func:`posteriors_section`, :func:`densities_section` and
+:func:`first_call_section` write one suite's part of the benchmarks page from its latest rows (:func:`benchmarks.rows.latest`);
 the posteriors section shows each accuracy figure as the median and range over the seeds of a
 :func:`benchmarks.rows.seed_groups` group. Imports neither torch nor JAX.
 """
@@ -18,6 +18,7 @@ __all__ = [
     "RATIOS",
     "densities_section",
     "density_cell",
+    "first_call_section",
     "fmt",
     "posteriors_section",
     "ran",
@@ -225,3 +226,48 @@ def densities_section(rows: list[dict]) -> str:
                    + table(["method", *[f"{s} ({dims[s]}-D)" for s in sets]], body)
                    + "\n\n" + _commands("densities", sub))  # fmt: skip
     return "\n\n".join(out)
+
+
+def _options(row: dict) -> str:
+    ms = row.get("method_settings") or {}
+    options = ms.get("compiler_options", (ms.get("alongside") or {}).get("compiler_options"))
+    return "XLA's defaults" if not options else ", ".join(f"`{k}={v}`" for k, v in options.items())
+
+
+def first_call_section(rows: list[dict]) -> str:
+    """Time to first draw (`benchmarks/first_call.py`): per posterior and compiler options, the
+    cold first `fit_posterior` plus draws against NUTS in the same process, and the rerun with
+    the persistent cache warm."""
+    rows = [r for r in rows if "compiler_options" in (r.get("method_settings") or {})
+            or "alongside" in (r.get("method_settings") or {})]  # fmt: skip
+    parts = []
+    for options in dict.fromkeys(_options(r) for r in rows):
+        group = [r for r in rows if _options(r) == options]
+        out = []
+        for prob in dict.fromkeys(r["problem"] for r in group):
+            mine = [r for r in group if r["problem"] == prob]
+
+            def pick(method: str, cache: str, mine: list = mine) -> dict:
+                found = [r for r in mine if r["method"].startswith(method)
+                         and r["method_settings"]["cache"] == cache]  # fmt: skip
+                return found[-1] if found else {}
+
+            cold, warm, nuts = (
+                pick("flowguides", "cold"),
+                pick("flowguides", "warm"),
+                pick("numpyro NUTS", "cold"),
+            )
+            parts_s = [cold.get(k) for k in ("setup_s", "compile_s", "train_s", "draws_s")]
+            ratio = (cold["wall_s"] / nuts["wall_s"]) if cold and nuts else None
+            out.append([
+                prob, fmt(cold.get("wall_s")), " / ".join(fmt(x, 2) for x in parts_s),
+                fmt(nuts.get("wall_s")), fmt(ratio, 2), fmt(_first_step(warm), 2),
+                fmt(warm.get("wall_s")),
+                f"{fmt(cold.get('steps_per_s'), 3)} / {fmt(warm.get('steps_per_s'), 3)}",
+                ran(cold) if cold else "–",
+            ])  # fmt: skip
+        header = ["posterior", "cold: flowguides s", "set-up / compile / train / draws s",
+                  "NUTS s", "flowguides / NUTS", "warm: set-up + compile s", "warm: wall s",
+                  "steps/s cold / warm", "ran"]  # fmt: skip
+        parts.append(f"### Compiler options: {options}\n\n" + table(header, out))
+    return "\n\n".join(parts)

@@ -135,3 +135,29 @@ def test_readme_block_words_a_lead_only_for_ranges_apart(tmp_path: Path) -> None
     block = readme_block.readme_block(tmp_path)
     assert "| `flowguides-numpyro RealNVP` | 0.03" not in block
     assert "Ranges overlap, no lead claimed: 1 flowguides-anchor pair(s)." in block
+
+
+def test_first_call_table_pairs_each_fit_with_the_nuts_of_its_process() -> None:
+    """One table per set of compiler options; the ratio is the cold fit over the NUTS run
+    beside it (not the other options' NUTS), the warm column set-up plus compile."""
+    from benchmarks.tables import first_call_section
+
+    def fit(cache: str, level: int, wall: float, **timing: float) -> dict:
+        settings = {"cache": cache, "compiler_options": {"xla_backend_optimization_level": level}}
+        return {"problem": "arK-arK", "method": "flowguides-numpyro RealNVP", "wall_s": wall,
+                "method_settings": settings, **timing}  # fmt: skip
+
+    def nuts(level: int, wall: float) -> dict:
+        options = {"compiler_options": {"xla_backend_optimization_level": level}}
+        return {"problem": "arK-arK", "method": "numpyro NUTS", "wall_s": wall,
+                "method_settings": {"cache": "cold", "alongside": options}}  # fmt: skip
+
+    parts = {"setup_s": 3.0, "compile_s": 2.0, "train_s": 0.5, "draws_s": 0.5}
+    rows = [fit("cold", 2, 6.0, **parts), nuts(2, 4.0), fit("warm", 2, 2.5, setup_s=1.0,
+            compile_s=0.75), fit("cold", 3, 9.0, **parts), nuts(3, 3.0)]  # fmt: skip
+    text = first_call_section(rows)
+    two, three = text.split("### Compiler options")[1:]
+    assert "level=2" in two and "| 6 | 3 / 2 / 0.5 / 0.5 | 4 | 1.5 | 1.8 | 2.5 |" in two
+    assert "level=3" in three and "| 9 |" in three and "| 3 | 3 |" in three
+    legacy = [{**rows[0], "method_settings": {"cache": "cold"}}]  # before the options were kept
+    assert first_call_section(legacy) == ""

@@ -14,6 +14,7 @@ import inspect
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ __all__ = [
     "clear_compiled",
     "compiler_options",
     "jit",
+    "split3",
     "use_compilation_cache",
 ]
 
@@ -54,6 +56,16 @@ def jit(fun: Callable[..., Any], **kwargs: Any) -> Callable[..., Any]:
     if options:
         kwargs = {"compiler_options": options, **kwargs}
     return jax.jit(fun, **kwargs)
+
+
+@cache
+def _splitter() -> Callable[[jax.Array], tuple]:
+    return jit(lambda key: tuple(jax.random.split(key, 3)))
+
+
+def split3(key: jax.Array) -> tuple:
+    """``tuple(jax.random.split(key, 3))`` as one program (not one per operation)."""
+    return _splitter()(key)
 
 
 def cache_key(*parts: Hashable, content: tuple) -> tuple | None:

@@ -156,7 +156,7 @@ class AutoFlowGuide(AutoContinuous, StagedPrototype):
             loc, scale, fixed = self._initial_start(args, kwargs)
         dtype = weights["affine.loc"].dtype
         weights["affine.loc"] = jnp.asarray(loc, dtype)
-        weights["affine.log_scale"] = jnp.log(jnp.asarray(scale, dtype))
+        weights["affine.log_scale"] = jnp.asarray(np.log(np.asarray(scale, dtype)))
         self._init_weights = weights
         self._precondition = (
             None
