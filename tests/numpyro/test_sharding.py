@@ -80,8 +80,10 @@ def test_four_devices_give_the_one_device_loss_trajectory(runs, kind):
     one, four = runs[kind]
     assert (one["devices"], four["devices"]) == (1, 4)  # the parameters sit on all four
     assert len(four["train"]) == 30 and len(four["val"]) == 3
+    # the same float64 trajectory up to rounding: four shards sum in another order, and
+    # 30 Adam steps carry the difference along (measured up to 2e-10 relative)
     for key in ("train", "val", "log_prob"):
-        np.testing.assert_allclose(four[key], one[key], rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(four[key], one[key], rtol=1e-9, atol=1e-12)
     assert np.ptp(four["train"]) > 0.1  # it trained
 
 
