@@ -34,10 +34,10 @@ __all__ = [
 
 CPU_COMPILER_OPTIONS: dict[str, Any] = {"xla_backend_optimization_level": 2}
 """XLA options for the programs flowguides compiles for the CPU: LLVM at ``-O2`` instead of
-XLA's default ``-O3``, which compiles faster at the same step rate (measured on the
-posteriordb posteriors, see the benchmarks page's first-call table). The values a program
-computes do not depend on it beyond floating-point rounding; an option changes the program's
-key in JAX's persistent cache, so a cached program is never served under other options."""
+XLA's default ``-O3``, for shorter compiles (the conventions page says what was measured). The
+values a program computes do not depend on it beyond floating-point rounding; an option changes
+the program's key in JAX's persistent cache, so a cached program is never served under other
+options."""
 
 _CACHE_SIZE = 32
 _COMPILED: OrderedDict[Hashable, Callable[..., Any]] = OrderedDict()
