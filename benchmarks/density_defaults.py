@@ -1,6 +1,6 @@
 """A bounded sweep of ``fit_density``'s learning rate and batch size (NumPyro backend).
 
-Usage: ``python -m benchmarks.density_defaults [--out PATH] [--seed N]``.
+Usage: ``python -m benchmarks.density_defaults [--out PATH] [--seed N] [--flow-matching]``.
 
 RealNVP and planar flows (`benchmarks.densities.DENSITY_ARCH` sizes, float64) on two moons and
 8 Gaussians, at 500 and 2,000 steps, for every learning rate in ``{1e-3, 3e-3, 1e-2}`` and batch
@@ -12,6 +12,13 @@ its standard error and median, the kept step, wall and CPU seconds, library vers
 and time; a rerun replaces the lines with the same key (`benchmarks.rows.merge_rows`).
 :func:`summary` ranks the settings per step budget by their mean test NLL over the four
 (flow, data set) pairs.
+
+``--flow-matching`` runs the flow-matching sweep instead (:func:`flow_matching_sweep`): the
+neural ODE of the density suite fitted by flow matching (independent coupling, `fit_density`'s
+learning rate `flowguides.core.DENSITY_LEARNING_RATE`) on the four 2-D sets at 2,000 and 12,000
+steps, each with the suite's patience (500 steps) and without early stopping (patience = the
+step budget; the best-validation parameters kept all the same): 16 fits, rows in the same file
+(``method_settings.patience`` tells them apart).
 """
 
 from __future__ import annotations
@@ -43,7 +50,8 @@ from benchmarks.rows import (  # noqa: E402
     utc_now,
 )
 
-__all__ = ["DATASETS", "FAMILIES", "GRID", "OUT", "main", "summary", "sweep"]
+__all__ = ["DATASETS", "FAMILIES", "FM_GRID", "GRID", "OUT", "flow_matching_sweep", "main",
+           "summary", "sweep"]  # fmt: skip
 
 GRID = {"num_steps": (500, 2000), "learning_rate": (1e-3, 3e-3, 1e-2), "batch_size": (128, 256)}
 """The settings swept (every combination)."""
@@ -53,6 +61,12 @@ FAMILIES = ("RealNVP", "planar")
 
 DATASETS = ("two_moons", "8gaussians")
 """The data sets."""
+
+FM_GRID = {"num_steps": (2000, 12000), "patience": (500, None)}
+"""The flow-matching sweep: step budgets, and patience (None: no early stopping)."""
+
+FM_DATASETS = ("two_moons", "8gaussians", "checkerboard", "spiral")
+"""The flow-matching sweep's data sets (the 2-D ones)."""
 
 OUT = Path(__file__).resolve().parent / "results" / "density_defaults.jsonl"
 """Where the rows go."""
@@ -80,6 +94,41 @@ def sweep(out: Path = OUT, seed: int = 0, grid: dict[str, tuple] = GRID) -> list
             row.update(commit=run["commit"], run=run["run"], timestamp=utc_now())
             rows.append(row)
             print(_line(row), flush=True)
+            _write(out, merge_rows(earlier, rows))
+    return rows
+
+
+def flow_matching_sweep(out: Path = OUT, seed: int = 0) -> list[dict]:
+    """Run every (2-D data set, `FM_GRID` setting) flow-matching fit, writing `out` after
+    each; returns the rows."""
+    from benchmarks.density_training import CHECKPOINT, CheckpointPolicy
+    from flowguides.core import DENSITY_LEARNING_RATE
+
+    earlier = _read(out)
+    run = {"versions": library_versions(), "commit": git_commit(), "run": utc_now()}
+    method = "flowguides-numpyro neural ODE (FM)"
+    rows: list[dict] = []
+    for name in FM_DATASETS:
+        data = densities.load(name, seed=seed)
+        for steps, patience in itertools.product(*FM_GRID.values()):
+            budget = DensityBudget(num_steps=steps, learning_rate=DENSITY_LEARNING_RATE, seed=seed)
+            policy = CheckpointPolicy(CHECKPOINT.every, patience or steps,
+                                      CHECKPOINT.validation_fraction)  # fmt: skip
+            row: dict[str, Any] = {"suite": "density_defaults", "problem": name, "method": method,
+                                   "seed": seed, "num_steps": steps,
+                                   "learning_rate": DENSITY_LEARNING_RATE,
+                                   "batch_size": budget.batch_size}  # fmt: skip
+            cpu = time.process_time()
+            try:
+                row.update(densities.evaluate(method, data, budget, policy))
+                row["method_settings"]["patience"] = patience  # None: no early stopping
+            except Exception as exc:  # noqa: BLE001 - a failed fit is a result
+                row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+            row["cpu_s"] = time.process_time() - cpu
+            row["versions"] = row_versions(method, run["versions"])
+            row.update(commit=run["commit"], run=run["run"], timestamp=utc_now())
+            rows.append(row)
+            print(_line(row) + f" patience={patience} steps_run={row.get('steps_run')}", flush=True)
             _write(out, merge_rows(earlier, rows))
     return rows
 
@@ -135,14 +184,18 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--out", type=Path, default=OUT, help="the JSON-lines file")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--flow-matching", action="store_true", help="the flow-matching sweep")
     args = parser.parse_args(argv)
     import torch
 
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", category=FutureWarning)
     start = time.process_time()
-    rows = sweep(args.out, args.seed)
-    print("\n".join(summary(rows)))
+    if args.flow_matching:
+        rows = flow_matching_sweep(args.out, args.seed)
+    else:
+        rows = sweep(args.out, args.seed)
+        print("\n".join(summary(rows)))
     print(f"{len(rows)} fits, {time.process_time() - start:.0f} CPU s; wrote {args.out}")
 
 
