@@ -10,9 +10,11 @@ import pytest
 from flowguides import FlowSpec
 from flowguides.core import (
     DEFAULT_LEARNING_RATE,
+    DENSITY_PATIENCE,
     FitBelowStartWarning,
     check_weights,
     default_learning_rate,
+    density_patience,
     warn_if_below_start,
 )
 
@@ -22,6 +24,15 @@ def test_default_learning_rate_falls_as_one_over_dim_above_the_reference() -> No
     assert default_learning_rate(1000) == DEFAULT_LEARNING_RATE
     assert default_learning_rate(2000) == pytest.approx(DEFAULT_LEARNING_RATE / 2)
     assert default_learning_rate(10_000) == pytest.approx(DEFAULT_LEARNING_RATE / 10)
+
+
+def test_density_patience_defaults_per_objective_and_checks_its_value() -> None:
+    assert density_patience(None, "maximum_likelihood", 2000) == DENSITY_PATIENCE == 500
+    assert density_patience(None, "flow_matching", 12_000) == 12_000  # no early stop
+    assert density_patience(7, "flow_matching", 12_000) == 7
+    for bad in (0, -3, 2.5, True, "500"):
+        with pytest.raises(ValueError, match=f"patience: expected .* got {bad!r}"):
+            density_patience(bad, "maximum_likelihood", 100)
 
 
 def _losses(start: float, end: float, n: int = 400, noise: float = 1.0) -> np.ndarray:

@@ -25,7 +25,9 @@ __all__ = [
     "VALIDATE_EVERY",
     "decay_steps",
     "DENSITY_LEARNING_RATE",
+    "DENSITY_PATIENCE",
     "WITH_REPLACEMENT_RATIO",
+    "density_patience",
     "default_learning_rate",
     "learning_rate_at",
     "split_indices",
@@ -43,6 +45,10 @@ DENSITY_LEARNING_RATE = 3e-3
 """`fit_density`'s default peak learning rate, from the defaults sweep of the benchmarks
 (``benchmarks/density_defaults.py``, rows in ``benchmarks/results/density_defaults.jsonl``):
 the best or near the best rate for RealNVP and planar flows at 500 and 2,000 steps."""
+
+DENSITY_PATIENCE = 500
+"""`fit_density`'s default patience for maximum likelihood: training stops after this many steps
+without a better validation negative log-likelihood (see `density_patience`)."""
 
 WITH_REPLACEMENT_RATIO = 10
 """NumPyro's `fit_posterior` draws a subsampled plate's indices uniformly *with* replacement
@@ -180,3 +186,20 @@ def coordinate_sites(sizes: Mapping[str, int], coords: Sequence[int]) -> list[st
             owners.append(name)
         pos += size
     return owners
+
+
+def density_patience(patience: int | None, objective: str, num_steps: int) -> int:
+    """`fit_density`'s patience in steps: `patience` (a positive integer) as given, or for None
+    the default: `DENSITY_PATIENCE` for maximum likelihood, and `num_steps` (no early stopping;
+    the best-validation parameters are kept all the same) for flow matching, whose validation
+    NLL stalls while the learning rate is constant and improves again as it decays (the
+    conventions page's flow-matching section).
+
+    Raises:
+        ValueError: `patience` is neither None nor a positive integer.
+    """
+    if patience is None:
+        return num_steps if objective == "flow_matching" else DENSITY_PATIENCE
+    if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+        raise ValueError(f"patience: expected a positive integer or None, got {patience!r}")
+    return patience

@@ -41,6 +41,7 @@ from flowguides.core import (
     check_data,
     check_objective,
     check_training,
+    density_patience,
     validation_spec,
 )
 from flowguides.core.data import prepare_data
@@ -159,7 +160,7 @@ def fit_density(
     batch_size: int = 256,
     learning_rate: float = DENSITY_LEARNING_RATE,
     validation_fraction: float = 0.1,
-    patience: int = 500,
+    patience: int | None = None,
     standardize: bool = True,
     objective: str = "maximum_likelihood",
     coupling: str = "independent",
@@ -217,7 +218,8 @@ def fit_density(
         learning_rate: Adam's peak learning rate (decayed over the second half; default
             `flowguides.core.DENSITY_LEARNING_RATE`).
         validation_fraction: the share of rows held out for early stopping.
-        patience: steps without a better validation loss before stopping.
+        patience: steps without a better validation loss before stopping; None: 500 for
+            maximum likelihood, none for flow matching (`flowguides.core.density_patience`).
         standardize: fit the flow to standardised data (the Jacobian enters `log_prob`).
         objective: ``"maximum_likelihood"`` or ``"flow_matching"``.
         coupling: flow matching's pairing of base draws and data in a minibatch:
@@ -256,9 +258,9 @@ def fit_density(
     """
     spec = as_spec(spec)
     check_training(num_steps, learning_rate, None)
-    for name, value in (("batch_size", batch_size), ("patience", patience)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+    patience = density_patience(patience, objective, num_steps)
     check_objective(spec, objective, sigma_min)
     check_coupling(coupling, objective)
     mesh = device_mesh(devices)

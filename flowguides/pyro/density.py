@@ -36,6 +36,7 @@ from flowguides.core import (
     check_data,
     check_objective,
     check_training,
+    density_patience,
 )
 from flowguides.core.data import prepare_data
 from flowguides.pyro._stream import (
@@ -132,7 +133,7 @@ def fit_density(
     batch_size: int = 256,
     learning_rate: float = DENSITY_LEARNING_RATE,
     validation_fraction: float = 0.1,
-    patience: int = 500,
+    patience: int | None = None,
     standardize: bool = True,
     objective: str = "maximum_likelihood",
     coupling: str = "independent",
@@ -188,7 +189,8 @@ def fit_density(
             iterable of finite float minibatches ``(n_k, dim)``.
         spec: the flow spec (or its dict form).
         num_steps, batch_size, learning_rate: the optimisation (Adam, shared schedule).
-        validation_fraction, patience: early stopping (`patience` in steps).
+        validation_fraction, patience: early stopping (`patience` in steps; None: 500 for
+            maximum likelihood, none for flow matching, see `flowguides.core.density_patience`).
         standardize: fit the flow to standardised data (the Jacobian enters `log_prob`).
         objective: ``"maximum_likelihood"`` or ``"flow_matching"``.
         coupling: flow matching's pairing of base draws and data in a minibatch:
@@ -225,6 +227,7 @@ def fit_density(
     check_training(num_steps, learning_rate, None)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+    patience = density_patience(patience, objective, num_steps)
     check_objective(spec, objective, sigma_min)
     check_coupling(coupling, objective)
     flow_matching = objective == "flow_matching"
