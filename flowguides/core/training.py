@@ -192,8 +192,8 @@ def density_patience(patience: int | None, objective: str, num_steps: int) -> in
     """`fit_density`'s patience in steps: `patience` (a positive integer) as given, or for None
     the default: `DENSITY_PATIENCE` for maximum likelihood, and `num_steps` (no early stopping;
     the best-validation parameters are kept all the same) for flow matching, whose validation
-    NLL stalls while the learning rate is constant and improves again as it decays (the
-    conventions page's flow-matching section).
+    NLL stalls while the learning rate is constant and improves again as it decays (see the
+    conventions page's training defaults).
 
     Raises:
         ValueError: `patience` is neither None nor a positive integer.
