@@ -15,7 +15,9 @@ and settings (threads, float64, machine):
 * flowguides: ``method_settings.compiler_options`` (`flowguides.numpyro._compile`'s for the
   CPU, or ``--compiler-options``), `fit.timing` (`flowguides.core.timing.FIT_TIMING_KEYS`: ``setup_s`` =
   ``init_s`` + ``start_s``, ``compile_s``, ``train_s``, ``fit_s``, ``steps_per_s``) and
-  ``draws_s``; ``wall_s``: from just before the fit to the last draw;
+  ``draws_s``; ``wall_s``: from just before the fit to the last draw; with ``--log-compiles``,
+  ``programs``: every program the fit and the draws compiled or loaded, in order, with its
+  trace, lowering and compile (or load) seconds (`benchmarks.compile_log`);
 * NUTS: ``wall_s`` (``MCMC.run`` and the draws, compiles included) and ``divergences``;
   ``method_settings.alongside`` the flowguides compiler options of the process it ran in;
 * both: ``import_s`` (the process's imports: flowguides, JAX, NumPyro) and ``cache_entries``
@@ -27,6 +29,7 @@ Run from the repository root (rows are printed; ``--write`` merges them into ``-
     python -m benchmarks.first_call --model garch-garch11 --runs 3
     python -m benchmarks.first_call --all --write                     # the nine posteriors
     python -m benchmarks.first_call --cache-dir ~/.cache/flowguides/jax   # keep the cache
+    python -m benchmarks.first_call --log-compiles   # each program's trace, lower, compile s
     python -m benchmarks.first_call --all --write --compiler-options '{"xla_backend_optimization_level": 3}'
 """
 
@@ -43,6 +46,7 @@ os.environ.setdefault("JAX_ENABLE_X64", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import subprocess  # noqa: E402
@@ -54,6 +58,7 @@ from typing import Any  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks.compile_log import CompileLog  # noqa: E402
 from benchmarks.models.numpyro_models import MODELS  # noqa: E402
 from benchmarks.models.posteriordb import NAMES, load  # noqa: E402
 from benchmarks.rows import (  # noqa: E402
@@ -107,18 +112,27 @@ def _row(name: str, method: str, run: str, settings: dict, cache_dir: Path) -> d
     }
 
 
-def flowguides_row(name: str, run: str, cache_dir: Path, num_draws: int, seed: int) -> dict:
-    """A first `fit_posterior` (defaults) and `num_draws` draws in this process; its row."""
+def flowguides_row(
+    name: str, run: str, cache_dir: Path, num_draws: int, seed: int, log_compiles: bool = False
+) -> dict:
+    """A first `fit_posterior` (defaults) and `num_draws` draws in this process; its row (with
+    `log_compiles`, ``programs``: `benchmarks.compile_log.CompileLog`'s per-program times)."""
     data = load(name).data
+    log = CompileLog() if log_compiles else contextlib.nullcontext()
     t0 = time.perf_counter()
-    spec = FlowSpec.realnvp(num_layers=4)
-    fit = fit_posterior(MODELS[name], spec, seed=seed, progress=False, **data)
-    fit.sample(num_draws, seed=seed)
+    with log:
+        spec = FlowSpec.realnvp(num_layers=4)
+        fit = fit_posterior(MODELS[name], spec, seed=seed, progress=False, **data)
+        fit.sample(num_draws, seed=seed)
     wall_s = time.perf_counter() - t0
     settings = {"seed": seed, "num_steps": len(fit.losses), "num_particles": 8}
     settings.update(num_draws=num_draws, spec=SPEC, fit_posterior="defaults")
     settings["compiler_options"] = _compile.compiler_options()
+    if log_compiles:
+        settings["log_compiles"] = True  # JAX logs every compile: a little slower
     row = _row(name, "flowguides-numpyro RealNVP", run, settings, cache_dir)
+    if log_compiles:
+        row["programs"] = log.programs
     timing = {k: fit.timing[k] for k in (*FIT_TIMING_KEYS, "draws_s")}
     final = float(np.mean(fit.losses[-100:]))
     row.update(latent_dim=fit.guide.latent_dim, wall_s=wall_s, final_loss_mean100=final)
@@ -159,7 +173,8 @@ def _child(args: argparse.Namespace) -> list[dict]:
     if args.compiler_options is not None:
         _compile.CPU_COMPILER_OPTIONS = args.compiler_options
     use_compilation_cache(cache_dir)
-    rows = [flowguides_row(args.model[0], args.run, cache_dir, args.num_draws, args.seed)]
+    rows = [flowguides_row(args.model[0], args.run, cache_dir, args.num_draws, args.seed,
+                           args.log_compiles)]  # fmt: skip
     if args.with_nuts:
         rows.append(nuts_row(args.model[0], args.run, cache_dir, args.seed))
     return rows
@@ -176,6 +191,8 @@ def _runs(name: str, args: argparse.Namespace, cache_dir: Path) -> list[dict] | 
         command += ["--seed", str(args.seed), "--cache-dir", str(cache_dir)]
         if args.compiler_options is not None:
             command += ["--compiler-options", json.dumps(args.compiler_options)]
+        if args.log_compiles:
+            command.append("--log-compiles")
         if args.nuts == "every" or (args.nuts == "first" and i == 0):
             command.append("--with-nuts")
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
@@ -215,6 +232,11 @@ def main(argv: list[str] | None = None) -> int:
         type=json.loads,
         help="JSON: flowguides' CPU compiler options instead of CPU_COMPILER_OPTIONS "
         "(e.g. '{\"xla_backend_optimization_level\": 3}', XLA's default); in the rows",
+    )
+    parser.add_argument(
+        "--log-compiles",
+        action="store_true",
+        help="record each program flowguides' fit compiles or loads (trace, lower, compile s)",
     )
     parser.add_argument("--write", action="store_true", help="merge the rows into --out")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)

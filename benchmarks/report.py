@@ -21,6 +21,7 @@ import numpy as np
 from benchmarks.readme_block import write_readme
 from benchmarks.rows import latest
 from benchmarks.tables import (
+    compile_profile_section,
     densities_section,
     first_call_section,
     posteriors_section,
@@ -156,6 +157,15 @@ def write_docs(results: Path, docs: Path) -> None:
             "(`flowguides.numpyro._compile.CPU_COMPILER_OPTIONS`).\n"
         )
         parts.append(first_call_section(rows) + "\n")
+        profile = compile_profile_section(rows)
+        if profile:
+            parts.append(
+                "### Programs of a first call (`--log-compiles`)\n\nEach program the fit and "
+                "its draws compiled (cold) or loaded from the persistent cache (warm), from "
+                "JAX's compile log (`benchmarks/compile_log.py`): seconds to trace it, lower "
+                "it to StableHLO, and compile or load it.\n"
+            )
+            parts.append(profile + "\n")
     pngs = sorted(p.name for p in img.glob("bench-*.png"))
     if pngs:
         parts.append("## Plots: draws against the reference (first two coordinates)\n")

@@ -18,6 +18,7 @@ __all__ = [
     "RATIOS",
     "densities_section",
     "density_cell",
+    "compile_profile_section",
     "first_call_section",
     "fmt",
     "posteriors_section",
@@ -238,8 +239,9 @@ def first_call_section(rows: list[dict]) -> str:
     """Time to first draw (`benchmarks/first_call.py`): per posterior and compiler options, the
     cold first `fit_posterior` plus draws against NUTS in the same process, and the rerun with
     the persistent cache warm."""
-    rows = [r for r in rows if "compiler_options" in (r.get("method_settings") or {})
-            or "alongside" in (r.get("method_settings") or {})]  # fmt: skip
+    rows = [r for r in rows if ("compiler_options" in (r.get("method_settings") or {})
+            or "alongside" in (r.get("method_settings") or {}))
+            and not (r.get("method_settings") or {}).get("log_compiles")]  # fmt: skip
     parts = []
     for options in dict.fromkeys(_options(r) for r in rows):
         group = [r for r in rows if _options(r) == options]
@@ -270,4 +272,25 @@ def first_call_section(rows: list[dict]) -> str:
                   "NUTS s", "flowguides / NUTS", "warm: set-up + compile s", "warm: wall s",
                   "steps/s cold / warm", "ran"]  # fmt: skip
         parts.append(f"### Compiler options: {options}\n\n" + table(header, out))
+    return "\n\n".join(parts)
+
+
+def compile_profile_section(rows: list[dict]) -> str:
+    """The ``--log-compiles`` rows of `benchmarks/first_call.py`: per posterior and run (cold,
+    warm), each program with at least 0.05 s of trace, lowering and compile (or load), and the
+    count and total of the rest (eager operations and small programs)."""
+    parts = []
+    for r in rows:
+        programs = r.get("programs")
+        if not programs or not (r.get("method_settings") or {}).get("log_compiles"):
+            continue
+        big = [p for p in programs if p["trace_s"] + p["lower_s"] + p["compile_s"] >= 0.05]
+        small = [p for p in programs if p not in big]
+        out = [[f"`{p['name']}`", fmt(p["trace_s"], 2), fmt(p["lower_s"], 2),
+                fmt(p["compile_s"], 2), "yes" if p["cached"] else "no"] for p in big]  # fmt: skip
+        rest = sum(p["trace_s"] + p["lower_s"] + p["compile_s"] for p in small)
+        out.append([f"{len(small)} others", "", "", f"{fmt(rest, 2)} (all steps)", ""])
+        head = f"#### {r['problem']}, {r['method_settings']['cache']} ({ran(r)})"
+        parts.append(head + "\n\n" + table(["program", "trace s", "lower s",
+                                               "compile / load s", "cached"], out))  # fmt: skip
     return "\n\n".join(parts)

@@ -161,3 +161,28 @@ def test_first_call_table_pairs_each_fit_with_the_nuts_of_its_process() -> None:
     assert "level=3" in three and "| 9 |" in three and "| 3 | 3 |" in three
     legacy = [{**rows[0], "method_settings": {"cache": "cold"}}]  # before the options were kept
     assert first_call_section(legacy) == ""
+
+
+def test_compile_log_parses_each_programs_trace_lowering_and_compile() -> None:
+    from benchmarks.compile_log import parse
+
+    messages = [
+        "Finished tracing + transforming chunk for pjit in 0.5 sec",
+        "Compiling jit(chunk) with global shapes and types (...)",
+        "Finished jaxpr to MLIR module conversion jit(chunk) in 0.25 sec",
+        "Persistent compilation cache hit for 'jit_chunk' with key 'jit_chunk-ab12'",
+        "Finished XLA compilation of jit(chunk) in 0.125 sec",
+        "Finished tracing <lambda> for jit in 0.001 sec",
+        "Finished jaxpr to MLIR module conversion jit(<lambda>) in 0.002 sec",
+        "Finished XLA compilation of jit(<lambda>) in 0.75 sec",
+        "Finished jaxpr to MLIR module conversion jit(chunk) in 0.0625 sec",  # traced earlier
+        "Persistent compilation cache hit for 'jit__lambda' with key 'jit__lambda-cd34'",
+        "Finished XLA compilation of jit(chunk) in 0.03125 sec",
+    ]
+    assert parse(messages) == [
+        {"name": "chunk", "trace_s": 0.5, "lower_s": 0.25, "compile_s": 0.125, "cached": True},
+        {"name": "<lambda>", "trace_s": 0.001, "lower_s": 0.002, "compile_s": 0.75,
+         "cached": False},
+        {"name": "chunk", "trace_s": 0.0, "lower_s": 0.0625, "compile_s": 0.03125,
+         "cached": False},
+    ]  # fmt: skip
