@@ -69,9 +69,14 @@ def split3(key: jax.Array) -> tuple:
 
 
 def cache_key(*parts: Hashable, content: tuple) -> tuple | None:
-    """The key ``(*parts, *content)``, or None where a `content` part is None (a model or an
-    argument that cannot be keyed by its contents, see `flowguides.numpyro._model`)."""
-    return None if any(c is None for c in content) else (*parts, *content)
+    """The key ``(*parts, *content, compiler options)``, or None where a `content` part is None
+    (a model or an argument that cannot be keyed by its contents, see
+    `flowguides.numpyro._model`). The options in force are part of it: a program compiled under
+    other `CPU_COMPILER_OPTIONS` is not served."""
+    if any(c is None for c in content):
+        return None
+    options = compiler_options() if _TAKES_OPTIONS else None
+    return (*parts, *content, tuple(sorted((options or {}).items())))
 
 
 def cached(key: tuple | None, make: Callable[[], Callable[..., Any]]) -> Callable[..., Any]:

@@ -127,8 +127,8 @@ def test_the_elbo_a_fit_trains_on_equals_numpyros_trace_elbo(num_particles):
 
 def test_the_fits_programs_compile_with_flowguides_compiler_options(monkeypatch):
     """Every program of a fit goes through `_compile.jit`: with an option XLA does not know,
-    the draws and a new model shape's set-up fail to compile, and `compiler_options` is the
-    CPU's."""
+    the draws, a new model shape's set-up and a refit cached under the old options fail to
+    compile, and `compiler_options` is the CPU's."""
     import jax
     import numpyro
     import numpyro.distributions as dist
@@ -151,3 +151,6 @@ def test_the_fits_programs_compile_with_flowguides_compiler_options(monkeypatch)
         fit.sample(17)  # a new number of draws: a new program
     with pytest.raises(Exception, match="xla_no_such_option_here"):
         fit_posterior(model, spec, jax.numpy.ones(4), num_steps=5, progress=False)
+    # the in-process cache keys the options: the same fit again compiles anew, under them
+    with pytest.raises(Exception, match="xla_no_such_option_here"):
+        fit_posterior(model, spec, y, num_steps=5, progress=False)
