@@ -45,7 +45,7 @@ from flowguides.core import (
     validation_spec,
 )
 from flowguides.core.data import prepare_data
-from flowguides.numpyro._compile import cached
+from flowguides.numpyro._compile import cache_key, cached
 from flowguides.numpyro._stream import (
     batch_sharding,
     check_divisible,
@@ -305,14 +305,16 @@ def fit_density(
     last_step, step_args = num_steps - 1, _density_settings(flow, *settings[1:])
     with solver_errors():
         if source.train is not None:
-            key = ("density", spec, dim, train.shape, val.shape, learning_rate, *settings)
+            key = cache_key("density", spec, dim, train.shape, val.shape, learning_rate,
+                            *settings, content=())  # fmt: skip
             make = lambda: device_chunk(optimizer, step_args, batch, mesh, _TRACES)  # noqa: E731
             run_chunk = cached(key if mesh is None else (*key, mesh_key), make)
             carry, outputs = run_chunks(
                 run_chunk, carry, (replicate(train, mesh), val), num_steps, progress
             )
         else:
-            key = ("density_stream", spec, dim, val.shape, learning_rate, *settings, mesh_key)
+            key = cache_key("density_stream", spec, dim, val.shape, learning_rate, *settings,
+                            mesh_key, content=())  # fmt: skip
             step = density_step(optimizer, *step_args, batch_sharding(mesh))
             program = cached(key, lambda: stream_program(step, mesh))
             carry, outputs, last_step = run_stream(
