@@ -12,7 +12,7 @@ One row per method and run, keyed as `benchmarks/rows.py` keys rows (suite ``fir
 ``method_settings.cache`` ``cold`` or ``warm``), with the commit, UTC time, library versions
 and settings (threads, float64, machine):
 
-* flowguides: ``method_settings.compiler_options`` (`flowguides.numpyro._compile`'s for the
+* flowguides: ``method_settings.compiler_options`` (`flowguides.numpyro._training`'s for the
   CPU, or ``--compiler-options``), `fit.timing` (`flowguides.core.timing.FIT_TIMING_KEYS`: ``setup_s`` =
   ``init_s`` + ``start_s``, ``compile_s``, ``train_s``, ``fit_s``, ``steps_per_s``) and
   ``draws_s``; ``wall_s``: from just before the fit to the last draw; with ``--log-compiles``,
@@ -69,7 +69,7 @@ from benchmarks.rows import (  # noqa: E402
     utc_now,
 )
 from flowguides.core.timing import FIT_TIMING_KEYS  # noqa: E402
-from flowguides.numpyro import _compile, fit_posterior, use_compilation_cache  # noqa: E402
+from flowguides.numpyro import _training, fit_posterior, use_compilation_cache  # noqa: E402
 from flowguides.spec import FlowSpec  # noqa: E402
 
 __all__ = ["NUTS_SETTINGS", "flowguides_row", "main", "nuts_row", "write_rows"]
@@ -127,7 +127,7 @@ def flowguides_row(
     wall_s = time.perf_counter() - t0
     settings = {"seed": seed, "num_steps": len(fit.losses), "num_particles": 8}
     settings.update(num_draws=num_draws, spec=SPEC, fit_posterior="defaults")
-    settings["compiler_options"] = _compile.compiler_options()
+    settings["compiler_options"] = _training.compiler_options()
     if log_compiles:
         settings["log_compiles"] = True  # JAX logs every compile: a little slower
     row = _row(name, "flowguides-numpyro RealNVP", run, settings, cache_dir)
@@ -153,7 +153,7 @@ def nuts_row(name: str, run: str, cache_dir: Path, seed: int) -> dict:
     wall_s = time.perf_counter() - t0
     settings = {"seed": seed, "num_draws": s["num_samples"], **s}
     # the process it ran in (NUTS compiles with XLA's defaults): pairs it with its flowguides row
-    settings["alongside"] = {"compiler_options": _compile.compiler_options()}
+    settings["alongside"] = {"compiler_options": _training.compiler_options()}
     row = _row(name, "numpyro NUTS", run, settings, cache_dir)
     diverging = int(np.asarray(mcmc.get_extra_fields()["diverging"]).sum())
     return {**row, "wall_s": wall_s, "divergences": diverging, "sites": sorted(draws)}
@@ -171,7 +171,7 @@ def write_rows(rows: list[dict], path: Path) -> None:
 def _child(args: argparse.Namespace) -> list[dict]:
     cache_dir = args.cache_dir
     if args.compiler_options is not None:
-        _compile.CPU_COMPILER_OPTIONS = args.compiler_options
+        _training.CPU_COMPILER_OPTIONS = args.compiler_options
     use_compilation_cache(cache_dir)
     rows = [flowguides_row(args.model[0], args.run, cache_dir, args.num_draws, args.seed,
                            args.log_compiles)]  # fmt: skip

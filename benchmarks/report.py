@@ -154,7 +154,7 @@ def write_docs(results: Path, docs: Path) -> None:
             "NUTS (one chain, 1,000 + 1,000) in the same process. *warm*: the same script "
             "rerun in a new process with the cache full. Times exclude the imports. A table per "
             "set of compiler options flowguides compiled with "
-            "(`flowguides.numpyro._compile.CPU_COMPILER_OPTIONS`).\n"
+            "(`flowguides.numpyro._training.CPU_COMPILER_OPTIONS`).\n"
         )
         parts.append(first_call_section(rows) + "\n")
         profile = compile_profile_section(rows)

@@ -22,9 +22,8 @@ from flowguides.core import (
     NonFiniteValidationError,
     ToleranceWarning,
 )
-from flowguides.numpyro._compile import clear_compiled, use_compilation_cache
 from flowguides.numpyro._model import ConstantArgumentsWarning, ModelTracingError
-from flowguides.numpyro._training import ObjectiveLoss
+from flowguides.numpyro._training import ObjectiveLoss, clear_compiled, use_compilation_cache
 from flowguides.numpyro.build import Flow, FlowTransform, build_flow, get_weights, set_weights
 from flowguides.numpyro.coupling import RealNVP
 from flowguides.numpyro.density import DensityFit, fit_density

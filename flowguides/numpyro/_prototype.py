@@ -33,8 +33,8 @@ from numpyro.infer.util import get_potential_fn, initialize_model
 from numpyro.primitives import Messenger
 
 from flowguides.core import WITH_REPLACEMENT_RATIO
-from flowguides.numpyro._compile import cache_key, cached, jit
 from flowguides.numpyro._model import callable_key, split_args
+from flowguides.numpyro._training import cache_key, cached, jit
 
 try:  # NumPyro >= 0.20
     from numpyro.infer.util import _prepare_model_for_potential, _transforms_from_trace

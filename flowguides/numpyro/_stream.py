@@ -32,8 +32,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flowguides.core.data import DataSource
-from flowguides.numpyro._compile import jit
-from flowguides.numpyro._training import CHUNK, all_finite, default_float, progress_bar
+from flowguides.numpyro._training import CHUNK, all_finite, default_float, jit, progress_bar
 
 __all__ = [
     "BATCH_AXIS",

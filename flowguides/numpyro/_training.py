@@ -1,26 +1,24 @@
-"""The compiled-training machinery `posterior.py` and `density.py` share (NumPyro).
-
-The shared schedule as an optax optimiser (`make_optimizer`), keys of a fit's static
-structure for the cache of compiled programs (`params_key`, `supports_key`, `constraint_key`;
-the cache itself is `flowguides.numpyro._compile`'s), the host loop that runs
-chunks of `CHUNK` steps and advances the progress bar between them (`run_chunks`,
-`progress_bar`; `flowguides.core.timing` reads the timings off them), the optimiser's state
-before any step (`initial_optimizer_state`), the per-step records of neural-ODE layers
-(`history_entries`, `mean_penalty`, as in the Pyro backend), `fit_posterior`'s losses
-(`ObjectiveLoss`, `objective_loss`, as in the Pyro backend; `RecordingELBO`).
-
-The Pyro backend's ``_training.py`` has `mean_penalty` and `progress_bar` too; PyTorch steps
-eagerly, so it has ``Trainer``, ``Evaluations`` and ``with_penalty`` where this module
-compiles chunks of steps, and none of the names here for compiled programs, cache keys and
-traced values.
+"""The compiled-training machinery `posterior.py` and `density.py` share (NumPyro): `jit`
+(every program a fit compiles, with `CPU_COMPILER_OPTIONS` on the CPU), a bounded program cache
+(`cache_key`, `cached`, `clear_compiled`; keys `params_key`, `supports_key`, `constraint_key`
+and `flowguides.numpyro._model`'s), `use_compilation_cache`, the schedule (`make_optimizer`),
+the host loop over chunks of `CHUNK` steps (`run_chunks`, `progress_bar`), the optimiser's
+state before any step (`initial_optimizer_state`), neural-ODE records (`history_entries`,
+`mean_penalty`) and `fit_posterior`'s losses (`ObjectiveLoss`, `objective_loss`,
+`RecordingELBO`). PyTorch steps eagerly: the Pyro backend's ``_training.py`` shares
+`mean_penalty`, `progress_bar` and the losses, and has none of the compiled-program names.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
+import os
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -28,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
+from jax.experimental.compilation_cache import compilation_cache
 from numpyro import handlers
 from numpyro.distributions import TransformedDistribution, constraints
 from numpyro.infer import Trace_ELBO
@@ -36,7 +35,6 @@ from numpyro.infer.util import log_density
 from tqdm.auto import tqdm
 
 from flowguides.core import CONTROL_VARIATE_PREFIX, PRECONDITION, decay_steps
-from flowguides.numpyro._compile import jit
 from flowguides.numpyro._model import value_key
 from flowguides.numpyro.build import FlowTransform
 from flowguides.numpyro.ode import training_solves
@@ -44,14 +42,20 @@ from flowguides.spec import FlowSpec
 
 __all__ = [
     "CHUNK",
+    "CPU_COMPILER_OPTIONS",
     "HISTORY",
     "ObjectiveLoss",
     "RecordingELBO",
     "all_finite",
+    "cache_key",
+    "cached",
+    "clear_compiled",
+    "compiler_options",
     "constraint_key",
     "default_float",
     "history_entries",
     "initial_optimizer_state",
+    "jit",
     "make_optimizer",
     "mean_penalty",
     "objective_loss",
@@ -60,11 +64,78 @@ __all__ = [
     "progress_bar",
     "run_chunks",
     "supports_key",
+    "use_compilation_cache",
 ]
 
 CHUNK = 100
 HISTORY = "_flowguides_history"
 """The SVI mutable-state entry where `fit_posterior`'s steps put their history entries."""
+
+
+CPU_COMPILER_OPTIONS: dict[str, Any] = {"xla_backend_optimization_level": 2}
+"""XLA options of flowguides' CPU programs (`jit`): LLVM at ``-O2``, not ``-O3``, for shorter
+compiles (see the conventions page); values change by rounding at most; both caches key them."""
+
+_CACHE_SIZE = 32
+_COMPILED: OrderedDict[Hashable, Callable[..., Any]] = OrderedDict()
+_TAKES_OPTIONS = "compiler_options" in inspect.signature(jax.jit).parameters
+
+
+def compiler_options() -> dict[str, Any] | None:
+    """`CPU_COMPILER_OPTIONS` where JAX's default backend is the CPU, else None (XLA's own)."""
+    return dict(CPU_COMPILER_OPTIONS) if jax.default_backend() == "cpu" else None
+
+
+def jit(fun: Callable[..., Any], **kwargs: Any) -> Callable[..., Any]:
+    """``jax.jit(fun, **kwargs)`` with `compiler_options` (where `jax.jit` takes them)."""
+    options = compiler_options() if _TAKES_OPTIONS else None
+    if options:
+        kwargs = {"compiler_options": options, **kwargs}
+    return jax.jit(fun, **kwargs)
+
+
+def cache_key(*parts: Hashable, content: tuple) -> tuple | None:
+    """The key ``(*parts, *content, the compiler options in force)``, or None where a `content`
+    part is None (a model or argument not keyable by content, see `flowguides.numpyro._model`)."""
+    if any(c is None for c in content):
+        return None
+    options = compiler_options() if _TAKES_OPTIONS else None
+    return (*parts, *content, tuple(sorted((options or {}).items())))
+
+
+def cached(key: tuple | None, make: Callable[[], Callable[..., Any]]) -> Callable[..., Any]:
+    """The program cached under `key`, made by `make` on a miss; with key None, not cached."""
+    if key is None:
+        return make()
+    if key in _COMPILED:
+        _COMPILED.move_to_end(key)
+    else:
+        _COMPILED[key] = make()
+        while len(_COMPILED) > _CACHE_SIZE:
+            _COMPILED.popitem(last=False)
+    return _COMPILED[key]
+
+
+def clear_compiled() -> None:
+    """Empty the cache of compiled programs (training chunks and guide set-ups): the next fit
+    compiles anew (to time a first call, or free memory); keyed by content, it never serves a
+    stale program, so fits are unaffected otherwise."""
+    _COMPILED.clear()
+
+
+def use_compilation_cache(path: str | os.PathLike[str] | None = None) -> Path:
+    """Turn on JAX's persistent compilation cache in `path` for every program a fit compiles,
+    however quick or small, so a later process loads them (see the conventions page); returns
+    the directory, absolute. `path` is created where missing; None:
+    ``$XDG_CACHE_HOME/flowguides/jax`` (``~/.cache/flowguides/jax`` without ``XDG_CACHE_HOME``)."""
+    home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flowguides/jax"
+    directory = Path(home if path is None else path).expanduser().resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)  # -1: no minimum
+    compilation_cache.reset_cache()  # JAX reads the setting once per process: read it anew
+    return directory
 
 
 def default_float() -> jnp.dtype:
@@ -96,9 +167,8 @@ def make_optimizer(num_steps: int, learning_rate: float, clip_norm: float | None
 
 
 def initial_optimizer_state(optim: Any, params: Mapping[str, Any]) -> tuple:
-    """``optim.init(params)`` for NumPyro's wrapper of a `make_optimizer` optimiser, without
-    running it (an XLA compile): NumPyro's step counter and every optax state entry (Adam's
-    moments and counts) start at zero, so only their shapes are traced."""
+    """``optim.init(params)`` for NumPyro's wrapper of a `make_optimizer` optimiser without an
+    XLA compile: every entry (step counter, Adam's moments and counts) starts at zero."""
     step, (_, state) = jax.eval_shape(optim.init, params)
     zeros = jax.tree.map(lambda s: jax.device_put(np.zeros(s.shape, s.dtype)), state)
     return jax.device_put(0), (params, zeros)  # NumPyro's counter: jnp.array(0), weakly typed
@@ -132,12 +202,8 @@ def all_finite(tree: Any) -> jax.Array:
 
 
 def mean_penalty(records: Sequence[dict], zero: jax.Array | float = 0.0) -> jax.Array | float:
-    """The sum over solves of each solve's mean RNODE penalty (`zero` when none has one).
-
-    Args:
-        records: the records of a `training_solves` block.
-        zero: the value without penalties.
-    """
+    """The sum over the solves in `records` (a `training_solves` block's) of each solve's mean
+    RNODE penalty (`zero` when none has one)."""
     return sum((jnp.mean(r["penalty"]) for r in records if "penalty" in r), zero)
 
 
@@ -203,10 +269,9 @@ def run_chunks(
 def posterior_chunk(
     svi: Any, rebuild: Callable[[list], tuple], num_steps: int, traced: Callable[[], None]
 ) -> Callable[..., Any]:
-    """The jitted chunk of `CHUNK` SVI steps of `fit_posterior`: ``chunk(carry, start,
-    arrays)`` with carry ``(state, good params, stopped, bad step)``; per step the loss and
-    the history entries (SVI mutable state `HISTORY`). `traced` is called whenever it traces.
-    Without mutable sites, a `Trace_ELBO` runs as `ObjectiveLoss` (see the conventions page)."""
+    """The jitted chunk of `CHUNK` SVI steps ``chunk(carry, start, arrays)``, carry ``(state, good
+    params, stopped, bad step)``, per step the loss and history (`HISTORY`); calls `traced` when
+    it traces. Without mutable sites, a `Trace_ELBO` runs as `ObjectiveLoss`."""
     mutable = any(site["type"] == "mutable" for site in svi.guide.prototype_trace.values())
     if type(svi.loss) is Trace_ELBO and not mutable:
         svi = copy.copy(svi)
@@ -265,16 +330,11 @@ def objective_loss(
 
 
 class ObjectiveLoss(ELBO):
-    """`fit_posterior`'s loss for ``objective="iwelbo"`` or ``gradient="stl"``: each of
-    ``num_particles * num_inner`` draws (vectorised; keys as `Trace_ELBO` gives them, so one
-    draw takes the key itself) gives its log-weight ``log p - log q``, then `objective_loss`.
-
-    With ``gradient="stl"``, each draw's ``log q`` is evaluated again by the flow's inverse
-    at `jax.lax.stop_gradient` parameters (Roeder et al. 2017): no score term.
-
-    Args:
-        objective, gradient, num_particles, num_inner: as in `fit_posterior`.
-    """
+    """`fit_posterior`'s loss (arguments as there): each of ``num_particles * num_inner``
+    draws (vectorised; keys as `Trace_ELBO` gives them, so one draw takes the key itself) gives
+    its log-weight ``log p - log q``, then `objective_loss`. With ``gradient="stl"``, each
+    draw's ``log q`` is evaluated again by the flow's inverse at `jax.lax.stop_gradient`
+    parameters (Roeder et al. 2017): no score term."""
 
     def __init__(self, objective: str, gradient: str, num_particles: int, num_inner: int) -> None:
         super().__init__(num_particles=num_particles * num_inner)

@@ -45,7 +45,6 @@ from flowguides.core import (
     validation_spec,
 )
 from flowguides.core.data import prepare_data
-from flowguides.numpyro._compile import cache_key, cached
 from flowguides.numpyro._stream import (
     batch_sharding,
     check_divisible,
@@ -57,6 +56,8 @@ from flowguides.numpyro._stream import (
     stream_program,
 )
 from flowguides.numpyro._training import (
+    cache_key,
+    cached,
     default_float,
     history_entries,
     make_optimizer,

@@ -41,10 +41,10 @@ from flowguides.core import (
     coordinate_sites,
 )
 from flowguides.numpyro import ode
-from flowguides.numpyro._compile import cache_key, cached, jit
 from flowguides.numpyro._control import reference_params
 from flowguides.numpyro._model import as_constants, callable_key, choose_constants, split_args
 from flowguides.numpyro._prototype import StagedPrototype, full_data
+from flowguides.numpyro._training import cache_key, cached, jit
 from flowguides.numpyro.build import (
     Flow,
     FlowTransform,

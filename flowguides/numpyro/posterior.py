@@ -47,7 +47,6 @@ from flowguides.core import (
 )
 from flowguides.core.timing import add_seconds, chunk_timing, fit_timing, timed_calls
 from flowguides.numpyro import _model
-from flowguides.numpyro._compile import cache_key, cached, jit, split3
 from flowguides.numpyro._control import public_params, with_control_variate
 from flowguides.numpyro._model import (
     TRACER_ERRORS,
@@ -63,8 +62,11 @@ from flowguides.numpyro._training import (
     HISTORY,
     ObjectiveLoss,
     RecordingELBO,
+    cache_key,
+    cached,
     default_float,
     initial_optimizer_state,
+    jit,
     make_optimizer,
     params_key,
     posterior_chunk,
@@ -85,7 +87,7 @@ particles' draws (keys still split by threefry, so streams stay independent unde
 SVI step splits keys and draws noise for every particle and site, which threefry's bits make
 a noticeable share of a step (see the benchmarks page)."""
 _TRACES = {"posterior": 0}  # times a training chunk was traced (tests read it)
-_RecordingELBO = RecordingELBO  # moved to _training.py; tests/numpyro/test_fit.py reads it here
+_split3 = jax.jit(lambda key: tuple(jax.random.split(key, 3)))  # one program, not one per op
 
 
 def _traced() -> None:
@@ -310,7 +312,7 @@ def fit_posterior(
     key = jax.random.key(seed, impl=TRAINING_PRNG)
     with solver_errors():
         try:
-            with handlers.block(), handlers.seed(rng_seed=split3(key)[2]):
+            with handlers.block(), handlers.seed(rng_seed=_split3(key)[2]):
                 with timed_calls(guide, "_initial_start", times, "start_s"):
                     guide._setup_prototype(*args, **kwargs)  # the key `SVI.init` gives the guide
             own = {"param", "mutable"} & {s["type"] for s in guide.prototype_trace.values()}
@@ -391,7 +393,7 @@ def _init_state(
         params = {**guide.initial_params(), **fixed}
         identity = biject_to(constraints.real)
         svi.constrain_fn = partial(transform_fn, dict.fromkeys(params, identity))
-        state = SVIState(initial_optimizer_state(svi.optim, params), None, split3(key)[0])
+        state = SVIState(initial_optimizer_state(svi.optim, params), None, _split3(key)[0])
     if isinstance(svi.loss, RecordingELBO):
         zeros = svi.loss.entries(np.zeros((), np.int32), np.zeros((), default_float()))
         state = state._replace(mutable_state={HISTORY: zeros})

@@ -126,18 +126,18 @@ def test_the_elbo_a_fit_trains_on_equals_numpyros_trace_elbo(num_particles):
 
 
 def test_the_fits_programs_compile_with_flowguides_compiler_options(monkeypatch):
-    """Every program of a fit goes through `_compile.jit`: with an option XLA does not know,
+    """Every program of a fit goes through `_training.jit`: with an option XLA does not know,
     the draws, a new model shape's set-up and a refit cached under the old options fail to
     compile, and `compiler_options` is the CPU's."""
     import jax
     import numpyro
     import numpyro.distributions as dist
 
-    from flowguides.numpyro import _compile, fit_posterior
+    from flowguides.numpyro import _training, fit_posterior
     from flowguides.spec import FlowSpec
 
     assert jax.default_backend() == "cpu"
-    assert _compile.compiler_options() == _compile.CPU_COMPILER_OPTIONS
+    assert _training.compiler_options() == _training.CPU_COMPILER_OPTIONS
 
     def model(y):
         a = numpyro.sample("a", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
@@ -146,7 +146,7 @@ def test_the_fits_programs_compile_with_flowguides_compiler_options(monkeypatch)
     y = jax.numpy.array([0.1, -0.4, 0.7])
     spec = FlowSpec.realnvp(num_layers=1, hidden=(4,))
     fit = fit_posterior(model, spec, y, num_steps=5, progress=False)
-    monkeypatch.setattr(_compile, "CPU_COMPILER_OPTIONS", {"xla_no_such_option_here": 1})
+    monkeypatch.setattr(_training, "CPU_COMPILER_OPTIONS", {"xla_no_such_option_here": 1})
     with pytest.raises(Exception, match="xla_no_such_option_here"):
         fit.sample(17)  # a new number of draws: a new program
     with pytest.raises(Exception, match="xla_no_such_option_here"):

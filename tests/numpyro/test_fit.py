@@ -28,6 +28,7 @@ from flowguides.numpyro import (
     training_solves,
 )
 from flowguides.numpyro import posterior as posterior_module
+from flowguides.numpyro._training import RecordingELBO
 from flowguides.spec import FlowSpec, SpecError
 
 RNG = np.random.default_rng(0)
@@ -270,7 +271,7 @@ def test_a_neural_ode_posterior_fit_records_its_history_without_changing_the_los
                 state, loss = update(state)
         return svi.get_params(state), loss, state.mutable_state
 
-    ours = step(posterior_module._RecordingELBO(3, spec))
+    ours = step(RecordingELBO(3, spec))
     theirs = step(Trace_ELBO(3, vectorize_particles=True))
     np.testing.assert_allclose(ours[1], theirs[1], rtol=1e-12)
     for name, value in theirs[0].items():
