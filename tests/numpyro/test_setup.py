@@ -22,7 +22,9 @@ from numpyro.optim import optax_to_numpyro
 from flowguides.core import AUTO_SCALES
 from flowguides.core.timing import FIT_TIMING_KEYS
 from flowguides.numpyro import AutoFlowGuide, clear_compiled, fit_posterior, laplace
+from flowguides.numpyro import guide as guide_module
 from flowguides.numpyro import posterior as posterior_module
+from flowguides.numpyro._training import cached
 from flowguides.spec import FlowSpec
 
 SPEC = FlowSpec.realnvp(num_layers=2, hidden=[4], dtype="float64")
@@ -189,7 +191,14 @@ def test_initial_optimizer_state_equals_init_and_compiles_nothing():
         np.testing.assert_array_equal(a, b)
 
 
-def test_timing_accounts_for_the_whole_call_and_the_draws():
+def test_timing_accounts_for_the_whole_call_and_the_draws(monkeypatch):
+    requested = []  # the programs the guide asks for, by name
+
+    def spy(key, make):
+        requested.append(key[0] if key else None)
+        return cached(key, make)
+
+    monkeypatch.setattr(guide_module, "cached", spy)
     t0 = time.perf_counter()
     fit = fit_posterior(model, SPEC, X, Y, num_steps=300, init_scale="auto", progress=False)
     wall = time.perf_counter() - t0
@@ -200,8 +209,11 @@ def test_timing_accounts_for_the_whole_call_and_the_draws():
     assert timing["init_s"] + timing["start_s"] == pytest.approx(timing["setup_s"])
     parts = timing["setup_s"] + timing["compile_s"] + timing["train_s"]
     assert parts == pytest.approx(timing["fit_s"]) and timing["fit_s"] <= wall
+    assert "laplace" in requested  # the spy sees the search
+    requested.clear()
     plain = fit_posterior(model, SPEC, X, Y, num_steps=100, init_scale=0.1, progress=False)
-    assert plain.timing["start_s"] < 1e-3  # no search: the start is the given scale
+    assert "laplace" not in requested  # no search: the start is the given scale
+    assert 0 <= plain.timing["start_s"] <= plain.timing["setup_s"]
     # every draw call adds its time; the second call of the same size reuses the program
     t0 = time.perf_counter()
     fit.sample(1000, seed=0)
