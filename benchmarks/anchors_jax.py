@@ -14,12 +14,27 @@ from benchmarks import metrics
 from benchmarks.anchor_base import ARCH, Budget, Fitted, Problem, final_loss
 from benchmarks.anchors_numpyro import optax_schedule, potential
 
-__all__ = ["PATHFINDER_SETTINGS", "bare_realnvp", "flowjax_elbo", "pathfinder"]
+__all__ = [
+    "PATHFINDER_SETTINGS",
+    "PATHFINDER_XLA_FLAGS",
+    "bare_realnvp",
+    "flowjax_elbo",
+    "pathfinder",
+]
+
+PATHFINDER_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=8"
+"""``XLA_FLAGS`` of the Pathfinder rows' worker process. blackjax's Pathfinder vmaps QR and LU
+factorisations over its path; jaxlib's batched LAPACK kernels fan their batch out onto XLA's
+intra-op thread pool from a thread of that same pool and wait, so two of them running at once
+on a one-thread pool wait for each other forever (seen in gdb: both in
+``jax::ParallelBatchMap``; the process sits at 0% CPU). Eigen stays single-threaded."""
 
 PATHFINDER_SETTINGS = {"paths": 4, "draws_per_path": 1000, "elbo_draws": 25, "maxiter": 1000,
-                       "init": "uniform(-2, 2) unconstrained", "resampling": "PSIS"}  # fmt: skip
+                       "init": "uniform(-2, 2) unconstrained", "resampling": "PSIS",
+                       "xla_flags": PATHFINDER_XLA_FLAGS}  # fmt: skip
 """Stan's multi-path Pathfinder defaults: paths, draws per path, ELBO draws per L-BFGS
-iterate, most L-BFGS iterations, initial points, importance resampling."""
+iterate, most L-BFGS iterations, initial points, importance resampling; and the worker's
+``XLA_FLAGS`` (:data:`PATHFINDER_XLA_FLAGS`)."""
 
 
 def flowjax_elbo(problem: Problem, budget: Budget) -> Fitted:
@@ -110,8 +125,7 @@ def pathfinder(problem: Problem, budget: Budget) -> Fitted:
             x, log_q = single.sample(draw_key, state, s["draws_per_path"])
             return state, x, jax.vmap(log_p)(x), log_q
 
-        # the paths one after another: a vmap of blackjax's L-BFGS loops deadlocked XLA's CPU
-        # runtime with intra_op_parallelism_threads=1 (0% CPU, never returned)
+        # the paths one after another (see PATHFINDER_XLA_FLAGS for the thread pool)
         return jax.lax.map(lambda a: one(*a), (keys, x0, draw_keys))
 
     states, x, lp, lq = run(jax.random.split(k_fit, s["paths"]), x0,

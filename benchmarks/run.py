@@ -200,7 +200,7 @@ def _posterior_row(
     if suite == "posteriors" and method in anchors.SETTINGS:
         row["method_settings"] = anchors.SETTINGS[method]
     try:
-        fields, kept = _run("benchmarks.run:posterior_task", suite, pname, method, budget, draws)
+        fields, kept = _run("benchmarks.run:posterior_task", method, suite, pname, budget, draws)
     except Exception as exc:  # noqa: BLE001 - a method's failure is a result, recorded per row
         row["error"] = str(exc)[:300] if isinstance(exc, RowFailed) else _error(exc)
         return row
@@ -210,19 +210,25 @@ def _posterior_row(
 
 
 _PROBLEMS: dict[str, anchors.Problem] = {}
-_WORKER: list[Worker] = []  # the row worker of main(); empty: tasks run in this process
+_WORKERS: dict[tuple, Worker] = {}  # main()'s row workers by environment; none: run here
+_ROW_TIMEOUT: list[float | None] = []  # main()'s row limit; empty: tasks run in this process
 
 
-def _run(task: str, *args: Any) -> Any:
-    """Run a task in the row worker (:mod:`benchmarks.isolate`), or here without one."""
-    if _WORKER:
-        return _WORKER[0](task, *args)
+def _run(task: str, method: str, *args: Any) -> Any:
+    """Run a task for `method` in the row worker of the method's environment
+    (:data:`benchmarks.anchors.WORKER_ENV`, :mod:`benchmarks.isolate`), or here without one."""
+    if _ROW_TIMEOUT:
+        env = anchors.WORKER_ENV.get(method, {})
+        key = tuple(sorted(env.items()))
+        if key not in _WORKERS:
+            _WORKERS[key] = Worker(_ROW_TIMEOUT[0], env)
+        return _WORKERS[key](task, method, *args)
     module, _, name = task.partition(":")
-    return getattr(importlib.import_module(module), name)(*args)
+    return getattr(importlib.import_module(module), name)(method, *args)
 
 
 def posterior_task(
-    suite: str, pname: str, method: str, budget: anchors.Budget, draws: int
+    method: str, suite: str, pname: str, budget: anchors.Budget, draws: int
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Fit and score one row (the row worker's task): the row's measured fields and the first
     2,000 draws per site, for the report's plots."""
@@ -243,7 +249,7 @@ def posterior_task(
     return out, {k: np.asarray(v)[:2000] for k, v in d.items()}
 
 
-def timing_task(suite: str, pname: str, method: str, budget: anchors.Budget) -> dict[str, Any]:
+def timing_task(method: str, suite: str, pname: str, budget: anchors.Budget) -> dict[str, Any]:
     """One more timing round of a row (the row worker's task): the fit's ``timing``."""
     if pname not in _PROBLEMS:
         _PROBLEMS[pname] = problem(pname)
@@ -385,7 +391,7 @@ def _timing_rounds(
     for _ in range(rounds - 1):
         for row in again:
             try:
-                timing = _run("benchmarks.run:timing_task", row["suite"], pname, row["method"],
+                timing = _run("benchmarks.run:timing_task", row["method"], row["suite"], pname,
                               budget)  # fmt: skip
             except Exception:  # noqa: BLE001 - the first round's row stands
                 continue
@@ -462,7 +468,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     results.mkdir(parents=True, exist_ok=True)
     docs.mkdir(parents=True, exist_ok=True)
-    _WORKER[:] = [Worker(args.row_timeout or None)]
+    _ROW_TIMEOUT[:] = [args.row_timeout or None]
     for suite in args.suite or plan:
         t0 = time.perf_counter()
         cfg = {**plan[suite], **overrides}
@@ -470,7 +476,9 @@ def main(argv: list[str] | None = None) -> None:
         earlier = json.loads(path.read_text())["rows"] if path.exists() else []
         save = partial(_save, path, earlier, dict(quick=args.quick, t0=t0, config=cfg))
         save(run_suite(suite, cfg, args.only, save), done=True)
-    _WORKER.pop().close()
+    for worker in _WORKERS.values():
+        worker.close()
+    _WORKERS.clear()
     report.write_docs(results, docs)
     print(
         f"done in {time.perf_counter() - start:.0f} s; wrote {docs / 'benchmarks.md'}", flush=True
