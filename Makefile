@@ -7,7 +7,7 @@ export OMP_NUM_THREADS := 1
 export XLA_FLAGS := --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1
 export MPLBACKEND := Agg
 
-.PHONY: install demo test lint docs bench bench-full bench-high-dim bench-large bench-report clean
+.PHONY: install demo test lint docs bench bench-full bench-slow bench-high-dim bench-large bench-report clean
 
 $(BIN)/flowguides: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,9 +35,15 @@ bench: install
 	$(BIN)/python -m pip install -q -e ".[bench]"
 	$(BIN)/python -m benchmarks.run --quick
 
+# The full plan on two lanes (two rows at once, one thread each; the speed suite alone first).
 bench-full: install
 	$(BIN)/python -m pip install -q -e ".[bench]"
-	$(BIN)/python -m benchmarks.run
+	$(BIN)/python -m benchmarks.run --lanes 2
+
+# The rows that take minutes each (Pyro's infer, RNODE, zuko's CNF).
+bench-slow: install
+	$(BIN)/python -m pip install -q -e ".[bench]"
+	$(BIN)/python -m benchmarks.run --plan slow --lanes 2
 
 clean:
 	rm -rf $(VENV) site demo-output

@@ -33,13 +33,7 @@ from benchmarks.anchor_base import (
     lr_searched,
 )
 from benchmarks.anchors_infer import flowguides_infer
-from benchmarks.anchors_jax import (
-    PATHFINDER_SETTINGS,
-    PATHFINDER_XLA_FLAGS,
-    bare_realnvp,
-    flowjax_elbo,
-    pathfinder,
-)
+from benchmarks.anchors_jax import PATHFINDER_SETTINGS, bare_realnvp, flowjax_elbo, pathfinder
 from benchmarks.anchors_numpyro import (
     NUTS_SETTINGS,
     numpyro_fit_posterior,
@@ -51,7 +45,6 @@ from benchmarks.anchors_pyro import pyro_fit_posterior, pyro_svi
 __all__ = [
     "ARCH",
     "LR_GRID",
-    "WORKER_ENV",
     "METHODS",
     "SETTINGS",
     "SPEED_METHODS",
@@ -111,12 +104,6 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "numpyro NUTS": dict(NUTS_SETTINGS),
 }
 """Settings of a :data:`METHODS` entry beyond the budget (``method_settings`` in its row)."""
-
-WORKER_ENV: dict[str, dict[str, str]] = {
-    "blackjax multi-path Pathfinder": {"XLA_FLAGS": PATHFINDER_XLA_FLAGS},
-}
-"""Environment of the worker process a :data:`METHODS` entry runs in, where it differs from the
-suite's (one thread everywhere)."""
 
 SPEED_METHODS: dict[str, Method] = {
     **{f"flowguides-pyro {n} (SVI loop)": pyro_svi(f"flowguides:{f}") for n, f in _FAMILIES},

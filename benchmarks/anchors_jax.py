@@ -14,27 +14,12 @@ from benchmarks import metrics
 from benchmarks.anchor_base import ARCH, Budget, Fitted, Problem, final_loss
 from benchmarks.anchors_numpyro import optax_schedule, potential
 
-__all__ = [
-    "PATHFINDER_SETTINGS",
-    "PATHFINDER_XLA_FLAGS",
-    "bare_realnvp",
-    "flowjax_elbo",
-    "pathfinder",
-]
-
-PATHFINDER_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=8"
-"""``XLA_FLAGS`` of the Pathfinder rows' worker process. blackjax's Pathfinder vmaps QR and LU
-factorisations over its path; jaxlib's batched LAPACK kernels fan their batch out onto XLA's
-intra-op thread pool from a thread of that same pool and wait, so two of them running at once
-on a one-thread pool wait for each other forever (seen in gdb: both in
-``jax::ParallelBatchMap``; the process sits at 0% CPU). Eigen stays single-threaded."""
+__all__ = ["PATHFINDER_SETTINGS", "bare_realnvp", "flowjax_elbo", "pathfinder"]
 
 PATHFINDER_SETTINGS = {"paths": 4, "draws_per_path": 1000, "elbo_draws": 25, "maxiter": 1000,
-                       "init": "uniform(-2, 2) unconstrained", "resampling": "PSIS",
-                       "xla_flags": PATHFINDER_XLA_FLAGS}  # fmt: skip
+                       "init": "uniform(-2, 2) unconstrained", "resampling": "PSIS"}  # fmt: skip
 """Stan's multi-path Pathfinder defaults: paths, draws per path, ELBO draws per L-BFGS
-iterate, most L-BFGS iterations, initial points, importance resampling; and the worker's
-``XLA_FLAGS`` (:data:`PATHFINDER_XLA_FLAGS`)."""
+iterate, most L-BFGS iterations, initial points, importance resampling."""
 
 
 def flowjax_elbo(problem: Problem, budget: Budget) -> Fitted:
@@ -125,7 +110,13 @@ def pathfinder(problem: Problem, budget: Budget) -> Fitted:
             x, log_q = single.sample(draw_key, state, s["draws_per_path"])
             return state, x, jax.vmap(log_p)(x), log_q
 
-        # the paths one after another (see PATHFINDER_XLA_FLAGS for the thread pool)
+        # the paths one after another. A row can still hang (0% CPU, never returns): blackjax
+        # vmaps QR and LU factorisations over the path, and jaxlib 0.10's batched LAPACK
+        # kernels hand their batch to XLA's intra-op thread pool from a thread of that pool,
+        # then wait for it; the work sits in the waiting thread's own queue (gdb: threads in
+        # jax::ParallelBatchMap, the pool's other workers asleep). A 10-D funnel alone, no
+        # benchmark code, hangs the same way on jax 0.10.2 and finishes on jax 0.12 (Python
+        # 3.12). The row limit (run.ROW_LIMIT_S) records such a row as RowTimeout.
         return jax.lax.map(lambda a: one(*a), (keys, x0, draw_keys))
 
     states, x, lp, lq = run(jax.random.split(k_fit, s["paths"]), x0,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib
 import multiprocessing as mp
-import os
 import traceback
 from typing import Any
 
@@ -30,12 +29,9 @@ class RowFailed(RuntimeError):
     """A task raised in the worker; the message is the worker's exception, type first."""
 
 
-def _serve(conn: Any, env: dict[str, str]) -> None:
-    """The worker's loop: one ``(task, args)`` at a time until ``None``. `env` goes into the
-    environment before anything is imported (``XLA_FLAGS`` is read when JAX's backend starts);
-    the heavy imports come next, before the worker says it is ready, so no row's time limit
-    pays for them."""
-    os.environ.update(env)
+def _serve(conn: Any) -> None:
+    """The worker's loop: one ``(task, args)`` at a time until ``None``. The heavy imports come
+    first, before the worker says it is ready, so no row's time limit pays for them."""
     try:
         import torch
     except ImportError:
@@ -76,13 +72,10 @@ class Worker:
 
     Args:
         timeout_s: the most seconds one task may take; ``None``: no limit.
-        env: environment variables the worker process sets before its imports, over the
-            parent's (for example ``XLA_FLAGS``).
     """
 
-    def __init__(self, timeout_s: float | None, env: dict[str, str] | None = None) -> None:
+    def __init__(self, timeout_s: float | None) -> None:
         self.timeout_s = timeout_s
-        self.env = dict(env or {})
         self._ctx = mp.get_context("spawn")
         self._proc: Any = None
         self._conn: Any = None
@@ -111,7 +104,7 @@ class Worker:
 
     def _start(self) -> None:
         parent, child = self._ctx.Pipe()
-        self._proc = self._ctx.Process(target=_serve, args=(child, self.env), daemon=True)
+        self._proc = self._ctx.Process(target=_serve, args=(child,), daemon=True)
         self._proc.start()
         child.close()
         self._conn = parent

@@ -92,8 +92,11 @@ def write_docs(results: Path, docs: Path) -> None:
     suites = {p.stem: json.loads(p.read_text()) for p in sorted(results.glob("*.json"))}
     parts = ["# Benchmarks\n",
              "Written by `python -m benchmarks.run` (`make bench` runs `--quick`, `make bench-full` "
-             "everything); the raw numbers are in `benchmarks/results/<suite>.json`. Every row has "
-             "numbers or the error its method raised. All methods run on one CPU thread "
+             "the full plan with two rows at once (`--lanes 2`, the speed suite alone), "
+             "`make bench-slow` the rows that take minutes each); the raw numbers are in "
+             "`benchmarks/results/<suite>.json`, each file's meta says how many lanes its last "
+             "run used. Every row has "
+             "numbers or the error its method raised. Each row runs on one CPU thread "
              "(`OMP_NUM_THREADS=1`, `XLA_FLAGS=--xla_cpu_multi_thread_eigen=false "
              "intra_op_parallelism_threads=1`, `torch.set_num_threads(1)`) in float64, at an equal "
              "step budget, particles and learning-rate schedule. In the posteriors suite every "

@@ -35,9 +35,11 @@ import argparse  # noqa: E402
 import fnmatch  # noqa: E402
 import importlib  # noqa: E402
 import json  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 from collections.abc import Callable  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from functools import partial  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -56,7 +58,7 @@ from benchmarks.rows import (  # noqa: E402
     utc_now,
 )
 
-__all__ = ["FULL", "QUICK", "main", "problem"]
+__all__ = ["FULL", "PLANS", "QUICK", "ROW_LIMIT_S", "SLOW", "main", "problem"]
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -120,14 +122,12 @@ _DENS_ODE = (
     "flowguides-pyro neural ODE (FM)", "flowguides-pyro neural ODE (FM OT)",
 )  # fmt: skip
 _TWO_D = ("two_moons", "8gaussians", "checkerboard", "spiral")
-# zuko's CNF (an exact-trace torchdiffeq solve per step) is by far the slowest row (wall_s)
-_ZUKO_CNF_SETS = ("two_moons", "8gaussians")
+_SLOW_ODE = ("flowguides-numpyro neural ODE (RNODE)",)
 _POST_FULL = (
     "flowguides-pyro RealNVP", "flowguides-numpyro RealNVP", "flowguides-numpyro RealNVP (STL)",
     "flowguides-numpyro RealNVP (IWELBO K=8, DReG)", "numpyro AutoIAFNormal",
     "numpyro AutoMultivariateNormal", "numpyro AutoLaplaceApproximation",
     "blackjax multi-path Pathfinder", "numpyro NUTS", "flowguides-numpyro infer (RealNVP)",
-    "flowguides-pyro infer (RealNVP)",
 )  # fmt: skip
 
 FULL: dict[str, Any] = {
@@ -137,31 +137,52 @@ FULL: dict[str, Any] = {
     },
     "posteriors": {
         "steps": 2000, "particles": 8, "draws": 10_000, "seeds": (0, 1, 2),
-        "once": ("numpyro NUTS", *_POST_FULL[2:4], *_POST_FULL[-2:]),
+        "once": ("numpyro NUTS", *_POST_FULL[2:4], _POST_FULL[-1]),
         "plan": {p: _POST_FULL for p in ("funnel", "banana", *_PDB_ALL)},
     },
     "densities": {
         "steps": 2000,
         "plan": {
-            d: _DENS_FULL
-            + (_DENS_ODE if d in _TWO_D else ())
-            + (("zuko CNF",) if d in _ZUKO_CNF_SETS else ())
+            d: _DENS_FULL + (tuple(m for m in _DENS_ODE if m not in _SLOW_ODE) if d in _TWO_D else ())
             for d in densities.DATASETS
         },
     },
 }  # fmt: skip
-"""``make bench-full``, sized to finish within two hours on one thread: the speed suite at
-2,000 steps (the Pyro neural ODE, about 2 steps/s with torchdiffeq, stays out as in the quick
-plan); the posteriors suite on the funnel, the banana and the nine posteriordb posteriors with
-flowguides' RealNVP in both backends (and NumPyro's STL and IW-ELBO objectives), the anchors a
-user would try (NumPyro's IAF, full-rank Gaussian and Laplace, multi-path Pathfinder) and NUTS,
-three seeds each (NUTS, whose rows report their own Monte Carlo error, and the STL and IW-ELBO
-rows the first seed only);
-every density set at 2,000 steps with every discrete flow, and on the four 2-D sets the neural
-ODEs (NumPyro's by maximum likelihood, RNODE and flow matching with independent and OT
-coupling, Pyro's by flow matching; zuko's CNF, the slowest row of the suite, on two moons and
-8 Gaussians only; the Pyro neural ODE by maximum likelihood, a
-torchdiffeq solve per step, runs in ``benchmarks/ode_bench.py``)."""
+"""``make bench-full`` (``--lanes 2``), sized to finish within two hours on this two-core
+machine (``--estimate`` prints the expected time from the latest rows): the speed suite at
+2,000 steps, alone (the Pyro neural ODE, about 2 steps/s with torchdiffeq, stays out as in the
+quick plan); the posteriors suite on the funnel, the banana and the nine posteriordb posteriors
+with flowguides' RealNVP in both backends (and NumPyro's STL and IW-ELBO objectives and
+`infer`), the anchors a user would try (NumPyro's IAF, full-rank Gaussian and Laplace,
+multi-path Pathfinder) and NUTS, three seeds each (NUTS, whose rows report their own Monte Carlo
+error, and the STL, IW-ELBO and `infer` rows the first seed only); every density set at 2,000
+steps with every discrete flow, and on the four 2-D sets the neural ODEs (NumPyro's by maximum
+likelihood and flow matching with independent and OT coupling, Pyro's by flow matching). The
+rows that take minutes each are in :data:`SLOW`."""
+
+SLOW: dict[str, Any] = {
+    "posteriors": {
+        **{k: FULL["posteriors"][k] for k in ("steps", "particles", "draws")},
+        "seeds": (0,),
+        "plan": {p: ("flowguides-pyro infer (RealNVP)",) for p in ("funnel", "banana", *_PDB_ALL)},
+    },
+    "densities": {
+        "steps": 2000,
+        "plan": {d: _SLOW_ODE + (("zuko CNF",) if d in _TWO_D[:2] else ()) for d in _TWO_D},
+    },
+}  # fmt: skip
+"""``make bench-slow``: the rows that take minutes each. Pyro's `infer` (NeuTra NUTS through
+Pyro's NUTS where its route leads there), NumPyro's RNODE (a neural ODE with kinetic and Jacobian
+penalties) and zuko's CNF (an exact-trace torchdiffeq solve per step, on two moons and 8
+Gaussians); the Pyro neural ODE by maximum likelihood runs in ``benchmarks/ode_bench.py``."""
+
+PLANS = {"quick": QUICK, "full": FULL, "slow": SLOW}
+"""The plans by name (``--plan``)."""
+
+ROW_LIMIT_S = {"blackjax multi-path Pathfinder": 180.0}
+"""Seconds a row of a method may run, where shorter than ``--row-timeout``: blackjax's
+Pathfinder can hang inside one XLA call (see :func:`benchmarks.anchors_jax.pathfinder`); a row
+that finishes takes well under this."""
 
 
 def problem(name: str) -> anchors.Problem:
@@ -210,19 +231,22 @@ def _posterior_row(
 
 
 _PROBLEMS: dict[str, anchors.Problem] = {}
-_WORKERS: dict[tuple, Worker] = {}  # main()'s row workers by environment; none: run here
+_DATA: dict[str, densities.DensityData] = {}
+_WORKERS: dict[int, Worker] = {}  # main()'s row workers by lane (thread); none: run here
 _ROW_TIMEOUT: list[float | None] = []  # main()'s row limit; empty: tasks run in this process
 
 
 def _run(task: str, method: str, *args: Any) -> Any:
-    """Run a task for `method` in the row worker of the method's environment
-    (:data:`benchmarks.anchors.WORKER_ENV`, :mod:`benchmarks.isolate`), or here without one."""
+    """Run a task for `method` in this lane's row worker (:mod:`benchmarks.isolate`), or here
+    without one."""
     if _ROW_TIMEOUT:
-        env = anchors.WORKER_ENV.get(method, {})
-        key = tuple(sorted(env.items()))
-        if key not in _WORKERS:
-            _WORKERS[key] = Worker(_ROW_TIMEOUT[0], env)
-        return _WORKERS[key](task, method, *args)
+        lane = threading.get_ident()
+        if lane not in _WORKERS:
+            _WORKERS[lane] = Worker(_ROW_TIMEOUT[0])
+        worker = _WORKERS[lane]
+        limits = [t for t in (_ROW_TIMEOUT[0], ROW_LIMIT_S.get(method)) if t]
+        worker.timeout_s = min(limits) if limits else None
+        return worker(task, method, *args)
     module, _, name = task.partition(":")
     return getattr(importlib.import_module(module), name)(method, *args)
 
@@ -275,15 +299,22 @@ def _fresh() -> None:
     flowguides.numpyro.clear_compiled()
 
 
-def _density_row(name: str, data: densities.DensityData, method: str, cfg: dict, seed: int) -> dict:
+def density_task(method: str, name: str, steps: int, seed: int) -> dict[str, Any]:
+    """Fit and score one density row (the row worker's task): its measured fields."""
+    if name not in _DATA:
+        _DATA[name] = densities.load(name)
+    data = _DATA[name]
+    budget = densities.DensityBudget(num_steps=steps, seed=seed)
+    return {"dim": int(data.train.shape[1]), **densities.evaluate(method, data, budget)}
+
+
+def _density_row(name: str, method: str, cfg: dict, seed: int) -> dict:
     row: dict[str, Any] = {"suite": "densities", "problem": name, "method": method,
-                           "num_steps": cfg["steps"], "dim": int(data.train.shape[1]),
-                           "seed": seed}  # fmt: skip
+                           "num_steps": cfg["steps"], "seed": seed}  # fmt: skip
     try:
-        budget = densities.DensityBudget(num_steps=cfg["steps"], seed=seed)
-        row.update(densities.evaluate(method, data, budget))
+        row.update(_run("benchmarks.run:density_task", method, name, cfg["steps"], seed))
     except Exception as exc:  # noqa: BLE001
-        row["error"] = _error(exc)
+        row["error"] = str(exc)[:300] if isinstance(exc, RowFailed) else _error(exc)
     return row
 
 
@@ -316,6 +347,7 @@ def _save(path: Path, earlier: list[dict], how: dict, rows: list[dict], done: bo
     )
     merged = merge_rows(earlier, rows)
     meta["rows_from_earlier_runs"] = len(merged) - len(rows)
+    meta["lanes"] = how.get("lanes", 1)  # rows run at once, one thread each
     if not done:
         meta["partial"] = True
     path.write_text(
@@ -339,45 +371,114 @@ def run_suite(
     ``cfg["once"]`` the first seed only); returns its rows (and keeps the first seed's draws for
     the plots). ``save`` is called with the rows so far after each problem, so a run stopped
     part-way keeps what it measured."""
-    run = {"versions": library_versions(), "commit": git_commit(), "run": utc_now()}
-    seeds = tuple(cfg.get("seeds", (0,)))
+    run = _run_stamp()
     out: list[dict] = []
-    for pname, methods in cfg["plan"].items():
-        methods = [m for m in methods if _selected(only, suite, pname, m)]
-        if not methods:
-            continue
-        if suite == "densities":
-            data = densities.load(pname)
-            for seed in seeds:
-                for m in methods:
-                    out.append(_stamp(_density_row(pname, data, m, cfg, seed), cfg, run))
-                    _log(out[-1])
-            save(out)
-            continue
-        try:
-            problem(pname)
-        except Exception as exc:  # noqa: BLE001
-            out += [
-                _stamp({"suite": suite, "problem": pname, "method": m, "num_steps": cfg["steps"],
-                        "num_particles": cfg["particles"], "seed": seed, "error": _error(exc)},
-                       cfg, run)
-                for seed in seeds for m in methods
-            ]  # fmt: skip
-            continue
-        for seed in seeds:
-            budget = anchors.Budget(num_steps=cfg["steps"], num_particles=cfg["particles"],
-                                    seed=seed)  # fmt: skip
-            mine = []
-            for m in methods:
-                if m in cfg.get("once", ()) and seed != seeds[0]:
-                    continue
-                row = _posterior_row(suite, pname, m, budget, cfg["draws"], report.KEPT)
-                mine.append(_stamp(row, cfg, run))
-                _log(mine[-1])
-            _timing_rounds(pname, budget, mine, cfg.get("rounds", 1), cfg.get("rounded", ()))
-            out += mine
+    for pname, methods in units(suite, cfg, only):
+        out += run_unit(suite, cfg, pname, methods, run)
         save(out)
     return out
+
+
+def _run_stamp() -> dict:
+    return {"versions": library_versions(), "commit": git_commit(), "run": utc_now()}
+
+
+def units(suite: str, cfg: dict, only: str | None) -> list[tuple[str, list[str]]]:
+    """The suite's ``(problem, methods)`` units that ``only`` selects, in plan order."""
+    out = []
+    for pname, methods in cfg["plan"].items():
+        methods = [m for m in methods if _selected(only, suite, pname, m)]
+        if methods:
+            out.append((pname, methods))
+    return out
+
+
+def run_unit(suite: str, cfg: dict, pname: str, methods: list[str], run: dict) -> list[dict]:
+    """One problem's rows of a suite: every method, once per seed (see :func:`run_suite`)."""
+    seeds = tuple(cfg.get("seeds", (0,)))
+    out: list[dict] = []
+    if suite == "densities":
+        for seed in seeds:
+            for m in methods:
+                out.append(_stamp(_density_row(pname, m, cfg, seed), cfg, run))
+                _log(out[-1])
+        return out
+    try:
+        problem(pname)
+    except Exception as exc:  # noqa: BLE001
+        return [
+            _stamp({"suite": suite, "problem": pname, "method": m, "num_steps": cfg["steps"],
+                    "num_particles": cfg["particles"], "seed": seed, "error": _error(exc)},
+                   cfg, run)
+            for seed in seeds for m in methods
+        ]  # fmt: skip
+    for seed in seeds:
+        budget = anchors.Budget(num_steps=cfg["steps"], num_particles=cfg["particles"],
+                                seed=seed)  # fmt: skip
+        mine = []
+        for m in methods:
+            if m in cfg.get("once", ()) and seed != seeds[0]:
+                continue
+            row = _posterior_row(suite, pname, m, budget, cfg["draws"], report.KEPT)
+            mine.append(_stamp(row, cfg, run))
+            _log(mine[-1])
+        _timing_rounds(pname, budget, mine, cfg.get("rounds", 1), cfg.get("rounded", ()))
+        out += mine
+    return out
+
+
+def expected_seconds(
+    suite: str, cfg: dict, pname: str, methods: list[str], rows: list[dict]
+) -> float:
+    """A unit's expected wall time: the sum of its rows' ``wall_s`` in the latest earlier rows
+    with the same problem, method, steps and seed, times the timing rounds of a rounded method
+    (a row that timed out or never ran counts as ``FALLBACK_ROW_S``, one whose method raised
+    as nothing)."""
+    seeds = tuple(cfg.get("seeds", (0,)))
+    total = 0.0
+    for seed in seeds:
+        for m in methods:
+            if m in cfg.get("once", ()) and seed != seeds[0]:
+                continue
+            same = [r for r in rows if (r.get("problem"), r.get("method"), r.get("num_steps"),
+                                        r.get("seed")) == (pname, m, cfg["steps"], seed)]  # fmt: skip
+            last = max(same, key=lambda r: r.get("timestamp") or "") if same else {}
+            wall = last.get("wall_s")
+            if not (isinstance(wall, float | int) and wall > 0):
+                failed = "error" in last and "RowTimeout" not in last["error"]
+                wall = 0.0 if failed else FALLBACK_ROW_S  # a method that fails at once
+            total += wall * (cfg.get("rounds", 1) if m in cfg.get("rounded", ()) else 1)
+    return total
+
+
+FALLBACK_ROW_S = 120.0
+"""Seconds :func:`expected_seconds` counts for a row with no earlier measurement."""
+
+
+def run_lanes(
+    work: list[tuple[str, dict, str, list[str]]],
+    lanes: int,
+    save: Callable[[str, list[dict]], None],
+    expected: dict,
+) -> dict[str, list[dict]]:
+    """Run ``(suite, cfg, problem, methods)`` units on `lanes` threads, each driving its own row
+    workers (one process, one thread of compute per lane), longest expected unit first; `save`
+    gets a suite's rows so far after each of its units."""
+    run, lock = _run_stamp(), threading.Lock()
+    rows: dict[str, list[dict]] = {suite: [] for suite, *_ in work}
+    order = sorted(work, key=lambda u: -expected[u[0], u[2]])
+
+    def one(unit: tuple) -> None:
+        suite, cfg, pname, methods = unit
+        new = run_unit(suite, cfg, pname, methods, run)
+        with lock:
+            rows[suite] += new
+            save(suite, rows[suite])
+
+    with ThreadPoolExecutor(lanes) as pool:
+        for done in [pool.submit(one, u) for u in order]:
+            done.result()
+    return rows
 
 
 def _timing_rounds(
@@ -401,6 +502,22 @@ def _timing_rounds(
             row["timing_rounds"] = row.get("timing_rounds", 1) + 1
             print(f"[{row['suite']}] {row['problem']} | {row['method']}: round "
                   f"{row['timing_rounds']} steps_per_s={row['steps_per_s']:.3g}", flush=True)  # fmt: skip
+
+
+def _print_estimate(work: list[tuple], expected: dict, lanes: int) -> None:
+    """Each suite's expected seconds and the run's on `lanes` lanes (longest unit first, each
+    to the lane that frees first; the speed suite alone first where lanes > 1)."""
+    by_suite: dict[str, float] = {}
+    for suite, _, pname, _ in work:
+        by_suite[suite] = by_suite.get(suite, 0.0) + expected[suite, pname]
+    for suite, seconds in by_suite.items():
+        print(f"{suite}: {seconds:,.0f} s expected on one lane")
+    alone = sum(v for k, v in by_suite.items() if lanes <= 1 or k == "speed")
+    free = [0.0] * max(lanes, 1)
+    rest = [expected[s, p] for s, _, p, _ in work if lanes > 1 and s != "speed"]
+    for seconds in sorted(rest, reverse=True):
+        free[free.index(min(free))] += seconds
+    print(f"expected wall time on {max(lanes, 1)} lane(s): {(alone + max(free)) / 60:,.0f} min")
 
 
 def _log(row: dict) -> None:
@@ -433,6 +550,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--quick", action="store_true", help="the `make bench` subset")
     parser.add_argument(
+        "--plan", choices=tuple(PLANS), help="the plan (default full; --quick: quick)"
+    )
+    parser.add_argument(
         "--only",
         help="'|'-separated globs (or substrings) over 'suite:problem:method'",
     )
@@ -450,6 +570,15 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     parser.add_argument("--docs", type=Path, help="folder of benchmarks.md and its plots")
     parser.add_argument(
+        "--lanes", type=int, default=1,
+        help="rows run at once, each in its own one-thread worker (the speed suite runs alone "
+        "first); default 1",
+    )  # fmt: skip
+    parser.add_argument(
+        "--estimate", action="store_true",
+        help="print the plan's expected time from the earlier rows' wall_s and exit",
+    )  # fmt: skip
+    parser.add_argument(
         "--row-timeout", type=float, default=1800.0,
         help="seconds a posteriors or speed row may run before its worker process is killed "
         "and the row records the timeout (default 1800; 0: no limit)",
@@ -459,23 +588,40 @@ def main(argv: list[str] | None = None) -> None:
                                    ("draws", args.draws), ("seeds", args.seeds)) if v is not None}  # fmt: skip
     results = args.results.resolve()
     docs = args.docs or (ROOT / "docs" if results == RESULTS else results / "docs")
+    plan = PLANS[args.plan or ("quick" if args.quick else "full")]
+    suites = [suite for suite in args.suite or list(plan) if suite in plan]
+    cfgs = {suite: {**plan[suite], **overrides} for suite in suites}
+    paths = {suite: results / f"{suite}.json" for suite in suites}
+    earlier = {s: json.loads(p.read_text())["rows"] if p.exists() else [] for s, p in paths.items()}
+    work = [(s, cfgs[s], p, m) for s in suites for p, m in units(s, cfgs[s], args.only)]
+    expected = {(s, p): expected_seconds(s, c, p, m, earlier[s]) for s, c, p, m in work}
+    if args.estimate:
+        _print_estimate(work, expected, args.lanes)
+        return
     import torch
 
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    plan = QUICK if args.quick else FULL
     start = time.perf_counter()
     results.mkdir(parents=True, exist_ok=True)
     docs.mkdir(parents=True, exist_ok=True)
     _ROW_TIMEOUT[:] = [args.row_timeout or None]
-    for suite in args.suite or plan:
-        t0 = time.perf_counter()
-        cfg = {**plan[suite], **overrides}
-        path = results / f"{suite}.json"
-        earlier = json.loads(path.read_text())["rows"] if path.exists() else []
-        save = partial(_save, path, earlier, dict(quick=args.quick, t0=t0, config=cfg))
-        save(run_suite(suite, cfg, args.only, save), done=True)
+    t0s = {suite: time.perf_counter() for suite in suites}
+
+    def save(suite: str, rows: list[dict], done: bool = False) -> None:
+        how = dict(quick=args.quick, t0=t0s[suite], config=cfgs[suite], lanes=args.lanes)
+        _save(paths[suite], earlier[suite], how, rows, done)
+
+    alone = suites if args.lanes <= 1 else [s for s in suites if s == "speed"]
+    for suite in alone:
+        t0s[suite] = time.perf_counter()
+        save(suite, run_suite(suite, cfgs[suite], args.only, partial(save, suite)), done=True)
+    rest = [u for u in work if u[0] not in alone]
+    if rest:
+        t0s.update({suite: time.perf_counter() for suite, *_ in rest})
+        for suite, rows in run_lanes(rest, args.lanes, save, expected).items():
+            save(suite, rows, done=True)
     for worker in _WORKERS.values():
         worker.close()
     _WORKERS.clear()

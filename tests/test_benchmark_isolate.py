@@ -20,14 +20,3 @@ def test_worker_times_out_reports_errors_and_recovers():
         assert worker("math:hypot", 3.0, 4.0) == 5.0  # an error does not end the process
     finally:
         worker.close()
-
-
-def test_worker_sets_its_environment_before_its_imports(monkeypatch):
-    monkeypatch.setenv("FLOWGUIDES_TEST_FLAG", "parent")
-    plain, flagged = Worker(timeout_s=60.0), Worker(60.0, env={"FLOWGUIDES_TEST_FLAG": "child"})
-    try:
-        assert plain("os:getenv", "FLOWGUIDES_TEST_FLAG") == "parent"
-        assert flagged("os:getenv", "FLOWGUIDES_TEST_FLAG") == "child"
-    finally:
-        plain.close()
-        flagged.close()
