@@ -6,6 +6,8 @@ density (:func:`benchmarks.anchors_numpyro.potential`).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -17,9 +19,57 @@ from benchmarks.anchors_numpyro import optax_schedule, potential
 __all__ = ["PATHFINDER_SETTINGS", "bare_realnvp", "flowjax_elbo", "pathfinder"]
 
 PATHFINDER_SETTINGS = {"paths": 4, "draws_per_path": 1000, "elbo_draws": 25, "maxiter": 1000,
-                       "init": "uniform(-2, 2) unconstrained", "resampling": "PSIS"}  # fmt: skip
+                       "init": "uniform(-2, 2) unconstrained", "resampling": "PSIS",
+                       "factorisations": "one iterate at a time"}  # fmt: skip
 """Stan's multi-path Pathfinder defaults: paths, draws per path, ELBO draws per L-BFGS
-iterate, most L-BFGS iterations, initial points, importance resampling."""
+iterate, most L-BFGS iterations, initial points, importance resampling; and how the
+factorisations over a path's iterates run (:func:`_one_at_a_time`)."""
+
+
+def _one_at_a_time(f: Callable) -> Callable:
+    """`f` with its batching rule replaced by a ``lax.map`` over the batch: under ``jax.vmap``
+    it runs one unbatched call per element (the same values, one element's LAPACK call at a
+    time).
+
+    blackjax's Pathfinder vmaps its QR, inverse and Cholesky factorisations over the iterates
+    of a path. jaxlib 0.10's batched LAPACK kernels hand the batch to XLA's intra-op thread
+    pool from a thread of that same pool and wait for it; the work can sit in the waiting
+    thread's own queue forever (gdb: threads in ``jax::ParallelBatchMap``, the pool's other
+    workers asleep, the process at 0% CPU). A 10-D funnel alone hangs that way on jax 0.10.2
+    and not on jax 0.12, where this wrapper changes no value."""
+    import jax
+
+    g = jax.custom_batching.custom_vmap(f)
+
+    @g.def_vmap
+    def rule(axis_size: int, in_batched: list, *args: Any) -> tuple:
+        def one(batched: list) -> Any:
+            rest = iter(batched)
+            return f(*[next(rest) if b else a for a, b in zip(args, in_batched, strict=True)])
+
+        out = jax.lax.map(one, [a for a, b in zip(args, in_batched, strict=True) if b])
+        return out, jax.tree.map(lambda _: True, out)
+
+    return g
+
+
+@contextmanager
+def _pathfinder_factorisations_one_at_a_time() -> Iterator[None]:
+    """blackjax's Pathfinder with its factorisations wrapped by :func:`_one_at_a_time`, while
+    the context is open (its programs are traced inside)."""
+    from blackjax.vi import pathfinder as single
+
+    factors, sample = single.lbfgs_inverse_hessian_factors, single.bfgs_sample
+
+    def one_sample(key: Any, num_samples: int, *state: Any) -> Any:
+        return _one_at_a_time(lambda k, *s: sample(k, num_samples, *s))(key, *state)
+
+    single.lbfgs_inverse_hessian_factors = _one_at_a_time(factors)
+    single.bfgs_sample = one_sample
+    try:
+        yield
+    finally:
+        single.lbfgs_inverse_hessian_factors, single.bfgs_sample = factors, sample
 
 
 def flowjax_elbo(problem: Problem, budget: Budget) -> Fitted:
@@ -110,17 +160,12 @@ def pathfinder(problem: Problem, budget: Budget) -> Fitted:
             x, log_q = single.sample(draw_key, state, s["draws_per_path"])
             return state, x, jax.vmap(log_p)(x), log_q
 
-        # the paths one after another. A row can still hang (0% CPU, never returns): blackjax
-        # vmaps QR and LU factorisations over the path, and jaxlib 0.10's batched LAPACK
-        # kernels hand their batch to XLA's intra-op thread pool from a thread of that pool,
-        # then wait for it; the work sits in the waiting thread's own queue (gdb: threads in
-        # jax::ParallelBatchMap, the pool's other workers asleep). A 10-D funnel alone, no
-        # benchmark code, hangs the same way on jax 0.10.2 and finishes on jax 0.12 (Python
-        # 3.12). The row limit (run.ROW_LIMIT_S) records such a row as RowTimeout.
+        # the paths one after another (a vmap of the L-BFGS loops also hung XLA's runtime)
         return jax.lax.map(lambda a: one(*a), (keys, x0, draw_keys))
 
-    states, x, lp, lq = run(jax.random.split(k_fit, s["paths"]), x0,
-                            jax.random.split(k_draw, s["paths"]))  # fmt: skip
+    with _pathfinder_factorisations_one_at_a_time():
+        states, x, lp, lq = run(jax.random.split(k_fit, s["paths"]), x0,
+                                jax.random.split(k_draw, s["paths"]))  # fmt: skip
     log_w, khat = psis_weights(MultipathfinderState(states, x, lp, lq))
     pool = x.reshape(-1, flat0.shape[0])
     pick = jax.random.choice(k_pick, pool.shape[0], (pool.shape[0],), p=jnp.exp(log_w))

@@ -180,9 +180,10 @@ PLANS = {"quick": QUICK, "full": FULL, "slow": SLOW}
 """The plans by name (``--plan``)."""
 
 ROW_LIMIT_S = {"blackjax multi-path Pathfinder": 180.0}
-"""Seconds a row of a method may run, where shorter than ``--row-timeout``: blackjax's
-Pathfinder can hang inside one XLA call (see :func:`benchmarks.anchors_jax.pathfinder`); a row
-that finishes takes well under this."""
+"""Seconds a row of a method may run, where shorter than ``--row-timeout``: a guard for blackjax's
+Pathfinder, which hung inside one XLA call before its factorisations ran one iterate at a time
+(see :func:`benchmarks.anchors_jax._one_at_a_time`); a row that finishes takes well under
+this."""
 
 
 def problem(name: str) -> anchors.Problem:
