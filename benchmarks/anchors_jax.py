@@ -61,8 +61,14 @@ def _pathfinder_factorisations_one_at_a_time() -> Iterator[None]:
 
     factors, sample = single.lbfgs_inverse_hessian_factors, single.bfgs_sample
 
-    def one_sample(key: Any, num_samples: int, *state: Any) -> Any:
-        return _one_at_a_time(lambda k, *s: sample(k, num_samples, *s))(key, *state)
+    def one_sample(
+        rng_key: Any, num_samples: int, position: Any, grad_position: Any, alpha: Any,
+        beta: Any, gamma: Any,
+    ) -> Any:  # fmt: skip
+        def draw(*args: Any) -> Any:
+            return sample(args[0], num_samples, *args[1:])
+
+        return _one_at_a_time(draw)(rng_key, position, grad_position, alpha, beta, gamma)
 
     single.lbfgs_inverse_hessian_factors = _one_at_a_time(factors)
     single.bfgs_sample = one_sample
