@@ -58,7 +58,7 @@ from benchmarks.rows import (  # noqa: E402
     utc_now,
 )
 
-__all__ = ["FULL", "PLANS", "QUICK", "ROW_LIMIT_S", "SLOW", "main", "problem"]
+__all__ = ["FULL", "PLANS", "QUICK", "ROW_LIMIT_S", "SLOW", "main", "plan_for", "problem"]
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -179,6 +179,24 @@ Gaussians); the Pyro neural ODE by maximum likelihood runs in ``benchmarks/ode_b
 
 PLANS = {"quick": QUICK, "full": FULL, "slow": SLOW}
 """The plans by name (``--plan``)."""
+
+
+def plan_for(name: str, only: str | None) -> dict[str, Any]:
+    """The plan `name`; with ``--only`` the full plan also holds the slow plan's rows (their
+    methods once per problem, at the first seed), so the rerun command printed beside any table
+    (:func:`benchmarks.rows.rerun_command`) reaches every row it shows."""
+    plan = PLANS[name]
+    if name != "full" or only is None:
+        return plan
+    out = {}
+    for suite, cfg in plan.items():
+        extra = SLOW.get(suite, {}).get("plan", {})
+        merged = {p: tuple(dict.fromkeys((*cfg["plan"].get(p, ()), *extra.get(p, ()))))
+                  for p in (*cfg["plan"], *extra)}  # fmt: skip
+        once = (*cfg.get("once", ()), *(m for ms in extra.values() for m in ms))
+        out[suite] = {**cfg, "plan": merged, "once": tuple(dict.fromkeys(once))}
+    return out
+
 
 ROW_LIMIT_S = {"blackjax multi-path Pathfinder": 180.0}
 """Seconds a row of a method may run, where shorter than ``--row-timeout``: a guard for blackjax's
@@ -592,7 +610,7 @@ def main(argv: list[str] | None = None) -> None:
     results = args.results.resolve()
     docs = args.docs or (ROOT / "docs" if results == RESULTS else results / "docs")
     plan_name = args.plan or ("quick" if args.quick else "full")
-    plan = PLANS[plan_name]
+    plan = plan_for(plan_name, args.only)
     suites = [suite for suite in args.suite or list(plan) if suite in plan]
     cfgs = {suite: {**plan[suite], **overrides} for suite in suites}
     paths = {suite: results / f"{suite}.json" for suite in suites}

@@ -29,6 +29,19 @@ def test_every_plan_names_known_problems_and_methods_and_slow_rows_left_full():
             assert not set(names) & set(run.FULL[suite]["plan"].get(pname, ()))
 
 
+def test_the_rerun_command_of_a_slow_row_reaches_it():
+    from benchmarks.rows import rerun_command
+
+    row = {"suite": "posteriors", "problem": "funnel", "method": "flowguides-pyro infer (RealNVP)",
+           "num_steps": 2000, "num_particles": 8, "num_draws": 10_000, "seed": 0}  # fmt: skip
+    only = rerun_command("posteriors", [row]).split("--only ")[1].strip("'")
+    assert run.units("posteriors", run.FULL["posteriors"], only) == []  # not in the full plan
+    cfg = run.plan_for("full", only)["posteriors"]
+    assert run.units("posteriors", cfg, only) == [("funnel", [row["method"]])]
+    assert row["method"] in cfg["once"]  # one seed, as in the slow plan
+    assert run.plan_for("full", None) is run.FULL
+
+
 def test_expected_seconds_sums_the_latest_rows_and_counts_missing_ones():
     cfg = {"steps": 100, "seeds": (0, 1), "once": ("b",), "rounds": 3, "rounded": ("b",)}
     rows = [
