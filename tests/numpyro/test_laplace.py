@@ -10,8 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
+import pytest
 
 from flowguides import io
+from flowguides.core import MODE_TOLERANCE
 from flowguides.numpyro import fit_posterior, laplace
 from flowguides.numpyro import guide as guide_module
 from flowguides.numpyro import io as numpyro_io
@@ -122,3 +124,39 @@ def test_the_map_search_restarts_where_its_line_search_stalls():
     assert not np.any(out["moving"]), np.flatnonzero(np.any(out["moving"], axis=1))
     modes = np.asarray(out["loc_map"])
     np.testing.assert_allclose(modes, np.broadcast_to(modes[0], modes.shape), atol=1e-6)
+
+
+def _hierarchical_energy(dtype, offset=3e5, n=20_000, groups=200):
+    """The negative log joint of a varying-intercept regression (unconstrained scales) plus a
+    large constant: in float32 its values are too coarse for a line search near the mode."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(n, 3)), dtype)
+    group = jnp.asarray(rng.integers(groups, size=n))
+    noise = rng.normal(size=n)
+    y = (1 + 0.5 * rng.normal(size=groups))[np.asarray(group)] + np.asarray(x) @ [0.5, -0.3, 0.2]
+    y = jnp.asarray(y + noise, dtype)
+
+    def energy(z):
+        a, w, mu, log_s, log_n = z[:groups], z[groups:-3], z[-3], z[-2], z[-1]
+        s, sd = jnp.exp(log_s), jnp.exp(log_n)
+        lp = -0.5 * jnp.sum(((y - a[group] - x @ w) / sd) ** 2) - n * log_n
+        lp += -0.5 * jnp.sum(((a - mu) / s) ** 2) - groups * log_s
+        lp += -0.5 * jnp.sum(w**2) - mu**2 / 50 - s**2 / 8 + log_s - sd**2 / 8 + log_n
+        return offset - lp
+
+    return energy, jnp.zeros(groups + 6, dtype)
+
+
+def test_single_precision_search_reaches_the_mode_its_line_search_cannot_resolve():
+    energy, z0 = _hierarchical_energy(jnp.float32)
+    stalled, grad, _ = jax.jit(lambda z: laplace._lbfgs(energy, z))(z0)
+    out = jax.jit(lambda z: laplace.laplace_search(energy, z, False))(z0)
+    scale = np.asarray(out["scale"])
+    assert np.max(np.abs(np.asarray(grad)) * scale) > MODE_TOLERANCE / 10  # the line search stalls
+    assert not np.any(out["moving"])
+    assert np.max(np.abs(np.asarray(out["grad_map"])) * scale) < MODE_TOLERANCE / 10
+    # the mode of the same model in double precision, within a tenth of the posterior scale
+    energy64, z64 = _hierarchical_energy(jnp.float64)
+    mode = np.asarray(laplace.minimize(energy64, z64))
+    assert np.max(np.abs(np.asarray(out["loc_map"]) - mode) / scale) < 0.1
+    assert out["energy_map"] == pytest.approx(float(energy64(jnp.asarray(mode))), abs=0.5)

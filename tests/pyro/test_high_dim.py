@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import flowguides
+from flowguides.core import MODE_TOLERANCE
 from flowguides.pyro import AutoFlowGuide, fit_posterior
 from flowguides.pyro import laplace as laplace_module
 from flowguides.spec import FlowSpec
@@ -143,3 +144,45 @@ def test_three_hundred_latent_dimensions_start_diagonal_without_a_dense_matrix()
     expected = (1.0 + 3.0 / sigma**2) ** -0.5
     torch.testing.assert_close(scale[2:], torch.full((num_groups,), expected, dtype=scale.dtype))
     assert np.isfinite(fit.losses).all()
+
+
+def _hierarchical_energies(dtype, offset=3e5, n=20_000, groups=200):
+    """The negative log joint of a varying-intercept regression (unconstrained scales) plus a
+    large constant, per row of a batch of points: in float32 its values are too coarse for a
+    line search near the mode."""
+    rng = np.random.default_rng(0)
+    x = torch.tensor(rng.normal(size=(n, 3)), dtype=dtype)
+    group = torch.tensor(rng.integers(groups, size=n))
+    noise = rng.normal(size=n)
+    y = (1 + 0.5 * rng.normal(size=groups))[group.numpy()] + x.numpy() @ [0.5, -0.3, 0.2]
+    y = torch.tensor(y + noise, dtype=dtype)
+
+    def energies(z):
+        a, w, mu, log_s, log_n = z[:, :groups], z[:, groups:-3], z[:, -3], z[:, -2], z[:, -1]
+        s, sd = log_s.exp(), log_n.exp()
+        resid = (y - a[:, group] - w @ x.T) / sd[:, None]
+        lp = -0.5 * (resid**2).sum(-1) - n * log_n
+        lp = lp - 0.5 * (((a - mu[:, None]) / s[:, None]) ** 2).sum(-1) - groups * log_s
+        lp = lp - 0.5 * (w**2).sum(-1) - mu**2 / 50 - s**2 / 8 + log_s - sd**2 / 8 + log_n
+        return offset - lp
+
+    return energies, torch.zeros(groups + 6, dtype=dtype)
+
+
+def test_single_precision_search_reaches_the_mode_its_line_search_cannot_resolve():
+    energies, z0 = _hierarchical_energies(torch.float32)
+
+    def energy(z):
+        return energies(z[None])[0]
+
+    out = laplace_module.laplace_search(energy, z0, False, energies=energies, elbos=False)
+    stalled = laplace_module.minimize(energy, z0).requires_grad_(True)
+    (grad,) = torch.autograd.grad(energy(stalled), stalled)
+    scale = out["scale"]
+    assert float((grad.abs() * scale).max()) > MODE_TOLERANCE / 10  # short of the test below
+    assert not bool(out["moving"].any())
+    assert float((out["grad_map"].abs() * scale).max()) < MODE_TOLERANCE / 10
+    # the mode of the same model in double precision, within a tenth of the posterior scale
+    energies64, z64 = _hierarchical_energies(torch.float64)
+    mode = laplace_module.minimize(lambda z: energies64(z[None])[0], z64)
+    assert float(((out["loc_map"].double() - mode).abs() / scale.double()).max()) < 0.1
