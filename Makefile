@@ -60,3 +60,4 @@ bench-high-dim: install
 bench-large: install
 	$(BIN)/python -m benchmarks.large --problem logistic --rows 100000 1000000 --backends numpyro
 	$(BIN)/python -m benchmarks.large --problem logistic --rows 100000 --backends pyro --steps 1000
+	$(BIN)/python -m benchmarks.large --problem varying --rows 100000 --groups 1000 --backends numpyro
