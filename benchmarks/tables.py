@@ -100,6 +100,14 @@ def ran(row: dict) -> str:
     return " / ".join(x for x in (when or "–", where or "–"))
 
 
+def ran_span(rows: list[dict]) -> str:
+    """When a group of rows ran (first and last UTC timestamp) and on which commits."""
+    stamps = sorted(r["timestamp"].replace("T", " ").rstrip("Z") for r in rows if r.get("timestamp"))
+    commits = ", ".join(dict.fromkeys(ran(r).split(" / ")[1] for r in rows))
+    when = stamps[0] if len(set(stamps)) < 2 else f"{stamps[0]} – {stamps[-1]}"
+    return f"{when or '–'} UTC; commit {commits}"
+
+
 def _commands(suite: str, rows: list[dict]) -> str:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -222,7 +230,7 @@ def densities_section(rows: list[dict]) -> str:
         body = [[m, *[density_cell(cell.get((s, m))) for s in sets]]
                 for m in dict.fromkeys(r["method"] for r in sub)]  # fmt: skip
         dims = {r["problem"]: r.get("dim") for r in sub}
-        runs = ", ".join(sorted({ran(r) for r in sub}))
+        runs = ran_span(sub)
         out.append(f"### {steps} steps (ran: {runs})\n\n"
                    + table(["method", *[f"{s} ({dims[s]}-D)" for s in sets]], body)
                    + "\n\n" + _commands("densities", sub))  # fmt: skip

@@ -1,19 +1,45 @@
 """What flowguides reads off a user's callables and the call stack, without a framework.
 
-A model's parameters by position or keyword (`parameter_labels`), a callable's name
-(`callable_name`), an error's first line (`first_line`) and the `stacklevel` of a warning
-that names the user's own line (`user_stacklevel`). Imports neither torch nor jax.
+A model's parameters by position or keyword (`parameter_labels`), why a call cannot bind to
+a model's signature (`call_error`), a callable's name (`callable_name`), an error's first line
+(`first_line`) and the `stacklevel` of a warning that names the user's own line
+(`user_stacklevel`). Imports neither torch nor jax.
 """
 
 from __future__ import annotations
 
+import difflib
+import functools
 import inspect
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["callable_name", "first_line", "parameter_labels", "user_stacklevel"]
+__all__ = [
+    "FIT_OPTIONS",
+    "INFER_OPTIONS",
+    "callable_name",
+    "call_error",
+    "first_line",
+    "parameter_labels",
+    "user_stacklevel",
+]
+
+# The keyword options of `fit_posterior` and `infer` (both backends; the rest of their
+# keywords go to the model), and names users bring from Pyro, NumPyro and optimisers.
+FIT_OPTIONS = (
+    "num_steps", "learning_rate", "num_particles", "clip_norm", "init_loc_fn", "init_scale",
+    "seed", "progress", "static_argnames", "vectorize_particles", "objective", "gradient",
+    "num_inner", "control_variate",
+)  # fmt: skip
+INFER_OPTIONS = ("num_steps", "num_draws", "neutra", "seed", "progress", "fit_options")
+_ALIASES = {
+    "progress_bar": "progress", "rng_seed": "seed", "rng_key": "seed", "random_state": "seed",
+    "lr": "learning_rate", "step_size": "learning_rate", "steps": "num_steps",
+    "n_steps": "num_steps", "num_iterations": "num_steps", "iterations": "num_steps",
+    "particles": "num_particles", "n_particles": "num_particles", "num_samples": "num_draws",
+}  # fmt: skip
 
 _PACKAGE = str(Path(__file__).parents[1])
 
@@ -60,3 +86,62 @@ def first_line(exc: BaseException) -> str:
 def callable_name(fn: Any) -> str:
     """`fn`'s ``__name__``, or its class's name (a callable object)."""
     return getattr(fn, "__name__", type(fn).__name__)
+
+
+def _option_hint(keyword: str) -> str:
+    option = _ALIASES.get(keyword) or next(
+        iter(difflib.get_close_matches(keyword, FIT_OPTIONS + INFER_OPTIONS, n=1, cutoff=0.75)),
+        None,
+    )
+    if option is None:
+        return ""
+    return f"; did you mean flowguides' option {option!r}?"
+
+
+def _unwrap(fn: Any) -> Any:
+    """The user's function inside Pyro's and NumPyro's effect handlers (Pyro wraps it in a
+    partial of its ``_context_wrap``; NumPyro's handlers keep it as ``.fn``)."""
+    for _ in range(64):
+        inner = fn
+        while isinstance(inner, functools.partial):
+            inner = inner.func
+        if fn is not inner and getattr(inner, "__name__", "") == "_context_wrap" and fn.args:
+            fn = fn.args[-1]
+        elif type(fn).__module__.startswith(("numpyro.", "pyro.")) and callable(
+            getattr(fn, "fn", None)
+        ):
+            fn = fn.fn
+        else:
+            break
+    return fn
+
+
+def call_error(
+    model: Callable[..., Any], args: tuple, kwargs: Mapping[str, Any]
+) -> TypeError | None:
+    """A `TypeError` that says why ``model(*args, **kwargs)`` cannot bind to `model`'s
+    signature (a keyword it does not take, with the flowguides option it resembles; a missing
+    or extra argument), or None where the call binds (or `model` has no signature)."""
+    model = _unwrap(model)
+    try:
+        sig = inspect.signature(model)
+    except (TypeError, ValueError):
+        return None
+    try:
+        sig.bind(*args, **kwargs)
+    except TypeError as exc:
+        label = f"model {callable_name(model)}{sig}"
+        params = sig.parameters.values()
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            unknown = [k for k in kwargs if k not in sig.parameters]
+            if unknown:
+                return TypeError(
+                    f"{label}: does not take the keyword {unknown[0]!r} (keywords that "
+                    f"fit_posterior and infer do not take themselves go to the model)"
+                    f"{_option_hint(unknown[0])}"
+                )
+        return TypeError(
+            f"{label}: cannot be called with {len(args)} positional argument(s) and the "
+            f"keywords {sorted(kwargs)}: {exc}"
+        )
+    return None

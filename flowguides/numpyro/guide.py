@@ -40,6 +40,7 @@ from flowguides.core import (
     check_preconditioner,
     coordinate_sites,
 )
+from flowguides.core.calls import call_error
 from flowguides.numpyro import ode
 from flowguides.numpyro._control import reference_params
 from flowguides.numpyro._model import as_constants, callable_key, choose_constants, split_args
@@ -132,9 +133,15 @@ class AutoFlowGuide(AutoContinuous, StagedPrototype):
     # -- set-up ----------------------------------------------------------------------------
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
         self._constants = choose_constants(self.model, args, kwargs, self.static_argnames)
+        given = args, kwargs
         args, kwargs = as_constants(args, kwargs, self._constants)
         try:
             super()._setup_prototype(*args, **kwargs)
+        except TypeError as exc:  # say which argument, where the call does not bind
+            error = call_error(self.model, *given)
+            if error is None:
+                raise
+            raise error from exc
         except (ValueError, RuntimeError, NotImplementedError):
             with handlers.block():
                 trace = handlers.trace(handlers.seed(self.model, 0)).get_trace(*args, **kwargs)

@@ -32,6 +32,7 @@ from flowguides.core import (
     check_vectorize_option,
     coordinate_sites,
 )
+from flowguides.core.calls import call_error
 from flowguides.pyro._control import reference_terms
 from flowguides.pyro._model import BatchLogJoint, full_data_chunks
 from flowguides.pyro.build import (
@@ -135,6 +136,11 @@ class AutoFlowGuide(AutoContinuous, BatchLogJoint):
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
         try:
             super()._setup_prototype(*args, **kwargs)
+        except TypeError as exc:  # say which argument, where the call does not bind
+            error = call_error(self.model, args, kwargs)
+            if error is None:
+                raise
+            raise error from exc
         except (ValueError, RuntimeError, NotImplementedError) as exc:
             self._explain_setup_error(exc)
             raise

@@ -1,0 +1,97 @@
+"""A model called with arguments it does not take, the way users slip: a Pyro/NumPyro option
+name (``progress_bar=``, ``rng_seed=``) reaches the model as a keyword; the
+error names the model's signature, the keyword and the flowguides option it resembles, in
+both backends, before any compile."""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import pytest
+
+from flowguides import FlowSpec
+from flowguides.core.calls import FIT_OPTIONS, INFER_OPTIONS, call_error
+
+__all__: list[str] = []
+
+Y = np.random.default_rng(0).normal(size=10)
+SPEC = FlowSpec.planar(num_layers=1, dtype="float64")
+BACKENDS = [pytest.param("pyro", marks=pytest.mark.torch), pytest.param("numpyro", marks=pytest.mark.jax)]  # fmt: skip
+
+
+def _setup(backend: str):
+    if backend == "pyro":
+        import pyro
+        import pyro.distributions as dist
+        import torch
+
+        from flowguides.pyro import fit_posterior, infer
+
+        pyro.clear_param_store()
+        y = torch.tensor(Y)
+
+        def model(y, scale=1.0):
+            mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+            with pyro.plate("n", len(y)):
+                pyro.sample("y", dist.Normal(mu, scale), obs=y)
+
+    else:
+        import jax.numpy as jnp
+        import numpyro
+        import numpyro.distributions as dist
+
+        from flowguides.numpyro import fit_posterior, infer
+
+        y = jnp.asarray(Y)
+
+        def model(y, scale=1.0):
+            mu = numpyro.sample("mu", dist.Normal(0.0, 10.0))
+            with numpyro.plate("n", len(y)):
+                numpyro.sample("y", dist.Normal(mu, scale), obs=y)
+
+    return model, y, fit_posterior, infer
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_misplaced_keyword_names_the_model_and_the_option(backend: str) -> None:
+    model, y, fit_posterior, infer = _setup(backend)
+    with pytest.raises(TypeError, match=r"model model\(y, scale=1.0\): does not take the "
+                       r"keyword 'progress_bar'.*did you mean flowguides' option 'progress'\?"):  # fmt: skip
+        fit_posterior(model, SPEC, y, num_steps=5, progress_bar=False)
+    with pytest.raises(TypeError, match=r"keyword 'rng_seed'.*option 'seed'"):
+        infer(model, SPEC, y, num_steps=5, progress=False, rng_seed=1)
+    with pytest.raises(TypeError, match=r"model model\(y, scale=1.0\): cannot be called with 0 "
+                       r"positional argument\(s\).*missing a required argument: 'y'"):  # fmt: skip
+        fit_posterior(model, SPEC, num_steps=5, progress=False)
+
+
+def test_a_call_that_binds_is_left_alone() -> None:
+    def model(y, *, scale=1.0, **extra):
+        return y
+
+    assert call_error(model, (1.0,), {"scale": 2.0, "anything": 3}) is None
+    assert call_error(model, (), {"y": 1.0}) is None
+    error = call_error(lambda y: y, (1.0,), {"rng_seed": 0})
+    assert error is not None and "flowguides' option 'seed'" in str(error)
+    error = call_error(lambda y: y, (1.0,), {"num_stepz": 3})  # a typo, by closeness
+    assert error is not None and "option 'num_steps'" in str(error)
+    error = call_error(lambda y: y, (1.0,), {"colour": 3})  # nothing like an option
+    assert error is not None and "did you mean" not in str(error)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_option_lists_are_the_signatures(backend: str) -> None:
+    import importlib
+
+    module = importlib.import_module(f"flowguides.{backend}")
+
+    def options(fn) -> set[str]:
+        return {p.name for p in inspect.signature(fn).parameters.values()
+                if p.kind == p.KEYWORD_ONLY}  # fmt: skip
+
+    assert options(module.infer) == set(INFER_OPTIONS)
+    own = {"numpyro": "static_argnames", "pyro": "vectorize_particles"}  # the one difference
+    assert options(module.fit_posterior) == set(FIT_OPTIONS) - {
+        own["pyro" if backend == "numpyro" else "numpyro"]
+    }
