@@ -102,7 +102,9 @@ def ran(row: dict) -> str:
 
 def ran_span(rows: list[dict]) -> str:
     """When a group of rows ran (first and last UTC timestamp) and on which commits."""
-    stamps = sorted(r["timestamp"].replace("T", " ").rstrip("Z") for r in rows if r.get("timestamp"))
+    stamps = sorted(
+        r["timestamp"].replace("T", " ").rstrip("Z") for r in rows if r.get("timestamp")
+    )
     commits = ", ".join(dict.fromkeys(ran(r).split(" / ")[1] for r in rows))
     when = stamps[0] if len(set(stamps)) < 2 else f"{stamps[0]} – {stamps[-1]}"
     return f"{when or '–'} UTC; commit {commits}"

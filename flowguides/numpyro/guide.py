@@ -45,6 +45,7 @@ from flowguides.numpyro import ode
 from flowguides.numpyro._control import reference_params
 from flowguides.numpyro._model import as_constants, callable_key, choose_constants, split_args
 from flowguides.numpyro._prototype import StagedPrototype, full_data
+from flowguides.numpyro._support import dynamic_call, dynamic_sites
 from flowguides.numpyro._training import cache_key, cached, jit
 from flowguides.numpyro.build import (
     Flow,
@@ -128,6 +129,7 @@ class AutoFlowGuide(AutoContinuous, StagedPrototype):
         self._reference: dict[str, np.ndarray] | None = None
         self.static_argnames = static_argnames
         self._constants: frozenset = frozenset()  # labels of constant arguments, see set-up
+        self._dynamic: tuple[str, ...] = ()  # sites whose support moves with others (`_support`)
         super().__init__(model, prefix=prefix, init_loc_fn=init_loc_fn)
 
     # -- set-up ----------------------------------------------------------------------------
@@ -148,6 +150,9 @@ class AutoFlowGuide(AutoContinuous, StagedPrototype):
             _check_latent_sites(trace)  # a clearer message where it applies
             raise
         _check_latent_sites(self.prototype_trace)
+        self._dynamic = dynamic_sites(
+            self.model, args, kwargs, self._init_locs, self.prototype_trace
+        )
         try:
             self.spec.check_dim(self.latent_dim)
         except SpecError as exc:
@@ -252,6 +257,13 @@ class AutoFlowGuide(AutoContinuous, StagedPrototype):
         for name, value in (self._precondition or {}).items():
             params[name] = lax.stop_gradient(numpyro.param(f"{self.prefix}_{name}", value))
         return params
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict[str, jax.Array]:
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        if not self._dynamic:
+            return super().__call__(*args, **kwargs)
+        return dynamic_call(self, args, kwargs)  # supports moved by a draw
 
     def _sample_latent(self, *args: Any, **kwargs: Any) -> jax.Array:
         """The packed latent draw; traced inside `training_solves`, with the RNODE penalty.

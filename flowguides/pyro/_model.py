@@ -14,21 +14,19 @@ fit runs the user's model, not their names: each backend's needs are its framewo
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-import pyro
 import torch
 from pyro import poutine
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
-from torch.distributions import biject_to
 
 from flowguides.core import check_vectorize_option
+from flowguides.pyro._support import replay_constrained
 
 __all__ = [
     "HOW_TO_VECTORIZE",
@@ -105,20 +103,11 @@ def log_joint_at(
         nest: the model's plate nesting.
         jacobian: add ``log|det J|`` (False: the log joint alone).
     """
-    values, total = {}, 0.0
-    for site, u in pairs:
-        transform = biject_to(site["fn"].support)
-        x = transform(u)
-        values[site["name"]] = x
-        if jacobian:
-            total = total + _per_draw(transform.log_abs_det_jacobian(u, x), num, nest)
-    plate = (
-        contextlib.nullcontext()
-        if num is None
-        else pyro.plate("_flowguides_draws", num, dim=-nest - 1)
-    )
-    with poutine.block(), plate:
-        trace = poutine.trace(poutine.condition(model, data=values)).get_trace(*args, **kwargs)
+    trace, constrain = replay_constrained(model, pairs, args, kwargs, num=num, nest=nest)
+    total = 0.0
+    if jacobian:  # each site's bijection is its support's at this draw (`_support`)
+        for ladj in constrain.log_dets.values():
+            total = total + _per_draw(ladj, num, nest)
     trace.compute_log_prob()
     for site in trace.nodes.values():
         if site["type"] == "sample":

@@ -35,6 +35,7 @@ from flowguides.core import (
 from flowguides.core.calls import call_error
 from flowguides.pyro._control import reference_terms
 from flowguides.pyro._model import BatchLogJoint, full_data_chunks
+from flowguides.pyro._support import dynamic_forward, dynamic_sites, replay_constrained
 from flowguides.pyro.build import (
     Flow,
     FlowDistribution,
@@ -130,6 +131,7 @@ class AutoFlowGuide(AutoContinuous, BatchLogJoint):
         self._reference: dict | None = None  # the start search's full-data MAP and its terms
         self.vectorize_particles = vectorize_particles
         self.vectorized: bool | None = None  # the outcome, decided at set-up
+        self._dynamic: tuple[str, ...] = ()  # sites whose support moves with others (`_support`)
         self._warned = False
 
     # -- set-up ----------------------------------------------------------------------------
@@ -162,6 +164,8 @@ class AutoFlowGuide(AutoContinuous, BatchLogJoint):
                 f"{exc}: the model has {dim} latent dimension(s) (sites {names})"
             ) from None
         init = self._init_loc()
+        pairs = list(self.split_latent(init))
+        self._dynamic = dynamic_sites(self._bare_model[0], pairs, args, kwargs)
         flow = build_flow(self.spec, dim, seed=int(torch.randint(2**31 - 1, ()))).to(init.dtype)
         self._check_broadcasting(init, args, kwargs)
         loc, scale, fixed = self._initial_start(init, args, kwargs)
@@ -300,11 +304,38 @@ class AutoFlowGuide(AutoContinuous, BatchLogJoint):
             yield site, latent[..., pos : pos + size].reshape(batch + shape)
             pos += size
 
-    def constrain(self, latent: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Packed unconstrained ``(*batch, latent_dim)`` -> constrained values per site."""
-        return {
-            site["name"]: biject_to(site["fn"].support)(u) for site, u in self.split_latent(latent)
-        }
+    def forward(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        if not self._dynamic:
+            return super().forward(*args, **kwargs)
+        return dynamic_forward(self, args, kwargs)  # supports moved by a draw
+
+    def constrain(
+        self, latent: torch.Tensor, args: tuple = (), kwargs: Mapping[str, Any] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Packed unconstrained ``(*batch, latent_dim)`` -> constrained values per site; a
+        model with supports that move with other sites is replayed at draws ``(S,
+        latent_dim)`` with its arguments `args`, `kwargs` (see `_support`)."""
+        if not self._dynamic:
+            return {site["name"]: biject_to(site["fn"].support)(u)
+                    for site, u in self.split_latent(latent)}  # fmt: skip
+        model, kwargs, nest = self._bare_model[0], dict(kwargs or {}), self.max_plate_nesting
+        flat = latent.reshape(-1, latent.shape[-1])
+
+        def together() -> dict[str, torch.Tensor]:
+            pairs = self._unpack_latent(flat.reshape(len(flat), *([1] * nest), flat.shape[-1]))
+            _, c = replay_constrained(model, pairs, args, kwargs, num=len(flat), nest=nest)
+            shapes = {n: self.prototype_trace.nodes[n]["value"].shape for n in c.values}
+            return {n: v.reshape(len(flat), *shapes[n]) for n, v in c.values.items()}
+
+        def one_by_one() -> dict[str, torch.Tensor]:
+            each = [replay_constrained(model, self.split_latent(z), args, kwargs)[1].values
+                    for z in flat]  # fmt: skip
+            return {n: torch.stack([e[n] for e in each]) for n in each[0]}
+
+        out = self.evaluate_batch(together, one_by_one)
+        return {n: v.reshape(*latent.shape[:-1], *v.shape[1:]) for n, v in out.items()}
 
     def deterministic(
         self, draws: Mapping[str, Any], *args: Any, **kwargs: Any
@@ -357,7 +388,7 @@ class AutoFlowGuide(AutoContinuous, BatchLogJoint):
         self._setup_if_needed(*args, **kwargs)
         latent = self.draws(_NUM_SUMMARY_DRAWS, seed=0)[0]
         q = torch.as_tensor(quantiles, dtype=latent.dtype)
-        return self.constrain(torch.quantile(latent, q, dim=0))
+        return self.constrain(torch.quantile(latent, q, dim=0), args, kwargs)
 
     def _setup_if_needed(self, *args: Any, **kwargs: Any) -> None:
         if self.prototype_trace is None:

@@ -122,7 +122,9 @@ def neutra(
             draws = mcmc.get_samples()
             site = next(name for name in draws if name.endswith("_shared_latent"))
             with torch.no_grad():  # `reparam.transform_sample`, batched as `fit.sample` is
-                values = fit.guide.constrain(guide.flow.forward_and_log_det(draws[site])[0])
+                values = fit.guide.constrain(
+                    guide.flow.forward_and_log_det(draws[site])[0], fit.args, fit.kwargs
+                )
             chains.append({name: values[name] for name in fit.latent_shapes})
             diverging[chain, mcmc.diagnostics()["divergences"]["chain 0"]] = True
     finally:

@@ -106,7 +106,10 @@ class PosteriorFit(PosteriorFitMethods):
         """
         t0 = time.perf_counter()
         latent, _ = self.guide.draws(num_samples, seed)
-        out = {k: v.cpu().numpy() for k, v in self.guide.constrain(latent).items()}
+        out = {
+            k: v.cpu().numpy()
+            for k, v in self.guide.constrain(latent, self.args, self.kwargs).items()
+        }
         out.update(self.deterministic(out))
         add_seconds(self.timing, "draws_s", time.perf_counter() - t0)
         return out
@@ -144,7 +147,10 @@ class PosteriorFit(PosteriorFitMethods):
             log_p = self.guide.batch_log_joint(
                 latent, self.args, self.kwargs, vectorize_particles=vectorize_particles
             )
-        draws = {k: v.cpu().numpy() for k, v in self.guide.constrain(latent).items()}
+        draws = {
+            k: v.cpu().numpy()
+            for k, v in self.guide.constrain(latent, self.args, self.kwargs).items()
+        }
         return draws, log_p.cpu().numpy(), log_q.cpu().numpy()
 
     @property

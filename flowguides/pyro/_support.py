@@ -1,0 +1,146 @@
+"""Latent sites whose support depends on other latent sites (``x ~ Uniform(0, a)`` with `a`
+latent): each draw is constrained by the support the model gives it at that draw's upstream
+values, by replaying the model (`replay_constrained`).
+
+Pyro's `AutoContinuous.forward` constrains every site by the support its prototype trace saw;
+for such a site that puts draws outside their support (Pyro's support check fails at the first
+step). The log joint (`flowguides.pyro._model.log_joint_at`) always constrains during its own
+model run, so it costs nothing there; the guide's draws replay the model only where set-up
+found a moving support (`dynamic_sites`). The NumPyro guide mirrors this in
+`flowguides.numpyro._support`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import ExitStack
+from typing import Any
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.distributions.util import sum_rightmost
+from pyro.poutine.messenger import Messenger
+from torch.distributions import biject_to, constraints
+
+__all__ = ["Constrain", "dynamic_forward", "dynamic_sites", "replay_constrained"]
+
+_SHIFTS = (0.0, 0.5, -0.75)  # unconstrained offsets at which supports are compared
+
+
+class Constrain(Messenger):
+    """Condition each latent site named in `unconstrained` on that value mapped through the
+    bijection of the support the model gives the site at this run; ``values``, ``log_dets``
+    (elementwise ``log |det J|``) and ``supports`` record them."""
+
+    def __init__(self, unconstrained: Mapping[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.unconstrained = unconstrained
+        self.values: dict[str, torch.Tensor] = {}
+        self.log_dets: dict[str, torch.Tensor] = {}
+        self.supports: dict[str, Any] = {}
+
+    def _pyro_sample(self, msg: dict) -> None:
+        name = msg["name"]
+        if name not in self.unconstrained or msg["is_observed"]:
+            return
+        u = self.unconstrained[name]
+        support = msg["fn"].support
+        transform = biject_to(support)
+        value = transform(u)
+        self.values[name], self.supports[name] = value, support
+        self.log_dets[name] = transform.log_abs_det_jacobian(u, value)
+        msg["value"], msg["is_observed"] = value, True
+
+
+def replay_constrained(
+    model: Callable[..., Any],
+    pairs: Iterable[tuple[dict, torch.Tensor]],
+    args: tuple,
+    kwargs: Mapping[str, Any],
+    *,
+    num: int | None = None,
+    nest: int = 0,
+) -> tuple[poutine.Trace, Constrain]:
+    """The model's trace with each latent site constrained by `Constrain`, and the messenger.
+
+    Args:
+        model: the model (without an autoguide's `InitMessenger`).
+        pairs: ``(prototype site, unconstrained value)`` per latent site.
+        args, kwargs: the model's arguments.
+        num: None for one point, or the number of draws that lead every value and go through
+            the model at once under an outermost plate at ``dim = -nest - 1``.
+        nest: the model's plate nesting.
+    """
+    constrain = Constrain({site["name"]: u for site, u in pairs})
+    plate = (
+        contextlib.nullcontext()
+        if num is None
+        else pyro.plate("_flowguides_draws", num, dim=-nest - 1)
+    )
+    with poutine.block(), plate:
+        trace = poutine.trace(constrain(model)).get_trace(*args, **kwargs)
+    return trace, constrain
+
+
+def dynamic_sites(model: Callable[..., Any], pairs: list[tuple[dict, torch.Tensor]],
+                  args: tuple, kwargs: Mapping[str, Any]) -> tuple[str, ...]:  # fmt: skip
+    """The latent sites whose support changes when the other latent values move (compared at
+    a few unconstrained offsets from `pairs`); empty at once where no latent support holds a
+    tensor (a bound that is a Python number cannot move)."""
+    if not any(_bounds(site["fn"].support) for site, _ in pairs):
+        return ()
+    seen: dict[str, list] = {site["name"]: [] for site, _ in pairs}
+    with torch.no_grad():
+        for shift in _SHIFTS:
+            moved = [(site, u.detach() + shift) for site, u in pairs]
+            _, constrain = replay_constrained(model, moved, args, kwargs)
+            for name in seen:
+                seen[name].append(_bounds(constrain.supports.get(name)))
+    return tuple(n for n, b in seen.items() if any(not _same(b[0], x) for x in b[1:]))
+
+
+def dynamic_forward(guide: Any, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
+    """`AutoContinuous.forward` for a guide with dynamic supports: the latent draw unpacked,
+    constrained by `replay_constrained`, each site a ``Delta`` carrying ``-log |det J|``, in its plates."""
+    latent = guide.sample_latent(*args, **kwargs)
+    plates = guide._create_plates(*args, **kwargs)
+    pairs = list(guide._unpack_latent(latent))
+    # no plate of its own: a vectorised ELBO's particle plate already gave the draw its
+    # leading dimension, laid out as the model's plates need it
+    _, constrain = replay_constrained(guide._bare_model[0], pairs, args, kwargs)
+    result = {}
+    for site, _ in pairs:
+        name = site["name"]
+        value, ladj = constrain.values[name], constrain.log_dets[name]
+        event_dim = site["fn"].event_dim
+        log_density = 0.0 if poutine.get_mask() is False else -sum_rightmost(
+            ladj, ladj.dim() - value.dim() + event_dim
+        )  # fmt: skip
+        delta = dist.Delta(value, log_density=log_density, event_dim=event_dim)
+        with ExitStack() as stack:
+            for frame in guide._cond_indep_stacks[name]:
+                stack.enter_context(plates[frame.name])
+            result[name] = pyro.sample(name, delta)
+    return result
+
+
+def _bounds(constraint: Any) -> list[torch.Tensor]:
+    """The tensor-valued attributes of a constraint, nested constraints' included."""
+    if constraint is None:
+        return []
+    out: list[torch.Tensor] = []
+    for value in vars(constraint).values():
+        if isinstance(value, constraints.Constraint):
+            out += _bounds(value)
+        elif isinstance(value, torch.Tensor):
+            out.append(value.detach())
+    return out
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    if len(a) != len(b):
+        return False
+    return all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b, strict=True))
