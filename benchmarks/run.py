@@ -93,9 +93,11 @@ QUICK: dict[str, Any] = {
         "steps": 1000, "particles": 8, "draws": 2000,
         # the rows of the NumPyro speed goals run three times, interleaved (see _timing_rounds)
         "rounds": 3, "rounded": _ROUNDED,
-        # the Pyro neural ODE (torchdiffeq, ~2 steps/s here) runs in the full suite only
+        # the rows of the speed goals and the planar and FlowJAX ones; every method of
+        # anchors.SPEED_METHODS runs in the full plan (the Pyro neural ODE, torchdiffeq at ~2
+        # steps/s here, in neither)
         "plan": {
-            "funnel": tuple(m for m in anchors.SPEED_METHODS if not m.startswith("flowguides-pyro neural ODE")),
+            "funnel": (*_SPEED_CORE, "flowguides-numpyro planar (fit_posterior)", "flowjax coupling (ElboLoss)"),
             "logistic": _SPEED_CORE,
         },
     },
@@ -133,7 +135,10 @@ _POST_FULL = (
 FULL: dict[str, Any] = {
     "speed": {
         "steps": 2000, "particles": 8, "draws": 10_000, "rounds": 3, "rounded": _ROUNDED,
-        "plan": QUICK["speed"]["plan"],
+        "plan": {
+            "funnel": tuple(m for m in anchors.SPEED_METHODS if not m.startswith("flowguides-pyro neural ODE")),
+            "logistic": _SPEED_CORE,
+        },
     },
     "posteriors": {
         "steps": 2000, "particles": 8, "draws": 10_000, "seeds": (0, 1, 2),
