@@ -25,6 +25,7 @@ __all__ = [
     "check_neutra_options",
     "check_objective",
     "check_objective_options",
+    "check_observed",
     "check_preconditioner",
     "check_tolerances",
     "check_training",
@@ -263,3 +264,23 @@ def check_neutra_options(spec: FlowSpec, num_warmup: int, num_samples: int, num_
             "and its adjoint per step, so it is refused; fit a planar or realnvp flow for "
             f"NeuTra, got {types}"
         )
+
+
+def check_observed(values: Mapping[str, Any]) -> None:
+    """Raise a `ValueError` naming the first observed site whose value holds NaN or inf
+    (`values`: ``{site: array}``), with how many entries and the first index; called where a
+    model's set-up has failed, so it never refuses a model that runs."""
+    for name, value in values.items():
+        try:
+            array = np.asarray(value, dtype=float)
+        except (TypeError, ValueError):
+            continue
+        bad = ~np.isfinite(array)
+        if bad.any():
+            first = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise ValueError(
+                f"site {name!r}: the observed value holds {int(bad.sum())} NaN or inf of "
+                f"{array.size} entries (the first at index {first}), so the log density is NaN "
+                f"at every latent value; drop those entries or mask them out (a boolean "
+                f"obs_mask= on the site, or the PPL's mask handler)"
+            )

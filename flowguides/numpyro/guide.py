@@ -37,6 +37,7 @@ from flowguides.core import (
     DiscreteLatentError,
     NoLatentSitesError,
     as_spec,
+    check_observed,
     check_preconditioner,
     coordinate_sites,
 )
@@ -148,6 +149,8 @@ class AutoFlowGuide(AutoContinuous, StagedPrototype):
             with handlers.block():
                 trace = handlers.trace(handlers.seed(self.model, 0)).get_trace(*args, **kwargs)
             _check_latent_sites(trace)  # a clearer message where it applies
+            check_observed({n: s["value"] for n, s in trace.items()
+                            if s["type"] == "sample" and s["is_observed"]})  # fmt: skip
             raise
         _check_latent_sites(self.prototype_trace)
         self._dynamic = dynamic_sites(

@@ -25,7 +25,13 @@ from pyro.distributions.util import sum_rightmost
 from pyro.poutine.messenger import Messenger
 from torch.distributions import biject_to, constraints
 
-__all__ = ["Constrain", "dynamic_forward", "dynamic_sites", "replay_constrained"]
+__all__ = [
+    "Constrain",
+    "dynamic_constrain",
+    "dynamic_forward",
+    "dynamic_sites",
+    "replay_constrained",
+]
 
 _SHIFTS = (0.0, 0.5, -0.75)  # unconstrained offsets at which supports are compared
 
@@ -125,6 +131,30 @@ def dynamic_forward(guide: Any, args: tuple, kwargs: dict) -> dict[str, torch.Te
                 stack.enter_context(plates[frame.name])
             result[name] = pyro.sample(name, delta)
     return result
+
+
+def dynamic_constrain(
+    guide: Any, latent: torch.Tensor, args: tuple, kwargs: dict
+) -> dict[str, torch.Tensor]:
+    """`guide.constrain` for a guide with dynamic supports: packed draws ``(*batch,
+    latent_dim)`` constrained by `replay_constrained`, all at once under a plate where the
+    model broadcasts, else one at a time (`evaluate_batch` decides, as for the log joint)."""
+    model, nest = guide._bare_model[0], guide.max_plate_nesting
+    flat = latent.reshape(-1, latent.shape[-1])
+
+    def together() -> dict[str, torch.Tensor]:
+        pairs = guide._unpack_latent(flat.reshape(len(flat), *([1] * nest), flat.shape[-1]))
+        _, c = replay_constrained(model, pairs, args, kwargs, num=len(flat), nest=nest)
+        shapes = {n: guide.prototype_trace.nodes[n]["value"].shape for n in c.values}
+        return {n: v.reshape(len(flat), *shapes[n]) for n, v in c.values.items()}
+
+    def one_by_one() -> dict[str, torch.Tensor]:
+        each = [replay_constrained(model, guide.split_latent(z), args, kwargs)[1].values
+                for z in flat]  # fmt: skip
+        return {n: torch.stack([e[n] for e in each]) for n in each[0]}
+
+    out = guide.evaluate_batch(together, one_by_one)
+    return {n: v.reshape(*latent.shape[:-1], *v.shape[1:]) for n, v in out.items()}
 
 
 def _bounds(constraint: Any) -> list[torch.Tensor]:

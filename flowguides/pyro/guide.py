@@ -28,6 +28,7 @@ from flowguides.core import (
     DiscreteLatentError,
     NoLatentSitesError,
     as_spec,
+    check_observed,
     check_preconditioner,
     check_vectorize_option,
     coordinate_sites,
@@ -35,7 +36,7 @@ from flowguides.core import (
 from flowguides.core.calls import call_error
 from flowguides.pyro._control import reference_terms
 from flowguides.pyro._model import BatchLogJoint, full_data_chunks
-from flowguides.pyro._support import dynamic_forward, dynamic_sites, replay_constrained
+from flowguides.pyro._support import dynamic_constrain, dynamic_forward, dynamic_sites
 from flowguides.pyro.build import (
     Flow,
     FlowDistribution,
@@ -167,8 +168,13 @@ class AutoFlowGuide(AutoContinuous, BatchLogJoint):
         pairs = list(self.split_latent(init))
         self._dynamic = dynamic_sites(self._bare_model[0], pairs, args, kwargs)
         flow = build_flow(self.spec, dim, seed=int(torch.randint(2**31 - 1, ()))).to(init.dtype)
-        self._check_broadcasting(init, args, kwargs)
-        loc, scale, fixed = self._initial_start(init, args, kwargs)
+        try:  # the first log joints: a NaN observation fails here, say where it is
+            self._check_broadcasting(init, args, kwargs)
+            loc, scale, fixed = self._initial_start(init, args, kwargs)
+        except (ValueError, RuntimeError):
+            check_observed({n: s["value"] for n, s in self.model_trace.nodes.items()
+                            if s["type"] == "sample" and s["is_observed"]})  # fmt: skip
+            raise
         with torch.no_grad():
             flow.affine.loc.copy_(loc)
             flow.affine.log_scale.copy_(torch.log(scale))
@@ -320,22 +326,7 @@ class AutoFlowGuide(AutoContinuous, BatchLogJoint):
         if not self._dynamic:
             return {site["name"]: biject_to(site["fn"].support)(u)
                     for site, u in self.split_latent(latent)}  # fmt: skip
-        model, kwargs, nest = self._bare_model[0], dict(kwargs or {}), self.max_plate_nesting
-        flat = latent.reshape(-1, latent.shape[-1])
-
-        def together() -> dict[str, torch.Tensor]:
-            pairs = self._unpack_latent(flat.reshape(len(flat), *([1] * nest), flat.shape[-1]))
-            _, c = replay_constrained(model, pairs, args, kwargs, num=len(flat), nest=nest)
-            shapes = {n: self.prototype_trace.nodes[n]["value"].shape for n in c.values}
-            return {n: v.reshape(len(flat), *shapes[n]) for n, v in c.values.items()}
-
-        def one_by_one() -> dict[str, torch.Tensor]:
-            each = [replay_constrained(model, self.split_latent(z), args, kwargs)[1].values
-                    for z in flat]  # fmt: skip
-            return {n: torch.stack([e[n] for e in each]) for n in each[0]}
-
-        out = self.evaluate_batch(together, one_by_one)
-        return {n: v.reshape(*latent.shape[:-1], *v.shape[1:]) for n, v in out.items()}
+        return dynamic_constrain(self, latent, args, dict(kwargs or {}))
 
     def deterministic(
         self, draws: Mapping[str, Any], *args: Any, **kwargs: Any

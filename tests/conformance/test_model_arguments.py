@@ -95,3 +95,22 @@ def test_the_option_lists_are_the_signatures(backend: str) -> None:
     assert options(module.fit_posterior) == set(FIT_OPTIONS) - {
         own["pyro" if backend == "numpyro" else "numpyro"]
     }
+
+
+@pytest.mark.filterwarnings("ignore:Out-of-support values")  # NumPyro's validation, on the way
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_nan_observation_is_named(backend: str) -> None:
+    model, y, fit_posterior, _ = _setup(backend)
+    bad = np.asarray(Y).copy()
+    bad[3] = np.nan
+    if backend == "pyro":
+        import torch
+
+        bad = torch.tensor(bad)
+    else:
+        import jax.numpy as jnp
+
+        bad = jnp.asarray(bad)
+    with pytest.raises(ValueError, match=r"site 'y': the observed value holds 1 NaN or inf of "
+                       r"10 entries \(the first at index \(3,\)\).*obs_mask"):  # fmt: skip
+        fit_posterior(model, SPEC, bad, num_steps=5, progress=False)
