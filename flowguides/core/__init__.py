@@ -44,6 +44,7 @@ from flowguides.core.checks import (
     check_training,
     check_vectorize_option,
     check_weights,
+    local_latent_error,
 )
 from flowguides.core.coupling import (
     COUPLINGS,
@@ -175,6 +176,7 @@ __all__ = [
     "check_training",
     "check_vectorize_option",
     "check_weights",
+    "local_latent_error",
     "coordinate_sites",
     "decay_steps",
     "default_learning_rate",

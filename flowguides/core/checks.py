@@ -31,6 +31,7 @@ __all__ = [
     "check_training",
     "check_vectorize_option",
     "check_weights",
+    "local_latent_error",
 ]
 
 OBJECTIVES = ("maximum_likelihood", "flow_matching")
@@ -284,3 +285,14 @@ def check_observed(values: Mapping[str, Any]) -> None:
                 f"at every latent value; drop those entries or mask them out (a boolean "
                 f"obs_mask= on the site, or the PPL's mask handler)"
             )
+
+
+def local_latent_error(site: str, plate: str, subsample_size: int, size: int) -> ValueError:
+    """The error for a latent site inside a plate that subsamples (a local latent variable)."""
+    return ValueError(
+        f"site {site!r}: a latent site inside plate {plate!r}, which subsamples "
+        f"({subsample_size} of {size}); a flow guide is one joint distribution over fixed-size "
+        f"latent sites, so each step's subsample would pair the same guide coordinates with "
+        f"other data points. Subsample only plates that hold no latent site, or keep this "
+        f"plate whole (subsample_size=None)"
+    )

@@ -13,6 +13,9 @@ inside `jit`), `param`/`mutable` sites or discrete latent sites in the model, a 
 plate, no valid initial point (NumPyro then raises its own diagnostics), or a NumPyro without
 the helpers used here.
 
+`check_latent_sites` names a latent site no continuous flow guide can take (discrete, or
+local to a subsampled plate), where NumPyro's own set-up failed.
+
 Subsampled plates: `full_data` runs a model on all rows of its subsampled plates (the start
 search's energy), `training_model` makes their minibatch draws vectorised (see
 `flowguides.core.WITH_REPLACEMENT_RATIO`).
@@ -32,7 +35,12 @@ from numpyro.infer.autoguide import AutoGuide
 from numpyro.infer.util import get_potential_fn, initialize_model
 from numpyro.primitives import Messenger
 
-from flowguides.core import WITH_REPLACEMENT_RATIO
+from flowguides.core import (
+    WITH_REPLACEMENT_RATIO,
+    DiscreteLatentError,
+    NoLatentSitesError,
+    local_latent_error,
+)
 from flowguides.numpyro._model import callable_key, split_args
 from flowguides.numpyro._training import cache_key, cached, jit
 
@@ -42,6 +50,7 @@ except ImportError:  # pragma: no cover - older NumPyro: its own set-up
     _prepare_model_for_potential = _transforms_from_trace = None
 
 __all__ = [
+    "check_latent_sites",
     "StagedPrototype",
     "full_data",
     "staged_prototype",
@@ -196,3 +205,33 @@ def training_model(model: Callable[..., Any], subsamples: bool) -> Callable[...,
     """`model` with its subsampled plates drawing by `_fast_subsample` (`model` itself when
     it `subsamples` nothing)."""
     return _fast_subsample(model) if subsamples else model
+
+
+def check_latent_sites(trace: Mapping[str, dict]) -> None:
+    """Raise if a latent site of the model `trace` is discrete or inside a plate that
+    subsamples, or if there is none at all."""
+    latent = {
+        name: site
+        for name, site in trace.items()
+        if site["type"] == "sample"
+        and not site["is_observed"]
+        and not site["infer"].get("is_auxiliary", False)
+    }
+    if not latent:
+        raise NoLatentSitesError(
+            "model: found no latent sample sites (every sample site is observed); there is "
+            "nothing for a guide to fit"
+        )
+    for name, site in latent.items():
+        if site["fn"].support.is_discrete:
+            raise DiscreteLatentError(
+                f"site {name!r}: a discrete latent site ({type(site['fn']).__name__}) cannot be "
+                f"fitted by a continuous flow guide; marginalise it out by enumeration "
+                f"(e.g. infer={{'enumerate': 'parallel'}} with TraceEnum_ELBO and a guide over "
+                f"the remaining sites, or numpyro.contrib.funsor.config_enumerate)"
+            )
+        for frame in site["cond_indep_stack"]:
+            plate = trace.get(frame.name, {})
+            size, subsample_size = plate.get("args", (frame.size, None))
+            if plate.get("type") == "plate" and subsample_size not in (None, size):
+                raise local_latent_error(name, frame.name, subsample_size, size)

@@ -34,8 +34,6 @@ from numpyro.infer.initialization import init_to_median
 from flowguides.core import (
     FULL_RANK_MAX_DIM,
     PRECONDITION,
-    DiscreteLatentError,
-    NoLatentSitesError,
     as_spec,
     check_observed,
     check_preconditioner,
@@ -45,7 +43,7 @@ from flowguides.core.calls import call_error
 from flowguides.numpyro import ode
 from flowguides.numpyro._control import reference_params
 from flowguides.numpyro._model import as_constants, callable_key, choose_constants, split_args
-from flowguides.numpyro._prototype import StagedPrototype, full_data
+from flowguides.numpyro._prototype import StagedPrototype, check_latent_sites, full_data
 from flowguides.numpyro._support import dynamic_call, dynamic_sites
 from flowguides.numpyro._training import cache_key, cached, jit
 from flowguides.numpyro.build import (
@@ -148,11 +146,11 @@ class AutoFlowGuide(AutoContinuous, StagedPrototype):
         except (ValueError, RuntimeError, NotImplementedError):
             with handlers.block():
                 trace = handlers.trace(handlers.seed(self.model, 0)).get_trace(*args, **kwargs)
-            _check_latent_sites(trace)  # a clearer message where it applies
+            check_latent_sites(trace)  # a clearer message where it applies
             check_observed({n: s["value"] for n, s in trace.items()
                             if s["type"] == "sample" and s["is_observed"]})  # fmt: skip
             raise
-        _check_latent_sites(self.prototype_trace)
+        check_latent_sites(self.prototype_trace)
         self._dynamic = dynamic_sites(
             self.model, args, kwargs, self._init_locs, self.prototype_trace
         )
@@ -371,27 +369,3 @@ class AutoFlowGuide(AutoContinuous, StagedPrototype):
             for name, value in (self._precondition or {}).items()
         }
         return Flow(self.spec, self.latent_dim, {**weights, **fixed})
-
-
-def _check_latent_sites(trace: Mapping[str, dict]) -> None:
-    """Raise if a latent site of the model `trace` is discrete, or if there is none at all."""
-    latent = {
-        name: site
-        for name, site in trace.items()
-        if site["type"] == "sample"
-        and not site["is_observed"]
-        and not site["infer"].get("is_auxiliary", False)
-    }
-    if not latent:
-        raise NoLatentSitesError(
-            "model: found no latent sample sites (every sample site is observed); there is "
-            "nothing for a guide to fit"
-        )
-    for name, site in latent.items():
-        if site["fn"].support.is_discrete:
-            raise DiscreteLatentError(
-                f"site {name!r}: a discrete latent site ({type(site['fn']).__name__}) cannot be "
-                f"fitted by a continuous flow guide; marginalise it out by enumeration "
-                f"(e.g. infer={{'enumerate': 'parallel'}} with TraceEnum_ELBO and a guide over "
-                f"the remaining sites, or numpyro.contrib.funsor.config_enumerate)"
-            )

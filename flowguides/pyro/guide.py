@@ -32,6 +32,7 @@ from flowguides.core import (
     check_preconditioner,
     check_vectorize_option,
     coordinate_sites,
+    local_latent_error,
 )
 from flowguides.core.calls import call_error
 from flowguides.pyro._control import reference_terms
@@ -156,6 +157,17 @@ class AutoFlowGuide(AutoContinuous, BatchLogJoint):
                 nesting += [-f.dim for f in site["cond_indep_stack"] if f.vectorized]
         self.max_plate_nesting = max(nesting)
         self._chunks = full_data_chunks(self.model_trace)
+        for name, site in self.prototype_trace.iter_stochastic_nodes():  # no local latents
+            for frame in site["cond_indep_stack"]:
+                plate = self.model_trace.nodes.get(frame.name)
+                if (
+                    plate
+                    and site_is_subsample(plate)
+                    and (plate["fn"].subsample_size or plate["fn"].size) < plate["fn"].size
+                ):
+                    raise local_latent_error(
+                        name, frame.name, plate["fn"].subsample_size, plate["fn"].size
+                    )
         dim = self.latent_dim
         try:
             self.spec.check_dim(dim)

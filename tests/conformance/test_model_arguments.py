@@ -114,3 +114,36 @@ def test_a_nan_observation_is_named(backend: str) -> None:
     with pytest.raises(ValueError, match=r"site 'y': the observed value holds 1 NaN or inf of "
                        r"10 entries \(the first at index \(3,\)\).*obs_mask"):  # fmt: skip
         fit_posterior(model, SPEC, bad, num_steps=5, progress=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_local_latent_in_a_subsampled_plate_is_refused(backend: str) -> None:
+    """Pyro's `AutoContinuous` takes such a site silently as a global one of the subsample's
+    size (each step then pairs its coordinates with other rows); NumPyro's says only "does not
+    support local latent variables"."""
+    if backend == "pyro":
+        import pyro
+        import pyro.distributions as dist
+        import torch
+
+        from flowguides.pyro import fit_posterior
+
+        y, plate, sample = torch.tensor(Y), pyro.plate, pyro.sample
+    else:
+        import jax.numpy as jnp
+        import numpyro
+        import numpyro.distributions as dist
+
+        from flowguides.numpyro import fit_posterior
+
+        y, plate, sample = jnp.asarray(Y), numpyro.plate, numpyro.sample
+
+    def model(y):
+        mu = sample("mu", dist.Normal(0.0, 5.0))
+        with plate("rows", len(y), subsample_size=4) as idx:
+            z = sample("z", dist.Normal(mu, 1.0))
+            sample("y", dist.Normal(z, 1.0), obs=y[idx])
+
+    with pytest.raises(ValueError, match=r"site 'z': a latent site inside plate 'rows', which "
+                       r"subsamples \(4 of 10\).*subsample_size=None"):  # fmt: skip
+        fit_posterior(model, SPEC, y, num_steps=5, progress=False)
