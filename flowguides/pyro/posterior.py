@@ -1,18 +1,16 @@
 """Fit a flow guide to a Pyro model's posterior: `PosteriorFit` and `fit_posterior`.
 
-The loop uses Adam (with optional global-norm clipping) and the shared schedule from
-[`learning_rate_at`][flowguides.core.learning_rate_at]; a NaN or infinite loss stops training
-with a `NonFiniteLossError` and leaves the last finite parameters in place.
+Adam (optional global-norm clipping), the schedule of `flowguides.core.learning_rate_at`; a
+NaN or infinite loss stops training with a `NonFiniteLossError`, the last finite parameters kept.
 
 Flows with neural-ODE layers train with `training_solves` (STEER end times, the RNODE penalty
-``kinetic_weight * KE + jacobian_weight * JF`` averaged over points and summed over layers added
-to the loss) and record per step, in ``fit.history``, the vector-field evaluations of the loss
-(``"nfe_forward"``) and of its gradient (``"nfe_backward"``), plus the penalty
-(``"regularization"``) when a weight is positive. ``fit.losses`` leaves the penalty out.
+``kinetic_weight * KE + jacobian_weight * JF`` averaged over points and summed over layers added to
+the loss) and record per step, in ``fit.history``, the vector-field evaluations of the loss
+(``"nfe_forward"``) and of its gradient (``"nfe_backward"``), and the penalty
+(``"regularization"``, left out of ``fit.losses``) when a weight is positive.
 
-The same names and parameters as `flowguides.numpyro.posterior`, except where the framework
-differs: NumPyro's `fit_posterior` takes ``static_argnames`` (which arguments compile in as
-constants), Pyro's takes ``vectorize_particles`` (NumPyro vectorises every model with ``vmap``).
+The same names and parameters as `flowguides.numpyro.posterior`, except that NumPyro's
+`fit_posterior` takes ``static_argnames`` and Pyro's ``vectorize_particles``.
 """
 
 from __future__ import annotations
@@ -106,10 +104,8 @@ class PosteriorFit(PosteriorFitMethods):
         """
         t0 = time.perf_counter()
         latent, _ = self.guide.draws(num_samples, seed)
-        out = {
-            k: v.cpu().numpy()
-            for k, v in self.guide.constrain(latent, self.args, self.kwargs).items()
-        }
+        values = self.guide.constrain(latent, self.args, self.kwargs)
+        out = {k: v.cpu().numpy() for k, v in values.items()}
         out.update(self.deterministic(out))
         add_seconds(self.timing, "draws_s", time.perf_counter() - t0)
         return out
@@ -147,10 +143,8 @@ class PosteriorFit(PosteriorFitMethods):
             log_p = self.guide.batch_log_joint(
                 latent, self.args, self.kwargs, vectorize_particles=vectorize_particles
             )
-        draws = {
-            k: v.cpu().numpy()
-            for k, v in self.guide.constrain(latent, self.args, self.kwargs).items()
-        }
+        values = self.guide.constrain(latent, self.args, self.kwargs)
+        draws = {k: v.cpu().numpy() for k, v in values.items()}
         return draws, log_p.cpu().numpy(), log_q.cpu().numpy()
 
     @property
