@@ -22,6 +22,7 @@ __all__ = [
     "callable_name",
     "call_error",
     "first_line",
+    "foreign_arguments",
     "parameter_labels",
     "user_stacklevel",
 ]
@@ -145,3 +146,37 @@ def call_error(
             f"keywords {sorted(kwargs)}: {exc}"
         )
     return None
+
+
+def foreign_arguments(
+    model: Callable[..., Any], args: tuple, kwargs: Mapping[str, Any], backend: str
+) -> str | None:
+    """Where a model's set-up failed: a sentence naming its arguments of a type that the
+    backend's operations do not mix with traced or differentiated values (pandas objects,
+    whose arithmetic converts the other operand to NumPy; for ``backend="torch"`` also NumPy
+    arrays, which torch distributions do not take), with the conversion to use; None where
+    no argument is of such a type."""
+    names = {label: name for name, label in parameter_labels(_unwrap(model), args, kwargs).items()}
+    entries = [*enumerate(args), *kwargs.items()]
+    found = []
+    for label, value in entries:
+        kind = type(value)
+        name = names.get(label, f"argument {label}" if isinstance(label, int) else label)
+        if kind.__module__.split(".")[0] == "pandas":
+            found.append((name, f"a pandas {kind.__name__}"))
+        elif backend == "torch" and kind.__module__ == "numpy" and kind.__name__ == "ndarray":
+            found.append((name, "a NumPy array"))
+    if not found:
+        return None
+    listed = f"model {callable_name(_unwrap(model))!r}: " + ", ".join(
+        f"{name!r} is {what}" for name, what in found
+    )
+    if backend == "torch":
+        return (
+            f"{listed}: torch distributions and autograd take tensors; pass torch.as_tensor(x) "
+            "(x.to_numpy() first for pandas), or convert inside the model"
+        )
+    return (
+        f"{listed}: pandas arithmetic with a traced JAX value converts that value to NumPy, "
+        "which JAX cannot do; pass x.to_numpy(), or convert inside the model (jnp.asarray)"
+    )

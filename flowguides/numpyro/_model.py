@@ -14,9 +14,7 @@ module-level or closure array, a default, a static argument. `callable_key` keys
 on the model's identity and the *contents* of those values, so that changing a global ``y`` and
 fitting again compiles anew instead of fitting the old ``y``.
 
-The Pyro backend's ``_model.py`` holds what its framework needs instead (running a batch of
-draws through a model written for one draw); the two files share their job, how a fit runs the
-user's model, not their names: each backend's needs are its framework's.
+The Pyro backend's ``_model.py`` shares the job (how a fit runs the user's model), not names.
 """
 
 from __future__ import annotations
@@ -35,6 +33,7 @@ import numpy as np
 from numpyro import handlers
 from numpyro.infer.util import log_likelihood as _numpyro_log_likelihood
 
+from flowguides.core import calls
 from flowguides.core.calls import callable_name, first_line, parameter_labels, user_stacklevel
 
 __all__ = [
@@ -289,11 +288,13 @@ def _trace_error(
     return None
 
 
-def model_tracing_error(
-    model: Callable[..., Any], exc: Exception, constants: bool = True
-) -> ModelTracingError:
+def model_tracing_error(model: Callable, exc: Exception, constants: bool = True, *given: Any):
     """The `ModelTracingError` for the tracer error `exc` raised while tracing `model` (with
-    its array arguments as `constants` or traced)."""
+    its array arguments as `constants` or traced), naming its pandas arguments (in `given`,
+    ``(args, kwargs)``) first."""
+    foreign = calls.foreign_arguments(model, *given, "jax") if given else None
+    if foreign is not None:
+        return ModelTracingError(f"{foreign} ({first_line(exc)})")
     if not constants:
         hint = "if the value comes from an argument, name it in static_argnames; if "
     else:
@@ -342,11 +343,11 @@ def choose_constants(
     if traced_error is None:
         return explicit
     if not holding - explicit:  # every array is a constant already: a latent value's doing
-        raise model_tracing_error(model, traced_error) from traced_error
+        raise model_tracing_error(model, traced_error, True, args, kwargs) from traced_error
     everything = explicit | holding
     constant_error = _trace_error(model, args, kwargs, everything)
     if constant_error is not None:
-        raise model_tracing_error(model, constant_error) from constant_error
+        raise model_tracing_error(model, constant_error, True, args, kwargs) from constant_error
     by_label = {label: n for n, label in names.items()}
     shown = sorted(str(by_label.get(label, label)) for label in holding - explicit)
     warnings.warn(

@@ -331,7 +331,7 @@ def fit_posterior(
             state = _init_state(svi, guide, key, args, kwargs, reference)
             state = jax.block_until_ready(state)
         except TRACER_ERRORS as exc:
-            raise model_tracing_error(model, exc, bool(guide._constants)) from exc
+            raise model_tracing_error(model, exc, bool(guide._constants), args, kwargs) from exc
         args, kwargs = as_constants(args, kwargs, guide._constants)  # as the guide's set-up saw
         setup_s = time.perf_counter() - t0
         arrays, signature, rebuild = split_args(args, kwargs, guide._constants)
@@ -351,7 +351,7 @@ def fit_posterior(
                 run_chunk, carry, arrays, num_steps, progress, seconds
             )
         except TRACER_ERRORS as exc:
-            raise model_tracing_error(model, exc, bool(guide._constants)) from exc
+            raise model_tracing_error(model, exc, bool(guide._constants), args, kwargs) from exc
     ran = int(bad_step) + 1 if bool(stopped) else num_steps
     history = {name: np.asarray(values[:ran]) for name, values in steps.items()}
     penalized = losses  # the guide adds the RNODE penalty to log q, so to the step's loss

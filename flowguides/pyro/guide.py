@@ -34,7 +34,7 @@ from flowguides.core import (
     coordinate_sites,
     local_latent_error,
 )
-from flowguides.core.calls import call_error
+from flowguides.core.calls import call_error, first_line, foreign_arguments
 from flowguides.pyro._control import reference_terms
 from flowguides.pyro._model import BatchLogJoint, full_data_chunks
 from flowguides.pyro._support import dynamic_constrain, dynamic_forward, dynamic_sites
@@ -140,13 +140,8 @@ class AutoFlowGuide(AutoContinuous, BatchLogJoint):
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
         try:
             super()._setup_prototype(*args, **kwargs)
-        except TypeError as exc:  # say which argument, where the call does not bind
-            error = call_error(self.model, args, kwargs)
-            if error is None:
-                raise
-            raise error from exc
-        except (ValueError, RuntimeError, NotImplementedError) as exc:
-            self._explain_setup_error(exc)
+        except (TypeError, ValueError, RuntimeError, NotImplementedError) as exc:
+            self._explain_setup_error(exc, args, kwargs)
             raise
         # the prototype trace hides observed sites; plate nesting and data need them all
         self.model_trace = poutine.block(poutine.trace(self.model).get_trace)(*args, **kwargs)
@@ -183,9 +178,10 @@ class AutoFlowGuide(AutoContinuous, BatchLogJoint):
         try:  # the first log joints: a NaN observation fails here, say where it is
             self._check_broadcasting(init, args, kwargs)
             loc, scale, fixed = self._initial_start(init, args, kwargs)
-        except (ValueError, RuntimeError):
+        except (ValueError, RuntimeError) as exc:
             check_observed({n: s["value"] for n, s in self.model_trace.nodes.items()
                             if s["type"] == "sample" and s["is_observed"]})  # fmt: skip
+            self._explain_setup_error(exc, args, kwargs)
             raise
         with torch.no_grad():
             flow.affine.loc.copy_(loc)
@@ -214,7 +210,11 @@ class AutoFlowGuide(AutoContinuous, BatchLogJoint):
         self._reference = reference_terms(out) if found else None  # see `_control.py`
         return choose_start(self.init_scale, init, out, self._coordinate_sites)
 
-    def _explain_setup_error(self, exc: Exception) -> None:
+    def _explain_setup_error(self, exc: Exception, args: tuple, kwargs: dict) -> None:
+        error = call_error(self.model, args, kwargs)  # a call that does not bind
+        foreign = foreign_arguments(self.model, args, kwargs, "torch")  # or a foreign type
+        if error or foreign:
+            raise (error or TypeError(f"{foreign} ({first_line(exc)})")) from exc
         trace = self.prototype_trace
         if trace is None:
             return

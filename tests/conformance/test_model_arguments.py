@@ -155,3 +155,36 @@ def test_a_local_latent_in_a_subsampled_plate_is_refused(backend: str) -> None:
     with pytest.raises(ValueError, match=r"site 'z': a latent site inside plate 'rows', which "
                        r"subsamples \(4 of 10\).*subsample_size=None"):  # fmt: skip
         fit_posterior(model, SPEC, y, num_steps=5, progress=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_pandas_argument_is_named_with_its_conversion(backend: str) -> None:
+    import pandas as pd
+
+    model, _, fit_posterior, _ = _setup(backend)
+    # the model's ``y - mu``: pandas arithmetic with a latent value (anchors: a bare tracer or
+    # dtype error that names neither the argument nor the fix)
+    convert = "x.to_numpy()" if backend == "numpyro" else r"torch.as_tensor\(x\)"
+    with pytest.raises(Exception, match=rf"model 'model': 'y' is a pandas Series: .*{convert}"):
+        fit_posterior(model, SPEC, pd.Series(Y), num_steps=5, progress=False)
+
+
+@pytest.mark.torch
+def test_a_numpy_argument_to_a_pyro_model_is_named() -> None:
+    model, _, fit_posterior, _ = _setup("pyro")
+    with pytest.raises(TypeError, match=r"'y' is a NumPy array: torch distributions .* take "
+                       r"tensors; pass torch.as_tensor\(x\).*\(Error while computing log_prob"):  # fmt: skip
+        fit_posterior(model, SPEC, Y, num_steps=5, progress=False)
+    # a model that converts its NumPy argument itself fits (the check is on failures only)
+    import pyro
+    import pyro.distributions as dist
+    import torch
+
+    def converting(y):
+        y = torch.as_tensor(y)
+        mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        with pyro.plate("n", len(y)):
+            pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+    fit = fit_posterior(converting, SPEC, Y, num_steps=50, progress=False)
+    assert np.isfinite(fit.losses).all()
