@@ -231,10 +231,13 @@ def densities_section(rows: list[dict]) -> str:
         cell = {(r["problem"], r["method"]): r for r in sub}
         body = [[m, *[density_cell(cell.get((s, m))) for s in sets]]
                 for m in dict.fromkeys(r["method"] for r in sub)]  # fmt: skip
-        dims = {r["problem"]: r.get("dim") for r in sub}
+        dims: dict[str, Any] = {}
+        for r in sub:  # a row that failed before it read its data has no dim
+            if r.get("dim") is not None:
+                dims.setdefault(r["problem"], r["dim"])
         runs = ran_span(sub)
         out.append(f"### {steps} steps (ran: {runs})\n\n"
-                   + table(["method", *[f"{s} ({dims[s]}-D)" for s in sets]], body)
+                   + table(["method", *[f"{s} ({dims.get(s, '?')}-D)" for s in sets]], body)
                    + "\n\n" + _commands("densities", sub))  # fmt: skip
     return "\n\n".join(out)
 
