@@ -1,6 +1,7 @@
 """A bounded sweep of ``fit_density``'s learning rate and batch size (NumPyro backend).
 
-Usage: ``python -m benchmarks.density_defaults [--out PATH] [--seed N] [--flow-matching]``.
+Usage: ``python -m benchmarks.density_defaults [--out PATH] [--seed N] [--flow-matching
+[--steps N ...] [--batch-sizes N ...] [--sets NAME ...] [--backend pyro]]``.
 
 RealNVP and planar flows (`benchmarks.densities.DENSITY_ARCH` sizes, float64) on two moons and
 8 Gaussians, at 500 and 2,000 steps, for every learning rate in ``{1e-3, 3e-3, 1e-2}`` and batch
@@ -17,8 +18,9 @@ and time; a rerun replaces the lines with the same key (`benchmarks.rows.merge_r
 neural ODE of the density suite fitted by flow matching (independent coupling, `fit_density`'s
 learning rate `flowguides.core.DENSITY_LEARNING_RATE`) on the four 2-D sets at 2,000 and 12,000
 steps, each with the suite's patience (500 steps) and without early stopping (patience = the
-step budget; the best-validation parameters kept all the same): 16 fits, rows in the same file
-(``method_settings.patience`` tells them apart).
+step budget; the best-validation parameters kept all the same), then 20,000 steps without
+early stopping at batch sizes 256 and 1,024 (`FM_LONG`): 24 fits, rows in the same file
+(``method_settings.patience`` and ``batch_size`` tell them apart).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from benchmarks.rows import (  # noqa: E402
     utc_now,
 )
 
-__all__ = ["DATASETS", "FAMILIES", "FM_GRID", "GRID", "OUT", "flow_matching_sweep", "main",
+__all__ = ["DATASETS", "FAMILIES", "FM_GRID", "FM_LONG", "GRID", "OUT", "flow_matching_sweep", "main",
            "summary", "sweep"]  # fmt: skip
 
 GRID = {"num_steps": (500, 2000), "learning_rate": (1e-3, 3e-3, 1e-2), "batch_size": (128, 256)}
@@ -63,7 +65,12 @@ DATASETS = ("two_moons", "8gaussians")
 """The data sets."""
 
 FM_GRID = {"num_steps": (2000, 12000), "patience": (500, None)}
-"""The flow-matching sweep: step budgets, and patience (None: no early stopping)."""
+"""The flow-matching sweep: step budgets, and patience (None: no early stopping), at the
+density suite's batch size (256); with `FM_LONG` after them."""
+
+FM_LONG = {"num_steps": (20000,), "patience": (None,), "batch_size": (256, 1024)}
+"""The flow-matching sweep's longer fits: 20,000 steps without early stopping, at batch sizes
+256 and 1,024 (a flow-matching step solves nothing, so it is cheap to take many)."""
 
 FM_DATASETS = ("two_moons", "8gaussians", "checkerboard", "spiral")
 """The flow-matching sweep's data sets (the 2-D ones)."""
@@ -98,20 +105,32 @@ def sweep(out: Path = OUT, seed: int = 0, grid: dict[str, tuple] = GRID) -> list
     return rows
 
 
-def flow_matching_sweep(out: Path = OUT, seed: int = 0) -> list[dict]:
-    """Run every (2-D data set, `FM_GRID` setting) flow-matching fit, writing `out` after
-    each; returns the rows."""
+def flow_matching_sweep(
+    out: Path = OUT,
+    seed: int = 0,
+    only_steps: tuple[int, ...] | None = None,
+    backend: str = "numpyro",
+    sets: tuple[str, ...] = FM_DATASETS,
+    batch_sizes: tuple[int, ...] | None = None,
+) -> list[dict]:
+    """Run every (2-D data set, `FM_GRID` or `FM_LONG` setting) flow-matching fit of
+    `backend` (those of `only_steps` steps, `sets` and `batch_sizes`, where given), writing
+    `out` after each; returns the rows."""
     from benchmarks.density_training import CHECKPOINT, CheckpointPolicy
     from flowguides.core import DENSITY_LEARNING_RATE
 
     earlier = _read(out)
     run = {"versions": library_versions(), "commit": git_commit(), "run": utc_now()}
-    method = "flowguides-numpyro neural ODE (FM)"
+    method = f"flowguides-{backend} neural ODE (FM)"
     rows: list[dict] = []
-    for name in FM_DATASETS:
+    settings = [(*s, 256) for s in itertools.product(*FM_GRID.values())]
+    settings += list(itertools.product(*FM_LONG.values()))
+    for name in sets:
         data = densities.load(name, seed=seed)
-        for steps, patience in itertools.product(*FM_GRID.values()):
-            budget = DensityBudget(num_steps=steps, learning_rate=DENSITY_LEARNING_RATE, seed=seed)
+        for steps, patience, batch in settings:
+            if steps not in (only_steps or (steps,)) or batch not in (batch_sizes or (batch,)):
+                continue
+            budget = DensityBudget(steps, batch, DENSITY_LEARNING_RATE, seed)
             policy = CheckpointPolicy(CHECKPOINT.every, patience or steps,
                                       CHECKPOINT.validation_fraction)  # fmt: skip
             row: dict[str, Any] = {"suite": "density_defaults", "problem": name, "method": method,
@@ -185,6 +204,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=OUT, help="the JSON-lines file")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--flow-matching", action="store_true", help="the flow-matching sweep")
+    parser.add_argument("--steps", type=int, nargs="+", help="flow matching: only these budgets")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", help="flow matching: only these")
+    parser.add_argument("--sets", nargs="+", default=FM_DATASETS, help="flow matching: data sets")
+    parser.add_argument("--backend", choices=("numpyro", "pyro"), default="numpyro")
     args = parser.parse_args(argv)
     import torch
 
@@ -192,7 +215,10 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     start = time.process_time()
     if args.flow_matching:
-        rows = flow_matching_sweep(args.out, args.seed)
+        rows = flow_matching_sweep(
+            args.out, args.seed, args.steps and tuple(args.steps), args.backend,
+            tuple(args.sets), args.batch_sizes and tuple(args.batch_sizes),
+        )  # fmt: skip
     else:
         rows = sweep(args.out, args.seed)
         print("\n".join(summary(rows)))

@@ -14,6 +14,7 @@ from flowguides.core import (
     FitBelowStartWarning,
     check_weights,
     default_learning_rate,
+    density_budget,
     density_patience,
     warn_if_below_start,
 )
@@ -33,6 +34,19 @@ def test_density_patience_defaults_per_objective_and_checks_its_value() -> None:
     for bad in (0, -3, 2.5, True, "500"):
         with pytest.raises(ValueError, match=f"patience: expected .* got {bad!r}"):
             density_patience(bad, "maximum_likelihood", 100)
+
+
+def test_density_budget_defaults_per_objective_and_checks_the_batch_size() -> None:
+    # flow matching: more and larger steps (it solves nothing); what is given is kept
+    assert density_budget(None, None, "maximum_likelihood") == (2000, 256)
+    assert density_budget(None, None, "flow_matching") == (20_000, 1024)
+    assert density_budget(300, 64, "flow_matching") == (300, 64)
+    assert density_budget(None, 32, "maximum_likelihood") == (2000, 32)
+    for bad in (0, -1, 2.5, True, "256"):
+        with pytest.raises(
+            ValueError, match=f"batch_size: expected a positive integer, got {bad!r}"
+        ):
+            density_budget(10, bad, "maximum_likelihood")
 
 
 def _losses(start: float, end: float, n: int = 400, noise: float = 1.0) -> np.ndarray:

@@ -188,6 +188,30 @@ def coordinate_sites(sizes: Mapping[str, int], coords: Sequence[int]) -> list[st
     return owners
 
 
+DENSITY_BUDGETS = {"maximum_likelihood": (2000, 256), "flow_matching": (20000, 1024)}
+"""`fit_density`'s default ``(num_steps, batch_size)`` per objective (where the call passes
+None): a flow-matching step solves nothing, so it is cheap, and its regression target is
+noisy, so it takes more and larger steps (the flow-matching sweep of
+``benchmarks/density_defaults.py``, rows in ``benchmarks/results/density_defaults.jsonl``)."""
+
+
+def density_budget(
+    num_steps: int | None, batch_size: int | None, objective: str
+) -> tuple[int, int]:
+    """``(num_steps, batch_size)`` with each None replaced by `DENSITY_BUDGETS`'s default for
+    `objective` (maximum likelihood's for an unknown one: the objective's own check names it).
+
+    Raises:
+        ValueError: `batch_size` is not a positive integer.
+    """
+    steps, batch = DENSITY_BUDGETS.get(objective, DENSITY_BUDGETS["maximum_likelihood"])
+    num_steps = steps if num_steps is None else num_steps
+    batch_size = batch if batch_size is None else batch_size
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+    return num_steps, batch_size
+
+
 def density_patience(patience: int | None, objective: str, num_steps: int) -> int:
     """`fit_density`'s patience in steps: `patience` (a positive integer) as given, or for None
     the default: `DENSITY_PATIENCE` for maximum likelihood, and `num_steps` (no early stopping;

@@ -36,6 +36,7 @@ from flowguides.core import (
     check_data,
     check_objective,
     check_training,
+    density_budget,
     density_patience,
 )
 from flowguides.core.data import prepare_data
@@ -129,8 +130,8 @@ def fit_density(
     data: Any,
     spec: FlowSpec | Mapping[str, Any],
     *,
-    num_steps: int = 2000,
-    batch_size: int = 256,
+    num_steps: int | None = None,
+    batch_size: int | None = None,
     learning_rate: float = DENSITY_LEARNING_RATE,
     validation_fraction: float = 0.1,
     patience: int | None = None,
@@ -188,7 +189,9 @@ def fit_density(
         data: an in-memory or memory-mapped array ``(n, dim)`` of finite values, or an
             iterable of finite float minibatches ``(n_k, dim)``.
         spec: the flow spec (or its dict form).
-        num_steps, batch_size, learning_rate: the optimisation (Adam, shared schedule).
+        num_steps, batch_size, learning_rate: the optimisation (Adam, shared schedule);
+            `num_steps` and `batch_size` None: 2,000 and 256, for flow matching 20,000 and
+            1,024 (`flowguides.core.DENSITY_BUDGETS`).
         validation_fraction, patience: early stopping (`patience` in steps; None: 500 for
             maximum likelihood, none for flow matching, see `flowguides.core.density_patience`).
         standardize: fit the flow to standardised data (the Jacobian enters `log_prob`).
@@ -224,9 +227,8 @@ def fit_density(
         Optimal Transport", TMLR 2024.
     """
     spec = as_spec(spec)
+    num_steps, batch_size = density_budget(num_steps, batch_size, objective)
     check_training(num_steps, learning_rate, None)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
     patience = density_patience(patience, objective, num_steps)
     check_objective(spec, objective, sigma_min)
     check_coupling(coupling, objective)

@@ -15,7 +15,7 @@ from flowguides.pyro.ode import couple_noise, flow_matching_loss
 from flowguides.spec import FlowSpec, SpecError
 
 ODE = FlowSpec.neural_ode(hidden=[32, 32], solver="rk4", num_steps=8, dtype="float64")
-FIT = {"objective": "flow_matching", "learning_rate": 1e-2, "progress": False}
+FIT = {"objective": "flow_matching", "learning_rate": 1e-2, "batch_size": 256, "progress": False}
 
 
 def ring(n: int, seed: int) -> np.ndarray:
