@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--backend", choices=["pyro", "numpyro"], default="numpyro")
     p.add_argument("--out", required=True, help="folder to write the fit, loss.png, density.png")
-    budgets = "default: 2000 and 256 for maximum likelihood, 20000 and 1024 for flow matching"
+    budgets = "default: 2000 and 256; flow matching 20000 and 1024 (256 with --coupling ot)"
     p.add_argument("--steps", type=int, default=None, help=budgets)
     p.add_argument("--batch-size", type=int, default=None, help=budgets)
     p.add_argument("--lr", type=float, default=DENSITY_LEARNING_RATE)

@@ -40,6 +40,7 @@ def test_density_budget_defaults_per_objective_and_checks_the_batch_size() -> No
     # flow matching: more and larger steps (it solves nothing); what is given is kept
     assert density_budget(None, None, "maximum_likelihood") == (2000, 256)
     assert density_budget(None, None, "flow_matching") == (20_000, 1024)
+    assert density_budget(None, None, "flow_matching", "ot") == (20_000, 256)  # cubic cost
     assert density_budget(300, 64, "flow_matching") == (300, 64)
     assert density_budget(None, 32, "maximum_likelihood") == (2000, 32)
     for bad in (0, -1, 2.5, True, "256"):

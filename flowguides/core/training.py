@@ -188,23 +188,31 @@ def coordinate_sites(sizes: Mapping[str, int], coords: Sequence[int]) -> list[st
     return owners
 
 
-DENSITY_BUDGETS = {"maximum_likelihood": (2000, 256), "flow_matching": (20000, 1024)}
+DENSITY_BUDGETS = {
+    "maximum_likelihood": (2000, 256),
+    "flow_matching": (20000, 1024),
+    "flow_matching_ot": (20000, 256),
+}
 """`fit_density`'s default ``(num_steps, batch_size)`` per objective (where the call passes
 None): a flow-matching step solves nothing, so it is cheap, and its regression target is
 noisy, so it takes more and larger steps (the flow-matching sweep of
-``benchmarks/density_defaults.py``, rows in ``benchmarks/results/density_defaults.jsonl``)."""
+``benchmarks/density_defaults.py``, rows in ``benchmarks/results/density_defaults.jsonl``);
+with ``coupling="ot"`` (``"flow_matching_ot"``) 256 rows, since the exact assignment's cost
+grows as the cube of the batch size."""
 
 
 def density_budget(
-    num_steps: int | None, batch_size: int | None, objective: str
+    num_steps: int | None, batch_size: int | None, objective: str, coupling: str = "independent"
 ) -> tuple[int, int]:
     """``(num_steps, batch_size)`` with each None replaced by `DENSITY_BUDGETS`'s default for
-    `objective` (maximum likelihood's for an unknown one: the objective's own check names it).
+    `objective` and `coupling` (maximum likelihood's for an unknown objective: the
+    objective's own check names it).
 
     Raises:
         ValueError: `batch_size` is not a positive integer.
     """
-    steps, batch = DENSITY_BUDGETS.get(objective, DENSITY_BUDGETS["maximum_likelihood"])
+    key = "flow_matching_ot" if (objective, coupling) == ("flow_matching", "ot") else objective
+    steps, batch = DENSITY_BUDGETS.get(key, DENSITY_BUDGETS["maximum_likelihood"])
     num_steps = steps if num_steps is None else num_steps
     batch_size = batch if batch_size is None else batch_size
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:

@@ -217,7 +217,7 @@ def fit_density(
         spec: a `FlowSpec` or its dict form.
         num_steps, batch_size: optimisation steps at most, rows per step (at most the number
             of training rows); None: 2,000 and 256, for flow matching 20,000 and 1,024
-            (`flowguides.core.DENSITY_BUDGETS`).
+            (256 with ``coupling="ot"``; `flowguides.core.DENSITY_BUDGETS`).
         learning_rate: Adam's peak learning rate (decayed over the second half; default
             `flowguides.core.DENSITY_LEARNING_RATE`).
         validation_fraction: the share of rows held out for early stopping.
@@ -260,7 +260,7 @@ def fit_density(
         Optimal Transport", TMLR 2024.
     """
     spec = as_spec(spec)
-    num_steps, batch_size = density_budget(num_steps, batch_size, objective)
+    num_steps, batch_size = density_budget(num_steps, batch_size, objective, coupling)
     check_training(num_steps, learning_rate, None)
     patience = density_patience(patience, objective, num_steps)
     check_objective(spec, objective, sigma_min)

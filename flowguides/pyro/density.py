@@ -191,7 +191,7 @@ def fit_density(
         spec: the flow spec (or its dict form).
         num_steps, batch_size, learning_rate: the optimisation (Adam, shared schedule);
             `num_steps` and `batch_size` None: 2,000 and 256, for flow matching 20,000 and
-            1,024 (`flowguides.core.DENSITY_BUDGETS`).
+            1,024 (256 with ``coupling="ot"``; `flowguides.core.DENSITY_BUDGETS`).
         validation_fraction, patience: early stopping (`patience` in steps; None: 500 for
             maximum likelihood, none for flow matching, see `flowguides.core.density_patience`).
         standardize: fit the flow to standardised data (the Jacobian enters `log_prob`).
@@ -227,7 +227,7 @@ def fit_density(
         Optimal Transport", TMLR 2024.
     """
     spec = as_spec(spec)
-    num_steps, batch_size = density_budget(num_steps, batch_size, objective)
+    num_steps, batch_size = density_budget(num_steps, batch_size, objective, coupling)
     check_training(num_steps, learning_rate, None)
     patience = density_patience(patience, objective, num_steps)
     check_objective(spec, objective, sigma_min)
