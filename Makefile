@@ -7,7 +7,7 @@ export OMP_NUM_THREADS := 1
 export XLA_FLAGS := --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1
 export MPLBACKEND := Agg
 
-.PHONY: install demo test lint docs bench bench-full bench-slow bench-high-dim bench-large bench-report clean
+.PHONY: install demo test lint docs bench bench-full bench-slow bench-high-dim bench-large bench-neutra bench-report clean
 
 $(BIN)/flowguides: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -61,3 +61,9 @@ bench-large: install
 	$(BIN)/python -m benchmarks.large --problem logistic --rows 100000 1000000 --backends numpyro
 	$(BIN)/python -m benchmarks.large --problem logistic --rows 100000 --backends pyro --steps 1000
 	$(BIN)/python -m benchmarks.large --problem varying --rows 100000 --groups 1000 --backends numpyro
+
+# NeuTra against NUTS (and flowMC) on the funnel: effective samples per second on v.
+bench-neutra: install
+	$(BIN)/python -m pip install -q -e ".[bench]"
+	$(BIN)/python -m benchmarks.neutra_ess --write --seeds 0 1
+	$(BIN)/python -m benchmarks.report --readme

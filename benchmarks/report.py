@@ -24,6 +24,7 @@ from benchmarks.tables import (
     compile_profile_section,
     densities_section,
     first_call_section,
+    neutra_ess_section,
     posteriors_section,
     speed_section,
 )
@@ -169,6 +170,22 @@ def write_docs(results: Path, docs: Path) -> None:
                 "it to StableHLO, and compile or load it.\n"
             )
             parts.append(profile + "\n")
+    neutra = results / "neutra_ess.jsonl"
+    if neutra.is_file():
+        lines = neutra.read_text().splitlines()
+        rows = latest([json.loads(line) for line in lines if line.strip()])
+        parts.append("## NeuTra on the funnel: effective samples per second\n")
+        parts.append(
+            "Written by `python -m benchmarks.neutra_ess --write --seeds 0 1` (rows in "
+            "`benchmarks/results/neutra_ess.jsonl`, with their settings, versions and commit): "
+            "the 10-D funnel in one process per run (float64, one thread). NUTS, and NeuTra "
+            "(`fit_posterior` with `FlowSpec.realnvp(num_layers=4)` and its defaults, then "
+            "`fit.neutra` at the same chains and budget), with flowMC (RQSpline + MALA) as the "
+            "anchor. *wall s* counts everything (fit, compiles, warm-up, draws); *ESS of v* is "
+            "NumPyro's `effective_sample_size` over the kept draws of all chains; *ESS/s ÷ NUTS's* compares "
+            "with NUTS of the same seed.\n"
+        )
+        parts.append(neutra_ess_section(rows) + "\n")
     pngs = sorted(p.name for p in img.glob("bench-*.png"))
     if pngs:
         parts.append("## Plots: draws against the reference (first two coordinates)\n")

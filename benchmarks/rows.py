@@ -54,13 +54,14 @@ MIN_SEEDS = 3
 
 ROOT = Path(__file__).resolve().parent.parent
 _PACKAGES = ("flowguides", "torch", "pyro-ppl", "jax", "numpyro", "flowjax", "zuko", "normflows",
-             "arviz", "blackjax")  # fmt: skip
+             "arviz", "blackjax", "flowMC")  # fmt: skip
 _LIBRARIES = {
     "flowguides-pyro": ("flowguides", "torch", "pyro-ppl"),
     "flowguides-numpyro": ("flowguides", "jax", "numpyro"),
     "pyro": ("torch", "pyro-ppl"), "numpyro": ("jax", "numpyro"), "bare": ("jax", "numpyro"),
     "flowjax": ("jax", "numpyro", "flowjax"), "zuko": ("torch", "zuko"),
     "normflows": ("torch", "normflows"), "blackjax": ("jax", "numpyro", "blackjax"),
+    "flowMC": ("jax", "flowMC"),
 }  # fmt: skip
 """The libraries a method's row depends on, by the first word of its name."""
 

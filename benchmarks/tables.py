@@ -307,3 +307,45 @@ def compile_profile_section(rows: list[dict]) -> str:
         parts.append(head + "\n\n" + table(["program", "trace s", "lower s",
                                                "compile / load s", "cached"], out))  # fmt: skip
     return "\n\n".join(parts)
+
+
+def neutra_ess_section(rows: list[dict]) -> str:
+    """NeuTra against NUTS on the funnel (`benchmarks/neutra_ess.py`): one row per method and
+    seed, with ESS per second on ``v`` and the ratio to NUTS of the same seed."""
+    nuts = {r["seed"]: r for r in rows if r["method"] == "numpyro NUTS" and "ess_per_s" in r}
+    body = []
+    for r in sorted(rows, key=lambda r: (r["seed"], r["method"] != "numpyro NUTS", r["method"])):
+        if r.get("error"):
+            body.append([r["method"], str(r["seed"]), f"error: `{r['error'][:120]}`",
+                         *["–"] * 7, ran(r)])  # fmt: skip
+            continue
+        base = nuts.get(r["seed"])
+        ratio = r["ess_per_s"] / base["ess_per_s"] if base else None
+        body.append([
+            r["method"], str(r["seed"]), fmt(r.get("wall_s")), fmt(r.get("fit_s")),
+            fmt(r.get("ess_v")), fmt(r.get("ess_per_s")), fmt(ratio, 3),
+            f"{fmt(r.get('v_mean'), 2)} / {fmt(r.get('v_sd'), 3)}",
+            fmt(r.get("divergences")), _settings(r), ran(r),
+        ])  # fmt: skip
+    header = [
+        "method",
+        "seed",
+        "wall s",
+        "of which fit s",
+        "ESS of v",
+        "ESS/s",
+        "ESS/s ÷ NUTS's",
+        "v mean / sd (truth 0 / 3)",
+        "divergences",
+        "settings",
+        "ran",
+    ]
+    return table(header, body)
+
+
+def _settings(row: dict) -> str:
+    s = row.get("method_settings") or {}
+    if "num_chains" in s:
+        return f"{s['num_chains']} chains × ({s['num_warmup']} + {s['num_samples']})"
+    keys = ("n_chains", "n_training_loops", "n_production_loops", "n_local_steps", "n_global_steps")
+    return ", ".join(f"{k} {s[k]}" for k in keys if k in s)

@@ -186,3 +186,36 @@ def test_compile_log_parses_each_programs_trace_lowering_and_compile() -> None:
         {"name": "chunk", "trace_s": 0.0, "lower_s": 0.0625, "compile_s": 0.03125,
          "cached": False},
     ]  # fmt: skip
+
+
+def test_neutra_table_divides_by_nuts_of_the_same_seed() -> None:
+    from benchmarks.tables import neutra_ess_section
+
+    def row(method: str, seed: int, ess_per_s: float, **extra: object) -> dict:
+        settings = {"num_chains": 4, "num_warmup": 1000, "num_samples": 1000}
+        return {"method": method, "seed": seed, "ess_per_s": ess_per_s, "wall_s": 10.0,
+                "ess_v": 10 * ess_per_s, "method_settings": settings, **extra}  # fmt: skip
+
+    text = neutra_ess_section([
+        row("numpyro NUTS", 0, 2.0), row("numpyro NUTS", 1, 4.0),
+        row("flowguides-numpyro NeuTra (RealNVP)", 0, 10.0, divergences=0),
+        row("flowguides-numpyro NeuTra (RealNVP)", 1, 10.0),
+        {"method": "flowMC RQSpline MALA", "seed": 0, "error": "ImportError: no flowMC"},
+    ])  # fmt: skip
+    lines = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in text.splitlines()}
+    assert "| 5 |" in lines[("flowguides-numpyro NeuTra (RealNVP)", "0")]  # 10 / 2
+    assert "| 2.5 |" in lines[("flowguides-numpyro NeuTra (RealNVP)", "1")]  # 10 / 4
+    assert "| 1 |" in lines[("numpyro NUTS", "0")]
+    assert "error: `ImportError: no flowMC`" in lines[("flowMC RQSpline MALA", "0")]
+    assert "4 chains × (1000 + 1000)" in lines[("numpyro NUTS", "1")]
+
+
+def test_neutra_ess_of_independent_draws_is_their_number() -> None:
+    import numpy as np
+
+    from benchmarks.neutra_ess import ess
+
+    draws = np.random.default_rng(0).standard_normal((4, 1000))
+    assert 3400 < ess(draws) < 4600  # independent: about 4,000
+    sticky = np.repeat(draws[:, :100], 10, axis=1)  # each value held for 10 draws
+    assert ess(sticky) < 700
