@@ -20,8 +20,10 @@ and settings (threads, float64, machine):
   trace, lowering and compile (or load) seconds (`benchmarks.compile_log`);
 * NUTS: ``wall_s`` (``MCMC.run`` and the draws, compiles included) and ``divergences``;
   ``method_settings.alongside`` the flowguides compiler options of the process it ran in;
-* both: ``import_s`` (the process's imports: flowguides, JAX, NumPyro) and ``cache_entries``
-  (files in the cache directory after the method ran).
+* both: ``import_s`` (the process's imports: flowguides, JAX, NumPyro), ``warm_up_s`` (one tiny
+  jitted operation before either method: the process's JAX backend and compiler set-up, which
+  would otherwise fall on whichever method ran first; `warm_up`) and ``cache_entries`` (files in
+  the cache directory after the method ran).
 
 Run from the repository root (rows are printed; ``--write`` merges them into ``--out``)::
 
@@ -72,7 +74,7 @@ from flowguides.core.timing import FIT_TIMING_KEYS  # noqa: E402
 from flowguides.numpyro import _training, fit_posterior, use_compilation_cache  # noqa: E402
 from flowguides.spec import FlowSpec  # noqa: E402
 
-__all__ = ["NUTS_SETTINGS", "flowguides_row", "main", "nuts_row", "write_rows"]
+__all__ = ["NUTS_SETTINGS", "flowguides_row", "main", "nuts_row", "warm_up", "write_rows"]
 
 _IMPORTED = time.perf_counter()
 
@@ -168,16 +170,25 @@ def write_rows(rows: list[dict], path: Path) -> None:
     path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in merged))
 
 
+def warm_up() -> float:
+    """Seconds of one tiny jitted operation: the process's JAX backend and compiler set-up, paid
+    here so that neither method timed after it pays them (whichever ran first would)."""
+    t0 = time.perf_counter()
+    jax.jit(lambda x: x + 1)(jax.numpy.ones(2)).block_until_ready()
+    return time.perf_counter() - t0
+
+
 def _child(args: argparse.Namespace) -> list[dict]:
     cache_dir = args.cache_dir
     if args.compiler_options is not None:
         _training.CPU_COMPILER_OPTIONS = args.compiler_options
     use_compilation_cache(cache_dir)
+    warm_up_s = warm_up()
     rows = [flowguides_row(args.model[0], args.run, cache_dir, args.num_draws, args.seed,
                            args.log_compiles)]  # fmt: skip
     if args.with_nuts:
         rows.append(nuts_row(args.model[0], args.run, cache_dir, args.seed))
-    return rows
+    return [{**row, "warm_up_s": warm_up_s} for row in rows]
 
 
 def _runs(name: str, args: argparse.Namespace, cache_dir: Path) -> list[dict] | int:

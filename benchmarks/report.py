@@ -156,7 +156,9 @@ def write_docs(results: Path, docs: Path) -> None:
             "compilation cache. *cold*: the first process, the cache empty: `fit_posterior` "
             "with `FlowSpec.realnvp(num_layers=4)` and its defaults, then 10,000 draws; NumPyro "
             "NUTS (one chain, 1,000 + 1,000) in the same process. *warm*: the same script "
-            "rerun in a new process with the cache full. Times exclude the imports. A table per "
+            "rerun in a new process with the cache full. Times exclude the imports and, in rows "
+            "with `warm_up_s`, the process's JAX set-up (one tiny jitted operation before "
+            "either method, which would otherwise fall on the first). A table per "
             "set of compiler options flowguides compiled with "
             "(`flowguides.numpyro._training.CPU_COMPILER_OPTIONS`).\n"
         )
