@@ -5,8 +5,7 @@ Training steps run inside `jax.lax.scan` in chunks of up to 100 steps, so the ho
 the fit's static structure and on the model by content (`clear_compiled` empties the cache; see
 `flowguides.numpyro._model.callable_key`). A non-finite loss or gradient stops training at that
 step and raises `NonFiniteLossError` (`NonFiniteGradientError`) with the last finite parameters.
-Adam (after optional clipping) follows the shared schedule. Neural-ODE layers train inside
-`training_solves` (STEER end times, the RNODE penalty added to the loss, not to ``fit.losses``).
+Adam (optional clipping), shared schedule; neural-ODE layers train inside `training_solves`.
 
 The same names and parameters as `flowguides.pyro.posterior`, except where the framework
 differs: `TRAINING_PRNG` (a JAX key implementation) is this backend's own; `fit_posterior` takes
@@ -56,7 +55,7 @@ from flowguides.numpyro._model import (
     split_args,
     value_key,
 )
-from flowguides.numpyro._prototype import subsampled, training_model
+from flowguides.numpyro._prototype import full_data, subsampled, training_model
 from flowguides.numpyro._training import (
     CHUNK,
     HISTORY,
@@ -86,7 +85,7 @@ TRAINING_PRNG = "rbg"
 particles' draws (keys still split by threefry, so streams stay independent under `vmap`). An
 SVI step splits keys and draws noise for every particle and site, which threefry's bits make
 a noticeable share of a step (see the benchmarks page)."""
-_TRACES = {"posterior": 0}  # times a training chunk was traced (tests read it)
+_TRACES = {"posterior": 0}  # times a training chunk was traced (tests read it, `_traced`)
 _split3 = jax.jit(lambda key: tuple(jax.random.split(key, 3)))  # one program, not one per op
 
 
@@ -187,7 +186,7 @@ class PosteriorFit(PosteriorFitMethods):
             log_q, trace = log_density(
                 handlers.seed(self.guide, k), self.args, self.kwargs, self.params
             )
-            model = handlers.replay(handlers.seed(self.model, k), trace)
+            model = handlers.replay(handlers.seed(full_data(self.model), k), trace)
             log_p, _ = log_density(model, self.args, self.kwargs, self.params)
             return {n: trace[n]["value"] for n in names}, log_p, log_q
 
@@ -196,7 +195,8 @@ class PosteriorFit(PosteriorFitMethods):
     def log_densities(
         self, num_samples: int, seed: int | None = None
     ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-        """Draws with ``log p(x, z)`` and ``log q(z)``, both in the constrained space.
+        """Draws with ``log p(x, z)`` (all rows of a subsampled plate) and ``log q(z)``, both
+        in the constrained space.
 
         Args:
             num_samples, seed: the draws (`seed` None: one from the fit's generator).

@@ -4,10 +4,8 @@ Adam (optional global-norm clipping), the schedule of `flowguides.core.learning_
 NaN or infinite loss stops training with a `NonFiniteLossError`, the last finite parameters kept.
 
 Flows with neural-ODE layers train with `training_solves` (STEER end times, the RNODE penalty
-``kinetic_weight * KE + jacobian_weight * JF`` averaged over points and summed over layers added to
-the loss) and record per step, in ``fit.history``, the vector-field evaluations of the loss
-(``"nfe_forward"``) and of its gradient (``"nfe_backward"``), and the penalty
-(``"regularization"``, left out of ``fit.losses``) when a weight is positive.
+added to the loss) and record per step, in ``fit.history``, the field evaluations of the loss
+(``"nfe_forward"``) and its gradient (``"nfe_backward"``) and the penalty (``"regularization"``).
 
 The same names and parameters as `flowguides.numpyro.posterior`, except that NumPyro's
 `fit_posterior` takes ``static_argnames`` and Pyro's ``vectorize_particles``.
@@ -119,13 +117,11 @@ class PosteriorFit(PosteriorFitMethods):
     ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
         """``(draws, log_p, log_q)``: ``log_p - log_q`` is each draw's importance log-weight.
 
-        ``log_p`` is the model's log joint (observations included) at the constrained draw
-        plus the log-Jacobian of the unconstraining bijections; ``log_q`` is the guide's
-        log-density of the same draw (from its own forward pass, no inverse).
-
-        With a `seed`, the whole evaluation runs under a forked torch RNG seeded with it, so
-        the model's own randomness (the indices of a subsampled ``pyro.plate``) repeats too:
-        the same seed gives the same result, and the global RNG is left as it was.
+        ``log_p`` is the model's log joint (observations included, all rows of a subsampled
+        plate) at the constrained draw plus the log-Jacobian of the unconstraining bijections;
+        ``log_q`` is the guide's log-density of the same draw (its forward pass, no inverse).
+        With a `seed`, it all runs under a forked torch RNG seeded with it: the same seed gives
+        the same result, and the global RNG is left as it was.
 
         Args:
             num_samples, seed: the draws.
@@ -140,8 +136,12 @@ class PosteriorFit(PosteriorFitMethods):
             if seed is not None:
                 torch.manual_seed(seed)
             latent, log_q = self.guide.draws(num_samples, seed)
-            log_p = self.guide.batch_log_joint(
-                latent, self.args, self.kwargs, vectorize_particles=vectorize_particles
+            log_p = (
+                self.guide.start_log_joint(latent, self.args, self.kwargs)
+                if self.guide._chunks is not None
+                else self.guide.batch_log_joint(
+                    latent, self.args, self.kwargs, vectorize_particles=vectorize_particles
+                )
             )
         values = self.guide.constrain(latent, self.args, self.kwargs)
         draws = {k: v.cpu().numpy() for k, v in values.items()}
