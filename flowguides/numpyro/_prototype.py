@@ -23,6 +23,7 @@ search's energy), `training_model` makes their minibatch draws vectorised (see
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -53,6 +54,7 @@ __all__ = [
     "check_latent_sites",
     "StagedPrototype",
     "full_data",
+    "full_data_map",
     "staged_prototype",
     "subsampled",
     "training_model",
@@ -164,6 +166,21 @@ class full_data(Messenger):
             size = msg["args"][0]
             msg["args"] = (size, None)
             msg["value"] = jnp.arange(size)
+
+
+FULL_DATA_ELEMENTS = 2**24
+"""Draws times full-data rows that `full_data_map` evaluates at once (bounds its memory)."""
+
+
+def full_data_map(fn: Callable[[Any], Any], xs: Any, prototype_trace: Mapping[str, Any]) -> Any:
+    """``jax.vmap(fn)(xs)``, or, for a model with subsampled plates evaluated on all their rows
+    (`full_data`), `jax.lax.map` over batches of draws holding at most `FULL_DATA_ELEMENTS`
+    draws × rows: the same values, in bounded memory."""
+    sizes = [site["args"][0] for site in prototype_trace.values() if site["type"] == "plate"
+             and site["args"][1] is not None and site["args"][1] < site["args"][0]]  # fmt: skip
+    num = jax.tree.leaves(xs)[0].shape[0]
+    batch = max(1, min(num, FULL_DATA_ELEMENTS // max(1, math.prod(sizes))))
+    return jax.vmap(fn)(xs) if not sizes or batch >= num else lax.map(fn, xs, batch_size=batch)
 
 
 def _with_replacement(size: int, subsample_size: int, rng_key: jax.Array | None = None):

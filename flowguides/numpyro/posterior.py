@@ -55,7 +55,7 @@ from flowguides.numpyro._model import (
     split_args,
     value_key,
 )
-from flowguides.numpyro._prototype import full_data, subsampled, training_model
+from flowguides.numpyro._prototype import full_data, full_data_map, subsampled, training_model
 from flowguides.numpyro._training import (
     CHUNK,
     HISTORY,
@@ -190,7 +190,7 @@ class PosteriorFit(PosteriorFitMethods):
             log_p, _ = log_density(model, self.args, self.kwargs, self.params)
             return {n: trace[n]["value"] for n in names}, log_p, log_q
 
-        return jax.vmap(one)(jax.random.split(key, num_samples))
+        return full_data_map(one, jax.random.split(key, num_samples), self.guide.prototype_trace)
 
     def log_densities(
         self, num_samples: int, seed: int | None = None

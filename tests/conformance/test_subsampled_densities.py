@@ -67,3 +67,20 @@ def test_log_p_of_a_subsampled_fit_is_the_full_data_log_joint(backend: str) -> N
     np.testing.assert_allclose(log_p, log_joint(np.asarray(draws["b"], np.float64)), rtol=1e-6)
     again = fit.log_densities(64, seed=0)[1]  # the same every call: no minibatch in it
     np.testing.assert_allclose(again, log_p, rtol=1e-9)
+
+
+@pytest.mark.jax
+def test_numpyro_evaluates_the_full_data_in_batches_of_draws_with_the_same_values(
+    monkeypatch,
+) -> None:
+    from flowguides.numpyro import _prototype
+
+    fit = _fit("numpyro")
+    draws, log_p, _ = fit.log_densities(64, seed=1)
+    # 400 rows x 10 draws at a time: `lax.map` over 7 batches (the last one short)
+    monkeypatch.setattr(_prototype, "FULL_DATA_ELEMENTS", 400 * 10)
+    fit.__post_init__()  # a fresh compiled program under the smaller budget
+    draws2, log_p2, _ = fit.log_densities(64, seed=1)
+    np.testing.assert_allclose(np.asarray(draws2["b"]), np.asarray(draws["b"]), rtol=1e-12)
+    np.testing.assert_allclose(log_p2, log_p, rtol=1e-10)
+    np.testing.assert_allclose(log_p2, log_joint(np.asarray(draws2["b"], np.float64)), rtol=1e-6)
