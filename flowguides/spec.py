@@ -15,6 +15,9 @@ Conventions shared by both backends (the spec is their single source of truth):
 * RealNVP: each coupling keeps the first ``dim // 2`` coordinates and transforms the rest with
   ``y2 = x2 * exp(s) + t``, ``s = clamp * tanh(raw / clamp)``; the permutations from
   [`RealNVPSpec.permutations`][flowguides.spec.RealNVPSpec.permutations] sit between couplings.
+* Schema versions: 2 made ``"shuffle"`` the default RealNVP permutation; a version-1 spec that
+  leaves ``permutation`` out reads as ``"reverse"`` (version 1's default), so old files build
+  the flow they were saved with.
 * Neural ODE: concatsquash layers ``h' = (W h + b) * sigmoid(g_w t + g_b) + c t``; base at
   ``t = 0``, data at ``t = t1``.
 """
@@ -55,7 +58,7 @@ __all__ = [
     "FlowSpec",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 ACTIVATION_NAMES = ("relu", "tanh", "elu", "leaky_relu", "gelu")
 SMOOTH_ACTIVATION_NAMES = ("tanh", "softplus", "elu")
 SOLVERS = ("dopri5", "tsit5", "rk4", "euler")
@@ -122,7 +125,7 @@ class RealNVPSpec(_Frozen):
     hidden: tuple[PositiveInt, ...] = (64, 64)
     activation: Literal["relu", "tanh", "elu", "leaky_relu", "gelu"] = "relu"
     scale_clamp: PositiveFloat = 3.0
-    permutation: Literal["reverse", "random"] = "reverse"
+    permutation: Literal["shuffle", "reverse", "random"] = "shuffle"
     seed: int = 0
 
     min_dim: ClassVar[int] = 2
@@ -136,14 +139,30 @@ class RealNVPSpec(_Frozen):
         return _mlp_shapes(f"{prefix}.net", self.mlp_sizes(dim), (self.repeat,))
 
     def permutations(self, dim: int) -> list[list[int]]:
-        """The `repeat - 1` permutations applied between couplings (``y = x[..., perm]``)."""
+        """The `repeat - 1` permutations applied between couplings (``y = x[..., perm]``).
+
+        ``"shuffle"`` (the default): seeded random permutations, each redrawn until it moves at
+        least one coordinate that the coupling before transformed into the half that conditions
+        the next one (so consecutive couplings never split the coordinates alike; in 2-D this
+        is the swap). ``"reverse"``: the reversal every time, so the couplings alternate between
+        the same two halves. ``"random"``: seeded random permutations, unconstrained.
+
+        Example:
+            >>> RealNVPSpec(repeat=3).permutations(2)
+            [[1, 0], [1, 0]]
+            >>> RealNVPSpec(repeat=2, permutation="reverse").permutations(3)
+            [[2, 1, 0]]
+        """
         if self.permutation == "reverse":
             return [list(range(dim - 1, -1, -1)) for _ in range(self.repeat - 1)]
         rng = random.Random(self.seed)
+        kept = set(range(dim // 2))
         perms = []
         for _ in range(self.repeat - 1):
             perm = list(range(dim))
             rng.shuffle(perm)
+            while self.permutation == "shuffle" and set(perm[: dim // 2]) == kept:
+                rng.shuffle(perm)
             perms.append(perm)
         return perms
 
@@ -232,10 +251,29 @@ class FlowSpec(_Frozen):
         layers.0.net.0.bias (2, 8)
     """
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1, 2] = SCHEMA_VERSION
     layers: tuple[LayerSpec, ...]
     base: Literal["affine", "normal"] = "affine"
     dtype: Literal["float32", "float64"] = "float32"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _upgrade(cls, data: Any) -> Any:
+        """Read a version-1 mapping as version 2: a RealNVP layer without ``permutation`` gets
+        version 1's default, ``"reverse"``."""
+        if not isinstance(data, dict) or data.get("schema_version") != 1:
+            return data
+        layers = data.get("layers")
+        if isinstance(layers, list | tuple):
+            layers = [
+                {**layer, "permutation": "reverse"}
+                if isinstance(layer, dict)
+                and layer.get("type") == "realnvp"
+                and "permutation" not in layer
+                else layer
+                for layer in layers
+            ]
+        return {**data, "schema_version": SCHEMA_VERSION, "layers": layers}
 
     def __init__(self, **data: Any) -> None:
         try:

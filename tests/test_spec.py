@@ -21,7 +21,7 @@ realnvp = st.builds(
     hidden=widths,
     activation=st.sampled_from(ACTIVATION_NAMES),
     scale_clamp=st.floats(0.1, 10.0),
-    permutation=st.sampled_from(["reverse", "random"]),
+    permutation=st.sampled_from(["shuffle", "reverse", "random"]),
     seed=st.integers(0, 2**31),
 )
 neural_ode = st.one_of(
@@ -58,7 +58,7 @@ def test_dict_json_yaml_round_trips(spec: FlowSpec) -> None:
     assert FlowSpec.from_dict(spec.to_dict()) == spec
     assert FlowSpec.from_json(spec.to_json()) == spec
     assert FlowSpec.from_dict(yaml.safe_load(yaml.safe_dump(spec.to_dict()))) == spec
-    assert json.loads(spec.to_json())["schema_version"] == 1
+    assert json.loads(spec.to_json())["schema_version"] == 2
 
 
 @given(flow_specs)
@@ -166,8 +166,8 @@ def test_fuzz_loads_or_raises_spec_error(data: object) -> None:
         ({"layers": [{"type": "planar"}], "base": "student"}, "base: expected one of"),
         ({"layers": [{"type": "planar"}], "dtype": "float16"}, "dtype: expected one of"),
         (
-            {"layers": [{"type": "planar"}], "schema_version": 2},
-            "schema_version: this flowguides reads version 1, got 2",
+            {"layers": [{"type": "planar"}], "schema_version": 3},
+            "schema_version: this flowguides reads version 2, got 3",
         ),
         ({}, "layers: required field is missing"),
         ([1, 2], "spec: expected a mapping, got list"),
@@ -189,7 +189,7 @@ def test_spec_is_immutable_and_hashable() -> None:
 def test_convenience_constructors() -> None:
     spec = FlowSpec.realnvp(num_layers=3, hidden=[16], activation="tanh", dtype="float64")
     assert spec.to_dict() == {
-        "schema_version": 1,
+        "schema_version": 2,
         "layers": [
             {
                 "type": "realnvp",
@@ -197,7 +197,7 @@ def test_convenience_constructors() -> None:
                 "hidden": [16],
                 "activation": "tanh",
                 "scale_clamp": 3.0,
-                "permutation": "reverse",
+                "permutation": "shuffle",
                 "seed": 0,
             }
         ],
@@ -213,11 +213,24 @@ def test_convenience_constructors() -> None:
 
 def test_canonical_dict_form_loads() -> None:
     data = {
-        "schema_version": 1,
+        "schema_version": 2,
         "layers": [{"type": "realnvp", "repeat": 4, "hidden": [64, 64]}],
         "base": "affine",
     }
     assert FlowSpec.from_dict(data) == FlowSpec.realnvp(num_layers=4, hidden=[64, 64])
+
+
+def test_version_1_reads_with_its_own_defaults() -> None:
+    """A version-1 file without ``permutation`` builds version 1's flow (the reversal), and
+    round-trips as version 2 with the field explicit."""
+    old = {"schema_version": 1, "layers": [{"type": "realnvp", "repeat": 3}, {"type": "planar"}]}
+    spec = FlowSpec.from_dict(old)
+    assert spec.layers[0].permutation == "reverse"
+    assert spec.layers[0].permutations(4) == [[3, 2, 1, 0]] * 2
+    assert spec.schema_version == 2 and FlowSpec.from_dict(spec.to_dict()) == spec
+    explicit = {"schema_version": 1, "layers": [{"type": "realnvp", "permutation": "random"}]}
+    assert FlowSpec.from_dict(explicit).layers[0].permutation == "random"
+    assert FlowSpec.from_dict({**old, "schema_version": 2}).layers[0].permutation == "shuffle"
 
 
 @pytest.mark.parametrize("suffix", [".json", ".yaml", ".yml"])
@@ -314,7 +327,7 @@ def test_dim_errors() -> None:
 
 
 def test_permutations() -> None:
-    reverse = RealNVPSpec(repeat=3).permutations(5)
+    reverse = RealNVPSpec(repeat=3, permutation="reverse").permutations(5)
     assert reverse == [[4, 3, 2, 1, 0]] * 2
     rand = RealNVPSpec(repeat=4, permutation="random", seed=3)
     perms = rand.permutations(6)
@@ -337,3 +350,19 @@ def test_docs_schema_is_current() -> None:
     assert json.loads(committed.read_text()) == FlowSpec.json_schema(), (
         "docs/spec-schema.json is stale: run `flowguides spec-schema > docs/spec-schema.json`"
     )
+
+
+@pytest.mark.parametrize("dim", [2, 3, 4, 7, 64])
+def test_shuffle_changes_the_split_between_couplings(dim: int) -> None:
+    """The default permutations are seeded, and each one brings at least one coordinate that
+    the coupling before transformed into the next coupling's conditioning half."""
+    spec = RealNVPSpec(repeat=12, seed=5)
+    assert spec.permutation == "shuffle"
+    perms = spec.permutations(dim)
+    assert len(perms) == 11 and all(sorted(p) == list(range(dim)) for p in perms)
+    assert all(set(p[: dim // 2]) != set(range(dim // 2)) for p in perms)
+    assert perms == RealNVPSpec(repeat=12, seed=5).permutations(dim)
+    if dim == 2:
+        assert perms == [[1, 0]] * 11
+    else:
+        assert len({tuple(p) for p in perms}) > 1  # not one permutation repeated

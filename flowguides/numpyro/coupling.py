@@ -74,7 +74,7 @@ class RealNVP(FlowLayerTransform):
 
     Example:
         >>> import jax, jax.numpy as jnp
-        >>> spec = RealNVPSpec(repeat=2, hidden=(4,))
+        >>> spec = RealNVPSpec(repeat=2, hidden=(4,), permutation="reverse")
         >>> t = RealNVP(init_realnvp(spec, 3, jax.random.key(0), jnp.float64), spec, 3)
         >>> y, ladj = t.forward_and_log_det(jnp.arange(3.0))
         >>> y.tolist(), float(ladj)  # identity at init, up to the reversal between layers

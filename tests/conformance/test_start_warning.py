@@ -55,6 +55,6 @@ def test_a_fit_that_ends_below_its_start_warns(backend: str) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", FitBelowStartWarning)
         _fit(backend, 1e-2)  # at the start already: no warning
-    with pytest.warns(FitBelowStartWarning, match=r"lower learning_rate \(was 0.3\)"):
-        fit = _fit(backend, 0.3)
+    with pytest.warns(FitBelowStartWarning, match=r"lower learning_rate \(was 1\)"):
+        fit = _fit(backend, 1.0)
     assert np.mean(fit.losses[-30:]) > fit.losses[0]
