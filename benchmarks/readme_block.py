@@ -13,7 +13,16 @@ import json
 from pathlib import Path
 
 from benchmarks.rows import MIN_SEEDS, latest, leads, rerun_command, seed_groups, settings, spread
-from benchmarks.tables import RATIOS, density_cell, fmt, ran, speed_ratios, spread_cell, table
+from benchmarks.tables import (
+    RATIOS,
+    density_cell,
+    density_cells,
+    fmt,
+    ran,
+    speed_ratios,
+    spread_cell,
+    table,
+)
 
 __all__ = ["BEGIN", "END", "readme_block", "write_readme"]
 
@@ -155,7 +164,7 @@ def _densities(rows: list[dict]) -> list[str]:
     for steps in dict.fromkeys(r.get("num_steps") for r in rows):
         sub = [r for r in rows if r.get("num_steps") == steps]
         sets = list(dict.fromkeys(r["problem"] for r in sub))
-        cell = {(r["problem"], r["method"]): r for r in sub}
+        cell = density_cells(sub)
         body = [[f"`{m}`", *[density_cell(cell.get((s, m))).split(" (")[0] for s in sets]]
                 for m in dict.fromkeys(r["method"] for r in sub)]  # fmt: skip
         out += [f"At {steps} steps:", "", table(["method", *sets], body), "", "Rerun:", "",

@@ -18,9 +18,11 @@ __all__ = [
     "RATIOS",
     "densities_section",
     "density_cell",
+    "density_cells",
     "compile_profile_section",
     "first_call_section",
     "fmt",
+    "objectives_section",
     "posteriors_section",
     "ran",
     "speed_ratios",
@@ -106,7 +108,9 @@ def ran_span(rows: list[dict]) -> str:
         r["timestamp"].replace("T", " ").rstrip("Z") for r in rows if r.get("timestamp")
     )
     commits = ", ".join(dict.fromkeys(ran(r).split(" / ")[1] for r in rows))
-    when = stamps[0] if len(set(stamps)) < 2 else f"{stamps[0]} – {stamps[-1]}"
+    when = (
+        "" if not stamps else stamps[0] if len(set(stamps)) < 2 else f"{stamps[0]} – {stamps[-1]}"
+    )
     return f"{when or '–'} UTC; commit {commits}"
 
 
@@ -203,9 +207,45 @@ def posteriors_section(rows: list[dict]) -> str:
     return "\n\n".join(out)
 
 
-def density_cell(r: dict | None) -> str:
+OBJECTIVES = (
+    ("ELBO, reparam (default)", "flowguides-numpyro RealNVP"),
+    ("ELBO, STL", "flowguides-numpyro RealNVP (STL)"),
+    ("IW-ELBO K=8, DReG", "flowguides-numpyro RealNVP (IWELBO K=8, DReG)"),
+)
+"""(column title, posteriors-suite method) of the objectives table."""
+
+
+def objectives_section(rows: list[dict]) -> str:
+    """`fit_posterior`'s objectives side by side (NumPyro RealNVP, the posteriors suite's rows
+    at its full settings): per problem and objective, ``ELBO / k-hat / steps per second``
+    (medians over the seeds that ran, whose count follows in brackets)."""
+    body = []
+    for prob in dict.fromkeys(r["problem"] for r in rows):
+        cells = []
+        for _, method in OBJECTIVES:
+            groups = [g for g in seed_groups(r for r in rows if r["problem"] == prob
+                                             and r["method"] == method)]  # fmt: skip
+            g = max(groups, key=lambda g: (len(g), settings(g[0])[0] or 0), default=None)
+            if g is None:
+                cells.append("not run")
+                continue
+            elbo, khat, rate = (spread(g, k) for k in ("elbo", "khat", "steps_per_s"))
+            cells.append(f"{elbo[0]:.2f} / {khat[0]:.2f} / {rate[0]:,.0f} ({len(g)})"
+                         if elbo and khat and rate else f"– ({len(g)})")  # fmt: skip
+        if any(c != "not run" for c in cells):
+            body.append([prob, *cells])
+    return table(["problem", *(t for t, _ in OBJECTIVES)], body)
+
+
+def density_cell(r: dict | list[dict] | None) -> str:
     """``mean ± se / median (wall s)`` of a density row, with the gap to the true entropy and
-    the field evaluations of one test solve where the row has them; its error, or ``not run``."""
+    the field evaluations of one test solve where the row has them; its error, or ``not run``.
+    Rows of several seeds (a list): ``median [min – max] / median (wall s; n seeds)`` of the
+    seeds' mean and median test NLL, the errors counted."""
+    if isinstance(r, list):
+        if len(r) > 1:
+            return _density_seeds(r)
+        r = r[0] if r else None
     if r is None:
         return "not run"
     if r.get("error"):
@@ -222,13 +262,33 @@ def density_cell(r: dict | None) -> str:
     )
 
 
+def _density_seeds(rows: list[dict]) -> str:
+    mean, median, wall = (spread(rows, k) for k in ("test_nll", "test_nll_median", "wall_s"))
+    failed = sum(bool(r.get("error")) or r.get("test_nll") is None for r in rows)
+    note = f"; {failed} failed" if failed else ""
+    if mean is None:
+        return f"error in all {len(rows)} seeds"
+    return (
+        f"{fmt(mean[0])} [{fmt(mean[1])} – {fmt(mean[2])}] / {fmt(median[0] if median else None)}"
+        f" ({fmt(wall[0] if wall else None, 2)} s; {len(rows)} seeds{note})"
+    )
+
+
+def density_cells(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """``(problem, method) -> rows`` (one per seed, in seed order)."""
+    out: dict[tuple[str, str], list[dict]] = {}
+    for r in sorted(rows, key=lambda r: r.get("seed") or 0):
+        out.setdefault((r["problem"], r["method"]), []).append(r)
+    return out
+
+
 def densities_section(rows: list[dict]) -> str:
     """The densities suite's tables: one per step budget, data sets across."""
     out = []
     for steps in dict.fromkeys(r.get("num_steps") for r in rows):
         sub = [r for r in rows if r.get("num_steps") == steps]
         sets = list(dict.fromkeys(r["problem"] for r in sub))
-        cell = {(r["problem"], r["method"]): r for r in sub}
+        cell = density_cells(sub)
         body = [[m, *[density_cell(cell.get((s, m))) for s in sets]]
                 for m in dict.fromkeys(r["method"] for r in sub)]  # fmt: skip
         dims: dict[str, Any] = {}

@@ -219,3 +219,47 @@ def test_neutra_ess_of_independent_draws_is_their_number() -> None:
     assert 3400 < ess(draws) < 4600  # independent: about 4,000
     sticky = np.repeat(draws[:, :100], 10, axis=1)  # each value held for 10 draws
     assert ess(sticky) < 700
+
+
+def test_objectives_table_shows_each_objectives_median_over_seeds() -> None:
+    from benchmarks.tables import objectives_section
+
+    def row(method: str, seed: int, elbo: float, **extra: object) -> dict:
+        return _row(method=method, seed=seed, elbo=elbo, khat=0.1 * (seed + 1),
+                    steps_per_s=1000.0 * (seed + 1), **extra)  # fmt: skip
+
+    plain = "flowguides-numpyro RealNVP"
+    text = objectives_section([
+        row(plain, 0, -3.0), row(plain, 1, -1.0), row(plain, 2, -2.0),
+        row(f"{plain} (STL)", 0, -0.5),
+        row("numpyro NUTS", 0, -9.0),  # not an objective: not shown
+        row(plain, 0, -7.0, problem="funnel"),
+    ])  # fmt: skip
+    lines = {line.split("|")[1].strip(): line.split("|")[2:5] for line in text.splitlines()[2:]}
+    assert [c.strip() for c in lines["arK-arK"]] == [
+        "-2.00 / 0.20 / 2,000 (3)",  # medians over seeds 0-2
+        "-0.50 / 0.10 / 1,000 (1)",
+        "not run",
+    ]
+    assert lines["funnel"][0].strip() == "-7.00 / 0.10 / 1,000 (1)"
+    assert "-9.00" not in text
+
+
+def test_density_table_summarises_seeds_and_keeps_one_seed_as_it_was() -> None:
+    from benchmarks.tables import densities_section
+
+    def row(seed: int, nll: float | None, method: str = "zuko RealNVP", **extra: object) -> dict:
+        return {"suite": "densities", "problem": "digits", "method": method, "num_steps": 2000,
+                "seed": seed, "dim": 64, "test_nll": nll, "test_nll_se": 1.0,
+                "test_nll_median": None if nll is None else nll - 5, "wall_s": 10.0 + seed,
+                **extra}  # fmt: skip
+
+    text = densities_section([
+        row(2, 70.0), row(0, 60.0), row(1, 90.0), row(3, None, error="ValueError: nan"),
+        row(0, 61.5, method="flowjax coupling"),
+    ])  # fmt: skip
+    lines = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in text.splitlines()
+             if line.startswith("| ") and "method" not in line}  # fmt: skip
+    # the median of the seeds' means (60, 70, 90) with their range; medians of medians
+    assert lines["zuko RealNVP"] == "70 [60 – 90] / 65 (11 s; 4 seeds; 1 failed)"
+    assert lines["flowjax coupling"] == "61.5 ± 1 / 56.5 (10 s)"

@@ -53,7 +53,7 @@ def vectorization_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
 def test_a_regression_with_x_at_b_fits_the_closed_form_posterior_with_one_warning():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fit = fit_posterior(regression, SPEC, X, Y, num_steps=150, num_particles=2, progress=False)
+        fit = fit_posterior(regression, SPEC, X, Y, num_steps=300, num_particles=2, progress=False)
     messages = vectorization_warnings(caught)
     assert len(messages) == 1 and "X @ b" in messages[0] and "RuntimeError" in messages[0]
     assert fit.guide.vectorized is False and np.isfinite(fit.losses).all()
