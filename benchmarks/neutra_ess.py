@@ -88,27 +88,31 @@ def run_method(name: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
     target = TARGETS["funnel"]
     model = target.numpyro_model()
     budget = {"num_warmup": args.warmup, "num_samples": args.samples, "num_chains": args.chains}
+    accept = args.target_accept
+    # NUTS's target acceptance in both methods; recorded where it is not the PPLs' default
+    budget_settings = {**budget, **({"target_accept_prob": accept} if accept != 0.8 else {})}
     t0 = time.perf_counter()
     if name == "nuts":
         from numpyro.infer import MCMC, NUTS
 
-        mcmc = MCMC(NUTS(model), **budget, chain_method="sequential", progress_bar=False)
+        kernel = NUTS(model, target_accept_prob=accept)
+        mcmc = MCMC(kernel, **budget, chain_method="sequential", progress_bar=False)
         mcmc.run(jax.random.key(seed), extra_fields=("diverging",))
         v = np.asarray(mcmc.get_samples(group_by_chain=True)["z"])[..., 0]
         out = _summary(v, time.perf_counter() - t0)
         out["divergences"] = int(np.asarray(mcmc.get_extra_fields()["diverging"]).sum())
-        return {**out, "method_settings": {**budget, "chain_method": "sequential"}}
+        return {**out, "method_settings": {**budget_settings, "chain_method": "sequential"}}
     if name == "neutra":
         from flowguides.numpyro import fit_posterior
         from flowguides.spec import FlowSpec
 
         fit = fit_posterior(model, FlowSpec.realnvp(num_layers=4), seed=seed, progress=False)
         fit_s = time.perf_counter() - t0
-        res = fit.neutra(**budget, seed=seed, progress=False)
+        res = fit.neutra(**budget, seed=seed, progress=False, target_accept_prob=accept)
         v = np.asarray(res.by_chain()["z"])[..., 0]
         out = _summary(v, time.perf_counter() - t0)
         out.update(divergences=res.divergences, fit_s=fit_s, num_steps=len(fit.losses))
-        settings = {**budget, "spec": "FlowSpec.realnvp(num_layers=4)", "fit": "defaults"}
+        settings = {**budget_settings, "spec": "FlowSpec.realnvp(num_layers=4)", "fit": "defaults"}
         return {**out, "method_settings": settings}
     if name == "flowmc":
         from flowMC.resource_strategy_bundle.RQSpline_MALA import RQSpline_MALA_Bundle
@@ -139,6 +143,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--warmup", type=int, default=1000)
     p.add_argument("--samples", type=int, default=1000)
     p.add_argument("--chains", type=int, default=4)
+    p.add_argument("--target-accept", type=float, default=0.8, help="NUTS's, both methods")
     p.add_argument("--flowmc-chains", type=int, default=20)
     p.add_argument("--flowmc-loops", type=int, default=5)
     p.add_argument("--write", action="store_true", help=f"merge the rows into {OUT}")

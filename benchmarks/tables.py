@@ -372,14 +372,16 @@ def compile_profile_section(rows: list[dict]) -> str:
 def neutra_ess_section(rows: list[dict]) -> str:
     """NeuTra against NUTS on the funnel (`benchmarks/neutra_ess.py`): one row per method and
     seed, with ESS per second on ``v`` and the ratio to NUTS of the same seed."""
-    nuts = {r["seed"]: r for r in rows if r["method"] == "numpyro NUTS" and "ess_per_s" in r}
+    nuts = {(r["seed"], _accept(r)): r for r in rows
+            if r["method"] == "numpyro NUTS" and "ess_per_s" in r}  # fmt: skip
     body = []
-    for r in sorted(rows, key=lambda r: (r["seed"], r["method"] != "numpyro NUTS", r["method"])):
+    order = lambda r: (r["seed"], _accept(r), r["method"] != "numpyro NUTS", r["method"])  # noqa: E731
+    for r in sorted(rows, key=order):
         if r.get("error"):
             body.append([r["method"], str(r["seed"]), f"error: `{r['error'][:120]}`",
                          *["–"] * 7, ran(r)])  # fmt: skip
             continue
-        base = nuts.get(r["seed"])
+        base = nuts.get((r["seed"], _accept(r)))
         ratio = r["ess_per_s"] / base["ess_per_s"] if base else None
         body.append([
             r["method"], str(r["seed"]), fmt(r.get("wall_s")), fmt(r.get("fit_s")),
@@ -403,9 +405,15 @@ def neutra_ess_section(rows: list[dict]) -> str:
     return table(header, body)
 
 
+def _accept(row: dict) -> float:
+    """NUTS's target acceptance of a NeuTra-table row (0.8, the PPLs' default, where unset)."""
+    return (row.get("method_settings") or {}).get("target_accept_prob", 0.8)
+
+
 def _settings(row: dict) -> str:
     s = row.get("method_settings") or {}
     if "num_chains" in s:
-        return f"{s['num_chains']} chains × ({s['num_warmup']} + {s['num_samples']})"
+        accept = f", target accept {_accept(row)}" if "target_accept_prob" in s else ""
+        return f"{s['num_chains']} chains × ({s['num_warmup']} + {s['num_samples']}){accept}"
     keys = ("n_chains", "n_training_loops", "n_production_loops", "n_local_steps", "n_global_steps")
     return ", ".join(f"{k} {s[k]}" for k in keys if k in s)

@@ -263,3 +263,20 @@ def test_density_table_summarises_seeds_and_keeps_one_seed_as_it_was() -> None:
     # the median of the seeds' means (60, 70, 90) with their range; medians of medians
     assert lines["zuko RealNVP"] == "70 [60 – 90] / 65 (11 s; 4 seeds; 1 failed)"
     assert lines["flowjax coupling"] == "61.5 ± 1 / 56.5 (10 s)"
+
+
+def test_neutra_table_pairs_each_row_with_nuts_at_its_target_acceptance() -> None:
+    from benchmarks.tables import neutra_ess_section
+
+    def row(method: str, ess_per_s: float, **accept: float) -> dict:
+        settings = {"num_chains": 4, "num_warmup": 1000, "num_samples": 1000, **accept}
+        return {"method": method, "seed": 0, "ess_per_s": ess_per_s, "method_settings": settings}
+
+    neutra = "flowguides-numpyro NeuTra (RealNVP)"
+    text = neutra_ess_section([
+        row("numpyro NUTS", 2.0), row("numpyro NUTS", 4.0, target_accept_prob=0.9),
+        row(neutra, 10.0), row(neutra, 10.0, target_accept_prob=0.9),
+    ])  # fmt: skip
+    body = [line for line in text.splitlines() if neutra in line]
+    assert "| 5 |" in body[0] and "target accept" not in body[0]  # 10 / 2, the default
+    assert "| 2.5 |" in body[1] and "target accept 0.9" in body[1]  # 10 / 4

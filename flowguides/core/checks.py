@@ -242,13 +242,24 @@ def check_objective_options(spec: FlowSpec, objective: str, gradient: str, num_i
         )
 
 
-def check_neutra_options(spec: FlowSpec, num_warmup: int, num_samples: int, num_chains: int):
-    """Raise unless the budgets are valid and `spec` has no neural-ODE layer.
+def check_neutra_options(
+    spec: FlowSpec,
+    num_warmup: int,
+    num_samples: int,
+    num_chains: int,
+    target_accept_prob: float = 0.8,
+):
+    """Raise unless the budgets and NUTS's target acceptance are valid and `spec` has no
+    neural-ODE layer.
 
     Raises:
-        ValueError: a budget that is not a positive integer (`num_warmup` may be 0).
+        ValueError: a budget that is not a positive integer (`num_warmup` may be 0); a
+            `target_accept_prob` that is not a number strictly between 0 and 1.
         SpecError: a neural-ODE layer (see `neutra`).
     """
+    p = target_accept_prob
+    if isinstance(p, bool) or not isinstance(p, int | float) or not 0.0 < p < 1.0:
+        raise ValueError(f"target_accept_prob: expected a number in (0, 1), got {p!r}")
     for name, value, low in [
         ("num_warmup", num_warmup, 0),
         ("num_samples", num_samples, 1),

@@ -13,7 +13,7 @@ from flowguides.core.checks import check_vectorize_option
 
 __all__ = ["NEUTRA_OPTIONS", "NeuTraResult", "PosteriorFitMethods", "call_with_vectorize"]
 
-NEUTRA_OPTIONS = ("num_warmup", "num_samples", "num_chains")
+NEUTRA_OPTIONS = ("num_warmup", "num_samples", "num_chains", "target_accept_prob")
 """The options of `infer`'s ``neutra`` dict (`seed` and `progress` are `infer`'s own)."""
 
 

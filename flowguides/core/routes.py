@@ -60,7 +60,12 @@ KHAT_PSIS = 0.7
 
 INFER_ROUTES = ("guide", "psis", "neutra", "nuts")
 
-INFER_NUTS_BUDGET = {"num_warmup": 1000, "num_samples": 2000, "num_chains": 1}
+INFER_NUTS_BUDGET = {
+    "num_warmup": 1000,
+    "num_samples": 2000,
+    "num_chains": 1,
+    "target_accept_prob": 0.8,
+}
 """`infer`'s NUTS budget (routes ``"neutra"`` and ``"nuts"``) where its `neutra` argument does
 not set one: twice `neutra`'s own defaults, since `infer` runs NUTS where the guide failed and
 its draws are the answer (measured: docs/infer.md, "The routes")."""
@@ -229,7 +234,7 @@ def check_infer_options(
     fit_options: Mapping[str, Any] | None,
     model_kwargs: Mapping[str, Any],
     fit_fn: Callable[..., Any],
-) -> tuple[dict[str, int], dict[str, Any]]:
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Check `infer`'s options before anything is fitted.
 
     Args:
@@ -276,7 +281,7 @@ def route_fit(
     fit: Any,
     *,
     num_draws: int,
-    budget: Mapping[str, int],
+    budget: Mapping[str, Any],
     seed: int,
     progress: bool,
     nuts: Callable[..., NeuTraResult],
@@ -286,7 +291,8 @@ def route_fit(
     Args:
         fit: a `PosteriorFit`.
         num_draws: the guide's draws, diagnosed and (routes ``"guide"``, ``"psis"``) returned.
-        budget: NUTS's ``num_warmup``, ``num_samples`` and ``num_chains``.
+        budget: NUTS's ``num_warmup``, ``num_samples``, ``num_chains`` and
+            ``target_accept_prob``.
         seed: seeds the guide's draws, the resampling and NUTS.
         progress: print the route chosen (to stderr) and show NUTS's progress bar.
         nuts: the backend's plain NUTS, called as ``nuts(fit, **budget, seed=, progress=)``.

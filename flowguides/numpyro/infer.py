@@ -68,8 +68,8 @@ def infer(
         num_draws: the guide's draws to diagnose (at least 25), returned by the routes
             ``"guide"`` and ``"psis"``.
         neutra: NUTS's budget, for routes ``"neutra"`` and ``"nuts"``: some of
-            ``num_warmup``, ``num_samples``, ``num_chains`` (`INFER_NUTS_BUDGET` otherwise:
-            1,000 + 2,000, one chain).
+            ``num_warmup``, ``num_samples``, ``num_chains``, ``target_accept_prob``
+            (`INFER_NUTS_BUDGET` otherwise: 1,000 + 2,000, one chain, 0.8).
         seed: seeds the fit, the guide's draws, the resampling and NUTS.
         progress: show the fit's and NUTS's progress bars and print the route chosen (stderr).
         fit_options: more options of `fit_posterior` (``learning_rate``, ``init_scale``, ...).
@@ -99,7 +99,13 @@ def infer(
 
 
 def _nuts(
-    fit: PosteriorFit, num_warmup: int, num_samples: int, num_chains: int, seed: int, progress: bool
+    fit: PosteriorFit,
+    num_warmup: int,
+    num_samples: int,
+    num_chains: int,
+    seed: int,
+    progress: bool,
+    target_accept_prob: float = 0.8,
 ) -> NeuTraResult:
     """Plain NUTS on `fit`'s model (the route ``"nuts"``), as a `NeuTraResult` with an empty
     ``reparam_site``; the model's own ``numpyro.param`` values are the fitted ones."""
@@ -110,7 +116,7 @@ def _nuts(
     }
     parallel = jax.local_device_count() >= num_chains
     mcmc = MCMC(
-        NUTS(handlers.substitute(fit.model, data=own)),
+        NUTS(handlers.substitute(fit.model, data=own), target_accept_prob=target_accept_prob),
         num_warmup=num_warmup,
         num_samples=num_samples,
         num_chains=num_chains,

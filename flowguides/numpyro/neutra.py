@@ -36,6 +36,7 @@ def neutra(
     num_chains: int = 1,
     seed: int = 0,
     progress: bool = True,
+    target_accept_prob: float = 0.8,
 ) -> NeuTraResult:
     """NUTS on `fit`'s model reparametrised by its trained flow (NeuTra HMC).
 
@@ -49,6 +50,9 @@ def neutra(
         num_chains: chains (see the module docstring for how they run).
         seed: the key of the run (JAX has no global random state).
         progress: show NumPyro's progress bar.
+        target_accept_prob: NUTS's target acceptance rate during warm-up (NumPyro's default,
+            0.8); raise it (e.g. to 0.9) when the chains report divergences: the step size
+            adapts smaller.
 
     Returns:
         The `NeuTraResult`.
@@ -61,12 +65,12 @@ def neutra(
         Hoffman, Sountsov, Dillon, Langmore, Tran & Vasudevan (2019), "NeuTra-lizing Bad
         Geometry in Hamiltonian Monte Carlo Using Neural Transport", arXiv:1903.03704.
     """
-    check_neutra_options(fit.spec, num_warmup, num_samples, num_chains)
+    check_neutra_options(fit.spec, num_warmup, num_samples, num_chains, target_accept_prob)
     t0 = time.perf_counter()
     reparam = NeuTraReparam(fit.guide, fit.params)
     parallel = jax.local_device_count() >= num_chains
     mcmc = MCMC(
-        NUTS(reparam.reparam(fit.model)),
+        NUTS(reparam.reparam(fit.model), target_accept_prob=target_accept_prob),
         num_warmup=num_warmup,
         num_samples=num_samples,
         num_chains=num_chains,

@@ -139,7 +139,7 @@ class PosteriorFit(PosteriorFitMethods):
     def _key(self, seed: int | None) -> jax.Array:
         return jax.random.key(int(self._rng.integers(2**31)) if seed is None else seed)
 
-    neutra = _neutra  # fit.neutra(num_warmup, num_samples, num_chains, seed, progress)
+    neutra = _neutra  # fit.neutra(num_warmup, num_samples, num_chains, seed, ...)
 
     @property
     def latent_shapes(self) -> dict[str, tuple[int, ...]]:

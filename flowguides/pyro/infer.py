@@ -68,8 +68,8 @@ def infer(
         num_draws: the guide's draws to diagnose (at least 25), returned by the routes
             ``"guide"`` and ``"psis"``.
         neutra: NUTS's budget, for routes ``"neutra"`` and ``"nuts"``: some of
-            ``num_warmup``, ``num_samples``, ``num_chains`` (`INFER_NUTS_BUDGET` otherwise:
-            1,000 + 2,000, one chain).
+            ``num_warmup``, ``num_samples``, ``num_chains``, ``target_accept_prob``
+            (`INFER_NUTS_BUDGET` otherwise: 1,000 + 2,000, one chain, 0.8).
         seed: seeds the fit, the guide's draws, the resampling and NUTS.
         progress: show the fit's and NUTS's progress bars and print the route chosen (stderr).
         fit_options: more options of `fit_posterior` (``learning_rate``, ``init_scale``, ...).
@@ -99,7 +99,13 @@ def infer(
 
 
 def _nuts(
-    fit: PosteriorFit, num_warmup: int, num_samples: int, num_chains: int, seed: int, progress: bool
+    fit: PosteriorFit,
+    num_warmup: int,
+    num_samples: int,
+    num_chains: int,
+    seed: int,
+    progress: bool,
+    target_accept_prob: float = 0.8,
 ) -> NeuTraResult:
     """Plain NUTS on `fit`'s model (the route ``"nuts"``), as a `NeuTraResult` with an empty
     ``reparam_site``; the model's own ``pyro.param`` values are the fitted ones."""
@@ -108,7 +114,11 @@ def _nuts(
     t0 = time.perf_counter()
     for chain in range(num_chains):
         pyro.set_rng_seed(seed + chain)
-        kernel = NUTS(fit.model, max_plate_nesting=fit.guide.max_plate_nesting)
+        kernel = NUTS(
+            fit.model,
+            max_plate_nesting=fit.guide.max_plate_nesting,
+            target_accept_prob=target_accept_prob,
+        )
         mcmc = MCMC(kernel, num_samples, warmup_steps=num_warmup, disable_progbar=not progress)
         mcmc.run(*fit.args, **fit.kwargs)
         draws = mcmc.get_samples()

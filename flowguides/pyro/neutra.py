@@ -78,6 +78,7 @@ def neutra(
     num_chains: int = 1,
     seed: int = 0,
     progress: bool = True,
+    target_accept_prob: float = 0.8,
 ) -> NeuTraResult:
     """NUTS on `fit`'s model reparametrised by its trained flow (NeuTra HMC).
 
@@ -91,6 +92,9 @@ def neutra(
         num_chains: chains, run one after another; chain ``c`` is seeded ``seed + c``.
         seed: seeds Pyro (the global torch RNG) for each chain.
         progress: show Pyro's progress bar.
+        target_accept_prob: NUTS's target acceptance rate during warm-up (Pyro's default,
+            0.8); raise it (e.g. to 0.9) when the chains report divergences: the step size
+            adapts smaller.
 
     Returns:
         The `NeuTraResult`.
@@ -103,7 +107,7 @@ def neutra(
         Hoffman, Sountsov, Dillon, Langmore, Tran & Vasudevan (2019), "NeuTra-lizing Bad
         Geometry in Hamiltonian Monte Carlo Using Neural Transport", arXiv:1903.03704.
     """
-    check_neutra_options(fit.spec, num_warmup, num_samples, num_chains)
+    check_neutra_options(fit.spec, num_warmup, num_samples, num_chains, target_accept_prob)
     guide = _GuideIn(fit.guide, _log_density_dtype(fit))
     trained = [p for p in fit.guide.parameters() if p.requires_grad]
     chains: list[dict[str, torch.Tensor]] = []
@@ -116,7 +120,11 @@ def neutra(
             pyro.set_rng_seed(seed + chain)
             reparam = NeuTraReparam(fit.guide)
             reparam.guide = guide  # after its AutoContinuous check
-            kernel = NUTS(reparam.reparam(fit.model), max_plate_nesting=fit.guide.max_plate_nesting)
+            kernel = NUTS(
+                reparam.reparam(fit.model),
+                max_plate_nesting=fit.guide.max_plate_nesting,
+                target_accept_prob=target_accept_prob,
+            )
             mcmc = MCMC(kernel, num_samples, warmup_steps=num_warmup, disable_progbar=not progress)
             mcmc.run(*fit.args, **fit.kwargs)
             draws = mcmc.get_samples()

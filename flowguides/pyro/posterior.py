@@ -82,7 +82,7 @@ class PosteriorFit(PosteriorFitMethods):
     history: dict[str, np.ndarray] = field(default_factory=dict)
     timing: dict[str, float] = field(default_factory=dict)
 
-    neutra = _neutra  # fit.neutra(num_warmup, num_samples, num_chains, seed, progress)
+    neutra = _neutra  # fit.neutra(num_warmup, num_samples, num_chains, seed, ...)
 
     @property
     def latent_shapes(self) -> dict[str, tuple[int, ...]]:

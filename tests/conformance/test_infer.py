@@ -133,7 +133,10 @@ def test_the_nuts_budget_defaults_to_infers_own_and_takes_each_setting() -> None
     def fit_fn(model, spec, *, num_steps=1, learning_rate=None): ...
 
     budget, options = check_infer_options(100, None, {"learning_rate": 0.1}, {}, fit_fn)
-    assert budget == INFER_NUTS_BUDGET == {"num_warmup": 1000, "num_samples": 2000, "num_chains": 1}
+    assert budget == INFER_NUTS_BUDGET
+    assert budget == {
+        "num_warmup": 1000, "num_samples": 2000, "num_chains": 1, "target_accept_prob": 0.8
+    }  # fmt: skip
     assert options == {"learning_rate": 0.1}
     budget, _ = check_infer_options(100, {"num_samples": 50}, None, {}, fit_fn)
     assert budget == {**INFER_NUTS_BUDGET, "num_samples": 50}
@@ -283,8 +286,8 @@ def test_neutra_route_on_a_funnel_with_a_weak_flow(backend: str) -> None:
     b = _backend(backend)
     spec = FlowSpec.planar(num_layers=1, dtype="float64")
     result = b.infer(
-        b.funnel, spec, num_steps=10, num_draws=2000, neutra={"num_warmup": 30, "num_samples": 20},
-        progress=False, fit_options=NARROW,
+        b.funnel, spec, num_steps=10, num_draws=2000, progress=False, fit_options=NARROW,
+        neutra={"num_warmup": 30, "num_samples": 20, "target_accept_prob": 0.9},
     )  # fmt: skip
     assert result.route == "neutra" and result.diagnosis.khat >= result.diagnosis.khat_psis
     assert "NeuTra" in result.diagnosis.reason and "route='neutra'" in repr(result)
@@ -322,6 +325,8 @@ def test_bad_options_are_named_before_fitting(backend: str) -> None:
         call(neutra={"seed": 1})
     with pytest.raises(ValueError, match="num_samples: expected a positive integer, got 0"):
         call(neutra={"num_samples": 0})
+    with pytest.raises(ValueError, match=r"target_accept_prob: expected a number in \(0, 1\)"):
+        call(neutra={"target_accept_prob": 1.5})
     with pytest.raises(ValueError, match=r"fit_options: unknown option\(s\) \['learning_rat'\]"):
         call(fit_options={"learning_rat": 0.1})
     with pytest.raises(ValueError, match=r"fit_options: \['num_steps'\] are infer's own"):

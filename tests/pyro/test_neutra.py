@@ -52,6 +52,9 @@ def test_neutra_leaves_the_flow_weights_unchanged(fit):
 def test_neutra_refuses_neural_ode_flows_and_bad_budgets(fit):
     with pytest.raises(ValueError, match="num_samples: expected a positive integer, got 0"):
         fit.neutra(num_samples=0)
+    for bad in (1.0, 0, True, "0.9"):
+        with pytest.raises(ValueError, match=r"target_accept_prob: expected a number in \(0, 1\)"):
+            fit.neutra(num_samples=10, target_accept_prob=bad)
     spec = FlowSpec.neural_ode(hidden=[4], solver="rk4", num_steps=2, dtype="float64")
     ode = fit_posterior(funnel, spec, num_steps=2, init_scale=1.0, progress=False)
     with pytest.raises(SpecError, match="ODE solve and its adjoint per step"):
