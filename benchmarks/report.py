@@ -190,7 +190,9 @@ def write_docs(results: Path, docs: Path) -> None:
         rows = latest([json.loads(line) for line in lines if line.strip()])
         parts.append("## NeuTra on the funnel: effective samples per second\n")
         parts.append(
-            "Written by `python -m benchmarks.neutra_ess --write --seeds 0 1` (rows in "
+            "Written by `python -m benchmarks.neutra_ess --write --seeds 0 1 2` (and with "
+            "`--target-accept 0.9`: NUTS's target acceptance in both methods, shown in settings; "
+            "rows in "
             "`benchmarks/results/neutra_ess.jsonl`, with their settings, versions and commit): "
             "the 10-D funnel in one process per run (float64, one thread). NUTS, and NeuTra "
             "(`fit_posterior` with `FlowSpec.realnvp(num_layers=4)` and its defaults, then "
