@@ -263,16 +263,13 @@ class FlowSpec(_Frozen):
         version 1's default, ``"reverse"``."""
         if not isinstance(data, dict) or data.get("schema_version") != 1:
             return data
+
+        def upgrade(layer: Any) -> Any:
+            old = isinstance(layer, dict) and layer.get("type") == "realnvp"
+            return {"permutation": "reverse", **layer} if old else layer
+
         layers = data.get("layers")
-        if isinstance(layers, list | tuple):
-            layers = [
-                {**layer, "permutation": "reverse"}
-                if isinstance(layer, dict)
-                and layer.get("type") == "realnvp"
-                and "permutation" not in layer
-                else layer
-                for layer in layers
-            ]
+        layers = [upgrade(x) for x in layers] if isinstance(layers, list | tuple) else layers
         return {**data, "schema_version": SCHEMA_VERSION, "layers": layers}
 
     def __init__(self, **data: Any) -> None:
