@@ -23,7 +23,7 @@ demo: install
 	$(BIN)/flowguides demo
 
 test: install
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from numpyro import handlers
@@ -30,7 +31,7 @@ from flowguides.numpyro._model import as_constants
 from flowguides.numpyro.build import Flow, build_flow, get_weights, set_weights
 from flowguides.numpyro.density import DensityFit
 from flowguides.numpyro.guide import AutoFlowGuide
-from flowguides.numpyro.posterior import PosteriorFit
+from flowguides.numpyro.posterior import TRAINING_PRNG, PosteriorFit
 from flowguides.spec import FlowSpec
 
 __all__ = ["export_state", "import_state"]
@@ -110,7 +111,9 @@ def import_state(
             raise LoadError("load: a saved posterior needs the model: load(path, model=...)")
         kwargs = dict(model_kwargs or {})
         guide = AutoFlowGuide(model, spec)
-        handlers.seed(guide._setup_prototype, 0)(*model_args, **kwargs)
+        # the key kind `fit_posterior` sets up with: the set-up program it compiled is reused
+        key = jax.random.key(0, impl=TRAINING_PRNG)
+        handlers.seed(guide._setup_prototype, key)(*model_args, **kwargs)
         check_sites(meta, _guide_sites(guide))
         guide.set_preconditioner(_whitening(meta.get("precondition"), guide.latent_dim))
         params = guide.set_weights(weights).initial_params()

@@ -22,7 +22,7 @@ from numpyro.infer import Predictive
 from numpyro.infer.initialization import init_to_uniform
 
 import flowguides
-from flowguides.numpyro import ConstantArgumentsWarning, PosteriorFit, fit_posterior
+from flowguides.numpyro import ConstantArgumentsWarning, PosteriorFit, _prototype, fit_posterior
 from flowguides.spec import FlowSpec
 from tests.zoo import data
 from tests.zoo import models_numpyro as m
@@ -263,7 +263,9 @@ def run_case(name: str, tmp_path) -> None:
 
         before = fit.log_densities(NUM_WEIGHTED, seed=4)
         path = flowguides.save(fit, tmp_path / "fit")
+        traced = _prototype._TRACES["init"]
         loaded = flowguides.load(path, backend="numpyro", model=case.model, model_args=case.args)
+        assert _prototype._TRACES["init"] == traced, "load compiled the set-up the fit compiled"
         after = loaded.log_densities(NUM_WEIGHTED, seed=4)
         for site in shapes:
             np.testing.assert_allclose(after[0][site], before[0][site], rtol=1e-5, atol=1e-6)
