@@ -80,7 +80,7 @@ def _flowguides(
             patience=policy.patience, standardize=False, objective=objective, coupling=coupling,
             seed=budget.seed, progress=False,
         )  # fmt: skip
-        if family in ("realnvp", "planar"):
+        if family in ("realnvp", "realnvp-density", "planar"):
             return Fitted(-np.asarray(res.log_prob(data.test)), _fit_summary(res, budget))
         nll, nfe = _exact_ode_nll(backend, res, data.test)
         extra = _fit_summary(res, budget) | {"nfe_test": nfe}
@@ -93,11 +93,13 @@ def _spec(family: str) -> Any:
     """The `FlowSpec` of a flowguides row (float64, `DENSITY_ARCH` sizes)."""
     from flowguides.spec import FlowSpec
 
-    if family == "realnvp":
+    if family in ("realnvp", "realnvp-density"):
         hidden = DENSITY_ARCH["hidden"]
+        orientation = "density" if family == "realnvp-density" else "sampling"
         return FlowSpec.realnvp(
-            num_layers=DENSITY_ARCH["couplings"], hidden=hidden, dtype="float64"
-        )
+            num_layers=DENSITY_ARCH["couplings"], hidden=hidden, dtype="float64",
+            orientation=orientation,
+        )  # fmt: skip
     if family == "planar":
         return FlowSpec.planar(num_layers=DENSITY_ARCH["planar"], dtype="float64")
     weights = RNODE_WEIGHTS if family == "rnode" else {}
@@ -225,6 +227,7 @@ DENSITY_METHODS: dict[str, Callable[..., Fitted]] = {
         for b in ("pyro", "numpyro")
         for name, how in (
             ("RealNVP", ("realnvp",)),
+            ("RealNVP (density orientation)", ("realnvp-density",)),
             ("planar", ("planar",)),
             ("neural ODE", ("neural_ode",)),
             ("neural ODE (RNODE)", ("rnode",)),

@@ -12,9 +12,9 @@ Conventions shared by both backends (the spec is their single source of truth):
   Density fitting runs the inverse: standardise by the affine, then invert the layers.
 * Parameters of a layer spec with ``repeat = R`` are stacked along a leading axis of size ``R``.
 * Dense weights are stored ``(out, in)`` (torch's ``nn.Linear`` layout); ``y = x @ W.T + b``.
-* RealNVP: each coupling keeps the first ``dim // 2`` coordinates and transforms the rest with
-  ``y2 = x2 * exp(s) + t``, ``s = clamp * tanh(raw / clamp)``; the permutations from
-  [`RealNVPSpec.permutations`][flowguides.spec.RealNVPSpec.permutations] sit between couplings.
+* RealNVP: each coupling keeps the first ``dim // 2`` coordinates and maps the rest by
+  ``x2 * exp(s) + t``, ``s = clamp * tanh(raw / clamp)`` (in the direction its ``orientation``
+  names); [`RealNVPSpec.permutations`][flowguides.spec.RealNVPSpec.permutations] sit between.
 * Schema versions: 2 made ``"shuffle"`` the default RealNVP permutation; a version-1 spec that
   leaves ``permutation`` out reads as ``"reverse"`` (version 1's default), so old files build
   the flow they were saved with.
@@ -112,10 +112,11 @@ class PlanarSpec(_Frozen):
 class RealNVPSpec(_Frozen):
     """`repeat` affine coupling layers (Dinh et al., 2016) with permutations between them.
 
-    Each coupling conditions on ``x[:dim // 2]`` and maps ``x[dim // 2:]`` by
-    ``x * exp(s) + t`` with ``s = scale_clamp * tanh(raw / scale_clamp)``; the conditioner is an
-    MLP ``dim // 2 -> hidden... -> 2 * (dim - dim // 2)`` whose output holds ``(t, raw)``,
-    in that order. Its last layer starts at zero, so a new layer is the identity.
+    Each coupling conditions on ``x[:dim // 2]`` and maps ``x[dim // 2:]`` by ``x * exp(s) + t``,
+    ``s = scale_clamp * tanh(raw / scale_clamp)``, from base to target (``orientation=
+    "sampling"``) or from target to base (``"density"``, Dinh et al.'s form: sampling is then
+    ``(x - t) * exp(-s)``); the conditioner, an MLP ``dim // 2 -> hidden... -> 2 * (dim - dim
+    // 2)``, outputs ``(t, raw)``; its last layer starts at zero (a new layer is the identity).
 
     Parameters (``R = repeat``): ``net.{j}.weight (R, out, in)``, ``net.{j}.bias (R, out)``.
     """
@@ -126,6 +127,7 @@ class RealNVPSpec(_Frozen):
     activation: Literal["relu", "tanh", "elu", "leaky_relu", "gelu"] = "relu"
     scale_clamp: PositiveFloat = 3.0
     permutation: Literal["shuffle", "reverse", "random"] = "shuffle"
+    orientation: Literal["sampling", "density"] = "sampling"
     seed: int = 0
 
     min_dim: ClassVar[int] = 2
@@ -156,8 +158,7 @@ class RealNVPSpec(_Frozen):
         if self.permutation == "reverse":
             return [list(range(dim - 1, -1, -1)) for _ in range(self.repeat - 1)]
         rng = random.Random(self.seed)
-        kept = set(range(dim // 2))
-        perms = []
+        kept, perms = set(range(dim // 2)), []
         for _ in range(self.repeat - 1):
             perm = list(range(dim))
             rng.shuffle(perm)
@@ -172,8 +173,7 @@ class NeuralODESpec(_Frozen):
 
     ``dz/dt = f(z, t)`` with `f` an MLP of concatsquash layers
     ``h' = (W h + b) * sigmoid(gate_weight t + gate_bias) + time_bias t``; the last layer starts
-    at zero, so a new flow is the identity. ``trace="auto"`` means exact for ``dim <= 10``,
-    Hutchinson above. ``kinetic_weight`` and ``jacobian_weight`` weight the RNODE regularisers
+    at zero (a new flow is the identity). ``trace="auto"``: exact for ``dim <= 10``, else Hutchinson. ``kinetic_weight`` and ``jacobian_weight`` weight the RNODE regularisers
     (Finlay et al., 2020) ``∫ |f|² dt`` and ``∫ |∂f/∂z|_F² dt``; ``steer > 0`` draws the end
     time of each training solve uniformly from ``[t1 (1 - steer), t1 (1 + steer)]``
     (STEER, Ghosh et al., 2020).

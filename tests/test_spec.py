@@ -22,6 +22,7 @@ realnvp = st.builds(
     activation=st.sampled_from(ACTIVATION_NAMES),
     scale_clamp=st.floats(0.1, 10.0),
     permutation=st.sampled_from(["shuffle", "reverse", "random"]),
+    orientation=st.sampled_from(["sampling", "density"]),
     seed=st.integers(0, 2**31),
 )
 neural_ode = st.one_of(
@@ -198,6 +199,7 @@ def test_convenience_constructors() -> None:
                 "activation": "tanh",
                 "scale_clamp": 3.0,
                 "permutation": "shuffle",
+                "orientation": "sampling",
                 "seed": 0,
             }
         ],

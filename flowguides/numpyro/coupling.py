@@ -1,8 +1,9 @@
 """RealNVP affine couplings (Dinh et al., 2016), soft-clamped, identity at initialisation.
 
 Each coupling keeps ``x[..., :d1]`` (``d1 = dim // 2``) and maps the rest by
-``x2 * exp(s) + t`` with ``(t, raw) = MLP(x1)`` and ``s = clamp * tanh(raw / clamp)``; the
-spec's permutations sit between couplings. The `repeat` couplings' weights are stacked along a
+``x2 * exp(s) + t`` with ``(t, raw) = MLP(x1)`` and ``s = clamp * tanh(raw / clamp)`` (in the
+sampling direction, or in the density direction with ``orientation="density"``); the spec's
+permutations sit between couplings. The `repeat` couplings' weights are stacked along a
 leading axis and applied with one `jax.lax.scan` (one compiled body whatever `repeat` is).
 
 The public names match `flowguides.pyro.coupling` except framework-only helpers: here the
@@ -95,29 +96,34 @@ class RealNVP(FlowLayerTransform):
         clamp = self.spec.scale_clamp
         return out[..., :d2], clamp * jnp.tanh(out[..., d2:] / clamp)
 
-    def forward_and_log_det(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def _affine(self, p: Mapping[str, jax.Array], z: jax.Array, sign: int):
+        """One coupling's ``(z, log|det|)``: ``z2 * exp(s) + t`` (`sign` 1) or its inverse."""
         d1 = self.dim // 2
+        t, s = self._shift_log_scale(p, z[..., :d1])
+        z2 = z[..., d1:] * jnp.exp(s) + t if sign > 0 else (z[..., d1:] - t) * jnp.exp(-s)
+        return jnp.concatenate([z[..., :d1], z2], axis=-1), sign * jnp.sum(s, axis=-1)
 
+    @property
+    def _sign(self) -> int:
+        """1 where the forward (sampling) direction is ``z2 * exp(s) + t``."""
+        return 1 if self.spec.orientation == "sampling" else -1
+
+    def forward_and_log_det(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         def layer(carry: tuple[jax.Array, jax.Array], inputs: tuple[dict, jax.Array]):
             z, ladj = carry
             p, perm = inputs
-            t, s = self._shift_log_scale(p, z[..., :d1])
-            z = jnp.concatenate([z[..., :d1], z[..., d1:] * jnp.exp(s) + t], axis=-1)
-            return (z[..., perm], ladj + jnp.sum(s, axis=-1)), None
+            z, step = self._affine(p, z, self._sign)
+            return (z[..., perm], ladj + step), None
 
         init = (x, jnp.zeros(x.shape[:-1], x.dtype))
         return lax.scan(layer, init, self._scan_inputs(inverse=False))[0]
 
     def inverse_and_log_det(self, y: jax.Array) -> tuple[jax.Array, jax.Array]:
-        d1 = self.dim // 2
-
         def layer(carry: tuple[jax.Array, jax.Array], inputs: tuple[dict, jax.Array]):
             z, ladj = carry
             p, inv_perm = inputs
-            z = z[..., inv_perm]
-            t, s = self._shift_log_scale(p, z[..., :d1])
-            z = jnp.concatenate([z[..., :d1], (z[..., d1:] - t) * jnp.exp(-s)], axis=-1)
-            return (z, ladj - jnp.sum(s, axis=-1)), None
+            z, step = self._affine(p, z[..., inv_perm], -self._sign)
+            return (z, ladj + step), None
 
         init = (y, jnp.zeros(y.shape[:-1], y.dtype))
         return lax.scan(layer, init, self._scan_inputs(inverse=True), reverse=True)[0]

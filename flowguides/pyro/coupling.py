@@ -88,6 +88,7 @@ class RealNVP(FlowLayerTransform):
             raise ValueError(f"dim: a realnvp layer needs dim >= 2, got {dim}")
         self.dim, self.repeat, self.d1 = dim, spec.repeat, dim // 2
         self.scale_clamp = spec.scale_clamp
+        self._orient = 1 if spec.orientation == "sampling" else -1  # 1: sampling is z2 * exp(s) + t
         self.activation = ACTIVATIONS[spec.activation]
         sizes = spec.mlp_sizes(dim)
         last = len(sizes) - 2
@@ -111,14 +112,19 @@ class RealNVP(FlowLayerTransform):
         c = self.scale_clamp
         return h[..., :d2], c * torch.tanh(h[..., d2:] / c)
 
+    def _affine(self, z: torch.Tensor, r: int, sign: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Coupling `r`'s ``(z, log|det|)``: ``z2 * exp(s) + t`` (`sign` 1) or its inverse."""
+        z1, z2 = z[..., : self.d1], z[..., self.d1 :]
+        t, s = self._shift_and_log_scale(z1, r)
+        z2 = z2 * torch.exp(s) + t if sign > 0 else (z2 - t) * torch.exp(-s)
+        return torch.cat([z1, z2], dim=-1), sign * s.sum(-1)
+
     def forward_and_log_det(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(y, log|det dy/dz|)`` for `z` of shape ``(..., dim)``."""
         ladj = z.new_zeros(z.shape[:-1])
         for r in range(self.repeat):
-            z1, z2 = z[..., : self.d1], z[..., self.d1 :]
-            t, s = self._shift_and_log_scale(z1, r)
-            z = torch.cat([z1, z2 * torch.exp(s) + t], dim=-1)
-            ladj = ladj + s.sum(-1)
+            z, step = self._affine(z, r, self._orient)
+            ladj = ladj + step
             if r < self.repeat - 1:
                 z = z[..., self._perms[r]]
         return z, ladj
@@ -129,8 +135,6 @@ class RealNVP(FlowLayerTransform):
         for r in reversed(range(self.repeat)):
             if r < self.repeat - 1:
                 y = y[..., self._inverse_perms[r]]
-            y1, y2 = y[..., : self.d1], y[..., self.d1 :]
-            t, s = self._shift_and_log_scale(y1, r)
-            y = torch.cat([y1, (y2 - t) * torch.exp(-s)], dim=-1)
-            ladj = ladj - s.sum(-1)
+            y, step = self._affine(y, r, -self._orient)
+            ladj = ladj + step
         return y, ladj

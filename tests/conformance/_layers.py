@@ -89,7 +89,7 @@ CASES: dict[str, Case] = {
                 seed=3,
                 scale_clamp=1.5,
             ),
-            RealNVPSpec(hidden=(4,), activation="tanh"),
+            RealNVPSpec(hidden=(4,), activation="tanh", orientation="density"),
             RealNVPSpec(hidden=(4,), activation="elu"),
             base="normal",
         ),

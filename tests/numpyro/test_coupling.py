@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from flowguides.numpyro.build import build_flow, get_weights
 from flowguides.numpyro.coupling import RealNVP, init_realnvp
@@ -18,10 +19,14 @@ SPEC = FlowSpec.realnvp(
 X = np.random.default_rng(1).normal(size=(2, 4, 5))
 
 
-def test_realnvp_matches_the_conventions_in_numpy():
+@pytest.mark.parametrize("orientation", ["sampling", "density"])
+def test_realnvp_matches_the_conventions_in_numpy(orientation):
     from scipy.special import erf
 
-    flow = perturbed(build_flow(SPEC, 5, seed=2), 0.6, seed=5)
+    spec = SPEC.model_copy(
+        update={"layers": (SPEC.layers[0].model_copy(update={"orientation": orientation}),)}
+    )
+    flow = perturbed(build_flow(spec, 5, seed=2), 0.6, seed=5)
     w = get_weights(flow)
     perms = SPEC.layers[0].permutations(5)
     z, ladj = X.copy(), np.zeros(X.shape[:-1])
@@ -30,8 +35,12 @@ def test_realnvp_matches_the_conventions_in_numpy():
         h = 0.5 * h * (1 + erf(h / np.sqrt(2)))
         o = h @ w["layers.0.net.1.weight"][r].T + w["layers.0.net.1.bias"][r]
         t, s = o[..., :3], 3.0 * np.tanh(o[..., 3:] / 3.0)
-        z = np.concatenate([z[..., :2], z[..., 2:] * np.exp(s) + t], axis=-1)
-        ladj += s.sum(-1)
+        if orientation == "sampling":
+            z = np.concatenate([z[..., :2], z[..., 2:] * np.exp(s) + t], axis=-1)
+            ladj += s.sum(-1)
+        else:  # the density direction is z * exp(s) + t: sampling runs its inverse
+            z = np.concatenate([z[..., :2], (z[..., 2:] - t) * np.exp(-s)], axis=-1)
+            ladj -= s.sum(-1)
         if r < 2:
             z = z[..., perms[r]]
     z = w["affine.loc"] + np.exp(w["affine.log_scale"]) * z
