@@ -116,7 +116,8 @@ QUICK: dict[str, Any] = {
 _DENS_FULL = (
     "flowguides-pyro RealNVP", "flowguides-pyro planar", "flowguides-numpyro RealNVP",
     "flowguides-numpyro planar", "zuko RealNVP", "normflows RealNVP", "normflows planar",
-    "flowjax coupling", "flowjax planar",
+    "flowjax coupling", "flowjax planar", "flowguides-pyro RealNVP (density orientation)",
+    "flowguides-numpyro RealNVP (density orientation)",
 )  # fmt: skip
 _DENS_ODE = (
     "flowguides-numpyro neural ODE", "flowguides-numpyro neural ODE (RNODE)",
