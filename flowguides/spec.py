@@ -173,10 +173,10 @@ class NeuralODESpec(_Frozen):
 
     ``dz/dt = f(z, t)`` with `f` an MLP of concatsquash layers
     ``h' = (W h + b) * sigmoid(gate_weight t + gate_bias) + time_bias t``; the last layer starts
-    at zero (a new flow is the identity). ``trace="auto"``: exact for ``dim <= 10``, else Hutchinson. ``kinetic_weight`` and ``jacobian_weight`` weight the RNODE regularisers
-    (Finlay et al., 2020) ``∫ |f|² dt`` and ``∫ |∂f/∂z|_F² dt``; ``steer > 0`` draws the end
-    time of each training solve uniformly from ``[t1 (1 - steer), t1 (1 + steer)]``
-    (STEER, Ghosh et al., 2020).
+    at zero (a new flow is the identity). ``trace="auto"``: exact for ``dim <= 10``, else
+    Hutchinson. ``kinetic_weight`` and ``jacobian_weight`` weight the RNODE regularisers (Finlay
+    et al., 2020) ``∫ |f|² dt`` and ``∫ |∂f/∂z|_F² dt``; ``steer > 0`` draws the end time of each
+    training solve uniformly from ``[t1 (1 - steer), t1 (1 + steer)]`` (STEER, Ghosh et al., 2020).
 
     Parameters: ``net.{j}.weight (out, in)``, ``net.{j}.bias``, ``net.{j}.gate_weight``,
     ``net.{j}.gate_bias``, ``net.{j}.time_bias`` (each ``(out,)``).

@@ -104,7 +104,7 @@ class RealNVP(FlowLayerTransform):
         return jnp.concatenate([z[..., :d1], z2], axis=-1), sign * jnp.sum(s, axis=-1)
 
     @property
-    def _sign(self) -> int:
+    def _orient(self) -> int:
         """1 where the forward (sampling) direction is ``z2 * exp(s) + t``."""
         return 1 if self.spec.orientation == "sampling" else -1
 
@@ -112,7 +112,7 @@ class RealNVP(FlowLayerTransform):
         def layer(carry: tuple[jax.Array, jax.Array], inputs: tuple[dict, jax.Array]):
             z, ladj = carry
             p, perm = inputs
-            z, step = self._affine(p, z, self._sign)
+            z, step = self._affine(p, z, self._orient)
             return (z[..., perm], ladj + step), None
 
         init = (x, jnp.zeros(x.shape[:-1], x.dtype))
@@ -122,7 +122,7 @@ class RealNVP(FlowLayerTransform):
         def layer(carry: tuple[jax.Array, jax.Array], inputs: tuple[dict, jax.Array]):
             z, ladj = carry
             p, inv_perm = inputs
-            z, step = self._affine(p, z[..., inv_perm], -self._sign)
+            z, step = self._affine(p, z[..., inv_perm], -self._orient)
             return (z, ladj + step), None
 
         init = (y, jnp.zeros(y.shape[:-1], y.dtype))
