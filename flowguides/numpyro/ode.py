@@ -39,6 +39,7 @@ References:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import re
 from collections.abc import Iterator, Mapping
@@ -136,36 +137,35 @@ def _solution_norm(y: tuple[jax.Array, ...]) -> jax.Array:
     return jnp.maximum(optx.rms_norm(y[0]), optx.rms_norm(y[1]))
 
 
+@functools.cache  # one function per layer shape: eager solves reuse diffrax's compiled solve
+def _dynamics(spec: NeuralODESpec, dim: int, regularize: bool):
+    eye = np.eye(dim)  # closed over as a constant (BacksolveAdjoint); params, noise: `args`
+
+    def rhs(t: jax.Array, state: tuple[jax.Array, ...], args: tuple):
+        (params, noise), z = args, state[0]
+        dz, vjp = jax.vjp(lambda z_: vector_field(params, spec, t, z_), z)
+        if noise is None:
+            rows = jax.vmap(lambda e: vjp(jnp.broadcast_to(e.astype(z.dtype), z.shape))[0])(eye)
+            diag = eye.reshape((dim,) + (1,) * (z.ndim - 1) + (dim,))
+            trace = jnp.sum(rows * diag, axis=(0, -1))
+            frobenius = jnp.sum(rows * rows, axis=(0, -1))
+        else:
+            row = vjp(noise)[0]
+            trace = jnp.sum(row * noise, axis=-1)
+            frobenius = jnp.sum(row * row, axis=-1)
+        if not regularize:
+            return dz, trace
+        return dz, trace, jnp.sum(dz * dz, axis=-1), frobenius
+
+    return rhs
+
+
 class NeuralODE(FlowLayerTransform):
     """One neural-ODE block from ``t = 0`` (base) to ``t = t1`` (data).
 
     `key` fixes the Hutchinson noise of a solve (unused with the exact trace; without a key
     the estimator uses ``jax.random.key(0)``) and, in `training_solves`, the STEER end time.
     """
-
-    def _dynamics(self, regularize: bool):
-        spec = self.spec
-        eye = np.eye(self.dim)  # a constant, not a tracer: BacksolveAdjoint needs closed-over
-        # values to be constants, so the parameters and the noise travel in `args`
-
-        def rhs(t: jax.Array, state: tuple[jax.Array, ...], args: tuple):
-            params, noise = args
-            z = state[0]
-            dz, vjp = jax.vjp(lambda z_: vector_field(params, spec, t, z_), z)
-            if noise is None:
-                rows = jax.vmap(lambda e: vjp(jnp.broadcast_to(e.astype(z.dtype), z.shape))[0])(eye)
-                diag = eye.reshape((self.dim,) + (1,) * (z.ndim - 1) + (self.dim,))
-                trace = jnp.sum(rows * diag, axis=(0, -1))
-                frobenius = jnp.sum(rows * rows, axis=(0, -1))
-            else:
-                row = vjp(noise)[0]
-                trace = jnp.sum(row * noise, axis=-1)
-                frobenius = jnp.sum(row * row, axis=-1)
-            if not regularize:
-                return dz, trace
-            return dz, trace, jnp.sum(dz * dz, axis=-1), frobenius
-
-        return rhs
 
     def _noise(self, z: jax.Array) -> jax.Array | None:
         if self.spec.resolved_trace(self.dim) == "exact":
@@ -194,7 +194,7 @@ class NeuralODE(FlowLayerTransform):
         )
         zero = jnp.zeros(x.shape[:-1], x.dtype)
         sol = diffrax.diffeqsolve(
-            diffrax.ODETerm(self._dynamics(regularize)),
+            diffrax.ODETerm(_dynamics(spec, self.dim, regularize)),
             _SOLVERS[spec.solver](),
             t0,
             t1,

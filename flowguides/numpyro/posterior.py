@@ -133,8 +133,7 @@ class PosteriorFit(PosteriorFitMethods):
 
     def __post_init__(self) -> None:
         self._rng = np.random.default_rng(self.seed + 1)
-        self._densities = jit(self._log_densities_fn, static_argnums=1)
-        self._draws: dict[int, Callable[..., Any]] = {}
+        self._programs: dict[tuple[str, int], Callable[..., Any]] = {}
 
     def _key(self, seed: int | None) -> jax.Array:
         return jax.random.key(int(self._rng.integers(2**31)) if seed is None else seed)
@@ -158,39 +157,29 @@ class PosteriorFit(PosteriorFitMethods):
         Raises:
             MaxStepsExceededError: an adaptive neural-ODE solve ran out of ``max_steps``.
         """
-        t0 = time.perf_counter()
-        if num_samples not in self._draws:
-            guide, args, kwargs, names = self.guide, self.args, self.kwargs, self.latent_shapes
-            shape = (num_samples,)
-            trace = guide.prototype_trace
-            keep = [*names, *(n for n, s in trace.items() if s["type"] == "deterministic")]
+        t0, trace = time.perf_counter(), self.guide.prototype_trace
+        args, kwargs = self.args, self.kwargs
+        keep = [*self.latent_shapes, *(n for n, s in trace.items() if s["type"] == "deterministic")]
 
-            def draws(key: jax.Array, params: dict) -> dict[str, jax.Array]:
-                out = guide.sample_posterior(key, params, *args, sample_shape=shape, **kwargs)
-                return {name: out[name] for name in keep if name in out}
+        def draws(guide: AutoFlowGuide, key: jax.Array, params: dict) -> dict[str, jax.Array]:
+            out = guide.sample_posterior(key, params, *args, sample_shape=(num_samples,), **kwargs)
+            return {name: out[name] for name in keep if name in out}
 
-            content = (callable_key(self.model), value_key((args, kwargs)), supports_key(guide))
-            shapes = (guide.prefix, tuple(names.items()), params_key(self.params))
-            key = cache_key("draws", self.spec, shape, *shapes, content=content)
-            self._draws[num_samples] = cached(key, lambda: jit(draws))
-        with solver_errors():
-            out = jax.block_until_ready(self._draws[num_samples](self._key(seed), self.params))
-        out = {name: np.asarray(value) for name, value in out.items()}
+        out = {k: np.asarray(v) for k, v in self._run("draws", num_samples, draws, seed).items()}
         add_seconds(self.timing, "draws_s", time.perf_counter() - t0)
         return out
 
-    def _log_densities_fn(self, key: jax.Array, num_samples: int):
-        names = list(self.latent_shapes)
-
-        def one(k: jax.Array):
-            log_q, trace = log_density(
-                handlers.seed(self.guide, k), self.args, self.kwargs, self.params
-            )
-            model = handlers.replay(handlers.seed(full_data(self.model), k), trace)
-            log_p, _ = log_density(model, self.args, self.kwargs, self.params)
-            return {n: trace[n]["value"] for n in names}, log_p, log_q
-
-        return full_data_map(one, jax.random.split(key, num_samples), self.guide.prototype_trace)
+    def _run(self, kind: str, num: int, fn: Callable[..., Any], seed: int | None) -> Any:
+        """``fn(guide, key, params)``, compiled once per `kind` and `num` for a model, its data
+        and the fit's shapes (a refit or a loaded fit of the same model reuses the program)."""
+        if (kind, num) not in self._programs:
+            guide, data = self.guide, value_key((self.args, self.kwargs))
+            content = (callable_key(self.model), data, supports_key(guide))
+            shapes = (guide.prefix, tuple(self.latent_shapes.items()), params_key(self.params))
+            key = cache_key(kind, self.spec, (num,), *shapes, content=content)
+            self._programs[kind, num] = cached(key, lambda: jit(partial(fn, guide)))
+        with solver_errors():
+            return jax.block_until_ready(self._programs[kind, num](self._key(seed), self.params))
 
     def log_densities(
         self, num_samples: int, seed: int | None = None
@@ -204,9 +193,18 @@ class PosteriorFit(PosteriorFitMethods):
         Raises:
             MaxStepsExceededError: an adaptive neural-ODE solve ran out of ``max_steps``.
         """
-        key = self._key(seed)
-        with solver_errors():
-            draws, log_p, log_q = jax.block_until_ready(self._densities(key, num_samples))
+        args, kwargs, model, names = self.args, self.kwargs, self.model, list(self.latent_shapes)
+
+        def densities(guide: AutoFlowGuide, key: jax.Array, params: dict) -> tuple:
+            def one(k: jax.Array) -> tuple:
+                log_q, trace = log_density(handlers.seed(guide, k), args, kwargs, params)
+                replayed = handlers.replay(handlers.seed(full_data(model), k), trace)
+                log_p, _ = log_density(replayed, args, kwargs, params)
+                return {n: trace[n]["value"] for n in names}, log_p, log_q
+
+            return full_data_map(one, jax.random.split(key, num_samples), guide.prototype_trace)
+
+        draws, log_p, log_q = self._run("densities", num_samples, densities, seed)
         return jax.tree.map(np.asarray, draws), np.asarray(log_p), np.asarray(log_q)
 
 

@@ -92,6 +92,14 @@ def test_closed_form_posteriors(name):
     assert (
         abs(again.sample(20000, seed=1)["beta"].mean(0) - exact(Y + 0.3)[0]).max() < 0.05 * sd.min()
     )
+    # same data, another seed: the draws' and densities' programs are shared, the weights not
+    other = fit_posterior(conjugate, SPECS[name], X, Y, K, num_steps=1500, seed=1, progress=False)
+    log_q_fit = fit.log_densities(4000, seed=2)[2]
+    _, log_p, log_q = other.log_densities(4000, seed=2)
+    assert other._programs["densities", 4000] is fit._programs["densities", 4000]
+    assert not np.allclose(log_q, log_q_fit)
+    assert log_z - 0.1 < np.mean(log_p - log_q) < log_z + 1e-9  # its own weights: a good ELBO
+    assert np.all(np.abs(other.sample(20000, seed=1)["beta"].mean(0) - mean) < 0.05 * sd)
     loglik = fit.log_likelihood(fit.sample(5, seed=3))
     assert loglik["y"].shape == (5, 20) and loglik["k"].shape == (5, 30)
     np.testing.assert_array_equal(fit.observed_data()["k"], K)

@@ -267,6 +267,8 @@ def run_case(name: str, tmp_path) -> None:
         loaded = flowguides.load(path, backend="numpyro", model=case.model, model_args=case.args)
         assert _prototype._TRACES["init"] == traced, "load compiled the set-up the fit compiled"
         after = loaded.log_densities(NUM_WEIGHTED, seed=4)
+        program = ("densities", NUM_WEIGHTED)
+        assert loaded._programs[program] is fit._programs[program], "load compiled them anew"
         for site in shapes:
             np.testing.assert_allclose(after[0][site], before[0][site], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(after[1], before[1], rtol=1e-5, atol=1e-4, err_msg="log p")
