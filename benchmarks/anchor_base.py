@@ -91,21 +91,26 @@ def flowguides_spec(family: str) -> Any:
     """The flowguides spec of one family at the matched sizes, in float64.
 
     Raises:
-        ValueError: ``family`` is not ``realnvp``, ``planar`` or ``neural_ode``.
+        ValueError: ``family`` is not ``realnvp``, ``realnvp-density`` (RealNVP with
+            ``orientation="density"``), ``planar`` or ``neural_ode``.
     """
     from flowguides.spec import FlowSpec
 
-    if family == "realnvp":
+    if family in ("realnvp", "realnvp-density"):
+        orientation = "density" if family == "realnvp-density" else "sampling"
         return FlowSpec.realnvp(
-            num_layers=ARCH["couplings"], hidden=ARCH["hidden"], dtype="float64"
-        )
+            num_layers=ARCH["couplings"], hidden=ARCH["hidden"], dtype="float64",
+            orientation=orientation,
+        )  # fmt: skip
     if family == "planar":
         return FlowSpec.planar(num_layers=ARCH["planar"], dtype="float64")
     if family == "neural_ode":
         return FlowSpec.neural_ode(
             hidden=ARCH["ode_hidden"], solver="rk4", num_steps=8, dtype="float64"
         )
-    raise ValueError(f"family: expected 'realnvp', 'planar' or 'neural_ode', got {family!r}")
+    raise ValueError(
+        f"family: expected 'realnvp', 'realnvp-density', 'planar' or 'neural_ode', got {family!r}"
+    )
 
 
 def final_loss(losses: list) -> float | None:

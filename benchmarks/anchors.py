@@ -88,6 +88,8 @@ METHODS: dict[str, Method] = {
         f"flowguides-numpyro RealNVP ({n})": numpyro_fit_posterior("realnvp", **o)
         for n, o in _OBJECTIVES.items()
     },  # fmt: skip
+    "flowguides-pyro RealNVP (density orientation)": pyro_fit_posterior("realnvp-density"),
+    "flowguides-numpyro RealNVP (density orientation)": numpyro_fit_posterior("realnvp-density"),
     **{name: lr_searched(fit) for name, fit in {**_SVI_ANCHORS, **_AT_MAP}.items()},
     "blackjax multi-path Pathfinder": pathfinder,
     "numpyro NUTS": nuts,

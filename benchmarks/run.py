@@ -130,7 +130,9 @@ _POST_FULL = (
     "flowguides-pyro RealNVP", "flowguides-numpyro RealNVP", "flowguides-numpyro RealNVP (STL)",
     "flowguides-numpyro RealNVP (IWELBO K=8, DReG)", "numpyro AutoIAFNormal",
     "numpyro AutoMultivariateNormal", "numpyro AutoLaplaceApproximation",
-    "blackjax multi-path Pathfinder", "numpyro NUTS", "flowguides-numpyro infer (RealNVP)",
+    "blackjax multi-path Pathfinder", "flowguides-pyro RealNVP (density orientation)",
+    "flowguides-numpyro RealNVP (density orientation)", "numpyro NUTS",
+    "flowguides-numpyro infer (RealNVP)",
 )  # fmt: skip
 
 FULL: dict[str, Any] = {
@@ -159,8 +161,8 @@ times, without scoring and process start-up) stays under two hours on this two-c
 an end-to-end run is the real measure (its files' meta hold ``suite_seconds``): the speed suite at
 2,000 steps, alone (the Pyro neural ODE, about 2 steps/s with torchdiffeq, stays out as in the
 quick plan); the posteriors suite on the funnel, the banana and the nine posteriordb posteriors
-with flowguides' RealNVP in both backends (and NumPyro's STL and IW-ELBO objectives and
-`infer`), the anchors a user would try (NumPyro's IAF, full-rank Gaussian and Laplace,
+with flowguides' RealNVP in both backends (in both orientations; and NumPyro's STL and
+IW-ELBO objectives and `infer`), the anchors a user would try (NumPyro's IAF, full-rank Gaussian and Laplace,
 multi-path Pathfinder) and NUTS, three seeds each (NUTS, whose rows report their own Monte Carlo
 error, and the STL, IW-ELBO and `infer` rows the first seed only); every density set at 2,000
 steps with every discrete flow, and on the four 2-D sets the neural ODEs (NumPyro's by maximum

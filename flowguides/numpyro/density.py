@@ -214,7 +214,8 @@ def fit_density(
     Args:
         data: an in-memory or memory-mapped array ``(n_points, dim)`` of finite values, or
             an iterable of finite float minibatches ``(n_k, dim)``.
-        spec: a `FlowSpec` or its dict form.
+        spec: a `FlowSpec` or its dict form; for RealNVP, ``orientation="density"`` fits
+            better here (the spec page of the docs).
         num_steps, batch_size: optimisation steps at most, rows per step (at most the number
             of training rows); None: 2,000 and 256, for flow matching 20,000 and 1,024
             (256 with ``coupling="ot"``; `flowguides.core.DENSITY_BUDGETS`).

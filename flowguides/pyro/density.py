@@ -188,7 +188,8 @@ def fit_density(
     Args:
         data: an in-memory or memory-mapped array ``(n, dim)`` of finite values, or an
             iterable of finite float minibatches ``(n_k, dim)``.
-        spec: the flow spec (or its dict form).
+        spec: the flow spec (or its dict form); for RealNVP, ``orientation="density"`` fits
+            better here (the spec page of the docs).
         num_steps, batch_size, learning_rate: the optimisation (Adam, shared schedule);
             `num_steps` and `batch_size` None: 2,000 and 256, for flow matching 20,000 and
             1,024 (256 with ``coupling="ot"``; `flowguides.core.DENSITY_BUDGETS`).
