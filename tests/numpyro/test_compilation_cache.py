@@ -41,17 +41,20 @@ def schools(y, sigma):
 y = np.array([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0])
 sigma = np.array([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0])
 spec = FlowSpec.realnvp(num_layers=2, hidden=(8,))
-fit = fit_posterior(schools, spec, y, sigma, num_steps=150, init_scale=0.1, progress=False)
+fit = fit_posterior(schools, spec, y, sigma, num_steps=150, init_scale=0.1, progress=False,
+                    seed=int(sys.argv[2]))
 draws = fit.sample(100, seed=1)["tau"]
+log_q = fit.log_densities(100, seed=2)[2]  # diagnose's and to_arviz's program
 print(json.dumps({"directory": str(directory), "losses": [repr(v) for v in fit.losses],
-                  "draws": [repr(v) for v in draws], "timing": fit.timing}))
+                  "draws": [repr(v) for v in draws], "log_q": [repr(v) for v in log_q],
+                  "timing": fit.timing}))
 """
 
 
-def _fit(cache: Path, hash_seed: str) -> dict:
+def _fit(cache: Path, hash_seed: str, seed: int = 0) -> dict:
     env = {**os.environ, "PYTHONHASHSEED": hash_seed, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
-        [sys.executable, "-c", FIT, str(cache)], capture_output=True, text=True, env=env
+        [sys.executable, "-c", FIT, str(cache), str(seed)], capture_output=True, text=True, env=env
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -71,6 +74,11 @@ def test_a_fit_writes_its_programs_and_a_new_process_reads_them(tmp_path):
     assert _entries(cache) == written  # every program came from the cache: nothing new
     assert second["losses"] == first["losses"]
     assert second["draws"] == first["draws"]  # the draws' program too
+    assert second["log_q"] == first["log_q"]  # and the densities'
+    # another seed: other weights, the same programs (the weights are arguments, not constants)
+    third = _fit(cache, "3", seed=1)
+    assert _entries(cache) == written
+    assert third["losses"] != first["losses"] and third["log_q"] != first["log_q"]
     assert len(set(first["losses"])) > 1  # the fit trained
     assert second["timing"]["draws_s"] > 0 and "start_s" in second["timing"]
 
