@@ -237,16 +237,22 @@ def test_draws_are_one_program_shared_by_fits_of_the_same_model_and_data():
         np.testing.assert_allclose(value, eager[name], rtol=1e-10, atol=1e-12)
     again = fit_posterior(model, SPEC, X, Y, num_steps=100, init_scale=0.3, seed=1, progress=False)
     again.sample(500, seed=2)
-    assert again._draws[500] is fit._draws[500]  # same model, data and shapes: no compile
+    assert (
+        again._programs["draws", 500] is fit._programs["draws", 500]
+    )  # same model, data and shapes: no compile
     whitened = fit_posterior(model, SPEC, X, Y, num_steps=100, init_scale="laplace", progress=False)
     whitened.sample(500, seed=2)
-    assert whitened._draws[500] is not fit._draws[500]  # more parameters: its own program
+    assert (
+        whitened._programs["draws", 500] is not fit._programs["draws", 500]
+    )  # more parameters: its own program
     other = fit_posterior(model, SPEC, X, Y + 1.0, num_steps=100, init_scale=0.1, progress=False)
     ours = other.sample(500, seed=2)["w"]
     key = jax.random.key(2)
     eager = other.guide.sample_posterior(key, other.params, X, Y + 1.0, sample_shape=(500,))
     np.testing.assert_allclose(ours, eager["w"], rtol=1e-10, atol=1e-12)
-    assert other._draws[500] is not fit._draws[500]  # new data: its own program
+    assert (
+        other._programs["draws", 500] is not fit._programs["draws", 500]
+    )  # new data: its own program
 
 
 def test_the_search_reads_the_gradient_at_the_mode_and_scores_every_start():
