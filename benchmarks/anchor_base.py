@@ -97,10 +97,10 @@ def flowguides_spec(family: str) -> Any:
     from flowguides.spec import FlowSpec
 
     if family in ("realnvp", "realnvp-density"):
-        orientation = "density" if family == "realnvp-density" else "sampling"
+        # "realnvp": the library's default orientation ("auto": the sampling direction here)
+        fields = {"orientation": "density"} if family == "realnvp-density" else {}
         return FlowSpec.realnvp(
-            num_layers=ARCH["couplings"], hidden=ARCH["hidden"], dtype="float64",
-            orientation=orientation,
+            num_layers=ARCH["couplings"], hidden=ARCH["hidden"], dtype="float64", **fields
         )  # fmt: skip
     if family == "planar":
         return FlowSpec.planar(num_layers=ARCH["planar"], dtype="float64")

@@ -66,39 +66,67 @@ class Fitted:
 
 # -- methods: each returns a `Fitted` ----------------------------------------------------------
 def _flowguides(
-    backend: str, family: str, objective: str = "maximum_likelihood", coupling: str = "independent"
+    backend: str,
+    family: str,
+    objective: str = "maximum_likelihood",
+    coupling: str = "independent",
+    defaults: bool = False,
 ) -> Callable[..., Fitted]:
+    """A flowguides ``fit_density`` row: under the shared budget and checkpoint policy, or with
+    ``defaults`` under ``fit_density``'s own defaults (learning rate, batch size, patience,
+    validation split; for maximum likelihood the budget's steps, for flow matching its default
+    steps too), which the row's ``method_settings`` record."""
+
     def fit(data: DensityData, budget: DensityBudget, policy: CheckpointPolicy = CHECKPOINT):
         if policy.every != VALIDATE_EVERY:
             raise ValueError(
                 f"policy.every: fit_density scores every {VALIDATE_EVERY} steps, got {policy.every}"
             )
         mod = importlib.import_module(f"flowguides.{backend}")
-        res = mod.fit_density(
-            data.train, _spec(family), num_steps=budget.num_steps, batch_size=budget.batch_size,
-            learning_rate=budget.learning_rate, validation_fraction=policy.validation_fraction,
-            patience=policy.patience, standardize=False, objective=objective, coupling=coupling,
-            seed=budget.seed, progress=False,
-        )  # fmt: skip
-        if family in ("realnvp", "realnvp-density", "planar"):
-            return Fitted(-np.asarray(res.log_prob(data.test)), _fit_summary(res, budget))
+        common = {"standardize": False, "objective": objective, "coupling": coupling,
+                  "seed": budget.seed, "progress": False}  # fmt: skip
+        if defaults:
+            steps = None if objective == "flow_matching" else budget.num_steps
+            res = mod.fit_density(data.train, _spec(family), num_steps=steps, **common)
+        else:
+            res = mod.fit_density(
+                data.train, _spec(family), num_steps=budget.num_steps,
+                batch_size=budget.batch_size, learning_rate=budget.learning_rate,
+                validation_fraction=policy.validation_fraction, patience=policy.patience, **common,
+            )  # fmt: skip
+        extra = _fit_summary(res, budget)
+        if defaults:
+            extra["method_settings"] = _default_settings(budget, objective, coupling)
+        if family.startswith("realnvp") or family == "planar":
+            return Fitted(-np.asarray(res.log_prob(data.test)), extra)
         nll, nfe = _exact_ode_nll(backend, res, data.test)
-        extra = _fit_summary(res, budget) | {"nfe_test": nfe}
-        return Fitted(nll, extra)
+        return Fitted(nll, extra | {"nfe_test": nfe})
 
     return fit
+
+
+def _default_settings(budget: DensityBudget, objective: str, coupling: str) -> dict[str, Any]:
+    """The settings ``fit_density`` ran with when given none but the steps (a defaults row)."""
+    from flowguides.core import DENSITY_LEARNING_RATE, density_budget, density_patience
+
+    fm = objective == "flow_matching"
+    steps, batch = density_budget(None if fm else budget.num_steps, None, objective, coupling)
+    return {"defaults": "fit_density", "num_steps": steps, "batch_size": batch,
+            "learning_rate": DENSITY_LEARNING_RATE, "validation_fraction": 0.1,
+            "patience": density_patience(None, objective, steps)}  # fmt: skip
 
 
 def _spec(family: str) -> Any:
     """The `FlowSpec` of a flowguides row (float64, `DENSITY_ARCH` sizes)."""
     from flowguides.spec import FlowSpec
 
-    if family in ("realnvp", "realnvp-density"):
-        hidden = DENSITY_ARCH["hidden"]
-        orientation = "density" if family == "realnvp-density" else "sampling"
+    if family.startswith("realnvp"):
+        # "realnvp": the library's default orientation ("auto": the density direction here)
+        orientation = family.partition("-")[2]
+        fields = {"orientation": orientation} if orientation else {}
         return FlowSpec.realnvp(
-            num_layers=DENSITY_ARCH["couplings"], hidden=hidden, dtype="float64",
-            orientation=orientation,
+            num_layers=DENSITY_ARCH["couplings"], hidden=DENSITY_ARCH["hidden"], dtype="float64",
+            **fields,
         )  # fmt: skip
     if family == "planar":
         return FlowSpec.planar(num_layers=DENSITY_ARCH["planar"], dtype="float64")
@@ -228,11 +256,20 @@ DENSITY_METHODS: dict[str, Callable[..., Fitted]] = {
         for name, how in (
             ("RealNVP", ("realnvp",)),
             ("RealNVP (density orientation)", ("realnvp-density",)),
+            ("RealNVP (sampling orientation)", ("realnvp-sampling",)),
             ("planar", ("planar",)),
             ("neural ODE", ("neural_ode",)),
             ("neural ODE (RNODE)", ("rnode",)),
             ("neural ODE (FM)", ("neural_ode", "flow_matching")),
             ("neural ODE (FM OT)", ("neural_ode", "flow_matching", "ot")),
+            (
+                "RealNVP (fit_density defaults)",
+                ("realnvp", "maximum_likelihood", "independent", True),
+            ),
+            (
+                "neural ODE (FM at fit_density defaults)",
+                ("neural_ode", "flow_matching", "independent", True),
+            ),
         )
     },
     "zuko RealNVP": _zuko("RealNVP"),

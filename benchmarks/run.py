@@ -116,16 +116,23 @@ QUICK: dict[str, Any] = {
 _DENS_FULL = (
     "flowguides-pyro RealNVP", "flowguides-pyro planar", "flowguides-numpyro RealNVP",
     "flowguides-numpyro planar", "zuko RealNVP", "normflows RealNVP", "normflows planar",
-    "flowjax coupling", "flowjax planar", "flowguides-pyro RealNVP (density orientation)",
-    "flowguides-numpyro RealNVP (density orientation)",
+    "flowjax coupling", "flowjax planar", "flowguides-pyro RealNVP (sampling orientation)",
+    "flowguides-numpyro RealNVP (sampling orientation)",
+    "flowguides-pyro RealNVP (fit_density defaults)",
+    "flowguides-numpyro RealNVP (fit_density defaults)",
 )  # fmt: skip
 _DENS_ODE = (
     "flowguides-numpyro neural ODE", "flowguides-numpyro neural ODE (RNODE)",
     "flowguides-numpyro neural ODE (FM)", "flowguides-numpyro neural ODE (FM OT)",
     "flowguides-pyro neural ODE (FM)", "flowguides-pyro neural ODE (FM OT)",
+    "flowguides-numpyro neural ODE (FM at fit_density defaults)",
+    "flowguides-pyro neural ODE (FM at fit_density defaults)",
 )  # fmt: skip
 _TWO_D = ("two_moons", "8gaussians", "checkerboard", "spiral")
-_SLOW_ODE = ("flowguides-numpyro neural ODE (RNODE)",)
+_SLOW_ODE = (
+    "flowguides-numpyro neural ODE (RNODE)",
+    "flowguides-pyro neural ODE (FM at fit_density defaults)",
+)
 _POST_FULL = (
     "flowguides-pyro RealNVP", "flowguides-numpyro RealNVP", "flowguides-numpyro RealNVP (STL)",
     "flowguides-numpyro RealNVP (IWELBO K=8, DReG)", "numpyro AutoIAFNormal",
@@ -166,8 +173,10 @@ IW-ELBO objectives and `infer`), the anchors a user would try (NumPyro's IAF, fu
 multi-path Pathfinder) and NUTS, three seeds each (NUTS, whose rows report their own Monte Carlo
 error, and the STL, IW-ELBO and `infer` rows the first seed only); every density set at 2,000
 steps with every discrete flow, and on the four 2-D sets the neural ODEs (NumPyro's by maximum
-likelihood and flow matching with independent and OT coupling, Pyro's by flow matching). The
-rows that take minutes each are in :data:`SLOW`."""
+likelihood and flow matching with independent and OT coupling, Pyro's by flow matching), and
+flowguides' RealNVP (both orientations, and at ``fit_density``'s own defaults) and NumPyro's
+flow matching at ``fit_density``'s defaults (its 20,000 steps). The rows that take minutes each
+are in :data:`SLOW`."""
 
 SLOW: dict[str, Any] = {
     "posteriors": {

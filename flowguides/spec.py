@@ -15,9 +15,9 @@ Conventions shared by both backends (the spec is their single source of truth):
 * RealNVP: each coupling keeps the first ``dim // 2`` coordinates and maps the rest by
   ``x2 * exp(s) + t``, ``s = clamp * tanh(raw / clamp)`` (in the direction its ``orientation``
   names); [`RealNVPSpec.permutations`][flowguides.spec.RealNVPSpec.permutations] sit between.
-* Schema versions: 2 made ``"shuffle"`` the default RealNVP permutation; a version-1 spec that
-  leaves ``permutation`` out reads as ``"reverse"`` (version 1's default), so old files build
-  the flow they were saved with.
+* Schema versions: 2 made ``"shuffle"`` the default RealNVP permutation, 3 ``"auto"`` its
+  orientation; an older spec that leaves either out gets its version's default (``"reverse"``,
+  ``"sampling"``), so old files build the flow they were saved with.
 * Neural ODE: concatsquash layers ``h' = (W h + b) * sigmoid(g_w t + g_b) + c t``; base at
   ``t = 0``, data at ``t = t1``.
 """
@@ -58,7 +58,7 @@ __all__ = [
     "FlowSpec",
 ]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 ACTIVATION_NAMES = ("relu", "tanh", "elu", "leaky_relu", "gelu")
 SMOOTH_ACTIVATION_NAMES = ("tanh", "softplus", "elu")
 SOLVERS = ("dopri5", "tsit5", "rk4", "euler")
@@ -73,9 +73,7 @@ class SpecError(ValueError):
 
 def _spec_error(exc: ValidationError) -> SpecError:
     lines = describe_errors(_LAYER_TYPES, exc)
-    if len(lines) == 1:
-        return SpecError(lines[0])
-    return SpecError("invalid flow spec:\n  " + "\n  ".join(lines))
+    return SpecError(lines[0] if len(lines) == 1 else "invalid flow spec:\n  " + "\n  ".join(lines))
 
 
 class _Frozen(BaseModel):
@@ -85,8 +83,8 @@ class _Frozen(BaseModel):
 def _mlp_shapes(prefix: str, sizes: list[int], lead: Shape) -> list[tuple[str, Shape]]:
     out = []
     for j, (n_in, n_out) in enumerate(pairwise(sizes)):
-        out.append((f"{prefix}.{j}.weight", (*lead, n_out, n_in)))
-        out.append((f"{prefix}.{j}.bias", (*lead, n_out)))
+        p = f"{prefix}.{j}"
+        out += [(f"{p}.weight", (*lead, n_out, n_in)), (f"{p}.bias", (*lead, n_out))]
     return out
 
 
@@ -115,7 +113,8 @@ class RealNVPSpec(_Frozen):
     Each coupling conditions on ``x[:dim // 2]`` and maps ``x[dim // 2:]`` by ``x * exp(s) + t``,
     ``s = scale_clamp * tanh(raw / scale_clamp)``, from base to target (``orientation=
     "sampling"``) or from target to base (``"density"``, Dinh et al.'s form: sampling is then
-    ``(x - t) * exp(-s)``); the conditioner, an MLP ``dim // 2 -> hidden... -> 2 * (dim - dim
+    ``(x - t) * exp(-s)``); ``"auto"`` is ``"density"`` in ``fit_density`` and ``"sampling"``
+    everywhere else (each fit records the one it used); the conditioner, an MLP ``dim // 2 -> hidden... -> 2 * (dim - dim
     // 2)``, outputs ``(t, raw)``; its last layer starts at zero (a new layer is the identity).
 
     Parameters (``R = repeat``): ``net.{j}.weight (R, out, in)``, ``net.{j}.bias (R, out)``.
@@ -127,7 +126,7 @@ class RealNVPSpec(_Frozen):
     activation: Literal["relu", "tanh", "elu", "leaky_relu", "gelu"] = "relu"
     scale_clamp: PositiveFloat = 3.0
     permutation: Literal["shuffle", "reverse", "random"] = "shuffle"
-    orientation: Literal["sampling", "density"] = "sampling"
+    orientation: Literal["auto", "sampling", "density"] = "auto"
     seed: int = 0
 
     min_dim: ClassVar[int] = 2
@@ -251,7 +250,7 @@ class FlowSpec(_Frozen):
         layers.0.net.0.bias (2, 8)
     """
 
-    schema_version: Literal[1, 2] = SCHEMA_VERSION
+    schema_version: Literal[1, 2, 3] = SCHEMA_VERSION
     layers: tuple[LayerSpec, ...]
     base: Literal["affine", "normal"] = "affine"
     dtype: Literal["float32", "float64"] = "float32"
@@ -259,14 +258,15 @@ class FlowSpec(_Frozen):
     @model_validator(mode="before")
     @classmethod
     def _upgrade(cls, data: Any) -> Any:
-        """Read a version-1 mapping as version 2: a RealNVP layer without ``permutation`` gets
-        version 1's default, ``"reverse"``."""
-        if not isinstance(data, dict) or data.get("schema_version") != 1:
+        """Read a version-1 or 2 mapping as version 3 (its RealNVP defaults made explicit)."""
+        version = data.get("schema_version") if isinstance(data, dict) else None
+        if type(version) is not int or version not in (1, 2):
             return data
+        old = {"permutation": "reverse"} if version == 1 else {}
 
         def upgrade(layer: Any) -> Any:
-            old = isinstance(layer, dict) and layer.get("type") == "realnvp"
-            return {"permutation": "reverse", **layer} if old else layer
+            realnvp = isinstance(layer, dict) and layer.get("type") == "realnvp"
+            return {"orientation": "sampling", **old, **layer} if realnvp else layer
 
         layers = data.get("layers")
         layers = [upgrade(x) for x in layers] if isinstance(layers, list | tuple) else layers

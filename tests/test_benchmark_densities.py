@@ -201,3 +201,46 @@ def test_ode_bench_runs_flow_matching_with_both_couplings() -> None:
     summary = {s["coupling"]: s for s in ode_bench.summarize(results)}
     assert summary["independent"]["fraction"] is None and not summary["independent"]["goal_met"]
     assert summary["ot"]["fraction"] == pytest.approx(0.15) and summary["ot"]["goal_met"]
+
+
+@pytest.mark.parametrize(
+    ("method", "steps", "batch"),
+    [
+        ("flowguides-numpyro RealNVP (fit_density defaults)", 7, 256),
+        ("flowguides-numpyro neural ODE (FM at fit_density defaults)", None, 1024),
+        ("flowguides-numpyro RealNVP", 7, 64),
+    ],
+)
+def test_defaults_rows_leave_fit_density_its_defaults(monkeypatch, method, steps, batch) -> None:
+    """A defaults row passes ``fit_density`` the steps (flow matching: not even those) and
+    nothing it tunes, and its row records the settings that the fit ran with; a budget row
+    passes the shared budget. The spec leaves RealNVP's orientation to the library."""
+    import flowguides.numpyro
+    from flowguides.core import DENSITY_LEARNING_RATE
+
+    calls = []
+
+    class Fit:
+        objective = "maximum_likelihood"
+        losses = {"train": np.zeros(7), "val": np.ones(1)}
+        history: dict = {}
+
+        def log_prob(self, x):
+            return np.zeros(len(x))
+
+    def fake(data, spec, **kwargs):
+        calls.append((spec, kwargs))
+        return Fit()
+
+    monkeypatch.setattr(flowguides.numpyro, "fit_density", fake)
+    monkeypatch.setattr(densities, "_exact_ode_nll", lambda b, r, t: (np.zeros(len(t)), 1))
+    row = densities.evaluate(method, load("iris"), DensityBudget(num_steps=7, batch_size=64))
+    ((spec, kwargs),) = calls
+    assert kwargs["num_steps"] == steps
+    assert row["method_settings"]["batch_size"] == batch
+    if "defaults" in method:
+        assert not {"batch_size", "learning_rate", "patience"} & set(kwargs)
+        assert row["method_settings"]["learning_rate"] == DENSITY_LEARNING_RATE
+        assert row["method_settings"]["num_steps"] == (steps or 20000)
+    if spec.layers[0].type == "realnvp":
+        assert spec.layers[0].orientation == "auto"

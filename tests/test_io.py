@@ -77,7 +77,7 @@ def test_newer_versions_are_refused(tmp_path) -> None:
     folder = write_folder(tmp_path / "fit2", SPEC, weights(), META)
     spec = json.loads((folder / "spec.json").read_text())
     (folder / "spec.json").write_text(json.dumps({**spec, "schema_version": 7}))
-    with pytest.raises(LoadError, match="schema_version: this flowguides reads version 2, got 7"):
+    with pytest.raises(LoadError, match="schema_version: this flowguides reads version 3, got 7"):
         read_folder(folder)
 
 

@@ -22,7 +22,7 @@ realnvp = st.builds(
     activation=st.sampled_from(ACTIVATION_NAMES),
     scale_clamp=st.floats(0.1, 10.0),
     permutation=st.sampled_from(["shuffle", "reverse", "random"]),
-    orientation=st.sampled_from(["sampling", "density"]),
+    orientation=st.sampled_from(["auto", "sampling", "density"]),
     seed=st.integers(0, 2**31),
 )
 neural_ode = st.one_of(
@@ -59,7 +59,7 @@ def test_dict_json_yaml_round_trips(spec: FlowSpec) -> None:
     assert FlowSpec.from_dict(spec.to_dict()) == spec
     assert FlowSpec.from_json(spec.to_json()) == spec
     assert FlowSpec.from_dict(yaml.safe_load(yaml.safe_dump(spec.to_dict()))) == spec
-    assert json.loads(spec.to_json())["schema_version"] == 2
+    assert json.loads(spec.to_json())["schema_version"] == 3
 
 
 @given(flow_specs)
@@ -167,8 +167,8 @@ def test_fuzz_loads_or_raises_spec_error(data: object) -> None:
         ({"layers": [{"type": "planar"}], "base": "student"}, "base: expected one of"),
         ({"layers": [{"type": "planar"}], "dtype": "float16"}, "dtype: expected one of"),
         (
-            {"layers": [{"type": "planar"}], "schema_version": 3},
-            "schema_version: this flowguides reads version 2, got 3",
+            {"layers": [{"type": "planar"}], "schema_version": 4},
+            "schema_version: this flowguides reads version 3, got 4",
         ),
         ({}, "layers: required field is missing"),
         ([1, 2], "spec: expected a mapping, got list"),
@@ -190,7 +190,7 @@ def test_spec_is_immutable_and_hashable() -> None:
 def test_convenience_constructors() -> None:
     spec = FlowSpec.realnvp(num_layers=3, hidden=[16], activation="tanh", dtype="float64")
     assert spec.to_dict() == {
-        "schema_version": 2,
+        "schema_version": 3,
         "layers": [
             {
                 "type": "realnvp",
@@ -199,7 +199,7 @@ def test_convenience_constructors() -> None:
                 "activation": "tanh",
                 "scale_clamp": 3.0,
                 "permutation": "shuffle",
-                "orientation": "sampling",
+                "orientation": "auto",
                 "seed": 0,
             }
         ],
@@ -215,7 +215,7 @@ def test_convenience_constructors() -> None:
 
 def test_canonical_dict_form_loads() -> None:
     data = {
-        "schema_version": 2,
+        "schema_version": 3,
         "layers": [{"type": "realnvp", "repeat": 4, "hidden": [64, 64]}],
         "base": "affine",
     }
@@ -229,10 +229,23 @@ def test_version_1_reads_with_its_own_defaults() -> None:
     spec = FlowSpec.from_dict(old)
     assert spec.layers[0].permutation == "reverse"
     assert spec.layers[0].permutations(4) == [[3, 2, 1, 0]] * 2
-    assert spec.schema_version == 2 and FlowSpec.from_dict(spec.to_dict()) == spec
+    assert spec.schema_version == 3 and FlowSpec.from_dict(spec.to_dict()) == spec
     explicit = {"schema_version": 1, "layers": [{"type": "realnvp", "permutation": "random"}]}
     assert FlowSpec.from_dict(explicit).layers[0].permutation == "random"
     assert FlowSpec.from_dict({**old, "schema_version": 2}).layers[0].permutation == "shuffle"
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_older_versions_read_orientation_as_sampling(version: int) -> None:
+    """Versions 1 and 2 had ``orientation="sampling"`` as the default: a file of theirs that
+    leaves it out builds that flow, and one that names it keeps its choice; version 3 (and a
+    mapping without a version) leaves it ``"auto"``."""
+    layers = [{"type": "realnvp"}, {"type": "realnvp", "orientation": "density"}]
+    spec = FlowSpec.from_dict({"schema_version": version, "layers": layers})
+    assert [layer.orientation for layer in spec.layers] == ["sampling", "density"]
+    assert spec.schema_version == 3 and FlowSpec.from_dict(spec.to_dict()) == spec
+    for data in ({"schema_version": 3, "layers": layers}, {"layers": layers}):
+        assert FlowSpec.from_dict(data).layers[0].orientation == "auto"
 
 
 @pytest.mark.parametrize("suffix", [".json", ".yaml", ".yml"])

@@ -106,7 +106,7 @@ class RealNVP(FlowLayerTransform):
     @property
     def _orient(self) -> int:
         """1 where the forward (sampling) direction is ``z2 * exp(s) + t``."""
-        return 1 if self.spec.orientation == "sampling" else -1
+        return -1 if self.spec.orientation == "density" else 1
 
     def forward_and_log_det(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         def layer(carry: tuple[jax.Array, jax.Array], inputs: tuple[dict, jax.Array]):

@@ -214,8 +214,8 @@ def fit_density(
     Args:
         data: an in-memory or memory-mapped array ``(n_points, dim)`` of finite values, or
             an iterable of finite float minibatches ``(n_k, dim)``.
-        spec: a `FlowSpec` or its dict form; for RealNVP, ``orientation="density"`` fits
-            better here (the spec page of the docs).
+        spec: a `FlowSpec` or its dict form; a RealNVP layer's ``orientation="auto"`` (the
+            default) fits in the density direction (the fit's `spec` records it).
         num_steps, batch_size: optimisation steps at most, rows per step (at most the number
             of training rows); None: 2,000 and 256, for flow matching 20,000 and 1,024
             (256 with ``coupling="ot"``; `flowguides.core.DENSITY_BUDGETS`).
@@ -260,7 +260,7 @@ def fit_density(
         Tong et al., "Improving and Generalizing Flow-Based Generative Models with Minibatch
         Optimal Transport", TMLR 2024.
     """
-    spec = as_spec(spec)
+    spec = as_spec(spec, job="density")
     num_steps, batch_size = density_budget(num_steps, batch_size, objective, coupling)
     check_training(num_steps, learning_rate, None)
     patience = density_patience(patience, objective, num_steps)

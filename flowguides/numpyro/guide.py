@@ -107,7 +107,7 @@ class AutoFlowGuide(AutoContinuous, StagedPrototype):
         prefix: str = "auto",
         static_argnames: Sequence[str] | None = None,
     ) -> None:
-        self.spec = as_spec(spec)
+        self.spec = as_spec(spec, job="posterior")
         check_flow_tolerances(self.spec)
         if self.spec.base != "affine":
             raise SpecError(f"base: AutoFlowGuide needs base='affine', got {self.spec.base!r}")

@@ -288,7 +288,7 @@ def fit_posterior(
             ``control_variate="taylor"`` where it cannot apply (the message says why).
         SpecError: neural-ODE layers with an objective or gradient other than the defaults.
     """
-    spec = as_spec(spec)
+    spec = as_spec(spec, job="posterior")
     check_training(num_steps, learning_rate, clip_norm)
     if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
         raise ValueError(f"num_particles: expected a positive integer, got {num_particles!r}")

@@ -88,7 +88,7 @@ class RealNVP(FlowLayerTransform):
             raise ValueError(f"dim: a realnvp layer needs dim >= 2, got {dim}")
         self.dim, self.repeat, self.d1 = dim, spec.repeat, dim // 2
         self.scale_clamp = spec.scale_clamp
-        self._orient = 1 if spec.orientation == "sampling" else -1  # 1: sampling z2 * exp(s) + t
+        self._orient = -1 if spec.orientation == "density" else 1  # 1: sampling z2 * exp(s) + t
         self.activation = ACTIVATIONS[spec.activation]
         sizes = spec.mlp_sizes(dim)
         last = len(sizes) - 2

@@ -104,7 +104,7 @@ class AutoFlowGuide(AutoContinuous, BatchLogJoint):
         prefix: str = "auto",
         vectorize_particles: bool | str = "auto",
     ) -> None:
-        spec = as_spec(spec)
+        spec = as_spec(spec, job="posterior")
         check_vectorize_option(vectorize_particles)
         if spec.base != "affine":
             raise SpecError(

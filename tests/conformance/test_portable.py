@@ -7,6 +7,8 @@ other pushes the same base noise to the same constrained draws. float64 througho
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -66,6 +68,31 @@ def test_density_round_trip_across_backends(tmp_path, trained_in: str) -> None:
     assert np.ptp(fit.log_prob(x)) > 0.1
 
 
+@pytest.mark.parametrize("backend", ["pyro", "numpyro"])
+def test_auto_orientation_is_the_density_direction_in_fit_density(tmp_path, backend) -> None:
+    """``orientation="auto"`` (the default) fits a density exactly as ``"density"`` would, not
+    as ``"sampling"``, and the fit records and saves the orientation it used."""
+    fg = fg_pyro if backend == "pyro" else fg_numpyro
+    data, x = two_moons(300), two_moons(50, seed=5)
+    assert SPEC.layers[0].orientation == "auto"
+
+    def fit_as(orientation: str | None):
+        layer = SPEC.layers[0]
+        layers = (
+            layer if orientation is None else layer.model_copy(update={"orientation": orientation}),
+        )
+        return fg.fit_density(
+            data, SPEC.model_copy(update={"layers": layers}), num_steps=30, progress=False
+        )
+
+    fit = fit_as(None)
+    assert fit.spec.layers[0].orientation == "density"
+    saved = json.loads((flowguides.save(fit, tmp_path / "fit") / "spec.json").read_text())
+    assert saved["layers"][0]["orientation"] == "density"
+    np.testing.assert_allclose(fit.log_prob(x), fit_as("density").log_prob(x), rtol=0, atol=1e-10)
+    assert np.abs(fit.log_prob(x) - fit_as("sampling").log_prob(x)).max() > 1e-3
+
+
 def _draws_from_noise(fit, eps: np.ndarray) -> dict[str, np.ndarray]:
     """Push base noise through the fit's flow and constrain it, in the fit's own backend."""
     guide = fit.guide
@@ -87,6 +114,7 @@ def test_posterior_moves_to_the_same_model_in_the_other_backend(tmp_path, traine
     model = pyro_model if trained_in == "pyro" else numpyro_model
     # the Laplace start: the guide's fixed whitening map travels with the weights
     fit = backend.fit_posterior(model, SPEC, num_steps=40, init_scale="laplace", progress=False)
+    assert fit.spec.layers[0].orientation == "sampling"  # "auto" in a posterior fit
     folder = flowguides.save(fit, tmp_path / "posterior")
     there = flowguides.load(
         folder, backend=other, model=numpyro_model if other == "numpyro" else pyro_model
