@@ -5,7 +5,8 @@ search or the diagnostics) puts the model under one extra outermost plate, so ea
 value carries extra leading batch dimensions. A model written for one draw (``X @ b``,
 ``b[0] + b[1] * x``, Python loops over data) then fails, or, worse, broadcasts into values of
 the wrong shape. `AutoFlowGuide` compares a few draws evaluated together against the same
-draws one at a time, and where they disagree it evaluates draws one at a time.
+draws one at a time, and where they disagree it evaluates draws one at a time: mapped by
+`torch.func.vmap` where that agrees with a Python loop (checked alike), else in the loop.
 
 The NumPyro backend's ``_model.py`` holds what its framework needs instead (traced or
 constant model arguments and the compile cache's keys); the two files share their job, how a
@@ -20,6 +21,7 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import pyro
 import torch
 from pyro import poutine
 from pyro.poutine.messenger import Messenger
@@ -242,12 +244,12 @@ class BatchLogJoint:
                 setting (with ``"auto"``, its outcome at set-up: `vectorized`).
         """
         kwargs = dict(kwargs or {})
+        model = self._bare_model[0]
         return self.evaluate_batch(
-            lambda: self._log_joint_together(latent, args, kwargs, self._bare_model[0]),
-            lambda: torch.stack(
-                [self._log_joint_one(z, args, kwargs, self._bare_model[0]) for z in latent]
-            ),
+            lambda: self._log_joint_together(latent, args, kwargs, model),
+            lambda: torch.stack([self._log_joint_one(z, args, kwargs, model) for z in latent]),
             vectorize_particles,
+            mapped=lambda: self._log_joint_mapped(latent, args, kwargs, model),
         )
 
     def evaluate_batch(
@@ -255,18 +257,26 @@ class BatchLogJoint:
         together: Callable[[], Any],
         one_by_one: Callable[[], Any],
         vectorize_particles: bool | str | None = None,
+        mapped: Callable[[], Any] | None = None,
     ) -> Any:
         """Run a batch of draws through the model `together` or `one_by_one`, as set.
 
         ``False`` runs `one_by_one`. ``True`` and ``"auto"`` run `together` (``"auto"`` runs
-        `one_by_one` where set-up found that the model does not broadcast); should `together`
-        fail where `one_by_one` works, ``True`` raises a `ValueError` naming the option and
-        ``"auto"`` switches the guide to one draw at a time with a `VectorizationWarning`.
-        Where both fail, the model's own error from `one_by_one` is raised.
+        `one_by_one` where set-up found that the model does not broadcast: `mapped`, the
+        draws one at a time under `torch.func.vmap`, where set-up found that it agrees with
+        the loop (`mappable`) and it runs, else the loop); should `together` fail where
+        `one_by_one` works, ``True`` raises a `ValueError` naming the option and ``"auto"``
+        switches the guide to one draw at a time with a `VectorizationWarning`. Where both
+        fail, the model's own error from `one_by_one` is raised.
         """
         mode = self.vectorize_particles if vectorize_particles is None else vectorize_particles
         check_vectorize_option(mode)
         if mode is False or (mode == "auto" and self.vectorized is False):
+            if mode == "auto" and mapped is not None and self.mappable:
+                try:
+                    return mapped()
+                except Exception:  # noqa: BLE001 - the loop below runs (or raises) as before
+                    self.mappable = False
             return one_by_one()
         try:
             return together()
@@ -288,15 +298,17 @@ class BatchLogJoint:
             return self.log_joint(latent, *args, **kwargs)
         model = self._bare_model[0]
 
-        def summed(z: torch.Tensor, together: bool) -> torch.Tensor:
-            at = self._log_joint_together if together else self._log_joint_one
+        def summed(z: torch.Tensor, at: Callable[..., torch.Tensor]) -> torch.Tensor:
             parts = [at(z, args, kwargs, c(model), jacobian=i == 0) for i, c in enumerate(chunks)]
             return torch.stack(parts).sum(0)
 
+        one = self._log_joint_one
         if latent.dim() == 1:
-            return summed(latent, False)
+            return summed(latent, one)
         return self.evaluate_batch(
-            lambda: summed(latent, True), lambda: torch.stack([summed(z, False) for z in latent])
+            lambda: summed(latent, self._log_joint_together),
+            lambda: torch.stack([summed(z, one) for z in latent]),
+            mapped=lambda: summed(latent, self._log_joint_mapped),
         )
 
     def _check_broadcasting(self, init: torch.Tensor, args: tuple, kwargs: dict) -> None:
@@ -321,8 +333,14 @@ class BatchLogJoint:
                 reason = describe(exc)
         if reason is None:
             self.vectorized = True
-        else:
-            self._not_broadcasting(reason, self.vectorize_particles)
+            return
+        self._not_broadcasting(reason, self.vectorize_particles)
+        with torch.no_grad():
+            try:
+                mapped = self._log_joint_mapped(draws, args, kwargs, model)
+                self.mappable = mismatch(mapped, one_by_one) is None
+            except Exception:  # noqa: BLE001 - not mappable: the loop
+                self.mappable = False
 
     def _not_broadcasting(
         self, reason: str, mode: bool | str, exc: Exception | None = None
@@ -367,3 +385,12 @@ class BatchLogJoint:
         nest, num = self.max_plate_nesting, latent.shape[0]
         pairs = self._unpack_latent(latent.reshape(num, *([1] * nest), latent.shape[-1]))
         return log_joint_at(model, pairs, args, kwargs, num=num, nest=nest, jacobian=jacobian)
+
+    def _log_joint_mapped(
+        self, latent: torch.Tensor, args: tuple, kwargs: Mapping, model: Callable, jacobian=True
+    ) -> torch.Tensor:
+        """`_log_joint_one` of each draw ``(S, latent_dim)``, mapped by `torch.func.vmap`
+        (argument validation off: its checks branch in Python on values)."""
+        with pyro.validation_enabled(False):
+            one = self._log_joint_one
+            return torch.func.vmap(lambda z: one(z, args, kwargs, model, jacobian=jacobian))(latent)

@@ -133,6 +133,7 @@ class AutoFlowGuide(AutoContinuous, BatchLogJoint):
         self._reference: dict | None = None  # the start search's full-data MAP and its terms
         self.vectorize_particles = vectorize_particles
         self.vectorized: bool | None = None  # the outcome, decided at set-up
+        self.mappable = False  # where not vectorized: whether torch.func.vmap matches the loop
         self._dynamic: tuple[str, ...] = ()  # sites whose support moves with others (`_support`)
         self._warned = False
 

@@ -120,6 +120,47 @@ def test_auto_keeps_a_broadcasting_model_vectorised_subsampled_plate_included():
     assert guide.vectorized is True
 
 
+def test_draws_map_through_a_model_that_does_not_broadcast_as_the_loop_evaluates_them():
+    """A model written for one draw runs a batch of draws mapped by `torch.func.vmap` where
+    set-up found that this agrees with a loop: here the start search's full-data log joint of
+    a subsampled model (in chunks of the subsample), equal to the loop's and to the closed
+    form. A model that branches in Python on a latent value keeps the loop."""
+
+    def subsampled(x, y):
+        b = pyro.sample("b", dist.Normal(x.new_zeros(x.shape[1]), PRIOR_SD).to_event(1))
+        with pyro.plate("data", x.shape[0], subsample_size=10) as idx:
+            pyro.sample("obs", dist.Normal(x[idx] @ b, NOISE), obs=y[idx])
+
+    def branching(x, y):
+        b = pyro.sample("b", dist.Normal(x.new_zeros(x.shape[1]), PRIOR_SD).to_event(1))
+        noise = NOISE if float(b[0]) < 1e6 else 2 * NOISE  # a Python branch on a value
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("obs", dist.Normal(x @ b, noise), obs=y)
+
+    z = torch.randn(7, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    guide = AutoFlowGuide(subsampled, SPEC)
+    with pytest.warns(VectorizationWarning):
+        guide(X, Y)
+    assert guide.vectorized is False and guide.mappable is True
+    with torch.no_grad():
+        mapped = guide.start_log_joint(z, (X, Y), {})
+        guide.mappable = False
+        looped = guide.start_log_joint(z, (X, Y), {})
+    prior = dist.Normal(0.0, PRIOR_SD).log_prob(z).sum(-1)
+    exact = prior + dist.Normal(z @ X.T, NOISE).log_prob(Y).sum(-1)
+    torch.testing.assert_close(looped, exact, rtol=1e-10, atol=0)
+    torch.testing.assert_close(mapped, looped, rtol=1e-10, atol=0)
+
+    guide = AutoFlowGuide(branching, SPEC)
+    with pytest.warns(VectorizationWarning):
+        guide(X, Y)
+    assert guide.vectorized is False and guide.mappable is False
+    with torch.no_grad():
+        batch = guide.batch_log_joint(z, (X, Y))
+        one = torch.stack([guide.log_joint(draw, X, Y) for draw in z])
+    torch.testing.assert_close(batch, one, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("value", ["yes", 1, None])
 def test_a_bad_vectorize_particles_is_named(value):
     with pytest.raises(ValueError, match=r"vectorize_particles: expected 'auto', True or False"):
