@@ -27,19 +27,21 @@ def fit():
 
 
 def test_neutra_recovers_the_funnels_log_scale(fit):
-    result = fit.neutra(num_warmup=200, num_samples=300, seed=2, progress=False)
+    # 1,000 draws (an ESS of v about 400): the sd's Monte Carlo error is about 3.5%, so a 10%
+    # band is about three errors wide (300 draws left it at 1.5 errors: seed-to-seed flaky)
+    result = fit.neutra(num_warmup=300, num_samples=1000, seed=2, progress=False)
     assert isinstance(result, NeuTraResult)
     assert result.reparam_site == "v_shared_latent"  # NUTS sampled the flow's base noise
     assert {k: v.shape for k, v in result.samples.items()} == {
-        k: v.shape for k, v in fit.sample(300, seed=0).items()
+        k: v.shape for k, v in fit.sample(1000, seed=0).items()
     }
-    assert np.std(result.samples["v"]) == pytest.approx(3.0, rel=0.15)
-    assert result.diverging.shape == (1, 300)
+    assert np.std(result.samples["v"]) == pytest.approx(3.0, rel=0.1)
+    assert result.diverging.shape == (1, 1000)
     assert result.ess["v"].shape == () and float(result.ess["v"]) > 30
     assert result.r_hat["x"].shape == (2,) and float(result.r_hat["v"]) < 1.1
     assert all(p.requires_grad for p in fit.guide.parameters())  # unfrozen again
     posterior = result.to_arviz().posterior
-    assert posterior["v"].shape == (1, 300) and posterior["x"].shape == (1, 300, 2)
+    assert posterior["v"].shape == (1, 1000) and posterior["x"].shape == (1, 1000, 2)
 
 
 def test_neutra_leaves_the_flow_weights_unchanged(fit):
