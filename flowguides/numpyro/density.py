@@ -207,7 +207,7 @@ def fit_density(
     validated by the negative log-likelihood all the same: after the first step, every
     `flowguides.core.FLOW_MATCHING_VALIDATE_EVERY` (100) steps and after the last, an
     exact-trace solve (the spec's solver) scores a fixed subset of the first
-    `flowguides.core.FLOW_MATCHING_VALIDATION_ROWS` (128) validation rows, so validation stays
+    `flowguides.core.FLOW_MATCHING_VALIDATION_ROWS` (512) validation rows, so validation stays
     a small share of training. The affine base is not trained and stays the identity.
     `log_prob` afterwards is exact through the ODE.
 
