@@ -63,7 +63,8 @@ def test_flow_matching_improves_with_more_steps(fitted):
 
 def test_early_stopping_on_validation_nll_keeps_the_best_parameters():
     train = ring(1500, 0)
-    fit = fit_density(train, ODE, num_steps=600, patience=100, **{**FIT, "learning_rate": 0.1})
+    # a learning rate high enough that a validation gets worse early on (here the second)
+    fit = fit_density(train, ODE, num_steps=600, patience=100, **{**FIT, "learning_rate": 0.3})
     val_nll = fit.losses["val_nll"]
     assert len(fit.losses["flow_matching"]) < 600  # patience ran out
     assert val_nll[-1] > val_nll.min()  # the last validation was not the best
@@ -78,8 +79,8 @@ def test_flow_matching_runs_every_step_by_default_and_keeps_the_best():
     fit that stops above at step < 600 runs all 600, reaches a better validation NLL as its
     learning rate decays, and returns its best parameters."""
     train = ring(1500, 0)
-    fit = fit_density(train, ODE, num_steps=600, **{**FIT, "learning_rate": 0.1})
-    stopped = fit_density(train, ODE, num_steps=600, patience=100, **{**FIT, "learning_rate": 0.1})
+    fit = fit_density(train, ODE, num_steps=600, **{**FIT, "learning_rate": 0.3})
+    stopped = fit_density(train, ODE, num_steps=600, patience=100, **{**FIT, "learning_rate": 0.3})
     val_nll = fit.losses["val_nll"]
     assert len(fit.losses["flow_matching"]) == 600
     assert val_nll.min() < stopped.losses["val_nll"].min() - 0.05
