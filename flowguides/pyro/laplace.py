@@ -184,6 +184,21 @@ def laplace_search(
         and positive definite), and with `elbos` ``elbo_plain`` and the Laplace start's
         ``elbo_full`` or ``elbo_diag`` (where it has a mode).
     """
+    with warnings.catch_warnings():
+        # the search probes far from the mode (line searches, wide starts) and handles a
+        # non-finite energy itself: Pyro's "Encountered NaN" warnings would only be noise
+        warnings.filterwarnings("ignore", message="Encountered NaN", category=UserWarning)
+        return _search(energy, loc, full_rank, energies, values_per_copy, elbos)
+
+
+def _search(
+    energy: Energy,
+    loc: torch.Tensor,
+    full_rank: bool | None,
+    energies: Energy,
+    values_per_copy: int | None,
+    elbos: bool,
+) -> dict[str, torch.Tensor]:
     dim = loc.numel()
     full_rank = dim <= FULL_RANK_MAX_DIM if full_rank is None else full_rank
     loc_map = minimize(energy, loc)

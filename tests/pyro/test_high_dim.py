@@ -186,3 +186,24 @@ def test_single_precision_search_reaches_the_mode_its_line_search_cannot_resolve
     energies64, z64 = _hierarchical_energies(torch.float64)
     mode = laplace_module.minimize(lambda z: energies64(z[None])[0], z64)
     assert float(((out["loc_map"].double() - mode).abs() / scale.double()).max()) < 0.1
+
+
+def test_the_start_search_keeps_pyro_nan_warnings_to_itself():
+    """Far from the mode the search meets energies that are NaN, and Pyro's trace says
+    "Encountered NaN" each time; the search handles those points (it keeps the best finite
+    one), so the warning stays inside it (pytest turns any warning into an error here), and
+    the mode is found all the same. Other warnings still pass."""
+    from pyro.util import warn_if_nan
+
+    def energy(z: torch.Tensor) -> torch.Tensor:
+        value = 0.5 * ((z - 1.0) ** 2).sum(-1)
+        value = torch.where(z.abs().amax(-1) > 2.5, torch.full_like(value, float("nan")), value)
+        return warn_if_nan(value, "log_prob_sum at site 'z'")
+
+    z0 = torch.full((3,), 10.0, dtype=torch.float64)  # starts where the energy is NaN
+    out = laplace_module.laplace_search(energy, torch.zeros(3, dtype=torch.float64),
+                                        energies=energy)  # fmt: skip
+    np.testing.assert_allclose(out["loc_map"].numpy(), 1.0, atol=1e-6)
+    assert np.isneginf(out["elbo_plain"].numpy()).any()  # a wide start met NaN: -inf
+    with pytest.warns(UserWarning, match="Encountered NaN"):
+        energy(z0)
