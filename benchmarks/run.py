@@ -132,6 +132,7 @@ _TWO_D = ("two_moons", "8gaussians", "checkerboard", "spiral")
 _SLOW_ODE = (
     "flowguides-numpyro neural ODE (RNODE)",
     "flowguides-pyro neural ODE (FM at fit_density defaults)",
+    "flowguides-pyro neural ODE",
 )
 _POST_FULL = (
     "flowguides-pyro RealNVP", "flowguides-numpyro RealNVP", "flowguides-numpyro RealNVP (STL)",
