@@ -7,7 +7,7 @@ cadence, patience, best parameters restored). That policy is ``fit_density``'s o
 flowguides rows run with ``standardize=False`` (every method sees the same standardised
 arrays); the anchors train in `benchmarks.density_training`'s loops, which apply it step for
 step. One difference is the library's: flow-matching fits score a fixed subset of the
-validation rows every `flowguides.core.FLOW_MATCHING_VALIDATE_EVERY` steps.
+validation rows every `flowguides.core.validate_every` steps.
 
 Methods: flowguides' ``fit_density`` (RealNVP, planar, neural ODE by maximum likelihood, with
 RNODE's regularisers, by flow matching with independent and optimal-transport coupling; both
@@ -35,7 +35,7 @@ from benchmarks.density_training import (
     flowjax_fit,
     torch_fit,
 )
-from flowguides.core import FLOW_MATCHING_VALIDATE_EVERY, VALIDATE_EVERY
+from flowguides.core import VALIDATE_EVERY, validate_every
 
 __all__ = [
     "DATASETS",
@@ -94,9 +94,12 @@ def _flowguides(
                 batch_size=budget.batch_size, learning_rate=budget.learning_rate,
                 validation_fraction=policy.validation_fraction, patience=policy.patience, **common,
             )  # fmt: skip
-        extra = _fit_summary(res, budget)
         if defaults:
-            extra["method_settings"] = _default_settings(budget, objective, coupling)
+            settings = _default_settings(budget, objective, coupling)
+            extra = _fit_summary(res, settings["num_steps"], settings["patience"])
+            extra["method_settings"] = settings
+        else:
+            extra = _fit_summary(res, budget.num_steps, policy.patience)
         if family.startswith("realnvp") or family == "planar":
             return Fitted(-np.asarray(res.log_prob(data.test)), extra)
         nll, nfe = _exact_ode_nll(backend, res, data.test)
@@ -134,12 +137,13 @@ def _spec(family: str) -> Any:
     return FlowSpec.neural_ode(DENSITY_ARCH["ode_hidden"], dtype="float64", **weights)
 
 
-def _fit_summary(res: Any, budget: DensityBudget) -> dict[str, Any]:
-    """Steps run, the kept step, the best and last validation NLL, and field evaluations."""
+def _fit_summary(res: Any, num_steps: int, patience: int) -> dict[str, Any]:
+    """Steps run, the kept step, the best and last validation NLL, and field evaluations of a
+    fit run with `num_steps` and `patience`."""
     fm = res.objective == "flow_matching"
     train, val = (res.losses[k] for k in (("flow_matching", "val_nll") if fm else ("train", "val")))
-    every = FLOW_MATCHING_VALIDATE_EVERY if fm else VALIDATE_EVERY
-    due = [s for s in range(len(train)) if s % every == 0 or s == budget.num_steps - 1]
+    every = validate_every(res.objective, num_steps, patience)
+    due = [s for s in range(len(train)) if s % every == 0 or s == num_steps - 1]
     out: dict[str, Any] = {"steps_run": len(train)}
     if len(val):
         best = int(np.nanargmin(val))

@@ -96,3 +96,22 @@ def test_coordinate_sites_names_the_owners_in_packing_order() -> None:
     assert coordinate_sites(sizes, [8, 9]) == ["theta", "tau"]
     assert coordinate_sites(sizes, [1, 4, 8]) == ["theta"]
     assert coordinate_sites(sizes, []) == []
+
+
+def test_flow_matching_validates_about_a_fixed_number_of_times_within_patience() -> None:
+    from flowguides.core import (
+        FLOW_MATCHING_VALIDATE_EVERY,
+        FLOW_MATCHING_VALIDATIONS,
+        VALIDATE_EVERY,
+        validate_every,
+    )
+
+    short = FLOW_MATCHING_VALIDATE_EVERY * FLOW_MATCHING_VALIDATIONS
+    assert validate_every("maximum_likelihood", 20_000, 500) == VALIDATE_EVERY
+    assert validate_every("flow_matching", 600, 600) == FLOW_MATCHING_VALIDATE_EVERY
+    assert validate_every("flow_matching", short, short) == FLOW_MATCHING_VALIDATE_EVERY
+    every = validate_every("flow_matching", 20_000, 20_000)
+    assert every == -(-20_000 // FLOW_MATCHING_VALIDATIONS) > FLOW_MATCHING_VALIDATE_EVERY
+    assert 20_000 / every == pytest.approx(FLOW_MATCHING_VALIDATIONS, abs=1)
+    assert validate_every("flow_matching", 20_000, 250) == 250  # patience still sees one
+    assert validate_every("flow_matching", 20_000, 30) == FLOW_MATCHING_VALIDATE_EVERY

@@ -50,8 +50,10 @@ from flowguides.core.coupling import (
     COUPLINGS,
     FLOW_MATCHING_VALIDATE_EVERY,
     FLOW_MATCHING_VALIDATION_ROWS,
+    FLOW_MATCHING_VALIDATIONS,
     check_coupling,
     ot_permutation,
+    validate_every,
     validation_spec,
 )
 from flowguides.core.data import STREAM_BLOCK_BYTES, data_kind, prepare_data
@@ -148,6 +150,7 @@ __all__ = [
     "FLOAT32_MIN_TOLERANCE",
     "FLOW_MATCHING_VALIDATE_EVERY",
     "FLOW_MATCHING_VALIDATION_ROWS",
+    "FLOW_MATCHING_VALIDATIONS",
     "FULL_RANK_MAX_DIM",
     "LEARNING_RATE_REFERENCE_DIM",
     "MODE_TOLERANCE",
@@ -189,6 +192,7 @@ __all__ = [
     "ot_permutation",
     "split_indices",
     "standardization",
+    "validate_every",
     "validation_spec",
     "warn_if_below_start",
 ]

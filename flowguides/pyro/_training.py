@@ -41,6 +41,17 @@ __all__ = [
 ]
 
 
+_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every element of `tensors` is finite (one check over them all where they share
+    a dtype and a device)."""
+    if len({(t.dtype, t.device) for t in tensors}) == 1:
+        return bool(torch.isfinite(torch.cat([t.reshape(-1) for t in tensors])).all())
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
 class Trainer:
     """Adam + the shared schedule + clipping + the non-finite guard, over fixed parameters.
 
@@ -55,11 +66,22 @@ class Trainer:
         self, params: list[torch.Tensor], num_steps: int, lr: float, clip_norm: float | None
     ) -> None:
         self.params, self.clip_norm = params, clip_norm
-        self.optim = torch.optim.Adam(params, lr=lr)
+        # PyTorch's fused Adam (one kernel over all tensors) is the same update as its
+        # per-tensor loop, to rounding; on CPU the loop's Python costs more than the arithmetic.
+        fused = all(p.dtype in _FUSED_DTYPES and p.device.type in ("cpu", "cuda") for p in params)
+        self.optim = torch.optim.Adam(params, lr=lr, fused=fused or None)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optim, lambda step: learning_rate_at(step, num_steps, lr) / lr
         )
-        self.last_good = [p.detach().clone() for p in params]  # refreshed in place each step
+        # the parameters before the step, refreshed in place each step: views of one flat
+        # buffer (one copy a step) where the parameters share a dtype and a device
+        self._flat: torch.Tensor | None = None
+        if params and len({(p.dtype, p.device) for p in params}) == 1:
+            self._flat = torch.cat([p.detach().reshape(-1) for p in params])
+            chunks = self._flat.split([p.numel() for p in params])
+            self.last_good = [c.view(p.shape) for c, p in zip(chunks, params, strict=True)]
+        else:
+            self.last_good = [p.detach().clone() for p in params]
 
     def step(self, step: int, loss: torch.Tensor, make_fit: Callable[[], Any]) -> float:
         """One optimiser step on `loss`; returns its value.
@@ -76,12 +98,15 @@ class Trainer:
                     p.copy_(good)
             raise NonFiniteLossError(step, value, self.last_good, make_fit())
         with torch.no_grad():
-            for good, p in zip(self.last_good, self.params, strict=True):
-                good.copy_(p)
+            if self._flat is not None:
+                torch.cat([p.reshape(-1) for p in self.params], out=self._flat)
+            else:
+                for good, p in zip(self.last_good, self.params, strict=True):
+                    good.copy_(p)
         self.optim.zero_grad()
         loss.backward()
         grads = [p.grad for p in self.params if p.grad is not None]
-        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+        if grads and not _all_finite(grads):
             raise NonFiniteGradientError(step, value, self.last_good, make_fit())
         if self.clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)

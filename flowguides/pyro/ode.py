@@ -71,8 +71,14 @@ class ConcatSquash(nn.Module):
             self.register_parameter(name, nn.Parameter(torch.zeros(n_out, dtype=dtype)))
 
     def forward(self, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        gate = torch.sigmoid(self.gate_weight * t + self.gate_bias)
-        return (h @ self.weight.T + self.bias) * gate + self.time_bias * t
+        if h.dim() != 2 or t.shape != (h.shape[0], 1):  # one time for all rows (a solve)
+            gate = torch.sigmoid(self.gate_weight * t + self.gate_bias)
+            return (h @ self.weight.T + self.bias) * gate + self.time_bias * t
+        # a time per row (flow matching): the outer products with `t` as matrix products, each
+        # bias added in the same call (the same values to rounding, fewer passes over memory)
+        linear = torch.addmm(self.bias, h, self.weight.T)
+        gate = torch.sigmoid(torch.addmm(self.gate_bias, t, self.gate_weight[None]))
+        return torch.addmm(linear * gate, t, self.time_bias[None])
 
 
 class _Dynamics(nn.Module):

@@ -331,3 +331,50 @@ def test_an_adaptive_solve_out_of_max_steps_raises_max_steps_exceeded_in_trainin
             gaussian_2d, spec, num_steps=50, learning_rate=0.05, init_scale=1.0,
             progress=False,
         )  # fmt: skip
+
+
+def test_trainer_steps_as_per_tensor_adam_and_restores_the_weights_before_a_non_finite_loss():
+    from flowguides.core import learning_rate_at
+    from flowguides.pyro._training import Trainer, _all_finite
+
+    target = [
+        torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64),
+        torch.eye(2, dtype=torch.float64),
+    ]
+    start = [torch.zeros(3, dtype=torch.float64), torch.full((2, 2), 0.3, dtype=torch.float64)]
+    ours = [p.clone().requires_grad_(True) for p in start]
+    ref = [p.clone().requires_grad_(True) for p in start]
+    trainer = Trainer(ours, 20, 0.1, None)
+    optim = torch.optim.Adam(ref, lr=0.1, foreach=False)  # the per-tensor reference
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: learning_rate_at(s, 20, 0.1) / 0.1)
+
+    def loss(params):
+        return sum(
+            ((p - t) ** 2 * (i + 1)).sum()
+            for i, (p, t) in enumerate(zip(params, target, strict=True))
+        )
+
+    before = []
+    for step in range(5):
+        before = [p.detach().clone() for p in ours]
+        trainer.step(step, loss(ours), lambda: None)
+        optim.zero_grad()
+        loss(ref).backward()
+        optim.step()
+        sched.step()
+        for a, b in zip(ours, ref, strict=True):
+            torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=1e-12)
+    assert not torch.equal(ours[0].detach(), start[0])  # the steps moved the weights
+    moved = [p.detach().clone() for p in ours]
+    with pytest.raises(NonFiniteLossError):
+        trainer.step(5, loss(ours) * float("nan"), lambda: None)
+    for kept, good, last in zip(ours, trainer.last_good, before, strict=True):
+        torch.testing.assert_close(kept.detach(), last, rtol=0, atol=0)  # before the last step
+        torch.testing.assert_close(good, last, rtol=0, atol=0)
+    assert not torch.equal(moved[0], before[0])
+
+    grads = [torch.ones(3), torch.zeros(2, 2)]
+    assert _all_finite(grads)
+    grads[1][1, 0] = float("inf")
+    assert not _all_finite(grads)
+    assert not _all_finite([torch.ones(2, dtype=torch.float64), torch.tensor([float("nan")])])
