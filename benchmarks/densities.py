@@ -71,11 +71,12 @@ def _flowguides(
     objective: str = "maximum_likelihood",
     coupling: str = "independent",
     defaults: bool = False,
+    steps: int | None = None,
 ) -> Callable[..., Fitted]:
     """A flowguides ``fit_density`` row: under the shared budget and checkpoint policy, or with
     ``defaults`` under ``fit_density``'s own defaults (learning rate, batch size, patience,
     validation split; for maximum likelihood the budget's steps, for flow matching its default
-    steps too), which the row's ``method_settings`` record."""
+    steps too, or `steps` where given), which the row's ``method_settings`` record."""
 
     def fit(data: DensityData, budget: DensityBudget, policy: CheckpointPolicy = CHECKPOINT):
         if policy.every != VALIDATE_EVERY:
@@ -86,8 +87,8 @@ def _flowguides(
         common = {"standardize": False, "objective": objective, "coupling": coupling,
                   "seed": budget.seed, "progress": False}  # fmt: skip
         if defaults:
-            steps = None if objective == "flow_matching" else budget.num_steps
-            res = mod.fit_density(data.train, _spec(family), num_steps=steps, **common)
+            fm_steps = steps if objective == "flow_matching" else budget.num_steps
+            res = mod.fit_density(data.train, _spec(family), num_steps=fm_steps, **common)
         else:
             res = mod.fit_density(
                 data.train, _spec(family), num_steps=budget.num_steps,
@@ -95,7 +96,7 @@ def _flowguides(
                 validation_fraction=policy.validation_fraction, patience=policy.patience, **common,
             )  # fmt: skip
         if defaults:
-            settings = _default_settings(budget, objective, coupling)
+            settings = _default_settings(budget, objective, coupling, steps)
             extra = _fit_summary(res, settings["num_steps"], settings["patience"])
             extra["method_settings"] = settings
         else:
@@ -108,12 +109,15 @@ def _flowguides(
     return fit
 
 
-def _default_settings(budget: DensityBudget, objective: str, coupling: str) -> dict[str, Any]:
-    """The settings ``fit_density`` ran with when given none but the steps (a defaults row)."""
+def _default_settings(
+    budget: DensityBudget, objective: str, coupling: str, fm_steps: int | None = None
+) -> dict[str, Any]:
+    """The settings ``fit_density`` ran with when given none but the steps (a defaults row;
+    flow matching: `fm_steps`, None for its default)."""
     from flowguides.core import DENSITY_LEARNING_RATE, density_budget, density_patience
 
     fm = objective == "flow_matching"
-    steps, batch = density_budget(None if fm else budget.num_steps, None, objective, coupling)
+    steps, batch = density_budget(fm_steps if fm else budget.num_steps, None, objective, coupling)
     return {"defaults": "fit_density", "num_steps": steps, "batch_size": batch,
             "learning_rate": DENSITY_LEARNING_RATE, "validation_fraction": 0.1,
             "patience": density_patience(None, objective, steps)}  # fmt: skip
@@ -253,6 +257,10 @@ def _flowjax(kind: str) -> Callable[..., Fitted]:
     return fit
 
 
+FM_STEP_BUDGETS = (5000, 10000)
+"""Shorter flow-matching fits (otherwise at ``fit_density``'s defaults) for its time to reach
+a maximum-likelihood fit's quality."""
+
 DENSITY_METHODS: dict[str, Callable[..., Fitted]] = {
     **{
         f"flowguides-{b} {name}": _flowguides(b, *how)
@@ -273,6 +281,13 @@ DENSITY_METHODS: dict[str, Callable[..., Fitted]] = {
             (
                 "neural ODE (FM at fit_density defaults)",
                 ("neural_ode", "flow_matching", "independent", True),
+            ),
+            *(
+                (
+                    f"neural ODE (FM at fit_density defaults for {n} steps)",
+                    ("neural_ode", "flow_matching", "independent", True, n),
+                )
+                for n in FM_STEP_BUDGETS
             ),
         )
     },

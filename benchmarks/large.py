@@ -236,12 +236,17 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/large.jsonl")
     args = parser.parse_args(argv)
-    import torch
+    if "pyro" in args.backends:
+        import torch
 
-    torch.set_num_threads(1)
+        torch.set_num_threads(1)
     names = GLOBALS[args.problem]
     groups = args.groups if args.problem == "varying" else 0
-    stamp = {"commit": git_commit(), "versions": library_versions(), "run": utc_now()}
+    import jax
+
+    device = f"{jax.default_backend()}: {jax.devices()[0].device_kind}"
+    stamp = {"commit": git_commit(), "versions": library_versions(), "run": utc_now(),
+             "device": device}  # fmt: skip
     for rows in args.rows:
         data = make_data(args.problem, rows, groups, args.seed)
         settings = {"suite": "large", "problem": args.problem, "rows": rows, "groups": groups,

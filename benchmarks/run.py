@@ -127,12 +127,15 @@ _DENS_ODE = (
     "flowguides-pyro neural ODE (FM)", "flowguides-pyro neural ODE (FM OT)",
     "flowguides-numpyro neural ODE (FM at fit_density defaults)",
     "flowguides-pyro neural ODE (FM at fit_density defaults)",
+    *(f"flowguides-{b} neural ODE (FM at fit_density defaults for {n} steps)"
+      for b in ("numpyro", "pyro") for n in densities.FM_STEP_BUDGETS),
 )  # fmt: skip
 _TWO_D = ("two_moons", "8gaussians", "checkerboard", "spiral")
 _SLOW_ODE = (
     "flowguides-numpyro neural ODE (RNODE)",
     "flowguides-pyro neural ODE (FM at fit_density defaults)",
     "flowguides-pyro neural ODE",
+    *(m for m in _DENS_ODE if "defaults for" in m),
 )
 _POST_FULL = (
     "flowguides-pyro RealNVP", "flowguides-numpyro RealNVP", "flowguides-numpyro RealNVP (STL)",

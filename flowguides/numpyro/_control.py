@@ -20,12 +20,14 @@ expansion is first order.
 
 The expansion point and its full-data terms are SVI parameters of the training model (named
 after `CONTROL_VARIATE_PREFIX`), fixed by the optimiser like a Laplace start's whitening, so a
-compiled training chunk serves any data of the same shapes.
+compiled training chunk serves any data of the same shapes, and `initial_state`, the SVI
+state before any step, holds them from the start.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 import jax
@@ -33,16 +35,27 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 from numpyro import handlers
+from numpyro.distributions import constraints
 from numpyro.distributions.transforms import biject_to
-from numpyro.infer.util import potential_energy
+from numpyro.infer import SVI
+from numpyro.infer.svi import SVIState
+from numpyro.infer.util import potential_energy, transform_fn
 
 from flowguides.core import CONTROL_VARIATE_PREFIX
 from flowguides.numpyro._prototype import subsampled
+from flowguides.numpyro._training import (
+    HISTORY,
+    RecordingELBO,
+    default_float,
+    initial_optimizer_state,
+)
 
 __all__ = [
     "control_variate_model",
+    "initial_state",
     "public_params",
     "reference_params",
+    "split3",
     "supports_control_variate",
     "with_control_variate",
 ]
@@ -178,3 +191,36 @@ def with_control_variate(
     if control_variate == "taylor":
         raise ValueError(f"control_variate='taylor': {why}; use control_variate='none'")
     return train, None
+
+
+split3 = jax.jit(lambda key: tuple(jax.random.split(key, 3)))  # one program, not one per op
+
+
+def initial_state(
+    svi: SVI,
+    guide: Any,
+    key: jax.Array,
+    args: tuple,
+    kwargs: dict,
+    reference: dict[str, np.ndarray] | None = None,
+) -> SVIState:
+    """`svi.init` without its eager pass through the guide and the model (an XLA compile per
+    distinct operation): the guide's set-up fixes every parameter, all unconstrained, so the
+    state is `initial_optimizer_state` of `guide.initial_params()` and the control variate's
+    `reference` terms, if any (`control_variate_model`). The keys split as in
+    `SVI.init`. A model with its own `param` or `mutable` sites takes `svi.init`. The guide
+    is set up already (with the key `SVI.init` would give it). With a `RecordingELBO`, the
+    state carries a zero history entry as SVI mutable state (where each step's records go)."""
+    kinds = {site["type"] for site in guide.prototype_trace.values()}
+    if kinds & {"param", "mutable"}:
+        state = svi.init(key, *args, **kwargs)
+    else:
+        fixed = jax.tree.map(jax.numpy.asarray, reference or {})
+        params = {**guide.initial_params(), **fixed}
+        identity = biject_to(constraints.real)
+        svi.constrain_fn = partial(transform_fn, dict.fromkeys(params, identity))
+        state = SVIState(initial_optimizer_state(svi.optim, params), None, split3(key)[0])
+    if isinstance(svi.loss, RecordingELBO):
+        zeros = svi.loss.entries(np.zeros((), np.int32), np.zeros((), default_float()))
+        state = state._replace(mutable_state={HISTORY: zeros})
+    return state

@@ -12,6 +12,7 @@ seed (`draw_rows` replays the key chain of the compiled chunk), so both fit the 
 `device_mesh` turns ``fit_density``'s ``devices`` into a one-axis `jax.sharding.Mesh`
 (``"batch"``): minibatches are split along their rows over the devices, parameters, optimiser
 state and validation rows are replicated, and XLA inserts the all-reduce of the gradient.
+``fit_posterior``'s ``devices`` split its ELBO particles the same way (`particle_split`).
 
 The Pyro backend's ``_stream.py`` only feeds its eager loop (``minibatches``, read one ahead on
 a worker thread) and splits minibatches over the processes of a `torch.distributed` group.
@@ -42,6 +43,7 @@ __all__ = [
     "device_chunk",
     "device_mesh",
     "draw_rows",
+    "particle_split",
     "put_batch",
     "replicate",
     "run_stream",
@@ -92,11 +94,21 @@ def replicate(tree: Any, mesh: Mesh | None) -> Any:
     return tree if mesh is None else jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
 
 
-def check_divisible(rows: int, mesh: Mesh | None, what: str) -> None:
+def particle_split(mesh: Mesh | None) -> Callable[[jax.Array, int], jax.Array]:
+    """``split(key, n)``: `jax.random.split`, its keys (so the particles drawn from them)
+    split over `mesh`'s devices (`fit_posterior`'s ``devices``); without a mesh,
+    `jax.random.split` itself."""
+    if mesh is None:
+        return jax.random.split
+    sharding = batch_sharding(mesh)
+    return lambda key, n: lax.with_sharding_constraint(jax.random.split(key, n), sharding)
+
+
+def check_divisible(rows: int, mesh: Mesh | None, what: str, unit: str = "row count") -> None:
     """Raise unless `rows` split evenly over the devices of `mesh`."""
     if mesh is not None and rows % mesh.size:
         raise ValueError(
-            f"{what}: expected a row count divisible by the {mesh.size} devices, got {rows}"
+            f"{what}: expected a {unit} divisible by the {mesh.size} devices, got {rows}"
         )
 
 

@@ -331,14 +331,14 @@ def objective_loss(
 
 class ObjectiveLoss(ELBO):
     """`fit_posterior`'s loss (arguments as there): each of ``num_particles * num_inner``
-    draws (vectorised; keys as `Trace_ELBO` gives them, so one draw takes the key itself) gives
-    its log-weight ``log p - log q``, then `objective_loss`. With ``gradient="stl"``, each
-    draw's ``log q`` is evaluated again by the flow's inverse at `jax.lax.stop_gradient`
-    parameters (Roeder et al. 2017): no score term."""
+    draws (vectorised; keys as `Trace_ELBO` splits them, or by `split`, which may shard them
+    over devices; one draw takes the key itself) gives its log-weight ``log p - log q``, then
+    `objective_loss`. With ``gradient="stl"``, each draw's ``log q`` is evaluated again by the
+    flow's inverse at `jax.lax.stop_gradient` parameters (Roeder et al. 2017): no score term."""
 
-    def __init__(self, objective: str, gradient: str, num_particles: int, num_inner: int) -> None:
+    def __init__(self, objective, gradient, num_particles, num_inner, split=jax.random.split):
         super().__init__(num_particles=num_particles * num_inner)
-        self.objective, self.gradient = objective, gradient
+        self.objective, self.gradient, self.split = objective, gradient, split
         self.shape = (num_particles, num_inner)
 
     def log_weights(self, rng_key, param_map, model, guide, *args, **kwargs):
@@ -367,7 +367,7 @@ class ObjectiveLoss(ELBO):
             return log_w, path
 
         n = self.num_particles
-        log_w, path = one(rng_key) if n == 1 else jax.vmap(one)(jax.random.split(rng_key, n))
+        log_w, path = one(rng_key) if n == 1 else jax.vmap(one)(self.split(rng_key, n))
         shaped = (log_w.reshape(self.shape), path.reshape(self.shape))
         return shaped if self.gradient == "stl" else (shaped[0], None)
 
@@ -383,9 +383,9 @@ class RecordingELBO(Trace_ELBO):
     keys, so the same loss as ``Trace_ELBO(num_particles, vectorize_particles=True)``) inside
     its own `training_solves` block, which collects its guide's solves."""
 
-    def __init__(self, num_particles: int, spec: FlowSpec) -> None:
+    def __init__(self, num_particles: int, spec: FlowSpec, split=jax.random.split) -> None:
         super().__init__(num_particles=num_particles, vectorize_particles=True)
-        self._single = ObjectiveLoss("elbo", "reparam", 1, 1)
+        self._single, self.split = ObjectiveLoss("elbo", "reparam", 1, 1), split
         self.entries = history_entries(spec)
 
     def loss_with_mutable_state(self, rng_key, param_map, model, guide, *args, **kwargs):
@@ -395,6 +395,6 @@ class RecordingELBO(Trace_ELBO):
             nfe = sum((jnp.asarray(r["nfe"], jnp.int32) for r in records), jnp.zeros((), jnp.int32))
             return loss, nfe, jnp.asarray(mean_penalty(records), default_float())
 
-        losses, nfe, penalty = jax.vmap(one)(jax.random.split(rng_key, self.num_particles))
+        losses, nfe, penalty = jax.vmap(one)(self.split(rng_key, self.num_particles))
         entries = self.entries(jnp.max(nfe), jnp.mean(penalty))
         return {"loss": jnp.mean(losses), "mutable_state": {HISTORY: entries}}

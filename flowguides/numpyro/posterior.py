@@ -26,12 +26,9 @@ from typing import Any
 import jax
 import numpy as np
 from numpyro import handlers
-from numpyro.distributions import constraints
-from numpyro.distributions.transforms import biject_to
 from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.initialization import init_to_median
-from numpyro.infer.svi import SVIState
-from numpyro.infer.util import log_density, transform_fn
+from numpyro.infer.util import log_density
 
 from flowguides.core import (
     NonFiniteGradientError,
@@ -46,7 +43,7 @@ from flowguides.core import (
 )
 from flowguides.core.timing import add_seconds, chunk_timing, fit_timing, timed_calls
 from flowguides.numpyro import _model
-from flowguides.numpyro._control import public_params, with_control_variate
+from flowguides.numpyro._control import initial_state, public_params, split3, with_control_variate
 from flowguides.numpyro._model import (
     TRACER_ERRORS,
     as_constants,
@@ -56,15 +53,13 @@ from flowguides.numpyro._model import (
     value_key,
 )
 from flowguides.numpyro._prototype import full_data, full_data_map, subsampled, training_model
+from flowguides.numpyro._stream import check_divisible, device_mesh, particle_split, replicate
 from flowguides.numpyro._training import (
     CHUNK,
-    HISTORY,
     ObjectiveLoss,
     RecordingELBO,
     cache_key,
     cached,
-    default_float,
-    initial_optimizer_state,
     jit,
     make_optimizer,
     params_key,
@@ -86,7 +81,6 @@ particles' draws (keys still split by threefry, so streams stay independent unde
 SVI step splits keys and draws noise for every particle and site, which threefry's bits make
 a noticeable share of a step (see the benchmarks page)."""
 _TRACES = {"posterior": 0}  # times a training chunk was traced (tests read it, `_traced`)
-_split3 = jax.jit(lambda key: tuple(jax.random.split(key, 3)))  # one program, not one per op
 
 
 def _traced() -> None:
@@ -225,6 +219,7 @@ def fit_posterior(
     gradient: str = "reparam",
     num_inner: int = 1,
     control_variate: str = "auto",
+    devices: int | Sequence[Any] | None = None,
     **kwargs: Any,
 ) -> PosteriorFit:
     """Fit an `AutoFlowGuide` to `model`'s posterior by SVI with vectorised particles.
@@ -269,6 +264,10 @@ def fit_posterior(
             Taylor control variate around the full-data MAP where the start search found it,
             ``"taylor"`` always (an error where it cannot), ``"none"`` the plain minibatch
             estimate; unbiased either way (see the conventions page, "Subsampled models").
+        devices: None (one device, the default), a count (the first of ``jax.devices()``) or
+            a list of JAX devices: each step's particles are split over them, the parameters
+            replicated, in one compiled step (the same fit as on one device, to rounding).
+            ``num_particles * num_inner`` must divide by their number.
 
     Returns:
         The `PosteriorFit`.
@@ -294,6 +293,9 @@ def fit_posterior(
         raise ValueError(f"num_particles: expected a positive integer, got {num_particles!r}")
     check_objective_options(spec, objective, gradient, num_inner)
     check_control_variate(control_variate)
+    mesh = device_mesh(devices)
+    check_divisible(num_particles * num_inner, mesh, "num_particles * num_inner", "count")
+    split = particle_split(mesh)
     t0 = time.perf_counter()
     times: dict[str, float] = {}
     guide = AutoFlowGuide(
@@ -301,19 +303,21 @@ def fit_posterior(
     )
     has_ode = any(layer.type == "neural_ode" for layer in spec.layers)
     elbo = (
-        RecordingELBO(num_particles, spec)
+        RecordingELBO(num_particles, spec, split)
         if has_ode
         else Trace_ELBO(num_particles, vectorize_particles=True)
-        if (objective, gradient) == ("elbo", "reparam")
-        else ObjectiveLoss(objective, gradient, num_particles, num_inner)
+        if (objective, gradient) == ("elbo", "reparam") and mesh is None
+        else ObjectiveLoss(objective, gradient, num_particles, num_inner, split)
     )
     key = jax.random.key(seed, impl=TRAINING_PRNG)
     with solver_errors():
         try:
-            with handlers.block(), handlers.seed(rng_seed=_split3(key)[2]):
+            with handlers.block(), handlers.seed(rng_seed=split3(key)[2]):
                 with timed_calls(guide, "_initial_start", times, "start_s"):
                     guide._setup_prototype(*args, **kwargs)  # the key `SVI.init` gives the guide
             own = {"param", "mutable"} & {s["type"] for s in guide.prototype_trace.values()}
+            if mesh is not None and "mutable" in own:
+                raise ValueError("devices: a model with numpyro.mutable sites trains on one device")
             if (objective, gradient) == ("iwelbo", "stl") and own:
                 raise ValueError(
                     "gradient: 'stl' with objective='iwelbo' (DReG) trains the guide only, "
@@ -326,7 +330,7 @@ def fit_posterior(
             train, reference = with_control_variate(control_variate, train, model, guide)
             optimizer = make_optimizer(num_steps, learning_rate, clip_norm)
             svi = SVI(train, guide, optimizer, elbo)
-            state = _init_state(svi, guide, key, args, kwargs, reference)
+            state = initial_state(svi, guide, key, args, kwargs, reference)
             state = jax.block_until_ready(state)
         except TRACER_ERRORS as exc:
             raise model_tracing_error(model, exc, bool(guide._constants), args, kwargs) from exc
@@ -334,7 +338,8 @@ def fit_posterior(
         setup_s = time.perf_counter() - t0
         arrays, signature, rebuild = split_args(args, kwargs, guide._constants)
         settings = (spec, num_steps, learning_rate, num_particles, clip_norm, objective, gradient)
-        settings = (*settings, num_inner, subsamples, reference is not None)
+        mesh_key = None if mesh is None else tuple(d.id for d in mesh.devices.flat)
+        settings = (*settings, num_inner, subsamples, reference is not None, mesh_key)
         # the chunk closes over this call's guide: key what its trace reads besides the
         # params' values (which params it registers: a Laplace start's whitening)
         structure = params_key(svi.optim.get_params(state.optim_state))
@@ -342,7 +347,8 @@ def fit_posterior(
         key = cache_key("posterior", *settings, content=content)
         run_chunk = cached(key, lambda: posterior_chunk(svi, rebuild, num_steps, _traced))
         params = svi.optim.get_params(state.optim_state)
-        carry = (state, params, jax.device_put(False), jax.device_put(-1))
+        carry = replicate((state, params, jax.device_put(False), jax.device_put(-1)), mesh)
+        arrays = replicate(arrays, mesh)
         seconds: list[float] = []
         try:
             (state, good, stopped, bad_step), (losses, steps) = run_chunks(
@@ -366,33 +372,3 @@ def fit_posterior(
     warn_if_below_start(losses, learning_rate)
     params = public_params(svi.get_params(state))
     return PosteriorFit(guide, model, spec, params, losses, args, kwargs, seed, **extra)
-
-
-def _init_state(
-    svi: SVI,
-    guide: AutoFlowGuide,
-    key: jax.Array,
-    args: tuple,
-    kwargs: dict,
-    reference: dict[str, np.ndarray] | None = None,
-) -> SVIState:
-    """`svi.init` without its eager pass through the guide and the model (an XLA compile per
-    distinct operation): the guide's set-up fixes every parameter, all unconstrained, so the
-    state is `initial_optimizer_state` of `guide.initial_params()` and the control variate's
-    `reference` terms, if any (`control_variate_model`). The keys split as in
-    `SVI.init`. A model with its own `param` or `mutable` sites takes `svi.init`. The guide
-    is set up already (with the key `SVI.init` would give it). With a `RecordingELBO`, the
-    state carries a zero history entry as SVI mutable state (where each step's records go)."""
-    kinds = {site["type"] for site in guide.prototype_trace.values()}
-    if kinds & {"param", "mutable"}:
-        state = svi.init(key, *args, **kwargs)
-    else:
-        fixed = jax.tree.map(jax.numpy.asarray, reference or {})
-        params = {**guide.initial_params(), **fixed}
-        identity = biject_to(constraints.real)
-        svi.constrain_fn = partial(transform_fn, dict.fromkeys(params, identity))
-        state = SVIState(initial_optimizer_state(svi.optim, params), None, _split3(key)[0])
-    if isinstance(svi.loss, RecordingELBO):
-        zeros = svi.loss.entries(np.zeros((), np.int32), np.zeros((), default_float()))
-        state = state._replace(mutable_state={HISTORY: zeros})
-    return state

@@ -28,6 +28,7 @@ from flowguides.numpyro import (
     training_solves,
 )
 from flowguides.numpyro import posterior as posterior_module
+from flowguides.numpyro._control import initial_state
 from flowguides.numpyro._training import RecordingELBO
 from flowguides.spec import FlowSpec, SpecError
 
@@ -272,7 +273,7 @@ def test_a_neural_ode_posterior_fit_records_its_history_without_changing_the_los
         with handlers.seed(rng_seed=jax.random.split(jax.random.key(0), 3)[2]):
             guide._setup_prototype()  # as `fit_posterior` sets it up
         svi = SVI(gaussian, guide, optax.adam(1e-2), elbo)
-        state = posterior_module._init_state(svi, guide, jax.random.key(0), (), {})
+        state = initial_state(svi, guide, jax.random.key(0), (), {})
         update = jax.jit(svi.update)  # traced inside training_solves, once per ELBO
         for _ in range(2):
             with training_solves():

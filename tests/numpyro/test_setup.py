@@ -23,7 +23,7 @@ from flowguides.core import AUTO_SCALES
 from flowguides.core.timing import FIT_TIMING_KEYS
 from flowguides.numpyro import AutoFlowGuide, clear_compiled, fit_posterior, laplace
 from flowguides.numpyro import guide as guide_module
-from flowguides.numpyro import posterior as posterior_module
+from flowguides.numpyro._control import initial_state
 from flowguides.numpyro._training import cached
 from flowguides.spec import FlowSpec
 
@@ -101,7 +101,7 @@ def test_model_with_its_own_params_takes_numpyros_set_up_and_svi_init():
     svi = SVI(with_param, guide, optax.adam(1e-2), Trace_ELBO())
     with handlers.seed(rng_seed=jax.random.split(jax.random.key(0), 3)[2]):
         guide._setup_prototype(X, Y)  # as `fit_posterior` sets it up
-    state = posterior_module._init_state(svi, guide, jax.random.key(0), (X, Y), {})
+    state = initial_state(svi, guide, jax.random.key(0), (X, Y), {})
     params = svi.get_params(state)
     assert "shift" in params and "auto_affine.loc" in params
     assert guide.latent_dim == 2
@@ -136,7 +136,7 @@ def test_direct_state_equals_svi_init():
     ]
     with handlers.seed(rng_seed=jax.random.split(key, 3)[2]):
         guides[0]._setup_prototype(X, Y)  # as `fit_posterior` sets it up
-    ours = posterior_module._init_state(svis[0], guides[0], key, (X, Y), {})
+    ours = initial_state(svis[0], guides[0], key, (X, Y), {})
     theirs = svis[1].init(key, X, Y)
     assert jax.tree.structure(ours) == jax.tree.structure(theirs)
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):

@@ -1,5 +1,5 @@
-"""`fit_density(..., devices=...)`: minibatches split over several devices, parameters
-replicated, the same fit as on one device.
+"""`fit_density(..., devices=...)` and `fit_posterior(..., devices=...)`: minibatches or ELBO
+particles split over several devices, parameters replicated, the same fit as on one device.
 
 JAX fixes its device count when it starts, so the four-device runs happen in one subprocess
 with ``--xla_force_host_platform_device_count=4`` (one thread per device, as the suite pins).
@@ -55,6 +55,49 @@ try:
     fit_density(data, spec, devices=3, **settings)
 except ValueError as exc:
     out["indivisible"] = str(exc)
+
+import numpyro, numpyro.distributions as dist
+from flowguides.numpyro import fit_posterior, posterior
+from flowguides.numpyro._stream import particle_split
+
+splits = []  # (devices of the mesh, particles) of each split that training traced
+
+def recording_split(mesh):
+    split = particle_split(mesh)
+    def traced(key, n):
+        keys = split(key, n)
+        splits.append((0 if mesh is None else mesh.size, n))
+        return keys
+    return traced
+
+posterior.particle_split = recording_split
+mesh = jax.sharding.Mesh(np.array(jax.devices()), ("batch",))
+keys = jax.jit(lambda k: particle_split(mesh)(k, 8))(jax.random.key(0))
+out["key_shards"] = [list(s.data.shape) for s in keys.addressable_shards]
+
+def regression(x, y):  # as users write it: a plate over the rows
+    w = numpyro.sample("w", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+    s = numpyro.sample("s", dist.HalfNormal(1.0))
+    with numpyro.plate("rows", x.shape[0]):
+        numpyro.sample("y", dist.Normal(x @ w, s), obs=y)
+
+xs = rng.normal(size=(60, 2))
+ys = xs @ np.array([1.0, -0.5]) + 0.3 * rng.normal(size=60)
+for name, options in {"elbo": {}, "iwelbo": {"objective": "iwelbo", "num_inner": 2,
+                                             "num_particles": 2, "gradient": "stl"}}.items():
+    runs = []
+    for devices in (None, 4):
+        fit = fit_posterior(regression, spec, xs, ys, num_steps=60, init_scale=1.0,
+                            progress=False, devices=devices, **options)
+        leaf = next(iter(fit.params.values()))
+        runs.append({"train": fit.losses.tolist(), "devices": len(leaf.sharding.device_set),
+                     "w": fit.sample(100, seed=1)["w"].mean(0).tolist()})
+    out["posterior_" + name] = runs
+out["splits"] = sorted(set(splits))
+try:
+    fit_posterior(regression, spec, xs, ys, num_particles=6, devices=4, progress=False)
+except ValueError as exc:
+    out["posterior_indivisible"] = str(exc)
 print(json.dumps(out))
 """
 
@@ -97,3 +140,19 @@ def test_devices_is_checked(runs):
         fit_density(data, spec, devices=0, progress=False)
     with pytest.raises(ValueError, match="devices: expected None, a count or a sequence"):
         fit_density(data, spec, devices=["cpu"], progress=False)
+
+
+@pytest.mark.parametrize("objective", ["elbo", "iwelbo"])
+def test_four_devices_split_the_particles_and_give_the_one_device_fit(runs, objective):
+    one, four = runs["posterior_" + objective]
+    assert (one["devices"], four["devices"]) == (1, 4)
+    assert len(four["train"]) == 60
+    np.testing.assert_allclose(four["train"], one["train"], rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(four["w"], one["w"], rtol=1e-9, atol=1e-10)
+    assert np.mean(four["train"][-10:]) < np.mean(four["train"][:10]) - 1.0  # it trained
+    # the particles' keys are split over the four devices, two on each, during training
+    assert runs["key_shards"] == [[2], [2], [2], [2]]
+    assert [4, 4] in runs["splits"] and [4, 8] in runs["splits"]  # iwelbo 2 x 2, elbo 8
+    assert runs["posterior_indivisible"] == (
+        "num_particles * num_inner: expected a count divisible by the 4 devices, got 6"
+    )
