@@ -257,7 +257,7 @@ def _flowjax(kind: str) -> Callable[..., Fitted]:
     return fit
 
 
-FM_STEP_BUDGETS = (5000, 10000)
+FM_STEP_BUDGETS = (5000, 10000, 15000)
 """Shorter flow-matching fits (otherwise at ``fit_density``'s defaults) for its time to reach
 a maximum-likelihood fit's quality."""
 
