@@ -7,7 +7,7 @@ export OMP_NUM_THREADS := 1
 export XLA_FLAGS := --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1
 export MPLBACKEND := Agg
 
-.PHONY: install demo test lint docs bench bench-full bench-slow bench-high-dim bench-large bench-neutra bench-report clean
+.PHONY: install demo test lint docs bench bench-full bench-slow bench-high-dim bench-large bench-streaming bench-neutra bench-report clean
 
 $(BIN)/flowguides: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -61,6 +61,11 @@ bench-large: install
 	$(BIN)/python -m benchmarks.large --problem logistic --rows 100000 1000000 --backends numpyro
 	$(BIN)/python -m benchmarks.large --problem logistic --rows 100000 --backends pyro --steps 1000
 	$(BIN)/python -m benchmarks.large --problem varying --rows 100000 --groups 1000 --backends numpyro
+	$(BIN)/python -m benchmarks.large --problem varying --rows 1000000 --groups 10000 --backends numpyro
+
+# Density fits streaming a memory-mapped file 4x the private memory they may use (writes ~4 GB).
+bench-streaming: install
+	$(BIN)/python -m benchmarks.streaming --dir $${STREAM_DIR:-/tmp/flowguides-stream}
 
 # NeuTra against NUTS (and flowMC) on the funnel: effective samples per second on v.
 bench-neutra: install
