@@ -94,6 +94,20 @@ for name, options in {"elbo": {}, "iwelbo": {"objective": "iwelbo", "num_inner":
                      "w": fit.sample(100, seed=1)["w"].mean(0).tolist()})
     out["posterior_" + name] = runs
 out["splits"] = sorted(set(splits))
+
+def logistic(x, y):  # subsampled: the control variate's terms are replicated with the state
+    w = numpyro.sample("w", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+    with numpyro.plate("rows", x.shape[0], subsample_size=50) as idx:
+        numpyro.sample("y", dist.Bernoulli(logits=x[idx] @ w), obs=y[idx])
+
+xl = rng.normal(size=(1000, 2))
+yl = (rng.uniform(size=1000) < 1 / (1 + np.exp(-xl @ np.array([1.0, -1.0])))).astype(float)
+runs = []
+for devices in (None, 4):
+    fit = fit_posterior(logistic, spec, xl, yl, num_steps=40, control_variate="taylor",
+                        progress=False, devices=devices)
+    runs.append({"train": fit.losses.tolist()})
+out["posterior_subsampled"] = runs
 try:
     fit_posterior(regression, spec, xs, ys, num_particles=6, devices=4, progress=False)
 except ValueError as exc:
@@ -156,3 +170,9 @@ def test_four_devices_split_the_particles_and_give_the_one_device_fit(runs, obje
     assert runs["posterior_indivisible"] == (
         "num_particles * num_inner: expected a count divisible by the 4 devices, got 6"
     )
+
+
+def test_a_subsampled_fit_with_the_control_variate_runs_alike_on_four_devices(runs):
+    one, four = runs["posterior_subsampled"]
+    assert len(four["train"]) == 40
+    np.testing.assert_allclose(four["train"], one["train"], rtol=1e-9, atol=1e-10)
