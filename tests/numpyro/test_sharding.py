@@ -108,6 +108,14 @@ for devices in (None, 4):
                         progress=False, devices=devices)
     runs.append({"train": fit.losses.tolist()})
 out["posterior_subsampled"] = runs
+
+ode = FlowSpec.neural_ode(hidden=[4], solver="rk4", num_steps=2, dtype="float64")
+runs = []
+for devices in (None, 4):  # the neural-ODE guide's loss records its solves per particle
+    fit = fit_posterior(regression, ode, xs, ys, num_steps=20, num_particles=4, init_scale=1.0,
+                        progress=False, devices=devices)
+    runs.append({"train": fit.losses.tolist(), "nfe": fit.history["nfe_forward"].tolist()})
+out["posterior_ode"] = runs
 try:
     fit_posterior(regression, spec, xs, ys, num_particles=6, devices=4, progress=False)
 except ValueError as exc:
@@ -176,3 +184,9 @@ def test_a_subsampled_fit_with_the_control_variate_runs_alike_on_four_devices(ru
     one, four = runs["posterior_subsampled"]
     assert len(four["train"]) == 40
     np.testing.assert_allclose(four["train"], one["train"], rtol=1e-9, atol=1e-10)
+
+
+def test_a_neural_ode_guide_records_its_solves_alike_on_four_devices(runs):
+    one, four = runs["posterior_ode"]
+    np.testing.assert_allclose(four["train"], one["train"], rtol=1e-9, atol=1e-10)
+    assert four["nfe"] == one["nfe"] == [8] * 20  # rk4: 4 stages x 2 steps, every step
