@@ -32,7 +32,7 @@ __all__ = [
 FIT_OPTIONS = (
     "num_steps", "learning_rate", "num_particles", "clip_norm", "init_loc_fn", "init_scale",
     "seed", "progress", "static_argnames", "vectorize_particles", "objective", "gradient",
-    "num_inner", "control_variate",
+    "num_inner", "control_variate", "devices",
 )  # fmt: skip
 INFER_OPTIONS = ("num_steps", "num_draws", "neutra", "seed", "progress", "fit_options")
 _ALIASES = {
