@@ -5,8 +5,11 @@ times (the init strategy's prior draws, the transforms, the potential energy and
 every distinct eager operation is an XLA compile of its own, about half of `AutoIAFNormal`'s
 time to its first step on a 10-D problem. `StagedPrototype` does the same work as one jitted
 call of `initialize_model` (cached per model, init strategy and argument shapes, keyed as
-`flowguides.numpyro._model` says, so a second guide of the same model pays nothing), then traces the model once eagerly at the values it
-found, for the prototype trace that NumPyro's guide machinery reads. It is a drop-in base
+`flowguides.numpyro._model` says, so a second guide of the same model pays nothing), and
+traces the model at the values it found in the same program, for the prototype trace that
+NumPyro's guide machinery reads: the trace's objects are rebuilt outside with the program's
+outputs in place of its tracers (`_Tracers`; where a tracer sits where it cannot be replaced,
+e.g. in a closure, the model is traced eagerly instead). It is a drop-in base
 between `AutoContinuous` and `AutoGuide` in the method resolution order, and falls back to
 NumPyro's own set-up wherever the staged path does not apply: a traced key or argument (set-up
 inside `jit`), `param`/`mutable` sites or discrete latent sites in the model, a subsampled
@@ -23,12 +26,16 @@ search's energy), `training_model` makes their minibatch draws vectorised (see
 
 from __future__ import annotations
 
+import copy as _copy
+import functools
 import math
-from collections.abc import Callable, Mapping
+import types
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import numpyro
 from jax import lax
 from numpyro import handlers
@@ -108,7 +115,9 @@ def staged_prototype(
     if any(isinstance(a, jax.core.Tracer) for a in arrays):
         return None
 
-    def init(key: jax.Array, arrays: list) -> tuple[dict, dict, jax.Array]:
+    traces: dict[tuple, _Tracers | None] = {}
+
+    def init(key: jax.Array, arrays: list) -> tuple[dict, dict, jax.Array, list]:
         _TRACES["init"] += 1
         a, k = rebuild(arrays)
         with handlers.block():  # hide the model's sites from the caller's handlers
@@ -123,19 +132,33 @@ def staged_prototype(
         # constrained values of the latent sites only (a replayed model adds deterministic ones)
         with handlers.block():
             values = info.postprocess_fn(*a, **k)(z)
-        return z, {name: values[name] for name in z}, valid
+        values = {name: values[name] for name in z}
+        # the prototype trace at those values, in this program: run eagerly, each operation
+        # of the model would be a compile of its own
+        with handlers.block():
+            seeded = handlers.substitute(handlers.seed(model, key), data=values)
+            trace = handlers.trace(seeded).get_trace(*a, **k)
+        found = _Tracers(trace, owner=getattr(key, "_trace", None))
+        traces[_signature(key, arrays)] = found if found.safe else None
+        return z, values, valid, found.leaves if found.safe else []
 
     try:
         content = (callable_key(model), callable_key(init_loc_fn), signature)
-        program = cached(cache_key("prototype", content=content), lambda: jit(init))
-        z, values, valid = program(key, arrays)
+        # the program, and the traces it made keyed by its arguments' types: the prototype
+        # trace of a call is the one of the program's trace for those types
+        made = cached(cache_key("prototype", content=content), lambda: (jit(init), traces))
+        program, traces = made
+        z, values, valid, leaves = program(key, arrays)
     except Exception:  # noqa: BLE001 - NumPyro's own set-up raises its own, clearer error
         return None
     if not bool(valid):
         return None
-    with handlers.block():
-        trace = handlers.trace(handlers.substitute(handlers.seed(model, key), data=values))
-        trace = trace.get_trace(*args, **kwargs)
+    found = traces.get(_signature(key, arrays))
+    trace = found.rebuild(leaves) if found is not None else None
+    if trace is None:  # the trace holds tracers where they cannot be replaced: run it eagerly
+        with handlers.block():
+            trace = handlers.trace(handlers.substitute(handlers.seed(model, key), data=values))
+            trace = trace.get_trace(*args, **kwargs)
     for site in trace.values():
         if site["type"] in ("param", "mutable"):
             return None
@@ -153,6 +176,119 @@ def staged_prototype(
     # jit returns dicts in sorted key order; NumPyro packs latent sites in model order
     init_locs = {name: z[name] for name in trace if name in z}
     return init_locs, potential_gen, postprocess_gen, trace
+
+
+def _signature(*args: Any) -> tuple:
+    """The types of the array leaves of `args` (what a jitted program is traced for)."""
+    return tuple(jax.typeof(leaf) for leaf in jax.tree.leaves(args))
+
+
+_ATOMS = (str, bytes, int, float, complex, type(None), np.ndarray, np.generic, type,
+          types.ModuleType, types.BuiltinFunctionType)  # fmt: skip
+
+
+class _Tracers:
+    """The tracers an object graph (a model's trace, traced in a program) holds, found by
+    walking dicts, lists, tuples and objects' attributes, in `leaves`; `rebuild` copies the
+    containers on the paths to them with the tracers replaced by the program's outputs.
+
+    ``safe`` is False where a tracer sits where it cannot be replaced (in a function's
+    closure, a set, a slot, a cycle), belongs to another trace than `owner`'s (a loop's
+    body inside the model), or the graph is deeper or larger than a trace is: the caller
+    then traces the model eagerly instead.
+    """
+
+    _MAX_DEPTH, _MAX_NODES = 64, 200_000
+
+    def __init__(self, root: Any, owner: Any = None) -> None:
+        self._owner = owner
+        self.leaves: list[jax.Array] = []
+        self._index: dict[int, int] = {}  # id of a tracer -> its position in `leaves`
+        self._holds: set[int] = set()  # ids of the objects that hold a tracer
+        self._done: set[int] = set()
+        self._open: set[int] = set()
+        self.safe = True
+        self._root = root
+        self._visit(root, 0)
+
+    def _visit(self, obj: Any, depth: int) -> bool:
+        if isinstance(obj, jax.core.Tracer):
+            if getattr(obj, "_trace", None) is not self._owner:
+                self.safe = False
+            if id(obj) not in self._index:
+                self._index[id(obj)] = len(self.leaves)
+                self.leaves.append(obj)
+            return True
+        if isinstance(obj, (jax.Array, *_ATOMS)):
+            return False
+        if id(obj) in self._open or depth > self._MAX_DEPTH or len(self._done) > self._MAX_NODES:
+            self.safe = False
+            return False
+        if id(obj) in self._done:
+            return id(obj) in self._holds
+        self._open.add(id(obj))
+        if isinstance(obj, dict):
+            children, rebuildable = list(obj.values()), True
+        elif isinstance(obj, (list, tuple)):
+            children, rebuildable = list(obj), True
+        elif isinstance(obj, (set, frozenset)):
+            children, rebuildable = list(obj), False
+        elif isinstance(obj, types.FunctionType):
+            cells = [c.cell_contents for c in obj.__closure__ or () if _filled(c)]
+            children, rebuildable = [*cells, obj.__defaults__, obj.__kwdefaults__], False
+        elif isinstance(obj, (types.MethodType, functools.partial)):
+            children = [getattr(obj, n, None) for n in ("__self__", "func", "args", "keywords")]
+            rebuildable = False
+        else:
+            slots = [getattr(obj, n, None) for c in type(obj).__mro__
+                     for n in getattr(c, "__slots__", ()) if n not in ("__dict__", "__weakref__")]  # fmt: skip
+            children = list(getattr(obj, "__dict__", {}).values())
+            holds_in_slots = any([self._visit(c, depth + 1) for c in slots])
+            rebuildable = not holds_in_slots and hasattr(obj, "__dict__")
+            if holds_in_slots:
+                self._holds.add(id(obj))
+        if any([self._visit(c, depth + 1) for c in children]):
+            self._holds.add(id(obj))
+        if id(obj) in self._holds and not rebuildable:
+            self.safe = False
+        self._open.discard(id(obj))
+        self._done.add(id(obj))
+        return id(obj) in self._holds
+
+    def rebuild(self, values: Sequence[jax.Array]) -> Any:
+        """The walked graph with its tracers replaced by `values` (in `leaves` order): new
+        containers on the paths to them, every other object shared."""
+        memo: dict[int, Any] = {}
+
+        def copy(obj: Any) -> Any:
+            if isinstance(obj, jax.core.Tracer):
+                return values[self._index[id(obj)]]
+            if id(obj) not in self._holds:
+                return obj
+            if id(obj) not in memo:
+                if isinstance(obj, dict):
+                    new = _copy.copy(obj)
+                    new.update({k: copy(v) for k, v in obj.items()})
+                elif isinstance(obj, list):
+                    new = [copy(v) for v in obj]
+                elif isinstance(obj, tuple):
+                    items = [copy(v) for v in obj]
+                    new = type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+                else:
+                    new = _copy.copy(obj)
+                    vars(new).update({k: copy(v) for k, v in vars(obj).items()})
+                memo[id(obj)] = new
+            return memo[id(obj)]
+
+        return copy(self._root)
+
+
+def _filled(cell: types.CellType) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018 - an empty cell raises
+    except ValueError:
+        return False
+    return True
 
 
 class full_data(Messenger):

@@ -91,6 +91,66 @@ def test_staged_set_up_matches_initialize_model_and_compiles_once():
     assert runs[0] < first == runs[1]
 
 
+class _Shifted(dist.Normal):
+    """A user's distribution with an attribute of its own (not a pytree field) and, with
+    `hold`, a function that closes over a value computed in the model."""
+
+    def __init__(self, loc, scale, hold=False):
+        super().__init__(loc, scale)
+        self.offset = loc + 1.0  # dropped by NumPyro's pytree round trip
+        self.hint = (lambda: loc) if hold else None
+
+
+def _user_model(hold):
+    def user_model(x, y=None):
+        next(MODEL_RUNS)
+        w = numpyro.sample("w", dist.Normal(jnp.zeros(2), 1.0).to_event(1))
+        s = numpyro.sample("s", _Shifted(w.sum(), 1.0, hold))
+        mix = dist.MixtureSameFamily(
+            dist.Categorical(probs=jnp.array([0.3, 0.7])), dist.Normal(jnp.array([-1.0, 1.0]), 1.0)
+        )
+        numpyro.sample("m", mix)
+        numpyro.factor("f", -(w**2).sum())
+        with numpyro.plate("n", x.shape[0]):
+            numpyro.sample("y", dist.Normal(x @ w + s, 1.0), obs=y)
+
+    return user_model
+
+
+@pytest.mark.parametrize("hold", [False, True], ids=["in-program", "eager-fallback"])
+def test_the_prototype_trace_comes_from_the_set_up_program_as_an_eager_trace_gives_it(hold):
+    from flowguides.numpyro._prototype import staged_prototype
+
+    user_model = _user_model(hold)
+    key = jax.random.key(5)
+    staged_prototype(user_model, init_to_median, key, (X, Y), {})  # compiles the program
+    before = next(MODEL_RUNS)
+    init_locs, _, _, trace = staged_prototype(user_model, init_to_median, key, (X, Y), {})
+    # the program is cached: the model's code runs again only where a function in the trace
+    # holds a value of the program (it cannot be replaced) and the trace is taken eagerly
+    assert next(MODEL_RUNS) - before - 1 == (1 if hold else 0)
+    with handlers.block():
+        values = {name: trace[name]["value"] for name in init_locs}
+        seeded = handlers.substitute(handlers.seed(user_model, key), data=values)
+        eager = handlers.trace(seeded).get_trace(X, Y)
+    assert list(trace) == list(eager) == ["w", "s", "m", "f", "n", "y"]
+    for name, site in eager.items():
+        ours = trace[name]
+        assert ours.keys() == site.keys() and ours["type"] == site["type"]
+        assert not any(isinstance(v, jax.core.Tracer) for v in jax.tree.leaves(ours))
+        if site["type"] == "sample":
+            assert type(ours["fn"]) is type(site["fn"])
+            np.testing.assert_allclose(ours["value"], site["value"], rtol=1e-12)
+            np.testing.assert_allclose(
+                ours["fn"].log_prob(ours["value"]), site["fn"].log_prob(site["value"]), rtol=1e-12
+            )
+    # the user's own attribute is kept (NumPyro's pytree round trip would drop it)
+    np.testing.assert_allclose(trace["s"]["fn"].offset, eager["s"]["fn"].offset, rtol=1e-12)
+    assert not isinstance(trace["s"]["fn"].offset, jax.core.Tracer)
+    # and the fit of that model runs
+    assert np.isfinite(fit_posterior(user_model, SPEC, X, Y, num_steps=20, progress=False).losses).all()
+
+
 def test_model_with_its_own_params_takes_numpyros_set_up_and_svi_init():
     def with_param(x, y=None):
         shift = numpyro.param("shift", jnp.zeros(()))
