@@ -148,7 +148,9 @@ def test_the_prototype_trace_comes_from_the_set_up_program_as_an_eager_trace_giv
     np.testing.assert_allclose(trace["s"]["fn"].offset, eager["s"]["fn"].offset, rtol=1e-12)
     assert not isinstance(trace["s"]["fn"].offset, jax.core.Tracer)
     # and the fit of that model runs
-    assert np.isfinite(fit_posterior(user_model, SPEC, X, Y, num_steps=20, progress=False).losses).all()
+    assert np.isfinite(
+        fit_posterior(user_model, SPEC, X, Y, num_steps=20, progress=False).losses
+    ).all()
 
 
 def test_model_with_its_own_params_takes_numpyros_set_up_and_svi_init():
