@@ -1,5 +1,5 @@
 """Steps/s of one NumPyro SVI step of a minibatch model, NumPyro's own subsample draw against
-flowguides' vectorised draw (`flowguides.numpyro._prototype.training_model`), in one process.
+flowguides' vectorised draw (`flowguides.numpyro._stream.training_model`), in one process.
 
 The model is `benchmarks.large`'s logistic regression with its plate subsampled to 1,000 rows,
 the guide NumPyro's `AutoNormal`, 8 vectorised particles, one thread; 200 timed steps after
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from benchmarks.large import make_data, numpyro_model
     from benchmarks.rows import git_commit, library_versions, utc_now
-    from flowguides.numpyro._prototype import training_model
+    from flowguides.numpyro._stream import training_model
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.subsample_draw")
     parser.add_argument("--rows", type=int, nargs="+", default=[20_000, 1_000_000])

@@ -42,7 +42,7 @@ from numpyro.infer.svi import SVIState
 from numpyro.infer.util import potential_energy, transform_fn
 
 from flowguides.core import CONTROL_VARIATE_PREFIX
-from flowguides.numpyro._prototype import subsampled
+from flowguides.numpyro._stream import subsampled
 from flowguides.numpyro._training import (
     HISTORY,
     RecordingELBO,

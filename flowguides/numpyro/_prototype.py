@@ -19,16 +19,13 @@ the helpers used here.
 `check_latent_sites` names a latent site no continuous flow guide can take (discrete, or
 local to a subsampled plate), where NumPyro's own set-up failed.
 
-Subsampled plates: `full_data` runs a model on all rows of its subsampled plates (the start
-search's energy), `training_model` makes their minibatch draws vectorised (see
-`flowguides.core.WITH_REPLACEMENT_RATIO`).
+Subsampled plates (`full_data`, `training_model`) are `flowguides.numpyro._stream`'s.
 """
 
 from __future__ import annotations
 
 import copy as _copy
 import functools
-import math
 import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -37,14 +34,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
-from jax import lax
 from numpyro import handlers
+from numpyro.distributions.transforms import biject_to
 from numpyro.infer.autoguide import AutoGuide
-from numpyro.infer.util import get_potential_fn, initialize_model
-from numpyro.primitives import Messenger
+from numpyro.infer.initialization import init_to_uniform, init_to_value
+from numpyro.infer.util import get_potential_fn, initialize_model, potential_energy, transform_fn
 
 from flowguides.core import (
-    WITH_REPLACEMENT_RATIO,
     DiscreteLatentError,
     NoLatentSitesError,
     local_latent_error,
@@ -53,18 +49,22 @@ from flowguides.numpyro._model import callable_key, split_args
 from flowguides.numpyro._training import cache_key, cached, jit
 
 try:  # NumPyro >= 0.20
-    from numpyro.infer.util import _prepare_model_for_potential, _transforms_from_trace
+    from numpyro.infer.util import (
+        _init_to_unconstrained_value,
+        _prepare_model_for_potential,
+        _substitute_default_key,
+        _transforms_from_trace,
+    )
+
+    # init strategies whose draws `find_valid_initial_params` may make without the model
+    _RETRIED = (init_to_uniform, init_to_value, _init_to_unconstrained_value)
 except ImportError:  # pragma: no cover - older NumPyro: its own set-up
     _prepare_model_for_potential = _transforms_from_trace = None
 
 __all__ = [
     "check_latent_sites",
     "StagedPrototype",
-    "full_data",
-    "full_data_map",
     "staged_prototype",
-    "subsampled",
-    "training_model",
 ]
 
 _TRACES = {"init": 0}  # times the init program was traced (tests read it)
@@ -115,23 +115,24 @@ def staged_prototype(
     if any(isinstance(a, jax.core.Tracer) for a in arrays):
         return None
 
-    traces: dict[tuple, _Tracers | None] = {}
-
-    def init(key: jax.Array, arrays: list) -> tuple[dict, dict, jax.Array, list]:
+    def init(key: jax.Array, arrays: list, first: bool, traces: dict) -> tuple:
         _TRACES["init"] += 1
         a, k = rebuild(arrays)
         with handlers.block():  # hide the model's sites from the caller's handlers
-            info = initialize_model(
-                key, model, init_strategy=init_loc_fn, dynamic_args=True, model_args=a,
-                model_kwargs=k,
-            )  # fmt: skip
-        z, energy, grad = info.param_info
+            if first:
+                z, energy, grad, postprocess = _first_attempt(model, strategy, key, a, k)
+            else:
+                info = initialize_model(
+                    key, model, init_strategy=init_loc_fn, dynamic_args=True, model_args=a,
+                    model_kwargs=k,
+                )  # fmt: skip
+                (z, energy, grad), postprocess = info.param_info, info.postprocess_fn
         valid = jnp.isfinite(energy)
         for g in jax.tree.leaves(grad):
             valid = valid & jnp.all(jnp.isfinite(g))
         # constrained values of the latent sites only (a replayed model adds deterministic ones)
         with handlers.block():
-            values = info.postprocess_fn(*a, **k)(z)
+            values = postprocess(*a, **k)(z)
         values = {name: values[name] for name in z}
         # the prototype trace at those values, in this program: run eagerly, each operation
         # of the model would be a compile of its own
@@ -142,13 +143,23 @@ def staged_prototype(
         traces[_signature(key, arrays)] = found if found.safe else None
         return z, values, valid, found.leaves if found.safe else []
 
-    try:
-        content = (callable_key(model), callable_key(init_loc_fn), signature)
+    def make(first: bool) -> tuple[Callable, dict]:
         # the program, and the traces it made keyed by its arguments' types: the prototype
         # trace of a call is the one of the program's trace for those types
-        made = cached(cache_key("prototype", content=content), lambda: (jit(init), traces))
-        program, traces = made
-        z, values, valid, leaves = program(key, arrays)
+        traces: dict[tuple, _Tracers | None] = {}
+        return jit(functools.partial(init, first=first, traces=traces)), traces
+
+    try:
+        strategy = init_loc_fn if isinstance(init_loc_fn, functools.partial) else init_loc_fn()
+        content = (callable_key(model), callable_key(init_loc_fn), signature)
+        # `initialize_model`'s first attempt, and where it fails its retries (a second program)
+        for first in (True, False) if getattr(strategy, "func", None) not in _RETRIED else (False,):
+            program, traces = cached(
+                cache_key("prototype", first, content=content), lambda first=first: make(first)
+            )
+            z, values, valid, leaves = program(key, arrays)
+            if bool(valid):
+                break
     except Exception:  # noqa: BLE001 - NumPyro's own set-up raises its own, clearer error
         return None
     if not bool(valid):
@@ -176,6 +187,35 @@ def staged_prototype(
     # jit returns dicts in sorted key order; NumPyro packs latent sites in model order
     init_locs = {name: z[name] for name in trace if name in z}
     return init_locs, potential_gen, postprocess_gen, trace
+
+
+def _first_attempt(model: Callable, strategy: Callable, key: jax.Array, a: tuple, k: dict) -> tuple:
+    """``(z, potential energy, its gradient, postprocess_fn_gen)`` of `initialize_model`'s first
+    attempt at valid initial values: `find_valid_initial_params` draws from the init strategy
+    at ``split(key)[1]`` and evaluates the potential there, then retries (a loop in the
+    program, with a second copy of the model and of its prior draws) only where that point is
+    not valid. Traced once, without the loop; `staged_prototype` runs `initialize_model` where
+    the point is not valid, so the values are the same either way. For a model without
+    ``param`` sites or subsampled plates (the staged path refuses the others)."""
+    prepared = _substitute_default_key(model)  # the model `find_valid_initial_params` runs
+    seeded = handlers.seed(prepared, jax.random.split(key)[1])
+    trace = handlers.trace(handlers.substitute(seeded, substitute_fn=strategy)).get_trace(*a, **k)
+    latent = {
+        name: site for name, site in trace.items()
+        if site["type"] == "sample" and not site["is_observed"] and not site["fn"].support.is_discrete
+    }  # fmt: skip
+    inverse = {name: biject_to(site["fn"].support) for name, site in latent.items()}
+    z = transform_fn(inverse, {name: site["value"] for name, site in latent.items()}, invert=True)
+    potential = functools.partial(potential_energy, prepared, a, k)
+    energy, grad = jax.value_and_grad(potential)(z)
+    transforms = _transforms_from_trace(trace, raise_warnings=False)
+    _, postprocess = get_potential_fn(
+        _prepare_model_for_potential(model, trace, enum=False),
+        transforms.inv_transforms,
+        replay_model=transforms.has_deterministic or transforms.dynamic_support,
+        dynamic_args=True,
+    )
+    return z, energy, grad, postprocess
 
 
 def _signature(*args: Any) -> tuple:
@@ -289,75 +329,6 @@ def _filled(cell: types.CellType) -> bool:
     except ValueError:
         return False
     return True
-
-
-class full_data(Messenger):
-    """Every subsampled plate (``subsample_size`` below its size) takes all its indices: the
-    model runs on the full data with likelihood scale 1. The start search runs under it, so
-    the MAP and the Hessian whitening are the full posterior's, not one minibatch's scaled
-    up (whose MAP sits about ``sqrt(size / subsample_size)`` posterior sds away)."""
-
-    def process_message(self, msg: dict) -> None:
-        if msg["type"] == "plate" and msg["value"] is None:
-            size = msg["args"][0]
-            msg["args"] = (size, None)
-            msg["value"] = jnp.arange(size)
-
-
-FULL_DATA_ELEMENTS = 2**24
-"""Draws times full-data rows that `full_data_map` evaluates at once (bounds its memory)."""
-
-
-def full_data_map(fn: Callable[[Any], Any], xs: Any, prototype_trace: Mapping[str, Any]) -> Any:
-    """``jax.vmap(fn)(xs)``, or, for a model with subsampled plates evaluated on all their rows
-    (`full_data`), `jax.lax.map` over batches of draws holding at most `FULL_DATA_ELEMENTS`
-    draws × rows: the same values, in bounded memory."""
-    sizes = [site["args"][0] for site in prototype_trace.values() if site["type"] == "plate"
-             and site["args"][1] is not None and site["args"][1] < site["args"][0]]  # fmt: skip
-    num = jax.tree.leaves(xs)[0].shape[0]
-    batch = max(1, min(num, FULL_DATA_ELEMENTS // max(1, math.prod(sizes))))
-    return jax.vmap(fn)(xs) if not sizes or batch >= num else lax.map(fn, xs, batch_size=batch)
-
-
-def _with_replacement(size: int, subsample_size: int, rng_key: jax.Array | None = None):
-    return jax.random.randint(rng_key, (subsample_size,), 0, size)
-
-
-def _without_replacement(size: int, subsample_size: int, rng_key: jax.Array | None = None):
-    # a uniformly random subset in random order (the indices of the largest of `size`
-    # uniform keys): NumPyro's distribution, vectorised, where NumPyro's CPU draw runs a
-    # sequential Fisher-Yates scan of `subsample_size` steps
-    return lax.top_k(jax.random.uniform(rng_key, (size,)), subsample_size)[1]
-
-
-class _fast_subsample(Messenger):
-    """Subsampled plates draw their minibatch indices by a vectorised draw: uniformly with
-    replacement where the plate is at least `WITH_REPLACEMENT_RATIO` times its
-    ``subsample_size`` (``O(subsample_size)``), else a uniform subset without replacement
-    (``O(size)``, as NumPyro's own draw)."""
-
-    def process_message(self, msg: dict) -> None:
-        if msg["type"] == "plate" and msg["value"] is None and msg["args"][1] is not None:
-            size, subsample_size = msg["args"]
-            large = size >= WITH_REPLACEMENT_RATIO * subsample_size
-            msg["fn"] = _with_replacement if large else _without_replacement
-
-
-def subsampled(prototype_trace: Mapping[str, Any]) -> bool:
-    """Whether a model's trace has a plate that subsamples (``subsample_size`` below its
-    size)."""
-    return any(
-        site["type"] == "plate"
-        and site["args"][1] is not None
-        and site["args"][1] < site["args"][0]
-        for site in prototype_trace.values()
-    )
-
-
-def training_model(model: Callable[..., Any], subsamples: bool) -> Callable[..., Any]:
-    """`model` with its subsampled plates drawing by `_fast_subsample` (`model` itself when
-    it `subsamples` nothing)."""
-    return _fast_subsample(model) if subsamples else model
 
 
 def check_latent_sites(trace: Mapping[str, dict]) -> None:

@@ -14,6 +14,10 @@ seed (`draw_rows` replays the key chain of the compiled chunk), so both fit the 
 state and validation rows are replicated, and XLA inserts the all-reduce of the gradient.
 ``fit_posterior``'s ``devices`` split its ELBO particles the same way (`particle_split`).
 
+Subsampled plates of a posterior's model: `full_data` runs a model on all rows of its
+subsampled plates (the start search's energy), `training_model` makes their minibatch draws
+vectorised (see `flowguides.core.WITH_REPLACEMENT_RATIO`).
+
 The Pyro backend's ``_stream.py`` only feeds its eager loop (``minibatches``, read one ahead on
 a worker thread) and splits minibatches over the processes of a `torch.distributed` group.
 """
@@ -21,7 +25,7 @@ a worker thread) and splits minibatches over the processes of a `torch.distribut
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -31,7 +35,9 @@ import numpy as np
 import optax
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from numpyro.primitives import Messenger
 
+from flowguides.core import WITH_REPLACEMENT_RATIO
 from flowguides.core.data import DataSource
 from flowguides.numpyro._training import CHUNK, all_finite, default_float, jit, progress_bar
 
@@ -43,11 +49,15 @@ __all__ = [
     "device_chunk",
     "device_mesh",
     "draw_rows",
+    "full_data",
+    "full_data_map",
     "particle_split",
     "put_batch",
     "replicate",
     "run_stream",
     "stream_program",
+    "subsampled",
+    "training_model",
 ]
 
 BATCH_AXIS = "batch"
@@ -292,3 +302,72 @@ def run_stream(
             if last or bool(carry[-2]):
                 break
     return carry, jax.tree.map(lambda *a: np.stack(a), *outputs), i
+
+
+class full_data(Messenger):
+    """Every subsampled plate (``subsample_size`` below its size) takes all its indices: the
+    model runs on the full data with likelihood scale 1. The start search runs under it, so
+    the MAP and the Hessian whitening are the full posterior's, not one minibatch's scaled
+    up (whose MAP sits about ``sqrt(size / subsample_size)`` posterior sds away)."""
+
+    def process_message(self, msg: dict) -> None:
+        if msg["type"] == "plate" and msg["value"] is None:
+            size = msg["args"][0]
+            msg["args"] = (size, None)
+            msg["value"] = jnp.arange(size)
+
+
+FULL_DATA_ELEMENTS = 2**24
+"""Draws times full-data rows that `full_data_map` evaluates at once (bounds its memory)."""
+
+
+def full_data_map(fn: Callable[[Any], Any], xs: Any, prototype_trace: Mapping[str, Any]) -> Any:
+    """``jax.vmap(fn)(xs)``, or, for a model with subsampled plates evaluated on all their rows
+    (`full_data`), `jax.lax.map` over batches of draws holding at most `FULL_DATA_ELEMENTS`
+    draws × rows: the same values, in bounded memory."""
+    sizes = [site["args"][0] for site in prototype_trace.values() if site["type"] == "plate"
+             and site["args"][1] is not None and site["args"][1] < site["args"][0]]  # fmt: skip
+    num = jax.tree.leaves(xs)[0].shape[0]
+    batch = max(1, min(num, FULL_DATA_ELEMENTS // max(1, math.prod(sizes))))
+    return jax.vmap(fn)(xs) if not sizes or batch >= num else lax.map(fn, xs, batch_size=batch)
+
+
+def _with_replacement(size: int, subsample_size: int, rng_key: jax.Array | None = None):
+    return jax.random.randint(rng_key, (subsample_size,), 0, size)
+
+
+def _without_replacement(size: int, subsample_size: int, rng_key: jax.Array | None = None):
+    # a uniformly random subset in random order (the indices of the largest of `size`
+    # uniform keys): NumPyro's distribution, vectorised, where NumPyro's CPU draw runs a
+    # sequential Fisher-Yates scan of `subsample_size` steps
+    return lax.top_k(jax.random.uniform(rng_key, (size,)), subsample_size)[1]
+
+
+class _fast_subsample(Messenger):
+    """Subsampled plates draw their minibatch indices by a vectorised draw: uniformly with
+    replacement where the plate is at least `WITH_REPLACEMENT_RATIO` times its
+    ``subsample_size`` (``O(subsample_size)``), else a uniform subset without replacement
+    (``O(size)``, as NumPyro's own draw)."""
+
+    def process_message(self, msg: dict) -> None:
+        if msg["type"] == "plate" and msg["value"] is None and msg["args"][1] is not None:
+            size, subsample_size = msg["args"]
+            large = size >= WITH_REPLACEMENT_RATIO * subsample_size
+            msg["fn"] = _with_replacement if large else _without_replacement
+
+
+def subsampled(prototype_trace: Mapping[str, Any]) -> bool:
+    """Whether a model's trace has a plate that subsamples (``subsample_size`` below its
+    size)."""
+    return any(
+        site["type"] == "plate"
+        and site["args"][1] is not None
+        and site["args"][1] < site["args"][0]
+        for site in prototype_trace.values()
+    )
+
+
+def training_model(model: Callable[..., Any], subsamples: bool) -> Callable[..., Any]:
+    """`model` with its subsampled plates drawing by `_fast_subsample` (`model` itself when
+    it `subsamples` nothing)."""
+    return _fast_subsample(model) if subsamples else model

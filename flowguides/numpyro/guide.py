@@ -43,7 +43,8 @@ from flowguides.core.calls import call_error
 from flowguides.numpyro import ode
 from flowguides.numpyro._control import reference_params
 from flowguides.numpyro._model import as_constants, callable_key, choose_constants, split_args
-from flowguides.numpyro._prototype import StagedPrototype, check_latent_sites, full_data
+from flowguides.numpyro._prototype import StagedPrototype, check_latent_sites
+from flowguides.numpyro._stream import full_data
 from flowguides.numpyro._support import dynamic_call, dynamic_sites
 from flowguides.numpyro._training import cache_key, cached, jit
 from flowguides.numpyro.build import (

@@ -52,8 +52,16 @@ from flowguides.numpyro._model import (
     split_args,
     value_key,
 )
-from flowguides.numpyro._prototype import full_data, full_data_map, subsampled, training_model
-from flowguides.numpyro._stream import check_divisible, device_mesh, particle_split, replicate
+from flowguides.numpyro._stream import (
+    check_divisible,
+    device_mesh,
+    full_data,
+    full_data_map,
+    particle_split,
+    replicate,
+    subsampled,
+    training_model,
+)
 from flowguides.numpyro._training import (
     CHUNK,
     ObjectiveLoss,

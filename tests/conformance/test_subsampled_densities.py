@@ -73,12 +73,12 @@ def test_log_p_of_a_subsampled_fit_is_the_full_data_log_joint(backend: str) -> N
 def test_numpyro_evaluates_the_full_data_in_batches_of_draws_with_the_same_values(
     monkeypatch,
 ) -> None:
-    from flowguides.numpyro import _prototype
+    from flowguides.numpyro import _stream
 
     fit = _fit("numpyro")
     draws, log_p, _ = fit.log_densities(64, seed=1)
     # 400 rows x 10 draws at a time: `lax.map` over 7 batches (the last one short)
-    monkeypatch.setattr(_prototype, "FULL_DATA_ELEMENTS", 400 * 10)
+    monkeypatch.setattr(_stream, "FULL_DATA_ELEMENTS", 400 * 10)
     fit.__post_init__()  # a fresh compiled program under the smaller budget
     draws2, log_p2, _ = fit.log_densities(64, seed=1)
     np.testing.assert_allclose(np.asarray(draws2["b"]), np.asarray(draws["b"]), rtol=1e-12)

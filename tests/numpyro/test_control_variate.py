@@ -16,7 +16,7 @@ from numpyro.infer.util import log_density
 from flowguides.core import CONTROL_VARIATE_PREFIX
 from flowguides.numpyro import fit_posterior
 from flowguides.numpyro._control import with_control_variate
-from flowguides.numpyro._prototype import full_data, training_model
+from flowguides.numpyro._stream import full_data, training_model
 from flowguides.numpyro.guide import AutoFlowGuide
 
 SPEC = {"layers": [{"type": "realnvp", "hidden": [8]}], "dtype": "float64"}

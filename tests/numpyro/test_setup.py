@@ -153,6 +153,42 @@ def test_the_prototype_trace_comes_from_the_set_up_program_as_an_eager_trace_giv
     ).all()
 
 
+def _half_line(x=None):
+    u = numpyro.sample("u", dist.Normal(0.0, 1.0))
+    numpyro.factor("half", jnp.where(u > 0.0, 0.0, -jnp.inf))  # valid on one half only
+    numpyro.sample("x", dist.Normal(u, 1.0), obs=x)
+
+
+@pytest.mark.parametrize("strategy", ["median", "sample", "uniform"])
+def test_the_set_up_takes_initialize_models_point_by_its_first_attempt_or_its_retries(strategy):
+    from numpyro.infer.initialization import init_to_sample, init_to_uniform
+
+    from flowguides.numpyro._prototype import staged_prototype
+    from flowguides.numpyro._training import _COMPILED
+
+    init = {"median": init_to_median, "sample": init_to_sample, "uniform": init_to_uniform}
+    init = init[strategy]
+    retried = 0
+    for seed in range(6):  # init_to_sample's first draw is invalid at about half the keys
+        clear_compiled()
+        key = jax.random.key(seed)
+        init_locs, _, _, _ = staged_prototype(_half_line, init, key, (), {"x": 0.3})
+        info = initialize_model(
+            key, _half_line, init_strategy=init, dynamic_args=True, model_kwargs={"x": 0.3}
+        )
+        np.testing.assert_allclose(init_locs["u"], info.param_info.z["u"], rtol=1e-12)
+        programs = {k[1] for k in _COMPILED if k[0] == "prototype"}
+        # the first attempt's program, and `initialize_model`'s only where that was not valid
+        # (init_to_uniform draws without the model: always `initialize_model`'s)
+        if strategy == "uniform":
+            assert programs == {False}
+        else:
+            assert programs in ({True}, {True, False})
+            retried += programs == {True, False}
+    if strategy != "uniform":
+        assert 0 < retried < 6  # both paths were taken
+
+
 def test_model_with_its_own_params_takes_numpyros_set_up_and_svi_init():
     def with_param(x, y=None):
         shift = numpyro.param("shift", jnp.zeros(()))

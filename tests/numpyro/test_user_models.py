@@ -184,7 +184,7 @@ def test_a_minibatch_model_draws_fast_unbiased_indices_and_fits_the_full_posteri
     from numpyro import handlers
 
     from flowguides.core import WITH_REPLACEMENT_RATIO
-    from flowguides.numpyro._prototype import training_model
+    from flowguides.numpyro._stream import training_model
 
     y = jnp.asarray(np.random.default_rng(3).normal(1.5, 1.0, size=2000))
 
