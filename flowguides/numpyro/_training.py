@@ -72,18 +72,43 @@ HISTORY = "_flowguides_history"
 """The SVI mutable-state entry where `fit_posterior`'s steps put their history entries."""
 
 
-CPU_COMPILER_OPTIONS: dict[str, Any] = {"xla_backend_optimization_level": 2}
-"""XLA options of flowguides' CPU programs (`jit`): LLVM at ``-O2``, not ``-O3``, for shorter
-compiles (see the conventions page); values change by rounding at most; both caches key them."""
+CPU_COMPILER_OPTIONS: dict[str, Any] = {
+    "xla_backend_optimization_level": 2,
+    "xla_cpu_use_fusion_emitters": False,
+}
+"""XLA options of flowguides' CPU programs (`jit`), for shorter compiles: LLVM at ``-O2``, not
+``-O3``, and XLA's elemental emitters for fusions, not its newer fusion emitters (see the
+conventions page); values change by rounding at most; both caches key them. An option the
+installed XLA does not take is left out (`compiler_options`)."""
 
 _CACHE_SIZE = 32
 _COMPILED: OrderedDict[Hashable, Callable[..., Any]] = OrderedDict()
 _TAKES_OPTIONS = "compiler_options" in inspect.signature(jax.jit).parameters
 
 
+_TAKEN: dict[tuple, dict[str, Any]] = {}
+
+
 def compiler_options() -> dict[str, Any] | None:
-    """`CPU_COMPILER_OPTIONS` where JAX's default backend is the CPU, else None (XLA's own)."""
-    return dict(CPU_COMPILER_OPTIONS) if jax.default_backend() == "cpu" else None
+    """`CPU_COMPILER_OPTIONS` where JAX's default backend is the CPU, else None (XLA's own),
+    less any option the installed XLA refuses (each tried once per process on a trivial
+    program, `_accepted`: XLA renames and retires its options between releases)."""
+    if jax.default_backend() != "cpu":
+        return None
+    wanted = tuple(sorted(CPU_COMPILER_OPTIONS.items()))
+    if wanted not in _TAKEN:
+        _TAKEN[wanted] = {name: value for name, value in wanted if _accepted(name, value)}
+    return dict(_TAKEN[wanted])
+
+
+def _accepted(name: str, value: Any) -> bool:
+    if not _TAKES_OPTIONS:
+        return False
+    try:
+        jax.jit(lambda x: x, compiler_options={name: value}).lower(0.0).compile()
+    except Exception:  # noqa: BLE001 - XLA's "No such compile option" (or a bad value)
+        return False
+    return True
 
 
 def jit(fun: Callable[..., Any], **kwargs: Any) -> Callable[..., Any]:

@@ -155,6 +155,7 @@ def test_the_fits_programs_compile_with_flowguides_compiler_options(monkeypatch)
     spec = FlowSpec.realnvp(num_layers=1, hidden=(4,))
     fit = fit_posterior(model, spec, y, num_steps=5, progress=False)
     monkeypatch.setattr(_training, "CPU_COMPILER_OPTIONS", {"xla_no_such_option_here": 1})
+    monkeypatch.setattr(_training, "_accepted", lambda name, value: True)  # not left out
     with pytest.raises(Exception, match="xla_no_such_option_here"):
         fit.sample(17)  # a new number of draws: a new program
     with pytest.raises(Exception, match="xla_no_such_option_here"):
@@ -162,3 +163,27 @@ def test_the_fits_programs_compile_with_flowguides_compiler_options(monkeypatch)
     # the in-process cache keys the options: the same fit again compiles anew, under them
     with pytest.raises(Exception, match="xla_no_such_option_here"):
         fit_posterior(model, spec, y, num_steps=5, progress=False)
+
+
+def test_an_option_the_installed_xla_refuses_is_left_out_and_the_fit_compiles(monkeypatch):
+    import jax
+    import numpyro
+    import numpyro.distributions as dist
+
+    from flowguides.numpyro import _training, fit_posterior
+    from flowguides.spec import FlowSpec
+
+    # the shipped options are all taken by the XLA the tests install
+    assert _training.compiler_options() == _training.CPU_COMPILER_OPTIONS
+    options = {**_training.CPU_COMPILER_OPTIONS, "xla_no_such_option_here": 1}
+    monkeypatch.setattr(_training, "CPU_COMPILER_OPTIONS", options)
+    assert "xla_no_such_option_here" not in _training.compiler_options()
+    assert _training.compiler_options().items() <= options.items()
+
+    def model(y):
+        a = numpyro.sample("a", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+        numpyro.sample("y", dist.Normal(a.sum(), 1.0).expand(y.shape).to_event(1), obs=y)
+
+    fit = fit_posterior(model, FlowSpec.realnvp(num_layers=1, hidden=(4,)), jax.numpy.ones(3),
+                        num_steps=5, progress=False)  # fmt: skip
+    assert fit.sample(7)["a"].shape == (7, 2)
