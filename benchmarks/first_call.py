@@ -13,7 +13,8 @@ One row per method and run, keyed as `benchmarks/rows.py` keys rows (suite ``fir
 and settings (threads, float64, machine):
 
 * flowguides: ``method_settings.compiler_options`` (`flowguides.numpyro._training`'s for the
-  CPU, or ``--compiler-options``), `fit.timing` (`flowguides.core.timing.FIT_TIMING_KEYS`: ``setup_s`` =
+  CPU, or ``--compiler-options``) and ``setup_compiler_options`` (those of the programs a fit
+  runs once, where they differ), `fit.timing` (`flowguides.core.timing.FIT_TIMING_KEYS`: ``setup_s`` =
   ``init_s`` + ``start_s``, ``compile_s``, ``train_s``, ``fit_s``, ``steps_per_s``) and
   ``draws_s``; ``wall_s``: from just before the fit to the last draw; with ``--log-compiles``,
   ``programs``: every program the fit and the draws compiled or loaded, in order, with its
@@ -129,7 +130,7 @@ def flowguides_row(
     wall_s = time.perf_counter() - t0
     settings = {"seed": seed, "num_steps": len(fit.losses), "num_particles": 8}
     settings.update(num_draws=num_draws, spec=SPEC, fit_posterior="defaults")
-    settings["compiler_options"] = _training.compiler_options()
+    settings.update(_options())
     if log_compiles:
         settings["log_compiles"] = True  # JAX logs every compile: a little slower
     row = _row(name, "flowguides-numpyro RealNVP", run, settings, cache_dir)
@@ -139,6 +140,16 @@ def flowguides_row(
     final = float(np.mean(fit.losses[-100:]))
     row.update(latent_dim=fit.guide.latent_dim, wall_s=wall_s, final_loss_mean100=final)
     return {**row, **timing}
+
+
+def _options() -> dict:
+    """flowguides' compiler options in this process: its training programs' and, where they
+    differ, those of the programs a fit runs once (set-up, start search, draws)."""
+    options = {"compiler_options": _training.compiler_options()}
+    setup = _training.compiler_options(setup=True)
+    if setup != options["compiler_options"]:
+        options["setup_compiler_options"] = setup
+    return options
 
 
 def nuts_row(name: str, run: str, cache_dir: Path, seed: int) -> dict:
@@ -155,7 +166,7 @@ def nuts_row(name: str, run: str, cache_dir: Path, seed: int) -> dict:
     wall_s = time.perf_counter() - t0
     settings = {"seed": seed, "num_draws": s["num_samples"], **s}
     # the process it ran in (NUTS compiles with XLA's defaults): pairs it with its flowguides row
-    settings["alongside"] = {"compiler_options": _training.compiler_options()}
+    settings["alongside"] = _options()
     row = _row(name, "numpyro NUTS", run, settings, cache_dir)
     diverging = int(np.asarray(mcmc.get_extra_fields()["diverging"]).sum())
     return {**row, "wall_s": wall_s, "divergences": diverging, "sites": sorted(draws)}

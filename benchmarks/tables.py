@@ -304,8 +304,14 @@ def densities_section(rows: list[dict]) -> str:
 
 def _options(row: dict) -> str:
     ms = row.get("method_settings") or {}
-    options = ms.get("compiler_options", (ms.get("alongside") or {}).get("compiler_options"))
-    return "XLA's defaults" if not options else ", ".join(f"`{k}={v}`" for k, v in options.items())
+    given = ms if "compiler_options" in ms else (ms.get("alongside") or {})
+    options = given.get("compiler_options")
+    text = "XLA's defaults" if not options else ", ".join(f"`{k}={v}`" for k, v in options.items())
+    extra = {k: v for k, v in (given.get("setup_compiler_options") or {}).items()
+             if (options or {}).get(k, object()) != v}  # fmt: skip
+    if extra:
+        text += "; programs run once add " + ", ".join(f"`{k}={v}`" for k, v in extra.items())
+    return text
 
 
 def first_call_section(rows: list[dict]) -> str:

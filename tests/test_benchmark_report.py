@@ -161,6 +161,15 @@ def test_first_call_table_pairs_each_fit_with_the_nuts_of_its_process() -> None:
     assert "level=3" in three and "| 9 |" in three and "| 3 | 3 |" in three
     legacy = [{**rows[0], "method_settings": {"cache": "cold"}}]  # before the options were kept
     assert first_call_section(legacy) == ""
+    # programs run once with options of their own: a table of their own, beside their NUTS
+    setup = {"setup_compiler_options": {"xla_backend_optimization_level": 2, "xla_x": False}}
+    split = [{**r, "method_settings": {**r["method_settings"], **setup}} for r in rows[:1]]
+    alongside = {"compiler_options": {"xla_backend_optimization_level": 2}, **setup}
+    split.append({**rows[1], "wall_s": 8.0, "method_settings": {"cache": "cold",
+                                                                 "alongside": alongside}})  # fmt: skip
+    parts = first_call_section(rows + split).split("### Compiler options")[1:]
+    assert len(parts) == 3 and "programs run once add `xla_x=False`" in parts[2]
+    assert "| 6 | 3 / 2 / 0.5 / 0.5 | 8 | 0.75 |" in parts[2]
 
 
 def test_compile_log_parses_each_programs_trace_lowering_and_compile() -> None:

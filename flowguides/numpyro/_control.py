@@ -43,15 +43,11 @@ from numpyro.infer.util import potential_energy, transform_fn
 
 from flowguides.core import CONTROL_VARIATE_PREFIX
 from flowguides.numpyro._stream import subsampled
-from flowguides.numpyro._training import (
-    HISTORY,
-    RecordingELBO,
-    default_float,
-    initial_optimizer_state,
-)
+from flowguides.numpyro._training import HISTORY, RecordingELBO, default_float
 
 __all__ = [
     "control_variate_model",
+    "initial_optimizer_state",
     "initial_state",
     "public_params",
     "reference_params",
@@ -61,6 +57,14 @@ __all__ = [
 ]
 
 _FACTOR = f"{CONTROL_VARIATE_PREFIX}factor"
+
+
+def initial_optimizer_state(optim: Any, params: Mapping[str, Any]) -> tuple:
+    """``optim.init(params)`` for NumPyro's wrapper of a `make_optimizer` optimiser without an
+    XLA compile: every entry (step counter, Adam's moments and counts) starts at zero."""
+    step, (_, state) = jax.eval_shape(optim.init, params)
+    zeros = jax.tree.map(lambda s: jax.device_put(np.zeros(s.shape, s.dtype)), state)
+    return jax.device_put(0), (params, zeros)  # NumPyro's counter: jnp.array(0), weakly typed
 
 
 def reference_params(out: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -147,7 +147,7 @@ def staged_prototype(
         # the program, and the traces it made keyed by its arguments' types: the prototype
         # trace of a call is the one of the program's trace for those types
         traces: dict[tuple, _Tracers | None] = {}
-        return jit(functools.partial(init, first=first, traces=traces)), traces
+        return jit(functools.partial(init, first=first, traces=traces), setup=True), traces
 
     try:
         strategy = init_loc_fn if isinstance(init_loc_fn, functools.partial) else init_loc_fn()
@@ -155,7 +155,8 @@ def staged_prototype(
         # `initialize_model`'s first attempt, and where it fails its retries (a second program)
         for first in (True, False) if getattr(strategy, "func", None) not in _RETRIED else (False,):
             program, traces = cached(
-                cache_key("prototype", first, content=content), lambda first=first: make(first)
+                cache_key("prototype", first, content=content, setup=True),
+                lambda first=first: make(first),
             )
             z, values, valid, leaves = program(key, arrays)
             if bool(valid):

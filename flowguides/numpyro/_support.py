@@ -12,7 +12,7 @@ own call does the same here, for models that need it only. The Pyro guide mirror
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
 import jax
@@ -24,7 +24,15 @@ from numpyro.distributions import constraints
 from numpyro.distributions.transforms import biject_to
 from numpyro.distributions.util import sum_rightmost
 
-__all__ = ["constrain_by_replay", "dynamic_call", "dynamic_sites"]
+from flowguides.numpyro._model import value_key
+
+__all__ = [
+    "constrain_by_replay",
+    "constraint_key",
+    "dynamic_call",
+    "dynamic_sites",
+    "supports_key",
+]
 
 _SHIFTS = (0.0, 0.5, -0.75)  # unconstrained offsets at which supports are compared
 
@@ -122,3 +130,20 @@ def _same(a: list, b: list) -> bool:
         return False
     return all(x.shape == y.shape and bool(jnp.all((x == y) | (jnp.isnan(x) & jnp.isnan(y))))
                for x, y in zip(a, b, strict=True))  # fmt: skip
+
+
+def constraint_key(value: Any) -> Hashable | None:
+    """A constraint (or a value it holds) by content: its type and attributes, arrays by a
+    hash of their bytes; None where some part cannot be keyed."""
+    if not isinstance(value, constraints.Constraint):
+        return value_key(value)
+    parts = [(k, constraint_key(v)) for k, v in sorted(vars(value).items())]
+    return None if any(p is None for _, p in parts) else (type(value), tuple(parts))
+
+
+def supports_key(guide: Any) -> Hashable | None:
+    """A set-up guide's latent supports by content: a support whose bounds come from the data
+    (``Uniform(0, y.max())``) is fixed in the guide's prototype, so it keys the compile."""
+    trace = guide.prototype_trace
+    parts = [constraint_key(trace[name]["fn"].support) for name in guide._init_locs]
+    return None if any(p is None for p in parts) else tuple(parts)

@@ -1,9 +1,9 @@
 """The compiled-training machinery `posterior.py` and `density.py` share (NumPyro): `jit`
 (every program a fit compiles, with `CPU_COMPILER_OPTIONS` on the CPU), a bounded program cache
-(`cache_key`, `cached`, `clear_compiled`; keys `params_key`, `supports_key`, `constraint_key`
-and `flowguides.numpyro._model`'s), `use_compilation_cache`, the schedule (`make_optimizer`),
-the host loop over chunks of `CHUNK` steps (`run_chunks`, `progress_bar`), the optimiser's
-state before any step (`initial_optimizer_state`), neural-ODE records (`history_entries`,
+(`cache_key`, `cached`, `clear_compiled`; keys `params_key`, `flowguides.numpyro._model`'s
+and `flowguides.numpyro._support.supports_key`), `use_compilation_cache`, the schedule
+(`make_optimizer`), the host loop over chunks of `CHUNK` steps (`run_chunks`,
+`progress_bar`), neural-ODE records (`history_entries`,
 `mean_penalty`) and `fit_posterior`'s losses (`ObjectiveLoss`, `objective_loss`,
 `RecordingELBO`). PyTorch steps eagerly: the Pyro backend's ``_training.py`` shares
 `mean_penalty`, `progress_bar` and the losses, and has none of the compiled-program names.
@@ -28,14 +28,13 @@ import optax
 from jax import lax
 from jax.experimental.compilation_cache import compilation_cache
 from numpyro import handlers
-from numpyro.distributions import TransformedDistribution, constraints
+from numpyro.distributions import TransformedDistribution
 from numpyro.infer import Trace_ELBO
 from numpyro.infer.elbo import ELBO
 from numpyro.infer.util import log_density
 from tqdm.auto import tqdm
 
 from flowguides.core import CONTROL_VARIATE_PREFIX, PRECONDITION, decay_steps
-from flowguides.numpyro._model import value_key
 from flowguides.numpyro.build import FlowTransform
 from flowguides.numpyro.ode import training_solves
 from flowguides.spec import FlowSpec
@@ -43,6 +42,7 @@ from flowguides.spec import FlowSpec
 __all__ = [
     "CHUNK",
     "CPU_COMPILER_OPTIONS",
+    "CPU_SETUP_OPTIONS",
     "HISTORY",
     "ObjectiveLoss",
     "RecordingELBO",
@@ -51,10 +51,8 @@ __all__ = [
     "cached",
     "clear_compiled",
     "compiler_options",
-    "constraint_key",
     "default_float",
     "history_entries",
-    "initial_optimizer_state",
     "jit",
     "make_optimizer",
     "mean_penalty",
@@ -63,7 +61,6 @@ __all__ = [
     "posterior_chunk",
     "progress_bar",
     "run_chunks",
-    "supports_key",
     "use_compilation_cache",
 ]
 
@@ -72,14 +69,14 @@ HISTORY = "_flowguides_history"
 """The SVI mutable-state entry where `fit_posterior`'s steps put their history entries."""
 
 
-CPU_COMPILER_OPTIONS: dict[str, Any] = {
-    "xla_backend_optimization_level": 2,
-    "xla_cpu_use_fusion_emitters": False,
-}
-"""XLA options of flowguides' CPU programs (`jit`), for shorter compiles: LLVM at ``-O2``, not
-``-O3``, and XLA's elemental emitters for fusions, not its newer fusion emitters (see the
-conventions page); values change by rounding at most; both caches key them. An option the
-installed XLA does not take is left out (`compiler_options`)."""
+CPU_COMPILER_OPTIONS: dict[str, Any] = {"xla_backend_optimization_level": 2}
+"""XLA options of flowguides' CPU programs (`jit`): LLVM at ``-O2``, not ``-O3``, for shorter
+compiles (see the conventions page); values change by rounding at most; both caches key them."""
+
+CPU_SETUP_OPTIONS: dict[str, Any] = {"xla_cpu_use_fusion_emitters": False}
+"""Added for the CPU programs a fit runs once (set-up, start search, draws: ``jit(...,
+setup=True)``): XLA's elemental emitters for fused operations, not its fusion emitters, for
+shorter compiles; training chunks keep the fusion emitters (faster loops on some models)."""
 
 _CACHE_SIZE = 32
 _COMPILED: OrderedDict[Hashable, Callable[..., Any]] = OrderedDict()
@@ -89,13 +86,14 @@ _TAKES_OPTIONS = "compiler_options" in inspect.signature(jax.jit).parameters
 _TAKEN: dict[tuple, dict[str, Any]] = {}
 
 
-def compiler_options() -> dict[str, Any] | None:
-    """`CPU_COMPILER_OPTIONS` where JAX's default backend is the CPU, else None (XLA's own),
-    less any option the installed XLA refuses (each tried once per process on a trivial
-    program, `_accepted`: XLA renames and retires its options between releases)."""
+def compiler_options(setup: bool = False) -> dict[str, Any] | None:
+    """`CPU_COMPILER_OPTIONS` (with `setup`, and `CPU_SETUP_OPTIONS`) where JAX's default
+    backend is the CPU, else None (XLA's own), less any option the installed XLA refuses (each
+    tried once per process on a trivial program, `_accepted`: XLA renames and retires its
+    options between releases)."""
     if jax.default_backend() != "cpu":
         return None
-    wanted = tuple(sorted(CPU_COMPILER_OPTIONS.items()))
+    wanted = tuple(sorted({**CPU_COMPILER_OPTIONS, **(CPU_SETUP_OPTIONS if setup else {})}.items()))
     if wanted not in _TAKEN:
         _TAKEN[wanted] = {name: value for name, value in wanted if _accepted(name, value)}
     return dict(_TAKEN[wanted])
@@ -111,20 +109,22 @@ def _accepted(name: str, value: Any) -> bool:
     return True
 
 
-def jit(fun: Callable[..., Any], **kwargs: Any) -> Callable[..., Any]:
-    """``jax.jit(fun, **kwargs)`` with `compiler_options` (where `jax.jit` takes them)."""
-    options = compiler_options() if _TAKES_OPTIONS else None
+def jit(fun: Callable[..., Any], setup: bool = False, **kwargs: Any) -> Callable[..., Any]:
+    """``jax.jit(fun, **kwargs)`` with `compiler_options` (where `jax.jit` takes them; `setup`:
+    a program run once, see `CPU_SETUP_OPTIONS`)."""
+    options = compiler_options(setup) if _TAKES_OPTIONS else None
     if options:
         kwargs = {"compiler_options": options, **kwargs}
     return jax.jit(fun, **kwargs)
 
 
-def cache_key(*parts: Hashable, content: tuple) -> tuple | None:
-    """The key ``(*parts, *content, the compiler options in force)``, or None where a `content`
-    part is None (a model or argument not keyable by content, see `flowguides.numpyro._model`)."""
+def cache_key(*parts: Hashable, content: tuple, setup: bool = False) -> tuple | None:
+    """The key ``(*parts, *content, the compiler options in force)`` (`setup` as `jit`'s), or
+    None where a `content` part is None (a model or argument not keyable by content, see
+    `flowguides.numpyro._model`)."""
     if any(c is None for c in content):
         return None
-    options = compiler_options() if _TAKES_OPTIONS else None
+    options = compiler_options(setup) if _TAKES_OPTIONS else None
     return (*parts, *content, tuple(sorted((options or {}).items())))
 
 
@@ -191,34 +191,9 @@ def make_optimizer(num_steps: int, learning_rate: float, clip_norm: float | None
     return optax.multi_transform({"trained": trained, "fixed": optax.set_to_zero()}, labels)
 
 
-def initial_optimizer_state(optim: Any, params: Mapping[str, Any]) -> tuple:
-    """``optim.init(params)`` for NumPyro's wrapper of a `make_optimizer` optimiser without an
-    XLA compile: every entry (step counter, Adam's moments and counts) starts at zero."""
-    step, (_, state) = jax.eval_shape(optim.init, params)
-    zeros = jax.tree.map(lambda s: jax.device_put(np.zeros(s.shape, s.dtype)), state)
-    return jax.device_put(0), (params, zeros)  # NumPyro's counter: jnp.array(0), weakly typed
-
-
 def params_key(params: Mapping[str, Any]) -> tuple:
     """SVI parameters by name, shape and dtype."""
     return tuple(sorted((k, jnp.shape(v), str(jnp.result_type(v))) for k, v in params.items()))
-
-
-def constraint_key(value: Any) -> Hashable | None:
-    """A constraint (or a value it holds) by content: its type and attributes, arrays by a
-    hash of their bytes; None where some part cannot be keyed."""
-    if not isinstance(value, constraints.Constraint):
-        return value_key(value)
-    parts = [(k, constraint_key(v)) for k, v in sorted(vars(value).items())]
-    return None if any(p is None for _, p in parts) else (type(value), tuple(parts))
-
-
-def supports_key(guide: Any) -> Hashable | None:
-    """A set-up guide's latent supports by content: a support whose bounds come from the data
-    (``Uniform(0, y.max())``) is fixed in the guide's prototype, so it keys the compile."""
-    trace = guide.prototype_trace
-    parts = [constraint_key(trace[name]["fn"].support) for name in guide._init_locs]
-    return None if any(p is None for p in parts) else tuple(parts)
 
 
 def all_finite(tree: Any) -> jax.Array:

@@ -197,8 +197,10 @@ class AutoFlowGuide(AutoContinuous, StagedPrototype):
                 return laplace_search(lambda z: potential(unpack(z)), z0, full_rank)
 
         shapes = (loc.shape, str(loc.dtype), full_rank)
-        key = cache_key("laplace", *shapes, content=(callable_key(self.model), signature))
-        out = jax.tree.map(np.asarray, cached(key, lambda: jit(search))(loc, arrays))
+        key = cache_key(
+            "laplace", *shapes, content=(callable_key(self.model), signature), setup=True
+        )
+        out = jax.tree.map(np.asarray, cached(key, lambda: jit(search, setup=True))(loc, arrays))
         found = bool(out["finite"]) and not bool(np.any(out["moving"]))
         if found and not np.all(np.isfinite(out.get("hess", 0.0))):
             out = {k: v for k, v in out.items() if k != "hess"}  # first order only

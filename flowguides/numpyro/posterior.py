@@ -62,6 +62,7 @@ from flowguides.numpyro._stream import (
     subsampled,
     training_model,
 )
+from flowguides.numpyro._support import supports_key
 from flowguides.numpyro._training import (
     CHUNK,
     ObjectiveLoss,
@@ -73,7 +74,6 @@ from flowguides.numpyro._training import (
     params_key,
     posterior_chunk,
     run_chunks,
-    supports_key,
 )
 from flowguides.numpyro.guide import AutoFlowGuide
 from flowguides.numpyro.neutra import neutra as _neutra
@@ -178,8 +178,8 @@ class PosteriorFit(PosteriorFitMethods):
             guide, data = self.guide, value_key((self.args, self.kwargs))
             content = (callable_key(self.model), data, supports_key(guide))
             shapes = (guide.prefix, tuple(self.latent_shapes.items()), params_key(self.params))
-            key = cache_key(kind, self.spec, (num,), *shapes, content=content)
-            self._programs[kind, num] = cached(key, lambda: jit(partial(fn, guide)))
+            key = cache_key(kind, self.spec, (num,), *shapes, content=content, setup=True)
+            self._programs[kind, num] = cached(key, lambda: jit(partial(fn, guide), setup=True))
         with solver_errors():
             return jax.block_until_ready(self._programs[kind, num](self._key(seed), self.params))
 

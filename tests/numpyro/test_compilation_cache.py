@@ -173,9 +173,13 @@ def test_an_option_the_installed_xla_refuses_is_left_out_and_the_fit_compiles(mo
     from flowguides.numpyro import _training, fit_posterior
     from flowguides.spec import FlowSpec
 
-    # the shipped options are all taken by the XLA the tests install
+    # the shipped options are all taken by the XLA the tests install; programs run once add
+    # the set-up options
     assert _training.compiler_options() == _training.CPU_COMPILER_OPTIONS
-    options = {**_training.CPU_COMPILER_OPTIONS, "xla_no_such_option_here": 1}
+    setup = {**_training.CPU_COMPILER_OPTIONS, **_training.CPU_SETUP_OPTIONS}
+    assert _training.compiler_options(setup=True) == setup
+    shipped = dict(_training.CPU_COMPILER_OPTIONS)
+    options = {**shipped, "xla_no_such_option_here": 1}
     monkeypatch.setattr(_training, "CPU_COMPILER_OPTIONS", options)
     assert "xla_no_such_option_here" not in _training.compiler_options()
     assert _training.compiler_options().items() <= options.items()
@@ -187,3 +191,12 @@ def test_an_option_the_installed_xla_refuses_is_left_out_and_the_fit_compiles(mo
     fit = fit_posterior(model, FlowSpec.realnvp(num_layers=1, hidden=(4,)), jax.numpy.ones(3),
                         num_steps=5, progress=False)  # fmt: skip
     assert fit.sample(7)["a"].shape == (7, 2)
+    # the programs a fit runs once compile with the set-up options (here one XLA refuses)
+    monkeypatch.setattr(_training, "CPU_COMPILER_OPTIONS", shipped)
+    monkeypatch.setattr(_training, "CPU_SETUP_OPTIONS", {"xla_no_such_setup_option": 1})
+    monkeypatch.setattr(_training, "_accepted", lambda name, value: True)
+    with pytest.raises(Exception, match="xla_no_such_setup_option"):
+        fit.sample(9)
+    with pytest.raises(Exception, match="xla_no_such_setup_option"):
+        fit_posterior(model, FlowSpec.realnvp(num_layers=1, hidden=(4,)), jax.numpy.ones(5),
+                      num_steps=5, progress=False)  # fmt: skip

@@ -254,7 +254,8 @@ def test_direct_state_equals_svi_init():
 
 
 def test_initial_optimizer_state_equals_init_and_compiles_nothing():
-    from flowguides.numpyro._training import initial_optimizer_state, make_optimizer
+    from flowguides.numpyro._control import initial_optimizer_state
+    from flowguides.numpyro._training import make_optimizer
 
     params = {  # a Laplace start's fixed whitening has no Adam state
         "auto_affine.loc": jnp.arange(3.0),
