@@ -26,7 +26,13 @@ from pyro.poutine.util import site_is_subsample
 from flowguides.core import CONTROL_VARIATE_PREFIX
 from flowguides.pyro._model import log_joint_at
 
-__all__ = ["control_variate_model", "reference_terms", "with_control_variate"]
+__all__ = [
+    "control_variate_model",
+    "mapped_factor",
+    "minibatch_factor",
+    "reference_terms",
+    "with_control_variate",
+]
 
 
 def reference_terms(out: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -42,8 +48,7 @@ def control_variate_model(
     """`model` with the factor ``T_F(u) - T_B(u)`` added (one value per particle where the
     ELBO runs its particles at once, under its outermost plate). `guide` is the set-up
     `AutoFlowGuide` (its sites, packing and plate nesting); `reference` the `reference_terms`."""
-    loc, energy, grad = reference["loc"], reference["energy"], reference["grad"]
-    hess = reference.get("hess")
+    loc = reference["loc"]
     names = [name for name, _ in guide.prototype_trace.iter_stochastic_nodes()]
     sizes = {name: int(torch.Size(guide._unconstrained_shapes[name]).numel()) for name in names}
     nest = guide.max_plate_nesting
@@ -63,30 +68,89 @@ def control_variate_model(
             u = biject_to(site["fn"].support).inv(site["value"])
             parts.append(u.reshape(-1, sizes[name]))
         delta = torch.cat(parts, -1) - loc  # (particles, d): one row per particle run here
-        point = loc.clone().requires_grad_(True)
-        with torch.enable_grad():
-            batch = poutine.condition(model, data=indices)  # this step's minibatch
-            value = log_joint_at(batch, guide.split_latent(point), args, kwargs)
-            (slope,) = torch.autograd.grad(value, point, create_graph=hess is not None)
-            expansion = value.detach() + delta @ slope.detach()
-            full = -energy - delta @ grad
-            if hess is not None:
-                products = torch.stack(
-                    [
-                        torch.autograd.grad(slope, point, row, retain_graph=True)[0]
-                        for row in delta.detach()
-                    ]
-                )  # H_B delta per particle; as constants, `quadratic` has the value
-                # delta' H_B delta / 2 and the gradient H_B delta
-                quadratic = (delta * products).sum(-1) - 0.5 * (delta.detach() * products).sum(-1)
-                expansion = expansion + quadratic
-                full = full - 0.5 * ((delta @ hess) * delta).sum(-1)
-        factor = full - expansion
+        batch = poutine.condition(model, data=indices)  # this step's minibatch
+        factor = minibatch_factor(batch, guide, reference, delta, args, kwargs)
         shape = (factor.shape[0], *([1] * nest)) if _particle_plate(trace) else ()
         pyro.factor(f"{CONTROL_VARIATE_PREFIX}factor", factor.reshape(shape))
         return out
 
     return wrapped
+
+
+def minibatch_factor(
+    batch: Callable[..., Any],
+    guide: Any,
+    reference: Mapping[str, torch.Tensor],
+    delta: torch.Tensor,
+    args: tuple,
+    kwargs: Mapping[str, Any],
+) -> torch.Tensor:
+    """``T_F(u) - T_B(u)`` at ``u = loc + delta`` for draws ``delta (S, d)`` sharing one
+    minibatch: `batch` is the model with that minibatch's plate indices fixed. One value and
+    gradient of the minibatch's log joint at the MAP, and second order one Hessian-vector
+    product per draw; the factor's gradient in `delta` is ``-(grad + H delta) - (g_B + H_B
+    delta)`` as the expansion's, whatever graph `delta` comes from."""
+    loc, energy, grad = reference["loc"], reference["energy"], reference["grad"]
+    hess = reference.get("hess")
+    point = loc.clone().requires_grad_(True)
+    with torch.enable_grad():
+        value = log_joint_at(batch, guide.split_latent(point), args, kwargs)
+        (slope,) = torch.autograd.grad(value, point, create_graph=hess is not None)
+        expansion = value.detach() + delta @ slope.detach()
+        full = -energy - delta @ grad
+        if hess is not None:
+            products = torch.stack(
+                [
+                    torch.autograd.grad(slope, point, row, retain_graph=True)[0]
+                    for row in delta.detach()
+                ]
+            )  # H_B delta per draw; as constants, `quadratic` has the value
+            # delta' H_B delta / 2 and the gradient H_B delta
+            quadratic = (delta * products).sum(-1) - 0.5 * (delta.detach() * products).sum(-1)
+            expansion = expansion + quadratic
+            full = full - 0.5 * ((delta @ hess) * delta).sum(-1)
+    return full - expansion
+
+
+def mapped_factor(
+    model: Callable[..., Any],
+    guide: Any,
+    reference: Mapping[str, torch.Tensor],
+    latent: torch.Tensor,
+    indices: Mapping[str, torch.Tensor],
+    args: tuple,
+    kwargs: Mapping[str, Any],
+) -> torch.Tensor:
+    """``T_F(u) - T_B(u)`` of each draw ``u`` of `latent` ``(S, d)`` on its own minibatch
+    (`indices`: each subsampled plate's ``(S, subsample_size)``), mapped by `torch.func.vmap`:
+    per draw, the minibatch's log joint at the MAP, its gradient (`torch.func.grad`) and,
+    second order, its Hessian times ``u - loc`` (`torch.func.jvp` of that gradient). The
+    value and the gradient in `latent` are those of `minibatch_factor` of each draw."""
+    loc, energy, grad = reference["loc"], reference["energy"], reference["grad"]
+    hess = reference.get("hess")
+    delta = latent - loc
+
+    def at(point: torch.Tensor, idx: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        batch = poutine.condition(model, data=dict(idx))
+        return log_joint_at(batch, guide.split_latent(point), args, kwargs)
+
+    def terms(step: torch.Tensor, idx: Mapping[str, torch.Tensor]) -> tuple:
+        slope_value = torch.func.grad_and_value(lambda point: at(point, idx))
+        if hess is None:
+            slope, value = slope_value(loc)
+            return value, slope, torch.zeros_like(step)
+        (slope, value), (product, _) = torch.func.jvp(slope_value, (loc,), (step,))
+        return value, slope, product
+
+    with pyro.validation_enabled(False):  # its checks branch in Python on values
+        value, slope, products = torch.func.vmap(terms)(delta.detach(), dict(indices))
+    expansion = value + (delta * slope).sum(-1)
+    full = -energy - delta @ grad
+    if hess is not None:  # as in `minibatch_factor`: H_B delta a constant per draw
+        expansion = expansion + (delta * products).sum(-1)
+        expansion = expansion - 0.5 * (delta.detach() * products).sum(-1)
+        full = full - 0.5 * ((delta @ hess) * delta).sum(-1)
+    return full - expansion
 
 
 def _particle_plate(trace: Any) -> bool:

@@ -15,6 +15,10 @@ array); an iterable yields each process's own share. The loss runs through
 gradients; `global_mean` gives every process the mean loss over the processes, so that each
 logs, checks and early-stops on the same values.
 
+`fit_posterior`'s mapped training (`flowguides.pyro._training.MappedLoss`) draws each
+particle's minibatch of a model's subsampled plates here (`subsampled_plates`,
+`draw_indices`), by the rule of the NumPyro backend's ``_fast_subsample``.
+
 The NumPyro backend's ``_stream.py`` runs the whole streamed loop instead (``run_stream``,
 compiled a step at a time and double-buffered on the device) and splits minibatches over the
 devices of a mesh.
@@ -30,7 +34,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from pyro import poutine
+from pyro.poutine.util import site_is_subsample
 
+from flowguides.core import WITH_REPLACEMENT_RATIO
 from flowguides.core.data import DataSource
 
 __all__ = [
@@ -38,6 +45,7 @@ __all__ = [
     "agree_stats",
     "all_have",
     "data_parallel",
+    "draw_indices",
     "global_mean",
     "minibatches",
     "process_group",
@@ -153,3 +161,29 @@ def agree_stats(stats: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.nd
     shared = torch.as_tensor(np.stack(stats))
     dist.broadcast(shared, src=0)
     return shared[0].numpy(), shared[1].numpy()
+
+
+def subsampled_plates(trace: poutine.Trace) -> dict[str, tuple[int, int]]:
+    """``{plate: (size, subsample_size)}`` of the plates of `trace` that draw a subsample
+    (a plate given its own ``subsample=`` indices draws none)."""
+    out = {}
+    for name, site in trace.nodes.items():
+        fn = site.get("fn")
+        if site_is_subsample(site) and fn.subsample_size and fn.subsample_size < fn.size:
+            out[name] = (int(fn.size), int(fn.subsample_size))
+    return out
+
+
+def draw_indices(
+    plates: dict[str, tuple[int, int]], num: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Each plate's minibatch for `num` draws, ``(num, subsample_size)``: uniformly with
+    replacement where the plate is at least `flowguides.core.WITH_REPLACEMENT_RATIO` times its
+    ``subsample_size`` (``O(subsample_size)``), else a uniform subset (``O(size)``)."""
+    out = {}
+    for name, (size, batch) in plates.items():
+        if size >= WITH_REPLACEMENT_RATIO * batch:
+            out[name] = torch.randint(size, (num, batch), device=device)
+        else:
+            out[name] = torch.rand(num, size, device=device).topk(batch, -1).indices
+    return out

@@ -21,22 +21,28 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import pyro
 import torch
+from pyro import poutine
 from pyro.infer import Trace_ELBO
 from pyro.infer.util import get_dependent_plate_dims, torch_sum
 from tqdm import tqdm
 
 from flowguides.core import NonFiniteGradientError, NonFiniteLossError, learning_rate_at
+from flowguides.pyro._control import mapped_factor
+from flowguides.pyro._stream import draw_indices, subsampled_plates
 from flowguides.pyro.build import Flow, FlowDistribution
 from flowguides.pyro.ode import NeuralODE, training_solves
 
 __all__ = [
     "Evaluations",
+    "MappedLoss",
     "ObjectiveLoss",
     "Trainer",
     "mean_penalty",
     "objective_loss",
     "progress_bar",
+    "trained_parameters",
     "with_penalty",
 ]
 
@@ -227,8 +233,7 @@ class ObjectiveLoss(Trace_ELBO):
         self.shape = (num_particles, num_inner)
 
     def _detached_log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        params = {f"flow.{n}": p.detach() for n, p in self.flow.named_parameters()}
-        return torch.func.functional_call(_LogProb(self.flow), params, (value,))
+        return _detached_log_prob(self.flow, value)
 
     def log_weights(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any):
         """``(log_w, log_w_path)``, each ``(num_particles, num_inner)`` (`log_w_path` None
@@ -272,3 +277,104 @@ class _LogProb(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.flow.log_prob(x)
+
+
+def _detached_log_prob(flow: Flow, value: torch.Tensor) -> torch.Tensor:
+    """``flow.log_prob(value)`` at the flow's parameters detached (STL's ``log q``)."""
+    params = {f"flow.{n}": p.detach() for n, p in flow.named_parameters()}
+    return torch.func.functional_call(_LogProb(flow), params, (value,))
+
+
+class MappedLoss:
+    """`fit_posterior`'s loss where the model does not broadcast over a batch of draws but
+    `torch.func.vmap` maps it (`AutoFlowGuide.mappable`): what `Trace_ELBO` (or
+    `ObjectiveLoss`) computes in its loop over particles, in one pass.
+
+    The ``num_particles * num_inner`` draws and their ``log q`` come from the flow at once;
+    each draw takes its own minibatch of every subsampled plate, as in the loop, drawn as the
+    NumPyro backend draws them (uniformly with replacement where the plate is at least
+    `flowguides.core.WITH_REPLACEMENT_RATIO` times its ``subsample_size``, else a uniform
+    subset; both unbiased); the log joint of every (draw, minibatch) pair is mapped by
+    `torch.func.vmap`, and with a `reference` (the Taylor control variate's terms) each draw
+    adds its `mapped_factor`. Only for models without ``pyro.param`` sites (see
+    `mapped_training`): the log joint runs under `poutine.block`, where an optimiser would not
+    see a model's own parameters.
+
+    Args:
+        guide: the set-up `AutoFlowGuide`.
+        objective, gradient, num_particles, num_inner: as in `fit_posterior`.
+        reference: the control variate's `reference_terms`, or None.
+    """
+
+    def __init__(
+        self,
+        guide: Any,
+        objective: str,
+        gradient: str,
+        num_particles: int,
+        num_inner: int,
+        reference: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        self.guide, self.objective, self.gradient = guide, objective, gradient
+        self.shape, self.reference = (num_particles, num_inner), reference
+        self.plates = subsampled_plates(guide.model_trace)
+
+    def log_weights(self, model: Callable, *args: Any, **kwargs: Any):
+        """``(log_w, log_w_path)`` as `ObjectiveLoss.log_weights` returns them."""
+        latent, log_q = self.guide.flow.sample_and_log_prob((math.prod(self.shape),))
+        indices = draw_indices(self.plates, latent.shape[0], latent.device)
+        return self.weights_at(model, latent, log_q, indices, args, kwargs)
+
+    def weights_at(self, model, latent, log_q, indices, args, kwargs):
+        """`log_weights` at given draws ``(S, d)``, their ``log q`` and minibatches."""
+        guide = self.guide
+
+        def one(z: torch.Tensor, idx: dict[str, torch.Tensor]) -> torch.Tensor:
+            return guide._log_joint_one(z, args, kwargs, poutine.condition(model, data=idx))
+
+        with pyro.validation_enabled(False):  # its checks branch in Python on values
+            log_p = torch.func.vmap(one)(latent, indices)
+        if self.reference is not None:
+            log_p = log_p + mapped_factor(
+                model, guide, self.reference, latent, indices, args, kwargs
+            )
+        log_w = (log_p - log_q).reshape(self.shape)
+        if self.gradient != "stl":
+            return log_w, None
+        return log_w, (log_p - _detached_log_prob(guide.flow, latent)).reshape(self.shape)
+
+    def differentiable_loss(self, model: Callable, guide: Any, *args: Any, **kwargs: Any):
+        """The loss (see `objective_loss`); `guide` is the one given at construction."""
+        return objective_loss(*self.log_weights(model, *args, **kwargs), self.objective,
+                              self.gradient)  # fmt: skip
+
+
+def mapped_training(guide: Any) -> bool:
+    """Whether `fit_posterior` trains with `MappedLoss`: the model does not broadcast over
+    draws, `torch.func.vmap` maps it (set-up's check), its supports are fixed and it has no
+    ``pyro.param`` sites."""
+    if guide.vectorized is not False or not guide.mappable or guide._dynamic:
+        return False
+    return not any(site["type"] == "param" for site in guide.model_trace.nodes.values())
+
+
+def trained_parameters(
+    guide: Any, param_trace: poutine.Trace, options: tuple[str, str]
+) -> list[torch.Tensor]:
+    """The guide's weights, then the unconstrained tensors of the ``pyro.param`` sites of
+    `param_trace` (a ``param_only`` trace of the first loss) that are not among them.
+    `options` is ``(objective, gradient)``: DReG (``("iwelbo", "stl")``) refuses a model with
+    its own parameters (its gradient is the guide's only)."""
+    own = list(guide.parameters())
+    params, seen = list(own), {id(p) for p in own}
+    for site in param_trace.nodes.values():
+        p = site["value"].unconstrained()
+        if id(p) not in seen:
+            params.append(p)
+            seen.add(id(p))
+    if options == ("iwelbo", "stl") and len(params) > len(own):
+        raise ValueError(
+            "gradient: 'stl' with objective='iwelbo' (DReG) trains the guide only, but the "
+            "model has its own pyro.param sites; use gradient='reparam'"
+        )
+    return params

@@ -40,9 +40,12 @@ from flowguides.core.timing import add_seconds, fit_timing, timed_calls
 from flowguides.pyro._control import with_control_variate
 from flowguides.pyro._training import (
     Evaluations,
+    MappedLoss,
     ObjectiveLoss,
     Trainer,
+    mapped_training,
     progress_bar,
+    trained_parameters,
     with_penalty,
 )
 from flowguides.pyro.guide import AutoFlowGuide
@@ -273,7 +276,9 @@ def fit_posterior(
         vectorize_particles: ``"auto"`` (default): particles (and the start search's draws)
             go through the model at once where it broadcasts over an extra leading batch
             dimension, else one at a time with a `VectorizationWarning` (models written for
-            one draw, such as ``X @ b`` or Python loops over data, work either way);
+            one draw, such as ``X @ b`` or Python loops over data, work either way; training
+            maps its particles with `torch.func.vmap` where set-up found that this agrees
+            with the loop and the model has no ``pyro.param``, see `MappedLoss`);
             ``True``: at once, a `ValueError` where the model does not broadcast;
             ``False``: one at a time. The fit remembers the outcome for `log_densities`,
             `log_likelihood` and the diagnostics.
@@ -331,13 +336,17 @@ def fit_posterior(
         guide._setup_if_needed(*args, **kwargs)
     if learning_rate is None:
         learning_rate = default_learning_rate(guide.latent_dim)
-    train, _ = with_control_variate(control_variate, model, guide)
+    train, on = with_control_variate(control_variate, model, guide)
+    options = (objective, gradient, num_particles, num_inner, guide._reference if on else None)
+    mapped = MappedLoss(guide, *options) if mapped_training(guide) else None
     evaluations = Evaluations(guide.flow)
     nesting = guide.max_plate_nesting
     elbos: dict[bool, Trace_ELBO] = {}
     plain = (objective, gradient) == ("elbo", "reparam")
 
     def negative_elbo(vectorized: bool | None = None) -> torch.Tensor:
+        if vectorized is None and mapped is not None and guide.mappable:
+            return mapped.differentiable_loss(model, guide, *args, **kwargs)
         vectorized = guide.vectorized if vectorized is None else vectorized
         if vectorized not in elbos:
             options = {"vectorize_particles": vectorized, "max_plate_nesting": nesting}
@@ -355,21 +364,10 @@ def fit_posterior(
         loss, penalty = guide.evaluate_batch(  # vectorised particles checked on the ELBO too
             lambda: with_penalty(negative_elbo),
             lambda: with_penalty(lambda: negative_elbo(False)),
+            mapped=lambda: with_penalty(negative_elbo),
         )
         after_loss = evaluations.count()
-    own = list(guide.parameters())
-    params = list(own)
-    seen = {id(p) for p in params}
-    for site in param_capture.trace.nodes.values():
-        p = site["value"].unconstrained()
-        if id(p) not in seen:
-            params.append(p)
-            seen.add(id(p))
-    if (objective, gradient) == ("iwelbo", "stl") and len(params) > len(own):
-        raise ValueError(
-            "gradient: 'stl' with objective='iwelbo' (DReG) trains the guide only, but the "
-            "model has its own pyro.param sites; use gradient='reparam'"
-        )
+    params = trained_parameters(guide, param_capture.trace, (objective, gradient))
     trainer = Trainer(params, num_steps, learning_rate, clip_norm)
     losses: list[float] = []
 
