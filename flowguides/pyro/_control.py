@@ -124,8 +124,9 @@ def mapped_factor(
     """``T_F(u) - T_B(u)`` of each draw ``u`` of `latent` ``(S, d)`` on its own minibatch
     (`indices`: each subsampled plate's ``(S, subsample_size)``), mapped by `torch.func.vmap`:
     per draw, the minibatch's log joint at the MAP, its gradient (`torch.func.grad`) and,
-    second order, its Hessian times ``u - loc`` (`torch.func.jvp` of that gradient). The
-    value and the gradient in `latent` are those of `minibatch_factor` of each draw."""
+    second order, its Hessian times ``u - loc`` (the gradient of that gradient's product with
+    ``u - loc``). The value and the gradient in `latent` are those of `minibatch_factor` of
+    each draw."""
     loc, energy, grad = reference["loc"], reference["energy"], reference["grad"]
     hess = reference.get("hess")
     delta = latent - loc
@@ -139,7 +140,13 @@ def mapped_factor(
         if hess is None:
             slope, value = slope_value(loc)
             return value, slope, torch.zeros_like(step)
-        (slope, value), (product, _) = torch.func.jvp(slope_value, (loc,), (step,))
+
+        def along(point: torch.Tensor) -> tuple:  # (slope . step, (slope, value))
+            slope, value = slope_value(point)
+            return slope @ step, (slope, value)
+
+        # reverse over reverse: about half the time of forward over reverse here
+        product, (slope, value) = torch.func.grad(along, has_aux=True)(loc)
         return value, slope, product
 
     with pyro.validation_enabled(False):  # its checks branch in Python on values
