@@ -15,8 +15,6 @@ fit runs the user's model, not their names: each backend's needs are its framewo
 
 from __future__ import annotations
 
-import itertools
-import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -24,10 +22,10 @@ from typing import Any
 import pyro
 import torch
 from pyro import poutine
-from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
 from flowguides.core import check_vectorize_option
+from flowguides.pyro._stream import mapped_chunks
 from flowguides.pyro._support import replay_constrained
 
 __all__ = [
@@ -35,7 +33,6 @@ __all__ = [
     "BatchLogJoint",
     "VectorizationWarning",
     "describe",
-    "full_data_chunks",
     "log_joint_at",
     "mismatch",
 ]
@@ -126,73 +123,6 @@ def _per_draw(log_prob: Any, num: int | None, nest: int) -> torch.Tensor:
         return log_prob.expand(num)
     log_prob = log_prob.reshape(*(1,) * (nest + 1 - log_prob.dim()), *log_prob.shape)
     return log_prob.reshape(log_prob.shape[0], -1).sum(-1).expand(num)
-
-
-class _Chunk(Messenger):
-    """One chunk of the full data: each subsampled plate takes the given indices (its own
-    ``subsample_size`` of them, as Pyro requires), its sites lose the plate's
-    ``size / subsample_size`` scale and are masked where a last chunk is padded, and every
-    site outside the subsampled plates counts in the `first` chunk only."""
-
-    def __init__(self, indices: dict[str, tuple[torch.Tensor, torch.Tensor]], first: bool):
-        super().__init__()
-        self.indices, self.first = indices, first
-
-    def _process_message(self, msg: Any) -> None:
-        if msg["type"] != "sample":
-            return
-        if site_is_subsample(msg):
-            if msg["name"] in self.indices:
-                msg["value"] = self.indices[msg["name"]][0]
-            return
-        frames = [f for f in msg["cond_indep_stack"] if f.name in self.indices]
-        mask = None if frames or self.first else torch.tensor(False)
-        for frame in frames:
-            idx, keep = self.indices[frame.name]
-            msg["scale"] = msg["scale"] * frame.size / frame.full_size
-            if not bool(keep.all()):
-                keep = keep.reshape(-1, *(1,) * (-frame.dim - 1))
-                mask = keep if mask is None else mask & keep
-        if mask is not None:
-            msg["mask"] = mask if msg["mask"] is None else msg["mask"] & mask
-
-
-def full_data_chunks(trace: poutine.Trace) -> list[Callable[[Callable], Callable]] | None:
-    """Handlers that together run a model on all rows of its subsampled plates, one chunk of
-    ``subsample_size`` rows each (every combination of chunks where several plates
-    subsample), or None where no plate of `trace` subsamples or a latent site sits inside
-    one (its value is the minibatch's own).
-
-    The sum of the log joints of ``handler(model)`` over the handlers is the full-data log
-    joint at scale 1: the start search's target (Pyro's plate checks that a subsample has
-    exactly ``subsample_size`` indices, so the full data cannot go through in one call).
-    """
-    plates = {}
-    for name, site in trace.nodes.items():
-        fn = site.get("fn")
-        if site_is_subsample(site) and fn.subsample_size and fn.subsample_size < fn.size:
-            plates[name] = (fn.size, fn.subsample_size, site["value"])
-    if not plates:
-        return None
-    for site in trace.nodes.values():
-        if site["type"] != "sample" or site_is_subsample(site):
-            continue
-        for f in site["cond_indep_stack"]:
-            if f.name not in plates:
-                continue
-            if not site["is_observed"]:
-                return None  # a local latent: its value is one minibatch's
-            if f.dim is None and plates[f.name][0] % plates[f.name][1]:
-                return None  # a sequential plate cannot mask a padded last chunk
-    per_plate = []
-    for name, (size, batch, proto) in plates.items():
-        rows = torch.arange(math.ceil(size / batch) * batch, device=proto.device)
-        keep = rows < size
-        rows = torch.where(keep, rows, torch.zeros_like(rows))
-        per_plate.append([(name, (rows[k : k + batch], keep[k : k + batch]))
-                          for k in range(0, rows.numel(), batch)])  # fmt: skip
-    combos = list(itertools.product(*per_plate))
-    return [_Chunk(dict(combo), first=i == 0) for i, combo in enumerate(combos)]
 
 
 class BatchLogJoint:
@@ -293,27 +223,58 @@ class BatchLogJoint:
         full posterior's, not one minibatch's scaled up (whose MAP sits about
         ``sqrt(size / subsample_size)`` posterior sds away), and the same at every call;
         `log_joint` itself where the model subsamples nothing."""
-        chunks = self._chunks
-        if chunks is None:
+        if self._chunks is None:
             return self.log_joint(latent, *args, **kwargs)
-        model = self._bare_model[0]
-
-        def summed(z: torch.Tensor, at: Callable[..., torch.Tensor]) -> torch.Tensor:
-            parts = [at(z, args, kwargs, c(model), jacobian=i == 0) for i, c in enumerate(chunks)]
-            return torch.stack(parts).sum(0)
-
         one = self._log_joint_one
         if latent.dim() == 1:
-            return summed(latent, one)
+            return self._chunked(latent, args, kwargs, one)
         return self.evaluate_batch(
-            lambda: summed(latent, self._log_joint_together),
-            lambda: torch.stack([summed(z, one) for z in latent]),
-            mapped=lambda: summed(latent, self._log_joint_mapped),
+            lambda: self._chunked(latent, args, kwargs, self._log_joint_together),
+            lambda: torch.stack([self._chunked(z, args, kwargs, one) for z in latent]),
+            mapped=lambda: self._chunked(latent, args, kwargs, self._log_joint_mapped),
         )
+
+    def _chunked(self, latent: torch.Tensor, args: tuple, kwargs: Mapping, at: Callable):
+        """The sum over `_chunks` of ``at(latent, ..., chunk(model))`` (the Jacobian with the
+        first): the chunks after the first mapped by `torch.func.vmap` in blocks
+        (`mapped_chunks`) where, at first use, that agreed with the loop over them (`mismatch`),
+        else that loop."""
+        chunks, model = self._chunks, self._bare_model[0]
+
+        def looped() -> torch.Tensor:
+            parts = [at(latent, args, kwargs, c(model), jacobian=i == 0)
+                     for i, c in enumerate(chunks)]  # fmt: skip
+            return torch.stack(parts).sum(0)
+
+        def mapped() -> torch.Tensor:
+            draws = 1 if latent.dim() == 1 else latent.shape[0]
+            with pyro.validation_enabled(False):  # its checks branch in Python on values
+                rest = mapped_chunks(
+                    chunks, lambda h: at(latent, args, kwargs, h(model), jacobian=False), draws
+                )
+            return at(latent, args, kwargs, chunks[0](model)) + rest
+
+        if len(chunks) < 2 or self.chunks_mapped is False:
+            return looped()
+        if self.chunks_mapped is None:  # the mapped sum from the first call on, if it agrees
+            expected = looped()
+            try:
+                got = mapped()
+                agree = mismatch(got.detach().reshape(-1), expected.detach().reshape(-1))
+                self.chunks_mapped = agree is None
+            except Exception:  # noqa: BLE001 - not mappable over chunks: the loop
+                self.chunks_mapped = False
+            return got if self.chunks_mapped else expected
+        try:
+            return mapped()
+        except Exception:  # noqa: BLE001 - the loop gives the same sum (or the model's error)
+            self.chunks_mapped = False
+            return looped()
 
     def _check_broadcasting(self, init: torch.Tensor, args: tuple, kwargs: dict) -> None:
         """Decide `vectorized`: the log joint of a few draws near `init`, evaluated together
         and one at a time, with the same subsample of any subsampled plate."""
+        self.chunks_mapped: bool | None = None  # decided at the start search's first call
         if self.vectorize_particles is False:
             self.vectorized = False
             return

@@ -17,7 +17,9 @@ logs, checks and early-stops on the same values.
 
 `fit_posterior`'s mapped training (`flowguides.pyro._training.MappedLoss`) draws each
 particle's minibatch of a model's subsampled plates here (`subsampled_plates`,
-`draw_indices`), by the rule of the NumPyro backend's ``_fast_subsample``.
+`draw_indices`), by the rule of the NumPyro backend's ``_fast_subsample``, and the start search
+runs such a model on all rows, in chunks of its ``subsample_size`` (`full_data_chunks`; mapped
+over blocks of chunks by `torch.func.vmap` where that agrees with the loop: `mapped_chunks`).
 
 The NumPyro backend's ``_stream.py`` runs the whole streamed loop instead (``run_stream``,
 compiled a step at a time and double-buffered on the device) and splits minibatches over the
@@ -27,6 +29,7 @@ devices of a mesh.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -35,6 +38,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from pyro import poutine
+from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
 from flowguides.core import WITH_REPLACEMENT_RATIO
@@ -46,8 +50,10 @@ __all__ = [
     "all_have",
     "data_parallel",
     "draw_indices",
+    "full_data_chunks",
     "global_mean",
     "minibatches",
+    "mapped_chunks",
     "process_group",
 ]
 
@@ -187,3 +193,110 @@ def draw_indices(
         else:
             out[name] = torch.rand(num, size, device=device).topk(batch, -1).indices
     return out
+
+
+class _Chunk(Messenger):
+    """One chunk of the full data: each subsampled plate takes the given indices (its own
+    ``subsample_size`` of them, as Pyro requires), its sites lose the plate's
+    ``size / subsample_size`` scale and are masked where a last chunk is padded, and every
+    site outside the subsampled plates counts in the `first` chunk only. `mapped`: the chunk
+    runs under `torch.func.vmap` over chunks, so its rows' mask applies without a look at
+    its values (the same log joint)."""
+
+    def __init__(
+        self,
+        indices: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        first: bool,
+        mapped: bool = False,
+    ):
+        super().__init__()
+        self.indices, self.first, self.mapped = indices, first, mapped
+
+    def _process_message(self, msg: Any) -> None:
+        if msg["type"] != "sample":
+            return
+        if site_is_subsample(msg):
+            if msg["name"] in self.indices:
+                msg["value"] = self.indices[msg["name"]][0]
+            return
+        frames = [f for f in msg["cond_indep_stack"] if f.name in self.indices]
+        mask = None if frames or self.first else torch.tensor(False)
+        for frame in frames:
+            idx, keep = self.indices[frame.name]
+            msg["scale"] = msg["scale"] * frame.size / frame.full_size
+            if self.mapped or not bool(keep.all()):
+                keep = keep.reshape(-1, *(1,) * (-frame.dim - 1))
+                mask = keep if mask is None else mask & keep
+        if mask is not None:
+            msg["mask"] = mask if msg["mask"] is None else msg["mask"] & mask
+
+
+def full_data_chunks(trace: poutine.Trace) -> list[Callable[[Callable], Callable]] | None:
+    """Handlers that together run a model on all rows of its subsampled plates, one chunk of
+    ``subsample_size`` rows each (every combination of chunks where several plates
+    subsample), or None where no plate of `trace` subsamples or a latent site sits inside
+    one (its value is the minibatch's own).
+
+    The sum of the log joints of ``handler(model)`` over the handlers is the full-data log
+    joint at scale 1: the start search's target (Pyro's plate checks that a subsample has
+    exactly ``subsample_size`` indices, so the full data cannot go through in one call).
+    """
+    plates = {}
+    for name, site in trace.nodes.items():
+        fn = site.get("fn")
+        if site_is_subsample(site) and fn.subsample_size and fn.subsample_size < fn.size:
+            plates[name] = (fn.size, fn.subsample_size, site["value"])
+    if not plates:
+        return None
+    for site in trace.nodes.values():
+        if site["type"] != "sample" or site_is_subsample(site):
+            continue
+        for f in site["cond_indep_stack"]:
+            if f.name not in plates:
+                continue
+            if not site["is_observed"]:
+                return None  # a local latent: its value is one minibatch's
+            if f.dim is None and plates[f.name][0] % plates[f.name][1]:
+                return None  # a sequential plate cannot mask a padded last chunk
+    per_plate = []
+    for name, (size, batch, proto) in plates.items():
+        rows = torch.arange(math.ceil(size / batch) * batch, device=proto.device)
+        keep = rows < size
+        rows = torch.where(keep, rows, torch.zeros_like(rows))
+        per_plate.append([(name, (rows[k : k + batch], keep[k : k + batch]))
+                          for k in range(0, rows.numel(), batch)])  # fmt: skip
+    combos = list(itertools.product(*per_plate))
+    return [_Chunk(dict(combo), first=i == 0) for i, combo in enumerate(combos)]
+
+
+ROWS_PER_CALL = 2**20
+"""`mapped_chunks` maps at most about this many rows x draws at once (one block of chunks)."""
+
+
+def mapped_chunks(
+    chunks: list[_Chunk], evaluate: Callable[[Callable], torch.Tensor], draws: int
+) -> torch.Tensor:
+    """The sum of ``evaluate(handler)`` over ``chunks[1:]`` (the chunks after the first), mapped
+    by `torch.func.vmap` over blocks of chunks: each block is one call of `evaluate` under
+    `vmap`, with at most `ROWS_PER_CALL` rows of `draws` draws.
+
+    `evaluate` takes a handler (a `_Chunk` of the block's chunks, with sites outside the
+    subsampled plates masked out: the first chunk counts them) and returns the chunk's log
+    joint without the Jacobian (it goes with the first chunk too)."""
+    rest = chunks[1:]
+    names = list(rest[0].indices)
+    rows = math.prod(int(rest[0].indices[n][0].numel()) for n in names)
+    size = max(1, ROWS_PER_CALL // (rows * max(draws, 1)))
+
+    def one(block: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        return evaluate(_Chunk(block, first=False, mapped=True))
+
+    total = None
+    for start in range(0, len(rest), size):
+        part = rest[start : start + size]
+        block = {
+            n: tuple(torch.stack([c.indices[n][k] for c in part]) for k in (0, 1)) for n in names
+        }
+        value = torch.func.vmap(one)(block).sum(0)
+        total = value if total is None else total + value
+    return total

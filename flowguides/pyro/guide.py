@@ -4,8 +4,7 @@ Latent sites are packed and unconstrained by Pyro's own machinery (`biject_to`);
 final affine starts at ``init_loc_fn``'s location with ``init_scale``, so a new guide is the
 diagonal-normal guide Pyro would start from, then the flow layers bend it. A Laplace start
 instead whitens: a fixed last map ``z = MAP + L x`` (``L L^T`` the inverse Hessian), with the
-affine and layers starting as the identity on ``x``.
-"""
+affine and layers starting as the identity on ``x``."""
 
 from __future__ import annotations
 
@@ -36,7 +35,8 @@ from flowguides.core import (
 )
 from flowguides.core.calls import call_error, first_line, foreign_arguments
 from flowguides.pyro._control import reference_terms
-from flowguides.pyro._model import BatchLogJoint, full_data_chunks
+from flowguides.pyro._model import BatchLogJoint
+from flowguides.pyro._stream import full_data_chunks
 from flowguides.pyro._support import dynamic_constrain, dynamic_forward, dynamic_sites
 from flowguides.pyro.build import (
     Flow,
