@@ -25,7 +25,7 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
 from flowguides.core import check_vectorize_option
-from flowguides.pyro._stream import mapped_chunks
+from flowguides.pyro._stream import mapped_chunks, subsampled_plates
 from flowguides.pyro._support import replay_constrained
 
 __all__ = [
@@ -294,8 +294,10 @@ class BatchLogJoint:
                 reason = describe(exc)
         if reason is None:
             self.vectorized = True
-            return
-        self._not_broadcasting(reason, self.vectorize_particles)
+            if not subsampled_plates(self.model_trace):
+                return  # else training maps it where it can (`MappedLoss`): checked below
+        else:
+            self._not_broadcasting(reason, self.vectorize_particles)
         with torch.no_grad():
             try:
                 mapped = self._log_joint_mapped(draws, args, kwargs, model)

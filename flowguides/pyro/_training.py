@@ -39,6 +39,7 @@ __all__ = [
     "MappedLoss",
     "ObjectiveLoss",
     "Trainer",
+    "first_loss",
     "mean_penalty",
     "objective_loss",
     "progress_bar",
@@ -286,9 +287,9 @@ def _detached_log_prob(flow: Flow, value: torch.Tensor) -> torch.Tensor:
 
 
 class MappedLoss:
-    """`fit_posterior`'s loss where the model does not broadcast over a batch of draws but
-    `torch.func.vmap` maps it (`AutoFlowGuide.mappable`): what `Trace_ELBO` (or
-    `ObjectiveLoss`) computes in its loop over particles, in one pass.
+    """`fit_posterior`'s loss where `torch.func.vmap` maps the model (`AutoFlowGuide.mappable`)
+    and it does not broadcast over a batch of draws or it subsamples (`mapped_training`): what
+    `Trace_ELBO` (or `ObjectiveLoss`) computes in its loop over particles, in one pass.
 
     The ``num_particles * num_inner`` draws and their ``log q`` come from the flow at once;
     each draw takes its own minibatch of every subsampled plate, as in the loop, drawn as the
@@ -350,12 +351,31 @@ class MappedLoss:
 
 
 def mapped_training(guide: Any) -> bool:
-    """Whether `fit_posterior` trains with `MappedLoss`: the model does not broadcast over
-    draws, `torch.func.vmap` maps it (set-up's check), its supports are fixed and it has no
-    ``pyro.param`` sites."""
-    if guide.vectorized is not False or not guide.mappable or guide._dynamic:
+    """Whether `fit_posterior` trains with `MappedLoss`: `torch.func.vmap` maps the model
+    (set-up's check), its supports are fixed, it has no ``pyro.param`` sites, and it does not
+    broadcast over draws or it subsamples (Pyro's vectorised `Trace_ELBO` would share one
+    minibatch among the particles; `MappedLoss` draws one for each, as the NumPyro backend
+    and Pyro's own loop do)."""
+    if not guide.mappable or guide._dynamic:
+        return False
+    if guide.vectorized is not False and not subsampled_plates(guide.model_trace):
         return False
     return not any(site["type"] == "param" for site in guide.model_trace.nodes.values())
+
+
+def first_loss(
+    guide: Any, mapped: MappedLoss | None, loss_fn: Callable, loop_fn: Callable
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first step's ``(loss, penalty)`` (`with_penalty`): `loss_fn` through `mapped`
+    where it applies; where that raises, the guide stops mapping and the PPL's loss runs
+    through `AutoFlowGuide.evaluate_batch` (vectorised particles checked on the ELBO too,
+    `loop_fn` one particle at a time), which raises the model's own error if it fails too."""
+    if mapped is not None and guide.mappable:
+        try:
+            return with_penalty(loss_fn)
+        except Exception:  # noqa: BLE001 - Pyro's own loss below (or the model's error)
+            guide.mappable = False
+    return guide.evaluate_batch(lambda: with_penalty(loss_fn), lambda: with_penalty(loop_fn))
 
 
 def trained_parameters(

@@ -43,6 +43,7 @@ from flowguides.pyro._training import (
     MappedLoss,
     ObjectiveLoss,
     Trainer,
+    first_loss,
     mapped_training,
     progress_bar,
     trained_parameters,
@@ -361,11 +362,7 @@ def fit_posterior(
 
     with poutine.trace(param_only=True) as param_capture:
         start = evaluations.count()
-        loss, penalty = guide.evaluate_batch(  # vectorised particles checked on the ELBO too
-            lambda: with_penalty(negative_elbo),
-            lambda: with_penalty(lambda: negative_elbo(False)),
-            mapped=lambda: with_penalty(negative_elbo),
-        )
+        loss, penalty = first_loss(guide, mapped, negative_elbo, lambda: negative_elbo(False))
         after_loss = evaluations.count()
     params = trained_parameters(guide, param_capture.trace, (objective, gradient))
     trainer = Trainer(params, num_steps, learning_rate, clip_norm)

@@ -5,6 +5,8 @@ reaches the closed-form posterior, and the loop kept where mapping cannot see ev
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pyro
 import pyro.distributions as dist
@@ -44,32 +46,44 @@ def logistic(x, labels):  # a constrained site too (the Jacobian) and a non-quad
         pyro.sample("y", dist.Bernoulli(logits=s * (x[idx] @ w)), obs=labels[idx])
 
 
+def broadcasting(x, labels):  # the same model written to broadcast over draws
+    w = pyro.sample("w", dist.Normal(x.new_zeros(3), 1.0).to_event(1))
+    s = pyro.sample("s", dist.HalfNormal(x.new_tensor(1.0)))
+    with pyro.plate("data", x.shape[0], subsample_size=25) as idx:
+        pyro.sample("y", dist.Bernoulli(logits=s * (x[idx] * w).sum(-1)), obs=labels[idx])
+
+
 def _guide(model, *args):
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
     guide = AutoFlowGuide(model, SPEC, init_scale="auto")
-    with pytest.warns(VectorizationWarning):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         guide._setup_if_needed(*args)
+    warned = any(issubclass(w.category, VectorizationWarning) for w in caught)
+    assert warned is (model is not broadcasting) and guide.vectorized is (model is broadcasting)
     with torch.no_grad():  # a flow away from the identity, so log q is not the base's
         for p in guide.flow.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=GEN, dtype=p.dtype))
     return guide
 
 
+@pytest.mark.parametrize("model", [logistic, broadcasting])
 @pytest.mark.parametrize("control_variate", ["none", "taylor"])
-def test_mapped_log_weights_and_gradients_are_the_loops_at_the_same_draws(control_variate):
+def test_mapped_log_weights_and_gradients_are_the_loops_at_the_same_draws(control_variate, model):
     """Per draw and minibatch, `MappedLoss.weights_at` equals minus Pyro's `Trace_ELBO` loss
     of one particle with the guide's latent and the plate's indices fixed to the same
     values (the model wrapped with the control variate where it is on), value and gradient
-    in the flow's weights, to 1e-10."""
-    guide = _guide(logistic, X, LABELS)
-    train, on = with_control_variate(control_variate, logistic, guide)
+    in the flow's weights, to 1e-10. A subsampled model that broadcasts trains mapped too:
+    Pyro's vectorised ELBO would give all its particles one minibatch."""
+    guide = _guide(model, X, LABELS)
+    train, on = with_control_variate(control_variate, model, guide)
     assert mapped_training(guide) and on == (control_variate == "taylor")
     loss = MappedLoss(guide, "elbo", "reparam", 4, 1, guide._reference if on else None)
     pyro.set_rng_seed(3)
     latent, log_q = guide.flow.sample_and_log_prob((4,))
     indices = draw_indices(loss.plates, 4, latent.device)
-    weights = loss.weights_at(logistic, latent, log_q, indices, (X, LABELS), {})[0].reshape(-1)
+    weights = loss.weights_at(model, latent, log_q, indices, (X, LABELS), {})[0].reshape(-1)
     params = list(guide.flow.parameters())
     mapped_grad = torch.autograd.grad(weights.sum(), params, retain_graph=True)
 
