@@ -279,7 +279,8 @@ def fit_posterior(
             dimension, else one at a time with a `VectorizationWarning` (models written for
             one draw, such as ``X @ b`` or Python loops over data, work either way; training
             maps its particles with `torch.func.vmap` where set-up found that this agrees
-            with the loop and the model has no ``pyro.param``, see `MappedLoss`);
+            with the loop and the model has no ``pyro.param``, a subsampled model too, each
+            particle on its own minibatch: see `MappedLoss`);
             ``True``: at once, a `ValueError` where the model does not broadcast;
             ``False``: one at a time. The fit remembers the outcome for `log_densities`,
             `log_likelihood` and the diagnostics.
