@@ -90,25 +90,36 @@ def minibatch_factor(
     gradient of the minibatch's log joint at the MAP, and second order one Hessian-vector
     product per draw; the factor's gradient in `delta` is ``-(grad + H delta) - (g_B + H_B
     delta)`` as the expansion's, whatever graph `delta` comes from."""
-    loc, energy, grad = reference["loc"], reference["energy"], reference["grad"]
-    hess = reference.get("hess")
+    loc, hess = reference["loc"], reference.get("hess")
     point = loc.clone().requires_grad_(True)
     with torch.enable_grad():
         value = log_joint_at(batch, guide.split_latent(point), args, kwargs)
         (slope,) = torch.autograd.grad(value, point, create_graph=hess is not None)
-        expansion = value.detach() + delta @ slope.detach()
-        full = -energy - delta @ grad
-        if hess is not None:
+        products = None
+        if hess is not None:  # H_B delta per draw
+            rows = delta.detach()
             products = torch.stack(
-                [
-                    torch.autograd.grad(slope, point, row, retain_graph=True)[0]
-                    for row in delta.detach()
-                ]
-            )  # H_B delta per draw; as constants, `quadratic` has the value
-            # delta' H_B delta / 2 and the gradient H_B delta
-            quadratic = (delta * products).sum(-1) - 0.5 * (delta.detach() * products).sum(-1)
-            expansion = expansion + quadratic
-            full = full - 0.5 * ((delta @ hess) * delta).sum(-1)
+                [torch.autograd.grad(slope, point, row, retain_graph=True)[0] for row in rows]
+            )
+    return _factor(reference, delta, value.detach(), slope.detach(), products)
+
+
+def _factor(
+    reference: Mapping[str, torch.Tensor],
+    delta: torch.Tensor,
+    value: torch.Tensor,
+    slope: torch.Tensor,
+    products: torch.Tensor | None,
+) -> torch.Tensor:
+    """``T_F - T_B`` at ``loc + delta`` from the minibatch's log joint at the MAP, its gradient
+    and (second order) ``H_B delta`` per draw, all constants: the quadratic term then has the
+    value ``delta' H_B delta / 2`` and the gradient ``H_B delta``."""
+    expansion = value + (delta * slope).sum(-1)
+    full = -reference["energy"] - delta @ reference["grad"]
+    if products is not None:
+        expansion = expansion + (delta * products).sum(-1)
+        expansion = expansion - 0.5 * (delta.detach() * products).sum(-1)
+        full = full - 0.5 * ((delta @ reference["hess"]) * delta).sum(-1)
     return full - expansion
 
 
@@ -127,8 +138,7 @@ def mapped_factor(
     second order, its Hessian times ``u - loc`` (the gradient of that gradient's product with
     ``u - loc``). The value and the gradient in `latent` are those of `minibatch_factor` of
     each draw."""
-    loc, energy, grad = reference["loc"], reference["energy"], reference["grad"]
-    hess = reference.get("hess")
+    loc, hess = reference["loc"], reference.get("hess")
     delta = latent - loc
 
     def at(point: torch.Tensor, idx: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -151,13 +161,7 @@ def mapped_factor(
 
     with pyro.validation_enabled(False):  # its checks branch in Python on values
         value, slope, products = torch.func.vmap(terms)(delta.detach(), dict(indices))
-    expansion = value + (delta * slope).sum(-1)
-    full = -energy - delta @ grad
-    if hess is not None:  # as in `minibatch_factor`: H_B delta a constant per draw
-        expansion = expansion + (delta * products).sum(-1)
-        expansion = expansion - 0.5 * (delta.detach() * products).sum(-1)
-        full = full - 0.5 * ((delta @ hess) * delta).sum(-1)
-    return full - expansion
+    return _factor(reference, delta, value, slope, None if hess is None else products)
 
 
 def _particle_plate(trace: Any) -> bool:
