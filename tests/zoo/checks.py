@@ -84,9 +84,11 @@ class Warnings:
     def __exit__(self, *exc: object) -> None:
         self._catcher.__exit__(*exc)
 
-    def check(self, expect: type[Warning] | None) -> None:
+    def check(self, expect: type[Warning] | None, allowed: tuple[type[Warning], ...] = ()) -> None:
+        """`expect` must come (unless None); `allowed` may come; nothing else may."""
         expected = [w for w in self.caught if expect is not None and issubclass(w.category, expect)]
-        others = [f"{w.category.__name__}: {w.message}" for w in self.caught if w not in expected]
+        others = [f"{w.category.__name__}: {w.message}" for w in self.caught
+                  if w not in expected and not issubclass(w.category, allowed)]  # fmt: skip
         assert not others, f"unexpected warnings: {others}"
         if expect is not None:
             assert expected, f"expected a {expect.__name__}, got none"

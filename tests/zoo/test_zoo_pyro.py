@@ -22,6 +22,7 @@ from pyro.infer import Predictive
 from pyro.poutine.util import site_is_subsample
 
 import flowguides
+from flowguides.core import FitBelowStartWarning
 from flowguides.pyro import PosteriorFit, VectorizationWarning, fit_posterior
 from flowguides.spec import FlowSpec
 from tests.zoo import data
@@ -67,6 +68,7 @@ class Case:
         vectorizes: whether the model broadcasts over a leading particle dimension (when it
             does not, the fit runs particles one by one and says so in one warning).
         fit_check: a check of the fit itself (a learned model parameter).
+        may_warn: warnings the fit may give (not required), with the reason at the case.
         predictive_check: a check of `Predictive`'s output.
         spec, steps, learning_rate: the flow and its training.
     """
@@ -79,6 +81,7 @@ class Case:
     vectorizes: bool = True
     fit_check: Callable[[PosteriorFit], None] | None = None
     predictive_check: Callable[[dict], None] | None = None
+    may_warn: tuple[type[Warning], ...] = ()
     spec: FlowSpec = SPEC
     steps: int = 200
     learning_rate: float = 5e-3
@@ -182,6 +185,11 @@ CASES = {
         {"y": (30,)},
         vectorizes=False,
         steps=FEW_STEPS,
+        # the first loss is one 4-particle estimate at the start, over seeds 0-3 31.0-33.3
+        # (mapped; 32.5-33.7 in Pyro's loop), the trained guide's 32.8: a start drawn that
+        # low reads as "clearly" better than the end (FitBelowStartWarning judges the start's
+        # noise by the end's smaller spread); it did at seed 0 once training was mapped
+        may_warn=(FitBelowStartWarning,),
     ),
     "ar1_loop": Case(
         m.ar1,
@@ -283,7 +291,7 @@ def test_zoo_model(name, tmp_path):
             np.testing.assert_allclose(after[0][site], before[0][site], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(after[1], before[1], rtol=1e-5, atol=1e-4, err_msg="log p")
         np.testing.assert_allclose(after[2], before[2], rtol=1e-5, atol=1e-4, err_msg="log q")
-    caught.check(None if case.vectorizes else VectorizationWarning)
+    caught.check(None if case.vectorizes else VectorizationWarning, case.may_warn)
 
 
 def test_zoo_has_every_kind_of_model():
