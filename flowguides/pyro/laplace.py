@@ -40,10 +40,17 @@ class _LeftSupport(Exception):
     """The MAP search evaluated the model outside a support (stop there, keep the best)."""
 
 
+class _ModelError(Exception):
+    """The model raised inside the MAP search (re-raised as it was)."""
+
+
 def minimize(energy: Energy, x0: torch.Tensor) -> torch.Tensor:
     """L-BFGS (strong Wolfe line search, at most 2000 iterations) for the minimum of `energy`;
     returns the point of lowest finite energy it evaluated (`x0` if none), stopping where the
-    line search steps outside a support (the model raises `ValueError`)."""
+    line search steps outside a support (the model raises `ValueError`) or where L-BFGS's
+    own arithmetic fails (a step size beyond the dtype's range, as a search along a
+    funnel's unbounded direction can reach in single precision). The model's other errors
+    are raised as they are."""
     z = x0.clone().requires_grad_(True)
     opt = torch.optim.LBFGS([z], max_iter=2000, line_search_fn="strong_wolfe")
     best = [math.inf, x0]  # the lowest finite energy seen, and where
@@ -54,14 +61,23 @@ def minimize(energy: Energy, x0: torch.Tensor) -> torch.Tensor:
             value = energy(z)
         except ValueError as exc:  # the line search stepped outside a support
             raise _LeftSupport from exc
+        except Exception as exc:  # noqa: BLE001 - the model's own error, raised below
+            raise _ModelError from exc
         if torch.isfinite(value) and float(value.detach()) < best[0]:
             best[:] = [float(value.detach()), z.detach().clone()]
-        value.backward()
+        try:
+            value.backward()
+        except Exception as exc:  # noqa: BLE001 - the model's own error, raised below
+            raise _ModelError from exc
         return value
 
     try:
         opt.step(closure)
     except _LeftSupport:
+        pass
+    except _ModelError as exc:
+        raise exc.__cause__ from None
+    except RuntimeError:  # L-BFGS itself (e.g. its step overflowed): the best point so far
         pass
     return best[1]
 

@@ -207,3 +207,34 @@ def test_the_start_search_keeps_pyro_nan_warnings_to_itself():
     assert np.isneginf(out["elbo_plain"].numpy()).any()  # a wide start met NaN: -inf
     with pytest.warns(UserWarning, match="Encountered NaN"):
         energy(z0)
+
+
+def test_a_line_search_step_beyond_the_dtype_ends_the_search_at_its_best_point(monkeypatch):
+    """Torch's L-BFGS raises a `RuntimeError` of its own where a line-search step size leaves
+    the dtype's range (met once in single precision on the centred eight schools, whose energy
+    falls without bound as tau -> 0): the search stops at the lowest energy it evaluated. A
+    model's own `RuntimeError` is still raised."""
+    calls = []
+    original = torch.optim.LBFGS._add_grad
+
+    def add_grad(self, step_size, update):
+        calls.append(step_size)
+        if len(calls) == 3:  # after the first line search's trial point and its undo
+            raise RuntimeError("value cannot be converted to type float without overflow")
+        return original(self, step_size, update)
+
+    monkeypatch.setattr(torch.optim.LBFGS, "_add_grad", add_grad)
+
+    def energy(z):
+        return ((z - 2.0) ** 2).sum()
+
+    start = torch.zeros(2)
+    point = laplace_module.minimize(energy, start)
+    assert len(calls) == 3 and float(energy(point)) < float(energy(start))
+    monkeypatch.undo()
+
+    def broken(z):
+        raise RuntimeError("the model's own bug")
+
+    with pytest.raises(RuntimeError, match="the model's own bug"):
+        laplace_module.minimize(broken, start)
