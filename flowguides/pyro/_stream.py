@@ -241,11 +241,8 @@ def full_data_chunks(trace: poutine.Trace) -> list[Callable[[Callable], Callable
     joint at scale 1: the start search's target (Pyro's plate checks that a subsample has
     exactly ``subsample_size`` indices, so the full data cannot go through in one call).
     """
-    plates = {}
-    for name, site in trace.nodes.items():
-        fn = site.get("fn")
-        if site_is_subsample(site) and fn.subsample_size and fn.subsample_size < fn.size:
-            plates[name] = (fn.size, fn.subsample_size, site["value"])
+    plates = {name: (*sizes, trace.nodes[name]["value"])
+              for name, sizes in subsampled_plates(trace).items()}  # fmt: skip
     if not plates:
         return None
     for site in trace.nodes.values():
