@@ -40,6 +40,7 @@ from flowguides.core import (
     coordinate_sites,
 )
 from flowguides.core.calls import call_error
+from flowguides.core.hessian import hessian_colors
 from flowguides.numpyro import ode
 from flowguides.numpyro._control import reference_params
 from flowguides.numpyro._model import as_constants, callable_key, choose_constants, split_args
@@ -189,12 +190,17 @@ class AutoFlowGuide(AutoContinuous, StagedPrototype):
         arrays, signature, rebuild = split_args(args, kwargs, self._constants)
         full_rank = self.latent_dim <= FULL_RANK_MAX_DIM
         potential_gen, unpack = self._potential_fn_gen, self._unpack_latent
+        trace = self.prototype_trace
+        sites = [
+            (np.shape(v), trace[name]["fn"].batch_shape) for name, v in self._init_locs.items()
+        ]
+        colors = None if full_rank else hessian_colors(sites)
 
         def search(z0: jax.Array, arrays: list) -> dict[str, jax.Array]:
             a, k = rebuild(arrays)
             potential = potential_gen(*a, **k)
             with full_data():  # traced once: the program holds the full-data energy
-                return laplace_search(lambda z: potential(unpack(z)), z0, full_rank)
+                return laplace_search(lambda z: potential(unpack(z)), z0, full_rank, colors)
 
         shapes = (loc.shape, str(loc.dtype), full_rank)
         key = cache_key(

@@ -4,8 +4,9 @@ A Laplace start finds the MAP in unconstrained space (L-BFGS) and whitens with t
 of the negative log joint there: the fixed map ``z = MAP + L x`` with ``L`` the Cholesky factor
 of ``H^-1`` up to `FULL_RANK_MAX_DIM` dimensions, and the diagonal ``1 / sqrt(diag H)`` (a
 vector) above it or where `H` is not positive definite. The diagonal above `FULL_RANK_MAX_DIM`
-comes from exact Hessian-vector products with unit vectors, a block of coordinates at a time
-(see `hessian_diagonal`), so it needs neither the ``d x d`` Hessian nor its memory.
+comes from exact Hessian-vector products, a block at a time, shared by the coordinates of a
+site's batch where its block of `H` is diagonal (see `hessian_diagonal`,
+`flowguides.numpyro._hessian`), so it needs neither the ``d x d`` Hessian nor its memory.
 
 The functions work on an energy callable (the negative log joint of the packed unconstrained
 latent vector) and a coordinate -> site map, not on the guide: `laplace_search` is everything
@@ -27,6 +28,7 @@ import optax
 from jax import lax
 
 from flowguides.core import AUTO_SCALES, FULL_RANK_MAX_DIM, MODE_TOLERANCE, LaplaceFallbackWarning
+from flowguides.numpyro._hessian import hessian_diagonal
 
 __all__ = ["choose_start", "hessian_diagonal", "laplace_search", "laplace_start", "minimize"]
 
@@ -142,46 +144,11 @@ def _polish(
     )
 
 
-def hessian_diagonal(
-    energy: Callable[[jax.Array], jax.Array], point: jax.Array, block_size: int | None = None
-) -> jax.Array:
-    """The exact diagonal of the Hessian of the scalar `energy` at `point`, without the Hessian.
-
-    Row ``i`` of ``H`` is the Hessian-vector product ``H e_i`` (reverse-mode derivative of the
-    gradient with cotangent the unit vector ``e_i``: reverse mode only, so a model with a
-    ``jax.custom_vjp`` function, which forward mode cannot differentiate, works), and ``H[i, i]`` its ``i``-th entry. A block of
-    `block_size` coordinates runs as one vectorised product (`jax.vmap`), the blocks one
-    after another (`lax.map`): ``d`` products in all, exact, with memory ``block_size x d``
-    plus the model's own for `block_size` evaluations, instead of the ``d x d`` Hessian.
-
-    Args:
-        energy: the function (e.g. the negative log joint of the packed latent vector).
-        point: where, shape ``(d,)``.
-        block_size: coordinates per vectorised product (default `FULL_RANK_MAX_DIM`).
-
-    Returns:
-        ``diag H``, shape ``(d,)``.
-    """
-    dim = point.shape[0]
-    block = min(FULL_RANK_MAX_DIM if block_size is None else block_size, dim)
-    num_blocks = -(-dim // block)
-    _, pullback = jax.vjp(jax.grad(energy), point)
-
-    def row(tangent: jax.Array) -> jax.Array:
-        return pullback(tangent)[0]  # H symmetric: the reverse product is H e_i too
-
-    def one_block(start: jax.Array) -> jax.Array:
-        coords = start + jnp.arange(block)
-        tangents = jax.nn.one_hot(coords, dim, dtype=point.dtype)  # zero rows past the end
-        rows = jax.vmap(row)(tangents)
-        return jnp.take_along_axis(rows, jnp.minimum(coords, dim - 1)[:, None], axis=1)[:, 0]
-
-    blocks = lax.map(one_block, jnp.arange(num_blocks) * block)
-    return blocks.reshape(-1)[:dim]
-
-
 def laplace_search(
-    energy: Callable[[jax.Array], jax.Array], loc: jax.Array, full_rank: bool | None = None
+    energy: Callable[[jax.Array], jax.Array],
+    loc: jax.Array,
+    full_rank: bool | None = None,
+    colors: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, jax.Array]:
     """Everything `init_scale` decides on, as one traced program (compiled once per model and
     shapes): the MAP, the Hessian (full rank) or its diagonal, the mode checks and the
@@ -192,6 +159,7 @@ def laplace_search(
         energy: the negative log joint of one point ``(d,)``.
         loc: where the MAP search starts (the plain starts' location), shape ``(d,)``.
         full_rank: whether to form the ``d x d`` Hessian; None: ``d <= FULL_RANK_MAX_DIM``.
+        colors: the latent layout's colours for `hessian_diagonal` (not full rank), or None.
 
     Returns:
         ``loc_map``, ``grad_map`` and ``energy_map`` (the energy's gradient and value there),
@@ -206,7 +174,7 @@ def laplace_search(
         hess = jax.jacrev(jax.grad(energy))(loc_map)
         curvature = jnp.diag(hess)
     else:
-        curvature = hessian_diagonal(energy, loc_map)
+        curvature = hessian_diagonal(energy, loc_map, colors=colors)
     good = jnp.isfinite(curvature) & (curvature > 0)
     scale = jnp.where(good, 1.0 / jnp.sqrt(jnp.where(good, curvature, 1.0)), 0.1)
     if jnp.finfo(loc.dtype).bits < 64:  # the energy's values too coarse for a line search

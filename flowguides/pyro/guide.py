@@ -34,6 +34,7 @@ from flowguides.core import (
     local_latent_error,
 )
 from flowguides.core.calls import call_error, first_line, foreign_arguments
+from flowguides.core.hessian import hessian_colors
 from flowguides.pyro._control import reference_terms
 from flowguides.pyro._model import BatchLogJoint
 from flowguides.pyro._stream import full_data_chunks
@@ -200,12 +201,15 @@ class AutoFlowGuide(AutoContinuous, BatchLogJoint):
             for site in self.model_trace.nodes.values()
             if site["type"] == "sample" and torch.is_tensor(site["value"])
         )
+        sites = [(shape, self.prototype_trace.nodes[name]["fn"].batch_shape)
+                 for name, shape in self._unconstrained_shapes.items()]  # fmt: skip
         out = laplace_search(
             lambda z: -self.start_log_joint(z, args, kwargs),
             init,
             energies=lambda z: -self.start_log_joint(z, args, kwargs),
             values_per_copy=values,
             elbos=self.init_scale == "auto",
+            colors=hessian_colors(sites),
         )
         found = bool(out["finite"]) and not bool(out["moving"].any())
         self._reference = reference_terms(out) if found else None  # see `_control.py`
@@ -296,14 +300,10 @@ class AutoFlowGuide(AutoContinuous, BatchLogJoint):
         if fixed is None:
             self.flow.precondition = None
             return self
-        like = self.flow.affine.loc
         arrays = check_preconditioner(fixed, self.latent_dim)
-        self.flow.precondition = Precondition(
-            *(
-                torch.as_tensor(arrays[k], dtype=like.dtype, device=like.device)
-                for k in PRECONDITION
-            )
-        )
+        like = self.flow.affine.loc  # the flow's dtype and device
+        self.flow.precondition = Precondition(*(torch.as_tensor(arrays[k]).to(like)
+                                                for k in PRECONDITION))  # fmt: skip
         return self
 
     def _require_setup(self) -> None:

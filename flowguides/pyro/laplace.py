@@ -4,8 +4,9 @@ A Laplace start finds the MAP in unconstrained space (L-BFGS) and whitens with t
 of the negative log joint there: the fixed map ``z = MAP + L x`` with ``L`` the Cholesky factor
 of ``H^-1`` up to `FULL_RANK_MAX_DIM` dimensions, and the diagonal ``1 / sqrt(diag H)`` (a
 vector) above it or where `H` is not positive definite. The diagonal above `FULL_RANK_MAX_DIM`
-comes from exact Hessian-vector products, one coordinate per draw of a batch (see
-`hessian_diagonal`), so it needs neither the ``d x d`` Hessian nor ``d`` separate passes.
+comes from exact Hessian-vector products, one per copy of a batch, shared by the coordinates
+of a site's batch where its block of `H` is diagonal (see `hessian_diagonal`,
+`flowguides.pyro._hessian`), so it needs neither the ``d x d`` Hessian nor its memory.
 
 The functions work on an energy callable (the negative log joint of the packed unconstrained
 latent vector) and a coordinate -> site map, not on the guide: `laplace_search` is everything
@@ -23,9 +24,11 @@ import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from flowguides.core import AUTO_SCALES, FULL_RANK_MAX_DIM, MODE_TOLERANCE, LaplaceFallbackWarning
+from flowguides.pyro._hessian import hessian_diagonal
 
 __all__ = ["choose_start", "hessian_diagonal", "laplace_search", "laplace_start", "minimize"]
 
@@ -126,47 +129,6 @@ def _polish(energy: Energy, x: torch.Tensor, scale: torch.Tensor) -> torch.Tenso
     return (x + scale * u).detach()
 
 
-def hessian_diagonal(
-    energies: Callable[[torch.Tensor], torch.Tensor],
-    point: torch.Tensor,
-    block_size: int | None = None,
-) -> torch.Tensor:
-    """The exact diagonal of the Hessian of a scalar function at `point`, without the Hessian.
-
-    `energies` maps a batch of points ``(B, d)`` to one value per point ``(B,)``, each row's
-    value depending on that row alone (a vectorised model, or a loop over draws). A batch of
-    `block_size` copies of `point` is differentiated twice: the gradient ``g_b`` of row `b`,
-    then the gradient of ``sum_b g_b[i_b]`` with ``i_b`` a different coordinate per row, whose
-    row `b` is ``H[i_b, :]`` (a Hessian-vector product with the unit vector ``e_{i_b}``) and so
-    holds ``H[i_b, i_b]``. ``ceil(d / block_size)`` double backward passes give all `d`
-    entries exactly, with memory ``block_size x d`` plus `block_size` copies of the model's
-    own; the work is that of `d` gradients of the model, whatever the block size.
-
-    Args:
-        energies: the batched function (e.g. a negative log joint per draw).
-        point: where, shape ``(d,)``.
-        block_size: coordinates per pass (default `FULL_RANK_MAX_DIM`).
-
-    Returns:
-        ``diag H``, shape ``(d,)``.
-    """
-    dim = point.numel()
-    block_size = FULL_RANK_MAX_DIM if block_size is None else block_size
-    diagonal = torch.zeros_like(point)
-    for start in range(0, dim, block_size):
-        coords = torch.arange(start, min(start + block_size, dim), device=point.device)
-        rows = torch.arange(len(coords), device=point.device)
-        z = point.detach().expand(len(coords), dim).clone().requires_grad_(True)
-        (grad,) = torch.autograd.grad(energies(z).sum(), z, create_graph=True)
-        picked = grad[rows, coords].sum()
-        if not picked.requires_grad:  # the gradient does not depend on z: H is 0 there
-            continue
-        (hvp,) = torch.autograd.grad(picked, z, allow_unused=True)
-        if hvp is not None:
-            diagonal[coords] = hvp[rows, coords].detach()
-    return diagonal
-
-
 def laplace_search(
     energy: Energy,
     loc: torch.Tensor,
@@ -175,6 +137,7 @@ def laplace_search(
     energies: Energy,
     values_per_copy: int | None = None,
     elbos: bool = True,
+    colors: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Everything `init_scale` decides on: the MAP, the Hessian (full rank) or its diagonal,
     the mode checks and, with `elbos`, the 256-draw ELBO (fixed seed) of every start.
@@ -189,6 +152,7 @@ def laplace_search(
             about ``2**19`` values alive, at most `FULL_RANK_MAX_DIM`; None: that maximum.
         elbos: also estimate the ELBO of the plain starts (`AUTO_SCALES`) and of the Laplace
             start, as ``"auto"`` needs.
+        colors: the latent layout's colours for `hessian_diagonal` (not full rank), or None.
 
     Returns:
         ``loc_map``, ``energy_map`` and ``grad_map`` (the energy and its gradient there),
@@ -204,7 +168,7 @@ def laplace_search(
         # the search probes far from the mode (line searches, wide starts) and handles a
         # non-finite energy itself: Pyro's "Encountered NaN" warnings would only be noise
         warnings.filterwarnings("ignore", message="Encountered NaN", category=UserWarning)
-        return _search(energy, loc, full_rank, energies, values_per_copy, elbos)
+        return _search(energy, loc, full_rank, energies, values_per_copy, elbos, colors)
 
 
 def _search(
@@ -214,6 +178,7 @@ def _search(
     energies: Energy,
     values_per_copy: int | None,
     elbos: bool,
+    colors: tuple[np.ndarray, np.ndarray] | None,
 ) -> dict[str, torch.Tensor]:
     dim = loc.numel()
     full_rank = dim <= FULL_RANK_MAX_DIM if full_rank is None else full_rank
@@ -222,7 +187,7 @@ def _search(
         hessian = torch.autograd.functional.hessian(energy, loc_map)
         curvature = hessian.diagonal()
     else:
-        curvature = hessian_diagonal(energies, loc_map, _block_size(values_per_copy))
+        curvature = hessian_diagonal(energies, loc_map, _block_size(values_per_copy), colors)
     good = torch.isfinite(curvature) & (curvature > 0)
     scale = torch.where(good, curvature.clamp_min(1e-300).rsqrt(), torch.full_like(curvature, 0.1))
     if torch.finfo(loc_map.dtype).bits < 64:  # the energy's values too coarse for a line search

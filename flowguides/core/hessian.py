@@ -1,0 +1,89 @@
+"""The probes both backends use for the diagonal of a Hessian: colours from the latent layout.
+
+A model's latent vector packs its sites one after another, each as ``batch + event`` (the
+batch dimensions those of its distribution: its plates). Elements of one site along its
+batch dimensions often do not interact in the energy (group intercepts, each touched by its
+own rows): the block of the Hessian between them is diagonal. Where it is, one product of the
+Hessian with a vector that is 1 on all of them gives all their diagonal entries at once,
+instead of one product per element (Curtis, Powell & Reid 1974: columns that share no row
+can share a probe). Nothing is assumed: a second product, with standard-normal weights on the
+same coordinates, tests the block, and a colour whose test fails gets one product per
+coordinate (`hessian_diagonal` in each backend).
+
+`hessian_colors` gives every coordinate a colour: the coordinates of a site that differ only
+in their batch index share one (one colour per event position); every other coordinate has
+its own. `check_probe` is the test both backends apply.
+
+References:
+    Curtis, Powell & Reid, "On the estimation of sparse Jacobian matrices", 1974.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = ["PROBE_SEED", "check_tolerance", "hessian_colors", "probe_weights", "shared_rank"]
+
+PROBE_SEED = 0
+"""Seed of the standard-normal weights of the test probes (NumPy's generator): fixed, so both
+backends test with the same vectors and a search repeats exactly."""
+
+
+def hessian_colors(
+    sites: Sequence[tuple[Sequence[int], Sequence[int]]],
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(colour of each packed coordinate (d,), whether each colour is shared (C,))``.
+
+    Args:
+        sites: per site in packing order, ``(shape of its unconstrained value, batch shape of
+            its distribution)``; the value's leading dimensions are the batch where they equal
+            it (the rest, the event, in C order within each batch element); a site without
+            batch dimensions (or whose value does not start with them) gives each of its
+            coordinates its own colour.
+
+    Returns:
+        Colours ``0 .. C-1`` in order of first appearance, and for each colour whether more
+        than one coordinate has it.
+    """
+    colors: list[np.ndarray] = []
+    count = 0
+    for shape, batch_shape in sites:
+        shape, batch_shape = tuple(int(n) for n in shape), tuple(int(n) for n in batch_shape)
+        size = math.prod(shape)
+        batched = bool(batch_shape) and shape[: len(batch_shape)] == batch_shape
+        batch = math.prod(batch_shape) if batched else 1
+        if batch <= 1:
+            colors.append(count + np.arange(size))
+            count += size
+        else:
+            colors.append(count + np.tile(np.arange(size // batch), batch))
+            count += size // batch
+    out = np.concatenate(colors).astype(np.int64) if colors else np.zeros(0, np.int64)
+    return out, np.bincount(out, minlength=count) > 1
+
+
+def probe_weights(colors: np.ndarray, shared: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """The probe vectors ``(2 S, d)`` of the ``S`` shared colours (in colour order): first,
+    per shared colour, 1 on its coordinates; then, per shared colour, standard-normal weights
+    (`PROBE_SEED`) on its coordinates. (A colour of one coordinate needs no probe of its own:
+    its product is that with the unit vector.)"""
+    ids = np.flatnonzero(shared)
+    ones = (colors[None, :] == ids[:, None]).astype(dtype)
+    normal = np.random.default_rng(PROBE_SEED).standard_normal(colors.shape[0]).astype(dtype)
+    return np.concatenate([ones, ones * normal[None, :]])
+
+
+def shared_rank(shared: np.ndarray) -> np.ndarray:
+    """Per colour, its row among `probe_weights`'s ones probes (-1 for a colour of one)."""
+    return np.where(shared, np.cumsum(shared) - 1, -1)
+
+
+def check_tolerance(dtype: np.dtype) -> float:
+    """Relative tolerance of the test: a colour's block is diagonal where, at each of its
+    coordinates ``i``, ``|(H g)_i - h_i g_i| <= tol * (|(H g)_i| + |h_i g_i|)`` (``h`` from
+    the ones probe, ``g`` the normal weights): ``eps ** 0.4`` of the dtype, above the rounding
+    of a product summed over many data rows."""
+    return float(np.finfo(dtype).eps ** 0.4)
