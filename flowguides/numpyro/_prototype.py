@@ -177,8 +177,6 @@ def staged_prototype(
         if site["type"] == "sample" and not site["is_observed"]:
             if site["fn"].support.is_discrete:
                 return None
-        if site["type"] == "plate" and site["args"][1] not in (None, site["args"][0]):
-            return None  # subsampled: NumPyro replays the prototype's indices
     transforms = _transforms_from_trace(trace, raise_warnings=False)
     replay = transforms.has_deterministic or transforms.dynamic_support
     prepared = _prepare_model_for_potential(model, trace, enum=False)
@@ -197,10 +195,26 @@ def _first_attempt(model: Callable, strategy: Callable, key: jax.Array, a: tuple
     program, with a second copy of the model and of its prior draws) only where that point is
     not valid. Traced once, without the loop; `staged_prototype` runs `initialize_model` where
     the point is not valid, so the values are the same either way. For a model without
-    ``param`` sites or subsampled plates (the staged path refuses the others)."""
+    ``param`` sites (the staged path refuses them). A model whose plates subsample runs, as
+    in `initialize_model`, on the indices its prototype trace drew (a trace of the model
+    seeded with `key` under the init strategy), so it is traced once more."""
     prepared = _substitute_default_key(model)  # the model `find_valid_initial_params` runs
-    seeded = handlers.seed(prepared, jax.random.split(key)[1])
-    trace = handlers.trace(handlers.substitute(seeded, substitute_fn=strategy)).get_trace(*a, **k)
+
+    def first_trace(prepared: Callable) -> dict:
+        seeded = handlers.seed(prepared, jax.random.split(key)[1])
+        return handlers.trace(handlers.substitute(seeded, substitute_fn=strategy)).get_trace(
+            *a, **k
+        )
+
+    trace = first_trace(prepared)
+    if any(
+        s["type"] == "plate" and s["args"][1] not in (None, s["args"][0]) for s in trace.values()
+    ):
+        seeded = handlers.substitute(handlers.seed(model, key), substitute_fn=strategy)
+        plates = {n: s["value"] for n, s in handlers.trace(seeded).get_trace(*a, **k).items()
+                  if s["type"] == "plate"}  # fmt: skip
+        prepared = handlers.substitute(prepared, data=plates)
+        trace = first_trace(prepared)
     latent = {
         name: site for name, site in trace.items()
         if site["type"] == "sample" and not site["is_observed"] and not site["fn"].support.is_discrete

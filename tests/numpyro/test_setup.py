@@ -189,6 +189,40 @@ def test_the_set_up_takes_initialize_models_point_by_its_first_attempt_or_its_re
         assert 0 < retried < 6  # both paths were taken
 
 
+X_SUB = np.linspace(-2.0, 2.0, 20)
+
+
+def _subsampled_half_line(x):
+    u = numpyro.sample("u", dist.Normal(0.0, 1.0))
+    with numpyro.plate("data", 20, subsample_size=5) as idx:
+        numpyro.sample("x", dist.Normal(u, 1.0), obs=x[idx])
+    # drawn after the plate: its init draw's key depends on whether the plate drew one
+    numpyro.sample("t", dist.Normal(u, 1.0))
+    # valid only above the minibatch's least value: the point depends on the indices drawn
+    numpyro.factor("above", jnp.where(u > x[idx].min(), 0.0, -jnp.inf))
+
+
+@pytest.mark.parametrize("strategy", ["median", "sample"])
+def test_a_subsampled_model_sets_up_staged_on_the_indices_initialize_model_draws(strategy):
+    from numpyro.infer.initialization import init_to_sample
+
+    from flowguides.numpyro._prototype import staged_prototype
+
+    init = {"median": init_to_median, "sample": init_to_sample}[strategy]
+    for seed in range(8):
+        clear_compiled()
+        key = jax.random.key(seed)
+        staged = staged_prototype(_subsampled_half_line, init, key, (X_SUB,), {})
+        assert staged is not None  # not NumPyro's eager set-up
+        init_locs, _, _, trace = staged
+        info = initialize_model(
+            key, _subsampled_half_line, init_strategy=init, dynamic_args=True, model_args=(X_SUB,)
+        )
+        for name in ("u", "t"):
+            np.testing.assert_allclose(init_locs[name], info.param_info.z[name], rtol=1e-12)
+        np.testing.assert_array_equal(trace["data"]["value"], info.model_trace["data"]["value"])
+
+
 def test_model_with_its_own_params_takes_numpyros_set_up_and_svi_init():
     def with_param(x, y=None):
         shift = numpyro.param("shift", jnp.zeros(()))
