@@ -93,6 +93,7 @@ from flowguides.core.routes import (
     route_fit,
 )
 from flowguides.core.training import (
+    AFFINE_PARAMETERS,
     AUTO_SCALES,
     DEFAULT_LEARNING_RATE,
     DENSITY_BUDGETS,
@@ -115,6 +116,7 @@ from flowguides.core.training import (
 )
 
 __all__ = [
+    "AFFINE_PARAMETERS",
     "WITH_REPLACEMENT_RATIO",
     "DENSITY_LEARNING_RATE",
     "DENSITY_PATIENCE",

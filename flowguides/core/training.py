@@ -15,6 +15,7 @@ import numpy as np
 from flowguides.core.errors import FitBelowStartWarning
 
 __all__ = [
+    "AFFINE_PARAMETERS",
     "AUTO_SCALES",
     "BELOW_START_NATS",
     "DEFAULT_LEARNING_RATE",
@@ -68,6 +69,12 @@ MODE_TOLERANCE = 0.1
 """Largest ``|gradient| x Laplace scale`` the start search accepts as a mode."""
 
 
+AFFINE_PARAMETERS = ("affine.loc", "affine.log_scale")
+"""Name endings of a posterior guide's affine base (per coordinate: vector-like under maximal
+update parametrisation): with `fit_posterior`'s default learning rate they train at
+`DEFAULT_LEARNING_RATE`, whatever the dimension (see `default_learning_rate`)."""
+
+
 def default_learning_rate(dim: int) -> float:
     """`fit_posterior`'s default peak learning rate for a `dim`-dimensional latent space.
 
@@ -77,8 +84,12 @@ def default_learning_rate(dim: int) -> float:
     noisy ELBO gradients that is a random walk which, at a fixed rate, overwhelms the signal in
     high dimensions (the fit drifts below its own start). Scaling the rate as ``1 / fan-in``
     (the rule of maximal-update parametrisation for Adam) keeps the per-step change of
-    pre-activations the same as at the reference size. See the benchmarks page for the
-    high-dimensional rows.
+    pre-activations the same as at the reference size. The same rule leaves vector-like
+    parameters at the unscaled rate: the guide's affine base (`AFFINE_PARAMETERS`), each of
+    whose entries moves one coordinate alone, trains at `DEFAULT_LEARNING_RATE` in
+    `fit_posterior` (where `learning_rate` is not given), so a global parameter that must
+    travel several whitened units from its start gets there in as many steps as in low
+    dimensions. See the benchmarks page for the high-dimensional rows.
 
     References:
         Yang et al., "Tensor Programs V: Tuning Large Neural Networks via Zero-Shot

@@ -1,12 +1,11 @@
 """The compiled-training machinery `posterior.py` and `density.py` share (NumPyro): `jit`
 (every program a fit compiles, with `CPU_COMPILER_OPTIONS` on the CPU), a bounded program cache
-(`cache_key`, `cached`, `clear_compiled`; keys `params_key`, `flowguides.numpyro._model`'s
-and `flowguides.numpyro._support.supports_key`), `use_compilation_cache`, the schedule
-(`make_optimizer`), the host loop over chunks of `CHUNK` steps (`run_chunks`,
-`progress_bar`), neural-ODE records (`history_entries`,
-`mean_penalty`) and `fit_posterior`'s losses (`ObjectiveLoss`, `objective_loss`,
-`RecordingELBO`). PyTorch steps eagerly: the Pyro backend's ``_training.py`` shares
-`mean_penalty`, `progress_bar` and the losses, and has none of the compiled-program names.
+(`cache_key`, `cached`, `clear_compiled`; keys `params_key`, `flowguides.numpyro._model`'s and
+`flowguides.numpyro._support.supports_key`), `use_compilation_cache`, the schedule
+(`make_optimizer`), the host loop over chunks of `CHUNK` steps (`run_chunks`, `progress_bar`),
+neural-ODE records (`history_entries`, `mean_penalty`) and `fit_posterior`'s losses
+(`ObjectiveLoss`, `objective_loss`, `RecordingELBO`). PyTorch steps eagerly: the Pyro backend's
+``_training.py`` shares `mean_penalty`, `progress_bar` and the losses, not the program names.
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ from numpyro.infer.elbo import ELBO
 from numpyro.infer.util import log_density
 from tqdm.auto import tqdm
 
-from flowguides.core import CONTROL_VARIATE_PREFIX, PRECONDITION, decay_steps
+from flowguides.core import AFFINE_PARAMETERS, CONTROL_VARIATE_PREFIX, PRECONDITION, decay_steps
 from flowguides.numpyro.build import FlowTransform
 from flowguides.numpyro.ode import training_solves
 from flowguides.spec import FlowSpec
@@ -68,7 +67,6 @@ CHUNK = 100
 HISTORY = "_flowguides_history"
 """The SVI mutable-state entry where `fit_posterior`'s steps put their history entries."""
 
-
 CPU_COMPILER_OPTIONS: dict[str, Any] = {"xla_backend_optimization_level": 2}
 """XLA options of flowguides' CPU programs (`jit`): LLVM at ``-O2``, not ``-O3``, for shorter
 compiles (see the conventions page); values change by rounding at most; both caches key them."""
@@ -81,8 +79,6 @@ shorter compiles; training chunks keep the fusion emitters (faster loops on some
 _CACHE_SIZE = 32
 _COMPILED: OrderedDict[Hashable, Callable[..., Any]] = OrderedDict()
 _TAKES_OPTIONS = "compiler_options" in inspect.signature(jax.jit).parameters
-
-
 _TAKEN: dict[tuple, dict[str, Any]] = {}
 
 
@@ -168,25 +164,28 @@ def default_float() -> jnp.dtype:
     return jnp.result_type(float)
 
 
-def make_optimizer(num_steps: int, learning_rate: float, clip_norm: float | None):
+def make_optimizer(
+    num_steps: int, learning_rate: float, clip_norm: float | None, affine_rate: float | None = None
+):
     """Adam on the shared schedule (after global-norm clipping when `clip_norm` is set); the
     fixed whitening of a Laplace start (`PRECONDITION`) and the control variate's terms
-    (`CONTROL_VARIATE_PREFIX`) are left out: no update and no Adam moments."""
-    schedule = optax.join_schedules(
-        [
-            optax.constant_schedule(learning_rate),
-            optax.cosine_decay_schedule(learning_rate, decay_steps(num_steps), alpha=0.01),
-        ],
-        [num_steps // 2],
-    )
-    adam = optax.adam(schedule)
-    trained = adam if clip_norm is None else optax.chain(optax.clip_by_global_norm(clip_norm), adam)
+    (`CONTROL_VARIATE_PREFIX`) are left out. The guide's affine (`AFFINE_PARAMETERS`) peaks at
+    `affine_rate` (None: `learning_rate`): Adam at that rate, other updates scaled by the ratio."""
+    peak = learning_rate if affine_rate is None else affine_rate
+    schedule = optax.join_schedules([optax.constant_schedule(peak), optax.cosine_decay_schedule(
+        peak, decay_steps(num_steps), alpha=0.01)], [num_steps // 2])  # fmt: skip
+    parts = [] if clip_norm is None else [optax.clip_by_global_norm(clip_norm)]
+    parts.append(optax.adam(schedule))
+    if peak != learning_rate:
+        layers = lambda params: {k: not k.endswith(AFFINE_PARAMETERS) for k in params}  # noqa: E731
+        parts.append(optax.masked(optax.scale(learning_rate / peak), layers))
+    trained = parts[0] if len(parts) == 1 else optax.chain(*parts)
 
     def labels(params: Any) -> Any:
         if not isinstance(params, dict):
             return jax.tree.map(lambda _: "trained", params)
-        fixed = (k.endswith(PRECONDITION) or k.startswith(CONTROL_VARIATE_PREFIX) for k in params)
-        return {k: "fixed" if f else "trained" for k, f in zip(params, fixed, strict=True)}
+        return {k: "fixed" if k.endswith(PRECONDITION) or k.startswith(CONTROL_VARIATE_PREFIX)
+                else "trained" for k in params}  # fmt: skip
 
     return optax.multi_transform({"trained": trained, "fixed": optax.set_to_zero()}, labels)
 

@@ -31,6 +31,7 @@ from numpyro.infer.initialization import init_to_median
 from numpyro.infer.util import log_density
 
 from flowguides.core import (
+    DEFAULT_LEARNING_RATE,
     NonFiniteGradientError,
     NonFiniteLossError,
     PosteriorFitMethods,
@@ -249,7 +250,8 @@ def fit_posterior(
         num_steps: optimisation steps.
         learning_rate: Adam's peak learning rate (decayed over the second half); None takes
             `flowguides.core.default_learning_rate` of the latent dimension (1e-2 up to 1,000
-            dimensions, falling as ``1 / dim`` above).
+            dimensions, falling as ``1 / dim`` above) for the flow's layers and 1e-2 for its
+            affine base (`flowguides.core.AFFINE_PARAMETERS`).
         num_particles: ELBO particles per step (vectorised).
         clip_norm: global-norm gradient clipping, or None.
         init_loc_fn: the guide's initial location strategy.
@@ -331,12 +333,13 @@ def fit_posterior(
                     "gradient: 'stl' with objective='iwelbo' (DReG) trains the guide only, "
                     "but the model has its own numpyro.param sites; use gradient='reparam'"
                 )
+            affine_rate = DEFAULT_LEARNING_RATE if learning_rate is None else learning_rate
             if learning_rate is None:
                 learning_rate = default_learning_rate(guide.latent_dim)
             subsamples = subsampled(guide.prototype_trace)
             train = training_model(model, subsamples)
             train, reference = with_control_variate(control_variate, train, model, guide)
-            optimizer = make_optimizer(num_steps, learning_rate, clip_norm)
+            optimizer = make_optimizer(num_steps, learning_rate, clip_norm, affine_rate)
             svi = SVI(train, guide, optimizer, elbo)
             state = initial_state(svi, guide, key, args, kwargs, reference)
             state = jax.block_until_ready(state)
@@ -345,7 +348,8 @@ def fit_posterior(
         args, kwargs = as_constants(args, kwargs, guide._constants)  # as the guide's set-up saw
         setup_s = time.perf_counter() - t0
         arrays, signature, rebuild = split_args(args, kwargs, guide._constants)
-        settings = (spec, num_steps, learning_rate, num_particles, clip_norm, objective, gradient)
+        settings = (spec, num_steps, learning_rate, affine_rate, num_particles, clip_norm)
+        settings = (*settings, objective, gradient)
         mesh_key = None if mesh is None else tuple(d.id for d in mesh.devices.flat)
         settings = (*settings, num_inner, subsamples, reference is not None, mesh_key)
         # the chunk closes over this call's guide: key what its trace reads besides the

@@ -9,8 +9,7 @@ NumPyro backend) and `fit_posterior`'s objectives and gradient estimators
 
 The NumPyro backend's ``_training.py`` runs the same rules as compiled chunks of steps
 (``make_optimizer``, ``run_chunks``, a compile cache); PyTorch steps eagerly, so `Trainer` and
-`Evaluations` are this backend's own, and the NumPyro names for compiled programs have no
-counterpart here.
+`Evaluations` are this backend's own, and the compiled-program names have no counterpart.
 """
 
 from __future__ import annotations
@@ -47,7 +46,6 @@ __all__ = [
     "with_penalty",
 ]
 
-
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -63,22 +61,23 @@ class Trainer:
     """Adam + the shared schedule + clipping + the non-finite guard, over fixed parameters.
 
     Args:
-        params: the trained tensors.
+        params: the trained tensors, or torch's parameter groups (dicts with ``"params"`` and
+            their own peak ``"lr"``).
         num_steps: the steps the schedule runs over.
-        lr: Adam's peak learning rate.
+        lr: Adam's peak learning rate (of groups without their own).
         clip_norm: global gradient-norm clipping (off when None).
     """
 
-    def __init__(
-        self, params: list[torch.Tensor], num_steps: int, lr: float, clip_norm: float | None
-    ) -> None:
+    def __init__(self, params: list, num_steps: int, lr: float, clip_norm: float | None) -> None:
+        groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+        params = [p for g in groups for p in g["params"]]
         self.params, self.clip_norm = params, clip_norm
         # PyTorch's fused Adam (one kernel over all tensors) is the same update as its
         # per-tensor loop, to rounding; on CPU the loop's Python costs more than the arithmetic.
         fused = all(p.dtype in _FUSED_DTYPES and p.device.type in ("cpu", "cuda") for p in params)
-        self.optim = torch.optim.Adam(params, lr=lr, fused=fused or None)
-        self.schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.optim, lambda step: learning_rate_at(step, num_steps, lr) / lr
+        self.optim = torch.optim.Adam(groups, lr=lr, fused=fused or None)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(  # the shared schedule's factor
+            self.optim, lambda step: learning_rate_at(step, num_steps, 1.0)
         )
         # the parameters before the step, refreshed in place each step: views of one flat
         # buffer (one copy a step) where the parameters share a dtype and a device

@@ -28,6 +28,7 @@ from pyro.infer.autoguide import init_to_median
 from pyro.poutine.util import site_is_subsample
 
 from flowguides.core import (
+    DEFAULT_LEARNING_RATE,
     PosteriorFitMethods,
     as_spec,
     check_control_variate,
@@ -269,7 +270,8 @@ def fit_posterior(
         *args, **kwargs: passed to the model (and the guide).
         num_steps, learning_rate, num_particles: the optimisation. `learning_rate` is Adam's
             peak rate; None takes `flowguides.core.default_learning_rate` of the latent
-            dimension (1e-2 up to 1,000 dimensions, falling as ``1 / dim`` above).
+            dimension (1e-2 up to 1,000 dimensions, falling as ``1 / dim`` above) for the
+            flow's layers and 1e-2 for its affine base (`flowguides.core.AFFINE_PARAMETERS`).
         clip_norm: global gradient-norm clipping (off when ``None``).
         init_loc_fn, init_scale: the guide's initialisation (see `AutoFlowGuide`).
         seed: seeds Pyro (initial weights, draws, subsampling).
@@ -336,8 +338,8 @@ def fit_posterior(
         del store[name]  # stale weights of an earlier guide with the same prefix
     with timed_calls(guide, "_initial_start", times, "start_s"):
         guide._setup_if_needed(*args, **kwargs)
-    if learning_rate is None:
-        learning_rate = default_learning_rate(guide.latent_dim)
+    affine_rate = learning_rate or DEFAULT_LEARNING_RATE  # checked: None or positive
+    learning_rate = learning_rate or default_learning_rate(guide.latent_dim)
     train, on = with_control_variate(control_variate, model, guide)
     options = (objective, gradient, num_particles, num_inner, guide._reference if on else None)
     mapped = MappedLoss(guide, *options) if mapped_training(guide) else None
@@ -366,7 +368,9 @@ def fit_posterior(
         loss, penalty = first_loss(guide, mapped, negative_elbo, lambda: negative_elbo(False))
         after_loss = evaluations.count()
     params = trained_parameters(guide, param_capture.trace, (objective, gradient))
-    trainer = Trainer(params, num_steps, learning_rate, clip_norm)
+    affine = [p for p in params if any(p is a for a in guide.flow.affine.parameters())]
+    rest = [{"params": [p for p in params if all(p is not a for a in affine)]}]
+    trainer = Trainer([*rest, {"params": affine, "lr": affine_rate}], num_steps, learning_rate, clip_norm)  # fmt: skip
     losses: list[float] = []
 
     def partial_fit() -> PosteriorFit:
