@@ -12,7 +12,7 @@ coordinate (`hessian_diagonal` in each backend).
 
 `hessian_colors` gives every coordinate a colour: the coordinates of a site that differ only
 in their batch index share one (one colour per event position); every other coordinate has
-its own. `check_probe` is the test both backends apply.
+its own. `check_tolerance` is the test's tolerance in both backends.
 
 References:
     Curtis, Powell & Reid, "On the estimation of sparse Jacobian matrices", 1974.

@@ -35,10 +35,10 @@ def hessian_diagonal(
     differentiate, works), `block_size` of them at a time as one vectorised product
     (`jax.vmap`), with memory ``block_size x d`` plus the model's own for `block_size`
     evaluations, instead of the ``d x d`` Hessian. Without `colors`, ``H[i, i]`` is entry
-    ``i`` of ``H e_i``: ``d`` products. With `colors` (`flowguides.core.hessian_colors`), the
+    ``i`` of ``H e_i``: ``d`` products. With `colors` (`flowguides.core.hessian.hessian_colors`), the
     coordinates of a shared colour take theirs from one product with the vector that is 1 on
     them, where a second, with standard-normal weights ``g`` on them, shows that their block
-    of ``H`` is diagonal (``(H g)_i = H[i, i] g_i`` to `flowguides.core.check_tolerance`);
+    of ``H`` is diagonal (``(H g)_i = H[i, i] g_i`` to `flowguides.core.hessian.check_tolerance`);
     every other coordinate (a colour of one, or a colour whose test fails) gets its unit
     product: exact either way, in ``2 S`` products plus the coordinates left over.
 
@@ -80,19 +80,20 @@ def hessian_diagonal(
 def shared_diagonal(
     product: Callable[[jax.Array], jax.Array],
     point: jax.Array,
-    block: int,
+    block_size: int,
     colors: tuple[np.ndarray, np.ndarray] | None,
 ) -> tuple[jax.Array, jax.Array]:
     """``(diagonal, need)``: the shared colours' diagonal entries from their probes, and which
     coordinates still need a unit product (colours of one, colours whose test failed; all
-    without `colors`). `product` is ``v -> H v``."""
+    without `colors`). `product` is ``v -> H v`` (the Pyro backend's takes the batched
+    energies)."""
     dim = point.shape[0]
     diagonal, need = jnp.zeros_like(point), jnp.ones(dim, bool)
     if colors is None or not np.any(colors[1]):
         return diagonal, need
     color, shared = colors
     probes = probe_weights(color, shared, np.dtype(point.dtype))
-    products = lax.map(product, jnp.asarray(probes), batch_size=block)
+    products = lax.map(product, jnp.asarray(probes), batch_size=block_size)
     num, rank = int(np.sum(shared)), shared_rank(shared)[color]
     coords = np.flatnonzero(rank >= 0)  # the shared colours' coordinates
     ones, tested = products[rank[coords], coords], products[num + rank[coords], coords]

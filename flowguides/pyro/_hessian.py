@@ -35,10 +35,10 @@ def hessian_diagonal(
     differentiated twice: the gradient ``g_b`` of row `b`, then the gradient of
     ``sum_b g_b . v_b``, whose row `b` is ``H v_b``; memory ``block_size x d`` plus
     `block_size` copies of the model's own. Without `colors`, ``H[i, i]`` is entry ``i`` of
-    ``H e_i``: ``d`` products. With `colors` (`flowguides.core.hessian_colors`), the
+    ``H e_i``: ``d`` products. With `colors` (`flowguides.core.hessian.hessian_colors`), the
     coordinates of a shared colour take theirs from one product with the vector that is 1 on
     them, where a second, with standard-normal weights ``g`` on them, shows that their block
-    of ``H`` is diagonal (``(H g)_i = H[i, i] g_i`` to `flowguides.core.check_tolerance`);
+    of ``H`` is diagonal (``(H g)_i = H[i, i] g_i`` to `flowguides.core.hessian.check_tolerance`);
     every other coordinate (a colour of one, or a colour whose test fails) gets its unit
     product: exact either way, in ``2 S`` products plus the coordinates left over.
 
