@@ -55,7 +55,7 @@ from flowguides.numpyro.build import (
     check_flow_tolerances,
     init_params,
 )
-from flowguides.numpyro.laplace import choose_start, laplace_search
+from flowguides.numpyro.laplace import SEARCH_SETUP_MAX_ELEMENTS, choose_start, laplace_search
 from flowguides.spec import FlowSpec, SpecError
 
 __all__ = ["AutoFlowGuide"]
@@ -203,10 +203,11 @@ class AutoFlowGuide(AutoContinuous, StagedPrototype):
                 return laplace_search(lambda z: potential(unpack(z)), z0, full_rank, colors)
 
         shapes = (loc.shape, str(loc.dtype), full_rank)
+        once = sum(int(np.size(a)) for a in jax.tree.leaves(arrays)) <= SEARCH_SETUP_MAX_ELEMENTS
         key = cache_key(
-            "laplace", *shapes, content=(callable_key(self.model), signature), setup=True
+            "laplace", *shapes, content=(callable_key(self.model), signature), setup=once
         )
-        out = jax.tree.map(np.asarray, cached(key, lambda: jit(search, setup=True))(loc, arrays))
+        out = jax.tree.map(np.asarray, cached(key, lambda: jit(search, setup=once))(loc, arrays))
         found = bool(out["finite"]) and not bool(np.any(out["moving"]))
         if found and not np.all(np.isfinite(out.get("hess", 0.0))):
             out = {k: v for k, v in out.items() if k != "hess"}  # first order only

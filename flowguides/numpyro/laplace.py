@@ -30,7 +30,19 @@ from jax import lax
 from flowguides.core import AUTO_SCALES, FULL_RANK_MAX_DIM, MODE_TOLERANCE, LaplaceFallbackWarning
 from flowguides.numpyro._hessian import hessian_diagonal
 
-__all__ = ["choose_start", "hessian_diagonal", "laplace_search", "laplace_start", "minimize"]
+__all__ = [
+    "SEARCH_SETUP_MAX_ELEMENTS",
+    "choose_start",
+    "hessian_diagonal",
+    "laplace_search",
+    "laplace_start",
+    "minimize",
+]
+
+SEARCH_SETUP_MAX_ELEMENTS = 2**20
+"""Data elements (all array arguments) up to which the start search compiles as a program run
+once (``jit(..., setup=True)``: shorter compiles, slower loops); above, each of its many
+full-data passes outweighs its compile, and it compiles as training does."""
 
 _MAP_ITERATIONS = 2000
 _MAP_STALLED = 1e-10  # a step that moves no coordinate by more than this (relative) stalled

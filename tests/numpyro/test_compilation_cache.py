@@ -200,3 +200,33 @@ def test_an_option_the_installed_xla_refuses_is_left_out_and_the_fit_compiles(mo
     with pytest.raises(Exception, match="xla_no_such_setup_option"):
         fit_posterior(model, FlowSpec.realnvp(num_layers=1, hidden=(4,)), jax.numpy.ones(5),
                       num_steps=5, progress=False)  # fmt: skip
+
+
+def test_a_start_search_over_large_data_compiles_as_training_does():
+    """The start search makes a full-data pass per evaluation: above
+    `SEARCH_SETUP_MAX_ELEMENTS` data elements its loops, not its compile, are the cost, so it
+    leaves out the set-up options (XLA's slower elemental emitters)."""
+    import jax
+    import numpy as np
+    import numpyro
+    import numpyro.distributions as dist
+
+    from flowguides.numpyro import AutoFlowGuide, _training, clear_compiled
+    from flowguides.numpyro.laplace import SEARCH_SETUP_MAX_ELEMENTS
+    from flowguides.spec import FlowSpec
+
+    def model(y):
+        mu = numpyro.sample("mu", dist.Normal(np.zeros(2), 10.0).to_event(1))
+        with numpyro.plate("n", y.shape[0]):
+            numpyro.sample("y", dist.Normal(mu.sum(), 1.0), obs=y)
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("the options are the CPU's")
+    for rows, once in ((100, True), (SEARCH_SETUP_MAX_ELEMENTS + 1, False)):
+        clear_compiled()
+        guide = AutoFlowGuide(model, FlowSpec.planar(num_layers=1), init_scale="laplace")
+        with numpyro.handlers.seed(rng_seed=0):
+            guide._setup_prototype(np.zeros(rows))
+        (key,) = [k for k in _training._COMPILED if k[0] == "laplace"]
+        assert dict(key[-1]) == _training.compiler_options(setup=once)
+    assert _training.compiler_options(setup=True) != _training.compiler_options(setup=False)
