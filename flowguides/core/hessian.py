@@ -14,6 +14,14 @@ coordinate (`hessian_diagonal` in each backend).
 in their batch index share one (one colour per event position); every other coordinate has
 its own. `check_tolerance` is the test's tolerance in both backends.
 
+Where every shared colour passes its test and no shared colour's products reach the
+coordinates of another (``|(H v)_i| <= tol * sqrt(|H[i, i]| max_j |H[j, j]|)`` there, for both
+probes ``v`` of colour ``j``'s coordinates: a bound on a correlation, as
+``|H[i, j]| <= sqrt(H[i, i] H[j, j])`` for a positive definite ``H``), the whole Hessian is
+known: its diagonal on the shared coordinates, and the full rows of the `singletons` (the
+coordinates whose colour is their own), which their unit products give. The control variate
+of a subsampled fit (`_control.py` in each backend) expands to second order with it.
+
 References:
     Curtis, Powell & Reid, "On the estimation of sparse Jacobian matrices", 1974.
 """
@@ -25,11 +33,24 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["PROBE_SEED", "check_tolerance", "hessian_colors", "probe_weights", "shared_rank"]
+__all__ = [
+    "PROBE_SEED",
+    "SPARSE_MAX_ELEMENTS",
+    "check_tolerance",
+    "hessian_colors",
+    "probe_weights",
+    "shared_rank",
+    "singletons",
+    "sparse_rows",
+]
 
 PROBE_SEED = 0
 """Seed of the standard-normal weights of the test probes (NumPy's generator): fixed, so both
 backends test with the same vectors and a search repeats exactly."""
+
+SPARSE_MAX_ELEMENTS = 2**22
+"""Most entries of the rows the unit products give (``singletons x d``) that a start search
+keeps for the sparse Hessian (`sparse_quadratic` in each backend's control variate)."""
 
 
 def hessian_colors(
@@ -87,3 +108,17 @@ def check_tolerance(dtype: np.dtype) -> float:
     the ones probe, ``g`` the normal weights): ``eps ** 0.4`` of the dtype, above the rounding
     of a product summed over many data rows."""
     return float(np.finfo(dtype).eps ** 0.4)
+
+
+def singletons(colors: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """The packed coordinates whose colour is their own (no batch shares it), in order."""
+    color, shared = colors
+    return np.flatnonzero(~shared[color])
+
+
+def sparse_rows(colors: tuple[np.ndarray, np.ndarray] | None, dim: int) -> bool:
+    """Whether a start search keeps the singletons' rows for a sparse Hessian: the layout has
+    a shared colour and the rows hold at most `SPARSE_MAX_ELEMENTS` entries."""
+    if colors is None or not np.any(colors[1]):
+        return False
+    return len(singletons(colors)) * dim <= SPARSE_MAX_ELEMENTS

@@ -15,8 +15,10 @@ order in ``u - u0`` for the second-order expansion). ``T_F`` needs the full data
 gradient and Hessian at ``u0``, which the start search computes anyway (`laplace_search`);
 ``T_B`` the batch's (same indices) value and gradient at ``u0`` and one reverse-mode
 Hessian-vector product along ``u - u0`` (reverse mode only, like the start search, so a model
-with ``jax.custom_vjp`` functions works). Above `FULL_RANK_MAX_DIM` latent dimensions (no ``d x d`` Hessian) the
-expansion is first order.
+with ``jax.custom_vjp`` functions works). Above `FULL_RANK_MAX_DIM` latent dimensions (no
+``d x d`` Hessian) the expansion is second order where the start search found the full-data
+Hessian sparse (a plate's intercepts: `flowguides.core.hessian`; `sparse_quadratic`), else
+first order.
 
 The expansion point and its full-data terms are SVI parameters of the training model (named
 after `CONTROL_VARIATE_PREFIX`), fixed by the optimiser like a Laplace start's whitening, so a
@@ -51,6 +53,7 @@ __all__ = [
     "initial_state",
     "public_params",
     "reference_params",
+    "sparse_quadratic",
     "split3",
     "supports_control_variate",
     "with_control_variate",
@@ -72,6 +75,7 @@ def reference_params(out: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     ran on the full data): the expansion point (the MAP), the negative log joint there, its
     gradient and, where the search formed it, its Hessian."""
     names = {"loc": "loc_map", "energy": "energy_map", "grad": "grad_map", "hess": "hess"}
+    names.update(hess_diag="hess_diag", hess_rows="hess_rows")  # a sparse Hessian's terms
     return {
         f"{CONTROL_VARIATE_PREFIX}{k}": np.asarray(out[v]) for k, v in names.items() if v in out
     }
@@ -82,11 +86,13 @@ def control_variate_model(
     model: Callable[..., Any],
     init_locs: Mapping[str, Any],
     reference: Mapping[str, np.ndarray],
+    index: np.ndarray | None = None,
 ) -> Callable[..., Any]:
     """`training` (the model as it trains: its subsampled plates drawing indices) with the
     factor ``T_F(u) - T_B(u)`` added, `model` (the user's) evaluating ``f_B`` on the drawn
     indices. `init_locs` are the guide's unconstrained latent sites, in its packing order;
-    `reference` the `reference_params`."""
+    `reference` the `reference_params`; `index` the singletons of a sparse Hessian's terms
+    (`sparse_quadratic`)."""
     names = list(init_locs)  # packed in this order (as NumPyro's AutoContinuous packs)
     shapes = [jnp.shape(init_locs[name]) for name in names]
     ends = np.cumsum([int(np.prod(shape)) for shape in shapes]).tolist()
@@ -98,7 +104,8 @@ def control_variate_model(
     def ravel(values: Mapping[str, jax.Array]) -> jax.Array:
         return jnp.concatenate([jnp.reshape(values[name], -1) for name in names])
 
-    second_order = f"{CONTROL_VARIATE_PREFIX}hess" in reference
+    dense = f"{CONTROL_VARIATE_PREFIX}hess" in reference
+    second_order = dense or f"{CONTROL_VARIATE_PREFIX}hess_rows" in reference
 
     def fixed(name: str) -> jax.Array:
         key = f"{CONTROL_VARIATE_PREFIX}{name}"
@@ -129,7 +136,11 @@ def control_variate_model(
         (value, slope), pullback = jax.vjp(jax.value_and_grad(batch), loc)
         if second_order:  # H_B delta, a reverse Hessian-vector product at u0
             curvature = pullback((jnp.zeros_like(value), delta))[0]
-            full = -energy - grad @ delta - 0.5 * delta @ (fixed("hess") @ delta)
+            if dense:
+                quadratic = delta @ (fixed("hess") @ delta)
+            else:
+                quadratic = sparse_quadratic(fixed("hess_diag"), fixed("hess_rows"), index, delta)
+            full = -energy - grad @ delta - 0.5 * quadratic
             expansion = value + slope @ delta + 0.5 * delta @ curvature
         else:
             full = -energy - grad @ delta
@@ -138,6 +149,20 @@ def control_variate_model(
         return out
 
     return wrapped
+
+
+def sparse_quadratic(
+    diagonal: jax.Array, rows: jax.Array, index: np.ndarray, delta: jax.Array
+) -> jax.Array:
+    """``delta' H delta`` for a Hessian known by `diagonal` (0 at the singletons `index`) and
+    the singletons' full `rows` ``(s, d)`` (`flowguides.core.hessian`): the diagonal terms, twice
+    the singletons' rows against `delta`, less their block counted twice."""
+    single = delta[index]
+    return (
+        jnp.sum(diagonal * delta**2)
+        + 2.0 * single @ (rows @ delta)
+        - single @ (rows[:, index] @ single)
+    )
 
 
 def public_params(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -190,8 +215,8 @@ def with_control_variate(
             f"(init_scale={guide.init_scale!r}; it searches with 'auto' or 'laplace')"
         )
     if why is None:
-        reference = guide._reference
-        return control_variate_model(train, model, guide._init_locs, reference), reference
+        reference, index = guide._reference, guide._singletons
+        return control_variate_model(train, model, guide._init_locs, reference, index), reference
     if control_variate == "taylor":
         raise ValueError(f"control_variate='taylor': {why}; use control_variate='none'")
     return train, None

@@ -17,7 +17,7 @@ import numpy as np
 from jax import lax
 
 from flowguides.core import FULL_RANK_MAX_DIM
-from flowguides.core.hessian import check_tolerance, probe_weights, shared_rank
+from flowguides.core.hessian import check_tolerance, probe_weights, shared_rank, singletons
 
 __all__ = ["hessian_diagonal", "shared_diagonal"]
 
@@ -27,7 +27,8 @@ def hessian_diagonal(
     point: jax.Array,
     block_size: int | None = None,
     colors: tuple[np.ndarray, np.ndarray] | None = None,
-) -> jax.Array:
+    rows: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
     """The exact diagonal of the Hessian of the scalar `energy` at `point`, without the Hessian.
 
     Products ``H v`` are reverse-mode derivatives of the gradient with cotangent ``v`` (reverse
@@ -47,9 +48,12 @@ def hessian_diagonal(
         point: where, shape ``(d,)``.
         block_size: products per vectorised call (default `FULL_RANK_MAX_DIM`).
         colors: ``(colour per coordinate, whether each colour is shared)``, or None.
+        rows: also return the rows of ``H`` at the `flowguides.core.hessian.singletons`
+            (their unit products, ``(s, d)``) and whether the Hessian is that sparse (every
+            shared colour passed and none reaches another's coordinates); needs `colors`.
 
     Returns:
-        ``diag H``, shape ``(d,)``.
+        ``diag H``, shape ``(d,)``; with `rows`, ``(diag H, rows, sparse)``.
     """
     dim = point.shape[0]
     block = min(FULL_RANK_MAX_DIM if block_size is None else block_size, dim)
@@ -58,7 +62,13 @@ def hessian_diagonal(
     def product(tangent: jax.Array) -> jax.Array:
         return pullback(tangent)[0]  # H symmetric: the reverse product is H v too
 
-    diagonal, need = shared_diagonal(product, point, block, colors)
+    diagonal, need, sparse = shared_diagonal(product, point, block, colors)
+    if rows:  # the singletons' unit products, kept whole
+        single = singletons(colors)
+        units = jax.nn.one_hot(single, dim, dtype=point.dtype)
+        found = lax.map(product, units, batch_size=block) if len(single) else units
+        diagonal = diagonal.at[single].set(found[np.arange(len(single)), single])
+        need = need.at[single].set(False)
     # the rest, by unit products: the coordinates that need one first, a block at a time
     order = jnp.argsort(~need, stable=True)
     count = jnp.sum(need)
@@ -69,12 +79,13 @@ def hessian_diagonal(
         coords = order[jnp.minimum(slots, dim - 1)]
         valid = slots < count
         tangents = jax.nn.one_hot(coords, dim, dtype=point.dtype) * valid[:, None]
-        rows = jax.vmap(product)(tangents)
-        values = jnp.take_along_axis(rows, coords[:, None], axis=1)[:, 0]
+        found = jax.vmap(product)(tangents)
+        values = jnp.take_along_axis(found, coords[:, None], axis=1)[:, 0]
         diagonal = diagonal.at[jnp.where(valid, coords, dim)].set(values, mode="drop")
         return start + block, diagonal
 
-    return lax.while_loop(lambda c: c[0] < count, exact, (jnp.asarray(0), diagonal))[1]
+    diagonal = lax.while_loop(lambda c: c[0] < count, exact, (jnp.asarray(0), diagonal))[1]
+    return (diagonal, found, sparse) if rows else diagonal
 
 
 def shared_diagonal(
@@ -82,15 +93,16 @@ def shared_diagonal(
     point: jax.Array,
     block_size: int,
     colors: tuple[np.ndarray, np.ndarray] | None,
-) -> tuple[jax.Array, jax.Array]:
-    """``(diagonal, need)``: the shared colours' diagonal entries from their probes, and which
-    coordinates still need a unit product (colours of one, colours whose test failed; all
-    without `colors`). `product` is ``v -> H v`` (the Pyro backend's takes the batched
-    energies)."""
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(diagonal, need, sparse)``: the shared colours' diagonal entries from their probes,
+    which coordinates still need a unit product (colours of one, colours whose test failed;
+    all without `colors`), and whether every shared colour passed and none's products reach
+    another's coordinates (`flowguides.core.hessian`; False without a shared colour).
+    `product` is ``v -> H v`` (the Pyro backend's takes the batched energies)."""
     dim = point.shape[0]
     diagonal, need = jnp.zeros_like(point), jnp.ones(dim, bool)
     if colors is None or not np.any(colors[1]):
-        return diagonal, need
+        return diagonal, need, jnp.asarray(False)
     color, shared = colors
     probes = probe_weights(color, shared, np.dtype(point.dtype))
     products = lax.map(product, jnp.asarray(probes), batch_size=block_size)
@@ -102,4 +114,15 @@ def shared_diagonal(
     ok = jnp.abs(tested - scaled) <= tol * (jnp.abs(tested) + jnp.abs(scaled))
     # a colour passes where every one of its coordinates does
     failed = jax.ops.segment_max((~ok).astype(jnp.int32), rank[coords], num_segments=num)
-    return diagonal.at[coords].set(ones), need.at[coords].set(failed[rank[coords]] > 0)
+    # colour r's products at another colour's coordinate i, against sqrt(|h_i| max_r |h|)
+    size = jnp.abs(ones)
+    largest = jax.ops.segment_max(size, rank[coords], num_segments=num)
+    weight = np.abs(probes[num:]).max(axis=1)  # the normal probes' largest weight, per colour
+    bound = tol * jnp.sqrt(size[None, :] * largest[:, None])
+    other = rank[coords][None, :] != np.arange(num)[:, None]
+    reach = (jnp.abs(products[:num, coords]) > bound) | (
+        jnp.abs(products[num:, coords]) > bound * weight[:, None]
+    )
+    sparse = jnp.all(failed == 0) & ~jnp.any(other & reach)
+    diagonal = diagonal.at[coords].set(ones)
+    return diagonal, need.at[coords].set(failed[rank[coords]] > 0), sparse

@@ -28,6 +28,7 @@ import optax
 from jax import lax
 
 from flowguides.core import AUTO_SCALES, FULL_RANK_MAX_DIM, MODE_TOLERANCE, LaplaceFallbackWarning
+from flowguides.core.hessian import singletons, sparse_rows
 from flowguides.numpyro._hessian import hessian_diagonal
 
 __all__ = [
@@ -177,7 +178,9 @@ def laplace_search(
         ``loc_map``, ``grad_map`` and ``energy_map`` (the energy's gradient and value there),
         ``scale``, ``good``, ``moving``, ``finite``, ``elbo_plain``, ``elbo_diag`` and, full
         rank, ``hess`` (the symmetrised Hessian), ``tril`` (NaN where not positive definite)
-        and ``elbo_full``.
+        and ``elbo_full``; with `colors` where `sparse_rows`, ``hess_diag`` (the diagonal,
+        0 at the singletons), ``hess_rows`` (the singletons' rows) and ``sparse`` (whether
+        they are the whole Hessian).
     """
     dim = loc.shape[0]
     full_rank = dim <= FULL_RANK_MAX_DIM if full_rank is None else full_rank
@@ -185,6 +188,8 @@ def laplace_search(
     if full_rank:  # reverse over reverse: works through a model's jax.custom_vjp functions
         hess = jax.jacrev(jax.grad(energy))(loc_map)
         curvature = jnp.diag(hess)
+    elif sparse_rows(colors, dim):  # and the rows a sparse Hessian needs (`_control.py`)
+        curvature, rows, sparse = hessian_diagonal(energy, loc_map, colors=colors, rows=True)
     else:
         curvature = hessian_diagonal(energy, loc_map, colors=colors)
     good = jnp.isfinite(curvature) & (curvature > 0)
@@ -223,6 +228,10 @@ def laplace_search(
         "elbo_plain": elbos[: len(AUTO_SCALES)],
         "elbo_diag": elbos[len(AUTO_SCALES)],
     }
+    if not full_rank and sparse_rows(colors, dim):
+        single = singletons(colors)
+        out["hess_diag"] = curvature.at[single].set(0.0)
+        out["hess_rows"], out["sparse"] = rows, sparse
     if full_rank:
         out["tril"] = tril
         out["elbo_full"] = elbos[-1]

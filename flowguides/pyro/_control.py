@@ -8,8 +8,10 @@ NumPyro's ``HMCECS`` with its ``taylor_proxy``) subtracts the Taylor expansion `
 ``f_B(u) - T_B(u) + T_F(u)``, unbiased for every ``u``, its noise that of the Taylor remainder.
 ``T_F`` takes the full data's value, gradient and Hessian at ``u0`` from the start search;
 ``T_B`` is the step's minibatch (the same plate indices, replayed) at ``u0``: its value, its
-gradient and, second order, one Hessian-vector product per particle. First order above
-`FULL_RANK_MAX_DIM` latent dimensions (no ``d x d`` Hessian).
+gradient and, second order, one Hessian-vector product per particle. Above
+`FULL_RANK_MAX_DIM` latent dimensions (no ``d x d`` Hessian) second order where the start
+search found the full-data Hessian sparse (a plate's intercepts: `flowguides.core.hessian`;
+`sparse_quadratic`), else first order.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
 import pyro
 import torch
 from pyro import poutine
@@ -31,15 +34,43 @@ __all__ = [
     "mapped_factor",
     "minibatch_factor",
     "reference_terms",
+    "sparse_quadratic",
     "with_control_variate",
 ]
 
 
-def reference_terms(out: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def reference_terms(
+    out: Mapping[str, torch.Tensor], index: np.ndarray | None = None
+) -> dict[str, torch.Tensor]:
     """The control variate's fixed terms from `laplace_search`'s output (run on the full
-    data): the MAP, the negative log joint there, its gradient and, where formed, its Hessian."""
+    data): the MAP, the negative log joint there, its gradient and, where formed, its Hessian,
+    dense (``hess``) or sparse (``hess_diag``, ``hess_rows`` and the singletons' `index`,
+    `sparse_quadratic`)."""
     names = {"loc": "loc_map", "energy": "energy_map", "grad": "grad_map", "hess": "hess"}
-    return {k: out[v].detach() for k, v in names.items() if v in out}
+    names.update(hess_diag="hess_diag", hess_rows="hess_rows")
+    terms = {k: out[v].detach() for k, v in names.items() if v in out}
+    if "hess_rows" in terms:
+        terms["index"] = torch.as_tensor(index, device=terms["loc"].device)
+    return terms
+
+
+def second_order(reference: Mapping[str, torch.Tensor]) -> bool:
+    """Whether the terms hold the full-data Hessian, dense or sparse."""
+    return "hess" in reference or "hess_rows" in reference
+
+
+def sparse_quadratic(reference: Mapping[str, torch.Tensor], delta: torch.Tensor) -> torch.Tensor:
+    """``delta' H delta`` per row of `delta` ``(..., d)`` for a Hessian known by its diagonal
+    (0 at the singletons) and the singletons' full rows (`flowguides.core.hessian`): the
+    diagonal terms, twice the singletons' rows against `delta`, less their block counted
+    twice."""
+    index, rows = reference["index"], reference["hess_rows"]
+    single = delta[..., index]
+    return (
+        (reference["hess_diag"] * delta**2).sum(-1)
+        + 2.0 * (single * (delta @ rows.T)).sum(-1)
+        - (single * (single @ rows[:, index].T)).sum(-1)
+    )
 
 
 def control_variate_model(
@@ -90,13 +121,13 @@ def minibatch_factor(
     gradient of the minibatch's log joint at the MAP, and second order one Hessian-vector
     product per draw; the factor's gradient in `delta` is ``-(grad + H delta) - (g_B + H_B
     delta)`` as the expansion's, whatever graph `delta` comes from."""
-    loc, hess = reference["loc"], reference.get("hess")
+    loc, second = reference["loc"], second_order(reference)
     point = loc.clone().requires_grad_(True)
     with torch.enable_grad():
         value = log_joint_at(batch, guide.split_latent(point), args, kwargs)
-        (slope,) = torch.autograd.grad(value, point, create_graph=hess is not None)
+        (slope,) = torch.autograd.grad(value, point, create_graph=second)
         products = None
-        if hess is not None:  # H_B delta per draw
+        if second:  # H_B delta per draw
             rows = delta.detach()
             products = torch.stack(
                 [torch.autograd.grad(slope, point, row, retain_graph=True)[0] for row in rows]
@@ -119,7 +150,10 @@ def _factor(
     if products is not None:
         expansion = expansion + (delta * products).sum(-1)
         expansion = expansion - 0.5 * (delta.detach() * products).sum(-1)
-        full = full - 0.5 * ((delta @ reference["hess"]) * delta).sum(-1)
+        if "hess" in reference:
+            full = full - 0.5 * ((delta @ reference["hess"]) * delta).sum(-1)
+        else:
+            full = full - 0.5 * sparse_quadratic(reference, delta)
     return full - expansion
 
 
@@ -138,7 +172,7 @@ def mapped_factor(
     second order, its Hessian times ``u - loc`` (the gradient of that gradient's product with
     ``u - loc``). The value and the gradient in `latent` are those of `minibatch_factor` of
     each draw."""
-    loc, hess = reference["loc"], reference.get("hess")
+    loc, second = reference["loc"], second_order(reference)
     delta = latent - loc
 
     def at(point: torch.Tensor, idx: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -147,7 +181,7 @@ def mapped_factor(
 
     def terms(step: torch.Tensor, idx: Mapping[str, torch.Tensor]) -> tuple:
         slope_value = torch.func.grad_and_value(lambda point: at(point, idx))
-        if hess is None:
+        if not second:
             slope, value = slope_value(loc)
             return value, slope, torch.zeros_like(step)
 
@@ -161,7 +195,7 @@ def mapped_factor(
 
     with pyro.validation_enabled(False):  # its checks branch in Python on values
         value, slope, products = torch.func.vmap(terms)(delta.detach(), dict(indices))
-    return _factor(reference, delta, value, slope, None if hess is None else products)
+    return _factor(reference, delta, value, slope, products if second else None)
 
 
 def _particle_plate(trace: Any) -> bool:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from flowguides.core import FULL_RANK_MAX_DIM
-from flowguides.core.hessian import check_tolerance, probe_weights, shared_rank
+from flowguides.core.hessian import check_tolerance, probe_weights, shared_rank, singletons
 
 __all__ = ["hessian_diagonal", "shared_diagonal"]
 
@@ -26,7 +26,8 @@ def hessian_diagonal(
     point: torch.Tensor,
     block_size: int | None = None,
     colors: tuple[np.ndarray, np.ndarray] | None = None,
-) -> torch.Tensor:
+    rows: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, bool]:
     """The exact diagonal of the Hessian of a scalar function at `point`, without the Hessian.
 
     `energies` maps a batch of points ``(B, d)`` to one value per point ``(B,)``, each row's
@@ -47,20 +48,30 @@ def hessian_diagonal(
         point: where, shape ``(d,)``.
         block_size: products per pass (default `FULL_RANK_MAX_DIM`).
         colors: ``(colour per coordinate, whether each colour is shared)``, or None.
+        rows: also return the rows of ``H`` at the `flowguides.core.hessian.singletons`
+            (their unit products, ``(s, d)``) and whether the Hessian is that sparse (every
+            shared colour passed and none reaches another's coordinates); needs `colors`.
 
     Returns:
-        ``diag H``, shape ``(d,)``.
+        ``diag H``, shape ``(d,)``; with `rows`, ``(diag H, rows, sparse)``.
     """
     dim = point.numel()
     block_size = FULL_RANK_MAX_DIM if block_size is None else block_size
-    diagonal, need = shared_diagonal(energies, point, block_size, colors)
-    todo = np.flatnonzero(need)
-    for start in range(0, len(todo), block_size):
-        coords = torch.as_tensor(todo[start : start + block_size], device=point.device)
-        units = torch.nn.functional.one_hot(coords, dim).to(point.dtype)
-        rows = torch.arange(len(coords), device=point.device)
-        diagonal[coords] = _products(energies, point, units)[rows, coords]
-    return diagonal
+    diagonal, need, sparse = shared_diagonal(energies, point, block_size, colors)
+    kept = []
+    single = singletons(colors) if rows else np.zeros(0, np.int64)
+    need[single] = False
+    # the singletons' unit products (kept whole with `rows`), then the coordinates left over
+    for todo, keep in ((single, True), (np.flatnonzero(need), False)):
+        for start in range(0, len(todo), block_size):
+            coords = torch.as_tensor(todo[start : start + block_size], device=point.device)
+            units = torch.nn.functional.one_hot(coords, dim).to(point.dtype)
+            found = _products(energies, point, units)
+            diagonal[coords] = found[torch.arange(len(coords), device=point.device), coords]
+            kept += [found] if keep else []
+    if not rows:
+        return diagonal
+    return diagonal, torch.cat(kept) if kept else point.new_zeros((0, dim)), sparse
 
 
 def shared_diagonal(
@@ -68,13 +79,14 @@ def shared_diagonal(
     point: torch.Tensor,
     block_size: int,
     colors: tuple[np.ndarray, np.ndarray] | None,
-) -> tuple[torch.Tensor, np.ndarray]:
-    """``(diagonal, need)``: the shared colours' diagonal entries from their probes, and which
-    coordinates still need a unit product (colours of one, colours whose test failed; all
-    without `colors`)."""
+) -> tuple[torch.Tensor, np.ndarray, bool]:
+    """``(diagonal, need, sparse)``: the shared colours' diagonal entries from their probes,
+    which coordinates still need a unit product (colours of one, colours whose test failed;
+    all without `colors`), and whether every shared colour passed and none's products reach
+    another's coordinates (`flowguides.core.hessian`; False without a shared colour)."""
     diagonal, need = torch.zeros_like(point), np.ones(point.numel(), bool)
     if colors is None or not np.any(colors[1]):
-        return diagonal, need
+        return diagonal, need, False
     color, shared = colors
     dtype = torch.empty((), dtype=point.dtype).numpy().dtype
     probes = torch.as_tensor(probe_weights(color, shared, dtype), device=point.device)
@@ -90,9 +102,20 @@ def shared_diagonal(
     ok = ((tested - scaled).abs() <= tol * (tested.abs() + scaled.abs())).cpu().numpy()
     failed = np.zeros(num, bool)  # a colour passes where every one of its coordinates does
     np.logical_or.at(failed, rank[coords], ~ok)
+    # colour r's products at another colour's coordinate i, against sqrt(|h_i| max_r |h|)
+    size = ones.abs()
+    largest = torch.zeros(num, dtype=size.dtype, device=size.device)
+    largest = largest.scatter_reduce(0, rows, size, "amax")
+    weight = probes[num:].abs().amax(1)  # the normal probes' largest weight, per colour
+    bound = tol * (size[None, :] * largest[:, None]).sqrt()
+    other = rows[None, :] != torch.arange(num, device=point.device)[:, None]
+    reach = (products[:num, at].abs() > bound) | (
+        products[num:, at].abs() > bound * weight[:, None]
+    )
+    sparse = not failed.any() and not bool((other & reach).any())
     diagonal[at] = ones
     need[coords] = failed[rank[coords]]
-    return diagonal, need
+    return diagonal, need, sparse
 
 
 def _products(

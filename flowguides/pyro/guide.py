@@ -34,7 +34,7 @@ from flowguides.core import (
     local_latent_error,
 )
 from flowguides.core.calls import call_error, first_line, foreign_arguments
-from flowguides.core.hessian import hessian_colors
+from flowguides.core.hessian import hessian_colors, singletons
 from flowguides.pyro._control import reference_terms
 from flowguides.pyro._model import BatchLogJoint
 from flowguides.pyro._stream import full_data_chunks
@@ -201,18 +201,18 @@ class AutoFlowGuide(AutoContinuous, BatchLogJoint):
             for site in self.model_trace.nodes.values()
             if site["type"] == "sample" and torch.is_tensor(site["value"])
         )
-        sites = [(shape, self.prototype_trace.nodes[name]["fn"].batch_shape)
-                 for name, shape in self._unconstrained_shapes.items()]  # fmt: skip
+        colors = hessian_colors([(shape, self.prototype_trace.nodes[name]["fn"].batch_shape)
+                                 for name, shape in self._unconstrained_shapes.items()])  # fmt: skip
         out = laplace_search(
             lambda z: -self.start_log_joint(z, args, kwargs),
             init,
             energies=lambda z: -self.start_log_joint(z, args, kwargs),
             values_per_copy=values,
             elbos=self.init_scale == "auto",
-            colors=hessian_colors(sites),
+            colors=colors,
         )
         found = bool(out["finite"]) and not bool(out["moving"].any())
-        self._reference = reference_terms(out) if found else None  # see `_control.py`
+        self._reference = reference_terms(out, singletons(colors)) if found else None
         return choose_start(self.init_scale, init, out, self._coordinate_sites)
 
     def _explain_setup_error(self, exc: Exception, args: tuple, kwargs: dict) -> None:

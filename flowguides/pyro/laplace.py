@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from flowguides.core import AUTO_SCALES, FULL_RANK_MAX_DIM, MODE_TOLERANCE, LaplaceFallbackWarning
+from flowguides.core.hessian import singletons, sparse_rows
 from flowguides.pyro._hessian import hessian_diagonal
 
 __all__ = ["choose_start", "hessian_diagonal", "laplace_search", "laplace_start", "minimize"]
@@ -156,7 +157,9 @@ def laplace_search(
 
     Returns:
         ``loc_map``, ``energy_map`` and ``grad_map`` (the energy and its gradient there),
-        ``hess`` (the symmetrised Hessian, full rank, where finite), ``scale``
+        ``hess`` (the symmetrised Hessian, full rank, where finite), or ``hess_diag`` (the
+        diagonal, 0 at the singletons) and ``hess_rows`` (the singletons' rows) where they
+        are the whole Hessian and finite (not full rank, `colors` where `sparse_rows`), ``scale``
         (``1 / sqrt(diag H)``, 0.1 where not positive), ``good``
         (where the curvature is positive), ``moving`` (coordinates whose Newton step is not
         small: no mode), ``finite`` (the log joint around the point; checked only where no
@@ -183,11 +186,15 @@ def _search(
     dim = loc.numel()
     full_rank = dim <= FULL_RANK_MAX_DIM if full_rank is None else full_rank
     loc_map = minimize(energy, loc)
+    rows, sparse = None, False
     if full_rank:
         hessian = torch.autograd.functional.hessian(energy, loc_map)
         curvature = hessian.diagonal()
-    else:
-        curvature = hessian_diagonal(energies, loc_map, _block_size(values_per_copy), colors)
+    else:  # with the rows a sparse Hessian needs (`_control.py`) where the layout has one
+        keep = sparse_rows(colors, dim)
+        block = _block_size(values_per_copy)
+        found = hessian_diagonal(energies, loc_map, block, colors, rows=keep)
+        curvature, rows, sparse = found if keep else (found, None, False)
     good = torch.isfinite(curvature) & (curvature > 0)
     scale = torch.where(good, curvature.clamp_min(1e-300).rsqrt(), torch.full_like(curvature, 0.1))
     if torch.finfo(loc_map.dtype).bits < 64:  # the energy's values too coarse for a line search
@@ -210,6 +217,10 @@ def _search(
     }
     if full_rank and bool(torch.isfinite(hessian).all()):
         out["hess"] = (hessian + hessian.T) / 2
+    if not full_rank and sparse and bool(torch.isfinite(curvature).all() & rows.isfinite().all()):
+        out["hess_diag"] = curvature.clone()
+        out["hess_diag"][singletons(colors)] = 0.0
+        out["hess_rows"] = rows
     if full_rank and bool(good.all()):
         tril = _inverse_cholesky(hessian)
         if tril is not None:

@@ -5,7 +5,10 @@ The energy has three sites, packed as the guides pack them: ``w`` (3, no batch),
 of 40 scalars) and ``b`` (a batch of 30 pairs, each pair coupled within itself). Every site
 couples to ``w``. Without cross-batch terms, ``a``'s 40 and ``b``'s 60 coordinates take their
 diagonal from four probes; a term coupling two elements of a batch must send exactly that
-colour to unit products, and the diagonal stays the autodiff Hessian's either way.
+colour to unit products, and the diagonal stays the autodiff Hessian's either way. Where
+nothing couples the shared colours (no pair coupled within itself, no intercept with a pair)
+the diagonal and ``w``'s rows are the whole Hessian (the control variate's sparse form), and
+the search says so only then.
 """
 
 from __future__ import annotations
@@ -27,15 +30,31 @@ def energy(z, coupling: str):
     b0, b1 = b[..., 0::2], b[..., 1::2]
     out = (w**2).sum(-1) + (w[..., :1] * w[..., 1:2]).sum(-1) * 0.7
     out = out + ((a - w[..., :1]) ** 2 * (1.0 + a**2)).sum(-1)  # a_j couples to w_0 only
-    out = out + (b0**2 + b1**2 + 0.5 * b0 * b1 + b0 * w[..., 2:3]).sum(-1)
+    out = out + (b0**2 + b1**2 + b0 * w[..., 2:3]).sum(-1)
+    if coupling != "sparse":  # a pair's two coordinates interact: two colours, not sparse
+        out = out + (0.5 * b0 * b1).sum(-1)
     if coupling == "a":  # two intercepts interact: a's block is not diagonal
         out = out + 1.3 * a[..., 0] * a[..., 7] ** 3
     if coupling == "b":  # first coordinates of two pairs interact
         out = out + 0.9 * (b0[..., 2] - b0[..., 11]) ** 2
+    if coupling == "ab":  # an intercept and a pair interact: each block diagonal, H not sparse
+        out = out + 0.8 * a[..., 5] * b0[..., 3]
     return out
 
 
-NEED = {"none": 3, "a": 3 + 40, "b": 3 + 30}  # unit products: w's, then a failed colour's
+# unit products: w's, then a failed colour's
+NEED = {"none": 3, "a": 3 + 40, "b": 3 + 30, "ab": 3, "sparse": 3}
+
+
+def dense(diagonal, rows, colors):
+    """The Hessian its sparse form stands for: `diagonal`, and the singletons' `rows`."""
+    from flowguides.core.hessian import singletons
+
+    single = singletons(colors)
+    out = np.diag(np.asarray(diagonal))
+    out[single, :] = rows
+    out[:, single] = np.asarray(rows).T
+    return out
 
 
 @pytest.mark.parametrize("coupling", list(NEED))
@@ -60,9 +79,12 @@ def test_the_diagonal_is_exact_and_shared_only_where_the_block_is_diagonal(backe
             return energy(z, coupling)
 
         got = _hessian.hessian_diagonal(energies, point, block_size=16, colors=colors).numpy()
-        _, need = _hessian.shared_diagonal(energies, point, 16, colors)
+        _, need, sparse = _hessian.shared_diagonal(energies, point, 16, colors)
         assert sum(batches) == 2 * 3 + NEED[coupling] + 2 * 3  # the products it formed
         plain = _hessian.hessian_diagonal(energies, point, block_size=16).numpy()
+        hessian = torch.autograd.functional.hessian(lambda z: energy(z, coupling), point).numpy()
+        diagonal, rows, whole = _hessian.hessian_diagonal(energies, point, 16, colors, rows=True)
+        diagonal, rows = diagonal.numpy(), rows.numpy()
     else:
         import jax
         import jax.numpy as jnp
@@ -78,10 +100,24 @@ def test_the_diagonal_is_exact_and_shared_only_where_the_block_is_diagonal(backe
         got = np.asarray(jax.jit(lambda p: diagonal(p, colors))(point))
         plain = np.asarray(jax.jit(lambda p: diagonal(p, None))(point))
         _, pullback = jax.vjp(jax.grad(lambda z: energy(z, coupling)), point)
-        _, need = _hessian.shared_diagonal(lambda v: pullback(v)[0], point, 16, colors)
+        _, need, sparse = _hessian.shared_diagonal(lambda v: pullback(v)[0], point, 16, colors)
+        hessian = np.asarray(jax.hessian(lambda z: energy(z, coupling))(point))
+        diagonal, rows, whole = jax.jit(
+            lambda p: _hessian.hessian_diagonal(
+                lambda z: energy(z, coupling), p, 16, colors, rows=True
+            )
+        )(point)
     assert int(np.sum(need)) == NEED[coupling]
     np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(plain, expected, rtol=1e-12, atol=1e-12)
+    # the sparse form: the whole Hessian exactly where it says so, and only there
+    assert bool(sparse) is bool(whole) is (coupling == "sparse")
+    np.testing.assert_allclose(diagonal, expected, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(rows, hessian[:3], rtol=1e-12, atol=1e-12)  # w's rows
+    if coupling == "sparse":
+        np.testing.assert_allclose(dense(diagonal, rows, colors), hessian, rtol=1e-12, atol=1e-12)
+    else:
+        assert not np.allclose(dense(diagonal, rows, colors), hessian)
 
 
 def test_colours_follow_the_batch_of_each_site():

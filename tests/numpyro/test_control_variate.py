@@ -82,6 +82,46 @@ def test_a_quadratic_log_joint_is_estimated_exactly_by_every_minibatch():
         assert np.std(raw) > 100  # the plain estimate: noisy
 
 
+GROUPS = 300  # above FULL_RANK_MAX_DIM: no d x d Hessian
+GROUP = jnp.asarray(RNG.integers(GROUPS, size=3000))
+ROWS_Y = jnp.asarray(RNG.normal(size=3000))
+
+
+def intercepts(g, y, slopes=False):
+    """Varying intercepts (and, with `slopes`, varying slopes that interact with them)."""
+    mu = numpyro.sample("mu", dist.Normal(0.0, 10.0))
+    with numpyro.plate("groups", GROUPS):
+        a = numpyro.sample("a", dist.Normal(mu, 1.0))
+        b = numpyro.sample("b", dist.Normal(0.0, 1.0)) if slopes else jnp.zeros(GROUPS)
+    with numpyro.plate("rows", y.shape[0], subsample_size=30) as idx:
+        numpyro.sample("y", dist.Normal(a[g[idx]] + b[g[idx]] * X[idx, 0], 1.0), obs=y[idx])
+
+
+def test_above_the_dense_hessian_a_plates_intercepts_keep_the_second_order():
+    """301 latent dimensions, a Gaussian posterior: the start search finds the full-data
+    Hessian sparse (the intercepts' diagonal and mu's row), so every minibatch of 30 rows of
+    3,000 gives the full-data log joint, far from the expansion point too. With varying slopes
+    the intercepts' and slopes' colours interact: first order, still unbiased."""
+    guide, wrapped, reference = _set_up(intercepts, GROUP, ROWS_Y)
+    assert guide._singletons.tolist() == [0]  # mu
+    assert f"{CONTROL_VARIATE_PREFIX}hess_rows" in reference
+    values = {"mu": jnp.asarray(0.7), "a": jnp.asarray(RNG.normal(size=GROUPS))}
+    cv, raw, full = _estimates(intercepts, wrapped, reference, (GROUP, ROWS_Y), values, 16)
+    np.testing.assert_allclose(cv, full, rtol=1e-10)
+    assert np.std(raw) > 100
+
+    def slopes(g, y):
+        intercepts(g, y, slopes=True)
+
+    guide, wrapped, reference = _set_up(slopes, GROUP, ROWS_Y)
+    assert guide._singletons is None and f"{CONTROL_VARIATE_PREFIX}grad" in reference
+    assert not any(k.startswith(f"{CONTROL_VARIATE_PREFIX}hess") for k in reference)
+    values["b"] = jnp.asarray(RNG.normal(size=GROUPS) * 0.1)
+    cv, raw, full = _estimates(slopes, wrapped, reference, (GROUP, ROWS_Y), values, 400)
+    assert abs(np.mean(cv) - full) < 4 * np.std(cv) / np.sqrt(len(cv))
+    assert np.std(cv) < np.std(raw)
+
+
 def test_a_non_quadratic_log_joint_stays_unbiased_with_a_fraction_of_the_noise():
     """Logistic regression with a constrained site: over 2,000 minibatches the control
     variate's mean is the full-data log joint (within 4 standard errors), its sd under a
