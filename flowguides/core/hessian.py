@@ -14,13 +14,18 @@ coordinate (`hessian_diagonal` in each backend).
 in their batch index share one (one colour per event position); every other coordinate has
 its own. `check_tolerance` is the test's tolerance in both backends.
 
-Where every shared colour passes its test and no shared colour's products reach the
-coordinates of another (``|(H v)_i| <= tol * sqrt(|H[i, i]| max_j |H[j, j]|)`` there, for both
-probes ``v`` of colour ``j``'s coordinates: a bound on a correlation, as
-``|H[i, j]| <= sqrt(H[i, i] H[j, j])`` for a positive definite ``H``), the whole Hessian is
-known: its diagonal on the shared coordinates, and the full rows of the `singletons` (the
-coordinates whose colour is their own), which their unit products give. The control variate
-of a subsampled fit (`_control.py` in each backend) expands to second order with it.
+The same products show more. Group the batched sites by batch shape (a family: a plate's
+intercepts and slopes); where, in each family, the Hessian is block diagonal over the batch
+(element ``g``'s positions interact with each other only), colour ``p``'s ones product at
+position ``q`` of element ``g`` is the block entry ``B_g[q, p]`` and its normal product that
+entry times the weight of ``(g, p)``: the test, at every coordinate of the family. Where
+every entry passes (or both products are negligible there: at most
+``tol * sqrt(|H[i, i]| max_j |H[j, j]|)``, a bound on a correlation, as
+``|H[i, j]| <= sqrt(H[i, i] H[j, j])`` for a positive definite ``H``) and no colour's products
+reach another family's coordinates, the whole Hessian is known (`Blocks`): the blocks, and the
+full rows of the `singletons` (the coordinates whose colour is their own), which their unit
+products give. The control variate of a subsampled fit (`_control.py` in each backend)
+expands to second order with it.
 
 References:
     Curtis, Powell & Reid, "On the estimation of sparse Jacobian matrices", 1974.
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -40,8 +46,10 @@ __all__ = [
     "hessian_colors",
     "probe_weights",
     "shared_rank",
+    "Blocks",
+    "hessian_blocks",
     "singletons",
-    "sparse_rows",
+    "sparse_layout",
 ]
 
 PROBE_SEED = 0
@@ -49,8 +57,8 @@ PROBE_SEED = 0
 backends test with the same vectors and a search repeats exactly."""
 
 SPARSE_MAX_ELEMENTS = 2**22
-"""Most entries of the rows the unit products give (``singletons x d``) that a start search
-keeps for the sparse Hessian (`sparse_quadratic` in each backend's control variate)."""
+"""Most entries of a sparse Hessian's form (`Blocks.size`) that a start search keeps for the
+control variate (`sparse_quadratic` in each backend's `_control.py`)."""
 
 
 def hessian_colors(
@@ -116,9 +124,50 @@ def singletons(colors: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
     return np.flatnonzero(~shared[color])
 
 
-def sparse_rows(colors: tuple[np.ndarray, np.ndarray] | None, dim: int) -> bool:
-    """Whether a start search keeps the singletons' rows for a sparse Hessian: the layout has
-    a shared colour and the rows hold at most `SPARSE_MAX_ELEMENTS` entries."""
-    if colors is None or not np.any(colors[1]):
+class Blocks(NamedTuple):
+    """Where a sparse Hessian's entries lie: the `singletons`' full rows, and per family of
+    batched sites (the sites of one batch shape) a ``k x k`` block per batch element, ``k``
+    their event positions together (`hessian_blocks`)."""
+
+    singletons: np.ndarray
+    """The packed coordinates whose colour is their own, ``(s,)``."""
+    families: tuple[np.ndarray, ...]
+    """Per batch shape, the packed coordinates ``(G, k)`` of each batch element's positions."""
+
+    def size(self, dim: int) -> int:
+        """Entries of the sparse form: ``s x dim`` rows and ``G x k x k`` per family."""
+        return len(self.singletons) * dim + sum(f.shape[0] * f.shape[1] ** 2 for f in self.families)
+
+
+def hessian_blocks(sites: Sequence[tuple[Sequence[int], Sequence[int]]]) -> Blocks:
+    """The `Blocks` of the packed layout of `sites` (as `hessian_colors` reads them): the
+    batched sites of one batch shape form a family, whose batch element ``g`` holds the
+    event positions of each of its sites, in packing order."""
+    single: list[np.ndarray] = []
+    families: dict[tuple[int, ...], list[np.ndarray]] = {}
+    offset = 0
+    for shape, batch_shape in sites:
+        shape, batch_shape = tuple(int(n) for n in shape), tuple(int(n) for n in batch_shape)
+        size = math.prod(shape)
+        batched = bool(batch_shape) and shape[: len(batch_shape)] == batch_shape
+        batch = math.prod(batch_shape) if batched else 1
+        coords = offset + np.arange(size)
+        if batch <= 1:
+            single.append(coords)
+        else:
+            families.setdefault(batch_shape, []).append(coords.reshape(batch, size // batch))
+        offset += size
+    return Blocks(
+        np.concatenate(single).astype(np.int64) if single else np.zeros(0, np.int64),
+        tuple(np.concatenate(parts, axis=1).astype(np.int64) for parts in families.values()),
+    )
+
+
+def sparse_layout(
+    colors: tuple[np.ndarray, np.ndarray] | None, blocks: Blocks | None, dim: int
+) -> bool:
+    """Whether a start search keeps the sparse form of its Hessian (`Blocks`): the layout
+    has a shared colour and the form holds at most `SPARSE_MAX_ELEMENTS` entries."""
+    if colors is None or blocks is None or not np.any(colors[1]):
         return False
-    return len(singletons(colors)) * dim <= SPARSE_MAX_ELEMENTS
+    return blocks.size(dim) <= SPARSE_MAX_ELEMENTS

@@ -28,7 +28,7 @@ state before any step, holds them from the start.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -44,6 +44,7 @@ from numpyro.infer.svi import SVIState
 from numpyro.infer.util import potential_energy, transform_fn
 
 from flowguides.core import CONTROL_VARIATE_PREFIX
+from flowguides.core.hessian import Blocks
 from flowguides.numpyro._stream import subsampled
 from flowguides.numpyro._training import HISTORY, RecordingELBO, default_float
 
@@ -75,7 +76,7 @@ def reference_params(out: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     ran on the full data): the expansion point (the MAP), the negative log joint there, its
     gradient and, where the search formed it, its Hessian."""
     names = {"loc": "loc_map", "energy": "energy_map", "grad": "grad_map", "hess": "hess"}
-    names.update(hess_diag="hess_diag", hess_rows="hess_rows")  # a sparse Hessian's terms
+    names.update({k: k for k in out if k == "hess_rows" or k.startswith("hess_block_")})
     return {
         f"{CONTROL_VARIATE_PREFIX}{k}": np.asarray(out[v]) for k, v in names.items() if v in out
     }
@@ -86,12 +87,12 @@ def control_variate_model(
     model: Callable[..., Any],
     init_locs: Mapping[str, Any],
     reference: Mapping[str, np.ndarray],
-    index: np.ndarray | None = None,
+    blocks: Blocks | None = None,
 ) -> Callable[..., Any]:
     """`training` (the model as it trains: its subsampled plates drawing indices) with the
     factor ``T_F(u) - T_B(u)`` added, `model` (the user's) evaluating ``f_B`` on the drawn
     indices. `init_locs` are the guide's unconstrained latent sites, in its packing order;
-    `reference` the `reference_params`; `index` the singletons of a sparse Hessian's terms
+    `reference` the `reference_params`; `blocks` the layout of a sparse Hessian's terms
     (`sparse_quadratic`)."""
     names = list(init_locs)  # packed in this order (as NumPyro's AutoContinuous packs)
     shapes = [jnp.shape(init_locs[name]) for name in names]
@@ -139,7 +140,8 @@ def control_variate_model(
             if dense:
                 quadratic = delta @ (fixed("hess") @ delta)
             else:
-                quadratic = sparse_quadratic(fixed("hess_diag"), fixed("hess_rows"), index, delta)
+                terms = [fixed(f"hess_block_{f}") for f in range(len(blocks.families))]
+                quadratic = sparse_quadratic(fixed("hess_rows"), terms, blocks, delta)
             full = -energy - grad @ delta - 0.5 * quadratic
             expansion = value + slope @ delta + 0.5 * delta @ curvature
         else:
@@ -152,17 +154,18 @@ def control_variate_model(
 
 
 def sparse_quadratic(
-    diagonal: jax.Array, rows: jax.Array, index: np.ndarray, delta: jax.Array
+    rows: jax.Array, terms: Sequence[jax.Array], blocks: Blocks, delta: jax.Array
 ) -> jax.Array:
-    """``delta' H delta`` for a Hessian known by `diagonal` (0 at the singletons `index`) and
-    the singletons' full `rows` ``(s, d)`` (`flowguides.core.hessian`): the diagonal terms, twice
-    the singletons' rows against `delta`, less their block counted twice."""
+    """``delta' H delta`` for a Hessian known by its sparse form (`flowguides.core.hessian`):
+    the singletons' full `rows` ``(s, d)`` (twice against `delta`, less their block counted
+    twice) and, per family of `blocks`, its blocks ``(G, k, k)`` in `terms`."""
+    index = blocks.singletons
     single = delta[index]
-    return (
-        jnp.sum(diagonal * delta**2)
-        + 2.0 * single @ (rows @ delta)
-        - single @ (rows[:, index] @ single)
-    )
+    out = 2.0 * single @ (rows @ delta) - single @ (rows[:, index] @ single)
+    for idx, block in zip(blocks.families, terms, strict=True):
+        part = delta[idx]  # (G, k)
+        out = out + jnp.einsum("gq,gqp,gp->", part, block, part)
+    return out
 
 
 def public_params(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -215,8 +218,8 @@ def with_control_variate(
             f"(init_scale={guide.init_scale!r}; it searches with 'auto' or 'laplace')"
         )
     if why is None:
-        reference, index = guide._reference, guide._singletons
-        return control_variate_model(train, model, guide._init_locs, reference, index), reference
+        reference, blocks = guide._reference, guide._blocks
+        return control_variate_model(train, model, guide._init_locs, reference, blocks), reference
     if control_variate == "taylor":
         raise ValueError(f"control_variate='taylor': {why}; use control_variate='none'")
     return train, None

@@ -17,7 +17,7 @@ import numpy as np
 from jax import lax
 
 from flowguides.core import FULL_RANK_MAX_DIM
-from flowguides.core.hessian import check_tolerance, probe_weights, shared_rank, singletons
+from flowguides.core.hessian import Blocks, check_tolerance, probe_weights, shared_rank
 
 __all__ = ["hessian_diagonal", "shared_diagonal"]
 
@@ -27,8 +27,8 @@ def hessian_diagonal(
     point: jax.Array,
     block_size: int | None = None,
     colors: tuple[np.ndarray, np.ndarray] | None = None,
-    rows: bool = False,
-) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
+    blocks: Blocks | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array, tuple[jax.Array, ...], jax.Array]:
     """The exact diagonal of the Hessian of the scalar `energy` at `point`, without the Hessian.
 
     Products ``H v`` are reverse-mode derivatives of the gradient with cotangent ``v`` (reverse
@@ -48,12 +48,13 @@ def hessian_diagonal(
         point: where, shape ``(d,)``.
         block_size: products per vectorised call (default `FULL_RANK_MAX_DIM`).
         colors: ``(colour per coordinate, whether each colour is shared)``, or None.
-        rows: also return the rows of ``H`` at the `flowguides.core.hessian.singletons`
-            (their unit products, ``(s, d)``) and whether the Hessian is that sparse (every
-            shared colour passed and none reaches another's coordinates); needs `colors`.
+        blocks: with `colors`, the layout's `flowguides.core.hessian.Blocks`: also return the
+            sparse form of ``H`` from the same products (`shared_diagonal`) and the
+            singletons' unit products, kept whole.
 
     Returns:
-        ``diag H``, shape ``(d,)``; with `rows`, ``(diag H, rows, sparse)``.
+        ``diag H``, shape ``(d,)``; with `blocks`, ``(diag H, the singletons' rows (s, d),
+        the families' blocks (G, k, k) each, whether they are the whole H)``.
     """
     dim = point.shape[0]
     block = min(FULL_RANK_MAX_DIM if block_size is None else block_size, dim)
@@ -62,12 +63,12 @@ def hessian_diagonal(
     def product(tangent: jax.Array) -> jax.Array:
         return pullback(tangent)[0]  # H symmetric: the reverse product is H v too
 
-    diagonal, need, sparse = shared_diagonal(product, point, block, colors)
-    if rows:  # the singletons' unit products, kept whole
-        single = singletons(colors)
+    diagonal, need, terms = shared_diagonal(product, point, block, colors, blocks)
+    if blocks is not None:  # the singletons' unit products, kept whole
+        single = blocks.singletons
         units = jax.nn.one_hot(single, dim, dtype=point.dtype)
-        found = lax.map(product, units, batch_size=block) if len(single) else units
-        diagonal = diagonal.at[single].set(found[np.arange(len(single)), single])
+        rows = lax.map(product, units, batch_size=block) if len(single) else units
+        diagonal = diagonal.at[single].set(rows[np.arange(len(single)), single])
         need = need.at[single].set(False)
     # the rest, by unit products: the coordinates that need one first, a block at a time
     order = jnp.argsort(~need, stable=True)
@@ -85,7 +86,7 @@ def hessian_diagonal(
         return start + block, diagonal
 
     diagonal = lax.while_loop(lambda c: c[0] < count, exact, (jnp.asarray(0), diagonal))[1]
-    return (diagonal, found, sparse) if rows else diagonal
+    return diagonal if blocks is None else (diagonal, rows, *terms)
 
 
 def shared_diagonal(
@@ -93,16 +94,18 @@ def shared_diagonal(
     point: jax.Array,
     block_size: int,
     colors: tuple[np.ndarray, np.ndarray] | None,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``(diagonal, need, sparse)``: the shared colours' diagonal entries from their probes,
+    blocks: Blocks | None = None,
+) -> tuple[jax.Array, jax.Array, tuple | None]:
+    """``(diagonal, need, terms)``: the shared colours' diagonal entries from their probes,
     which coordinates still need a unit product (colours of one, colours whose test failed;
-    all without `colors`), and whether every shared colour passed and none's products reach
-    another's coordinates (`flowguides.core.hessian`; False without a shared colour).
-    `product` is ``v -> H v`` (the Pyro backend's takes the batched energies)."""
+    all without `colors`), and with `blocks` ``(the families' blocks, whether the Hessian is
+    block diagonal in each family and no colour reaches another family)``
+    (`flowguides.core.hessian`), else None. `product` is ``v -> H v`` (the Pyro backend's
+    takes the batched energies)."""
     dim = point.shape[0]
     diagonal, need = jnp.zeros_like(point), jnp.ones(dim, bool)
     if colors is None or not np.any(colors[1]):
-        return diagonal, need, jnp.asarray(False)
+        return diagonal, need, None if blocks is None else ((), jnp.asarray(False))
     color, shared = colors
     probes = probe_weights(color, shared, np.dtype(point.dtype))
     products = lax.map(product, jnp.asarray(probes), batch_size=block_size)
@@ -114,15 +117,39 @@ def shared_diagonal(
     ok = jnp.abs(tested - scaled) <= tol * (jnp.abs(tested) + jnp.abs(scaled))
     # a colour passes where every one of its coordinates does
     failed = jax.ops.segment_max((~ok).astype(jnp.int32), rank[coords], num_segments=num)
-    # colour r's products at another colour's coordinate i, against sqrt(|h_i| max_r |h|)
-    size = jnp.abs(ones)
-    largest = jax.ops.segment_max(size, rank[coords], num_segments=num)
+    diagonal = diagonal.at[coords].set(ones)
+    need = need.at[coords].set(failed[rank[coords]] > 0)
+    if blocks is None:
+        return diagonal, need, None
+    # the families' blocks and their test (flowguides.core.hessian)
+    size = jnp.abs(diagonal)
+    largest = jax.ops.segment_max(size[coords], rank[coords], num_segments=num)
     weight = np.abs(probes[num:]).max(axis=1)  # the normal probes' largest weight, per colour
-    bound = tol * jnp.sqrt(size[None, :] * largest[:, None])
-    other = rank[coords][None, :] != np.arange(num)[:, None]
+    family = np.full(dim, -1)
+    found, passed = [], jnp.asarray(True)
+    for f, idx in enumerate(blocks.families):
+        family[idx] = f
+        r = rank[idx[0]]  # each position's colour's row
+        ones_at = products[r[:, None, None], idx[None]]  # (p, g, q): H[idx[g, q], idx[g, p]]
+        normal_at = products[num + r[:, None, None], idx[None]]
+        w = probes[num + r[:, None], idx.T][..., None]  # the weight of (g, p)
+        bound = tol * jnp.sqrt(size[idx][None] * largest[r][:, None, None])
+        small = (jnp.abs(ones_at) <= bound) & (
+            jnp.abs(normal_at) <= bound * weight[r][:, None, None]
+        )
+        exact = jnp.abs(normal_at - ones_at * w) <= tol * (
+            jnp.abs(normal_at) + jnp.abs(ones_at * w)
+        )
+        passed = passed & jnp.all(exact | small)
+        block = jnp.transpose(ones_at, (1, 2, 0))  # (g, q, p)
+        found.append((block + jnp.swapaxes(block, 1, 2)) / 2)
+    # no colour's products reach another family's coordinates
+    colour_family = np.full(num, -1)
+    colour_family[rank[coords]] = family[coords]
+    other = family[coords][None, :] != colour_family[:, None]
+    bound = tol * jnp.sqrt(size[coords][None, :] * largest[:, None])
     reach = (jnp.abs(products[:num, coords]) > bound) | (
         jnp.abs(products[num:, coords]) > bound * weight[:, None]
     )
-    sparse = jnp.all(failed == 0) & ~jnp.any(other & reach)
-    diagonal = diagonal.at[coords].set(ones)
-    return diagonal, need.at[coords].set(failed[rank[coords]] > 0), sparse
+    sparse = passed & jnp.all(failed == 0) & ~jnp.any(other & reach)
+    return diagonal, need, (tuple(found), sparse)

@@ -40,7 +40,7 @@ from flowguides.core import (
     coordinate_sites,
 )
 from flowguides.core.calls import call_error
-from flowguides.core.hessian import hessian_colors, singletons
+from flowguides.core.hessian import Blocks, hessian_blocks, hessian_colors
 from flowguides.numpyro import ode
 from flowguides.numpyro._control import reference_params
 from flowguides.numpyro._model import as_constants, callable_key, choose_constants, split_args
@@ -128,7 +128,7 @@ class AutoFlowGuide(AutoContinuous, StagedPrototype):
         # the start search's full-data MAP and its terms (`control_variate_model`), where it
         # found a mode
         self._reference: dict[str, np.ndarray] | None = None
-        self._singletons: np.ndarray | None = None  # see `_control.sparse_quadratic`
+        self._blocks: Blocks | None = None  # a sparse Hessian's layout (`sparse_quadratic`)
         self.static_argnames = static_argnames
         self._constants: frozenset = frozenset()  # labels of constant arguments, see set-up
         self._dynamic: tuple[str, ...] = ()  # sites whose support moves with others (`_support`)
@@ -196,12 +196,13 @@ class AutoFlowGuide(AutoContinuous, StagedPrototype):
             (np.shape(v), trace[name]["fn"].batch_shape) for name, v in self._init_locs.items()
         ]
         colors = None if full_rank else hessian_colors(sites)
+        blocks = None if full_rank else hessian_blocks(sites)
 
         def search(z0: jax.Array, arrays: list) -> dict[str, jax.Array]:
             a, k = rebuild(arrays)
             potential = potential_gen(*a, **k)
             with full_data():  # traced once: the program holds the full-data energy
-                return laplace_search(lambda z: potential(unpack(z)), z0, full_rank, colors)
+                return laplace_search(lambda z: potential(unpack(z)), z0, full_rank, colors, blocks)
 
         shapes = (loc.shape, str(loc.dtype), full_rank)
         once = sum(int(np.size(a)) for a in jax.tree.leaves(arrays)) <= SEARCH_SETUP_MAX_ELEMENTS
@@ -212,13 +213,11 @@ class AutoFlowGuide(AutoContinuous, StagedPrototype):
         found = bool(out["finite"]) and not bool(np.any(out["moving"]))
         if found and not np.all(np.isfinite(out.get("hess", 0.0))):
             out = {k: v for k, v in out.items() if k != "hess"}  # first order only
-        sparse = bool(out.get("sparse", False)) and all(
-            np.all(np.isfinite(out[k])) for k in ("hess_diag", "hess_rows")
-        )
-        if not sparse:  # first order where the Hessian is not known to be that sparse
-            out = {k: v for k, v in out.items() if k not in ("hess_diag", "hess_rows")}
+        form = [k for k in out if k == "hess_rows" or k.startswith("hess_block_")]
+        if not (bool(out.get("sparse", False)) and all(np.isfinite(out[k]).all() for k in form)):
+            out = {k: v for k, v in out.items() if k not in form}  # first order
         self._reference = reference_params(out) if found else None
-        self._singletons = singletons(colors) if found and sparse else None
+        self._blocks = blocks if found and "hess_rows" in out else None
         return choose_start(self.init_scale, loc, out, self._coordinate_sites)
 
     def _coordinate_sites(self, coords: Sequence[int]) -> list[str]:

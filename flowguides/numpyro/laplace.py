@@ -28,7 +28,7 @@ import optax
 from jax import lax
 
 from flowguides.core import AUTO_SCALES, FULL_RANK_MAX_DIM, MODE_TOLERANCE, LaplaceFallbackWarning
-from flowguides.core.hessian import singletons, sparse_rows
+from flowguides.core.hessian import Blocks, sparse_layout
 from flowguides.numpyro._hessian import hessian_diagonal
 
 __all__ = [
@@ -162,6 +162,7 @@ def laplace_search(
     loc: jax.Array,
     full_rank: bool | None = None,
     colors: tuple[np.ndarray, np.ndarray] | None = None,
+    blocks: Blocks | None = None,
 ) -> dict[str, jax.Array]:
     """Everything `init_scale` decides on, as one traced program (compiled once per model and
     shapes): the MAP, the Hessian (full rank) or its diagonal, the mode checks and the
@@ -173,13 +174,14 @@ def laplace_search(
         loc: where the MAP search starts (the plain starts' location), shape ``(d,)``.
         full_rank: whether to form the ``d x d`` Hessian; None: ``d <= FULL_RANK_MAX_DIM``.
         colors: the latent layout's colours for `hessian_diagonal` (not full rank), or None.
+        blocks: the latent layout's `flowguides.core.hessian.Blocks` (with `colors`), or None.
 
     Returns:
         ``loc_map``, ``grad_map`` and ``energy_map`` (the energy's gradient and value there),
         ``scale``, ``good``, ``moving``, ``finite``, ``elbo_plain``, ``elbo_diag`` and, full
         rank, ``hess`` (the symmetrised Hessian), ``tril`` (NaN where not positive definite)
-        and ``elbo_full``; with `colors` where `sparse_rows`, ``hess_diag`` (the diagonal,
-        0 at the singletons), ``hess_rows`` (the singletons' rows) and ``sparse`` (whether
+        and ``elbo_full``; where `sparse_layout`, the sparse form: ``hess_rows`` (the
+        singletons' rows), ``hess_block_<f>`` (family ``f``'s blocks) and ``sparse`` (whether
         they are the whole Hessian).
     """
     dim = loc.shape[0]
@@ -188,8 +190,8 @@ def laplace_search(
     if full_rank:  # reverse over reverse: works through a model's jax.custom_vjp functions
         hess = jax.jacrev(jax.grad(energy))(loc_map)
         curvature = jnp.diag(hess)
-    elif sparse_rows(colors, dim):  # and the rows a sparse Hessian needs (`_control.py`)
-        curvature, rows, sparse = hessian_diagonal(energy, loc_map, colors=colors, rows=True)
+    elif sparse_layout(colors, blocks, dim):  # and the sparse form (`_control.py`)
+        curvature, rows, found, sparse = hessian_diagonal(energy, loc_map, None, colors, blocks)
     else:
         curvature = hessian_diagonal(energy, loc_map, colors=colors)
     good = jnp.isfinite(curvature) & (curvature > 0)
@@ -228,10 +230,9 @@ def laplace_search(
         "elbo_plain": elbos[: len(AUTO_SCALES)],
         "elbo_diag": elbos[len(AUTO_SCALES)],
     }
-    if not full_rank and sparse_rows(colors, dim):
-        single = singletons(colors)
-        out["hess_diag"] = curvature.at[single].set(0.0)
+    if not full_rank and sparse_layout(colors, blocks, dim):
         out["hess_rows"], out["sparse"] = rows, sparse
+        out.update({f"hess_block_{f}": block for f, block in enumerate(found)})
     if full_rank:
         out["tril"] = tril
         out["elbo_full"] = elbos[-1]

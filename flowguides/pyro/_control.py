@@ -19,7 +19,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import numpy as np
 import pyro
 import torch
 from pyro import poutine
@@ -27,6 +26,7 @@ from pyro.distributions.transforms import biject_to
 from pyro.poutine.util import site_is_subsample
 
 from flowguides.core import CONTROL_VARIATE_PREFIX
+from flowguides.core.hessian import Blocks
 from flowguides.pyro._model import log_joint_at
 
 __all__ = [
@@ -39,19 +39,13 @@ __all__ = [
 ]
 
 
-def reference_terms(
-    out: Mapping[str, torch.Tensor], index: np.ndarray | None = None
-) -> dict[str, torch.Tensor]:
+def reference_terms(out: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The control variate's fixed terms from `laplace_search`'s output (run on the full
     data): the MAP, the negative log joint there, its gradient and, where formed, its Hessian,
-    dense (``hess``) or sparse (``hess_diag``, ``hess_rows`` and the singletons' `index`,
-    `sparse_quadratic`)."""
+    dense (``hess``) or sparse (``hess_rows``, ``hess_block_<f>``: `sparse_quadratic`)."""
     names = {"loc": "loc_map", "energy": "energy_map", "grad": "grad_map", "hess": "hess"}
-    names.update(hess_diag="hess_diag", hess_rows="hess_rows")
-    terms = {k: out[v].detach() for k, v in names.items() if v in out}
-    if "hess_rows" in terms:
-        terms["index"] = torch.as_tensor(index, device=terms["loc"].device)
-    return terms
+    names.update({k: k for k in out if k == "hess_rows" or k.startswith("hess_block_")})
+    return {k: out[v].detach() for k, v in names.items() if v in out}
 
 
 def second_order(reference: Mapping[str, torch.Tensor]) -> bool:
@@ -59,18 +53,20 @@ def second_order(reference: Mapping[str, torch.Tensor]) -> bool:
     return "hess" in reference or "hess_rows" in reference
 
 
-def sparse_quadratic(reference: Mapping[str, torch.Tensor], delta: torch.Tensor) -> torch.Tensor:
-    """``delta' H delta`` per row of `delta` ``(..., d)`` for a Hessian known by its diagonal
-    (0 at the singletons) and the singletons' full rows (`flowguides.core.hessian`): the
-    diagonal terms, twice the singletons' rows against `delta`, less their block counted
-    twice."""
-    index, rows = reference["index"], reference["hess_rows"]
+def sparse_quadratic(
+    reference: Mapping[str, torch.Tensor], blocks: Blocks, delta: torch.Tensor
+) -> torch.Tensor:
+    """``delta' H delta`` per row of `delta` ``(..., d)`` for a Hessian known by its sparse
+    form (`flowguides.core.hessian`): the singletons' full rows (twice against `delta`, less
+    their block counted twice) and, per family of `blocks`, its blocks ``(G, k, k)``."""
+    index, rows = torch.as_tensor(blocks.singletons), reference["hess_rows"]
     single = delta[..., index]
-    return (
-        (reference["hess_diag"] * delta**2).sum(-1)
-        + 2.0 * (single * (delta @ rows.T)).sum(-1)
-        - (single * (single @ rows[:, index].T)).sum(-1)
-    )
+    out = 2.0 * (single * (delta @ rows.T)).sum(-1)
+    out = out - (single * (single @ rows[:, index].T)).sum(-1)
+    for f, idx in enumerate(blocks.families):
+        part = delta[..., torch.as_tensor(idx)]  # (..., G, k)
+        out = out + torch.einsum("...gq,gqp,...gp->...", part, reference[f"hess_block_{f}"], part)
+    return out
 
 
 def control_variate_model(
@@ -132,11 +128,12 @@ def minibatch_factor(
             products = torch.stack(
                 [torch.autograd.grad(slope, point, row, retain_graph=True)[0] for row in rows]
             )
-    return _factor(reference, delta, value.detach(), slope.detach(), products)
+    return _factor(reference, guide._blocks, delta, value.detach(), slope.detach(), products)
 
 
 def _factor(
     reference: Mapping[str, torch.Tensor],
+    blocks: Blocks | None,
     delta: torch.Tensor,
     value: torch.Tensor,
     slope: torch.Tensor,
@@ -153,7 +150,7 @@ def _factor(
         if "hess" in reference:
             full = full - 0.5 * ((delta @ reference["hess"]) * delta).sum(-1)
         else:
-            full = full - 0.5 * sparse_quadratic(reference, delta)
+            full = full - 0.5 * sparse_quadratic(reference, blocks, delta)
     return full - expansion
 
 
@@ -195,7 +192,7 @@ def mapped_factor(
 
     with pyro.validation_enabled(False):  # its checks branch in Python on values
         value, slope, products = torch.func.vmap(terms)(delta.detach(), dict(indices))
-    return _factor(reference, delta, value, slope, products if second else None)
+    return _factor(reference, guide._blocks, delta, value, slope, products if second else None)
 
 
 def _particle_plate(trace: Any) -> bool:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from flowguides.core import FULL_RANK_MAX_DIM
-from flowguides.core.hessian import check_tolerance, probe_weights, shared_rank, singletons
+from flowguides.core.hessian import Blocks, check_tolerance, probe_weights, shared_rank
 
 __all__ = ["hessian_diagonal", "shared_diagonal"]
 
@@ -26,8 +26,8 @@ def hessian_diagonal(
     point: torch.Tensor,
     block_size: int | None = None,
     colors: tuple[np.ndarray, np.ndarray] | None = None,
-    rows: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, bool]:
+    blocks: Blocks | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...], bool]:
     """The exact diagonal of the Hessian of a scalar function at `point`, without the Hessian.
 
     `energies` maps a batch of points ``(B, d)`` to one value per point ``(B,)``, each row's
@@ -48,18 +48,19 @@ def hessian_diagonal(
         point: where, shape ``(d,)``.
         block_size: products per pass (default `FULL_RANK_MAX_DIM`).
         colors: ``(colour per coordinate, whether each colour is shared)``, or None.
-        rows: also return the rows of ``H`` at the `flowguides.core.hessian.singletons`
-            (their unit products, ``(s, d)``) and whether the Hessian is that sparse (every
-            shared colour passed and none reaches another's coordinates); needs `colors`.
+        blocks: with `colors`, the layout's `flowguides.core.hessian.Blocks`: also return the
+            sparse form of ``H`` from the same products (`shared_diagonal`) and the
+            singletons' unit products, kept whole.
 
     Returns:
-        ``diag H``, shape ``(d,)``; with `rows`, ``(diag H, rows, sparse)``.
+        ``diag H``, shape ``(d,)``; with `blocks`, ``(diag H, the singletons' rows (s, d),
+        the families' blocks (G, k, k) each, whether they are the whole H)``.
     """
     dim = point.numel()
     block_size = FULL_RANK_MAX_DIM if block_size is None else block_size
-    diagonal, need, sparse = shared_diagonal(energies, point, block_size, colors)
+    diagonal, need, terms = shared_diagonal(energies, point, block_size, colors, blocks)
     kept = []
-    single = singletons(colors) if rows else np.zeros(0, np.int64)
+    single = np.zeros(0, np.int64) if blocks is None else blocks.singletons
     need[single] = False
     # the singletons' unit products (kept whole with `rows`), then the coordinates left over
     for todo, keep in ((single, True), (np.flatnonzero(need), False)):
@@ -69,9 +70,9 @@ def hessian_diagonal(
             found = _products(energies, point, units)
             diagonal[coords] = found[torch.arange(len(coords), device=point.device), coords]
             kept += [found] if keep else []
-    if not rows:
+    if blocks is None:
         return diagonal
-    return diagonal, torch.cat(kept) if kept else point.new_zeros((0, dim)), sparse
+    return diagonal, torch.cat(kept) if kept else point.new_zeros((0, dim)), *terms
 
 
 def shared_diagonal(
@@ -79,14 +80,16 @@ def shared_diagonal(
     point: torch.Tensor,
     block_size: int,
     colors: tuple[np.ndarray, np.ndarray] | None,
-) -> tuple[torch.Tensor, np.ndarray, bool]:
-    """``(diagonal, need, sparse)``: the shared colours' diagonal entries from their probes,
+    blocks: Blocks | None = None,
+) -> tuple[torch.Tensor, np.ndarray, tuple | None]:
+    """``(diagonal, need, terms)``: the shared colours' diagonal entries from their probes,
     which coordinates still need a unit product (colours of one, colours whose test failed;
-    all without `colors`), and whether every shared colour passed and none's products reach
-    another's coordinates (`flowguides.core.hessian`; False without a shared colour)."""
+    all without `colors`), and with `blocks` ``(the families' blocks, whether the Hessian is
+    block diagonal in each family and no colour reaches another family)``
+    (`flowguides.core.hessian`), else None."""
     diagonal, need = torch.zeros_like(point), np.ones(point.numel(), bool)
     if colors is None or not np.any(colors[1]):
-        return diagonal, need, False
+        return diagonal, need, None if blocks is None else ((), False)
     color, shared = colors
     dtype = torch.empty((), dtype=point.dtype).numpy().dtype
     probes = torch.as_tensor(probe_weights(color, shared, dtype), device=point.device)
@@ -102,20 +105,38 @@ def shared_diagonal(
     ok = ((tested - scaled).abs() <= tol * (tested.abs() + scaled.abs())).cpu().numpy()
     failed = np.zeros(num, bool)  # a colour passes where every one of its coordinates does
     np.logical_or.at(failed, rank[coords], ~ok)
-    # colour r's products at another colour's coordinate i, against sqrt(|h_i| max_r |h|)
-    size = ones.abs()
-    largest = torch.zeros(num, dtype=size.dtype, device=size.device)
-    largest = largest.scatter_reduce(0, rows, size, "amax")
+    diagonal[at] = ones
+    need[coords] = failed[rank[coords]]
+    if blocks is None:
+        return diagonal, need, None
+    # the families' blocks and their test (flowguides.core.hessian)
+    size = diagonal.abs()
+    largest = size.new_zeros(num).scatter_reduce(0, rows, size[at], "amax")
     weight = probes[num:].abs().amax(1)  # the normal probes' largest weight, per colour
-    bound = tol * (size[None, :] * largest[:, None]).sqrt()
-    other = rows[None, :] != torch.arange(num, device=point.device)[:, None]
+    family = np.full(point.numel(), -1)
+    found, passed = [], not failed.any()
+    for f, idx in enumerate(blocks.families):
+        family[idx] = f
+        r = torch.as_tensor(rank[idx[0]], device=point.device)  # each position's colour's row
+        where = torch.as_tensor(idx, device=point.device)
+        ones_at = products[r[:, None, None], where[None]]  # (p, g, q): H[idx[g, q], idx[g, p]]
+        normal_at = products[num + r[:, None, None], where[None]]
+        w = probes[num + r[:, None], where.T][..., None]  # the weight of (g, p)
+        bound = tol * (size[where][None] * largest[r][:, None, None]).sqrt()
+        small = (ones_at.abs() <= bound) & (normal_at.abs() <= bound * weight[r][:, None, None])
+        exact = (normal_at - ones_at * w).abs() <= tol * (normal_at.abs() + (ones_at * w).abs())
+        passed = passed and bool((exact | small).all())
+        block = ones_at.permute(1, 2, 0)  # (g, q, p)
+        found.append((block + block.transpose(1, 2)) / 2)
+    # no colour's products reach another family's coordinates
+    colour_family = np.full(num, -1)
+    colour_family[rank[coords]] = family[coords]
+    other = torch.as_tensor(family[coords][None, :] != colour_family[:, None], device=point.device)
+    bound = tol * (size[at][None, :] * largest[:, None]).sqrt()
     reach = (products[:num, at].abs() > bound) | (
         products[num:, at].abs() > bound * weight[:, None]
     )
-    sparse = not failed.any() and not bool((other & reach).any())
-    diagonal[at] = ones
-    need[coords] = failed[rank[coords]]
-    return diagonal, need, sparse
+    return diagonal, need, (tuple(found), passed and not bool((other & reach).any()))
 
 
 def _products(

@@ -34,7 +34,7 @@ from flowguides.core import (
     local_latent_error,
 )
 from flowguides.core.calls import call_error, first_line, foreign_arguments
-from flowguides.core.hessian import hessian_colors, singletons
+from flowguides.core.hessian import Blocks, hessian_blocks, hessian_colors
 from flowguides.pyro._control import reference_terms
 from flowguides.pyro._model import BatchLogJoint
 from flowguides.pyro._stream import full_data_chunks
@@ -132,6 +132,7 @@ class AutoFlowGuide(AutoContinuous, BatchLogJoint):
         self.model_trace: poutine.Trace | None = None
         self._chunks: list | None = None  # the full data in chunks, where the model subsamples
         self._reference: dict | None = None  # the start search's full-data MAP and its terms
+        self._blocks: Blocks | None = None  # the layout of its sparse Hessian, if any
         self.vectorize_particles = vectorize_particles
         self.vectorized: bool | None = None  # the outcome, decided at set-up
         self.mappable = False  # where not vectorized: whether torch.func.vmap matches the loop
@@ -196,23 +197,22 @@ class AutoFlowGuide(AutoContinuous, BatchLogJoint):
         """``(affine loc, affine scale, (shift, scale_tril) or None)`` for `init_scale`."""
         if self.init_scale not in ("laplace", "auto"):
             return init, torch.full_like(init, float(self.init_scale)), None
-        values = self.latent_dim + sum(
-            site["value"].numel()
-            for site in self.model_trace.nodes.values()
-            if site["type"] == "sample" and torch.is_tensor(site["value"])
-        )
-        colors = hessian_colors([(shape, self.prototype_trace.nodes[name]["fn"].batch_shape)
-                                 for name, shape in self._unconstrained_shapes.items()])  # fmt: skip
+        tensors = [s["value"] for s in self.model_trace.nodes.values() if s["type"] == "sample"]
+        values = self.latent_dim + sum(v.numel() for v in tensors if torch.is_tensor(v))
+        sites = [(shape, self.prototype_trace.nodes[name]["fn"].batch_shape)
+                 for name, shape in self._unconstrained_shapes.items()]  # fmt: skip
         out = laplace_search(
             lambda z: -self.start_log_joint(z, args, kwargs),
             init,
             energies=lambda z: -self.start_log_joint(z, args, kwargs),
             values_per_copy=values,
             elbos=self.init_scale == "auto",
-            colors=colors,
+            colors=hessian_colors(sites),
+            blocks=hessian_blocks(sites),
         )
         found = bool(out["finite"]) and not bool(out["moving"].any())
-        self._reference = reference_terms(out, singletons(colors)) if found else None
+        self._reference = reference_terms(out) if found else None
+        self._blocks = hessian_blocks(sites) if found and "hess_rows" in out else None
         return choose_start(self.init_scale, init, out, self._coordinate_sites)
 
     def _explain_setup_error(self, exc: Exception, args: tuple, kwargs: dict) -> None:

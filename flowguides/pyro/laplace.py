@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from flowguides.core import AUTO_SCALES, FULL_RANK_MAX_DIM, MODE_TOLERANCE, LaplaceFallbackWarning
-from flowguides.core.hessian import singletons, sparse_rows
+from flowguides.core.hessian import Blocks, sparse_layout
 from flowguides.pyro._hessian import hessian_diagonal
 
 __all__ = ["choose_start", "hessian_diagonal", "laplace_search", "laplace_start", "minimize"]
@@ -139,6 +139,7 @@ def laplace_search(
     values_per_copy: int | None = None,
     elbos: bool = True,
     colors: tuple[np.ndarray, np.ndarray] | None = None,
+    blocks: Blocks | None = None,
 ) -> dict[str, torch.Tensor]:
     """Everything `init_scale` decides on: the MAP, the Hessian (full rank) or its diagonal,
     the mode checks and, with `elbos`, the 256-draw ELBO (fixed seed) of every start.
@@ -154,12 +155,13 @@ def laplace_search(
         elbos: also estimate the ELBO of the plain starts (`AUTO_SCALES`) and of the Laplace
             start, as ``"auto"`` needs.
         colors: the latent layout's colours for `hessian_diagonal` (not full rank), or None.
+        blocks: the latent layout's `flowguides.core.hessian.Blocks` (with `colors`), or None.
 
     Returns:
         ``loc_map``, ``energy_map`` and ``grad_map`` (the energy and its gradient there),
-        ``hess`` (the symmetrised Hessian, full rank, where finite), or ``hess_diag`` (the
-        diagonal, 0 at the singletons) and ``hess_rows`` (the singletons' rows) where they
-        are the whole Hessian and finite (not full rank, `colors` where `sparse_rows`), ``scale``
+        ``hess`` (the symmetrised Hessian, full rank, where finite), or its sparse form
+        ``hess_rows`` (the singletons' rows) and ``hess_block_<f>`` (family ``f``'s blocks)
+        where it is the whole Hessian and finite (`sparse_layout`), ``scale``
         (``1 / sqrt(diag H)``, 0.1 where not positive), ``good``
         (where the curvature is positive), ``moving`` (coordinates whose Newton step is not
         small: no mode), ``finite`` (the log joint around the point; checked only where no
@@ -171,7 +173,7 @@ def laplace_search(
         # the search probes far from the mode (line searches, wide starts) and handles a
         # non-finite energy itself: Pyro's "Encountered NaN" warnings would only be noise
         warnings.filterwarnings("ignore", message="Encountered NaN", category=UserWarning)
-        return _search(energy, loc, full_rank, energies, values_per_copy, elbos, colors)
+        return _search(energy, loc, full_rank, energies, values_per_copy, elbos, colors, blocks)
 
 
 def _search(
@@ -182,19 +184,19 @@ def _search(
     values_per_copy: int | None,
     elbos: bool,
     colors: tuple[np.ndarray, np.ndarray] | None,
+    blocks: Blocks | None,
 ) -> dict[str, torch.Tensor]:
     dim = loc.numel()
     full_rank = dim <= FULL_RANK_MAX_DIM if full_rank is None else full_rank
     loc_map = minimize(energy, loc)
-    rows, sparse = None, False
+    sparse = False
     if full_rank:
         hessian = torch.autograd.functional.hessian(energy, loc_map)
         curvature = hessian.diagonal()
-    else:  # with the rows a sparse Hessian needs (`_control.py`) where the layout has one
-        keep = sparse_rows(colors, dim)
-        block = _block_size(values_per_copy)
-        found = hessian_diagonal(energies, loc_map, block, colors, rows=keep)
-        curvature, rows, sparse = found if keep else (found, None, False)
+    else:  # with the sparse form of the Hessian (`_control.py`) where the layout has one
+        keep = blocks if sparse_layout(colors, blocks, dim) else None
+        found = hessian_diagonal(energies, loc_map, _block_size(values_per_copy), colors, keep)
+        curvature, rows, terms, sparse = found if keep else (found, None, (), False)
     good = torch.isfinite(curvature) & (curvature > 0)
     scale = torch.where(good, curvature.clamp_min(1e-300).rsqrt(), torch.full_like(curvature, 0.1))
     if torch.finfo(loc_map.dtype).bits < 64:  # the energy's values too coarse for a line search
@@ -217,10 +219,9 @@ def _search(
     }
     if full_rank and bool(torch.isfinite(hessian).all()):
         out["hess"] = (hessian + hessian.T) / 2
-    if not full_rank and sparse and bool(torch.isfinite(curvature).all() & rows.isfinite().all()):
-        out["hess_diag"] = curvature.clone()
-        out["hess_diag"][singletons(colors)] = 0.0
+    if sparse and all(bool(t.isfinite().all()) for t in (rows, *terms)):
         out["hess_rows"] = rows
+        out.update({f"hess_block_{f}": block for f, block in enumerate(terms)})
     if full_rank and bool(good.all()):
         tril = _inverse_cholesky(hessian)
         if tril is not None:

@@ -6,9 +6,9 @@ of 40 scalars) and ``b`` (a batch of 30 pairs, each pair coupled within itself).
 couples to ``w``. Without cross-batch terms, ``a``'s 40 and ``b``'s 60 coordinates take their
 diagonal from four probes; a term coupling two elements of a batch must send exactly that
 colour to unit products, and the diagonal stays the autodiff Hessian's either way. Where
-nothing couples the shared colours (no pair coupled within itself, no intercept with a pair)
-the diagonal and ``w``'s rows are the whole Hessian (the control variate's sparse form), and
-the search says so only then.
+nothing couples two batch elements of a site, or an intercept with a pair, the blocks (1 x 1
+for ``a``, 2 x 2 for ``b``) and ``w``'s rows are the whole Hessian (the control variate's
+sparse form), and the search says so only then.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from flowguides import FlowSpec
-from flowguides.core.hessian import hessian_colors
+from flowguides.core.hessian import hessian_blocks, hessian_colors
 
 SITES = [((3,), ()), ((40,), (40,)), ((30, 2), (30,))]
 DIM = 3 + 40 + 60
@@ -31,7 +31,7 @@ def energy(z, coupling: str):
     out = (w**2).sum(-1) + (w[..., :1] * w[..., 1:2]).sum(-1) * 0.7
     out = out + ((a - w[..., :1]) ** 2 * (1.0 + a**2)).sum(-1)  # a_j couples to w_0 only
     out = out + (b0**2 + b1**2 + b0 * w[..., 2:3]).sum(-1)
-    if coupling != "sparse":  # a pair's two coordinates interact: two colours, not sparse
+    if coupling != "uncoupled":  # a pair's two coordinates interact (a 2 x 2 block each)
         out = out + (0.5 * b0 * b1).sum(-1)
     if coupling == "a":  # two intercepts interact: a's block is not diagonal
         out = out + 1.3 * a[..., 0] * a[..., 7] ** 3
@@ -43,15 +43,17 @@ def energy(z, coupling: str):
 
 
 # unit products: w's, then a failed colour's
-NEED = {"none": 3, "a": 3 + 40, "b": 3 + 30, "ab": 3, "sparse": 3}
+NEED = {"none": 3, "a": 3 + 40, "b": 3 + 30, "ab": 3, "uncoupled": 3}
+SPARSE = {"none": True, "a": False, "b": False, "ab": False, "uncoupled": True}
 
 
-def dense(diagonal, rows, colors):
-    """The Hessian its sparse form stands for: `diagonal`, and the singletons' `rows`."""
-    from flowguides.core.hessian import singletons
-
-    single = singletons(colors)
-    out = np.diag(np.asarray(diagonal))
+def dense(rows, blocks, layout):
+    """The Hessian its sparse form stands for: the singletons' `rows` and the families'
+    `blocks`, laid out by `layout` (`Blocks`)."""
+    out = np.zeros((DIM, DIM))
+    for idx, block in zip(layout.families, blocks, strict=True):
+        out[idx[:, :, None], idx[:, None, :]] = np.asarray(block)
+    single = layout.singletons
     out[single, :] = rows
     out[:, single] = np.asarray(rows).T
     return out
@@ -62,7 +64,8 @@ def dense(diagonal, rows, colors):
     "backend", [pytest.param("pyro", marks=pytest.mark.torch), pytest.param("numpyro")]
 )
 def test_the_diagonal_is_exact_and_shared_only_where_the_block_is_diagonal(backend, coupling):
-    colors = hessian_colors(SITES)
+    colors, layout = hessian_colors(SITES), hessian_blocks(SITES)
+    assert [f.shape for f in layout.families] == [(40, 1), (30, 2)]
     assert len(colors[1]) == 3 + 1 + 2 and colors[1].tolist() == [False] * 3 + [True] * 3
     if backend == "pyro":
         import torch
@@ -79,11 +82,14 @@ def test_the_diagonal_is_exact_and_shared_only_where_the_block_is_diagonal(backe
             return energy(z, coupling)
 
         got = _hessian.hessian_diagonal(energies, point, block_size=16, colors=colors).numpy()
-        _, need, sparse = _hessian.shared_diagonal(energies, point, 16, colors)
+        _, need, _ = _hessian.shared_diagonal(energies, point, 16, colors)
         assert sum(batches) == 2 * 3 + NEED[coupling] + 2 * 3  # the products it formed
         plain = _hessian.hessian_diagonal(energies, point, block_size=16).numpy()
         hessian = torch.autograd.functional.hessian(lambda z: energy(z, coupling), point).numpy()
-        diagonal, rows, whole = _hessian.hessian_diagonal(energies, point, 16, colors, rows=True)
+        _, _, (_, sparse) = _hessian.shared_diagonal(energies, point, 16, colors, layout)
+        diagonal, rows, blocks, whole = _hessian.hessian_diagonal(
+            energies, point, 16, colors, layout
+        )
         diagonal, rows = diagonal.numpy(), rows.numpy()
     else:
         import jax
@@ -100,24 +106,26 @@ def test_the_diagonal_is_exact_and_shared_only_where_the_block_is_diagonal(backe
         got = np.asarray(jax.jit(lambda p: diagonal(p, colors))(point))
         plain = np.asarray(jax.jit(lambda p: diagonal(p, None))(point))
         _, pullback = jax.vjp(jax.grad(lambda z: energy(z, coupling)), point)
-        _, need, sparse = _hessian.shared_diagonal(lambda v: pullback(v)[0], point, 16, colors)
+        _, need, _ = _hessian.shared_diagonal(lambda v: pullback(v)[0], point, 16, colors)
+        terms = _hessian.shared_diagonal(lambda v: pullback(v)[0], point, 16, colors, layout)
+        sparse = terms[2][1]
         hessian = np.asarray(jax.hessian(lambda z: energy(z, coupling))(point))
-        diagonal, rows, whole = jax.jit(
+        diagonal, rows, blocks, whole = jax.jit(
             lambda p: _hessian.hessian_diagonal(
-                lambda z: energy(z, coupling), p, 16, colors, rows=True
+                lambda z: energy(z, coupling), p, 16, colors, layout
             )
         )(point)
     assert int(np.sum(need)) == NEED[coupling]
     np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(plain, expected, rtol=1e-12, atol=1e-12)
     # the sparse form: the whole Hessian exactly where it says so, and only there
-    assert bool(sparse) is bool(whole) is (coupling == "sparse")
+    assert bool(sparse) is bool(whole) is SPARSE[coupling]
     np.testing.assert_allclose(diagonal, expected, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(rows, hessian[:3], rtol=1e-12, atol=1e-12)  # w's rows
-    if coupling == "sparse":
-        np.testing.assert_allclose(dense(diagonal, rows, colors), hessian, rtol=1e-12, atol=1e-12)
+    if SPARSE[coupling]:
+        np.testing.assert_allclose(dense(rows, blocks, layout), hessian, rtol=1e-12, atol=1e-12)
     else:
-        assert not np.allclose(dense(diagonal, rows, colors), hessian)
+        assert not np.allclose(dense(rows, blocks, layout), hessian)
 
 
 def test_colours_follow_the_batch_of_each_site():
@@ -129,6 +137,15 @@ def test_colours_follow_the_batch_of_each_site():
     assert colors.tolist() == expected
     assert shared.tolist() == [True] * 3 + [False] * 4 + [True] + [False] * 6
     assert hessian_colors([])[0].shape == (0,)
+    # the sparse form's layout: the singletons, and per batch shape its elements' positions
+    layout = hessian_blocks([((2, 3), (2,)), ((4,), ()), ((5,), (5,)), ((3, 2), (2,))])
+    assert layout.singletons.tolist() == [6, 7, 8, 9, *range(15, 21)]
+    assert [f.tolist() for f in layout.families] == [
+        [[0, 1, 2], [3, 4, 5]],
+        [[i] for i in range(10, 15)],
+    ]
+    assert layout.size(21) == 10 * 21 + 2 * 9 + 5
+    assert hessian_blocks([]).families == ()
 
 
 GROUPS = 300  # above FULL_RANK_MAX_DIM: the diagonal start

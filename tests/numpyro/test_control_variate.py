@@ -87,23 +87,26 @@ GROUP = jnp.asarray(RNG.integers(GROUPS, size=3000))
 ROWS_Y = jnp.asarray(RNG.normal(size=3000))
 
 
-def intercepts(g, y, slopes=False):
-    """Varying intercepts (and, with `slopes`, varying slopes that interact with them)."""
+def intercepts(g, y, slopes=False, shift=0):
+    """Varying intercepts (and, with `slopes`, varying slopes: each row's group's, or with
+    `shift` the next group's)."""
     mu = numpyro.sample("mu", dist.Normal(0.0, 10.0))
     with numpyro.plate("groups", GROUPS):
         a = numpyro.sample("a", dist.Normal(mu, 1.0))
         b = numpyro.sample("b", dist.Normal(0.0, 1.0)) if slopes else jnp.zeros(GROUPS)
     with numpyro.plate("rows", y.shape[0], subsample_size=30) as idx:
-        numpyro.sample("y", dist.Normal(a[g[idx]] + b[g[idx]] * X[idx, 0], 1.0), obs=y[idx])
+        slope = b[(g[idx] + shift) % GROUPS] * X[idx, 0]
+        numpyro.sample("y", dist.Normal(a[g[idx]] + slope, 1.0), obs=y[idx])
 
 
 def test_above_the_dense_hessian_a_plates_intercepts_keep_the_second_order():
-    """301 latent dimensions, a Gaussian posterior: the start search finds the full-data
-    Hessian sparse (the intercepts' diagonal and mu's row), so every minibatch of 30 rows of
-    3,000 gives the full-data log joint, far from the expansion point too. With varying slopes
-    the intercepts' and slopes' colours interact: first order, still unbiased."""
+    """A Gaussian posterior above 256 dimensions: the start search finds the full-data
+    Hessian sparse (mu's row; the intercepts' diagonal, or with varying slopes a 2 x 2 block
+    per group), so every minibatch of 30 rows of 3,000 gives the full-data log joint, far
+    from the expansion point too. A slope whose group is another's couples two groups: first
+    order, still unbiased."""
     guide, wrapped, reference = _set_up(intercepts, GROUP, ROWS_Y)
-    assert guide._singletons.tolist() == [0]  # mu
+    assert guide._blocks.singletons.tolist() == [0]  # mu
     assert f"{CONTROL_VARIATE_PREFIX}hess_rows" in reference
     values = {"mu": jnp.asarray(0.7), "a": jnp.asarray(RNG.normal(size=GROUPS))}
     cv, raw, full = _estimates(intercepts, wrapped, reference, (GROUP, ROWS_Y), values, 16)
@@ -113,11 +116,19 @@ def test_above_the_dense_hessian_a_plates_intercepts_keep_the_second_order():
     def slopes(g, y):
         intercepts(g, y, slopes=True)
 
-    guide, wrapped, reference = _set_up(slopes, GROUP, ROWS_Y)
-    assert guide._singletons is None and f"{CONTROL_VARIATE_PREFIX}grad" in reference
-    assert not any(k.startswith(f"{CONTROL_VARIATE_PREFIX}hess") for k in reference)
+    def shifted(g, y):  # the slope of the group after each row's
+        intercepts(g, y, slopes=True, shift=1)
+
     values["b"] = jnp.asarray(RNG.normal(size=GROUPS) * 0.1)
-    cv, raw, full = _estimates(slopes, wrapped, reference, (GROUP, ROWS_Y), values, 400)
+    guide, wrapped, reference = _set_up(slopes, GROUP, ROWS_Y)
+    assert [f.shape for f in guide._blocks.families] == [(GROUPS, 2)]
+    cv, raw, full = _estimates(slopes, wrapped, reference, (GROUP, ROWS_Y), values, 16)
+    np.testing.assert_allclose(cv, full, rtol=1e-10)
+
+    guide, wrapped, reference = _set_up(shifted, GROUP, ROWS_Y)
+    assert guide._blocks is None and f"{CONTROL_VARIATE_PREFIX}grad" in reference
+    assert not any(k.startswith(f"{CONTROL_VARIATE_PREFIX}hess") for k in reference)
+    cv, raw, full = _estimates(shifted, wrapped, reference, (GROUP, ROWS_Y), values, 400)
     assert abs(np.mean(cv) - full) < 4 * np.std(cv) / np.sqrt(len(cv))
     assert np.std(cv) < np.std(raw)
 
