@@ -166,6 +166,8 @@ def foreign_arguments(
             found.append((name, f"a pandas {kind.__name__}"))
         elif backend == "torch" and kind.__module__ == "numpy" and kind.__name__ == "ndarray":
             found.append((name, "a NumPy array"))
+        elif _numbers(value):
+            found.append((name, f"a Python {kind.__name__} of numbers"))
     if not found:
         return None
     listed = f"model {callable_name(_unwrap(model))!r}: " + ", ".join(
@@ -176,7 +178,22 @@ def foreign_arguments(
             f"{listed}: torch distributions and autograd take tensors; pass torch.as_tensor(x) "
             "(x.to_numpy() first for pandas), or convert inside the model"
         )
+    if all(what.startswith("a Python") for _, what in found):
+        return (
+            f"{listed}: JAX arithmetic does not take Python lists or tuples; pass "
+            "jnp.asarray(x), or convert inside the model"
+        )
     return (
         f"{listed}: pandas arithmetic with a traced JAX value converts that value to NumPy, "
-        "which JAX cannot do; pass x.to_numpy(), or convert inside the model (jnp.asarray)"
+        "which JAX cannot do; pass x.to_numpy() (jnp.asarray(x) for a list), or convert "
+        "inside the model (jnp.asarray)"
+    )
+
+
+def _numbers(value: Any) -> bool:
+    """Whether `value` is a non-empty list or tuple (nested too) of Python numbers."""
+    if not isinstance(value, list | tuple) or not value:
+        return False
+    return all(
+        _numbers(v) if isinstance(v, list | tuple) else isinstance(v, int | float) for v in value
     )

@@ -17,6 +17,7 @@ holds its own), `set_weights` and `set_preconditioner` return the guide in both,
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -39,7 +40,7 @@ from flowguides.core import (
     check_preconditioner,
     coordinate_sites,
 )
-from flowguides.core.calls import call_error
+from flowguides.core.calls import call_error, first_line, foreign_arguments
 from flowguides.core.hessian import Blocks, hessian_blocks, hessian_colors
 from flowguides.numpyro import ode
 from flowguides.numpyro._control import reference_params
@@ -140,13 +141,17 @@ class AutoFlowGuide(AutoContinuous, StagedPrototype):
         given = args, kwargs
         args, kwargs = as_constants(args, kwargs, self._constants)
         try:
-            super()._setup_prototype(*args, **kwargs)
-        except TypeError as exc:  # say which argument, where the call does not bind
+            with warnings.catch_warnings():  # a discrete latent site: refused below, by name
+                warnings.filterwarnings("ignore", "Some algorithms will automatically enumerate")
+                super()._setup_prototype(*args, **kwargs)
+        except TypeError as exc:  # say which argument: a call that does not bind, a list
             error = call_error(self.model, *given)
-            if error is None:
+            foreign = foreign_arguments(self.model, *given, "jax")
+            if error is None and foreign is None:
                 raise
-            raise error from exc
-        except (ValueError, RuntimeError, NotImplementedError):
+            raise (error or TypeError(f"{foreign} ({first_line(exc)})")) from exc
+        except (ValueError, RuntimeError, NotImplementedError, ImportError):
+            # (NumPyro's set-up imports funsor for a discrete latent site)
             with handlers.block():
                 trace = handlers.trace(handlers.seed(self.model, 0)).get_trace(*args, **kwargs)
             check_latent_sites(trace)  # a clearer message where it applies

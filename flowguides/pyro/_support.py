@@ -81,13 +81,14 @@ def replay_constrained(
         nest: the model's plate nesting.
     """
     constrain = Constrain({site["name"]: u for site, u in pairs})
-    plate = (
-        contextlib.nullcontext()
-        if num is None
-        else pyro.plate("_flowguides_draws", num, dim=-nest - 1)
-    )
-    with poutine.block(), plate:
-        trace = poutine.trace(constrain(model)).get_trace(*args, **kwargs)
+    with poutine.block():  # a Pyro plate records its subsample site when built: build it here
+        plate = (
+            contextlib.nullcontext()
+            if num is None
+            else pyro.plate("_flowguides_draws", num, dim=-nest - 1)
+        )
+        with plate:
+            trace = poutine.trace(constrain(model)).get_trace(*args, **kwargs)
     return trace, constrain
 
 

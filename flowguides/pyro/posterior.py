@@ -205,8 +205,8 @@ class PosteriorFit(PosteriorFitMethods):
             values[name] = value
         observed = {name: tuple(proto["fn"].batch_shape) for name, proto in self._observed_sites()}
 
-        def run(data: dict[str, torch.Tensor], plate: Any) -> poutine.Trace:
-            with poutine.block(), plate:
+        def run(data: dict[str, torch.Tensor], plate: Callable[[], Any]) -> poutine.Trace:
+            with poutine.block(), plate():  # a Pyro plate records a site when built
                 model = poutine.condition(self.model, data=data)
                 return poutine.trace(model).get_trace(*self.args, **self.kwargs)
 
@@ -215,7 +215,7 @@ class PosteriorFit(PosteriorFitMethods):
             for name, shape in shapes.items():
                 batch = len(shape) - guide.prototype_trace.nodes[name]["fn"].event_dim
                 shaped[name] = values[name].reshape(num, *([1] * (nest - batch)), *shape)
-            trace = run(shaped, pyro.plate("_flowguides_draws", num, dim=-nest - 1))
+            trace = run(shaped, lambda: pyro.plate("_flowguides_draws", num, dim=-nest - 1))
             out = {}
             for name, batch in observed.items():
                 site = trace.nodes[name]
@@ -227,7 +227,7 @@ class PosteriorFit(PosteriorFitMethods):
         def one_by_one() -> dict[str, torch.Tensor]:
             rows: dict[str, list[torch.Tensor]] = {name: [] for name in observed}
             for i in range(num):
-                trace = run({k: v[i] for k, v in values.items()}, contextlib.nullcontext())
+                trace = run({k: v[i] for k, v in values.items()}, contextlib.nullcontext)
                 for name, batch in observed.items():
                     site = trace.nodes[name]
                     rows[name].append(site["fn"].log_prob(site["value"]).expand(batch))

@@ -190,3 +190,14 @@ def test_a_numpy_argument_to_a_pyro_model_is_named() -> None:
 
     fit = fit_posterior(converting, SPEC, Y, num_steps=50, progress=False)
     assert np.isfinite(fit.losses).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_python_list_argument_is_named_with_its_conversion(backend: str) -> None:
+    model, _, fit_posterior, _ = _setup(backend)
+    # ``y - mu`` with y a list: JAX and torch refuse the operand without naming the argument
+    convert = r"jnp.asarray\(x\)" if backend == "numpyro" else r"torch.as_tensor\(x\)"
+    with pytest.raises(
+        TypeError, match=rf"model 'model': 'y' is a Python list of numbers: .*{convert}"
+    ):
+        fit_posterior(model, SPEC, Y.tolist(), num_steps=5, progress=False)

@@ -161,6 +161,11 @@ def discrete():
     numpyro.sample("obs", dist.Normal(n, 1.0), obs=2.0)
 
 
+def coin():  # a discrete site with enumerate support: NumPyro's set-up imports funsor
+    c = numpyro.sample("c", dist.Bernoulli(0.5))
+    numpyro.sample("obs", dist.Normal(c, 1.0), obs=2.0)
+
+
 def no_latent():
     numpyro.sample("obs", dist.Normal(0.0, 1.0), obs=2.0)
 
@@ -174,6 +179,8 @@ def test_bad_models_are_named():
     spec = FlowSpec.realnvp(num_layers=1, hidden=[4])
     with pytest.raises(DiscreteLatentError, match="site 'n': a discrete latent site .*enumerat"):
         fit_posterior(discrete, spec, progress=False)
+    with pytest.raises(DiscreteLatentError, match="site 'c': a discrete latent site .*enumerat"):
+        fit_posterior(coin, spec, progress=False)
     with pytest.raises(NoLatentSitesError, match="no latent sample sites"):
         fit_posterior(no_latent, spec, progress=False)
     with pytest.raises(SpecError, match=r"needs dim >= 2, got dim=1.*sites \['z'\]"):

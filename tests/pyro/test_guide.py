@@ -234,6 +234,58 @@ def test_discrete_latent_site_is_named_with_a_suggestion():
         AutoFlowGuide(model, SPEC)()
 
 
+def test_a_guide_over_the_continuous_sites_trains_with_enumeration_in_a_users_loop():
+    """The route the discrete-site error names: a mixture with its assignments enumerated
+    (``config_enumerate``, `TraceEnum_ELBO`), the guide over the blocked model. Its trace holds
+    no site of flowguides' own (a set-up plate's site would fail Pyro's model-guide check under
+    this suite's warnings-as-errors), and it finds the two components."""
+    from pyro import poutine
+    from pyro.infer import TraceEnum_ELBO, config_enumerate
+    from pyro.ops.indexing import Vindex
+
+    gen = torch.Generator().manual_seed(0)
+    y = torch.cat([torch.randn(60, generator=gen) - 2.5, torch.randn(60, generator=gen) + 2.5])
+
+    @config_enumerate
+    def model(y):
+        w = pyro.sample("w", dist.Dirichlet(torch.ones(2)))
+        mu = pyro.sample("mu", dist.Normal(torch.zeros(2), 5.0).to_event(1))
+        with pyro.plate("data", len(y)):
+            z = pyro.sample("z", dist.Categorical(w))
+            pyro.sample("y", dist.Normal(Vindex(mu)[..., z], 1.0), obs=y)
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    # (the blocked model still draws z, so set-up's vectorisation check cannot compare it)
+    blocked = poutine.block(model, hide=["z"])
+    guide = AutoFlowGuide(blocked, SPEC, init_scale=0.1, vectorize_particles=False)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.02}), TraceEnum_ELBO(max_plate_nesting=1))
+    losses = [svi.step(y) for _ in range(400)]
+    names = {n for n, s in poutine.trace(guide).get_trace(y).nodes.items() if s["type"] == "sample"}
+    assert names == {"_auto_latent", "w", "mu"}
+    assert np.mean(losses[-50:]) < np.mean(losses[:50]) - 10
+    means = torch.sort(guide.median(y)["mu"]).values
+    torch.testing.assert_close(means, torch.tensor([-2.5, 2.5]), atol=0.5, rtol=0)
+
+
+def test_the_guides_first_call_records_no_site_of_its_own():
+    """Set-up (its vectorisation check runs the model under a plate of draws) inside a
+    user's trace of the guide: the trace holds the guide's latent and the model's sites only
+    (a Pyro plate records its subsample site when built; `TraceEnum_ELBO` warns on it)."""
+    from pyro import poutine
+
+    def model(y):
+        mu = pyro.sample("mu", dist.Normal(torch.zeros(2, dtype=y.dtype), 5.0).to_event(1))
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Normal(mu.sum(-1), 1.0), obs=y)
+
+    pyro.clear_param_store()
+    guide = AutoFlowGuide(model, SPEC)
+    trace = poutine.trace(guide).get_trace(torch.zeros(5, dtype=torch.float64))
+    assert guide.vectorized
+    assert {n for n, s in trace.nodes.items() if s["type"] == "sample"} == {"_auto_latent", "mu"}
+
+
 def test_model_without_latent_sites_is_rejected():
     def model():
         pyro.sample("y", dist.Normal(0.0, 1.0), obs=torch.tensor(0.0))
