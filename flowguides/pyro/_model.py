@@ -288,6 +288,9 @@ class BatchLogJoint:
         model = poutine.replay(self._bare_model[0], trace=fixed)
         with torch.no_grad():
             one_by_one = torch.stack([self._log_joint_one(z, args, kwargs, model) for z in draws])
+            again = self._log_joint_one(draws[0], args, kwargs, model)[None]
+            if mismatch(again, one_by_one[:1]) is not None:  # randomness outside the latents
+                return self._random(float(one_by_one[0]), float(again[0]))
             try:
                 reason = mismatch(self._log_joint_together(draws, args, kwargs, model), one_by_one)
             except Exception as exc:  # the draws one at a time worked: a broadcasting failure
@@ -304,6 +307,22 @@ class BatchLogJoint:
                 self.mappable = mismatch(mapped, one_by_one) is None
             except Exception:  # noqa: BLE001 - not mappable: the loop
                 self.mappable = False
+
+    def _random(self, first: float, second: float) -> None:
+        """Draws one at a time (or together where `vectorize_particles` is True): a model
+        whose log joint at fixed latents changes cannot be checked."""
+        self.vectorized, self.mappable = self.vectorize_particles is True, False
+        if self.vectorize_particles is not True:
+            warnings.warn(
+                f"model: its log joint at fixed latent values changes from call to call ({first} "
+                f"then {second}): it draws random values outside its latent sites (a site hidden "
+                "by poutine.block, torch.randn in the model), so whether it broadcasts over draws "
+                "cannot be checked: draws run through it one at a time, and the start search "
+                "sees a noisy log joint (a number as init_scale skips it); pass "
+                "vectorize_particles=False to skip this check",
+                VectorizationWarning,
+                stacklevel=5,
+            )
 
     def _not_broadcasting(
         self, reason: str, mode: bool | str, exc: Exception | None = None
