@@ -34,7 +34,7 @@ References:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -79,11 +79,7 @@ def hessian_colors(
     """
     colors: list[np.ndarray] = []
     count = 0
-    for shape, batch_shape in sites:
-        shape, batch_shape = tuple(int(n) for n in shape), tuple(int(n) for n in batch_shape)
-        size = math.prod(shape)
-        batched = bool(batch_shape) and shape[: len(batch_shape)] == batch_shape
-        batch = math.prod(batch_shape) if batched else 1
+    for size, batch, _ in _layout(sites):
         if batch <= 1:
             colors.append(count + np.arange(size))
             count += size
@@ -92,6 +88,17 @@ def hessian_colors(
             count += size // batch
     out = np.concatenate(colors).astype(np.int64) if colors else np.zeros(0, np.int64)
     return out, np.bincount(out, minlength=count) > 1
+
+
+def _layout(
+    sites: Sequence[tuple[Sequence[int], Sequence[int]]],
+) -> Iterator[tuple[int, int, tuple[int, ...]]]:
+    """Per site, ``(its number of coordinates, its batch size, its batch shape)``; the batch
+    size is 1 where the value does not start with the batch shape (`hessian_colors`)."""
+    for shape, batch_shape in sites:
+        shape, batch_shape = tuple(int(n) for n in shape), tuple(int(n) for n in batch_shape)
+        batched = bool(batch_shape) and shape[: len(batch_shape)] == batch_shape
+        yield math.prod(shape), math.prod(batch_shape) if batched else 1, batch_shape
 
 
 def probe_weights(colors: np.ndarray, shared: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -146,11 +153,7 @@ def hessian_blocks(sites: Sequence[tuple[Sequence[int], Sequence[int]]]) -> Bloc
     single: list[np.ndarray] = []
     families: dict[tuple[int, ...], list[np.ndarray]] = {}
     offset = 0
-    for shape, batch_shape in sites:
-        shape, batch_shape = tuple(int(n) for n in shape), tuple(int(n) for n in batch_shape)
-        size = math.prod(shape)
-        batched = bool(batch_shape) and shape[: len(batch_shape)] == batch_shape
-        batch = math.prod(batch_shape) if batched else 1
+    for size, batch, batch_shape in _layout(sites):
         coords = offset + np.arange(size)
         if batch <= 1:
             single.append(coords)
