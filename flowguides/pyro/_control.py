@@ -16,7 +16,7 @@ search found the full-data Hessian sparse (a plate's intercepts: `flowguides.cor
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pyro
@@ -54,18 +54,18 @@ def second_order(reference: Mapping[str, torch.Tensor]) -> bool:
 
 
 def sparse_quadratic(
-    reference: Mapping[str, torch.Tensor], blocks: Blocks, delta: torch.Tensor
+    rows: torch.Tensor, terms: Sequence[torch.Tensor], blocks: Blocks, delta: torch.Tensor
 ) -> torch.Tensor:
     """``delta' H delta`` per row of `delta` ``(..., d)`` for a Hessian known by its sparse
-    form (`flowguides.core.hessian`): the singletons' full rows (twice against `delta`, less
-    their block counted twice) and, per family of `blocks`, its blocks ``(G, k, k)``."""
-    index, rows = torch.as_tensor(blocks.singletons), reference["hess_rows"]
+    form (`flowguides.core.hessian`): the singletons' full `rows` ``(s, d)`` (twice against
+    `delta`, less their block counted twice) and, per family of `blocks`, its blocks
+    ``(G, k, k)`` in `terms`."""
+    index = torch.as_tensor(blocks.singletons, device=delta.device)
     single = delta[..., index]
-    out = 2.0 * (single * (delta @ rows.T)).sum(-1)
-    out = out - (single * (single @ rows[:, index].T)).sum(-1)
-    for f, idx in enumerate(blocks.families):
-        part = delta[..., torch.as_tensor(idx)]  # (..., G, k)
-        out = out + torch.einsum("...gq,gqp,...gp->...", part, reference[f"hess_block_{f}"], part)
+    out = 2.0 * (single * (delta @ rows.T)).sum(-1) - (single * (single @ rows[:, index].T)).sum(-1)
+    for idx, block in zip(blocks.families, terms, strict=True):
+        part = delta[..., torch.as_tensor(idx, device=delta.device)]  # (..., G, k)
+        out = out + torch.einsum("...gq,gqp,...gp->...", part, block, part)
     return out
 
 
@@ -150,7 +150,8 @@ def _factor(
         if "hess" in reference:
             full = full - 0.5 * ((delta @ reference["hess"]) * delta).sum(-1)
         else:
-            full = full - 0.5 * sparse_quadratic(reference, blocks, delta)
+            terms = [reference[f"hess_block_{f}"] for f in range(len(blocks.families))]
+            full = full - 0.5 * sparse_quadratic(reference["hess_rows"], terms, blocks, delta)
     return full - expansion
 
 
