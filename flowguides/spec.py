@@ -30,7 +30,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from itertools import pairwise
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -381,8 +381,13 @@ class FlowSpec(_Frozen):
             raise SpecError(f"dim: expected a positive integer, got {dim!r}")
         for i, layer in enumerate(self.layers):
             if dim < layer.min_dim:
+                kinds = get_args(get_args(LayerSpec)[0])  # every layer class
+                fits = " and ".join(
+                    k.model_fields["type"].default for k in kinds if k.min_dim <= dim
+                )
                 raise SpecError(
                     f"layers[{i}]: a {layer.type} layer needs dim >= {layer.min_dim}, got dim={dim}"
+                    f" ({fits} layers work in {dim} dimension{'s' if dim > 1 else ''})"
                 )
 
     def parameter_shapes(self, dim: int) -> OrderedDict[str, Shape]:

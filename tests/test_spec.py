@@ -333,7 +333,10 @@ def test_parameter_shapes_mixed_stack_prefixes() -> None:
 
 
 def test_dim_errors() -> None:
-    with pytest.raises(SpecError, match=r"layers\[1\]: a realnvp layer needs dim >= 2, got dim=1"):
+    with pytest.raises(
+        SpecError,
+        match=r"layers\[1\]: a realnvp layer needs dim >= 2, got dim=1 \(planar and neural_ode layers work in 1 dimension\)",
+    ):
         FlowSpec(layers=[PlanarSpec(), RealNVPSpec()]).parameter_shapes(1)
     assert list(FlowSpec.planar(num_layers=1).parameter_shapes(1))  # planar works in 1-D
     for bad in (0, -1, 2.5, True):

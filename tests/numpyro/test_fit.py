@@ -152,7 +152,10 @@ def test_bad_data_is_named():
         ValueError, match=r"expected a 2-D array \(n_points, dim\), got shape \(10,\)"
     ):
         fit_density(np.zeros(10), spec, progress=False)
-    with pytest.raises(SpecError, match=r"realnvp layer needs dim >= 2, got dim=1 \(data has 1"):
+    with pytest.raises(
+        SpecError,
+        match=r"realnvp layer needs dim >= 2, got dim=1 \(planar and neural_ode layers work in 1 dimension\) \(data has 1",
+    ):
         fit_density(np.zeros((10, 1)), spec, progress=False)
 
 
