@@ -30,7 +30,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from itertools import pairwise
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, get_args
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -381,14 +381,10 @@ class FlowSpec(_Frozen):
             raise SpecError(f"dim: expected a positive integer, got {dim!r}")
         for i, layer in enumerate(self.layers):
             if dim < layer.min_dim:
-                kinds = get_args(get_args(LayerSpec)[0])  # every layer class
-                fits = " and ".join(
-                    k.model_fields["type"].default for k in kinds if k.min_dim <= dim
-                )
-                raise SpecError(
-                    f"layers[{i}]: a {layer.type} layer needs dim >= {layer.min_dim}, got dim={dim}"
-                    f" ({fits} layers work in {dim} dimension{'s' if dim > 1 else ''})"
-                )
+                fits = " and ".join(t for t, k in _LAYER_TYPES.items() if k.min_dim <= dim)
+                need = f"a {layer.type} layer needs dim >= {layer.min_dim}, got dim={dim}"
+                fits += f" layers work in {dim} dimension{'s' * (dim > 1)}"
+                raise SpecError(f"layers[{i}]: {need} ({fits})")
 
     def parameter_shapes(self, dim: int) -> OrderedDict[str, Shape]:
         """Every trainable array of the flow in `dim` dimensions, ``name -> shape``, in order.
@@ -400,6 +396,5 @@ class FlowSpec(_Frozen):
         for i, layer in enumerate(self.layers):
             shapes.update(layer.parameter_shapes(dim, f"layers.{i}"))
         if self.base == "affine":
-            shapes["affine.loc"] = (dim,)
-            shapes["affine.log_scale"] = (dim,)
+            shapes.update({"affine.loc": (dim,), "affine.log_scale": (dim,)})
         return shapes
