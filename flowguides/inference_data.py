@@ -7,7 +7,7 @@ backends' MCMC results (`NeuTraResult.to_arviz`) build on `groups_to_arviz` and 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,15 +26,75 @@ def site_dims(arrays: Mapping[str, np.ndarray], skip: int) -> dict[str, list[str
     }
 
 
-def groups_to_arviz(groups: dict[str, dict[str, np.ndarray]], dims: dict[str, list[str]]) -> Any:
+_UNDRAWN_GROUPS = ("observed_data", "constant_data")  # no leading (chain, draw) dims
+
+
+def _named_dims(
+    groups: dict[str, dict[str, np.ndarray]],
+    dims: dict[str, list[str]],
+    user_dims: Mapping[str, Sequence[str]] | None,
+    coords: Mapping[str, Any] | None,
+) -> dict[str, list[str]]:
+    """`dims` with the user's `user_dims` in place (a site's leading dims named, the rest
+    keep their defaults), after checking that each names a variable of `groups` with at least
+    that many dims, and that each of `coords` labels a dim used somewhere with one value per
+    position of every variable that uses it."""
+    shapes: dict[str, list[tuple[int, ...]]] = {}
+    for group, arrays in groups.items():
+        skip = 0 if group in _UNDRAWN_GROUPS else 2
+        for name, value in arrays.items():
+            shapes.setdefault(name, []).append(np.shape(value)[skip:])
+    merged = dict(dims)
+    for name, names in (user_dims or {}).items():
+        if name not in shapes:
+            raise ValueError(
+                f"dims: no variable named {name!r}; the variables are {sorted(shapes)}"
+            )
+        if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+            raise TypeError(f"dims[{name!r}]: expected a list of dim names, got {names!r}")
+        ndim = max(len(shape) for shape in shapes[name])
+        if len(names) > ndim:
+            raise ValueError(
+                f"dims[{name!r}]: {len(names)} names {list(names)} for a variable of shape "
+                f"{max(shapes[name], key=len)} ({ndim} dims after chain and draw)"
+            )
+        merged[name] = [*names, *dims.get(name, [])[len(names) :]]
+    sizes: dict[str, set[tuple[str, int]]] = {}
+    for name, names in merged.items():
+        for shape in shapes.get(name, []):
+            for dim, size in zip(names, shape, strict=False):
+                sizes.setdefault(dim, set()).add((name, size))
+    for dim, values in (coords or {}).items():
+        if dim not in sizes:
+            raise ValueError(f"coords[{dim!r}]: no variable has a dim named {dim!r}; the dims are "
+                             f"{sorted(sizes)}")  # fmt: skip
+        for name, size in sorted(sizes[dim]):
+            if len(values) != size:
+                raise ValueError(
+                    f"coords[{dim!r}]: {len(values)} values, but dim {dim!r} of {name!r} has "
+                    f"size {size}"
+                )
+    return merged
+
+
+def groups_to_arviz(
+    groups: dict[str, dict[str, np.ndarray]],
+    dims: dict[str, list[str]],
+    *,
+    coords: Mapping[str, Any] | None = None,
+    user_dims: Mapping[str, Sequence[str]] | None = None,
+) -> Any:
     """ArviZ's data object of `groups` (``{"posterior": {site: array}, ...}``; empty groups left
-    out) with `dims`: ``from_dict`` of ArviZ 0.x or of ``arviz_base`` (1.x)."""
+    out) with `dims` (the user's `user_dims` in their place, checked, and their `coords`):
+    ``from_dict`` of ArviZ 0.x or of ``arviz_base`` (1.x)."""
     groups = {key: value for key, value in groups.items() if value}
+    dims = _named_dims(groups, dims, user_dims, coords)
+    coords = {key: np.asarray(value) for key, value in (coords or {}).items()}
     if arviz_major_version() == 0:
-        return _import_arviz().from_dict(**groups, dims=dims)
+        return _import_arviz().from_dict(**groups, coords=coords, dims=dims)
     import arviz_base
 
-    return arviz_base.from_dict(groups, dims=dims)
+    return arviz_base.from_dict(groups, coords=coords, dims=dims)
 
 
 def _check_log_likelihood(
@@ -58,6 +118,8 @@ def to_arviz(
     num_samples: int = 4000,
     seed: int | None = None,
     *,
+    coords: Mapping[str, Any] | None = None,
+    dims: Mapping[str, Sequence[str]] | None = None,
     vectorize_particles: bool | str | None = None,
 ) -> Any:
     """ArviZ's data object (``InferenceData`` on 0.x, ``DataTree`` on 1.x) for a fit.
@@ -77,10 +139,18 @@ def to_arviz(
         fit: a posterior fit (``log_densities``) or a density fit (``sample`` and ``log_prob``).
         num_samples: number of draws.
         seed: seed for the draws.
+        coords: labels of named dims, as ArviZ takes them: ``{dim: values}``, one value per
+            position (e.g. ``{"school": names}``).
+        dims: names of a variable's leading dims after chain and draw, as ArviZ takes them
+            (``{"theta": ["school"]}``); a name shared by a site and an observed site's data
+            and log-likelihood applies to all of them; dims not named keep
+            ``{site}_dim_{i}``.
         vectorize_particles: as in `diagnose`.
 
     Raises:
         TypeError: `fit` offers neither protocol.
+        ValueError: `dims` names a variable that is not there or more dims than it has, or
+            `coords` labels a dim no variable has or with the wrong number of values.
     """
     if hasattr(fit, "log_densities"):
         khat_threshold(num_samples)
@@ -105,11 +175,11 @@ def to_arviz(
             "fit: expected a posterior fit (with log_densities) or a density fit (with sample and "
             f"log_prob), got {type(fit).__name__}"
         )
-    dims = {**site_dims(draws, 1), **site_dims(observed, 0)}
+    default_dims = {**site_dims(draws, 1), **site_dims(observed, 0)}
     groups = {
         "posterior": {k: v[None] for k, v in draws.items()},
         "sample_stats": {k: v[None] for k, v in stats.items()},
         "observed_data": observed,
         "log_likelihood": {k: v[None] for k, v in loglik.items()},
     }
-    return groups_to_arviz(groups, dims)
+    return groups_to_arviz(groups, default_dims, coords=coords, user_dims=dims)

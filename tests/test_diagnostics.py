@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from flowguides import diagnostics as dg
+from flowguides.core.results import NeuTraResult
 from flowguides.psis import _import_arviz
 
 S = 4000
@@ -300,6 +301,51 @@ def test_to_arviz_density_fit_and_errors():
 
     with pytest.raises(ValueError, match=r"site 'y': expected a log-likelihood of shape"):
         dg.to_arviz(WrongLikelihood(), num_samples=100, seed=0)
+
+
+def test_to_arviz_names_dims_and_labels_them_with_coords_in_every_group():
+    fit = ConjugateFit(n=5)
+    obs = [f"row{i}" for i in range(5)]
+    dims = {"theta": ["group"], "y": ["obs"]}
+    data = dg.to_arviz(fit, 200, seed=0, coords={"group": ["a", "b"], "obs": obs}, dims=dims)
+    assert data["posterior"]["theta"].dims == ("chain", "draw", "group")
+    assert list(np.asarray(data["posterior"]["theta"].coords["group"])) == ["a", "b"]
+    assert data["observed_data"]["y"].dims == ("obs",)
+    assert data["log_likelihood"]["y"].dims == ("chain", "draw", "obs")
+    assert list(np.asarray(data["log_likelihood"]["y"].coords["obs"])) == obs
+    np.testing.assert_array_equal(data["observed_data"]["y"].sel(obs="row3"), fit.y[3])
+    # MCMC results take the same labels
+    samples = {"theta": np.arange(24.0).reshape(12, 2), "mu": np.zeros(12)}
+    result = NeuTraResult(samples, np.zeros((2, 6), bool), {}, {}, num_chains=2, reparam_site="")
+    posterior = result.to_arviz(coords={"group": ["a", "b"]}, dims={"theta": ["group"]})[
+        "posterior"
+    ]
+    assert posterior["theta"].dims == ("chain", "draw", "group")
+    np.testing.assert_array_equal(posterior["theta"].sel(group="b")[1], samples["theta"][6:, 1])
+
+
+@pytest.mark.parametrize(
+    ("coords", "dims", "message"),
+    [
+        (
+            None,
+            {"tau": ["x"]},
+            r"dims: no variable named 'tau'; the variables are \[.*'mu', 'theta', 'y'\]",
+        ),
+        (None, {"mu": ["x"]}, r"dims\['mu'\]: 1 names \['x'\] for a variable of shape \(\)"),
+        (None, {"theta": "group"}, r"dims\['theta'\]: expected a list of dim names"),
+        (
+            {"group": ["a"]},
+            {"theta": ["group"]},
+            r"coords\['group'\]: 1 values, but dim 'group' "
+            r"of 'theta' has size 2",
+        ),  # fmt: skip
+        ({"school": [1, 2]}, None, r"coords\['school'\]: no variable has a dim named 'school'"),
+    ],
+)
+def test_to_arviz_names_a_dim_or_coord_that_does_not_fit(coords, dims, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        dg.to_arviz(ConjugateFit(n=5), 30, seed=0, coords=coords, dims=dims)
 
 
 def test_importing_diagnostics_loads_no_arviz_torch_or_jax():

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,12 +122,13 @@ class NeuTraResult:
         """`samples` as ``{site: (num_chains, num_samples, *site_shape)}``."""
         return {k: v.reshape(self.num_chains, -1, *v.shape[1:]) for k, v in self.samples.items()}
 
-    def to_arviz(self) -> Any:
+    def to_arviz(self, *, coords: Mapping | None = None, dims: Mapping | None = None) -> Any:
         """ArviZ's data object (``InferenceData`` on 0.x, ``DataTree`` on 1.x): the group
-        ``posterior`` (dims ``{site}_dim_{i}``, one chain per chain) and ``sample_stats``
+        ``posterior`` (dims ``{site}_dim_{i}``, or as `dims` names them, labelled by
+        `coords`, as in `flowguides.to_arviz`; one chain per chain) and ``sample_stats``
         with ``diverging``."""
         from flowguides.inference_data import groups_to_arviz, site_dims
 
         posterior = self.by_chain()
         groups = {"posterior": posterior, "sample_stats": {"diverging": self.diverging}}
-        return groups_to_arviz(groups, site_dims(posterior, 2))
+        return groups_to_arviz(groups, site_dims(posterior, 2), coords=coords, user_dims=dims)

@@ -130,19 +130,21 @@ class InferResult:
     fit: Any
     mcmc: NeuTraResult | None = None
 
-    def to_arviz(self) -> Any:
-        """ArviZ's data object (``InferenceData`` on 0.x, ``DataTree`` on 1.x) of `draws`.
+    def to_arviz(self, *, coords: Mapping | None = None, dims: Mapping | None = None) -> Any:
+        """ArviZ's data object (``InferenceData`` on 0.x, ``DataTree`` on 1.x) of `draws`
+        (`coords` and `dims` as in `flowguides.to_arviz`).
 
         After NUTS, `NeuTraResult.to_arviz` (one chain per chain, ``sample_stats`` with
         ``diverging``); else the group ``posterior`` with one chain. For the guide's own
         draws with their importance weights and log-likelihood, use
         ``flowguides.to_arviz(result.fit)``."""
         if self.mcmc is not None:
-            return self.mcmc.to_arviz()
+            return self.mcmc.to_arviz(coords=coords, dims=dims)
         from flowguides.inference_data import groups_to_arviz, site_dims
 
         posterior = {name: value[None] for name, value in self.draws.items()}
-        return groups_to_arviz({"posterior": posterior}, site_dims(posterior, 2))
+        labels = {"coords": coords, "user_dims": dims}
+        return groups_to_arviz({"posterior": posterior}, site_dims(posterior, 2), **labels)
 
     def __repr__(self) -> str:
         shapes = ", ".join(f"{k}: {tuple(np.shape(v))}" for k, v in self.draws.items())
