@@ -84,7 +84,9 @@ def neutra(
     samples = {name: np.asarray(values[name]) for name in fit.latent_shapes}
     by_chain = {k: v.reshape(num_chains, num_samples, *v.shape[1:]) for k, v in samples.items()}
     diverging = np.asarray(mcmc.get_extra_fields(group_by_chain=True)["diverging"], bool)
-    return chains_result(by_chain, diverging, site, time.perf_counter() - t0)
+    result = chains_result(by_chain, diverging, site, time.perf_counter() - t0)
+    result.samples.update(fit.deterministic(result.samples))  # as `fit.sample` gives them
+    return result
 
 
 def chains_result(

@@ -151,6 +151,7 @@ class BatchLogJoint:
             A scalar, or one value per draw ``(S,)``.
         """
         if latent.dim() == 1:
+            self._warn_if_random()
             return self._log_joint_one(latent, args, kwargs, self._bare_model[0])
         return self.batch_log_joint(latent, args, kwargs)
 
@@ -201,6 +202,7 @@ class BatchLogJoint:
         """
         mode = self.vectorize_particles if vectorize_particles is None else vectorize_particles
         check_vectorize_option(mode)
+        self._warn_if_random()
         if mode is False or (mode == "auto" and self.vectorized is False):
             if mode == "auto" and mapped is not None and self.mappable:
                 try:
@@ -227,6 +229,7 @@ class BatchLogJoint:
             return self.log_joint(latent, *args, **kwargs)
         one = self._log_joint_one
         if latent.dim() == 1:
+            self._warn_if_random()
             return self._chunked(latent, args, kwargs, one)
         return self.evaluate_batch(
             lambda: self._chunked(latent, args, kwargs, self._log_joint_together),
@@ -275,6 +278,7 @@ class BatchLogJoint:
         """Decide `vectorized`: the log joint of a few draws near `init`, evaluated together
         and one at a time, with the same subsample of any subsampled plate."""
         self.chunks_mapped: bool | None = None  # decided at the start search's first call
+        self._random_log_joint: tuple[float, float] | None = None  # see `_random`
         if self.vectorize_particles is False:
             self.vectorized = False
             return
@@ -310,19 +314,28 @@ class BatchLogJoint:
 
     def _random(self, first: float, second: float) -> None:
         """Draws one at a time (or together where `vectorize_particles` is True): a model
-        whose log joint at fixed latents changes cannot be checked."""
+        whose log joint at fixed latents changes cannot be checked. Said (`_warn_if_random`)
+        where the guide first evaluates that log joint itself, not before: a guide that only
+        draws (in a `TraceEnum_ELBO` loop over a model whose discrete sites it hides with
+        ``poutine.block``) never needs it."""
         self.vectorized, self.mappable = self.vectorize_particles is True, False
         if self.vectorize_particles is not True:
-            warnings.warn(
-                f"model: its log joint at fixed latent values changes from call to call ({first} "
-                f"then {second}): it draws random values outside its latent sites (a site hidden "
-                "by poutine.block, torch.randn in the model), so whether it broadcasts over draws "
-                "cannot be checked: draws run through it one at a time, and the start search "
-                "sees a noisy log joint (a number as init_scale skips it); pass "
-                "vectorize_particles=False to skip this check",
-                VectorizationWarning,
-                stacklevel=5,
-            )
+            self._random_log_joint = (first, second)
+
+    def _warn_if_random(self) -> None:
+        if getattr(self, "_random_log_joint", None) is None:
+            return
+        first, second = self._random_log_joint
+        self._random_log_joint = None  # once
+        warnings.warn(
+            f"model: its log joint at fixed latent values changes from call to call ({first} "
+            f"then {second}): it draws random values outside its latent sites (a site hidden "
+            "by poutine.block, torch.randn in the model), so the guide's own log densities "
+            "(the start search, diagnose, log_densities) see a noisy log joint, and draws run "
+            "through it one at a time (a number as init_scale skips the start search)",
+            VectorizationWarning,
+            stacklevel=4,
+        )
 
     def _not_broadcasting(
         self, reason: str, mode: bool | str, exc: Exception | None = None

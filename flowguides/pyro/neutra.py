@@ -139,7 +139,9 @@ def neutra(
         for p in trained:
             p.requires_grad_(True)
     by_chain = {name: torch.stack([c[name] for c in chains]) for name in chains[0]}
-    return chains_result(by_chain, diverging, site, time.perf_counter() - t0)
+    result = chains_result(by_chain, diverging, site, time.perf_counter() - t0)
+    result.samples.update(fit.deterministic(result.samples))  # as `fit.sample` gives them
+    return result
 
 
 def chains_result(

@@ -73,3 +73,9 @@ def test_sample_and_infer_return_deterministic_sites(backend: str) -> None:
         np.testing.assert_allclose(d["shifted"], d["mu"] + 2.0 * d["log_s"], rtol=1e-6)
         if steps == 1:  # the untrained flow: k-hat sends it to NUTS
             assert result.mcmc is not None and result.draws is result.mcmc.samples
+    # `fit.neutra` lays its samples out as `fit.sample` does, and its ArviZ data holds them
+    run = fit.neutra(num_warmup=20, num_samples=20, num_chains=2, seed=0, progress=False)
+    assert set(run.samples) == {"mu", "log_s", "shifted"}
+    s = run.samples
+    np.testing.assert_allclose(s["shifted"], s["mu"] + 2.0 * s["log_s"], rtol=1e-6)
+    assert run.to_arviz()["posterior"]["shifted"].shape == (2, 20)
