@@ -57,18 +57,25 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
-def mismatch(together: torch.Tensor, one_by_one: torch.Tensor) -> str | None:
+def coarsest_eps(*values: Any) -> float:
+    """The largest epsilon of the floating tensors in `values` (nested too): a log joint is as
+    precise as its coarsest input (a float64 prior over float32 data sums float32 terms)."""
+    leaves = torch.utils._pytree.tree_leaves(values)
+    floats = [x.dtype for x in leaves if torch.is_tensor(x) and x.is_floating_point()]
+    return max((torch.finfo(dtype).eps for dtype in floats), default=torch.finfo().eps)
+
+
+def mismatch(together: torch.Tensor, one_by_one: torch.Tensor, eps: float | None = None):
     """Why the log joint of draws evaluated together differs from one at a time, or None.
 
-    The tolerance is the square root of the dtype's epsilon, relative to the largest value:
-    summation order differs between the two paths, wrong broadcasting changes values wholesale.
-    """
+    The tolerance is the square root of `eps` (default: the dtype's epsilon), relative to the
+    largest value: summation order differs, wrong broadcasting changes values wholesale."""
     if together.shape != one_by_one.shape:
         return (
             f"evaluated together, {one_by_one.shape[0]} draws gave log densities of shape "
             f"{tuple(together.shape)}, expected {tuple(one_by_one.shape)}"
         )
-    tol = torch.finfo(one_by_one.dtype).eps ** 0.5
+    tol = (torch.finfo(one_by_one.dtype).eps if eps is None else eps) ** 0.5
     finite = one_by_one[torch.isfinite(one_by_one)]
     size = float(finite.abs().max()) if finite.numel() else 1.0
     close = torch.isclose(together, one_by_one, rtol=tol, atol=tol * max(size, 1.0), equal_nan=True)
@@ -263,7 +270,7 @@ class BatchLogJoint:
             expected = looped()
             try:
                 got = mapped()
-                agree = mismatch(got.detach().reshape(-1), expected.detach().reshape(-1))
+                agree = mismatch(got.detach().reshape(-1), expected.detach().reshape(-1), self._eps)
                 self.chunks_mapped = agree is None
             except Exception:  # noqa: BLE001 - not mappable over chunks: the loop
                 self.chunks_mapped = False
@@ -279,6 +286,8 @@ class BatchLogJoint:
         and one at a time, with the same subsample of any subsampled plate."""
         self.chunks_mapped: bool | None = None  # decided at the start search's first call
         self._random_log_joint: tuple[float, float] | None = None  # see `_random`
+        values = [s["value"] for s in self.model_trace.nodes.values() if s["type"] != "args"]
+        self._eps = coarsest_eps(init, args, kwargs, values)
         if self.vectorize_particles is False:
             self.vectorized = False
             return
@@ -296,7 +305,8 @@ class BatchLogJoint:
             if mismatch(again, one_by_one[:1]) is not None:  # randomness outside the latents
                 return self._random(float(one_by_one[0]), float(again[0]))
             try:
-                reason = mismatch(self._log_joint_together(draws, args, kwargs, model), one_by_one)
+                together = self._log_joint_together(draws, args, kwargs, model)
+                reason = mismatch(together, one_by_one, self._eps)
             except Exception as exc:  # the draws one at a time worked: a broadcasting failure
                 reason = describe(exc)
         if reason is None:
@@ -308,16 +318,15 @@ class BatchLogJoint:
         with torch.no_grad():
             try:
                 mapped = self._log_joint_mapped(draws, args, kwargs, model)
-                self.mappable = mismatch(mapped, one_by_one) is None
+                self.mappable = mismatch(mapped, one_by_one, self._eps) is None
             except Exception:  # noqa: BLE001 - not mappable: the loop
                 self.mappable = False
 
     def _random(self, first: float, second: float) -> None:
         """Draws one at a time (or together where `vectorize_particles` is True): a model
-        whose log joint at fixed latents changes cannot be checked. Said (`_warn_if_random`)
-        where the guide first evaluates that log joint itself, not before: a guide that only
-        draws (in a `TraceEnum_ELBO` loop over a model whose discrete sites it hides with
-        ``poutine.block``) never needs it."""
+        whose log joint at fixed latents changes cannot be checked. Said where the guide
+        first evaluates that log joint (`_warn_if_random`): a guide that only draws (in a
+        `TraceEnum_ELBO` loop, discrete sites hidden by ``poutine.block``) never does."""
         self.vectorized, self.mappable = self.vectorize_particles is True, False
         if self.vectorize_particles is not True:
             self._random_log_joint = (first, second)

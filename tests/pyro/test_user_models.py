@@ -14,6 +14,7 @@ import torch
 
 from flowguides import diagnose, to_arviz
 from flowguides.pyro import AutoFlowGuide, VectorizationWarning, fit_posterior
+from flowguides.pyro._model import mismatch
 from flowguides.spec import FlowSpec
 
 SPEC = FlowSpec.realnvp(num_layers=2, hidden=[8], dtype="float64")
@@ -118,6 +119,27 @@ def test_auto_keeps_a_broadcasting_model_vectorised_subsampled_plate_included():
     guide = AutoFlowGuide(model, SPEC)  # pytest turns any warning into an error
     guide(X, Y)
     assert guide.vectorized is True
+
+
+def test_a_float64_prior_over_float32_data_is_vectorised_without_a_warning():
+    """A 0-d float64 latent times float32 data is float32 (torch's promotion): the log joint
+    carries float32 rounding, so together and one at a time are compared at float32's
+    tolerance, not float64's (which read the rounding as a broadcasting failure)."""
+    x = torch.randn(50, generator=torch.Generator().manual_seed(0))
+    y = 2.0 + 0.3 * x + 0.1 * torch.randn(50, generator=torch.Generator().manual_seed(1))
+
+    def model(x, y):
+        zero = torch.tensor(0.0, dtype=torch.float64)
+        a = pyro.sample("a", dist.Normal(zero, 10.0))
+        b = pyro.sample("b", dist.Normal(zero, 10.0))
+        with pyro.plate("n", len(y)):
+            pyro.sample("obs", dist.Normal(a + b * x, 0.1), obs=y)
+
+    guide = AutoFlowGuide(model, SPEC)  # pytest turns any warning into an error
+    guide(x, y)
+    assert guide.vectorized is True
+    # a real broadcasting failure still shows at that tolerance
+    assert mismatch(torch.tensor([1.0, 5.0]), torch.tensor([1.0, 2.0]), 2.0**-23) is not None
 
 
 def test_draws_map_through_a_model_that_does_not_broadcast_as_the_loop_evaluates_them():
