@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pyro
 import torch
+from torch.distributions import transform_to
 
 from flowguides.core import LoadError, SaveError
 from flowguides.core.state import (
@@ -64,6 +65,7 @@ def _import_model_params(guide: AutoFlowGuide, saved: Mapping[str, np.ndarray]) 
             f"(it has {names})"
         )
     store = pyro.get_param_store()
+    unconstrained, constraint = dict(store.named_parameters()), store.get_state()["constraints"]
     for name, value in saved.items():
         current = store[name]
         if tuple(current.shape) != tuple(np.shape(value)):
@@ -71,7 +73,9 @@ def _import_model_params(guide: AutoFlowGuide, saved: Mapping[str, np.ndarray]) 
                 f"load: model param {name!r} has shape {tuple(current.shape)} in the model, "
                 f"{tuple(np.shape(value))} when saved"
             )
-        store[name] = torch.as_tensor(np.asarray(value), dtype=current.dtype).to(current.device)
+        new = torch.as_tensor(np.asarray(value), dtype=current.dtype, device=current.device)
+        with torch.no_grad():  # in place: a pyro.module's weights are the store's own tensors
+            unconstrained[name].copy_(transform_to(constraint[name]).inv(new))
 
 
 def export_state(obj: Any) -> tuple[FlowSpec, dict[str, np.ndarray], dict[str, Any]]:

@@ -47,6 +47,34 @@ def test_save_load_restores_the_models_params_in_a_new_session(tmp_path):
     np.testing.assert_allclose(after[2], before[2], rtol=1e-10)
 
 
+def test_load_restores_a_pyro_modules_weights_into_the_module(tmp_path):
+    """``pyro.module`` (default ``update_module_params=False``) registers the module's own
+    parameters in the param store, and the model runs the module: loading writes the saved
+    values into those tensors, so the module itself computes with the fitted weights."""
+    torch.manual_seed(0)
+    x = torch.linspace(-2.0, 2.0, 30).unsqueeze(-1)
+    y = torch.sin(2.0 * x).squeeze(-1)
+    net = torch.nn.Sequential(torch.nn.Linear(1, 6), torch.nn.Tanh(), torch.nn.Linear(6, 1))
+
+    def model(x, y):
+        pyro.module("net", net)
+        b = pyro.sample("b", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        with pyro.plate("d", len(x)):
+            pyro.sample("obs", dist.Normal(net(x).squeeze(-1) + b.sum(-1), 0.1), obs=y)
+
+    pyro.clear_param_store()
+    fit = fit_posterior(model, SPEC, x, y, num_steps=100, init_scale=0.1, progress=False)
+    fitted = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    path = flowguides.save(fit, tmp_path / "fit")
+    pyro.clear_param_store()  # as in a new session, with a fresh network
+    for p in net.parameters():
+        torch.nn.init.normal_(p)
+    flowguides.load(path, backend="pyro", model=model, model_args=(x, y))
+    for name, value in net.state_dict().items():
+        torch.testing.assert_close(value, fitted[name], rtol=0, atol=0)
+    assert pyro.param("net$$$0.weight") is net[0].weight
+
+
 def test_save_without_the_param_in_the_store_says_so(tmp_path):
     fit = fit_posterior(type2_model, SPEC, Y, num_steps=2, init_scale=0.5, progress=False)
     pyro.clear_param_store()
