@@ -35,6 +35,7 @@ from flowguides.core.checks import (
     as_spec,
     check_control_variate,
     check_data,
+    check_init_scale,
     check_neutra_options,
     check_objective,
     check_objective_options,
@@ -45,6 +46,7 @@ from flowguides.core.checks import (
     check_vectorize_option,
     check_weights,
     local_latent_error,
+    spec_in_dtype,
 )
 from flowguides.core.coupling import (
     COUPLINGS,
@@ -177,6 +179,7 @@ __all__ = [
     "check_coupling",
     "check_control_variate",
     "check_data",
+    "check_init_scale",
     "check_objective",
     "check_preconditioner",
     "check_tolerances",
@@ -184,6 +187,7 @@ __all__ = [
     "check_vectorize_option",
     "check_weights",
     "local_latent_error",
+    "spec_in_dtype",
     "coordinate_sites",
     "decay_steps",
     "default_learning_rate",

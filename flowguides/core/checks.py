@@ -5,6 +5,7 @@ Each raises with a message that names the argument, what was expected and what w
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -22,6 +23,7 @@ __all__ = [
     "VECTORIZE_OPTIONS",
     "as_spec",
     "check_data",
+    "check_init_scale",
     "check_neutra_options",
     "check_objective",
     "check_objective_options",
@@ -32,6 +34,7 @@ __all__ = [
     "check_vectorize_option",
     "check_weights",
     "local_latent_error",
+    "spec_in_dtype",
 ]
 
 OBJECTIVES = ("maximum_likelihood", "flow_matching")
@@ -326,3 +329,25 @@ def local_latent_error(site: str, plate: str, subsample_size: int, size: int) ->
         f"other data points. Subsample only plates that hold no latent site, or keep this "
         f"plate whole (subsample_size=None)"
     )
+
+
+def spec_in_dtype(spec: FlowSpec, dtype: Any) -> FlowSpec:
+    """`spec` with the dtype its flow is built in (Pyro's follows the model's latent values,
+    ``torch.float64`` or ``"float64"``), so a fit and its saved folder say what the weights
+    are. Not a warning where the spec said another: one spec serves both backends, and a
+    float64 spec for JAX's x64 mode meets float32 latents in most Pyro models."""
+    name = str(dtype).removeprefix("torch.")
+    if name == spec.dtype or name not in ("float32", "float64"):
+        return spec
+    return spec.model_copy(update={"dtype": name})
+
+
+def check_init_scale(init_scale: Any) -> None:
+    """An `AutoFlowGuide`'s `init_scale`: a finite positive number, ``"laplace"`` or ``"auto"``."""
+    number = isinstance(init_scale, int | float) and not isinstance(init_scale, bool)
+    if init_scale not in ("laplace", "auto") and not (
+        number and math.isfinite(init_scale) and init_scale > 0
+    ):
+        raise ValueError(
+            f"init_scale: expected a positive number, 'laplace' or 'auto', got {init_scale!r}"
+        )

@@ -38,10 +38,28 @@ class PosteriorFitMethods:
     says how a batch of draws goes through the model; see `VECTORIZE_OPTIONS`.
     """
 
+    def __post_init__(self) -> None:
+        self.spec = self.guide.spec  # the spec its flow was built from (Pyro: the model's dtype)
+
     def log_densities(
         self, num_samples: int, seed: int | None = None
     ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
         raise NotImplementedError
+
+    def to_arviz(
+        self,
+        num_samples: int = 4000,
+        seed: int | None = None,
+        *,
+        coords: Mapping | None = None,
+        dims: Mapping | None = None,
+        vectorize_particles: bool | str | None = None,
+    ) -> Any:
+        """`flowguides.to_arviz` of this fit (ArviZ's ``InferenceData`` or ``DataTree``)."""
+        from flowguides.inference_data import to_arviz
+
+        options = {"coords": coords, "dims": dims, "vectorize_particles": vectorize_particles}
+        return to_arviz(self, num_samples, seed, **options)
 
     def importance_sample(
         self,

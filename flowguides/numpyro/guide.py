@@ -36,6 +36,7 @@ from flowguides.core import (
     FULL_RANK_MAX_DIM,
     PRECONDITION,
     as_spec,
+    check_init_scale,
     check_observed,
     check_preconditioner,
     coordinate_sites,
@@ -114,15 +115,7 @@ class AutoFlowGuide(AutoContinuous, StagedPrototype):
         check_flow_tolerances(self.spec)
         if self.spec.base != "affine":
             raise SpecError(f"base: AutoFlowGuide needs base='affine', got {self.spec.base!r}")
-        if isinstance(init_scale, str):
-            if init_scale not in ("laplace", "auto"):
-                raise ValueError(
-                    f"init_scale: expected a positive number, 'laplace' or 'auto', got {init_scale!r}"
-                )
-        elif not (isinstance(init_scale, int | float) and init_scale > 0):
-            raise ValueError(
-                f"init_scale: expected a positive number, 'laplace' or 'auto', got {init_scale!r}"
-            )
+        check_init_scale(init_scale)
         self.init_scale = init_scale
         self._init_weights: dict[str, jax.Array] | None = None
         self._precondition: dict[str, jax.Array] | None = None

@@ -135,6 +135,7 @@ class PosteriorFit(PosteriorFitMethods):
     timing: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self._rng = np.random.default_rng(self.seed + 1)
         self._programs: dict[tuple[str, int], Callable[..., Any]] = {}
 

@@ -27,11 +27,13 @@ from flowguides.core import (
     DiscreteLatentError,
     NoLatentSitesError,
     as_spec,
+    check_init_scale,
     check_observed,
     check_preconditioner,
     check_vectorize_option,
     coordinate_sites,
     local_latent_error,
+    spec_in_dtype,
 )
 from flowguides.core.calls import call_error, first_line, foreign_arguments
 from flowguides.core.hessian import Blocks, hessian_blocks, hessian_colors
@@ -61,7 +63,7 @@ class AutoFlowGuide(AutoContinuous, BatchLogJoint):
     Drop-in for `AutoNormal`/`AutoDiagonalNormal`: works with `SVI` and
     ``Trace_ELBO(num_particles=N, vectorize_particles=guide.vectorized)``, `Predictive`,
     subsampled observation plates, and offers `median`, `quantiles` (from draws) and
-    `get_posterior`. The flow follows the model's floating dtype.
+    `get_posterior`. The flow follows the model's floating dtype (`spec` then says it).
 
     Args:
         model: a Pyro model with continuous latent sites.
@@ -112,15 +114,7 @@ class AutoFlowGuide(AutoContinuous, BatchLogJoint):
                 f"base: AutoFlowGuide centres the flow with its affine base, expected 'affine', "
                 f"got {spec.base!r}"
             )
-        if init_scale not in ("laplace", "auto") and not (
-            isinstance(init_scale, int | float)
-            and not isinstance(init_scale, bool)
-            and math.isfinite(init_scale)
-            and init_scale > 0
-        ):
-            raise ValueError(
-                f"init_scale: expected a positive number, 'laplace' or 'auto', got {init_scale!r}"
-            )
+        check_init_scale(init_scale)
         super().__init__(model, init_loc_fn=init_loc_fn)
         # the model without AutoContinuous's InitMessenger, which would draw init values at
         # every site before poutine.condition sets them (per site, per evaluation)
@@ -177,6 +171,7 @@ class AutoFlowGuide(AutoContinuous, BatchLogJoint):
         init = self._init_loc()
         pairs = list(self.split_latent(init))
         self._dynamic = dynamic_sites(self._bare_model[0], pairs, args, kwargs)
+        self.spec = spec_in_dtype(self.spec, init.dtype)  # the flow is built in the model's dtype
         flow = build_flow(self.spec, dim, seed=int(torch.randint(2**31 - 1, ()))).to(init.dtype)
         try:  # the first log joints: a NaN observation fails here, say where it is
             self._check_broadcasting(init, args, kwargs)

@@ -203,9 +203,10 @@ def test_auto_start_takes_the_wide_start_on_a_funnel_without_a_mode():
 
 
 def test_guide_rejects_bad_settings():
-    with pytest.raises(
-        ValueError, match="init_scale: expected a positive number, 'laplace' or 'auto'"
-    ):
-        AutoFlowGuide(model, SPEC, init_scale=-1.0)
+    for bad in (-1.0, float("inf"), True, "wide"):  # the checks Pyro's guide runs too
+        with pytest.raises(
+            ValueError, match="init_scale: expected a positive number, 'laplace' or 'auto'"
+        ):
+            AutoFlowGuide(model, SPEC, init_scale=bad)
     with pytest.raises(ValueError, match="base: AutoFlowGuide needs base='affine'"):
         AutoFlowGuide(model, FlowSpec.planar(2, base="normal"))

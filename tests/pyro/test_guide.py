@@ -306,7 +306,7 @@ def test_spec_needing_more_dimensions_than_the_model_has():
         AutoFlowGuide(conjugate_model, SPEC)()
 
 
-@pytest.mark.parametrize("init_scale", [0.0, -1.0, "wide", float("nan"), True])
+@pytest.mark.parametrize("init_scale", [0.0, -1.0, "wide", float("nan"), float("inf"), True])
 def test_bad_init_scale(init_scale):
     with pytest.raises(
         ValueError, match="init_scale: expected a positive number, 'laplace' or 'auto'"

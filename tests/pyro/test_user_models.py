@@ -4,6 +4,7 @@ draws one at a time, with one warning; ``False`` does so silently; ``True`` refu
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import numpy as np
@@ -12,6 +13,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 
+import flowguides
 from flowguides import diagnose, to_arviz
 from flowguides.pyro import AutoFlowGuide, VectorizationWarning, fit_posterior
 from flowguides.pyro._model import mismatch
@@ -140,6 +142,25 @@ def test_a_float64_prior_over_float32_data_is_vectorised_without_a_warning():
     assert guide.vectorized is True
     # a real broadcasting failure still shows at that tolerance
     assert mismatch(torch.tensor([1.0, 5.0]), torch.tensor([1.0, 2.0]), 2.0**-23) is not None
+
+
+def test_the_fits_spec_says_the_dtype_its_flow_follows(tmp_path):
+    """The flow is built in the dtype of the model's latent values: the fit's spec and its
+    saved folder say so (a float64 spec, shared with JAX, on float32 latents says float32)."""
+
+    def model(zero):
+        pyro.sample("a", dist.Normal(zero, 1.0))
+        pyro.sample("b", dist.Normal(zero, 1.0))
+
+    single, double = torch.tensor(0.0), torch.tensor(0.0, dtype=torch.float64)
+    fit = fit_posterior(model, SPEC, single, num_steps=3, progress=False)
+    assert SPEC.dtype == "float64" and fit.spec.dtype == "float32"
+    assert fit.guide.flow.affine.loc.dtype == torch.float32
+    folder = flowguides.save(fit, tmp_path / "fit")
+    assert json.loads((folder / "spec.json").read_text())["dtype"] == "float32"
+    fit = fit_posterior(model, FlowSpec.realnvp(num_layers=1), double, num_steps=3, progress=False)
+    assert fit.spec.dtype == "float64" and fit.sample(2)["a"].dtype == np.float64
+    assert fit.to_arviz(30, seed=0)["posterior"]["a"].shape == (1, 30)  # the method form
 
 
 def test_draws_map_through_a_model_that_does_not_broadcast_as_the_loop_evaluates_them():
