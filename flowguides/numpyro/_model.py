@@ -1,6 +1,6 @@
 """A model's arguments in compiled programs: traced or constant, and the keys compiles cache on;
-what a `PosteriorFit` reads off its model (`observed_data`, `log_likelihood`,
-`subsampled_plates`: the fit's methods of those names).
+what a `PosteriorFit` reads off its model (`observed_data`, `log_likelihood`: the fit's
+methods of those names).
 
 `fit_posterior` traces the array arguments of a model, so that a compile is reused for new
 data of the same shapes. A model that uses a data value in Python (``int(counts.sum())``,
@@ -47,7 +47,6 @@ __all__ = [
     "model_tracing_error",
     "observed_data",
     "split_args",
-    "subsampled_plates",
     "value_key",
 ]
 
@@ -117,10 +116,18 @@ def value_key(x: Any) -> Hashable | None:
 
 
 def _is_user_code(fn: Any) -> bool:
-    root = (getattr(fn, "__module__", None) or "").split(".")[0]
-    filename = getattr(getattr(fn, "__code__", None), "co_filename", "")
+    """Whether `fn` (a function, a module or a class) is the user's, not a library's."""
+    if isinstance(fn, types.ModuleType):
+        root, filename = fn.__name__.split(".")[0], getattr(fn, "__file__", None) or ""
+    elif isinstance(fn, type):
+        root = (fn.__module__ or "").split(".")[0]
+        filename = getattr(sys.modules.get(fn.__module__), "__file__", None) or ""
+    else:
+        root = (getattr(fn, "__module__", None) or "").split(".")[0]
+        filename = getattr(getattr(fn, "__code__", None), "co_filename", "")
     library = "site-packages" in filename or "dist-packages" in filename
-    return not (library or root in _LIBRARIES or root in sys.stdlib_module_names)
+    builtin = root in _LIBRARIES or root in sys.stdlib_module_names or root == "builtins"
+    return not (library or builtin)
 
 
 def _code_names(code: types.CodeType) -> set[str]:
@@ -196,7 +203,14 @@ def _missing(parts: list[tuple[str, Hashable | None]]) -> bool:
 
 def _free_key(value: Any, names: set[str], depth: int, seen: frozenset) -> Hashable | None:
     if isinstance(value, types.ModuleType) or isinstance(value, type):
-        return ("id", value)
+        if id(value) in seen or depth > _MAX_DEPTH or not _is_user_code(value):
+            return ("id", value)
+        # the user's own module or class: also what the code reads from it (``config.SHIFT``)
+        attrs, seen = vars(value), seen | {id(value)}
+        read = [
+            (n, _free_key(attrs[n], names, depth + 1, seen)) for n in sorted(names & set(attrs))
+        ]
+        return None if _missing(read) else ("id", value, tuple(read))
     if callable(value) and not isinstance(value, np.ndarray | jax.Array):
         return callable_key(value, depth + 1, seen)
     return _object_key(value, names)
@@ -361,19 +375,6 @@ def choose_constants(
     return everything
 
 
-def subsampled_plates(fit: Any) -> list[str]:
-    """Names of the model's plates that subsample their data (``subsample_size`` smaller
-    than the size). `flowguides.to_arviz` leaves ``observed_data`` and ``log_likelihood``
-    out for such a model: each evaluation sees another subsample."""
-    return [
-        name
-        for name, site in fit.guide.prototype_trace.items()
-        if site["type"] == "plate"
-        and site["args"][1] is not None
-        and 0 < site["args"][1] < site["args"][0]
-    ]
-
-
 def observed_data(fit: Any) -> dict[str, np.ndarray]:
     """``{site: value}`` of every observed site."""
     trace = fit.guide.prototype_trace
@@ -390,7 +391,7 @@ def log_likelihood(
     """Pointwise log-likelihood ``{observed site: (S, *obs_shape)}`` of latent `draws`.
 
     The model runs seeded (`seed`, or one from the fit's generator): a subsampled plate
-    (see `subsampled_plates`) draws its indices from it, the same for every draw."""
+    (see `flowguides.numpyro._stream.subsampled_plates`) draws its indices from it, the same for every draw."""
     samples = {k: jnp.asarray(v) for k, v in draws.items()}
     model = handlers.seed(fit.model, fit._key(seed))
     out = _numpyro_log_likelihood(model, samples, *fit.args, **fit.kwargs)

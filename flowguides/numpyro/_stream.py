@@ -57,6 +57,7 @@ __all__ = [
     "run_stream",
     "stream_program",
     "subsampled",
+    "subsampled_plates",
     "training_model",
 ]
 
@@ -371,3 +372,16 @@ def training_model(model: Callable[..., Any], subsamples: bool) -> Callable[...,
     """`model` with its subsampled plates drawing by `_fast_subsample` (`model` itself when
     it `subsamples` nothing)."""
     return _fast_subsample(model) if subsamples else model
+
+
+def subsampled_plates(fit: Any) -> list[str]:
+    """Names of the model's plates that subsample their data (``subsample_size`` smaller
+    than the size). `flowguides.to_arviz` leaves ``observed_data`` and ``log_likelihood``
+    out for such a model: each evaluation sees another subsample."""
+    return [
+        name
+        for name, site in fit.guide.prototype_trace.items()
+        if site["type"] == "plate"
+        and site["args"][1] is not None
+        and 0 < site["args"][1] < site["args"][0]
+    ]

@@ -43,7 +43,7 @@ from flowguides.core import (
     warn_if_below_start,
 )
 from flowguides.core.timing import add_seconds, chunk_timing, fit_timing, timed_calls
-from flowguides.numpyro import _model
+from flowguides.numpyro import _model, _stream
 from flowguides.numpyro._control import initial_state, public_params, split3, with_control_variate
 from flowguides.numpyro._model import (
     TRACER_ERRORS,
@@ -149,7 +149,7 @@ class PosteriorFit(PosteriorFitMethods):
         """``{site: shape}`` of every latent site."""
         return {name: tuple(np.shape(v)) for name, v in self.guide._init_locs.items()}
 
-    subsampled_plates = property(_model.subsampled_plates)
+    subsampled_plates = property(_stream.subsampled_plates)
     observed_data = _model.observed_data  # fit.observed_data()
     log_likelihood = _model.log_likelihood  # fit.log_likelihood(draws, seed)
 

@@ -3,6 +3,7 @@ globals and closures, and the guards around training (non-finite gradients and v
 
 from __future__ import annotations
 
+import types
 import warnings
 
 import jax.numpy as jnp
@@ -122,6 +123,33 @@ def test_a_refit_after_the_data_changes_fits_the_new_data():
         assert posterior_module._TRACES["posterior"] == traces  # unchanged data: compile reused
     finally:
         Y_GLOBAL[:] = 0.0
+
+
+def test_a_refit_after_a_setting_in_the_users_module_or_class_changes_fits_the_new_setting():
+    """A compiled program bakes in what the model reads from the user's own module
+    (``config.SHIFT``) or class (``Settings.SHIFT``): the cache keys on those values too."""
+    config = types.ModuleType("user_config")  # as `import user_config as config`
+    config.SHIFT = 0.0
+
+    class Settings:
+        SHIFT = 0.0
+
+    def model():
+        mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+        with numpyro.plate("data", 5):
+            numpyro.sample("y", dist.Normal(mu + config.SHIFT + Settings.SHIFT, 1.0), obs=Y_GLOBAL)
+
+    def posterior_mean() -> float:  # exact: N(-5 shift / 6, 1 / 6), sd 0.41
+        return _mean(fit_posterior(model, SPEC, init_scale=0.1, **FAST), "mu")
+
+    assert abs(posterior_mean()) < 0.5
+    config.SHIFT = 10.0
+    assert abs(posterior_mean() + 50.0 / 6) < 0.5
+    config.SHIFT, Settings.SHIFT = 0.0, -10.0
+    assert abs(posterior_mean() - 50.0 / 6) < 0.5
+    traces = posterior_module._TRACES["posterior"]
+    assert abs(posterior_mean() - 50.0 / 6) < 0.5
+    assert posterior_module._TRACES["posterior"] == traces  # unchanged settings: compile reused
 
 
 def nan_gradient_above_two():
