@@ -365,9 +365,10 @@ def check_latent_sites(trace: Mapping[str, dict]) -> None:
         if site["fn"].support.is_discrete:
             raise DiscreteLatentError(
                 f"site {name!r}: a discrete latent site ({type(site['fn']).__name__}) cannot be "
-                f"fitted by a continuous flow guide; marginalise it out by enumeration "
-                f"(e.g. infer={{'enumerate': 'parallel'}} with TraceEnum_ELBO and a guide over "
-                f"the remaining sites, or numpyro.contrib.funsor.config_enumerate)"
+                "fitted by a continuous flow guide, and fit_posterior does not enumerate: "
+                "enumerate it in your own SVI loop (infer={'enumerate': 'parallel'} on the site, "
+                "TraceEnum_ELBO, and the guide AutoFlowGuide(handlers.block(model, "
+                f"hide=[{name!r}]), spec)), or marginalise it out of the model"
             )
         for frame in site["cond_indep_stack"]:
             plate = trace.get(frame.name, {})

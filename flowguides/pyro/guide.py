@@ -222,9 +222,10 @@ class AutoFlowGuide(AutoContinuous, BatchLogJoint):
             if site["fn"].support.is_discrete:
                 raise DiscreteLatentError(
                     f"site {name!r}: a flow guide needs continuous latent sites, got a discrete "
-                    f"{type(site['fn']).__name__}; enumerate it (@config_enumerate on the model "
-                    f"with TraceEnum_ELBO, and guide poutine.block(model, hide=[{name!r}])) or "
-                    "marginalise it out of the model"
+                    f"{type(site['fn']).__name__}, and fit_posterior does not enumerate: enumerate "
+                    "it in your own SVI loop (@config_enumerate on the model, TraceEnum_ELBO, "
+                    f"and the guide AutoFlowGuide(poutine.block(model, hide=[{name!r}]), spec)), "
+                    "or marginalise it out of the model"
                 ) from exc
         for name, site in trace.iter_stochastic_nodes():
             support = site["fn"].support
