@@ -12,6 +12,7 @@ from flowguides.core import (
     DEFAULT_LEARNING_RATE,
     DENSITY_PATIENCE,
     FitBelowStartWarning,
+    check_data,
     check_weights,
     default_learning_rate,
     density_budget,
@@ -115,3 +116,22 @@ def test_flow_matching_validates_about_a_fixed_number_of_times_within_patience()
     assert 20_000 / every == pytest.approx(FLOW_MATCHING_VALIDATIONS, abs=1)
     assert validate_every("flow_matching", 20_000, 250) == 250  # patience still sees one
     assert validate_every("flow_matching", 20_000, 30) == FLOW_MATCHING_VALIDATE_EVERY
+
+
+def test_check_data_reads_a_tensor_that_requires_grad_and_names_the_fix_for_one_point():
+    class GradTensor:  # what a torch tensor with requires_grad does under np.asarray
+        def __init__(self, values):
+            self.values = np.asarray(values, dtype=float)
+
+        def __array__(self, dtype=None, copy=None):
+            raise RuntimeError("Can't call numpy() on Tensor that requires grad")
+
+        def detach(self):
+            return self.values
+
+    data = [[0.0, 1.0], [2.0, 3.0]]
+    np.testing.assert_array_equal(check_data(GradTensor(data)), data)
+    with pytest.raises(ValueError, match=r"got shape \(2,\); for one point use x\[None, :\]"):
+        check_data(np.ones(2), name="x", dim=2)
+    with pytest.raises(ValueError, match=r"got shape \(5,\); for 1-D data use data\[:, None\]"):
+        check_data(np.ones(5))

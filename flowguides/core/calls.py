@@ -160,14 +160,16 @@ def foreign_arguments(
     entries = [*enumerate(args), *kwargs.items()]
     found = []
     for label, value in entries:
-        kind = type(value)
         name = names.get(label, f"argument {label}" if isinstance(label, int) else label)
-        if kind.__module__.split(".")[0] == "pandas":
-            found.append((name, f"a pandas {kind.__name__}"))
-        elif backend == "torch" and kind.__module__ == "numpy" and kind.__name__ == "ndarray":
-            found.append((name, "a NumPy array"))
-        elif _numbers(value):
-            found.append((name, f"a Python {kind.__name__} of numbers"))
+        inner = value.items() if isinstance(value, dict) else ()  # a dict of data: its values
+        for where, item in [(name, value), *((f"{name}[{k!r}]", v) for k, v in inner)]:
+            kind = type(item)
+            if kind.__module__.split(".")[0] == "pandas":
+                found.append((where, f"a pandas {kind.__name__}"))
+            elif backend == "torch" and kind.__module__ == "numpy" and kind.__name__ == "ndarray":
+                found.append((where, "a NumPy array"))
+            elif _numbers(item):
+                found.append((where, f"a Python {kind.__name__} of numbers"))
     if not found:
         return None
     listed = f"model {callable_name(_unwrap(model))!r}: " + ", ".join(

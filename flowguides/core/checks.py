@@ -174,13 +174,15 @@ def check_data(data: Any, *, name: str = "data", dim: int | None = None) -> np.n
 
     The message names the problem: the rank, the dimension, or the rows holding NaN/inf.
     """
-    arr = np.asarray(data)
+    detach = getattr(data, "detach", None)  # a torch tensor that requires grad: its values
+    arr = np.asarray(detach() if callable(detach) else data)
     if arr.dtype == object or not np.issubdtype(arr.dtype, np.number):
         raise TypeError(f"{name}: expected a numeric array, got dtype {arr.dtype}")
     if arr.ndim == 1:
+        row = dim is not None and dim > 1 and arr.shape[0] == dim
         raise ValueError(
             f"{name}: expected a 2-D array (n_points, dim), got shape {arr.shape}; "
-            "for 1-D data use data[:, None]"
+            + ("for one point use x[None, :]" if row else "for 1-D data use data[:, None]")
         )
     if arr.ndim != 2:
         raise ValueError(f"{name}: expected a 2-D array (n_points, dim), got shape {arr.shape}")

@@ -191,6 +191,14 @@ def test_a_numpy_argument_to_a_pyro_model_is_named() -> None:
     fit = fit_posterior(converting, SPEC, Y, num_steps=50, progress=False)
     assert np.isfinite(fit.losses).all()
 
+    def from_a_dict(data):  # the arrays of a dict argument are named by their key
+        mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        with pyro.plate("n", len(data["y"])):
+            pyro.sample("y", dist.Normal(mu, 1.0), obs=data["y"])
+
+    with pytest.raises(TypeError, match=r"\"data\['y'\]\" is a NumPy array: .*torch.as_tensor"):
+        fit_posterior(from_a_dict, SPEC, {"y": Y}, num_steps=5, progress=False)
+
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_python_list_argument_is_named_with_its_conversion(backend: str) -> None:
