@@ -31,6 +31,7 @@ __all__ = [
     "constraint_key",
     "dynamic_call",
     "dynamic_sites",
+    "replayed",
     "supports_key",
 ]
 
@@ -63,6 +64,15 @@ def constrain_by_replay(
         seeded = handlers.seed(model, jax.random.key(0))
         handlers.substitute(seeded, substitute_fn=substitute_fn)(*args, **kwargs)
     return values, log_dets
+
+
+def replayed(model: Callable[..., Any], key: jax.Array, trace: Mapping[str, dict]) -> Callable:
+    """`model` seeded with `key` and replayed at a guide's `trace`, with the trace's sampled
+    values also substituted: `numpyro.contrib.control_flow.cond` applies ``substitute`` inside
+    its branches but not ``replay``, so a latent site sampled there would draw its own value
+    (a log joint at the prior's draw, not the guide's); elsewhere the two set the same value."""
+    values = {n: s["value"] for n, s in trace.items() if s["type"] == "sample"}
+    return handlers.replay(handlers.substitute(handlers.seed(model, key), data=values), trace)
 
 
 def dynamic_sites(

@@ -34,6 +34,7 @@ from numpyro.infer.util import log_density
 from tqdm.auto import tqdm
 
 from flowguides.core import AFFINE_PARAMETERS, CONTROL_VARIATE_PREFIX, PRECONDITION, decay_steps
+from flowguides.numpyro._support import replayed
 from flowguides.numpyro.build import FlowTransform
 from flowguides.numpyro.ode import training_solves
 from flowguides.spec import FlowSpec
@@ -347,7 +348,7 @@ class ObjectiveLoss(ELBO):
         def one(key: jax.Array):
             model_seed, guide_seed = jax.random.split(key)
             log_q, trace = log_density(handlers.seed(guide, guide_seed), args, kwargs, param_map)
-            model_run = handlers.replay(handlers.seed(model, model_seed), trace)
+            model_run = replayed(model, model_seed, trace)
             log_w = log_density(model_run, args, kwargs, param_map)[0] - log_q
             if self.gradient == "reparam":
                 return log_w, log_w

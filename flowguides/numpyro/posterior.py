@@ -63,7 +63,7 @@ from flowguides.numpyro._stream import (
     subsampled,
     training_model,
 )
-from flowguides.numpyro._support import supports_key
+from flowguides.numpyro._support import replayed, supports_key
 from flowguides.numpyro._training import (
     CHUNK,
     ObjectiveLoss,
@@ -202,8 +202,7 @@ class PosteriorFit(PosteriorFitMethods):
         def densities(guide: AutoFlowGuide, key: jax.Array, params: dict) -> tuple:
             def one(k: jax.Array) -> tuple:
                 log_q, trace = log_density(handlers.seed(guide, k), args, kwargs, params)
-                replayed = handlers.replay(handlers.seed(full_data(model), k), trace)
-                log_p, _ = log_density(replayed, args, kwargs, params)
+                log_p, _ = log_density(replayed(full_data(model), k, trace), args, kwargs, params)
                 return {n: trace[n]["value"] for n in names}, log_p, log_q
 
             return full_data_map(one, jax.random.split(key, num_samples), guide.prototype_trace)
