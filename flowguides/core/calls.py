@@ -12,6 +12,7 @@ import difflib
 import functools
 import inspect
 import sys
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ __all__ = [
     "foreign_arguments",
     "parameter_labels",
     "user_stacklevel",
+    "warn_shadowed_options",
 ]
 
 # The keyword options of `fit_posterior` and `infer` (both backends; the rest of their
@@ -199,3 +201,33 @@ def _numbers(value: Any) -> bool:
     return all(
         _numbers(v) if isinstance(v, list | tuple) else isinstance(v, int | float) for v in value
     )
+
+
+def warn_shadowed_options(fit: Callable[..., Any], model: Any, options: Mapping[str, Any]) -> None:
+    """Warn where `model` has an argument named like one of `fit`'s own options that the
+    call leaves to the model unbound, and that the user set on `fit` or the model requires:
+    `fit` took the value, the model never sees it. `options`: `fit`'s arguments (its
+    ``locals()`` before any other), ``args`` and ``kwargs`` those passed on to the model."""
+    args, kwargs = options.get("args", ()), options.get("kwargs", {})
+    try:
+        parameters = inspect.signature(_unwrap(model)).parameters
+        bound = inspect.signature(_unwrap(model)).bind_partial(*args, **kwargs).arguments
+    except (TypeError, ValueError):  # not introspectable, or a call that does not bind
+        return
+    own = inspect.signature(fit).parameters
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    shadowed = [
+        name
+        for name, p in parameters.items()
+        if name in own and name not in ("model", "spec", "args", "kwargs") and name not in bound
+        and p.kind in kinds and (p.default is p.empty or options[name] is not own[name].default)
+    ]  # fmt: skip
+    if shadowed:
+        warnings.warn(
+            f"model {callable_name(_unwrap(model))!r}: its argument(s) {shadowed} have the names "
+            f"of {fit.__name__} options, so {fit.__name__} takes them and the model gets its "
+            f"default (or none): bind the model's first (functools.partial(model, "
+            f"{shadowed[0]}=...)) or rename them",
+            UserWarning,
+            stacklevel=3,
+        )

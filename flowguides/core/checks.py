@@ -103,11 +103,15 @@ def as_spec(spec: FlowSpec | Mapping[str, Any], job: str | None = None) -> FlowS
     return spec if layers == spec.layers else spec.model_copy(update={"layers": layers})
 
 
-def check_training(num_steps: int, learning_rate: float | None, clip_norm: float | None) -> None:
-    """Raise a `ValueError` unless `num_steps` is a positive integer, `learning_rate` a
-    positive number (or None for the default) and `clip_norm` positive or None."""
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps: expected a positive integer, got {num_steps!r}")
+def check_training(
+    num_steps: int, learning_rate: float | None, clip_norm: float | None, num_particles: int = 1
+) -> None:
+    """Raise a `ValueError` unless `num_steps` and `num_particles` are positive integers,
+    `learning_rate` a positive number (or None for the default) and `clip_norm` positive or
+    None."""
+    for name, value in (("num_steps", num_steps), ("num_particles", num_particles)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
     if learning_rate is not None and not learning_rate > 0:
         raise ValueError(f"learning_rate: expected a positive number, got {learning_rate!r}")
     if clip_norm is not None and not clip_norm > 0:

@@ -37,6 +37,7 @@ from flowguides.core import (
     default_learning_rate,
     warn_if_below_start,
 )
+from flowguides.core.calls import warn_shadowed_options
 from flowguides.core.timing import add_seconds, fit_timing, timed_calls
 from flowguides.pyro._control import with_control_variate
 from flowguides.pyro._training import (
@@ -317,10 +318,9 @@ def fit_posterior(
             ``control_variate="taylor"`` where it cannot apply (the message says why).
         SpecError: neural-ODE layers with an objective or gradient other than the defaults.
     """
+    warn_shadowed_options(fit_posterior, model, locals())  # before any other local
     spec = as_spec(spec, job="posterior")
-    check_training(num_steps, learning_rate, clip_norm)
-    if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
-        raise ValueError(f"num_particles: expected a positive integer, got {num_particles!r}")
+    check_training(num_steps, learning_rate, clip_norm, num_particles)
     check_objective_options(spec, objective, gradient, num_inner)
     check_control_variate(control_variate)
     pyro.set_rng_seed(seed)

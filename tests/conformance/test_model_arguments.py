@@ -209,3 +209,20 @@ def test_a_python_list_argument_is_named_with_its_conversion(backend: str) -> No
         TypeError, match=rf"model 'model': 'y' is a Python list of numbers: .*{convert}"
     ):
         fit_posterior(model, SPEC, Y.tolist(), num_steps=5, progress=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_model_argument_named_like_a_fit_option_is_named_when_the_fit_takes_it(backend: str):
+    """``def model(y, init_scale=1.0)``: ``fit_posterior(..., init_scale=0.5)`` sets the guide's
+    start, not the model's prior; say so. Left at the fit's default, the model's own default
+    applies to the model and nothing is said (this suite turns warnings into errors)."""
+    model, y, fit_posterior, _ = _setup(backend)
+
+    def shadowing(y, init_scale=1.0, seed=0):  # a prior scale and a seed of the user's
+        return model(y, scale=init_scale)
+
+    fit_posterior(shadowing, SPEC, y, num_steps=2, progress=False)
+    with pytest.warns(UserWarning, match=r"model 'shadowing': its argument\(s\) \['init_scale'\] "
+                      r"have the names of fit_posterior options.*functools.partial\(model, "
+                      r"init_scale=...\)"):  # fmt: skip
+        fit_posterior(shadowing, SPEC, y, num_steps=2, init_scale=0.5, progress=False)
