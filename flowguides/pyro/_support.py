@@ -7,12 +7,15 @@ for such a site that puts draws outside their support (Pyro's support check fail
 step). The log joint (`flowguides.pyro._model.log_joint_at`) always constrains during its own
 model run, so it costs nothing there; the guide's draws replay the model only where set-up
 found a moving support (`dynamic_sites`). The NumPyro guide mirrors this in
-`flowguides.numpyro._support`.
+`flowguides.numpyro._support`. Also `keeps_global_rng`: the entry points that seed Pyro's
+global random state give the caller's state back.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import ExitStack
 from typing import Any
@@ -30,10 +33,34 @@ __all__ = [
     "dynamic_constrain",
     "dynamic_forward",
     "dynamic_sites",
+    "keeps_global_rng",
     "replay_constrained",
 ]
 
 _SHIFTS = (0.0, 0.5, -0.75)  # unconstrained offsets at which supports are compared
+
+
+def keeps_global_rng(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` run with Pyro's global random state (torch, numpy, random) seeded by its own
+    ``seed`` argument (`pyro.set_rng_seed`, so a fit repeats), then set back to the caller's:
+    a fit in a loop must not reseed the caller's draws (``np.random.normal`` in a simulation
+    study would repeat its data set after every fit)."""
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def seeded(*args: Any, **kwargs: Any) -> Any:
+        try:
+            seed = signature.bind(*args, **kwargs).arguments.get("seed")
+        except TypeError:  # the call does not bind: `fn` raises its own error
+            return fn(*args, **kwargs)
+        state = pyro.util.get_rng_state()
+        pyro.set_rng_seed(signature.parameters["seed"].default if seed is None else seed)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            pyro.util.set_rng_state(state)
+
+    return seeded
 
 
 class Constrain(Messenger):

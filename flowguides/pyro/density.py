@@ -47,6 +47,7 @@ from flowguides.pyro._stream import (
     minibatches,
     process_group,
 )
+from flowguides.pyro._support import keeps_global_rng
 from flowguides.pyro._training import Evaluations, Trainer, progress_bar, with_penalty
 from flowguides.pyro.build import Flow, build_flow
 from flowguides.pyro.ode import NeuralODE, couple_noise, flow_matching_loss
@@ -125,6 +126,7 @@ def _exact_trace(ode: NeuralODE) -> Iterator[None]:
         ode.trace = trace
 
 
+@keeps_global_rng
 def fit_density(
     data: Any,
     spec: FlowSpec | Mapping[str, Any],
@@ -246,7 +248,6 @@ def fit_density(
     )
     dim = source.dim
     mean, std = source.stats if source.stats is not None else (None, None)
-    torch.manual_seed(seed)
     flow = build_flow(spec, dim, seed=seed)
     val = torch.as_tensor(source.val, dtype=flow.dtype)
     n_train = len(source.train) if source.train is not None else 0

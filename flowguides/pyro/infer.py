@@ -23,6 +23,7 @@ import torch
 from pyro.infer import MCMC, NUTS
 
 from flowguides.core import InferResult, NeuTraResult, check_infer_options, route_fit
+from flowguides.pyro._support import keeps_global_rng
 from flowguides.pyro.neutra import chains_result
 from flowguides.pyro.posterior import PosteriorFit, fit_posterior
 from flowguides.spec import FlowSpec
@@ -98,6 +99,7 @@ def infer(
     )
 
 
+@keeps_global_rng
 def _nuts(
     fit: PosteriorFit,
     num_warmup: int,

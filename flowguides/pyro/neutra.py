@@ -28,6 +28,7 @@ from pyro.ops.stats import effective_sample_size, split_gelman_rubin
 from torch.distributions import ComposeTransform
 
 from flowguides.core import NeuTraResult, check_neutra_options
+from flowguides.pyro._support import keeps_global_rng
 
 __all__ = ["NeuTraResult", "chains_result", "neutra"]
 
@@ -71,6 +72,7 @@ def _log_density_dtype(fit: Any) -> torch.dtype:
     return dtype
 
 
+@keeps_global_rng
 def neutra(
     fit: Any,
     num_warmup: int = 500,

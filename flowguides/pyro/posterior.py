@@ -40,6 +40,7 @@ from flowguides.core import (
 from flowguides.core.calls import warn_shadowed_options
 from flowguides.core.timing import add_seconds, fit_timing, timed_calls
 from flowguides.pyro._control import with_control_variate
+from flowguides.pyro._support import keeps_global_rng
 from flowguides.pyro._training import (
     Evaluations,
     MappedLoss,
@@ -63,9 +64,8 @@ class PosteriorFit(PosteriorFitMethods):
     """A fitted flow guide and what it can tell about the posterior.
 
     Attributes:
-        guide: the trained `AutoFlowGuide` (it holds the parameters).
-        model: the model.
-        spec: the flow spec.
+        guide, model: the trained `AutoFlowGuide` (it holds the parameters), the model.
+        spec: the flow spec (the guide's: in the dtype its flow was built in).
         losses: the negative ELBO estimate at each step (without the RNODE penalty); with
             ``objective="iwelbo"`` the negative IW-ELBO estimate (see `fit_posterior`).
         args, kwargs: the model's arguments used for fitting.
@@ -239,6 +239,7 @@ class PosteriorFit(PosteriorFitMethods):
         return {name: value.cpu().numpy() for name, value in out.items()}
 
 
+@keeps_global_rng
 def fit_posterior(
     model: Callable[..., Any],
     spec: FlowSpec | Mapping[str, Any],
@@ -323,7 +324,6 @@ def fit_posterior(
     check_training(num_steps, learning_rate, clip_norm, num_particles)
     check_objective_options(spec, objective, gradient, num_inner)
     check_control_variate(control_variate)
-    pyro.set_rng_seed(seed)
     t0 = time.perf_counter()
     times: dict[str, float] = {}
     guide = AutoFlowGuide(
