@@ -5,7 +5,8 @@ log-weights ``log p(x, z) - log q(z)`` of draws ``z ~ q`` tell how far apart the
 smoothed importance sampling (PSIS) fits a generalized Pareto distribution to the largest weights,
 and its shape ``k-hat`` says whether importance-sampling estimates under `q` converge (Yao et al.,
 2018): ``k-hat < 0.5`` good, up to ``min(1 - 1/log10(S), 0.7)`` usable after smoothing (Vehtari et
-al., 2024), above it unreliable.
+al., 2024), above it unreliable; "good" (the guide's own draws) also needs the smoothed weights'
+coefficient of variation at most 0.1, as `infer` uses the guide's draws.
 
 Everything here works on numpy arrays, or on a fit object through its numpy-level protocol
 (``fit.log_densities(S, seed) -> (draws, log_p, log_q)``, ``fit.log_likelihood(draws)``,
@@ -29,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from flowguides.core import call_with_vectorize
+from flowguides.core import GUIDE_MAX_WEIGHT_CV, call_with_vectorize
 from flowguides.psis import (
     MIN_DRAWS,
     _as_log_weights,
@@ -102,7 +103,12 @@ class Diagnosis:
         return "\n".join(f"{key:<8} {value}" for key, value in rows)
 
 
-def _verdict(khat: float, threshold: float, constant: bool) -> str:
+def _verdict(khat: float, threshold: float, constant: bool, ess_fraction: float = 1.0) -> str:
+    """The verdict of k-hat (Yao et al. 2018): below the threshold the PSIS-corrected estimates
+    can be trusted; the guide's own draws only where k-hat < 0.5 and, as `infer` uses them
+    (`flowguides.core.routes.GUIDE_MAX_WEIGHT_CV`), the smoothed weights' cv is at most 0.1:
+    weighting moves the mean of any ``h`` by at most ``cv(w) sd_q(h)``, with ``cv = sqrt(1 /
+    ess_fraction - 1)``, so more spread weights mean raw draws that far off ("usable")."""
     if constant:
         return _CONSTANT_VERDICT
     if math.isnan(khat):
@@ -112,11 +118,15 @@ def _verdict(khat: float, threshold: float, constant: bool) -> str:
             f"unreliable: k-hat {khat:.2f} >= {threshold:.2f}; q misses mass of p, so neither its "
             "draws nor importance-corrected estimates can be trusted: refit (more layers or steps)"
         )
-    if khat >= 0.5:
-        return (
-            f"usable: 0.5 <= k-hat {khat:.2f} < {threshold:.2f}; prefer the PSIS-corrected "
-            "estimates (fit.resample) to raw draws"
+    cv = math.sqrt(max(1.0 / ess_fraction - 1.0, 0.0)) if ess_fraction > 0 else math.inf
+    if khat >= 0.5 or cv > GUIDE_MAX_WEIGHT_CV:
+        why = (
+            f"0.5 <= k-hat {khat:.2f} < {threshold:.2f}"
+            if khat >= 0.5
+            else f"k-hat {khat:.2f} < 0.5, but the weights' cv is {cv:.2f} > {GUIDE_MAX_WEIGHT_CV}"
+            f" (ESS {ess_fraction:.0%}: weighting moves means by up to {cv:.2f} sd of q)"
         )
+        return f"usable: {why}; prefer the PSIS-corrected estimates (fit.resample) to raw draws"
     return f"good: k-hat {khat:.2f} < 0.5; q is close to p, its draws can be used"
 
 
@@ -141,15 +151,15 @@ def diagnose_weights(log_p: Any, log_q: Any) -> Diagnosis:
         )
     lw = _as_log_weights(log_p - log_q, name="log_p - log_q")
     smoothed, khat = psis_khat(lw)
-    threshold = khat_threshold(lw.size)
+    threshold, ess = khat_threshold(lw.size), importance_ess(smoothed)
     return Diagnosis(
         elbo=float(lw.mean()),
         elbo_se=float(lw.std(ddof=1) / math.sqrt(lw.size)),
         khat=khat,
         khat_threshold=threshold,
-        ess=importance_ess(smoothed),
+        ess=ess,
         num_samples=int(lw.size),
-        verdict=_verdict(khat, threshold, _is_constant(lw)),
+        verdict=_verdict(khat, threshold, _is_constant(lw), ess / lw.size),
     )
 
 

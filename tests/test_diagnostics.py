@@ -134,14 +134,29 @@ def test_q_equal_to_p_reports_constant_weights(noise):
 
 
 def test_close_guide_is_good():
-    x, _ = gaussian_weights(0.0, 0.95)
-    diagnosis = dg.diagnose_weights(log_normal(x, 0, 1), log_normal(x, 0, 0.95))
+    x, _ = gaussian_weights(0.0, 0.99)
+    diagnosis = dg.diagnose_weights(log_normal(x, 0, 1), log_normal(x, 0, 0.99))
     assert diagnosis.khat < 0.5
     assert diagnosis.verdict.startswith("good") and diagnosis.reliable
-    assert diagnosis.ess > 0.9 * S
+    assert diagnosis.ess > 0.99 * S
     # ELBO = -KL(q || p) for normalised p, in closed form
-    kl = math.log(1 / 0.95) + (0.95**2 - 1) / 2
+    kl = math.log(1 / 0.99) + (0.99**2 - 1) / 2
     assert diagnosis.elbo == pytest.approx(-kl, abs=4 * diagnosis.elbo_se)
+
+
+@pytest.mark.parametrize(("sd", "ess"), [(1.5, 0.83), (4.0, 0.35)])
+def test_a_wide_guide_with_light_tailed_weights_is_usable_not_good(sd, ess):
+    """q = N(0, sd^2) against p = N(0, 1): the weights are bounded (k-hat < 0.5: the weighted
+    estimates are sound), but their ESS is sqrt(2 sd^2 - 1) / sd^2 of the draws, so q's own
+    draws are off by up to the weights' cv in sds of q: not "good" (cv > 0.1)."""
+    x = sd * np.random.default_rng(3).normal(size=S)
+    diagnosis = dg.diagnose_weights(log_normal(x, 0, 1), log_normal(x, 0, sd))
+    assert diagnosis.khat < 0.5 and diagnosis.reliable
+    assert diagnosis.ess / S == pytest.approx((2 * sd**2 - 1) ** 0.5 / sd**2, abs=0.04)
+    assert diagnosis.ess / S == pytest.approx(ess, abs=0.04)
+    cv = (S / diagnosis.ess - 1) ** 0.5
+    assert diagnosis.verdict.startswith(f"usable: k-hat {diagnosis.khat:.2f} < 0.5, but the ")
+    assert f"cv is {cv:.2f} > 0.1 (ESS {diagnosis.ess / S:.0%}" in diagnosis.verdict
 
 
 def test_narrow_guide_is_unreliable():
@@ -170,7 +185,7 @@ def test_usable_verdict_between_half_and_threshold():
     lw = log_normal(x, 0, 1) - log_normal(x, 0, 0.75)
     khat = dg.psis_khat(lw)[1]
     verdict = dg.diagnose_weights(log_normal(x, 0, 1), log_normal(x, 0, 0.75)).verdict
-    assert verdict.split(":")[0] == ("usable" if 0.5 <= khat < 0.7 else "good")
+    assert khat < 0.7 and verdict.split(":")[0] == "usable"  # k-hat >= 0.5, or the weights' cv
     # a small S lowers the threshold: the same k-hat is unreliable with 100 draws
     x, lw = gaussian_weights(0.0, 0.5, size=100)
     small = dg.diagnose_weights(lw, np.zeros(100))

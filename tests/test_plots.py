@@ -77,7 +77,7 @@ def test_plot_pair_over_reference(tmp_path):
         plots.plot_pair(np.zeros(10))
 
 
-@pytest.mark.parametrize(("scale", "verdict"), [(0.98, "good"), (0.3, "unreliable")])
+@pytest.mark.parametrize(("scale", "verdict"), [(0.995, "good"), (0.3, "unreliable")])
 def test_plot_khat_from_fit(tmp_path, scale, verdict):
     fig = plots.plot_khat(NormalFit(scale), num_samples=2000, seed=1, path=tmp_path / "k.png")
     assert_png(tmp_path / "k.png")
