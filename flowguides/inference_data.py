@@ -125,7 +125,7 @@ def to_arviz(
     """ArviZ's data object (``InferenceData`` on 0.x, ``DataTree`` on 1.x) for a fit.
 
     A posterior fit gives the group ``posterior`` (each site with dims ``{site}_dim_{i}``, draws
-    as ``chain=1, draw=S``), ``sample_stats`` (``log_p``, ``log_q``, ``log_weight``) and, when the
+    as ``chain=1, draw=S``; the model's deterministic sites too, as `fit.sample` gives them), ``sample_stats`` (``log_p``, ``log_q``, ``log_weight``) and, when the
     model observes data, ``observed_data`` and the pointwise ``log_likelihood`` (so ``loo`` runs;
     it treats the guide's draws as posterior draws, so check `diagnose` first). A site with
     event dims (``Multinomial``, ``MultivariateNormal``, ``.to_event(1)``) has one
@@ -167,6 +167,8 @@ def to_arviz(
             loglik = _check_draws(loglik, num_samples)
             for name, value in observed.items():
                 _check_log_likelihood(name, loglik.get(name), value.shape, num_samples)
+        if hasattr(fit, "deterministic"):  # the model's computed sites, as `fit.sample` has them
+            draws = {**draws, **fit.deterministic(draws)}
     elif hasattr(fit, "log_prob") and hasattr(fit, "sample"):
         x = np.asarray(fit.sample(num_samples, seed=seed))
         draws, stats, observed, loglik = {"x": x}, {"log_prob": np.asarray(fit.log_prob(x))}, {}, {}

@@ -25,19 +25,54 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.distributions.util import sum_rightmost
+from pyro.infer.autoguide.initialization import InitMessenger
 from pyro.poutine.messenger import Messenger
 from torch.distributions import biject_to, constraints
 
 __all__ = [
     "Constrain",
+    "broadcast_init",
     "dynamic_constrain",
     "dynamic_forward",
     "dynamic_sites",
+    "is_computed",
     "keeps_global_rng",
     "replay_constrained",
 ]
 
 _SHIFTS = (0.0, 0.5, -0.75)  # unconstrained offsets at which supports are compared
+
+
+def broadcast_init(guide: Any, args: tuple, kwargs: Mapping[str, Any]) -> bool:
+    """Where the guide's prototype trace holds a latent value smaller than its distribution
+    (a site ``poutine.reparam`` adds inside a plate, e.g. `LocScaleReparam`'s
+    ``theta_decentered``: Pyro's init strategy draws the original site before the plate
+    broadcasts it, so an `AutoContinuous` gives the whole plate one value), wrap the model anew
+    with an init strategy that broadcasts each value to its site's shape in a plain trace of
+    the model; True where it did (the set-up then runs again)."""
+    nodes = guide.prototype_trace.iter_stochastic_nodes()
+    if all(site["value"].shape == site["fn"].shape() for _, site in nodes):
+        return False
+    plain = poutine.block(poutine.trace(guide._bare_model[0]).get_trace)(*args, **kwargs)
+    shapes = {name: s["value"].shape for name, s in plain.nodes.items() if s["type"] == "sample"}
+    init = guide._init_loc_fn
+
+    def broadcast(site: dict) -> torch.Tensor:
+        value, shape = init(site), shapes.get(site["name"])
+        return value if shape is None or value.shape == shape else value.expand(shape)
+
+    guide._model = (InitMessenger(broadcast)(guide._bare_model[0]),)  # `AutoGuide.model`
+    return True
+
+
+def is_computed(site: dict) -> bool:
+    """Whether a model's sample site holds a value the model computes, not data: a
+    ``pyro.deterministic`` site, or one that ``poutine.reparam`` reparametrised (both are
+    observed ``Delta`` sites of the computed value)."""
+    fn = site["fn"] if site["type"] == "sample" and site["is_observed"] else None
+    while isinstance(fn, dist.MaskedDistribution | dist.Independent):
+        fn = fn.base_dist
+    return bool(site.get("infer", {}).get("_deterministic")) or isinstance(fn, dist.Delta)
 
 
 def keeps_global_rng(fn: Callable[..., Any]) -> Callable[..., Any]:

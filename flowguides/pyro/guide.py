@@ -37,6 +37,7 @@ from flowguides.core import (
 )
 from flowguides.core.calls import call_error, first_line, foreign_arguments
 from flowguides.core.hessian import Blocks, hessian_blocks, hessian_colors
+from flowguides.pyro import _support
 from flowguides.pyro._control import reference_terms
 from flowguides.pyro._model import BatchLogJoint
 from flowguides.pyro._stream import full_data_chunks
@@ -116,6 +117,7 @@ class AutoFlowGuide(AutoContinuous, BatchLogJoint):
             )
         check_init_scale(init_scale)
         super().__init__(model, init_loc_fn=init_loc_fn)
+        self._init_loc_fn = init_loc_fn
         # the model without AutoContinuous's InitMessenger, which would draw init values at
         # every site before poutine.condition sets them (per site, per evaluation)
         self._bare_model = (model,)
@@ -137,6 +139,8 @@ class AutoFlowGuide(AutoContinuous, BatchLogJoint):
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
         try:
             super()._setup_prototype(*args, **kwargs)
+            if _support.broadcast_init(self, args, kwargs):  # drawn before its plate broadcast it
+                super()._setup_prototype(*args, **kwargs)
         except (TypeError, ValueError, RuntimeError, NotImplementedError) as exc:
             self._explain_setup_error(exc, args, kwargs)
             raise

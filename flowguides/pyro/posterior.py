@@ -40,7 +40,7 @@ from flowguides.core import (
 from flowguides.core.calls import warn_shadowed_options
 from flowguides.core.timing import add_seconds, fit_timing, timed_calls
 from flowguides.pyro._control import with_control_variate
-from flowguides.pyro._support import keeps_global_rng
+from flowguides.pyro._support import is_computed, keeps_global_rng
 from flowguides.pyro._training import (
     Evaluations,
     MappedLoss,
@@ -173,7 +173,7 @@ class PosteriorFit(PosteriorFitMethods):
         for name, site in self.guide.model_trace.nodes.items():
             infer = site.get("infer", {})
             if site["type"] == "sample" and site["is_observed"] and not site_is_subsample(site):
-                if not (infer.get("_deterministic") or infer.get("is_auxiliary")):
+                if not (is_computed(site) or infer.get("is_auxiliary")):
                     yield name, site
 
     def observed_data(self) -> dict[str, np.ndarray]:

@@ -79,3 +79,8 @@ def test_sample_and_infer_return_deterministic_sites(backend: str) -> None:
     s = run.samples
     np.testing.assert_allclose(s["shifted"], s["mu"] + 2.0 * s["log_s"], rtol=1e-6)
     assert run.to_arviz()["posterior"]["shifted"].shape == (2, 20)
+    # and so does the fit's own ArviZ data (draws with their weights), where the data are
+    data = fit.to_arviz(100, seed=2)
+    post = {k: np.asarray(data["posterior"][k])[0] for k in ("mu", "log_s", "shifted")}
+    np.testing.assert_allclose(post["shifted"], post["mu"] + 2.0 * post["log_s"], rtol=1e-6)
+    assert list(data["observed_data"].data_vars) == ["y"]

@@ -163,6 +163,35 @@ def test_the_fits_spec_says_the_dtype_its_flow_follows(tmp_path):
     assert fit.to_arviz(30, seed=0)["posterior"]["a"].shape == (1, 30)  # the method form
 
 
+def test_a_site_reparametrised_inside_a_plate_keeps_one_value_per_plate_member():
+    """``poutine.reparam`` with `LocScaleReparam` inside a plate: Pyro's init strategy draws
+    ``theta`` before the plate broadcasts it, so an `AutoContinuous` prototype held one
+    ``theta_decentered`` for the whole plate (latent_dim 3, every group the same effect).
+    The guide holds one per group, and the reparametrised ``theta`` (an observed ``Delta``)
+    is not data in the ArviZ data."""
+    from pyro import poutine
+    from pyro.infer.reparam import LocScaleReparam
+
+    y = torch.tensor([3.0, -3.0, 0.5], dtype=torch.float64)
+
+    def model(y):
+        mu = pyro.sample("mu", dist.Normal(y.new_zeros(()), 5.0))
+        tau = pyro.sample("tau", dist.HalfNormal(y.new_ones(()) * 3.0))
+        with pyro.plate("groups", 3):
+            with poutine.reparam(config={"theta": LocScaleReparam(centered=0.0)}):
+                theta = pyro.sample("theta", dist.Normal(mu, tau))
+            pyro.sample("obs", dist.Normal(theta, 0.5), obs=y)
+
+    fit = fit_posterior(model, SPEC, y, num_steps=600, progress=False)
+    assert fit.guide.latent_dim == 5
+    draws = fit.sample(2000, seed=0)
+    assert draws["theta_decentered"].shape == (2000, 3)
+    theta = draws["mu"][:, None] + draws["tau"][:, None] * draws["theta_decentered"]
+    assert theta.mean(0)[0] - theta.mean(0)[1] > 3.0  # the groups apart, as their data are
+    data = fit.to_arviz(30, seed=0)
+    assert list(data["observed_data"].data_vars) == ["obs"]
+
+
 def test_draws_map_through_a_model_that_does_not_broadcast_as_the_loop_evaluates_them():
     """A model written for one draw runs a batch of draws mapped by `torch.func.vmap` where
     set-up found that this agrees with a loop: here the start search's full-data log joint of
