@@ -47,6 +47,7 @@ from flowguides.core.checks import (
     check_weights,
     local_latent_error,
     spec_in_dtype,
+    warn_masked_latents,
 )
 from flowguides.core.coupling import (
     COUPLINGS,
@@ -64,6 +65,7 @@ from flowguides.core.errors import (
     FitBelowStartWarning,
     LaplaceFallbackWarning,
     LoadError,
+    MaskedLatentWarning,
     MaxStepsExceededError,
     NoLatentSitesError,
     NonFiniteGradientError,
@@ -165,6 +167,7 @@ __all__ = [
     "DiscreteLatentError",
     "FitBelowStartWarning",
     "LaplaceFallbackWarning",
+    "MaskedLatentWarning",
     "LoadError",
     "MaxStepsExceededError",
     "NoLatentSitesError",
@@ -188,6 +191,7 @@ __all__ = [
     "check_weights",
     "local_latent_error",
     "spec_in_dtype",
+    "warn_masked_latents",
     "coordinate_sites",
     "decay_steps",
     "default_learning_rate",

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from flowguides.core.errors import ToleranceWarning
+from flowguides.core.errors import MaskedLatentWarning, ToleranceWarning
 from flowguides.spec import FIXED_STEP_SOLVERS, FlowSpec, NeuralODESpec, SpecError
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "check_weights",
     "local_latent_error",
     "spec_in_dtype",
+    "warn_masked_latents",
 ]
 
 OBJECTIVES = ("maximum_likelihood", "flow_matching")
@@ -356,4 +357,33 @@ def check_init_scale(init_scale: Any) -> None:
     ):
         raise ValueError(
             f"init_scale: expected a positive number, 'laplace' or 'auto', got {init_scale!r}"
+        )
+
+
+def warn_masked_latents(masks: Mapping[str, Any], observed: Any) -> None:
+    """Warn (`MaskedLatentWarning`) for each ``obs_mask`` missing-value site: the latent
+    ``{name}_unobserved`` (`masks`: ``{site: its mask or None}``) beside the observed
+    ``{name}_observed`` (in `observed`, the observed site names) spans every position, the
+    observed ones masked out and so without density: nothing pins the guide there, so its
+    scale grows without bound and the ELBO with it, and `diagnose` and `infer` read those
+    coordinates too. (A latent site masked by the user, e.g. NumPyro's imputation recipe's
+    ``.mask(False)``, usually gets its density through another site: not warned.)"""
+    for name, mask in masks.items():
+        base = name.removesuffix("_unobserved")
+        if base == name or f"{base}_observed" not in observed:
+            continue
+        try:
+            kept = np.asarray(True if mask is None else mask, dtype=bool)
+        except (TypeError, ValueError):  # a traced mask: nothing to read
+            continue
+        if kept.all():
+            continue
+        warnings.warn(
+            f"site {name!r}: its mask leaves {kept.size - kept.sum()} of {kept.size} coordinates "
+            "without density (the observed positions of obs_mask's missing-value site): the "
+            "guide cannot fit them (their scale grows without bound, and the ELBO with it), "
+            "and diagnose and infer read them; sample only the missing values instead (a site "
+            "of their count, placed into the data with an index update)",
+            MaskedLatentWarning,
+            stacklevel=4,
         )

@@ -12,6 +12,7 @@ __all__ = [
     "DiscreteLatentError",
     "FitBelowStartWarning",
     "LaplaceFallbackWarning",
+    "MaskedLatentWarning",
     "LoadError",
     "MaxStepsExceededError",
     "NoLatentSitesError",
@@ -85,6 +86,10 @@ class NoLatentSitesError(ValueError):
 class LaplaceFallbackWarning(UserWarning):
     """The Laplace start met a non-positive Hessian diagonal (or left the support) and used a
     plain scale there; the message names the coordinates' sites."""
+
+
+class MaskedLatentWarning(UserWarning):
+    """A latent site's mask leaves coordinates without density: the guide cannot fit them."""
 
 
 class FitBelowStartWarning(UserWarning):

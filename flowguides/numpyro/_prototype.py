@@ -44,6 +44,7 @@ from flowguides.core import (
     DiscreteLatentError,
     NoLatentSitesError,
     local_latent_error,
+    warn_masked_latents,
 )
 from flowguides.numpyro._model import callable_key, split_args
 from flowguides.numpyro._training import cache_key, cached, jit
@@ -348,7 +349,8 @@ def _filled(cell: types.CellType) -> bool:
 
 def check_latent_sites(trace: Mapping[str, dict]) -> None:
     """Raise if a latent site of the model `trace` is discrete or inside a plate that
-    subsamples, or if there is none at all."""
+    subsamples, or if there is none at all; warn where a mask leaves coordinates of one
+    without density (`flowguides.core.warn_masked_latents`)."""
     latent = {
         name: site
         for name, site in trace.items()
@@ -375,3 +377,13 @@ def check_latent_sites(trace: Mapping[str, dict]) -> None:
             size, subsample_size = plate.get("args", (frame.size, None))
             if plate.get("type") == "plate" and subsample_size not in (None, size):
                 raise local_latent_error(name, frame.name, subsample_size, size)
+    observed = [n for n, site in trace.items() if site["type"] == "sample" and site["is_observed"]]
+    warn_masked_latents({name: _fn_mask(site["fn"]) for name, site in latent.items()}, observed)
+
+
+def _fn_mask(fn: Any) -> Any:
+    """The mask of a site's distribution (NumPyro's mask handler and ``obs_mask`` wrap the
+    distribution in a `MaskedDistribution`), or None."""
+    while isinstance(fn, numpyro.distributions.Independent):
+        fn = fn.base_dist
+    return fn._mask if isinstance(fn, numpyro.distributions.MaskedDistribution) else None

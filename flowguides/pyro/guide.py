@@ -34,6 +34,7 @@ from flowguides.core import (
     coordinate_sites,
     local_latent_error,
     spec_in_dtype,
+    warn_masked_latents,
 )
 from flowguides.core.calls import call_error, first_line, foreign_arguments
 from flowguides.core.hessian import Blocks, hessian_blocks, hessian_colors
@@ -41,7 +42,6 @@ from flowguides.pyro import _support
 from flowguides.pyro._control import reference_terms
 from flowguides.pyro._model import BatchLogJoint
 from flowguides.pyro._stream import full_data_chunks
-from flowguides.pyro._support import dynamic_constrain, dynamic_forward, dynamic_sites
 from flowguides.pyro.build import (
     Flow,
     FlowDistribution,
@@ -153,17 +153,14 @@ class AutoFlowGuide(AutoContinuous, BatchLogJoint):
                 nesting += [-f.dim for f in site["cond_indep_stack"] if f.vectorized]
         self.max_plate_nesting = max(nesting)
         self._chunks = full_data_chunks(self.model_trace)
+        masks = {n: s["mask"] for n, s in self.prototype_trace.iter_stochastic_nodes()}
+        warn_masked_latents(masks, self.model_trace.observation_nodes)
         for name, site in self.prototype_trace.iter_stochastic_nodes():  # no local latents
             for frame in site["cond_indep_stack"]:
                 plate = self.model_trace.nodes.get(frame.name)
-                if (
-                    plate
-                    and site_is_subsample(plate)
-                    and (plate["fn"].subsample_size or plate["fn"].size) < plate["fn"].size
-                ):
-                    raise local_latent_error(
-                        name, frame.name, plate["fn"].subsample_size, plate["fn"].size
-                    )
+                fn = plate["fn"] if plate and site_is_subsample(plate) else None
+                if fn is not None and (fn.subsample_size or fn.size) < fn.size:
+                    raise local_latent_error(name, frame.name, fn.subsample_size, fn.size)
         dim = self.latent_dim
         try:
             self.spec.check_dim(dim)
@@ -174,7 +171,7 @@ class AutoFlowGuide(AutoContinuous, BatchLogJoint):
             ) from None
         init = self._init_loc()
         pairs = list(self.split_latent(init))
-        self._dynamic = dynamic_sites(self._bare_model[0], pairs, args, kwargs)
+        self._dynamic = _support.dynamic_sites(self._bare_model[0], pairs, args, kwargs)
         self.spec = spec_in_dtype(self.spec, init.dtype)  # the flow is built in the model's dtype
         flow = build_flow(self.spec, dim, seed=int(torch.randint(2**31 - 1, ()))).to(init.dtype)
         try:  # the first log joints: a NaN observation fails here, say where it is
@@ -328,7 +325,7 @@ class AutoFlowGuide(AutoContinuous, BatchLogJoint):
             self._setup_prototype(*args, **kwargs)
         if not self._dynamic:
             return super().forward(*args, **kwargs)
-        return dynamic_forward(self, args, kwargs)  # supports moved by a draw
+        return _support.dynamic_forward(self, args, kwargs)  # supports moved by a draw
 
     def constrain(
         self, latent: torch.Tensor, args: tuple = (), kwargs: Mapping[str, Any] | None = None
@@ -339,7 +336,7 @@ class AutoFlowGuide(AutoContinuous, BatchLogJoint):
         if not self._dynamic:
             return {site["name"]: biject_to(site["fn"].support)(u)
                     for site, u in self.split_latent(latent)}  # fmt: skip
-        return dynamic_constrain(self, latent, args, dict(kwargs or {}))
+        return _support.dynamic_constrain(self, latent, args, dict(kwargs or {}))
 
     def deterministic(
         self, draws: Mapping[str, Any], *args: Any, **kwargs: Any

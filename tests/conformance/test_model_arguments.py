@@ -226,3 +226,40 @@ def test_a_model_argument_named_like_a_fit_option_is_named_when_the_fit_takes_it
                       r"have the names of fit_posterior options.*functools.partial\(model, "
                       r"init_scale=...\)"):  # fmt: skip
         fit_posterior(shadowing, SPEC, y, num_steps=2, init_scale=0.5, progress=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_obs_masks_missing_value_site_is_named_for_its_coordinates_without_density(backend):
+    """``obs_mask``: the ``y_unobserved`` latent site spans the observed positions too, masked
+    out, so nothing pins the guide there: say so, with the count."""
+    from flowguides.core import MaskedLatentWarning
+
+    model, y, fit_posterior, _ = _setup(backend)
+    observed = np.arange(len(Y)) % 3 != 0  # 4 of 10 missing
+    if backend == "pyro":
+        import pyro
+        import pyro.distributions as dist
+        import torch
+
+        mask = torch.as_tensor(observed)
+
+        def imputing(y):
+            mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+            with pyro.plate("n", len(y)):
+                pyro.sample("y", dist.Normal(mu, 1.0), obs=y, obs_mask=mask)
+
+    else:
+        import jax.numpy as jnp
+        import numpyro
+        import numpyro.distributions as dist
+
+        mask = jnp.asarray(observed)
+
+        def imputing(y):
+            mu = numpyro.sample("mu", dist.Normal(0.0, 10.0))
+            with numpyro.plate("n", len(y)):
+                numpyro.sample("y", dist.Normal(mu, 1.0), obs=y, obs_mask=mask)
+
+    with pytest.warns(MaskedLatentWarning, match=r"site 'y_unobserved': its mask leaves 6 of "
+                      r"10 coordinates without density \(the observed positions of obs_mask"):  # fmt: skip
+        fit_posterior(imputing, SPEC, y, num_steps=2, progress=False)

@@ -42,7 +42,8 @@ def check_moments(draws: Mapping[str, np.ndarray], exact: Mapping[str, tuple]) -
 
 
 def check_posterior_group(idata: Any, shapes: Mapping[str, tuple], num_samples: int) -> None:
-    """The ``posterior`` group (ArviZ 0.x or 1.x) holds every latent site, ``(1, S, *shape)``."""
+    """The ``posterior`` group (ArviZ 0.x or 1.x) holds every site of `shapes` (the latent and
+    deterministic ones), ``(1, S, *shape)``."""
     posterior = idata["posterior"]
     assert set(posterior.data_vars) == set(shapes), (
         f"posterior group: {sorted(posterior.data_vars)}, latent sites {sorted(shapes)}"
