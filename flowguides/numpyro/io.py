@@ -108,7 +108,10 @@ def import_state(
     kind, dim = kind_of(meta), meta["dim"]
     if kind == "posterior":
         if model is None:
-            raise LoadError("load: a saved posterior needs the model: load(path, model=...)")
+            raise LoadError(
+                "load: a saved posterior needs the model and the arguments it was fitted with: "
+                "load(path, model=..., model_args=(...), model_kwargs={...})"
+            )
         kwargs = dict(model_kwargs or {})
         guide = AutoFlowGuide(model, spec)
         # the key kind `fit_posterior` sets up with: the set-up program it compiled is reused

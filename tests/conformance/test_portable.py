@@ -146,5 +146,5 @@ def test_posterior_onto_a_different_model_is_refused(tmp_path) -> None:
 
     with pytest.raises(LoadError, match=r"latent sites \['w', 'scale', 'p'\] differ"):
         flowguides.load(folder, backend="numpyro", model=renamed)
-    with pytest.raises(LoadError, match="needs the model"):
+    with pytest.raises(LoadError, match=r"needs the model and the arguments .*model_args=\(...\)"):
         flowguides.load(folder, backend="numpyro")
