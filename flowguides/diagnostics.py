@@ -313,6 +313,8 @@ def resample_fit(
     num_proposals = max(int(num_samples), 4000) if num_proposals is None else num_proposals
     khat_threshold(num_proposals)
     draws, log_p, log_q = _log_densities(fit, num_proposals, seed, vectorize_particles)
+    if hasattr(fit, "deterministic"):  # the model's computed sites, as `fit.sample` has them
+        draws = {**draws, **fit.deterministic(draws)}
     diagnosis = diagnose_weights(log_p, log_q)
     if not diagnosis.reliable:
         warnings.warn(

@@ -4,10 +4,13 @@ model's expression at each draw."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
 from flowguides import FlowSpec
+from flowguides.diagnostics import UnreliableFitWarning
 
 __all__: list[str] = []
 
@@ -84,3 +87,10 @@ def test_sample_and_infer_return_deterministic_sites(backend: str) -> None:
     post = {k: np.asarray(data["posterior"][k])[0] for k in ("mu", "log_s", "shifted")}
     np.testing.assert_allclose(post["shifted"], post["mu"] + 2.0 * post["log_s"], rtol=1e-6)
     assert list(data["observed_data"].data_vars) == ["y"]
+    with warnings.catch_warnings():  # a 100-step fit: reliable or not, the plumbing is the same
+        warnings.simplefilter("ignore", UnreliableFitWarning)
+        resampled = fit.resample(100, seed=3)  # PSIS-resampled draws and moments carry them too
+    r = resampled.draws
+    np.testing.assert_allclose(r["shifted"], r["mu"] + 2.0 * r["log_s"], rtol=1e-6)
+    expected = resampled.mean["mu"] + 2.0 * resampled.mean["log_s"]
+    assert resampled.mean["shifted"] == pytest.approx(expected, rel=1e-6)
