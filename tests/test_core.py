@@ -135,3 +135,16 @@ def test_check_data_reads_a_tensor_that_requires_grad_and_names_the_fix_for_one_
         check_data(np.ones(2), name="x", dim=2)
     with pytest.raises(ValueError, match=r"got shape \(5,\); for 1-D data use data\[:, None\]"):
         check_data(np.ones(5))
+
+
+def test_density_data_with_a_constant_column_or_one_row_is_refused_by_name():
+    from flowguides.core import prepare_data
+
+    options = {"validation_fraction": 0.0, "validation_data": None, "standardize": True}
+    options.update(seed=0, validation_rows=None)
+    data = np.c_[np.arange(6.0), np.full(6, 3.0), np.arange(6.0) ** 2]
+    with pytest.raises(ValueError, match=r"column\(s\) \[1\] hold one value each \(1: 3\)"):
+        prepare_data(data, **options)
+    with pytest.raises(ValueError, match="expected at least 2 rows to fit a density, got 1"):
+        prepare_data(data[:1, [0]], **options)
+    assert prepare_data(data[:, [0, 2]], **options).dim == 2

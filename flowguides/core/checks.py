@@ -24,6 +24,7 @@ __all__ = [
     "as_spec",
     "check_data",
     "check_init_scale",
+    "check_num_draws",
     "check_neutra_options",
     "check_objective",
     "check_objective_options",
@@ -387,3 +388,10 @@ def warn_masked_latents(masks: Mapping[str, Any], observed: Any) -> None:
             MaskedLatentWarning,
             stacklevel=4,
         )
+
+
+def check_num_draws(num: Any, name: str = "num_samples") -> int:
+    """`num` as an int, or a `ValueError` unless it is a non-negative integer."""
+    if isinstance(num, bool) or not isinstance(num, int | np.integer) or num < 0:
+        raise ValueError(f"{name}: expected a non-negative integer, got {num!r}")
+    return int(num)

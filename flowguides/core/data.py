@@ -148,6 +148,7 @@ class MappedRows:
         if not standardize:
             return None
         std = np.sqrt(m2 / count)
+        check_spread(std, mean, n)
         return mean, np.where(std > 0, std, 1.0)
 
     def _rows(self, index: np.ndarray) -> np.ndarray:
@@ -276,6 +277,7 @@ def prepare_data(
         )
     if kind == "array":
         arr = check_data(data)
+        check_spread(np.ptp(arr, axis=0), arr[0], arr.shape[0])
         train_idx, val_idx = split_indices(arr.shape[0], validation_fraction, seed)
         stats = standardization(arr[train_idx], standardize)
         if stats is not None:
@@ -292,6 +294,21 @@ def prepare_data(
         if stream.stats is not None:
             val = (val - stream.stats[0]) / stream.stats[1]
     return DataSource(kind, stream.dim, stream.stats, val, stream=stream)
+
+
+def check_spread(spread: np.ndarray, values: np.ndarray, rows: int) -> None:
+    """Raise unless the data have at least two rows and no constant column (`spread` zero
+    there: a density over it is degenerate, its fitted log-likelihood grows without bound)."""
+    if rows < 2:
+        raise ValueError(f"data: expected at least 2 rows to fit a density, got {rows}")
+    constant = np.flatnonzero(np.asarray(spread) == 0)
+    if constant.size:
+        held = ", ".join(f"{c}: {values[c]:.6g}" for c in constant[:10])
+        raise ValueError(
+            f"data: column(s) {_shown(constant)} hold one value each ({held}): a density over "
+            "a constant column is degenerate (its log-likelihood grows without bound); drop "
+            "those columns"
+        )
 
 
 def _shown(rows: Any) -> str:

@@ -37,6 +37,7 @@ from flowguides.core import (
     as_spec,
     check_coupling,
     check_data,
+    check_num_draws,
     check_objective,
     check_training,
     density_budget,
@@ -147,7 +148,7 @@ class DensityFit:
             MaxStepsExceededError: an adaptive neural-ODE solve ran out of ``max_steps``.
         """
         seed = int(self._rng.integers(2**31)) if seed is None else seed
-        like = jnp.zeros((n,))
+        like = jnp.zeros((check_num_draws(n, "n"),))
         with solver_errors():
             draws = np.asarray(_flow_sample(self.flow, jax.random.key(seed), like))
         return draws if self.mean is None else draws * self.std + self.mean

@@ -37,6 +37,7 @@ from flowguides.core import (
     PosteriorFitMethods,
     as_spec,
     check_control_variate,
+    check_num_draws,
     check_objective_options,
     check_training,
     default_learning_rate,
@@ -177,7 +178,7 @@ class PosteriorFit(PosteriorFitMethods):
     def _run(self, kind: str, num: int, fn: Callable[..., Any], seed: int | None) -> Any:
         """``fn(guide, key, params)``, compiled once per `kind` and `num` for a model, its data
         and the fit's shapes (a refit or a loaded fit of the same model reuses the program)."""
-        if (kind, num) not in self._programs:
+        if (kind, check_num_draws(num)) not in self._programs:
             guide, data = self.guide, value_key((self.args, self.kwargs))
             content = (callable_key(self.model), data, supports_key(guide))
             shapes = (guide.prefix, tuple(self.latent_shapes.items()), params_key(self.params))

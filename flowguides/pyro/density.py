@@ -32,6 +32,7 @@ from flowguides.core import (
     as_spec,
     check_coupling,
     check_data,
+    check_num_draws,
     check_objective,
     check_training,
     density_budget,
@@ -112,7 +113,7 @@ class DensityFit:
         Raises:
             MaxStepsExceededError: an adaptive neural-ODE solve ran out of ``max_steps``.
         """
-        x = self.flow.sample((n,), seed=seed).cpu().numpy()
+        x = self.flow.sample((check_num_draws(n, "n"),), seed=seed).cpu().numpy()
         return x * self.std + self.mean if self.mean is not None else x
 
 

@@ -28,6 +28,7 @@ from flowguides.core import (
     NoLatentSitesError,
     as_spec,
     check_init_scale,
+    check_num_draws,
     check_observed,
     check_preconditioner,
     check_vectorize_option,
@@ -369,7 +370,7 @@ class AutoFlowGuide(AutoContinuous, BatchLogJoint):
         """``(latent, log q)``: packed unconstrained draws ``(num_samples, latent_dim)``."""
         self._require_setup()
         with torch.no_grad():
-            return self.flow.sample_and_log_prob((num_samples,), seed)
+            return self.flow.sample_and_log_prob((check_num_draws(num_samples),), seed)
 
     def _loc_scale(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Coordinatewise median and standard deviation of unconstrained draws."""

@@ -263,3 +263,22 @@ def test_obs_masks_missing_value_site_is_named_for_its_coordinates_without_densi
     with pytest.warns(MaskedLatentWarning, match=r"site 'y_unobserved': its mask leaves 6 of "
                       r"10 coordinates without density \(the observed positions of obs_mask"):  # fmt: skip
         fit_posterior(imputing, SPEC, y, num_steps=2, progress=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_bad_number_of_draws_is_named(backend: str) -> None:
+    model, y, fit_posterior, _ = _setup(backend)
+    if backend == "pyro":
+        from flowguides.pyro import fit_density
+    else:
+        from flowguides.numpyro import fit_density
+    fit = fit_posterior(model, SPEC, y, num_steps=2, progress=False)
+    density = fit_density(np.random.default_rng(0).normal(size=(40, 2)), SPEC, num_steps=2)
+    for bad in (-1, 2.5, True):
+        with pytest.raises(
+            ValueError, match=rf"num_samples: expected a non-negative integer, got {bad!r}"
+        ):
+            fit.sample(bad)
+        with pytest.raises(ValueError, match=rf"n: expected a non-negative integer, got {bad!r}"):
+            density.sample(bad)
+    assert fit.sample(np.int64(3), seed=0)["mu"].shape == (3,)
