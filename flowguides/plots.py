@@ -63,7 +63,7 @@ def plot_losses(
     Returns:
         The matplotlib figure.
     """
-    losses = getattr(losses, "losses", losses)
+    losses = getattr(_fit_of(losses), "losses", losses)
     series = dict(losses) if isinstance(losses, Mapping) else {"loss": losses}
     series = {name: np.asarray(value, dtype=np.float64).ravel() for name, value in series.items()}
     if not any(value.size for value in series.values()):
@@ -93,7 +93,14 @@ def plot_losses(
     return _finish(fig, path)
 
 
+def _fit_of(obj: Any) -> Any:
+    """`infer`'s result stands for its fit (losses, log densities)."""
+    return obj.fit if hasattr(obj, "route") and hasattr(obj, "fit") else obj
+
+
 def _columns(draws: Any, name: str, num_samples: int, seed: int) -> tuple[list[str], np.ndarray]:
+    held = [getattr(draws, a, None) for a in ("draws", "samples")]  # `infer`'s, `neutra`'s
+    draws = next((d for d in held if isinstance(d, Mapping)), draws)
     if hasattr(draws, "sample") and not isinstance(draws, Mapping | np.ndarray):
         draws = draws.sample(num_samples, seed=seed)
     if not isinstance(draws, Mapping):
@@ -143,8 +150,9 @@ def plot_pair(
     ref = None
     if reference is not None:
         ref_labels, ref = _columns(reference, "reference", max_points, seed)
-        if ref_labels != labels:
+        if sorted(ref_labels) != sorted(labels):
             raise ValueError(f"reference: expected coordinates {labels}, got {ref_labels}")
+        ref = ref[:, [ref_labels.index(label) for label in labels]]  # matched by name
     rng = np.random.default_rng(seed)
 
     def thin(arr: np.ndarray) -> np.ndarray:
@@ -205,6 +213,7 @@ def plot_khat(
     Returns:
         The matplotlib figure.
     """
+    source = _fit_of(source)
     if hasattr(source, "log_densities"):
         _, log_p, log_q = source.log_densities(num_samples, seed)
         log_weights = np.asarray(log_p, dtype=np.float64) - np.asarray(log_q, dtype=np.float64)

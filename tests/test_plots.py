@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import matplotlib
 import numpy as np
@@ -69,6 +70,13 @@ def test_plot_pair_over_reference(tmp_path):
     # the lower-left panel holds the reference scatter, then the flow's
     scatter = fig.axes[2].collections
     assert len(scatter) == 2 and len(scatter[1].get_offsets()) == 500
+    # reference sites in another order (NUTS's model order) are matched by name
+    shuffled = {"theta": reference["theta"], "mu": reference["mu"]}
+    fig = plots.plot_pair(fit, shuffled, max_points=500)
+    np.testing.assert_allclose(
+        fig.axes[2].collections[0].get_offsets(),
+        plots.plot_pair(fit, reference, max_points=500).axes[2].collections[0].get_offsets(),
+    )
     plots.plot_pair(np.random.default_rng(0).normal(size=(300, 3)), path=tmp_path / "arr.png")
     assert_png(tmp_path / "arr.png")
     with pytest.raises(ValueError, match=r"reference: expected coordinates \['mu', 'theta\[0\]'\]"):
@@ -82,6 +90,10 @@ def test_plot_khat_from_fit(tmp_path, scale, verdict):
     fig = plots.plot_khat(NormalFit(scale), num_samples=2000, seed=1, path=tmp_path / "k.png")
     assert_png(tmp_path / "k.png")
     assert fig._suptitle.get_text().startswith(verdict)
+    # an `infer` result stands for its fit
+    result = SimpleNamespace(route="guide", fit=NormalFit(scale), draws={})
+    title = plots.plot_khat(result, num_samples=2000, seed=1)._suptitle.get_text()
+    assert title == fig._suptitle.get_text()
 
 
 def test_plot_khat_constant_weights(tmp_path):

@@ -186,7 +186,7 @@ def choose_route(
             "the importance weights are constant, so the guide matches the posterior: its own "
             "draws are used"
         )
-    if khat < KHAT_GUIDE and weight_cv <= GUIDE_MAX_WEIGHT_CV:
+    if khat < min(KHAT_GUIDE, khat_psis) and weight_cv <= GUIDE_MAX_WEIGHT_CV:  # few draws
         return "guide", (
             f"k-hat {khat:.2f} < {KHAT_GUIDE} and the weights' cv {weight_cv:.2f} <= "
             f"{GUIDE_MAX_WEIGHT_CV}: the guide is close to the posterior (weighting would move "

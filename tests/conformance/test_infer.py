@@ -115,6 +115,9 @@ def test_choose_route_at_the_thresholds() -> None:
     ]  # fmt: skip
     assert choose_route(math.nan, exact=True)[0] == "guide"
     assert choose_route(0.65, khat_psis=0.6)[0] == "neutra"  # fewer draws: a lower threshold
+    assert (
+        choose_route(0.42, weight_cv=0.02, khat_psis=0.29)[0] == "neutra"
+    )  # 25 draws: not the guide
     assert choose_route(0.3, weight_cv=0.05, neural_ode=True)[0] == "guide"
     # k-hat below 0.5, but weights spread enough to move a mean by more than 0.1 sd: resample
     route, reason = choose_route(0.3, weight_cv=0.25)
