@@ -165,14 +165,18 @@ def check_sites(
             )
 
 
-def density_meta(dim: int, mean: Any, std: Any, losses: Mapping[str, Any]) -> dict[str, Any]:
-    """``meta.json`` fields of a density fit."""
+def density_meta(dim: int, mean: Any, std: Any, losses: Mapping[str, Any], **fit: Any) -> dict:
+    """``meta.json`` fields of a density fit (`fit`: its ``objective``, ``coupling`` and
+    ``history``)."""
+    history = fit.pop("history", None) or {}
     return {
         "kind": "density",
         "dim": dim,
         "mean": None if mean is None else np.asarray(mean).tolist(),
         "std": None if std is None else np.asarray(std).tolist(),
         "losses": {k: np.asarray(v).tolist() for k, v in losses.items()},
+        "history": {k: np.asarray(v).tolist() for k, v in history.items()},
+        **fit,
     }
 
 
@@ -208,10 +212,14 @@ def posterior_meta(
 
 
 def density_fields(meta: Mapping[str, Any]) -> dict[str, Any]:
-    """The `DensityFit` fields ``losses``, ``mean`` and ``std`` saved in a density's `meta`."""
+    """The `DensityFit` fields saved in a density's `meta`: ``losses``, ``mean``, ``std``,
+    ``history``, ``objective`` and ``coupling`` (an older folder: the defaults)."""
     mean, std = meta.get("mean"), meta.get("std")
     return {
         "losses": {k: np.asarray(v, dtype=float) for k, v in meta.get("losses", {}).items()},
         "mean": None if mean is None else np.asarray(mean, dtype=float),
         "std": None if std is None else np.asarray(std, dtype=float),
+        "history": {k: np.asarray(v) for k, v in meta.get("history", {}).items()},
+        "objective": meta.get("objective", "maximum_likelihood"),
+        "coupling": meta.get("coupling", "independent"),
     }

@@ -83,7 +83,8 @@ def export_state(obj: Any) -> tuple[FlowSpec, dict[str, np.ndarray], dict[str, A
     if isinstance(obj, Flow):
         return obj.spec, get_weights(obj), {"kind": "flow", "dim": obj.dim}
     if isinstance(obj, DensityFit):
-        meta = density_meta(obj.flow.dim, obj.mean, obj.std, obj.losses)
+        saved = {"objective": obj.objective, "coupling": obj.coupling, "history": obj.history}
+        meta = density_meta(obj.flow.dim, obj.mean, obj.std, obj.losses, **saved)
         return obj.spec, get_weights(obj.flow), meta
     if isinstance(obj, PosteriorFit):
         guide = obj.guide
@@ -131,4 +132,4 @@ def import_state(
     if kind == "flow":
         return flow
     fields = density_fields(meta)
-    return DensityFit(flow, spec, fields["losses"], mean=fields["mean"], std=fields["std"])
+    return DensityFit(flow, spec, **fields)

@@ -68,6 +68,24 @@ def test_density_round_trip_across_backends(tmp_path, trained_in: str) -> None:
     assert np.ptp(fit.log_prob(x)) > 0.1
 
 
+@pytest.mark.parametrize("trained_in", ["pyro", "numpyro"])
+def test_a_flow_matching_fit_keeps_its_objective_coupling_and_history(tmp_path, trained_in):
+    other = "numpyro" if trained_in == "pyro" else "pyro"
+    backend = fg_pyro if trained_in == "pyro" else fg_numpyro
+    spec = FlowSpec.neural_ode(hidden=[8], solver="rk4", num_steps=2, dtype="float64")
+    fit = backend.fit_density(
+        two_moons(64), spec, num_steps=4, objective="flow_matching", coupling="ot",
+        batch_size=32, progress=False,
+    )  # fmt: skip
+    assert fit.history  # the solves' step counts
+    for where in (trained_in, other):
+        loaded = flowguides.load(flowguides.save(fit, tmp_path / where), backend=where)
+        assert (loaded.objective, loaded.coupling) == ("flow_matching", "ot")
+        assert set(loaded.history) == set(fit.history)
+        for name, value in fit.history.items():
+            np.testing.assert_array_equal(loaded.history[name], value)
+
+
 @pytest.mark.parametrize("backend", ["pyro", "numpyro"])
 def test_auto_orientation_is_the_density_direction_in_fit_density(tmp_path, backend) -> None:
     """``orientation="auto"`` (the default) fits a density exactly as ``"density"`` would, not
