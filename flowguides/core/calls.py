@@ -96,9 +96,12 @@ def _option_hint(keyword: str) -> str:
         iter(difflib.get_close_matches(keyword, FIT_OPTIONS + INFER_OPTIONS, n=1, cutoff=0.75)),
         None,
     )
+    nuts = ""  # NUTS's own budget: infer takes it in its neutra= dict
+    if keyword in ("num_warmup", "num_samples", "num_chains", "target_accept_prob"):
+        nuts = f"; NUTS's {keyword} goes to infer as neutra={{{keyword!r}: ...}}"
     if option is None:
-        return ""
-    return f"; did you mean flowguides' option {option!r}?"
+        return nuts
+    return f"; did you mean flowguides' option {option!r}?{nuts}"
 
 
 def _unwrap(fn: Any) -> Any:

@@ -61,6 +61,9 @@ def test_a_misplaced_keyword_names_the_model_and_the_option(backend: str) -> Non
         fit_posterior(model, SPEC, y, num_steps=5, progress_bar=False)
     with pytest.raises(TypeError, match=r"keyword 'rng_seed'.*option 'seed'"):
         infer(model, SPEC, y, num_steps=5, progress=False, rng_seed=1)
+    with pytest.raises(TypeError, match=r"keyword 'num_warmup'.*; NUTS's num_warmup goes to "
+                       r"infer as neutra=\{'num_warmup': ...\}"):  # fmt: skip
+        infer(model, SPEC, y, num_steps=5, progress=False, num_warmup=100)
     with pytest.raises(TypeError, match=r"model model\(y, scale=1.0\): cannot be called with 0 "
                        r"positional argument\(s\).*missing a required argument: 'y'"):  # fmt: skip
         fit_posterior(model, SPEC, num_steps=5, progress=False)
