@@ -39,6 +39,7 @@ from flowguides.psis import (
     importance_ess,
     khat_threshold,
     psis_khat,
+    shown,
 )
 
 __all__ = [
@@ -114,20 +115,23 @@ def _verdict(khat: float, threshold: float, constant: bool, ess_fraction: float 
     if math.isnan(khat):
         return "unknown: k-hat could not be estimated (the largest weights are tied); judge by ESS"
     if khat >= threshold:
+        k, t = shown(khat, threshold)
         return (
-            f"unreliable: k-hat {khat:.2f} >= {threshold:.2f}; q misses mass of p, so neither its "
+            f"unreliable: k-hat {k} >= {t}; q misses mass of p, so neither its "
             "draws nor importance-corrected estimates can be trusted: refit (more layers or steps)"
         )
     cv = math.sqrt(max(1.0 / ess_fraction - 1.0, 0.0)) if ess_fraction > 0 else math.inf
     if khat >= 0.5 or cv > GUIDE_MAX_WEIGHT_CV:
         why = (
-            f"0.5 <= k-hat {khat:.2f} < {threshold:.2f}"
+            "0.5 <= k-hat {} < {}".format(*shown(khat, threshold))
             if khat >= 0.5
-            else f"k-hat {khat:.2f} < 0.5, but the weights' cv is {cv:.2f} > {GUIDE_MAX_WEIGHT_CV}"
-            f" (ESS {ess_fraction:.0%}: weighting moves means by up to {cv:.2f} sd of q)"
+            else "k-hat {} < 0.5, but the weights' cv is {} > {}".format(
+                shown(khat, 0.5)[0], *shown(cv, GUIDE_MAX_WEIGHT_CV)
+            )
+            + f" (ESS {ess_fraction:.0%}: weighting moves means by up to {cv:.2f} sd of q)"
         )
         return f"usable: {why}; prefer the PSIS-corrected estimates (fit.resample) to raw draws"
-    return f"good: k-hat {khat:.2f} < 0.5; q is close to p, its draws can be used"
+    return f"good: k-hat {shown(khat, 0.5)[0]} < 0.5; q is close to p, its draws can be used"
 
 
 def diagnose_weights(log_p: Any, log_q: Any) -> Diagnosis:

@@ -20,7 +20,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MIN_DRAWS", "arviz_major_version", "importance_ess", "khat_threshold", "psis_khat"]
+__all__ = [
+    "MIN_DRAWS",
+    "arviz_major_version",
+    "importance_ess",
+    "khat_threshold",
+    "psis_khat",
+    "shown",
+]
 
 MIN_DRAWS = 25
 """Fewest draws PSIS accepts: its tail holds ``min(S / 5, 3 sqrt(S))`` draws and needs 5."""
@@ -150,3 +157,17 @@ def importance_ess(log_weights: Any) -> float:
     """
     lw = _normalize(_as_log_weights(log_weights))
     return float(1.0 / np.exp(2.0 * lw).sum())
+
+
+def shown(value: float, bound: float) -> tuple[str, str]:
+    """`value` and the `bound` it is compared with, to two decimals or as many more (up to
+    six) as tell them apart, so that a message never reads "k-hat 0.70 < 0.70".
+
+    >>> shown(0.6996, 0.7), shown(0.62, 0.7)
+    (('0.6996', '0.7000'), ('0.62', '0.70'))
+    """
+    for digits in range(2, 7):
+        pair = f"{value:.{digits}f}", f"{bound:.{digits}f}"
+        if pair[0] != pair[1]:
+            return pair
+    return pair

@@ -156,7 +156,7 @@ def test_a_wide_guide_with_light_tailed_weights_is_usable_not_good(sd, ess):
     assert diagnosis.ess / S == pytest.approx(ess, abs=0.04)
     cv = (S / diagnosis.ess - 1) ** 0.5
     assert diagnosis.verdict.startswith(f"usable: k-hat {diagnosis.khat:.2f} < 0.5, but the ")
-    assert f"cv is {cv:.2f} > 0.1 (ESS {diagnosis.ess / S:.0%}" in diagnosis.verdict
+    assert f"cv is {cv:.2f} > 0.10 (ESS {diagnosis.ess / S:.0%}" in diagnosis.verdict
 
 
 def test_narrow_guide_is_unreliable():
@@ -440,3 +440,8 @@ def test_to_arviz_event_dim_observations_numpyro():
     rows, counts = jnp.asarray(Y_ROWS), jnp.asarray(COUNTS)
     fit = fit_posterior(model, spec, rows, counts, num_steps=3, init_scale=0.5, progress=False)
     _check_event_dim_groups(dg.to_arviz(fit, num_samples=30, seed=0))
+
+
+def test_a_value_next_to_its_threshold_is_shown_with_the_digits_that_tell_them_apart():
+    assert dg._verdict(0.6996, 0.7, False).startswith("usable: 0.5 <= k-hat 0.6996 < 0.7000")
+    assert dg._verdict(0.70001, 0.7, False).startswith("unreliable: k-hat 0.70001 >= 0.70000")

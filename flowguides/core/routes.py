@@ -17,6 +17,7 @@ import numpy as np
 
 from flowguides.core.checks import check_neutra_options
 from flowguides.core.results import NEUTRA_OPTIONS, NeuTraResult
+from flowguides.psis import shown
 
 __all__ = [
     "INFER_NUTS_BUDGET",
@@ -186,30 +187,36 @@ def choose_route(
             "the importance weights are constant, so the guide matches the posterior: its own "
             "draws are used"
         )
+    k = lambda bound: shown(khat, bound)  # noqa: E731 - "k-hat 0.70 < 0.70" never reads
+    cv = lambda bound: shown(weight_cv, bound)  # noqa: E731
     if khat < min(KHAT_GUIDE, khat_psis) and weight_cv <= GUIDE_MAX_WEIGHT_CV:  # few draws
         return "guide", (
-            f"k-hat {khat:.2f} < {KHAT_GUIDE} and the weights' cv {weight_cv:.2f} <= "
-            f"{GUIDE_MAX_WEIGHT_CV}: the guide is close to the posterior (weighting would move "
-            "no mean by more than a tenth of an sd), so its own draws are used"
+            f"k-hat {k(KHAT_GUIDE)[0]} < {KHAT_GUIDE} and the weights' cv "
+            f"{cv(GUIDE_MAX_WEIGHT_CV)[0]} <= {GUIDE_MAX_WEIGHT_CV}: the guide is close to the "
+            "posterior (weighting would move no mean by more than a tenth of an sd), so its own "
+            "draws are used"
         )
     if khat < khat_psis and weight_cv <= PSIS_MAX_WEIGHT_CV:
         why = (
-            f"k-hat {khat:.2f} < {KHAT_GUIDE}, but the weights' cv {weight_cv:.2f} > "
-            f"{GUIDE_MAX_WEIGHT_CV} (weighting moves means by up to that many sds)"
+            f"k-hat {k(KHAT_GUIDE)[0]} < {KHAT_GUIDE}, but the weights' cv "
+            f"{cv(GUIDE_MAX_WEIGHT_CV)[0]} > {GUIDE_MAX_WEIGHT_CV} (weighting moves means by up "
+            "to that many sds)"
             if khat < KHAT_GUIDE
-            else f"{KHAT_GUIDE} <= k-hat {khat:.2f} < {khat_psis:.2f}: the guide is usable after "
-            "Pareto smoothing"
+            else "{} <= k-hat {} < {}: the guide is usable after Pareto smoothing".format(
+                KHAT_GUIDE, *k(khat_psis)
+            )
         )
         return "psis", f"{why}, so its draws are resampled by their smoothed importance weights"
     cause = (
         "k-hat could not be estimated (the largest importance weights are tied)"
         if math.isnan(khat)
-        else f"k-hat {khat:.2f} < {khat_psis:.2f}, but the weights' cv {weight_cv:.2f} > "
-        f"{PSIS_MAX_WEIGHT_CV} (a PSIS ESS below half the draws)"
+        else "k-hat {} < {}, but the weights' cv {} > {} (a PSIS ESS below half the draws)".format(
+            *k(khat_psis), cv(PSIS_MAX_WEIGHT_CV)[0], PSIS_MAX_WEIGHT_CV
+        )
         if khat < khat_psis
         else "k-hat is infinite (the importance weights' tail is too heavy, or not finite)"
         if math.isinf(khat)
-        else f"k-hat {khat:.2f} >= {khat_psis:.2f}"
+        else "k-hat {} >= {}".format(*k(khat_psis))
     )
     if neural_ode:
         return "nuts", (
