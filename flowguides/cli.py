@@ -122,6 +122,8 @@ def _write_array(path: str, array: np.ndarray) -> None:
 def _cmd_fit_density(args: argparse.Namespace) -> int:
     from flowguides import io
 
+    if Path(args.out).exists() and not args.overwrite:  # before the fit, not after it
+        raise ValueError(f"--out: {args.out!r} exists; pass --overwrite to replace it")
     spec = parse_spec(args.spec)
     data = read_data(args.data)
     backend = io.backend_module(args.backend)
@@ -206,9 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--backend", choices=["pyro", "numpyro"], default="numpyro")
     p.add_argument("--out", required=True, help="folder to write the fit, loss.png, density.png")
-    budgets = "default: 2000 and 256; flow matching 20000 and 1024 (256 with --coupling ot)"
-    p.add_argument("--steps", type=int, default=None, help=budgets)
-    p.add_argument("--batch-size", type=int, default=None, help=budgets)
+    p.add_argument("--steps", type=int, default=None, help="default: 2000; flow matching 20000")
+    p.add_argument(
+        "--batch-size", type=int, default=None,
+        help="default: 256; flow matching 1024 (256 with --coupling ot)",
+    )  # fmt: skip
     p.add_argument("--lr", type=float, default=DENSITY_LEARNING_RATE)
     p.add_argument(
         "--objective",

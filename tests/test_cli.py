@@ -95,6 +95,13 @@ def test_fit_density_refuses_ot_coupling_without_flow_matching(tmp_path, capsys)
     assert not (tmp_path / "fit").exists()
 
 
+def test_fit_density_onto_an_existing_out_names_the_flag_before_fitting(tmp_path, capsys):
+    (tmp_path / "fit").mkdir()
+    args = ["fit-density", str(tmp_path / "absent.csv"), "--spec", "planar:1"]
+    assert main([*args, "--out", str(tmp_path / "fit"), "--quiet"]) == 2  # not read: refused first
+    assert "--out: " in (err := capsys.readouterr().err) and "pass --overwrite" in err
+
+
 def test_fit_density_help_names_the_objective_and_coupling(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["fit-density", "--help"])
