@@ -139,16 +139,21 @@ def flowguides_row(
     timing = {k: fit.timing[k] for k in (*FIT_TIMING_KEYS, "draws_s")}
     final = float(np.mean(fit.losses[-100:]))
     row.update(latent_dim=fit.guide.latent_dim, wall_s=wall_s, final_loss_mean100=final)
+    row["data_elements"] = sum(int(np.size(v)) for v in data.values())
     return {**row, **timing}
 
 
 def _options() -> dict:
     """flowguides' compiler options in this process: its training programs' and, where they
-    differ, those of the programs a fit runs once (set-up, start search, draws)."""
+    differ, those of the programs a fit runs once (set-up, start search, draws), which the
+    training of a model on at most ``chunk_setup_max_elements`` data elements takes too."""
     options = {"compiler_options": _training.compiler_options()}
     setup = _training.compiler_options(setup=True)
     if setup != options["compiler_options"]:
         options["setup_compiler_options"] = setup
+        limit = getattr(_training, "CHUNK_SETUP_MAX_ELEMENTS", None)
+        if limit is not None:
+            options["chunk_setup_max_elements"] = limit
     return options
 
 

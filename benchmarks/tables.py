@@ -311,6 +311,9 @@ def _options(row: dict) -> str:
              if (options or {}).get(k, object()) != v}  # fmt: skip
     if extra:
         text += "; programs run once add " + ", ".join(f"`{k}={v}`" for k, v in extra.items())
+        if given.get("chunk_setup_max_elements") is not None:
+            text += (", and so does the training of a model on at most "
+                     f"{given['chunk_setup_max_elements']} data elements")  # fmt: skip
     return text
 
 

@@ -245,7 +245,7 @@ def split_args(
         traced = [_is_array(x) and label not in constants for x in leaves]
         for x, t in zip(leaves, traced, strict=True):
             if t:
-                arrays.append(jnp.asarray(x))
+                arrays.append(jax.device_put(x))  # jnp.asarray would compile a copy
                 parts.append(("traced", arrays[-1].shape, str(arrays[-1].dtype)))
             else:
                 parts.append(value_key(x))

@@ -12,11 +12,13 @@ own call does the same here, for models that need it only. The Pyro guide mirror
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import numpyro
 import numpyro.distributions as dist
 from numpyro import handlers
@@ -29,13 +31,29 @@ from flowguides.numpyro._model import value_key
 __all__ = [
     "constrain_by_replay",
     "constraint_key",
+    "data_elements",
     "dynamic_call",
     "dynamic_sites",
+    "on_device",
     "replayed",
     "supports_key",
 ]
 
 _SHIFTS = (0.0, 0.5, -0.75)  # unconstrained offsets at which supports are compared
+
+
+def data_elements(args: tuple, kwargs: Mapping[str, Any]) -> int:
+    """Elements of a model's arguments (arrays, traced or compiled in as constants)."""
+    leaves = jax.tree.leaves((args, dict(kwargs)))
+    return sum(math.prod(np.shape(x)) if hasattr(x, "shape") else 1 for x in leaves)
+
+
+def on_device(x: Any, dtype: Any = None) -> jax.Array:
+    """`x` (an array, or a host value) as a JAX array of `dtype` (None: its own), copied to the
+    device without compiling: ``jnp.asarray`` of a host array compiles a program per shape."""
+    if isinstance(x, jax.Array):
+        return x if dtype is None or x.dtype == dtype else x.astype(dtype)
+    return jax.device_put(np.asarray(x, dtype))
 
 
 def constrain_by_replay(

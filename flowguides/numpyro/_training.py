@@ -34,7 +34,7 @@ from numpyro.infer.util import log_density
 from tqdm.auto import tqdm
 
 from flowguides.core import AFFINE_PARAMETERS, CONTROL_VARIATE_PREFIX, PRECONDITION, decay_steps
-from flowguides.numpyro._support import replayed
+from flowguides.numpyro._support import on_device, replayed
 from flowguides.numpyro.build import FlowTransform
 from flowguides.numpyro.ode import training_solves
 from flowguides.spec import FlowSpec
@@ -43,6 +43,7 @@ __all__ = [
     "CHUNK",
     "CPU_COMPILER_OPTIONS",
     "CPU_SETUP_OPTIONS",
+    "CHUNK_SETUP_MAX_ELEMENTS",
     "HISTORY",
     "ObjectiveLoss",
     "RecordingELBO",
@@ -73,10 +74,12 @@ CPU_COMPILER_OPTIONS: dict[str, Any] = {"xla_backend_optimization_level": 2}
 compiles (see the conventions page); values change by rounding at most; both caches key them."""
 
 CPU_SETUP_OPTIONS: dict[str, Any] = {"xla_cpu_use_fusion_emitters": False}
-"""Added for the CPU programs a fit runs once (set-up, start search, draws: ``jit(...,
-setup=True)``): XLA's elemental emitters for fused operations, not its fusion emitters, for
-shorter compiles; training chunks keep the fusion emitters (faster loops on some models)."""
-
+"""Added for the CPU programs a fit runs once (``jit(..., setup=True)``: set-up, start search,
+draws) and its training chunks on at most `CHUNK_SETUP_MAX_ELEMENTS` data elements (a step
+there is the flow's work, as fast either way): XLA's elemental emitters for fused operations,
+not its fusion emitters, for shorter compiles; chunks on more data keep the fusion emitters
+(faster loops over many rows; see the conventions page)."""
+CHUNK_SETUP_MAX_ELEMENTS = 2**9  # counted by `flowguides.numpyro._support.data_elements`
 _CACHE_SIZE = 32
 _COMPILED: OrderedDict[Hashable, Callable[..., Any]] = OrderedDict()
 _TAKES_OPTIONS = "compiler_options" in inspect.signature(jax.jit).parameters
@@ -84,23 +87,20 @@ _TAKEN: dict[tuple, dict[str, Any]] = {}
 
 
 def compiler_options(setup: bool = False) -> dict[str, Any] | None:
-    """`CPU_COMPILER_OPTIONS` (with `setup`, and `CPU_SETUP_OPTIONS`) where JAX's default
-    backend is the CPU, else None (XLA's own), less any option the installed XLA refuses (each
-    tried once per process on a trivial program, `_accepted`: XLA renames and retires its
-    options between releases)."""
+    """`CPU_COMPILER_OPTIONS` (`setup`: and `CPU_SETUP_OPTIONS`) on the CPU, else None (XLA's
+    own), less any the installed XLA refuses (tried once per process: XLA renames options)."""
     if jax.default_backend() != "cpu":
         return None
     wanted = tuple(sorted({**CPU_COMPILER_OPTIONS, **(CPU_SETUP_OPTIONS if setup else {})}.items()))
-    if wanted not in _TAKEN:
-        _TAKEN[wanted] = {name: value for name, value in wanted if _accepted(name, value)}
+    if wanted not in _TAKEN:  # one trial compile where XLA takes them all, else one each
+        every = not wanted or _accepted(dict(wanted))
+        _TAKEN[wanted] = dict(wanted) if every else {k: v for k, v in wanted if _accepted({k: v})}
     return dict(_TAKEN[wanted])
 
 
-def _accepted(name: str, value: Any) -> bool:
-    if not _TAKES_OPTIONS:
-        return False
+def _accepted(options: dict[str, Any]) -> bool:
     try:
-        jax.jit(lambda x: x, compiler_options={name: value}).lower(0.0).compile()
+        jax.jit(lambda x: x, compiler_options=options).lower(0.0).compile()
     except Exception:  # noqa: BLE001 - XLA's "No such compile option" (or a bad value)
         return False
     return True
@@ -139,9 +139,9 @@ def cached(key: tuple | None, make: Callable[[], Callable[..., Any]]) -> Callabl
 
 
 def clear_compiled() -> None:
-    """Empty the cache of compiled programs (training chunks and guide set-ups): the next fit
+    """Empty the cache of compiled programs (training chunks, guide set-ups): the next fit
     compiles anew (to time a first call, or free memory); keyed by content, it never serves a
-    stale program, so fits are unaffected otherwise."""
+    stale program."""
     _COMPILED.clear()
 
 
@@ -248,7 +248,7 @@ def run_chunks(
     with progress_bar(num_steps, progress) as bar:
         for start in range(0, num_steps, CHUNK):
             t0 = time.perf_counter()
-            carry, out = run_chunk(carry, jnp.asarray(start), data)
+            carry, out = run_chunk(carry, on_device(start), data)
             out = jax.tree.map(np.asarray, out)
             if seconds is not None:
                 seconds.append(time.perf_counter() - t0)
@@ -267,11 +267,11 @@ def run_chunks(
 
 
 def posterior_chunk(
-    svi: Any, rebuild: Callable[[list], tuple], num_steps: int, traced: Callable[[], None]
+    svi: Any, rebuild: Callable[[list], tuple], num_steps: int, traced: Callable, setup: bool
 ) -> Callable[..., Any]:
-    """The jitted chunk of `CHUNK` SVI steps ``chunk(carry, start, arrays)``, carry ``(state, good
-    params, stopped, bad step)``, per step the loss and history (`HISTORY`); calls `traced` when
-    it traces. Without mutable sites, a `Trace_ELBO` runs as `ObjectiveLoss`."""
+    """The chunk of `CHUNK` SVI steps ``chunk(carry, start, arrays)`` (`jit`'s, with `setup`),
+    carry ``(state, good params, stopped, bad step)``, per step the loss and history (`HISTORY`);
+    calls `traced` when it traces. Without mutable sites, `Trace_ELBO` runs as `ObjectiveLoss`."""
     mutable = any(site["type"] == "mutable" for site in svi.guide.prototype_trace.values())
     if type(svi.loss) is Trace_ELBO and not mutable:
         svi = copy.copy(svi)
@@ -305,7 +305,7 @@ def posterior_chunk(
 
         return lax.scan(step, carry, start + jnp.arange(CHUNK))
 
-    return jit(chunk)
+    return jit(chunk, setup=setup)
 
 
 def objective_loss(

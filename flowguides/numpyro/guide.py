@@ -48,7 +48,7 @@ from flowguides.numpyro._control import reference_params
 from flowguides.numpyro._model import as_constants, callable_key, choose_constants, split_args
 from flowguides.numpyro._prototype import StagedPrototype, check_latent_sites
 from flowguides.numpyro._stream import full_data
-from flowguides.numpyro._support import dynamic_call, dynamic_sites
+from flowguides.numpyro._support import data_elements, dynamic_call, dynamic_sites, on_device
 from flowguides.numpyro._training import cache_key, cached, jit
 from flowguides.numpyro.build import (
     Flow,
@@ -169,13 +169,13 @@ class AutoFlowGuide(AutoContinuous, StagedPrototype):
         with handlers.block():  # the MAP search runs the model: hide it from outer handlers
             loc, scale, fixed = self._initial_start(args, kwargs)
         dtype = weights["affine.loc"].dtype
-        weights["affine.loc"] = jnp.asarray(loc, dtype)
-        weights["affine.log_scale"] = jnp.asarray(np.log(np.asarray(scale, dtype)))
+        weights["affine.loc"] = on_device(loc, dtype)
+        weights["affine.log_scale"] = on_device(np.log(np.asarray(scale, dtype)))
         self._init_weights = weights
         self._precondition = (
             None
             if fixed is None
-            else {k: jnp.asarray(v, dtype) for k, v in zip(PRECONDITION, fixed, strict=True)}
+            else {k: on_device(v, dtype) for k, v in zip(PRECONDITION, fixed, strict=True)}
         )
         odes = [layer for layer in self.spec.layers if layer.type == "neural_ode"]
         self._needs_noise = any(o.resolved_trace(self.latent_dim) == "hutchinson" for o in odes)
@@ -203,7 +203,7 @@ class AutoFlowGuide(AutoContinuous, StagedPrototype):
                 return laplace_search(lambda z: potential(unpack(z)), z0, full_rank, colors, blocks)
 
         shapes = (loc.shape, str(loc.dtype), full_rank)
-        once = sum(int(np.size(a)) for a in jax.tree.leaves(arrays)) <= SEARCH_SETUP_MAX_ELEMENTS
+        once = data_elements(args, kwargs) <= SEARCH_SETUP_MAX_ELEMENTS
         key = cache_key(
             "laplace", *shapes, content=(callable_key(self.model), signature), setup=once
         )

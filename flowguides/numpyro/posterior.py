@@ -65,9 +65,10 @@ from flowguides.numpyro._stream import (
     subsampled,
     training_model,
 )
-from flowguides.numpyro._support import replayed, supports_key
+from flowguides.numpyro._support import data_elements, replayed, supports_key
 from flowguides.numpyro._training import (
     CHUNK,
+    CHUNK_SETUP_MAX_ELEMENTS,
     ObjectiveLoss,
     RecordingELBO,
     cache_key,
@@ -357,8 +358,9 @@ def fit_posterior(
         # params' values (which params it registers: a Laplace start's whitening)
         structure = params_key(svi.optim.get_params(state.optim_state))
         content = (callable_key(model), signature, supports_key(guide), structure)
-        key = cache_key("posterior", *settings, content=content)
-        run_chunk = cached(key, lambda: posterior_chunk(svi, rebuild, num_steps, _traced))
+        small = data_elements(args, kwargs) <= CHUNK_SETUP_MAX_ELEMENTS  # a shorter compile
+        key = cache_key("posterior", *settings, content=content, setup=small)
+        run_chunk = cached(key, lambda: posterior_chunk(svi, rebuild, num_steps, _traced, small))
         params = svi.optim.get_params(state.optim_state)
         carry = replicate((state, params, jax.device_put(False), jax.device_put(-1)), mesh)
         arrays = replicate(arrays, mesh)

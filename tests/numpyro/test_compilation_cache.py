@@ -155,7 +155,7 @@ def test_the_fits_programs_compile_with_flowguides_compiler_options(monkeypatch)
     spec = FlowSpec.realnvp(num_layers=1, hidden=(4,))
     fit = fit_posterior(model, spec, y, num_steps=5, progress=False)
     monkeypatch.setattr(_training, "CPU_COMPILER_OPTIONS", {"xla_no_such_option_here": 1})
-    monkeypatch.setattr(_training, "_accepted", lambda name, value: True)  # not left out
+    monkeypatch.setattr(_training, "_accepted", lambda options: True)  # not left out
     with pytest.raises(Exception, match="xla_no_such_option_here"):
         fit.sample(17)  # a new number of draws: a new program
     with pytest.raises(Exception, match="xla_no_such_option_here"):
@@ -194,7 +194,7 @@ def test_an_option_the_installed_xla_refuses_is_left_out_and_the_fit_compiles(mo
     # the programs a fit runs once compile with the set-up options (here one XLA refuses)
     monkeypatch.setattr(_training, "CPU_COMPILER_OPTIONS", shipped)
     monkeypatch.setattr(_training, "CPU_SETUP_OPTIONS", {"xla_no_such_setup_option": 1})
-    monkeypatch.setattr(_training, "_accepted", lambda name, value: True)
+    monkeypatch.setattr(_training, "_accepted", lambda options: True)
     with pytest.raises(Exception, match="xla_no_such_setup_option"):
         fit.sample(9)
     with pytest.raises(Exception, match="xla_no_such_setup_option"):
@@ -230,3 +230,67 @@ def test_a_start_search_over_large_data_compiles_as_training_does():
         (key,) = [k for k in _training._COMPILED if k[0] == "laplace"]
         assert dict(key[-1]) == _training.compiler_options(setup=once)
     assert _training.compiler_options(setup=True) != _training.compiler_options(setup=False)
+
+
+def test_training_on_small_data_compiles_with_the_set_up_options():
+    """Up to `CHUNK_SETUP_MAX_ELEMENTS` data elements a step is the flow's work and the compile
+    dominates the fit: the training chunk compiles with the set-up options (shorter compiles);
+    more data, traced or compiled in as constants, keeps the fusion emitters."""
+    import jax
+    import numpy as np
+    import numpyro
+    import numpyro.distributions as dist
+
+    from flowguides.numpyro import ConstantArgumentsWarning, _training, clear_compiled
+    from flowguides.numpyro import fit_posterior
+    from flowguides.spec import FlowSpec
+
+    def model(y):
+        mu = numpyro.sample("mu", dist.Normal(np.zeros(2), 10.0).to_event(1))
+        with numpyro.plate("n", y.shape[0]):
+            numpyro.sample("y", dist.Normal(mu.sum(), 1.0), obs=y)
+
+    def reads_its_data(y):  # np.asarray: the data are compiled in as constants
+        model(np.asarray(y))
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("the options are the CPU's")
+    limit = _training.CHUNK_SETUP_MAX_ELEMENTS
+    spec = FlowSpec.planar(num_layers=1)
+    for fn, rows, small in ((model, limit, True), (model, limit + 1, False),
+                            (reads_its_data, limit + 1, False)):  # fmt: skip
+        clear_compiled()
+        y = np.linspace(-1.0, 1.0, rows)
+        if fn is reads_its_data:
+            with pytest.warns(ConstantArgumentsWarning):
+                fit_posterior(fn, spec, y, num_steps=3, init_scale=0.1, progress=False)
+        else:
+            fit_posterior(fn, spec, y, num_steps=3, init_scale=0.1, progress=False)
+        (key,) = [k for k in _training._COMPILED if k[0] == "posterior"]
+        assert dict(key[-1]) == _training.compiler_options(setup=small), (fn.__name__, rows)
+
+
+def test_a_host_array_goes_to_the_device_without_a_compiled_program(caplog):
+    """`on_device` copies (a later change to the host array leaves it) in the dtype asked for,
+    and compiles nothing (``jnp.asarray`` of a host array compiles a program per shape)."""
+    import logging
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from flowguides.numpyro._support import on_device
+
+    host = np.linspace(0.0, 1.0, 37)
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        out = on_device(host, np.float32)
+        start = on_device(3)
+        same = on_device(out)
+    assert not [r for r in caplog.records if "Compiling" in r.getMessage()]
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        jnp.sin(jnp.zeros(41)).block_until_ready()  # the log does show a compile
+    assert [r for r in caplog.records if "Compiling" in r.getMessage()]
+    host[:] = 5.0
+    np.testing.assert_array_equal(np.asarray(out), np.linspace(0.0, 1.0, 37, dtype=np.float32))
+    assert out.dtype == np.float32 and same is out
+    assert int(start) == 3 and start.dtype == jnp.asarray(3).dtype
