@@ -241,8 +241,12 @@ def test_training_on_small_data_compiles_with_the_set_up_options():
     import numpyro
     import numpyro.distributions as dist
 
-    from flowguides.numpyro import ConstantArgumentsWarning, _training, clear_compiled
-    from flowguides.numpyro import fit_posterior
+    from flowguides.numpyro import (
+        ConstantArgumentsWarning,
+        _training,
+        clear_compiled,
+        fit_posterior,
+    )
     from flowguides.spec import FlowSpec
 
     def model(y):
