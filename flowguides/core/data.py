@@ -18,8 +18,9 @@ array or an iterable of minibatches; `prepare_data` checks, splits and standardi
   for the same seed (so the fit is the same), and a sorted read sweeps the file forwards, which
   the page cache and read-ahead serve best.
 - **Iterables of minibatches** (an iterator or generator, or an iterable that is not a list,
-  tuple or array, such as a ``DataLoader``): each item is one minibatch ``(n_k, dim)``,
-  checked as it arrives (`check_batch`). An iterator ends training when it runs out; an
+  tuple or array, such as a ``DataLoader``): each item is one minibatch ``(n_k, dim)`` (or
+  a one-array list, as a ``DataLoader`` over ``TensorDataset(x)`` yields), checked as it
+  arrives (`check_batch`). An iterator ends training when it runs out; an
   iterable that is not its own iterator starts again (one epoch after another). The
   standardisation comes from the first minibatch. Validation rows come from
   ``validation_data`` (an in-memory array), or there are none.
@@ -71,7 +72,8 @@ def data_kind(data: Any) -> str:
 
 def check_batch(batch: Any, index: int, dim: int | None, name: str = "data") -> np.ndarray:
     """Minibatch number `index` of a stream as a finite float64 ``(n, dim)`` array (a copy, as
-    it is used while the next one is read), or raise.
+    it is used while the next one is read), or raise. A one-array list or tuple (what a
+    ``DataLoader`` over ``TensorDataset(x)`` yields) is its array; a tensor is detached.
 
     Raises:
         TypeError: the batch is not a floating-point array.
@@ -79,8 +81,17 @@ def check_batch(batch: Any, index: int, dim: int | None, name: str = "data") -> 
             set) or holds NaN/inf; the message names the batch, its shape and what was expected.
     """
     want = f"(n, {dim})" if dim is not None else "(n, dim)"
+    if isinstance(batch, list | tuple) and batch and getattr(batch[0], "ndim", None) == 2:
+        if len(batch) > 1:  # a DataLoader over TensorDataset(x, y): (x, y) per batch
+            raise TypeError(
+                f"{name}: batch {index} is a {type(batch).__name__} of {len(batch)} arrays (as "
+                "a DataLoader over TensorDataset(x, y) yields); a density fit reads one array "
+                f"{want} per batch: yield it alone (e.g. TensorDataset(x))"
+            )
+        batch = batch[0]  # a DataLoader over TensorDataset(x) yields [x_batch]
+    detach = getattr(batch, "detach", None)  # a torch tensor (that requires grad, on a GPU)
     try:
-        arr = np.asarray(batch)
+        arr = np.asarray(detach().cpu() if callable(detach) else batch)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"{name}: batch {index} is not an array ({exc}); expected {want}") from None
     where = f"{name}: batch {index} has shape {arr.shape}"

@@ -131,3 +131,26 @@ def test_validation_data_is_only_for_an_iterable_and_must_match_its_width(name):
         fit_density(batches(0), SPEC, validation_data=np.ones((10, 3)), progress=False)
     with pytest.raises(ValueError, match="yielded no minibatch"):
         fit_density(iter([]), SPEC, progress=False)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("name", BACKENDS)
+def test_a_torch_dataloader_over_a_tensordataset_trains_epoch_after_epoch(name):
+    """What a PyTorch user writes: ``DataLoader(TensorDataset(x), batch_size, shuffle=True)``
+    yields ``[x_batch]`` per batch (a one-tensor list); it trains like the arrays it holds,
+    and one over ``TensorDataset(x, y)`` is refused by name."""
+    torch = pytest.importorskip("torch")
+    from torch.utils.data import DataLoader, TensorDataset
+
+    fit_density, build_flow, DensityFit = backend(name)
+    x = torch.as_tensor(banana(256, 0)).requires_grad_()  # as a user's tensors may be
+    loader = DataLoader(TensorDataset(x), batch_size=64, shuffle=True)
+    val, test = banana(200, 1), banana(1000, 2)
+    fit = fit_density(loader, SPEC, validation_data=val, num_steps=80, learning_rate=2e-2,
+                      progress=False)  # fmt: skip
+    assert len(fit.losses["train"]) == 80  # four batches an epoch: the loader starts again
+    initial = DensityFit(build_flow(SPEC, 2, seed=0), SPEC, {}, fit.mean, fit.std)
+    assert -fit.log_prob(test).mean() < -initial.log_prob(test).mean() - 0.5
+    pairs = DataLoader(TensorDataset(x, x[:, 0]), batch_size=64)
+    with pytest.raises(TypeError, match=r"batch 0 is a list of 2 arrays .*TensorDataset\(x\)"):
+        fit_density(pairs, SPEC, num_steps=5, progress=False)
