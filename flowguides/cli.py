@@ -110,6 +110,14 @@ def _is_number(text: str) -> bool:
     return True
 
 
+def _check_out_file(path: str) -> None:
+    """Refuse an ``--out`` that cannot take the array, before the work."""
+    if Path(path).is_dir():
+        raise ValueError(f"--out: {path!r} is a folder; give a file name ending .csv or .npy")
+    if not Path(path).parent.is_dir():
+        raise ValueError(f"--out: the folder of {path!r} does not exist")
+
+
 def _write_array(path: str, array: np.ndarray) -> None:
     import numpy as np
 
@@ -151,6 +159,7 @@ def _cmd_fit_density(args: argparse.Namespace) -> int:
 def _cmd_sample(args: argparse.Namespace) -> int:
     from flowguides import io
 
+    _check_out_file(args.out)
     fit = io.load(args.dir, backend=args.backend)
     _write_array(args.out, fit.sample(args.n, seed=args.seed))
     return 0
@@ -159,6 +168,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 def _cmd_log_prob(args: argparse.Namespace) -> int:
     from flowguides import io
 
+    _check_out_file(args.out)
     fit = io.load(args.dir, backend=args.backend)
     _write_array(args.out, fit.log_prob(read_data(args.data))[:, None])
     return 0

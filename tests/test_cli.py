@@ -102,6 +102,20 @@ def test_fit_density_onto_an_existing_out_names_the_flag_before_fitting(tmp_path
     assert "--out: " in (err := capsys.readouterr().err) and "pass --overwrite" in err
 
 
+@pytest.mark.parametrize("command", ["sample", "log-prob"])
+def test_an_out_file_that_cannot_be_written_is_refused_before_the_fit_is_read(
+    command, tmp_path, capsys
+):
+    extra = ["-n", "5"] if command == "sample" else [str(tmp_path / "absent.csv")]
+    absent_fit = str(tmp_path / "no-fit")  # never read: the --out check comes first
+    for out, says in (
+        (tmp_path, "is a folder"),
+        (tmp_path / "nowhere" / "x.csv", "does not exist"),
+    ):
+        assert main([command, absent_fit, *extra, "--out", str(out)]) == 2
+        assert "--out: " in (err := capsys.readouterr().err) and says in err, err
+
+
 def test_fit_density_help_names_the_objective_and_coupling(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["fit-density", "--help"])
