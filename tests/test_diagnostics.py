@@ -339,6 +339,19 @@ def test_to_arviz_names_dims_and_labels_them_with_coords_in_every_group():
     np.testing.assert_array_equal(posterior["theta"].sel(group="b")[1], samples["theta"][6:, 1])
 
 
+def test_a_neutra_result_prints_its_summary_not_its_draws():
+    diverging = np.zeros((2, 500), bool)
+    diverging[1, 7] = True
+    samples = {"mu": np.arange(1000.0), "theta": np.ones((1000, 3))}
+    ess = {"mu": np.asarray(812.0), "theta": np.array([90.5, 400.0, 300.0])}
+    r_hat = {"mu": np.asarray(1.001), "theta": np.array([1.0, 1.02, 1.0])}
+    text = repr(NeuTraResult(samples, diverging, ess, r_hat, num_chains=2, reparam_site="eps"))
+    assert text == (
+        "NeuTraResult(2 chain(s) x 500 draws, sites ['mu', 'theta'], 1 divergences, "
+        "min ESS 90.5, max R-hat 1.02)"
+    )
+
+
 @pytest.mark.parametrize(
     ("coords", "dims", "message"),
     [

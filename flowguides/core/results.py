@@ -106,7 +106,7 @@ class PosteriorFitMethods:
         return resample_fit(self, num_samples, seed, vectorize_particles=vectorize_particles)
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class NeuTraResult:
     """Draws and diagnostics of a NeuTra NUTS run.
 
@@ -135,6 +135,16 @@ class NeuTraResult:
     def divergences(self) -> int:
         """The number of divergent transitions after warm-up, all chains."""
         return int(np.sum(self.diverging))
+
+    def __repr__(self) -> str:
+        draws = len(self.diverging.reshape(-1)) // max(self.num_chains, 1)
+        ess = min((float(np.min(v)) for v in self.ess.values() if np.size(v)), default=np.nan)
+        r_hat = max((float(np.max(v)) for v in self.r_hat.values() if np.size(v)), default=np.nan)
+        return (
+            f"NeuTraResult({self.num_chains} chain(s) x {draws} draws, sites "
+            f"{sorted(self.samples)}, {self.divergences} divergences, min ESS {ess:.4g}, "
+            f"max R-hat {r_hat:.4g})"
+        )
 
     def by_chain(self) -> dict[str, np.ndarray]:
         """`samples` as ``{site: (num_chains, num_samples, *site_shape)}``."""
