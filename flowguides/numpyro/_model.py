@@ -393,6 +393,6 @@ def log_likelihood(
     The model runs seeded (`seed`, or one from the fit's generator): a subsampled plate
     (see `flowguides.numpyro._stream.subsampled_plates`) draws its indices from it, the same for every draw."""
     samples = {k: jnp.asarray(v) for k, v in draws.items()}
-    model = handlers.seed(fit.model, fit._key(seed))
+    model = handlers.seed(handlers.substitute(fit.model, data=fit.model_params), fit._key(seed))
     out = _numpyro_log_likelihood(model, samples, *fit.args, **fit.kwargs)
     return {k: np.asarray(v) for k, v in out.items()}

@@ -28,6 +28,8 @@ import numpyro
 import numpyro.distributions as dist
 from jax import lax
 from numpyro import handlers
+from numpyro.distributions import constraints
+from numpyro.distributions.transforms import biject_to
 from numpyro.infer import Predictive
 from numpyro.infer.autoguide import AutoContinuous
 from numpyro.infer.initialization import init_to_median
@@ -311,6 +313,15 @@ class AutoFlowGuide(AutoContinuous, StagedPrototype):
     def get_transform(self, params: Mapping[str, jax.Array]) -> FlowTransform:
         """The flow (base noise -> unconstrained latent) at the SVI `params`."""
         return self.get_flow(params).transform()
+
+    def _unpack_and_constrain(self, latent_sample: jax.Array, params: Mapping[str, Any]) -> dict:
+        # NumPyro's replay applies each model `numpyro.param`'s constraint to the value it is
+        # given, and is given the constrained value (constrained twice: a deterministic site
+        # reading an `exp`-constrained 2.0 saw e^2): give it the unconstrained value instead
+        trace = self.prototype_trace
+        own = {k: biject_to(trace[k]["kwargs"].get("constraint", constraints.real)).inv(v)
+               for k, v in params.items() if trace.get(k, {}).get("type") == "param"}  # fmt: skip
+        return super()._unpack_and_constrain(latent_sample, {**params, **own})
 
     def get_posterior(self, params: Mapping[str, jax.Array]) -> dist.TransformedDistribution:
         """The posterior over the packed unconstrained latent vector."""

@@ -110,13 +110,12 @@ def _nuts(
     """Plain NUTS on `fit`'s model (the route ``"nuts"``), as a `NeuTraResult` with an empty
     ``reparam_site``; the model's own ``numpyro.param`` values are the fitted ones."""
     t0 = time.perf_counter()
-    trace = fit.guide.prototype_trace
-    own = {
-        name: fit.params[name] for name in fit.params if trace.get(name, {}).get("type") == "param"
-    }
     parallel = jax.local_device_count() >= num_chains
     mcmc = MCMC(
-        NUTS(handlers.substitute(fit.model, data=own), target_accept_prob=target_accept_prob),
+        NUTS(
+            handlers.substitute(fit.model, data=fit.model_params),
+            target_accept_prob=target_accept_prob,
+        ),
         num_warmup=num_warmup,
         num_samples=num_samples,
         num_chains=num_chains,

@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from numpyro import handlers
 from numpyro.diagnostics import effective_sample_size, split_gelman_rubin
 from numpyro.infer import MCMC, NUTS
 from numpyro.infer.reparam import NeuTraReparam
@@ -70,7 +71,10 @@ def neutra(
     reparam = NeuTraReparam(fit.guide, fit.params)
     parallel = jax.local_device_count() >= num_chains
     mcmc = MCMC(
-        NUTS(reparam.reparam(fit.model), target_accept_prob=target_accept_prob),
+        NUTS(
+            reparam.reparam(handlers.substitute(fit.model, data=fit.model_params)),
+            target_accept_prob=target_accept_prob,
+        ),  # fmt: skip
         num_warmup=num_warmup,
         num_samples=num_samples,
         num_chains=num_chains,

@@ -156,6 +156,17 @@ class PosteriorFit(PosteriorFitMethods):
     observed_data = _model.observed_data  # fit.observed_data()
     log_likelihood = _model.log_likelihood  # fit.log_likelihood(draws, seed)
 
+    @property
+    def model_params(self) -> dict[str, jax.Array]:
+        """The fitted values of the model's own ``numpyro.param`` sites (constrained): every
+        later run of the model (draws, deterministic sites, log-likelihood, NUTS) uses them."""
+        trace = self.guide.prototype_trace
+        return {k: v for k, v in self.params.items() if trace.get(k, {}).get("type") == "param"}
+
+    def deterministic(self, draws: dict[str, Any]) -> dict[str, np.ndarray]:
+        with handlers.substitute(data=self.model_params):  # reaches the guide's Predictive
+            return super().deterministic(draws)
+
     def sample(self, num_samples: int, seed: int | None = None) -> dict[str, np.ndarray]:
         """Constrained posterior draws ``{site: (num_samples, *site_shape)}`` of the latent
         sites and the model's ``numpyro.deterministic`` sites (one program per `num_samples`,
