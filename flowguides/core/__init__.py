@@ -74,6 +74,7 @@ from flowguides.core.errors import (
     NonFiniteValidationError,
     SaveError,
     ToleranceWarning,
+    check_not_delta,
 )
 from flowguides.core.results import (
     NEUTRA_OPTIONS,
@@ -147,6 +148,7 @@ __all__ = [
     "POSTERIOR_OBJECTIVES",
     "NeuTraResult",
     "check_neutra_options",
+    "check_not_delta",
     "check_objective_options",
     "check_observed",
     "AUTO_SCALES",

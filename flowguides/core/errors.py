@@ -21,6 +21,7 @@ __all__ = [
     "NonFiniteValidationError",
     "SaveError",
     "ToleranceWarning",
+    "check_not_delta",
 ]
 
 
@@ -81,6 +82,21 @@ class DiscreteLatentError(ValueError):
 
 class NoLatentSitesError(ValueError):
     """The model has no latent sample site, so there is nothing for a guide to fit."""
+
+
+def check_not_delta(site: str, fn: Any) -> None:
+    """Raise a `ValueError` naming `site` where its distribution `fn` (through any ``.mask``,
+    ``.expand`` or ``.to_event``) is a ``Delta``: a latent point mass has no density for a guide
+    to fit (every draw off the point is impossible, so the loss is not finite)."""
+    while fn is not None:
+        if type(fn).__name__ == "Delta":
+            raise ValueError(
+                f"site {site!r}: a latent Delta site (a point mass: its value is fixed by its "
+                "argument, with no density a guide could fit); write it as a deterministic "
+                f"site (pyro.deterministic / numpyro.deterministic({site!r}, value)), or pass "
+                "obs= if it is observed"
+            )
+        fn = getattr(fn, "base_dist", None)
 
 
 class LaplaceFallbackWarning(UserWarning):

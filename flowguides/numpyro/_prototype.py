@@ -43,6 +43,7 @@ from numpyro.infer.util import get_potential_fn, initialize_model, potential_ene
 from flowguides.core import (
     DiscreteLatentError,
     NoLatentSitesError,
+    check_not_delta,
     local_latent_error,
     warn_masked_latents,
 )
@@ -364,6 +365,7 @@ def check_latent_sites(trace: Mapping[str, dict]) -> None:
             "nothing for a guide to fit"
         )
     for name, site in latent.items():
+        check_not_delta(name, site["fn"])
         if site["fn"].support.is_discrete:
             raise DiscreteLatentError(
                 f"site {name!r}: a discrete latent site ({type(site['fn']).__name__}) cannot be "

@@ -28,6 +28,7 @@ from flowguides.core import (
     NoLatentSitesError,
     as_spec,
     check_init_scale,
+    check_not_delta,
     check_num_draws,
     check_observed,
     check_preconditioner,
@@ -157,6 +158,7 @@ class AutoFlowGuide(AutoContinuous, BatchLogJoint):
         masks = {n: s["mask"] for n, s in self.prototype_trace.iter_stochastic_nodes()}
         warn_masked_latents(masks, self.model_trace.observation_nodes)
         for name, site in self.prototype_trace.iter_stochastic_nodes():  # no local latents
+            check_not_delta(name, site["fn"])
             for frame in site["cond_indep_stack"]:
                 plate = self.model_trace.nodes.get(frame.name)
                 fn = plate["fn"] if plate and site_is_subsample(plate) else None

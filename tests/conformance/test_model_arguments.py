@@ -163,6 +163,37 @@ def test_a_local_latent_in_a_subsampled_plate_is_refused(backend: str) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_latent_delta_site_is_named_with_the_deterministic_site_it_means(backend: str) -> None:
+    """A latent point mass (``sample("d", Delta(2 * mu))``, inside a plate or masked too) got
+    a non-finite loss at step 0 and advice about the learning rate."""
+    if backend == "pyro":
+        import pyro
+        import pyro.distributions as dist
+        import torch
+
+        from flowguides.pyro import fit_posterior
+
+        y, plate, sample = torch.tensor(Y), pyro.plate, pyro.sample
+    else:
+        import jax.numpy as jnp
+        import numpyro
+        import numpyro.distributions as dist
+
+        from flowguides.numpyro import fit_posterior
+
+        y, plate, sample = jnp.asarray(Y), numpyro.plate, numpyro.sample
+
+    def model(y):
+        mu = sample("mu", dist.Normal(0.0, 5.0))
+        with plate("rows", len(y)):
+            d = sample("d", dist.Delta(2 * mu).mask(True))
+            sample("y", dist.Normal(d, 1.0), obs=y)
+
+    with pytest.raises(ValueError, match=r"site 'd': a latent Delta site .*deterministic\('d'"):
+        fit_posterior(model, SPEC, y, num_steps=5, progress=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_a_pandas_argument_is_named_with_its_conversion(backend: str) -> None:
     import pandas as pd
 
