@@ -129,11 +129,8 @@ def test_a_nan_observation_is_named(backend: str) -> None:
         fit_posterior(model, SPEC, bad, num_steps=5, progress=False)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_a_local_latent_in_a_subsampled_plate_is_refused(backend: str) -> None:
-    """Pyro's `AutoContinuous` takes such a site silently as a global one of the subsample's
-    size (each step then pairs its coordinates with other rows); NumPyro's says only "does not
-    support local latent variables"."""
+def _primitives(backend: str):
+    """``(y, plate, sample, dist, fit_posterior)`` of a backend, for a model written inline."""
     if backend == "pyro":
         import pyro
         import pyro.distributions as dist
@@ -141,15 +138,22 @@ def test_a_local_latent_in_a_subsampled_plate_is_refused(backend: str) -> None:
 
         from flowguides.pyro import fit_posterior
 
-        y, plate, sample = torch.tensor(Y), pyro.plate, pyro.sample
-    else:
-        import jax.numpy as jnp
-        import numpyro
-        import numpyro.distributions as dist
+        return torch.tensor(Y), pyro.plate, pyro.sample, dist, fit_posterior
+    import jax.numpy as jnp
+    import numpyro
+    import numpyro.distributions as dist
 
-        from flowguides.numpyro import fit_posterior
+    from flowguides.numpyro import fit_posterior
 
-        y, plate, sample = jnp.asarray(Y), numpyro.plate, numpyro.sample
+    return jnp.asarray(Y), numpyro.plate, numpyro.sample, dist, fit_posterior
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_local_latent_in_a_subsampled_plate_is_refused(backend: str) -> None:
+    """Pyro's `AutoContinuous` takes such a site silently as a global one of the subsample's
+    size (each step then pairs its coordinates with other rows); NumPyro's says only "does not
+    support local latent variables"."""
+    y, plate, sample, dist, fit_posterior = _primitives(backend)
 
     def model(y):
         mu = sample("mu", dist.Normal(0.0, 5.0))
@@ -166,22 +170,7 @@ def test_a_local_latent_in_a_subsampled_plate_is_refused(backend: str) -> None:
 def test_a_latent_delta_site_is_named_with_the_deterministic_site_it_means(backend: str) -> None:
     """A latent point mass (``sample("d", Delta(2 * mu))``, inside a plate or masked too) got
     a non-finite loss at step 0 and advice about the learning rate."""
-    if backend == "pyro":
-        import pyro
-        import pyro.distributions as dist
-        import torch
-
-        from flowguides.pyro import fit_posterior
-
-        y, plate, sample = torch.tensor(Y), pyro.plate, pyro.sample
-    else:
-        import jax.numpy as jnp
-        import numpyro
-        import numpyro.distributions as dist
-
-        from flowguides.numpyro import fit_posterior
-
-        y, plate, sample = jnp.asarray(Y), numpyro.plate, numpyro.sample
+    y, plate, sample, dist, fit_posterior = _primitives(backend)
 
     def model(y):
         mu = sample("mu", dist.Normal(0.0, 5.0))
