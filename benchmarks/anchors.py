@@ -10,8 +10,9 @@ multi-path Pathfinder with PSIS resampling, and a bare hand-written jitted JAX R
 the speed floor (:mod:`benchmarks.anchors_jax`). flowguides' ``AutoFlowGuide`` runs through
 ``fit_posterior`` (:data:`METHODS`) and in the anchors' plain SVI loop (:data:`SPEED_METHODS`).
 
-Every SVI method gets the same step budget, particles and schedule
-(:func:`flowguides.core.learning_rate_at`) and the architectures match (:data:`ARCH`). In the
+Every SVI method gets the same step budget, particles and schedule (``fit_posterior``'s:
+:func:`flowguides.core.learning_rate_at` from ``POSTERIOR_DECAY_START``; each anchor keeps its
+library's Adam, flowguides its ``POSTERIOR_ADAM_B2``) and the architectures match (:data:`ARCH`). In the
 posteriors suite every SVI anchor also gets a learning-rate search (:func:`lr_searched` over
 :data:`LR_GRID`; flowguides keeps the budget's rate); the speed suite runs them all at the
 budget's rate. :data:`SETTINGS` holds the settings of each method that change its results

@@ -38,15 +38,18 @@ MAP_ITERATIONS = 1000
 
 
 def optax_schedule(budget: Budget) -> Any:
-    """Adam at ``budget.learning_rate`` with the shared schedule
-    (:func:`flowguides.core.learning_rate_at`)."""
+    """Adam (optax's defaults) at ``budget.learning_rate`` with ``fit_posterior``'s schedule
+    (:func:`flowguides.core.learning_rate_at` from ``POSTERIOR_DECAY_START``)."""
     import jax.numpy as jnp
     import optax
 
-    from flowguides.core import decay_steps
+    from flowguides.core import POSTERIOR_DECAY_START, decay_steps, hold_steps
+
+    hold = hold_steps(budget.num_steps, POSTERIOR_DECAY_START)
+    decay = decay_steps(budget.num_steps, POSTERIOR_DECAY_START)
 
     def rate(step: Any) -> Any:
-        frac = jnp.clip((step - budget.num_steps // 2) / decay_steps(budget.num_steps), 0.0, 1.0)
+        frac = jnp.clip((step - hold) / decay, 0.0, 1.0)
         return budget.learning_rate * (0.01 + 0.99 * 0.5 * (1 + jnp.cos(jnp.pi * frac)))
 
     return optax.adam(rate)

@@ -14,7 +14,7 @@ from typing import Any
 
 from benchmarks import metrics
 from benchmarks.anchor_base import ARCH, Budget, Fitted, Problem, final_loss, flowguides_spec
-from flowguides.core import learning_rate_at
+from flowguides.core import POSTERIOR_DECAY_START, learning_rate_at
 
 __all__ = ["pyro_fit_posterior", "pyro_guide", "pyro_svi"]
 
@@ -80,7 +80,7 @@ def pyro_svi(kind: str) -> Callable[[Problem, Budget], Fitted]:
             {
                 "optimizer": torch.optim.Adam,
                 "optim_args": {"lr": budget.learning_rate},
-                "lr_lambda": lambda s: learning_rate_at(s, n, 1.0),
+                "lr_lambda": lambda s: learning_rate_at(s, n, 1.0, POSTERIOR_DECAY_START),
             }
         )
         elbo = Trace_ELBO(

@@ -24,13 +24,13 @@ from flowguides.core import (
     ToleranceWarning,
 )
 from flowguides.numpyro._model import ConstantArgumentsWarning, ModelTracingError
-from flowguides.numpyro._training import ObjectiveLoss, clear_compiled, use_compilation_cache
+from flowguides.numpyro._training import ObjectiveLoss, clear_compiled
 from flowguides.numpyro.build import Flow, FlowTransform, build_flow, get_weights, set_weights
 from flowguides.numpyro.coupling import RealNVP
 from flowguides.numpyro.density import DensityFit, fit_density
 from flowguides.numpyro.guide import AutoFlowGuide
 from flowguides.numpyro.infer import InferResult, infer
-from flowguides.numpyro.io import export_state, import_state
+from flowguides.numpyro.io import export_state, import_state, use_compilation_cache
 from flowguides.numpyro.neutra import NeuTraResult
 from flowguides.numpyro.ode import NeuralODE, flow_matching_loss, training_solves
 from flowguides.numpyro.planar import Planar

@@ -1,10 +1,10 @@
 """The compiled-training machinery `posterior.py` and `density.py` share (NumPyro): `jit`
 (every program a fit compiles, with `CPU_COMPILER_OPTIONS` on the CPU), a bounded program cache
 (`cache_key`, `cached`, `clear_compiled`; keys `params_key`, `flowguides.numpyro._model`'s and
-`flowguides.numpyro._support.supports_key`), `use_compilation_cache`, the schedule
-(`make_optimizer`), the host loop over chunks of `CHUNK` steps (`run_chunks`, `progress_bar`),
-neural-ODE records (`history_entries`, `mean_penalty`) and `fit_posterior`'s losses
-(`ObjectiveLoss`, `objective_loss`, `RecordingELBO`). PyTorch steps eagerly: the Pyro backend's
+`flowguides.numpyro._support.supports_key`), Adam on the schedules (`make_optimizer`), the host
+loop over chunks of `CHUNK` steps (`run_chunks`, `progress_bar`), neural-ODE records
+(`history_entries`, `mean_penalty`) and `fit_posterior`'s losses (`ObjectiveLoss`,
+`objective_loss`, `RecordingELBO`). PyTorch steps eagerly: the Pyro backend's
 ``_training.py`` shares `mean_penalty`, `progress_bar` and the losses, not the program names.
 """
 
@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import copy
 import inspect
-import os
 import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -25,7 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
-from jax.experimental.compilation_cache import compilation_cache
 from numpyro import handlers
 from numpyro.distributions import TransformedDistribution
 from numpyro.infer import Trace_ELBO
@@ -33,7 +30,7 @@ from numpyro.infer.elbo import ELBO
 from numpyro.infer.util import log_density
 from tqdm.auto import tqdm
 
-from flowguides.core import AFFINE_PARAMETERS, CONTROL_VARIATE_PREFIX, PRECONDITION, decay_steps
+from flowguides.core import AFFINE_PARAMETERS, CONTROL_VARIATE_PREFIX, PRECONDITION, training
 from flowguides.numpyro._support import on_device, replayed
 from flowguides.numpyro.build import FlowTransform
 from flowguides.numpyro.ode import training_solves
@@ -62,7 +59,6 @@ __all__ = [
     "posterior_chunk",
     "progress_bar",
     "run_chunks",
-    "use_compilation_cache",
 ]
 
 CHUNK = 100
@@ -145,38 +141,31 @@ def clear_compiled() -> None:
     _COMPILED.clear()
 
 
-def use_compilation_cache(path: str | os.PathLike[str] | None = None) -> Path:
-    """Turn on JAX's persistent compilation cache in `path` for every program a fit compiles,
-    however quick or small, so a later process loads them (see the conventions page); returns
-    the directory, absolute. `path` is created where missing; None:
-    ``$XDG_CACHE_HOME/flowguides/jax`` (``~/.cache/flowguides/jax`` without ``XDG_CACHE_HOME``)."""
-    home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flowguides/jax"
-    directory = Path(home if path is None else path).expanduser().resolve()
-    directory.mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(directory))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)  # -1: no minimum
-    compilation_cache.reset_cache()  # JAX reads the setting once per process: read it anew
-    return directory
-
-
 def default_float() -> jnp.dtype:
     """The default float dtype at trace time (float64 when x64 is on)."""
     return jnp.result_type(float)
 
 
 def make_optimizer(
-    num_steps: int, learning_rate: float, clip_norm: float | None, affine_rate: float | None = None
+    num_steps: int,
+    learning_rate: float,
+    clip_norm: float | None,
+    affine_rate: float | None = None,
+    posterior: bool = False,
 ):
-    """Adam on the shared schedule (after global-norm clipping when `clip_norm` is set); the
-    fixed whitening of a Laplace start (`PRECONDITION`) and the control variate's terms
-    (`CONTROL_VARIATE_PREFIX`) are left out. The guide's affine (`AFFINE_PARAMETERS`) peaks at
-    `affine_rate` (None: `learning_rate`): Adam at that rate, other updates scaled by the ratio."""
+    """Adam on the shared schedule (`posterior`: `fit_posterior`'s, decaying from
+    `POSTERIOR_DECAY_START` with Adam's `POSTERIOR_ADAM_B2`; else `fit_density`'s, from
+    `DENSITY_DECAY_START`, with optax's Adam), after global-norm clipping when `clip_norm` is
+    set; the fixed whitening of a Laplace start (`PRECONDITION`) and the control variate's
+    terms (`CONTROL_VARIATE_PREFIX`) are left out. The guide's affine (`AFFINE_PARAMETERS`)
+    peaks at `affine_rate` (None: `learning_rate`), other updates scaled by the ratio."""
     peak = learning_rate if affine_rate is None else affine_rate
+    start = training.POSTERIOR_DECAY_START if posterior else training.DENSITY_DECAY_START
     schedule = optax.join_schedules([optax.constant_schedule(peak), optax.cosine_decay_schedule(
-        peak, decay_steps(num_steps), alpha=0.01)], [num_steps // 2])  # fmt: skip
+        peak, training.decay_steps(num_steps, start), alpha=0.01)],
+        [training.hold_steps(num_steps, start)])  # fmt: skip
     parts = [] if clip_norm is None else [optax.clip_by_global_norm(clip_norm)]
-    parts.append(optax.adam(schedule))
+    parts.append(optax.adam(schedule, b2=training.POSTERIOR_ADAM_B2 if posterior else 0.999))
     if peak != learning_rate:
         layers = lambda params: {k: not k.endswith(AFFINE_PARAMETERS) for k in params}  # noqa: E731
         parts.append(optax.masked(optax.scale(learning_rate / peak), layers))

@@ -6,17 +6,21 @@ vectors hold a diagonal ``(dim, dim)`` matrix above `FULL_RANK_MAX_DIM`; it load
 diagonal vector.
 
 The public names match `flowguides.pyro.io`; `import_state` takes no `vectorize_particles`
-(NumPyro guides always vectorise particles).
+(NumPyro guides always vectorise particles). `use_compilation_cache` writes the compiled
+programs to disk (JAX's persistent cache), a NumPyro matter only.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.compilation_cache import compilation_cache
 from numpyro import handlers
 
 from flowguides.core import FULL_RANK_MAX_DIM, PRECONDITION, LoadError, SaveError
@@ -34,7 +38,7 @@ from flowguides.numpyro.guide import AutoFlowGuide
 from flowguides.numpyro.posterior import TRAINING_PRNG, PosteriorFit
 from flowguides.spec import FlowSpec
 
-__all__ = ["export_state", "import_state"]
+__all__ = ["export_state", "import_state", "use_compilation_cache"]
 
 
 def _guide_sites(guide: AutoFlowGuide) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -140,3 +144,18 @@ def _whitening(fixed: Mapping[str, Any] | None, dim: int) -> Mapping[str, Any] |
     if dim > FULL_RANK_MAX_DIM and tril.shape == (dim, dim) and not np.any(np.tril(tril, -1)):
         return {**fixed, PRECONDITION[1]: np.diagonal(tril).copy()}
     return fixed
+
+
+def use_compilation_cache(path: str | os.PathLike[str] | None = None) -> Path:
+    """Turn on JAX's persistent compilation cache in `path` for every program a fit compiles,
+    however quick or small, so a later process loads them (see the conventions page); returns
+    the directory, absolute. `path` is created where missing; None:
+    ``$XDG_CACHE_HOME/flowguides/jax`` (``~/.cache/flowguides/jax`` without ``XDG_CACHE_HOME``)."""
+    home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flowguides/jax"
+    directory = Path(home if path is None else path).expanduser().resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)  # -1: no minimum
+    compilation_cache.reset_cache()  # JAX reads the setting once per process: read it anew
+    return directory

@@ -262,7 +262,7 @@ def fit_posterior(
         model: a NumPyro model; `args` and `kwargs` are passed to it.
         spec: a `FlowSpec` or its dict form.
         num_steps: optimisation steps.
-        learning_rate: Adam's peak learning rate (decayed over the second half); None takes
+        learning_rate: Adam's peak learning rate (cosine decay from the first step); None takes
             `flowguides.core.default_learning_rate` of the latent dimension (1e-2 up to 1,000
             dimensions, falling as ``1 / dim`` above) for the flow's layers and 1e-2 for its
             affine base (`flowguides.core.AFFINE_PARAMETERS`).
@@ -352,8 +352,8 @@ def fit_posterior(
             subsamples = subsampled(guide.prototype_trace)
             train = training_model(model, subsamples)
             train, reference = with_control_variate(control_variate, train, model, guide)
-            optimizer = make_optimizer(num_steps, learning_rate, clip_norm, affine_rate)
-            svi = SVI(train, guide, optimizer, elbo)
+            optim = make_optimizer(num_steps, learning_rate, clip_norm, affine_rate, posterior=True)
+            svi = SVI(train, guide, optim, elbo)
             state = initial_state(svi, guide, key, args, kwargs, reference)
             state = jax.block_until_ready(state)
         except TRACER_ERRORS as exc:

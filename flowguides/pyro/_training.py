@@ -1,11 +1,9 @@
 """The training machinery `posterior.py` and `density.py` share (Pyro).
 
-Adam on the shared schedule with optional global-norm clipping and the non-finite guard
-(`Trainer`), the per-step record of vector-field evaluations and RNODE penalties of a flow's
-neural-ODE layers (`Evaluations`), the mean penalty of a `training_solves` block
-(`mean_penalty`, as in the NumPyro backend), the progress bar (`progress_bar`, as in the
-NumPyro backend) and `fit_posterior`'s objectives and gradient estimators
-(`check_objective_options`, `ObjectiveLoss`, `objective_loss`, as in the NumPyro backend).
+Adam on the shared schedules, optional global-norm clipping, the non-finite guard (`Trainer`),
+the per-step record of vector-field evaluations and RNODE penalties of neural-ODE layers
+(`Evaluations`); as in the NumPyro backend: a `training_solves` block's mean penalty
+(`mean_penalty`), `progress_bar`, `fit_posterior`'s objectives (`ObjectiveLoss`, `objective_loss`).
 
 The NumPyro backend's ``_training.py`` runs the same rules as compiled chunks of steps
 (``make_optimizer``, ``run_chunks``, a compile cache); PyTorch steps eagerly, so `Trainer` and
@@ -27,7 +25,7 @@ from pyro.infer import Trace_ELBO
 from pyro.infer.util import get_dependent_plate_dims, torch_sum
 from tqdm import tqdm
 
-from flowguides.core import NonFiniteGradientError, NonFiniteLossError, learning_rate_at
+from flowguides.core import NonFiniteGradientError, NonFiniteLossError, training
 from flowguides.pyro._control import mapped_factor
 from flowguides.pyro._stream import draw_indices, subsampled_plates
 from flowguides.pyro.build import Flow, FlowDistribution
@@ -66,18 +64,22 @@ class Trainer:
         num_steps: the steps the schedule runs over.
         lr: Adam's peak learning rate (of groups without their own).
         clip_norm: global gradient-norm clipping (off when None).
+        posterior: `fit_posterior`'s schedule and Adam, else `fit_density`'s (as NumPyro's
+            ``make_optimizer``: `flowguides.core.POSTERIOR_DECAY_START`, `POSTERIOR_ADAM_B2`).
     """
 
-    def __init__(self, params: list, num_steps: int, lr: float, clip_norm: float | None) -> None:
+    def __init__(self, params: list, num_steps: int, lr: float, clip_norm, posterior=False):
         groups = params if params and isinstance(params[0], dict) else [{"params": params}]
         params = [p for g in groups for p in g["params"]]
         self.params, self.clip_norm = params, clip_norm
         # PyTorch's fused Adam (one kernel over all tensors) is the same update as its
         # per-tensor loop, to rounding; on CPU the loop's Python costs more than the arithmetic.
         fused = all(p.dtype in _FUSED_DTYPES and p.device.type in ("cpu", "cuda") for p in params)
-        self.optim = torch.optim.Adam(groups, lr=lr, fused=fused or None)
+        start = training.POSTERIOR_DECAY_START if posterior else training.DENSITY_DECAY_START
+        betas = (0.9, training.POSTERIOR_ADAM_B2 if posterior else 0.999)
+        self.optim = torch.optim.Adam(groups, lr=lr, betas=betas, fused=fused or None)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(  # the shared schedule's factor
-            self.optim, lambda step: learning_rate_at(step, num_steps, 1.0)
+            self.optim, lambda step: training.learning_rate_at(step, num_steps, 1.0, start)
         )
         # the parameters before the step, refreshed in place each step: views of one flat
         # buffer (one copy a step) where the parameters share a dtype and a device
@@ -156,12 +158,8 @@ class Evaluations:
 
 
 def mean_penalty(records: Sequence[dict], zero: torch.Tensor | float = 0.0) -> torch.Tensor | float:
-    """The sum over solves of each solve's mean RNODE penalty (`zero` when none has one).
-
-    Args:
-        records: the records of a `training_solves` block.
-        zero: the value without penalties (a scalar zero of the loss's dtype and device).
-    """
+    """The sum over the solves in `records` (a `training_solves` block's) of each solve's mean
+    RNODE penalty (`zero`, a scalar of the loss's dtype and device, when none has one)."""
     return sum((r["penalty"].mean() for r in records if "penalty" in r), zero)
 
 

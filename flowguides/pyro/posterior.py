@@ -1,6 +1,6 @@
 """Fit a flow guide to a Pyro model's posterior: `PosteriorFit` and `fit_posterior`.
 
-Adam (optional global-norm clipping), the schedule of `flowguides.core.learning_rate_at`; a
+Adam (optional global-norm clipping) on `Trainer`'s posterior schedule; a
 NaN or infinite loss stops training with a `NonFiniteLossError`, the last finite parameters kept.
 
 Flows with neural-ODE layers train with `training_solves` (STEER end times, the RNODE penalty
@@ -262,8 +262,8 @@ def fit_posterior(
     """Fit an `AutoFlowGuide` to ``model(*args, **kwargs)`` by maximising the ELBO.
 
     ``Trace_ELBO(num_particles, vectorize_particles=guide.vectorized)`` with Adam on the
-    guide's weights and any ``pyro.param`` of the model; the learning rate is constant for the
-    first half, then decays (cosine) to 1% at the last step. Neural-ODE layers add their RNODE
+    guide's weights and any ``pyro.param`` of the model; the learning rate decays (cosine) from
+    the first step to 1% at the last (`flowguides.core.POSTERIOR_DECAY_START`). Neural-ODE layers add their RNODE
     penalty (mean over particles) to the loss and use STEER end times (see `training_solves`).
 
     Args:
@@ -370,7 +370,7 @@ def fit_posterior(
     params = trained_parameters(guide, param_capture.trace, (objective, gradient))
     affine = [p for p in params if any(p is a for a in guide.flow.affine.parameters())]
     rest = [{"params": [p for p in params if all(p is not a for a in affine)]}]
-    trainer = Trainer([*rest, {"params": affine, "lr": affine_rate}], num_steps, learning_rate, clip_norm)  # fmt: skip
+    trainer = Trainer([*rest, {"params": affine, "lr": affine_rate}], num_steps, learning_rate, clip_norm, posterior=True)  # fmt: skip
     losses: list[float] = []
 
     def partial_fit() -> PosteriorFit:

@@ -77,3 +77,39 @@ def test_the_affine_keeps_the_base_rate_and_the_layers_scale_with_the_dimension(
         np.testing.assert_allclose(changed, rate, rtol=1e-3, err_msg=name)
         seen.update([name] if changed.size else [])
     assert {"affine.loc", "affine.log_scale", "layers.0.u"} <= seen
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("posterior", [True, False], ids=["posterior", "density"])
+def test_adam_and_the_schedule_step_alike_in_both_backends(posterior):
+    """NumPyro's `make_optimizer` and Pyro's `Trainer` on the same gradients give the same
+    parameters step for step (float64), `fit_posterior`'s rules (cosine from the first step,
+    Adam's ``b2 = POSTERIOR_ADAM_B2``) differing from `fit_density`'s (constant first half)."""
+    import jax
+    import optax
+    import torch
+
+    from flowguides.core import learning_rate_at, training
+    from flowguides.numpyro._training import make_optimizer
+    from flowguides.pyro._training import Trainer
+
+    steps, lr = 40, 0.1
+    dtype = np.asarray(jax.numpy.zeros(())).dtype  # float64 where x64 is on, else float32
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    target = np.array([1.0, -2.0, 0.5, 3.0], dtype)
+    weight = np.array([1.0, 10.0, 0.1, 3.0], dtype)  # unequal curvatures: Adam's moments matter
+    optim = make_optimizer(steps, lr, None, posterior=posterior)
+    ours = {"w": jax.numpy.zeros(4, dtype)}
+    state = optim.init(ours)
+    theirs = torch.zeros(4, dtype=torch.from_numpy(target).dtype, requires_grad=True)
+    trainer = Trainer([theirs], steps, lr, None, posterior=posterior)
+    for step in range(steps):
+        grad = 2 * weight * (np.asarray(ours["w"]) - target)
+        updates, state = optim.update({"w": jax.numpy.asarray(grad)}, state, ours)
+        ours = optax.apply_updates(ours, updates)
+        loss = (torch.from_numpy(weight) * (theirs - torch.from_numpy(target)) ** 2).sum()
+        trainer.step(step, loss, lambda: None)
+        np.testing.assert_allclose(np.asarray(ours["w"]), theirs.detach().numpy(), atol=tol)
+    start_at = training.POSTERIOR_DECAY_START if posterior else training.DENSITY_DECAY_START
+    assert (learning_rate_at(1, steps, 1.0, start_at) < 1.0) == posterior  # decays from step 1
+    assert trainer.optim.param_groups[0]["betas"][1] == (0.99 if posterior else 0.999)
