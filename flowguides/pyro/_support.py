@@ -38,6 +38,7 @@ __all__ = [
     "is_computed",
     "keeps_global_rng",
     "replay_constrained",
+    "trace_at_draws",
 ]
 
 _SHIFTS = (0.0, 0.5, -0.75)  # unconstrained offsets at which supports are compared
@@ -152,6 +153,24 @@ def replay_constrained(
         with plate:
             trace = poutine.trace(constrain(model)).get_trace(*args, **kwargs)
     return trace, constrain
+
+
+def trace_at_draws(
+    guide: Any, values: Mapping[str, torch.Tensor], args: tuple, kwargs: Mapping[str, Any]
+) -> poutine.Trace:
+    """The model's trace conditioned on constrained latent `values` ``{site: (S, *shape)}``,
+    the `S` draws at once under an outermost plate at ``dim = -guide.max_plate_nesting - 1``
+    (each value's batch dimensions right-aligned under the model's plates; Pyro's `Predictive`
+    counts a site's event dimensions as batch dimensions there)."""
+    nest, shaped = guide.max_plate_nesting, {}
+    for name, value in values.items():
+        shape = value.shape[1:]
+        batch = len(shape) - guide.prototype_trace.nodes[name]["fn"].event_dim
+        shaped[name] = value.reshape(value.shape[0], *([1] * (nest - batch)), *shape)
+    num = next(iter(values.values())).shape[0]
+    with poutine.block(), pyro.plate("_flowguides_draws", num, dim=-nest - 1):
+        model = poutine.condition(guide._bare_model[0], data=shaped)
+        return poutine.trace(model).get_trace(*args, **kwargs)
 
 
 def dynamic_sites(model: Callable[..., Any], pairs: list[tuple[dict, torch.Tensor]],

@@ -344,28 +344,29 @@ class AutoFlowGuide(AutoContinuous, BatchLogJoint):
     def deterministic(
         self, draws: Mapping[str, Any], *args: Any, **kwargs: Any
     ) -> dict[str, np.ndarray]:
-        """The model's ``pyro.deterministic`` sites missing from `draws` (constrained latent
-        draws ``{site: (S, *shape)}``), by Pyro's `Predictive` over them (all at once where
-        the model broadcasts over a batch of draws, else one at a time)."""
+        """The model's ``pyro.deterministic`` sites missing from `draws` (constrained latent draws
+        ``{site: (S, *shape)}``): the model run at all draws at once (`_support.trace_at_draws`)
+        where it broadcasts over a batch of draws, else Pyro's `Predictive`, one at a time."""
         nodes = self.model_trace.nodes
-        missing = [
-            n for n, s in nodes.items()
-            if s["type"] == "sample" and s["infer"].get("_deterministic") and n not in draws
-        ]  # fmt: skip
+        missing = [n for n, s in nodes.items() if s["type"] == "sample"
+                   and s["infer"].get("_deterministic") and n not in draws]  # fmt: skip
         if not missing:
             return {}
         latent = {n: torch.as_tensor(np.asarray(draws[n])) for n in self._unconstrained_shapes}
         num = next(iter(latent.values())).shape[0]
 
-        def run(parallel: bool) -> dict[str, torch.Tensor]:
-            predictive = Predictive(
-                self._bare_model[0], posterior_samples=latent, num_samples=num,
-                return_sites=missing, parallel=parallel,
-            )  # fmt: skip
-            with torch.no_grad():
-                return predictive(*args, **kwargs)
+        def together() -> dict[str, torch.Tensor]:  # Pyro's Predictive misshapes event dims
+            trace = _support.trace_at_draws(self, latent, args, kwargs)
+            values = {n: trace.nodes[n]["value"] for n in missing}  # one no draw moves: repeated
+            return {n: v.expand(num, *v.shape) if v.numel() == nodes[n]["value"].numel() else v
+                    for n, v in values.items()}  # fmt: skip
 
-        out = self.evaluate_batch(lambda: run(True), lambda: run(False))
+        def one_by_one() -> dict[str, torch.Tensor]:
+            return Predictive(self._bare_model[0], posterior_samples=latent, num_samples=num,
+                              return_sites=missing, parallel=False)(*args, **kwargs)  # fmt: skip
+
+        with torch.no_grad():
+            out = self.evaluate_batch(together, one_by_one)
         return {n: out[n].reshape(num, *nodes[n]["value"].shape).cpu().numpy() for n in missing}
 
     def draws(self, num_samples: int, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -384,11 +385,9 @@ class AutoFlowGuide(AutoContinuous, BatchLogJoint):
     def quantiles(
         self, quantiles: Sequence[float] | torch.Tensor, *args: Any, **kwargs: Any
     ) -> dict[str, torch.Tensor]:
-        """Posterior quantiles per site, ``(len(quantiles), *site_shape)``, from draws.
-
-        Quantiles are taken per unconstrained coordinate and mapped through the site's
-        bijection (as Pyro's own guides do), so they are exact for elementwise supports.
-        """
+        """Posterior quantiles per site, ``(len(quantiles), *site_shape)``, from draws: per
+        unconstrained coordinate, mapped through the site's bijection (as Pyro's own guides
+        do), so exact for elementwise supports."""
         self._setup_if_needed(*args, **kwargs)
         latent = self.draws(_NUM_SUMMARY_DRAWS, seed=0)[0]
         q = torch.as_tensor(quantiles, dtype=latent.dtype)

@@ -13,7 +13,6 @@ The same names and parameters as `flowguides.numpyro.posterior`, except that Num
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ from flowguides.core import (
 from flowguides.core.calls import warn_shadowed_options
 from flowguides.core.timing import add_seconds, fit_timing, timed_calls
 from flowguides.pyro._control import with_control_variate
-from flowguides.pyro._support import is_computed, keeps_global_rng
+from flowguides.pyro._support import is_computed, keeps_global_rng, trace_at_draws
 from flowguides.pyro._training import (
     Evaluations,
     MappedLoss,
@@ -206,17 +205,8 @@ class PosteriorFit(PosteriorFitMethods):
             values[name] = value
         observed = {name: tuple(proto["fn"].batch_shape) for name, proto in self._observed_sites()}
 
-        def run(data: dict[str, torch.Tensor], plate: Callable[[], Any]) -> poutine.Trace:
-            with poutine.block(), plate():  # a Pyro plate records a site when built
-                model = poutine.condition(self.model, data=data)
-                return poutine.trace(model).get_trace(*self.args, **self.kwargs)
-
         def together() -> dict[str, torch.Tensor]:
-            shaped = {}
-            for name, shape in shapes.items():
-                batch = len(shape) - guide.prototype_trace.nodes[name]["fn"].event_dim
-                shaped[name] = values[name].reshape(num, *([1] * (nest - batch)), *shape)
-            trace = run(shaped, lambda: pyro.plate("_flowguides_draws", num, dim=-nest - 1))
+            trace = trace_at_draws(guide, values, self.args, self.kwargs)
             out = {}
             for name, batch in observed.items():
                 site = trace.nodes[name]
@@ -228,7 +218,9 @@ class PosteriorFit(PosteriorFitMethods):
         def one_by_one() -> dict[str, torch.Tensor]:
             rows: dict[str, list[torch.Tensor]] = {name: [] for name in observed}
             for i in range(num):
-                trace = run({k: v[i] for k, v in values.items()}, contextlib.nullcontext)
+                with poutine.block():
+                    model = poutine.condition(self.model, data={k: v[i] for k, v in values.items()})
+                    trace = poutine.trace(model).get_trace(*self.args, **self.kwargs)
                 for name, batch in observed.items():
                     site = trace.nodes[name]
                     rows[name].append(site["fn"].log_prob(site["value"]).expand(batch))

@@ -94,3 +94,49 @@ def test_sample_and_infer_return_deterministic_sites(backend: str) -> None:
     np.testing.assert_allclose(r["shifted"], r["mu"] + 2.0 * r["log_s"], rtol=1e-6)
     expected = resampled.mean["mu"] + 2.0 * resampled.mean["log_s"]
     assert resampled.mean["shifted"] == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [pytest.param("pyro", marks=pytest.mark.torch), pytest.param("numpyro", marks=pytest.mark.jax)],
+)
+def test_deterministic_sites_of_event_shaped_latents_come_from_one_batched_run(backend: str):
+    """A vector latent with event dimensions beside a data plate: its deterministic sites
+    (a vector, a scalar and one no draw moves) come from one run of the model over all draws,
+    with no `VectorizationWarning` (which the suite raises as an error): Pyro's `Predictive`
+    counted the event dimension as a batch dimension and fell back to one draw at a time."""
+    rows = np.random.default_rng(0).normal(size=(5, 3))
+    if backend == "pyro":
+        import pyro
+        import pyro.distributions as dist
+        import torch
+
+        from flowguides.pyro import fit_posterior
+
+        pyro.clear_param_store()
+        p, data = pyro, torch.tensor(rows)
+        normal, zero = dist.Normal, torch.tensor(0.0, dtype=torch.float64)
+    else:
+        import jax.numpy as jnp
+        import numpyro
+        import numpyro.distributions as dist
+
+        from flowguides.numpyro import fit_posterior
+
+        p, data, normal, zero = numpyro, jnp.asarray(rows), dist.Normal, 0.0
+
+    def model(y):
+        theta = p.sample("theta", normal(zero, 2.0).expand([3]).to_event(1))
+        p.deterministic("doubled", 2.0 * theta)
+        p.deterministic("total", theta.sum(-1))
+        p.deterministic("rows", zero + y.shape[0])
+        with p.plate("n", y.shape[0]):
+            p.sample("y", normal(theta, 1.0).to_event(1), obs=y)
+
+    fit = fit_posterior(model, FlowSpec.planar(num_layers=2, dtype="float64"), data,
+                        num_steps=50, progress=False)  # fmt: skip
+    draws = fit.sample(400, seed=0)
+    assert draws["doubled"].shape == (400, 3) and draws["total"].shape == (400,)
+    np.testing.assert_allclose(draws["doubled"], 2.0 * draws["theta"], rtol=1e-12)
+    np.testing.assert_allclose(draws["total"], draws["theta"].sum(-1), rtol=1e-12)
+    np.testing.assert_array_equal(draws["rows"], np.full(400, 5.0))
