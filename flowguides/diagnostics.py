@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from flowguides.core import GUIDE_MAX_WEIGHT_CV, call_with_vectorize
+from flowguides.core import GUIDE_MAX_WEIGHT_CV, PSIS_MAX_WEIGHT_CV, call_with_vectorize
 from flowguides.psis import (
     MIN_DRAWS,
     _as_log_weights,
@@ -109,7 +109,9 @@ def _verdict(khat: float, threshold: float, constant: bool, ess_fraction: float 
     can be trusted; the guide's own draws only where k-hat < 0.5 and, as `infer` uses them
     (`flowguides.core.routes.GUIDE_MAX_WEIGHT_CV`), the smoothed weights' cv is at most 0.1:
     weighting moves the mean of any ``h`` by at most ``cv(w) sd_q(h)``, with ``cv = sqrt(1 /
-    ess_fraction - 1)``, so more spread weights mean raw draws that far off ("usable")."""
+    ess_fraction - 1)``, so more spread weights mean raw draws that far off ("usable"). Above
+    `PSIS_MAX_WEIGHT_CV` (a PSIS ESS below half the draws) the verdict says that the corrected
+    estimates rest on few draws, where `infer` runs NeuTra instead."""
     if constant:
         return _CONSTANT_VERDICT
     if math.isnan(khat):
@@ -130,7 +132,13 @@ def _verdict(khat: float, threshold: float, constant: bool, ess_fraction: float 
             )
             + f" (ESS {ess_fraction:.0%}: weighting moves means by up to {cv:.2f} sd of q)"
         )
-        return f"usable: {why}; prefer the PSIS-corrected estimates (fit.resample) to raw draws"
+        if cv <= PSIS_MAX_WEIGHT_CV:
+            return f"usable: {why}; prefer the PSIS-corrected estimates (fit.resample) to raw draws"
+        return (
+            f"usable: {why}; the PSIS-corrected estimates (fit.resample) rest on an ESS of "
+            f"{ess_fraction:.0%} of the draws: draw more to check them, or run NeuTra "
+            f"(fit.neutra), as infer does where the weights' cv is above {PSIS_MAX_WEIGHT_CV}"
+        )
     return f"good: k-hat {shown(khat, 0.5)[0]} < 0.5; q is close to p, its draws can be used"
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from flowguides import diagnostics as dg
+from flowguides.core import choose_route
 from flowguides.core.results import NeuTraResult
 from flowguides.psis import _import_arviz
 
@@ -157,6 +158,12 @@ def test_a_wide_guide_with_light_tailed_weights_is_usable_not_good(sd, ess):
     cv = (S / diagnosis.ess - 1) ** 0.5
     assert diagnosis.verdict.startswith(f"usable: k-hat {diagnosis.khat:.2f} < 0.5, but the ")
     assert f"cv is {cv:.2f} > 0.10 (ESS {diagnosis.ess / S:.0%}" in diagnosis.verdict
+    # the advice agrees with `infer`'s route: PSIS up to a cv of 1 (ESS half the draws), else
+    # NeuTra, the corrected estimates resting on few draws
+    route = choose_route(diagnosis.khat, weight_cv=cv)[0]
+    assert route == ("psis" if sd == 1.5 else "neutra")
+    assert ("prefer the PSIS-corrected" in diagnosis.verdict) == (route == "psis")
+    assert ("run NeuTra (fit.neutra)" in diagnosis.verdict) == (route == "neutra")
 
 
 def test_narrow_guide_is_unreliable():
