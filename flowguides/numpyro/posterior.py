@@ -262,7 +262,7 @@ def fit_posterior(
         model: a NumPyro model; `args` and `kwargs` are passed to it.
         spec: a `FlowSpec` or its dict form.
         num_steps: optimisation steps.
-        learning_rate: Adam's peak learning rate (cosine decay from the first step); None takes
+        learning_rate: Adam's peak learning rate (cosine decay after the first quarter); None takes
             `flowguides.core.default_learning_rate` of the latent dimension (1e-2 up to 1,000
             dimensions, falling as ``1 / dim`` above) for the flow's layers and 1e-2 for its
             affine base (`flowguides.core.AFFINE_PARAMETERS`).

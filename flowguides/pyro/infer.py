@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pyro
 import torch
+from pyro import poutine
 from pyro.infer import MCMC, NUTS
 
 from flowguides.core import InferResult, NeuTraResult, check_infer_options, route_fit
@@ -117,7 +118,7 @@ def _nuts(
     for chain in range(num_chains):
         pyro.set_rng_seed(seed + chain)
         kernel = NUTS(
-            fit.model,
+            poutine.substitute(fit.model, data=fit.model_params),
             max_plate_nesting=fit.guide.max_plate_nesting,
             target_accept_prob=target_accept_prob,
         )

@@ -43,15 +43,16 @@ def _model_param_names(guide: AutoFlowGuide) -> list[str]:
     return [name for name, site in guide.model_trace.nodes.items() if site["type"] == "param"]
 
 
-def _export_model_params(guide: AutoFlowGuide) -> dict[str, np.ndarray]:
-    store, out = pyro.get_param_store(), {}
-    for name in _model_param_names(guide):
-        if name not in store:
+def _export_model_params(fit: PosteriorFit) -> dict[str, np.ndarray]:
+    """The fitted values the fit holds (`PosteriorFit.model_params`), not the param store's."""
+    out = {}
+    for name in _model_param_names(fit.guide):
+        if name not in fit.model_params:
             raise SaveError(
-                f"save: the model's param site {name!r} is not in Pyro's param store (was it "
-                "cleared after fitting?); its fitted value cannot be saved"
+                f"save: the model's param site {name!r} was not in Pyro's param store when the "
+                "fit was made; its fitted value cannot be saved"
             )
-        out[name] = store[name].detach().cpu().numpy()
+        out[name] = fit.model_params[name].cpu().numpy()
     return out
 
 
@@ -92,7 +93,7 @@ def export_state(obj: Any) -> tuple[FlowSpec, dict[str, np.ndarray], dict[str, A
         if fixed is not None:
             fixed = {k: v.detach().cpu().numpy() for k, v in fixed.items()}
         meta = posterior_meta(
-            guide.latent_dim, _guide_sites(guide), obj.losses, _export_model_params(guide), fixed
+            guide.latent_dim, _guide_sites(guide), obj.losses, _export_model_params(obj), fixed
         )
         return obj.spec, guide.get_weights(), meta
     raise SaveError(f"save: cannot save a {type(obj).__name__}")

@@ -63,7 +63,8 @@ def _log_density_dtype(fit: Any) -> torch.dtype:
     """The floating dtype the model's log density comes out in: the promotion of the flow's
     dtype and every floating sample value (latent and observed) of one run of the model."""
     with torch.no_grad(), poutine.block():
-        trace = poutine.trace(fit.model).get_trace(*fit.args, **fit.kwargs)
+        model = poutine.substitute(fit.model, data=fit.model_params)
+        trace = poutine.trace(model).get_trace(*fit.args, **fit.kwargs)
     dtype = fit.guide.flow.affine.loc.dtype
     for site in trace.nodes.values():
         value = site.get("value")
@@ -123,7 +124,7 @@ def neutra(
             reparam = NeuTraReparam(fit.guide)
             reparam.guide = guide  # after its AutoContinuous check
             kernel = NUTS(
-                reparam.reparam(fit.model),
+                reparam.reparam(poutine.substitute(fit.model, data=fit.model_params)),
                 max_plate_nesting=fit.guide.max_plate_nesting,
                 target_accept_prob=target_accept_prob,
             )

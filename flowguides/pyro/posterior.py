@@ -75,6 +75,7 @@ class PosteriorFit(PosteriorFitMethods):
             (``setup_s`` up to the first step: the guide's set-up, the `init_scale` search
             and the vectorisation check; ``compile_s`` 0: nothing compiles; ``steps_per_s``:
             the training loop's), and ``draws_s``: all `sample` calls so far.
+        model_params: the fitted (constrained) value of each ``pyro.param`` site of the model.
     """
 
     guide: AutoFlowGuide
@@ -86,6 +87,16 @@ class PosteriorFit(PosteriorFitMethods):
     backend: str = "pyro"
     history: dict[str, np.ndarray] = field(default_factory=dict)
     timing: dict[str, float] = field(default_factory=dict)
+    model_params: dict[str, torch.Tensor] = field(default_factory=dict, init=False)
+
+    def __post_init__(self) -> None:
+        # the fit's later runs of the model (deterministic sites, log joint and likelihood,
+        # NeuTra) read its fitted pyro.param values, not Pyro's global store, which a later
+        # fit or pyro.clear_param_store() changes (as NumPyro's fits hold them by design)
+        nodes, store = self.guide.model_trace.nodes.items(), pyro.get_param_store()
+        self.model_params = {n: store[n].detach().clone()
+                             for n, s in nodes if s["type"] == "param" and n in store}  # fmt: skip
+        self.guide._bare_model = (poutine.substitute(self.model, data=self.model_params),)
 
     neutra = _neutra  # fit.neutra(num_warmup, num_samples, num_chains, seed, ...)
 
@@ -130,9 +141,8 @@ class PosteriorFit(PosteriorFitMethods):
 
         Args:
             num_samples, seed: the draws.
-            vectorize_particles: ``True`` (the draws through the model at once), ``False``
-                (one at a time), ``"auto"``, or None (default): the guide's own choice (see
-                `AutoFlowGuide`).
+            vectorize_particles: ``True`` (the draws through the model at once), ``False`` (one
+                at a time), ``"auto"``, or None (default): the guide's own (`AutoFlowGuide`).
 
         Raises:
             MaxStepsExceededError: an adaptive neural-ODE solve ran out of ``max_steps``.
@@ -140,14 +150,13 @@ class PosteriorFit(PosteriorFitMethods):
         with torch.no_grad(), torch.random.fork_rng(devices=[], enabled=seed is not None):
             if seed is not None:
                 torch.manual_seed(seed)
-            latent, log_q = self.guide.draws(num_samples, seed)
-            log_p = (
-                self.guide.start_log_joint(latent, self.args, self.kwargs)
-                if self.guide._chunks is not None
-                else self.guide.batch_log_joint(
-                    latent, self.args, self.kwargs, vectorize_particles=vectorize_particles
+            (latent, log_q), args = self.guide.draws(num_samples, seed), (self.args, self.kwargs)
+            if self.guide._chunks is not None:  # all rows of a subsampled plate
+                log_p = self.guide.start_log_joint(latent, *args)
+            else:
+                log_p = self.guide.batch_log_joint(
+                    latent, *args, vectorize_particles=vectorize_particles
                 )
-            )
         values = self.guide.constrain(latent, self.args, self.kwargs)
         draws = {k: v.cpu().numpy() for k, v in values.items()}
         return draws, log_p.cpu().numpy(), log_q.cpu().numpy()
@@ -160,13 +169,10 @@ class PosteriorFit(PosteriorFitMethods):
         model: each evaluation sees another random subsample, so no single observed value
         pairs with the draws' log-likelihoods.
         """
-        return [
-            name
-            for name, site in self.guide.model_trace.nodes.items()
-            if site_is_subsample(site)  # every sized plate has one; a true subsample is smaller
-            and site["fn"].subsample_size is not None
-            and 0 < site["fn"].subsample_size < site["fn"].size
-        ]
+        return [name for name, site in self.guide.model_trace.nodes.items()
+                if site_is_subsample(site)  # every sized plate has one; a true subsample is smaller
+                and site["fn"].subsample_size is not None
+                and 0 < site["fn"].subsample_size < site["fn"].size]  # fmt: skip
 
     def _observed_sites(self) -> Iterator[tuple[str, dict]]:
         for name, site in self.guide.model_trace.nodes.items():
@@ -219,7 +225,8 @@ class PosteriorFit(PosteriorFitMethods):
             rows: dict[str, list[torch.Tensor]] = {name: [] for name in observed}
             for i in range(num):
                 with poutine.block():
-                    model = poutine.condition(self.model, data={k: v[i] for k, v in values.items()})
+                    data = {k: v[i] for k, v in values.items()}
+                    model = poutine.condition(guide._bare_model[0], data=data)
                     trace = poutine.trace(model).get_trace(*self.args, **self.kwargs)
                 for name, batch in observed.items():
                     site = trace.nodes[name]
@@ -254,9 +261,10 @@ def fit_posterior(
     """Fit an `AutoFlowGuide` to ``model(*args, **kwargs)`` by maximising the ELBO.
 
     ``Trace_ELBO(num_particles, vectorize_particles=guide.vectorized)`` with Adam on the
-    guide's weights and any ``pyro.param`` of the model; the learning rate decays (cosine) from
-    the first step to 1% at the last (`flowguides.core.POSTERIOR_DECAY_START`). Neural-ODE layers add their RNODE
-    penalty (mean over particles) to the loss and use STEER end times (see `training_solves`).
+    guide's weights and any ``pyro.param`` of the model (``betas=(0.9, POSTERIOR_ADAM_B2)``);
+    the learning rate decays (cosine) after the first quarter to 1% at the last step
+    (`flowguides.core.POSTERIOR_DECAY_START`). Neural-ODE layers add their RNODE penalty (mean
+    over particles) to the loss and use STEER end times (see `training_solves`).
 
     Args:
         model: a Pyro model with continuous latent sites.

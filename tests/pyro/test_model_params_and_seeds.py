@@ -75,11 +75,12 @@ def test_load_restores_a_pyro_modules_weights_into_the_module(tmp_path):
     assert pyro.param("net$$$0.weight") is net[0].weight
 
 
-def test_save_without_the_param_in_the_store_says_so(tmp_path):
-    fit = fit_posterior(type2_model, SPEC, Y, num_steps=2, init_scale=0.5, progress=False)
-    pyro.clear_param_store()
-    with pytest.raises(flowguides.io.SaveError, match="param site 'tau' is not in Pyro's"):
-        flowguides.save(fit, tmp_path / "fit")
+def test_save_after_the_param_store_is_cleared_writes_the_fitted_value(tmp_path):
+    fit = fit_posterior(type2_model, SPEC, Y, num_steps=20, init_scale=0.5, progress=False)
+    tau = float(pyro.param("tau").detach())
+    pyro.clear_param_store()  # the fit holds its fitted values (was: a SaveError)
+    _, _, meta = flowguides.io.read_folder(flowguides.save(fit, tmp_path / "fit"))
+    assert float(meta["model_params"]["tau"]) == pytest.approx(tau) and tau != 1.0
 
 
 X = torch.randn(40, 2, generator=torch.Generator().manual_seed(1))
@@ -159,3 +160,41 @@ def test_a_fit_repeats_by_its_seed_and_gives_the_callers_random_state_back():
     assert got == expected
     again = fit_posterior(model, SPEC, num_steps=20, progress=False, seed=3)
     np.testing.assert_array_equal(first.losses, again.losses)
+
+
+def test_a_fit_reads_its_own_fitted_params_after_the_param_store_changes(tmp_path):
+    """Pyro's param store is global: ``pyro.clear_param_store()`` before the next fit (as Pyro's
+    tutorials do), or a fit of a model with a param of the same name, changed what an earlier
+    fit's deterministic sites, log joint, log-likelihood and NeuTra read (its draws' ``shifted -
+    mu`` became the param's initial 1.0). The fit holds its fitted values (`model_params`)."""
+
+    def model(y, pull=2.0):
+        mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        shift = pyro.param("shift", torch.tensor(1.0), constraint=constraints.positive)
+        pyro.deterministic("shifted", mu + shift)
+        with pyro.plate("n", len(y)):
+            pyro.sample("y", dist.Normal(mu + shift, 1.0), obs=y)
+        pyro.sample("shift_prior", dist.Normal(pull, 0.05), obs=shift)
+
+    spec = FlowSpec.planar(num_layers=2)
+    pyro.clear_param_store()
+    fit = fit_posterior(model, spec, Y, num_steps=300, learning_rate=0.05, progress=False)
+    shift = float(fit.model_params["shift"])
+    assert abs(shift - 2.0) < 0.2 and shift == float(pyro.param("shift").detach())  # from 1.0
+    draws = fit.sample(200, seed=0)
+    log_lik = fit.log_likelihood(draws)["y"]
+    log_p = fit.log_densities(100, seed=1)[1]
+    for change in ("clear", "refit"):
+        pyro.clear_param_store()
+        if change == "refit":  # another model's param of the same name, fitted to 5
+            fit_posterior(model, spec, Y, pull=5.0, num_steps=50, learning_rate=0.05,
+                          progress=False)  # fmt: skip
+            assert float(pyro.param("shift").detach()) > 3.0
+        again = fit.sample(200, seed=0)
+        np.testing.assert_allclose(again["shifted"], again["mu"] + shift, rtol=1e-5)
+        np.testing.assert_allclose(fit.log_likelihood(again)["y"], log_lik, rtol=1e-5)
+        np.testing.assert_allclose(fit.log_densities(100, seed=1)[1], log_p, rtol=1e-5)
+    run = fit.neutra(num_warmup=10, num_samples=10, seed=0, progress=False)
+    np.testing.assert_allclose(run.samples["shifted"], run.samples["mu"] + shift, rtol=1e-5)
+    _, _, meta = flowguides.io.read_folder(flowguides.save(fit, tmp_path / "fit"))
+    assert float(meta["model_params"]["shift"]) == pytest.approx(shift)  # not the store's
