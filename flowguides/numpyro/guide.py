@@ -32,7 +32,7 @@ from numpyro.distributions import constraints
 from numpyro.distributions.transforms import biject_to
 from numpyro.infer import Predictive
 from numpyro.infer.autoguide import AutoContinuous
-from numpyro.infer.initialization import init_to_median
+from numpyro.infer.initialization import init_to_median, init_to_uniform
 
 from flowguides.core import (
     FULL_RANK_MAX_DIM,
@@ -145,10 +145,14 @@ class AutoFlowGuide(AutoContinuous, StagedPrototype):
             if error is None and foreign is None:
                 raise
             raise (error or TypeError(f"{foreign} ({first_line(exc)})")) from exc
-        except (ValueError, RuntimeError, NotImplementedError, ImportError):
-            # (NumPyro's set-up imports funsor for a discrete latent site)
-            with handlers.block():
-                trace = handlers.trace(handlers.seed(self.model, 0)).get_trace(*args, **kwargs)
+        except (ValueError, RuntimeError, NotImplementedError, ImportError) as exc:
+            # (set-up imports funsor for a discrete site); init_to_uniform: ImproperUniform cannot sample
+            start = handlers.substitute(handlers.seed(self.model, 0), substitute_fn=init_to_uniform)
+            try:
+                with handlers.block():
+                    trace = handlers.trace(start).get_trace(*args, **kwargs)
+            except Exception:  # noqa: BLE001 - the model's own error is `exc`, raised below
+                raise exc from exc.__cause__
             check_latent_sites(trace)  # a clearer message where it applies
             check_observed({n: s["value"] for n, s in trace.items()
                             if s["type"] == "sample" and s["is_observed"]})  # fmt: skip

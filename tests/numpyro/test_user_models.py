@@ -294,3 +294,31 @@ def test_a_models_own_constrained_param_is_read_at_its_fitted_value_after_the_fi
                                           num_samples=500)  # fmt: skip
     ref = predictive(jax.random.key(0), y)["mu_shifted"]
     assert abs(float(ref.mean()) - float(draws["mu_shifted"].mean())) < 0.1
+
+
+def test_a_set_up_error_beside_an_improper_uniform_site_is_the_models_own():
+    """The set-up's second look at a failing model (for a clearer message) ran it by sampling
+    every site, and `ImproperUniform` cannot sample: a bare ``NotImplementedError('')`` hid
+    both the user's shape error and the name of an enumerated discrete site."""
+    from numpyro.distributions import constraints
+
+    from flowguides.core import DiscreteLatentError
+
+    y = jnp.asarray(np.r_[np.full(5, -2.0), np.full(5, 2.0)])
+
+    def mixture(y):
+        mu = numpyro.sample("mu", dist.ImproperUniform(constraints.ordered_vector, (), (2,)))
+        with numpyro.plate("n", len(y)):
+            z = numpyro.sample("z", dist.Categorical(jnp.ones(2) / 2),
+                               infer={"enumerate": "parallel"})  # fmt: skip
+            numpyro.sample("y", dist.Normal(mu[z], 1.0), obs=y)
+
+    def wrong_plate(y):
+        mu = numpyro.sample("mu", dist.ImproperUniform(constraints.real, (), (2,)))
+        with numpyro.plate("n", 3):  # y has 10 rows
+            numpyro.sample("y", dist.Normal(mu[0], 1.0), obs=y)
+
+    with pytest.raises(DiscreteLatentError, match="site 'z'"):
+        fit_posterior(mixture, SPEC, y, **FAST)
+    with pytest.raises(ValueError, match=r"Incompatible shapes for broadcasting"):
+        fit_posterior(wrong_plate, SPEC, y, **FAST)
