@@ -26,6 +26,7 @@ __all__ = [
     "KHAT_GUIDE",
     "KHAT_PSIS",
     "PSIS_MAX_WEIGHT_CV",
+    "NEURAL_ODE_REFUSAL",
     "NEUTRA_MAX_DIVERGENT",
     "NEUTRA_MAX_RHAT",
     "InferDiagnosis",
@@ -53,6 +54,9 @@ PSIS_MAX_WEIGHT_CV = 1.0
 coefficient of variation is at most this, i.e. a PSIS ESS of at least half the draws; beyond
 it weighting moves means by more than the guide's own sd, and NUTS runs. A calibration on the
 posteriordb posteriors, not a bound: docs/infer.md, "The routes"."""
+
+NEURAL_ODE_REFUSAL = "NeuTra refuses neural-ODE flows (an ODE solve per leapfrog step)"
+"""`choose_route`'s reason for plain NUTS where the flow has a neural-ODE layer."""
 
 KHAT_PSIS = 0.7
 """`infer` resamples the guide's draws by their PSIS weights from `KHAT_GUIDE` up to this k-hat
@@ -158,7 +162,7 @@ def choose_route(
     weight_cv: float = math.inf,
     khat_psis: float = KHAT_PSIS,
     exact: bool = False,
-    neural_ode: bool = False,
+    neutra_refused: str = "",
 ) -> tuple[str, str]:
     """`infer`'s route for a guide with Pareto `khat`, and the reason, in one sentence.
 
@@ -166,7 +170,7 @@ def choose_route(
     ('guide', 'psis')
     >>> choose_route(0.6, weight_cv=0.5)[0], choose_route(0.6, weight_cv=1.5)[0]
     ('psis', 'neutra')
-    >>> choose_route(0.9)[0], choose_route(0.9, neural_ode=True)[0]
+    >>> choose_route(0.9)[0], choose_route(0.9, neutra_refused=NEURAL_ODE_REFUSAL)[0]
     ('neutra', 'nuts')
 
     Args:
@@ -177,7 +181,8 @@ def choose_route(
         khat_psis: the upper end of the PSIS route.
         exact: the importance weights are constant (the guide is the posterior, up to a
             constant; k-hat is then ``nan``): the guide's draws.
-        neural_ode: the flow has a neural-ODE layer, which NeuTra refuses: plain NUTS.
+        neutra_refused: why NeuTra cannot run on this fit (`NEURAL_ODE_REFUSAL`, or the
+            backend's reason), empty where it can: a reason takes plain NUTS instead.
 
     Returns:
         ``(route, reason)``, the route one of `INFER_ROUTES`.
@@ -218,10 +223,10 @@ def choose_route(
         if math.isinf(khat)
         else "k-hat {} >= {}".format(*k(khat_psis))
     )
-    if neural_ode:
+    if neutra_refused:
         return "nuts", (
-            f"{cause}: importance sampling cannot correct the guide, and NeuTra refuses "
-            "neural-ODE flows (an ODE solve per leapfrog step), so plain NUTS ran on the model"
+            f"{cause}: importance sampling cannot correct the guide, and {neutra_refused}, so "
+            "plain NUTS ran on the model"
         )
     return "neutra", (
         f"{cause}: importance sampling cannot correct the guide, so NUTS ran on the model "
@@ -294,6 +299,7 @@ def route_fit(
     seed: int,
     progress: bool,
     nuts: Callable[..., NeuTraResult],
+    neutra_refused: str = "",
 ) -> InferResult:
     """`infer` after the fit: diagnose `fit`'s guide from `num_draws` draws, take the route.
 
@@ -305,6 +311,8 @@ def route_fit(
         seed: seeds the guide's draws, the resampling and NUTS.
         progress: print the route chosen (to stderr) and show NUTS's progress bar.
         nuts: the backend's plain NUTS, called as ``nuts(fit, **budget, seed=, progress=)``.
+        neutra_refused: the backend's reason NeuTra cannot run on `fit` (see `choose_route`);
+            a neural-ODE flow adds `NEURAL_ODE_REFUSAL`.
 
     Returns:
         The `InferResult`.
@@ -319,13 +327,14 @@ def route_fit(
         psis = diagnose_weights(log_p, log_q)
         khat, ess, exact = psis.khat, psis.ess, psis.verdict.startswith("exact")
     cv = math.sqrt(max(num_draws / ess - 1.0, 0.0)) if ess > 0 else math.nan
-    neural_ode = any(layer.type == "neural_ode" for layer in fit.spec.layers)
+    if any(layer.type == "neural_ode" for layer in fit.spec.layers):
+        neutra_refused = NEURAL_ODE_REFUSAL
     route, reason = choose_route(
         khat,
         weight_cv=math.inf if math.isnan(cv) else cv,
         khat_psis=khat_psis,
         exact=exact,
-        neural_ode=neural_ode,
+        neutra_refused=neutra_refused,
     )
     diagnosis = InferDiagnosis(khat, KHAT_GUIDE, khat_psis, ess, num_draws, reason, cv)
     if progress:

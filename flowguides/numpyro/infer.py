@@ -3,7 +3,8 @@
 `infer` fits the guide (`fit_posterior`), diagnoses it by the Pareto k-hat of its importance
 weights (Yao et al. 2018) and returns draws by the cheapest route the diagnosis trusts: the
 guide's own draws, their PSIS resample, or NUTS through the flow (NeuTra, Hoffman et al. 2019);
-a neural-ODE flow, which NeuTra refuses, falls back to plain NUTS on the model. The routing is
+a neural-ODE flow, or a model with a latent site inside ``scan`` (`neutra_refusal`), which NeuTra
+refuses, falls back to plain NUTS on the model. The routing is
 `flowguides.core.route_fit`, written once for both backends.
 
 The same names and parameters as `flowguides.pyro.infer`, except where the framework
@@ -23,7 +24,7 @@ from numpyro import handlers
 from numpyro.infer import MCMC, NUTS
 
 from flowguides.core import InferResult, NeuTraResult, check_infer_options, route_fit
-from flowguides.numpyro.neutra import chains_result
+from flowguides.numpyro.neutra import chains_result, neutra_refusal
 from flowguides.numpyro.posterior import PosteriorFit, fit_posterior
 from flowguides.spec import FlowSpec
 
@@ -94,8 +95,9 @@ def infer(
         model, spec, *args, num_steps=num_steps, seed=seed, progress=progress, **options, **kwargs
     )
     return route_fit(
-        fit, num_draws=num_draws, budget=budget, seed=seed, progress=progress, nuts=_nuts
-    )
+        fit, num_draws=num_draws, budget=budget, seed=seed, progress=progress, nuts=_nuts,
+        neutra_refused=neutra_refusal(fit),
+    )  # fmt: skip
 
 
 def _nuts(

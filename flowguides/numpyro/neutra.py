@@ -27,7 +27,23 @@ from numpyro.infer.reparam import NeuTraReparam
 
 from flowguides.core import NeuTraResult, check_neutra_options
 
-__all__ = ["NeuTraResult", "chains_result", "neutra"]
+__all__ = ["NeuTraResult", "chains_result", "neutra", "neutra_refusal"]
+
+
+def neutra_refusal(fit: Any) -> str:
+    """Why NumPyro's `NeuTraReparam` cannot run on `fit`'s model ('' where it can): a latent
+    site inside ``numpyro.contrib.control_flow.scan``, whose body the scan replays with its
+    values set, which the reparametrisation takes for an observation (NumPyro's own
+    ``AssertionError``: "NeuTraReparam does not support observe statements")."""
+    inside = [name for name, site in fit.guide.prototype_trace.items()
+              if site["type"] == "sample" and not site["is_observed"]
+              and "_scan_current_index" in site["infer"]]  # fmt: skip
+    if not inside:
+        return ""
+    return (
+        f"NumPyro's NeuTraReparam cannot reparametrise latent site {inside[0]!r}, sampled inside "
+        "numpyro.contrib.control_flow.scan"
+    )
 
 
 def neutra(
@@ -59,7 +75,7 @@ def neutra(
         The `NeuTraResult`.
 
     Raises:
-        ValueError: a bad budget.
+        ValueError: a bad budget; a latent site inside a ``scan`` (`neutra_refusal`).
         SpecError: the flow has a neural-ODE layer.
 
     References:
@@ -67,6 +83,9 @@ def neutra(
         Geometry in Hamiltonian Monte Carlo Using Neural Transport", arXiv:1903.03704.
     """
     check_neutra_options(fit.spec, num_warmup, num_samples, num_chains, target_accept_prob)
+    refused = neutra_refusal(fit)
+    if refused:
+        raise ValueError(f"{refused}; run NUTS on the model itself (infer does so here)")
     t0 = time.perf_counter()
     reparam = NeuTraReparam(fit.guide, fit.params)
     parallel = jax.local_device_count() >= num_chains

@@ -26,6 +26,7 @@ from flowguides.core import (
     INFER_NUTS_BUDGET,
     KHAT_GUIDE,
     KHAT_PSIS,
+    NEURAL_ODE_REFUSAL,
     PSIS_MAX_WEIGHT_CV,
     InferResult,
     NeuTraResult,
@@ -118,7 +119,7 @@ def test_choose_route_at_the_thresholds() -> None:
     assert (
         choose_route(0.42, weight_cv=0.02, khat_psis=0.29)[0] == "neutra"
     )  # 25 draws: not the guide
-    assert choose_route(0.3, weight_cv=0.05, neural_ode=True)[0] == "guide"
+    assert choose_route(0.3, weight_cv=0.05, neutra_refused=NEURAL_ODE_REFUSAL)[0] == "guide"
     # k-hat below 0.5, but weights spread enough to move a mean by more than 0.1 sd: resample
     route, reason = choose_route(0.3, weight_cv=0.25)
     assert route == "psis" and "cv 0.25 > 0.1" in reason
@@ -143,7 +144,7 @@ def test_the_nuts_budget_defaults_to_infers_own_and_takes_each_setting() -> None
     assert options == {"learning_rate": 0.1}
     budget, _ = check_infer_options(100, {"num_samples": 50}, None, {}, fit_fn)
     assert budget == {**INFER_NUTS_BUDGET, "num_samples": 50}
-    route, reason = choose_route(0.8, neural_ode=True)
+    route, reason = choose_route(0.8, neutra_refused=NEURAL_ODE_REFUSAL)
     assert route == "nuts" and "k-hat 0.80 >= 0.70" in reason and "neural-ODE" in reason
     assert "0.5 <= k-hat 0.62 < 0.70" in choose_route(0.62, weight_cv=0.5)[1]
 

@@ -60,3 +60,37 @@ def test_neutra_refuses_neural_ode_flows_and_bad_budgets(fit):
     ode = fit_posterior(funnel, spec, num_steps=2, init_scale=1.0, progress=False)
     with pytest.raises(SpecError, match="ODE solve and its adjoint per step"):
         ode.neutra(num_samples=10)
+
+
+def test_a_latent_site_inside_scan_is_refused_by_name_and_infer_runs_plain_nuts():
+    """NumPyro's `NeuTraReparam` takes a latent site that ``scan`` replays for an observation
+    (an ``AssertionError`` about observe statements): `fit.neutra` names the site and `scan`,
+    and `infer` takes plain NUTS, which runs such a model."""
+    from numpyro.contrib.control_flow import scan
+
+    from flowguides.numpyro import infer
+
+    y = jnp.asarray(np.cumsum(np.random.default_rng(0).normal(size=12)))
+
+    def local_level(y):
+        s = numpyro.sample("s", dist.HalfNormal(1.0))
+
+        def step(x, yt):
+            x = numpyro.sample("x", dist.Normal(x, s))
+            numpyro.sample("y", dist.Normal(x, 0.5), obs=yt)
+            return x, None
+
+        scan(step, 0.0, y)
+
+    spec = FlowSpec.realnvp(num_layers=1, hidden=[8])
+    fit = fit_posterior(local_level, spec, y, num_steps=20, progress=False)
+    with pytest.raises(ValueError, match=r"latent site 'x', sampled inside .*scan"):
+        fit.neutra(num_warmup=5, num_samples=5, progress=False)
+    result = infer(
+        local_level, spec, y, num_steps=1, num_draws=200, progress=False,
+        fit_options={"learning_rate": 1e-12, "init_scale": 1.0},  # an untrained guide: MCMC
+        neutra={"num_warmup": 50, "num_samples": 50},
+    )  # fmt: skip
+    assert result.route == "nuts"
+    assert "inside numpyro.contrib.control_flow.scan" in result.diagnosis.reason
+    assert result.draws["x"].shape == (50, 12) and np.isfinite(result.draws["x"]).all()
