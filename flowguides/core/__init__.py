@@ -73,8 +73,10 @@ from flowguides.core.errors import (
     NonFiniteLossError,
     NonFiniteValidationError,
     SaveError,
+    SubsampledSiteWarning,
     ToleranceWarning,
     check_not_delta,
+    whole_data_sites,
 )
 from flowguides.core.results import (
     NEUTRA_OPTIONS,
@@ -158,6 +160,7 @@ __all__ = [
     "NeuTraResult",
     "check_neutra_options",
     "check_not_delta",
+    "whole_data_sites",
     "check_objective_options",
     "check_observed",
     "AUTO_SCALES",
@@ -180,6 +183,7 @@ __all__ = [
     "FitBelowStartWarning",
     "LaplaceFallbackWarning",
     "MaskedLatentWarning",
+    "SubsampledSiteWarning",
     "LoadError",
     "MaxStepsExceededError",
     "NoLatentSitesError",

@@ -6,6 +6,8 @@ backend's alike.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 __all__ = [
@@ -20,8 +22,10 @@ __all__ = [
     "NonFiniteLossError",
     "NonFiniteValidationError",
     "SaveError",
+    "SubsampledSiteWarning",
     "ToleranceWarning",
     "check_not_delta",
+    "whole_data_sites",
 ]
 
 
@@ -128,3 +132,28 @@ class SaveError(ValueError):
 
 class LoadError(ValueError):
     """A saved folder is missing a file, corrupt, or does not match what it is loaded onto."""
+
+
+class SubsampledSiteWarning(UserWarning):
+    """A deterministic site inside a plate that subsamples holds one value per minibatch row,
+    not per data row: `fit.sample` and `to_arviz` leave it out."""
+
+
+def whole_data_sites(sites: Mapping[str, Iterable[str]], subsampled: Iterable[str]) -> list[str]:
+    """The names in `sites` (``{deterministic site: the names of its plates}``) outside every
+    plate of `subsampled`, warning (`SubsampledSiteWarning`) once for those left out: inside a
+    plate that subsamples, a deterministic site's values belong to one random minibatch of rows
+    (another at every model run), which `fit.sample` would lay out as rows 0, 1, ... ."""
+    subsampled = set(subsampled)
+    inside = {name: sorted(subsampled & set(plates)) for name, plates in sites.items()}
+    left_out = {name: plates for name, plates in inside.items() if plates}
+    if left_out:
+        listed = ", ".join(f"{name!r} (plate {plates[0]!r})" for name, plates in left_out.items())
+        warnings.warn(
+            f"deterministic site(s) {listed} sit inside a plate that subsamples: their values "
+            "belong to one random minibatch of rows, not to the data's rows, so they are left "
+            "out of the draws; compute them from the latent draws over all rows",
+            SubsampledSiteWarning,
+            stacklevel=3,
+        )
+    return [name for name in sites if name not in left_out]

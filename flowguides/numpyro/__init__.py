@@ -21,6 +21,7 @@ from flowguides.core import (
     NonFiniteGradientError,
     NonFiniteLossError,
     NonFiniteValidationError,
+    SubsampledSiteWarning,
     ToleranceWarning,
 )
 from flowguides.numpyro._model import ConstantArgumentsWarning, ModelTracingError
@@ -48,6 +49,7 @@ __all__ = [
     "FlowTransform",
     "LaplaceFallbackWarning",
     "MaskedLatentWarning",
+    "SubsampledSiteWarning",
     "MaxStepsExceededError",
     "ModelTracingError",
     "NeuTraResult",

@@ -37,7 +37,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from numpyro.primitives import Messenger
 
-from flowguides.core import WITH_REPLACEMENT_RATIO
+from flowguides.core import WITH_REPLACEMENT_RATIO, whole_data_sites
 from flowguides.core.data import DataSource
 from flowguides.numpyro._training import CHUNK, all_finite, default_float, jit, progress_bar
 
@@ -46,6 +46,7 @@ __all__ = [
     "batch_sharding",
     "check_divisible",
     "density_step",
+    "deterministic_sites",
     "device_chunk",
     "device_mesh",
     "draw_rows",
@@ -378,10 +379,17 @@ def subsampled_plates(fit: Any) -> list[str]:
     """Names of the model's plates that subsample their data (``subsample_size`` smaller
     than the size). `flowguides.to_arviz` leaves ``observed_data`` and ``log_likelihood``
     out for such a model: each evaluation sees another subsample."""
-    return [
-        name
-        for name, site in fit.guide.prototype_trace.items()
-        if site["type"] == "plate"
-        and site["args"][1] is not None
-        and 0 < site["args"][1] < site["args"][0]
-    ]
+    return _subsampling(fit.guide.prototype_trace)
+
+
+def _subsampling(trace: Mapping[str, Any]) -> list[str]:
+    return [name for name, site in trace.items() if site["type"] == "plate"
+            and site["args"][1] is not None and 0 < site["args"][1] < site["args"][0]]  # fmt: skip
+
+
+def deterministic_sites(trace: Mapping[str, Any]) -> list[str]:
+    """The deterministic sites of the model `trace` that `fit.sample` returns: those inside a
+    plate that subsamples are left out, with a `SubsampledSiteWarning` (`whole_data_sites`)."""
+    sites = {name: [frame.name for frame in site["cond_indep_stack"]]
+             for name, site in trace.items() if site["type"] == "deterministic"}  # fmt: skip
+    return whole_data_sites(sites, _subsampling(trace))

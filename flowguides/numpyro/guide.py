@@ -49,7 +49,7 @@ from flowguides.numpyro import ode
 from flowguides.numpyro._control import reference_params
 from flowguides.numpyro._model import as_constants, callable_key, choose_constants, split_args
 from flowguides.numpyro._prototype import StagedPrototype, check_latent_sites
-from flowguides.numpyro._stream import full_data
+from flowguides.numpyro._stream import deterministic_sites, full_data
 from flowguides.numpyro._support import data_elements, dynamic_call, dynamic_sites, on_device
 from flowguides.numpyro._training import cache_key, cached, jit
 from flowguides.numpyro.build import (
@@ -349,7 +349,7 @@ class AutoFlowGuide(AutoContinuous, StagedPrototype):
         draws ``{site: (S, *shape)}``), by NumPyro's `Predictive` over them."""
         self._require_setup()
         trace = self.prototype_trace
-        missing = [n for n, s in trace.items() if s["type"] == "deterministic" and n not in draws]
+        missing = [n for n in deterministic_sites(trace) if n not in draws]
         if not missing:
             return {}
         latent = {

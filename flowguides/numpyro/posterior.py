@@ -57,6 +57,7 @@ from flowguides.numpyro._model import (
 )
 from flowguides.numpyro._stream import (
     check_divisible,
+    deterministic_sites,
     device_mesh,
     full_data,
     full_data_map,
@@ -175,9 +176,8 @@ class PosteriorFit(PosteriorFitMethods):
         Raises:
             MaxStepsExceededError: an adaptive neural-ODE solve ran out of ``max_steps``.
         """
-        t0, trace = time.perf_counter(), self.guide.prototype_trace
-        args, kwargs = self.args, self.kwargs
-        keep = [*self.latent_shapes, *(n for n, s in trace.items() if s["type"] == "deterministic")]
+        t0, args, kwargs = time.perf_counter(), self.args, self.kwargs
+        keep = [*self.latent_shapes, *deterministic_sites(self.guide.prototype_trace)]
 
         def draws(guide: AutoFlowGuide, key: jax.Array, params: dict) -> dict[str, jax.Array]:
             out = guide.sample_posterior(key, params, *args, sample_shape=(num_samples,), **kwargs)

@@ -20,6 +20,7 @@ from flowguides.core import (
     NonFiniteGradientError,
     NonFiniteLossError,
     NonFiniteValidationError,
+    SubsampledSiteWarning,
     ToleranceWarning,
 )
 from flowguides.pyro._model import VectorizationWarning
@@ -54,6 +55,7 @@ __all__ = [
     "FlowDistribution",
     "LaplaceFallbackWarning",
     "MaskedLatentWarning",
+    "SubsampledSiteWarning",
     "MaxStepsExceededError",
     "NeuTraResult",
     "ObjectiveLoss",

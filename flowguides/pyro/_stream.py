@@ -41,7 +41,7 @@ from pyro import poutine
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
-from flowguides.core import WITH_REPLACEMENT_RATIO
+from flowguides.core import WITH_REPLACEMENT_RATIO, whole_data_sites
 from flowguides.core.data import DataSource
 
 __all__ = [
@@ -49,6 +49,7 @@ __all__ = [
     "agree_stats",
     "all_have",
     "data_parallel",
+    "deterministic_sites",
     "draw_indices",
     "full_data_chunks",
     "global_mean",
@@ -178,6 +179,15 @@ def subsampled_plates(trace: poutine.Trace) -> dict[str, tuple[int, int]]:
         if site_is_subsample(site) and fn.subsample_size and fn.subsample_size < fn.size:
             out[name] = (int(fn.size), int(fn.subsample_size))
     return out
+
+
+def deterministic_sites(trace: poutine.Trace) -> list[str]:
+    """The deterministic sites of the model `trace` that `fit.sample` returns: those inside a
+    plate that subsamples are left out, with a `SubsampledSiteWarning` (`whole_data_sites`)."""
+    sites = {name: [frame.name for frame in site["cond_indep_stack"]]
+             for name, site in trace.nodes.items()
+             if site["type"] == "sample" and site["infer"].get("_deterministic")}  # fmt: skip
+    return whole_data_sites(sites, subsampled_plates(trace))
 
 
 def draw_indices(

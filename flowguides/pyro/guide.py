@@ -43,7 +43,7 @@ from flowguides.core.hessian import Blocks, hessian_blocks, hessian_colors
 from flowguides.pyro import _support
 from flowguides.pyro._control import reference_terms
 from flowguides.pyro._model import BatchLogJoint
-from flowguides.pyro._stream import full_data_chunks
+from flowguides.pyro._stream import deterministic_sites, full_data_chunks
 from flowguides.pyro.build import (
     Flow,
     FlowDistribution,
@@ -348,8 +348,7 @@ class AutoFlowGuide(AutoContinuous, BatchLogJoint):
         ``{site: (S, *shape)}``): the model run at all draws at once (`_support.trace_at_draws`)
         where it broadcasts over a batch of draws, else Pyro's `Predictive`, one at a time."""
         nodes = self.model_trace.nodes
-        missing = [n for n, s in nodes.items() if s["type"] == "sample"
-                   and s["infer"].get("_deterministic") and n not in draws]  # fmt: skip
+        missing = [n for n in deterministic_sites(self.model_trace) if n not in draws]
         if not missing:
             return {}
         latent = {n: torch.as_tensor(np.asarray(draws[n])) for n in self._unconstrained_shapes}

@@ -140,3 +140,49 @@ def test_deterministic_sites_of_event_shaped_latents_come_from_one_batched_run(b
     np.testing.assert_allclose(draws["doubled"], 2.0 * draws["theta"], rtol=1e-12)
     np.testing.assert_allclose(draws["total"], draws["theta"].sum(-1), rtol=1e-12)
     np.testing.assert_array_equal(draws["rows"], np.full(400, 5.0))
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [pytest.param("pyro", marks=pytest.mark.torch), pytest.param("numpyro", marks=pytest.mark.jax)],
+)
+def test_a_deterministic_site_inside_a_subsampled_plate_is_left_out_with_a_warning(backend):
+    """Inside a plate that subsamples, a deterministic site holds one random minibatch of rows
+    (the one key 0 drew, in NumPyro), which the draws laid out as rows 0, 1, ... of the data;
+    it is left out, by name, and the sites outside the plate stay."""
+    from flowguides.core import SubsampledSiteWarning
+
+    x = np.random.default_rng(1).normal(size=200)
+    y = 1.0 + 2.0 * x
+    if backend == "pyro":
+        import pyro
+        import pyro.distributions as dist
+        import torch
+
+        from flowguides.pyro import fit_posterior
+
+        pyro.clear_param_store()
+        p, (x, y) = pyro, (torch.tensor(x), torch.tensor(y))
+    else:
+        import jax.numpy as jnp
+        import numpyro as p
+        import numpyro.distributions as dist
+
+        from flowguides.numpyro import fit_posterior
+
+        x, y = jnp.asarray(x), jnp.asarray(y)
+
+    def model(x, y):
+        a = p.sample("a", dist.Normal(0.0, 3.0))
+        b = p.sample("b", dist.Normal(0.0, 3.0))
+        p.deterministic("a_plus_b", a + b)
+        with p.plate("n", 200, subsample_size=20) as idx:
+            mu = p.deterministic("mu", a + b * x[idx])
+            p.sample("y", dist.Normal(mu, 1.0), obs=y[idx])
+
+    fit = fit_posterior(model, FlowSpec.planar(num_layers=1, dtype="float64"), x, y,
+                        num_steps=30, progress=False)  # fmt: skip
+    with pytest.warns(SubsampledSiteWarning, match=r"'mu' \(plate 'n'\) sit inside a plate"):
+        draws = fit.sample(100, seed=0)
+    assert set(draws) == {"a", "b", "a_plus_b"}
+    np.testing.assert_allclose(draws["a_plus_b"], draws["a"] + draws["b"], rtol=1e-12)
