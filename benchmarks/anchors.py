@@ -82,6 +82,32 @@ _OBJECTIVES: dict[str, dict[str, Any]] = {
 gradient, and the importance-weighted ELBO of 8 inner draws per particle with its doubly
 reparametrised gradient (``gradient="stl"`` with ``objective="iwelbo"``)."""
 
+_EARLIER_RULE = {"decay_start": 0.5, "adam_b2": 0.999}
+"""``fit_posterior``'s schedule and Adam before commit b8cd0e2 (constant first half, optax's
+b2): the A/B row of the objectives table against today's ``POSTERIOR_DECAY_START`` and
+``POSTERIOR_ADAM_B2``."""
+
+
+def _under_rule(method: Method, decay_start: float, adam_b2: float) -> Method:
+    """`method` with ``fit_posterior``'s schedule start and Adam b2 set for its fit (compiled
+    programs cleared before and after: they hold the optimiser and are not keyed by it)."""
+
+    def fit(problem: Problem, budget: Budget) -> Fitted:
+        from flowguides.core import training
+        from flowguides.numpyro import clear_compiled
+
+        saved = training.POSTERIOR_DECAY_START, training.POSTERIOR_ADAM_B2
+        clear_compiled()
+        training.POSTERIOR_DECAY_START, training.POSTERIOR_ADAM_B2 = decay_start, adam_b2
+        try:
+            return method(problem, budget)
+        finally:
+            training.POSTERIOR_DECAY_START, training.POSTERIOR_ADAM_B2 = saved
+            clear_compiled()
+
+    return fit
+
+
 METHODS: dict[str, Method] = {
     **{f"flowguides-pyro {n}": pyro_fit_posterior(f) for n, f in _FAMILIES},
     **{f"flowguides-numpyro {n}": numpyro_fit_posterior(f) for n, f in _FAMILIES},
@@ -89,6 +115,9 @@ METHODS: dict[str, Method] = {
         f"flowguides-numpyro RealNVP ({n})": numpyro_fit_posterior("realnvp", **o)
         for n, o in _OBJECTIVES.items()
     },  # fmt: skip
+    "flowguides-numpyro RealNVP (earlier schedule)": _under_rule(
+        numpyro_fit_posterior("realnvp"), **_EARLIER_RULE
+    ),
     "flowguides-pyro RealNVP (density orientation)": pyro_fit_posterior("realnvp-density"),
     "flowguides-numpyro RealNVP (density orientation)": numpyro_fit_posterior("realnvp-density"),
     **{name: lr_searched(fit) for name, fit in {**_SVI_ANCHORS, **_AT_MAP}.items()},
@@ -101,6 +130,7 @@ METHODS: dict[str, Method] = {
 
 SETTINGS: dict[str, dict[str, Any]] = {
     **{f"flowguides-numpyro RealNVP ({n})": dict(o) for n, o in _OBJECTIVES.items()},
+    "flowguides-numpyro RealNVP (earlier schedule)": dict(_EARLIER_RULE),
     **{name: {"lr_grid": list(LR_GRID)} for name in _SVI_ANCHORS},
     **{name: {"lr_grid": list(LR_GRID), "init": "MAP (L-BFGS)"} for name in _AT_MAP},
     "blackjax multi-path Pathfinder": dict(PATHFINDER_SETTINGS),

@@ -139,7 +139,8 @@ _SLOW_ODE = (
 )
 _POST_FULL = (
     "flowguides-pyro RealNVP", "flowguides-numpyro RealNVP", "flowguides-numpyro RealNVP (STL)",
-    "flowguides-numpyro RealNVP (IWELBO K=8, DReG)", "numpyro AutoIAFNormal",
+    "flowguides-numpyro RealNVP (IWELBO K=8, DReG)",
+    "flowguides-numpyro RealNVP (earlier schedule)", "numpyro AutoIAFNormal",
     "numpyro AutoMultivariateNormal", "numpyro AutoLaplaceApproximation",
     "blackjax multi-path Pathfinder", "flowguides-pyro RealNVP (density orientation)",
     "flowguides-numpyro RealNVP (density orientation)", "numpyro NUTS",

@@ -209,6 +209,7 @@ def posteriors_section(rows: list[dict]) -> str:
 
 OBJECTIVES = (
     ("ELBO, reparam (default)", "flowguides-numpyro RealNVP"),
+    ("ELBO, earlier schedule", "flowguides-numpyro RealNVP (earlier schedule)"),
     ("ELBO, STL", "flowguides-numpyro RealNVP (STL)"),
     ("IW-ELBO K=8, DReG", "flowguides-numpyro RealNVP (IWELBO K=8, DReG)"),
 )
