@@ -241,12 +241,14 @@ def test_objectives_table_shows_each_objectives_median_over_seeds() -> None:
     text = objectives_section([
         row(plain, 0, -3.0), row(plain, 1, -1.0), row(plain, 2, -2.0),
         row(f"{plain} (STL)", 0, -0.5),
+        row(f"{plain} (earlier schedule)", 0, -2.5),
         row("numpyro NUTS", 0, -9.0),  # not an objective: not shown
         row(plain, 0, -7.0, problem="funnel"),
     ])  # fmt: skip
-    lines = {line.split("|")[1].strip(): line.split("|")[2:5] for line in text.splitlines()[2:]}
+    lines = {line.split("|")[1].strip(): line.split("|")[2:6] for line in text.splitlines()[2:]}
     assert [c.strip() for c in lines["arK-arK"]] == [
         "-2.00 / 0.20 / 2,000 (3)",  # medians over seeds 0-2
+        "-2.50 / 0.10 / 1,000 (1)",
         "-0.50 / 0.10 / 1,000 (1)",
         "not run",
     ]
