@@ -90,9 +90,8 @@ class PosteriorFit(PosteriorFitMethods):
     model_params: dict[str, torch.Tensor] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
-        # the fit's later runs of the model (deterministic sites, log joint and likelihood,
-        # NeuTra) read its fitted pyro.param values, not Pyro's global store, which a later
-        # fit or pyro.clear_param_store() changes (as NumPyro's fits hold them by design)
+        super().__post_init__()  # its later runs of the model read its fitted pyro.param values,
+        # not Pyro's global store, which pyro.clear_param_store() or a later fit changes
         nodes, store = self.guide.model_trace.nodes.items(), pyro.get_param_store()
         self.model_params = {n: store[n].detach().clone()
                              for n, s in nodes if s["type"] == "param" and n in store}  # fmt: skip
