@@ -19,6 +19,7 @@ import numpy as np
 
 from flowguides import diagnostics as dg
 from flowguides import plots
+from flowguides.psis import _import_arviz
 
 
 def log_normal(x, loc, scale):
@@ -85,7 +86,7 @@ def funnel_reference(num_samples, seed):
 
 def main(outdir: Path) -> None:
     outdir.mkdir(parents=True, exist_ok=True)
-    az = dg._import_arviz()
+    az = _import_arviz()
     good, funnel = GoodFit(), FunnelFit()
 
     print("## good fit\n")

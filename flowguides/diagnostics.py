@@ -120,7 +120,8 @@ def _verdict(khat: float, threshold: float, constant: bool, ess_fraction: float 
         k, t = shown(khat, threshold)
         return (
             f"unreliable: k-hat {k} >= {t}; q misses mass of p, so neither its "
-            "draws nor importance-corrected estimates can be trusted: refit (more layers or steps)"
+            "draws nor importance-corrected estimates can be trusted: run NeuTra (fit.neutra, or "
+            "infer) for exact draws, or refit (more steps or layers)"
         )
     cv = math.sqrt(max(1.0 / ess_fraction - 1.0, 0.0)) if ess_fraction > 0 else math.inf
     if khat >= 0.5 or cv > GUIDE_MAX_WEIGHT_CV:
