@@ -22,24 +22,26 @@ def funnel():
 @pytest.fixture(scope="module")
 def fit():
     spec = FlowSpec.realnvp(num_layers=4, hidden=[16], dtype="float64")
-    return fit_posterior(funnel, spec, num_steps=500, init_scale=1.0, seed=0, progress=False)
+    # 1,000 steps: at 500 (KL 0.37) NeuTra's sd of v ran 2.4-3.7 over seeds (Python 3.11 and
+    # 3.12); at 1,000 (KL 0.15), with 500 + 1,000 draws, 2.7-3.2 over seeds 0-3
+    return fit_posterior(funnel, spec, num_steps=1000, init_scale=1.0, seed=0, progress=False)
 
 
 def test_neutra_recovers_the_funnels_log_scale(fit):
-    result = fit.neutra(num_warmup=200, num_samples=300, seed=0, progress=False)
+    result = fit.neutra(num_warmup=500, num_samples=1000, seed=0, progress=False)
     assert isinstance(result, NeuTraResult)
     assert result.reparam_site == "auto_shared_latent"  # NUTS sampled the flow's base noise
     assert {k: v.shape for k, v in result.samples.items()} == {
-        k: v.shape for k, v in fit.sample(300, seed=0).items()
+        k: v.shape for k, v in fit.sample(1000, seed=0).items()
     }
     assert np.std(result.samples["v"]) == pytest.approx(3.0, rel=0.15)
-    assert result.diverging.shape == (1, 300)
-    # a 500-step flow on the funnel mixes unevenly across platforms (ESS of v 10-70 in 300
-    # draws on Python 3.11 / 3.12): the ESS check only says the chain moved
+    assert result.diverging.shape == (1, 1000)
+    # the flow's chains mix unevenly across seeds and platforms (ESS of v 120-320 in 1,000
+    # draws): the ESS check only says the chain moved
     assert result.ess["v"].shape == () and float(result.ess["v"]) > 5
     assert result.r_hat["x"].shape == (2,) and float(result.r_hat["v"]) < 1.1
     posterior = result.to_arviz().posterior
-    assert posterior["v"].shape == (1, 300) and posterior["x"].shape == (1, 300, 2)
+    assert posterior["v"].shape == (1, 1000) and posterior["x"].shape == (1, 1000, 2)
 
 
 def test_neutra_leaves_the_flow_weights_unchanged(fit):
