@@ -16,7 +16,8 @@ move freely (Hoffman et al. 2019). Each method runs in this process, float64, on
 Per row: ``wall_s`` (everything: fit, compiles, warm-up, draws), ``ess_v`` (NumPyro's effective
 sample size of ``v`` over the chains' kept draws), ``ess_per_s`` = ``ess_v / wall_s``, ``v_mean``
 and ``v_sd`` (truth 0 and 3: an ESS of a biased chain means little), ``divergences`` (NUTS and
-NeuTra) and the settings; keyed as `benchmarks/rows.py` keys rows (suite ``neutra_ess``), with
+NeuTra), NeuTra's ``fit_kl`` (the fitted guide's KL to the funnel, ``log Z - ELBO`` over 10,000
+draws, outside the clock) and the settings; keyed as `benchmarks/rows.py` keys rows (suite ``neutra_ess``), with
 commit, time and versions. Rows go to ``benchmarks/results/neutra_ess.jsonl`` with ``--write``;
 the benchmarks page shows them.
 
@@ -112,6 +113,7 @@ def run_method(name: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
         v = np.asarray(res.by_chain()["z"])[..., 0]
         out = _summary(v, time.perf_counter() - t0)
         out.update(divergences=res.divergences, fit_s=fit_s, num_steps=len(fit.losses))
+        out["fit_kl"] = target.log_z - float(fit.elbo(10_000, seed=seed))  # after the clock
         settings = {**budget_settings, "spec": "FlowSpec.realnvp(num_layers=4)", "fit": "defaults"}
         return {**out, "method_settings": settings}
     if name == "flowmc":

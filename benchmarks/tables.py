@@ -389,13 +389,13 @@ def neutra_ess_section(rows: list[dict]) -> str:
     for r in sorted(rows, key=order):
         if r.get("error"):
             body.append([r["method"], str(r["seed"]), f"error: `{r['error'][:120]}`",
-                         *["–"] * 7, ran(r)])  # fmt: skip
+                         *["–"] * 8, ran(r)])  # fmt: skip
             continue
         base = nuts.get((r["seed"], _accept(r)))
         ratio = r["ess_per_s"] / base["ess_per_s"] if base else None
         body.append([
             r["method"], str(r["seed"]), fmt(r.get("wall_s")), fmt(r.get("fit_s")),
-            fmt(r.get("ess_v")), fmt(r.get("ess_per_s")), fmt(ratio, 3),
+            fmt(r.get("fit_kl"), 3), fmt(r.get("ess_v")), fmt(r.get("ess_per_s")), fmt(ratio, 3),
             f"{fmt(r.get('v_mean'), 2)} / {fmt(r.get('v_sd'), 3)}",
             fmt(r.get("divergences")), _settings(r), ran(r),
         ])  # fmt: skip
@@ -404,6 +404,7 @@ def neutra_ess_section(rows: list[dict]) -> str:
         "seed",
         "wall s",
         "of which fit s",
+        "fit's KL",
         "ESS of v",
         "ESS/s",
         "ESS/s ÷ NUTS's",

@@ -286,8 +286,10 @@ def test_neutra_table_pairs_each_row_with_nuts_at_its_target_acceptance() -> Non
     neutra = "flowguides-numpyro NeuTra (RealNVP)"
     text = neutra_ess_section([
         row("numpyro NUTS", 2.0), row("numpyro NUTS", 4.0, target_accept_prob=0.9),
-        row(neutra, 10.0), row(neutra, 10.0, target_accept_prob=0.9),
+        {**row(neutra, 10.0), "fit_kl": 0.1834}, row(neutra, 10.0, target_accept_prob=0.9),
     ])  # fmt: skip
+    assert "| fit's KL |" in text.splitlines()[0]
     body = [line for line in text.splitlines() if neutra in line]
+    assert "| 0.183 |" in body[0]  # the fitted guide's KL, beside its NeuTra row
     assert "| 5 |" in body[0] and "target accept" not in body[0]  # 10 / 2, the default
     assert "| 2.5 |" in body[1] and "target accept 0.9" in body[1]  # 10 / 4

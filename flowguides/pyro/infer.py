@@ -71,7 +71,7 @@ def infer(
             ``"guide"`` and ``"psis"``.
         neutra: NUTS's budget, for routes ``"neutra"`` and ``"nuts"``: some of
             ``num_warmup``, ``num_samples``, ``num_chains``, ``target_accept_prob``
-            (`INFER_NUTS_BUDGET` otherwise: 1,000 + 2,000, one chain, 0.8).
+            (`INFER_NUTS_BUDGET` otherwise: 1,000 + 2,000, one chain, 0.95).
         seed: seeds the fit, the guide's draws, the resampling and NUTS.
         progress: show the fit's and NUTS's progress bars and print the route chosen (stderr).
         fit_options: more options of `fit_posterior` (``learning_rate``, ``init_scale``, ...).

@@ -139,7 +139,7 @@ def test_the_nuts_budget_defaults_to_infers_own_and_takes_each_setting() -> None
     budget, options = check_infer_options(100, None, {"learning_rate": 0.1}, {}, fit_fn)
     assert budget == INFER_NUTS_BUDGET
     assert budget == {
-        "num_warmup": 1000, "num_samples": 2000, "num_chains": 1, "target_accept_prob": 0.8
+        "num_warmup": 1000, "num_samples": 2000, "num_chains": 1, "target_accept_prob": 0.95
     }  # fmt: skip
     assert options == {"learning_rate": 0.1}
     budget, _ = check_infer_options(100, {"num_samples": 50}, None, {}, fit_fn)
