@@ -41,7 +41,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _plots(img: Path) -> list[str]:
-    """One PNG per problem with kept draws: reference vs methods, first two coordinates."""
+    """One PNG per problem with kept draws: reference vs methods, first two coordinates.
+
+    A run that kept draws of only some of `_PLOT_METHODS` for a problem (an ``--only`` run)
+    leaves that problem's earlier plot as it is, rather than redraw it with fewer panels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -52,7 +55,8 @@ def _plots(img: Path) -> list[str]:
     made = []
     for prob in dict.fromkeys(p for p, _ in KEPT):
         panels = [(m, KEPT[(prob, m)]) for m in _PLOT_METHODS if (prob, m) in KEPT]
-        if not panels:
+        name = f"bench-{prob}.png"
+        if not panels or (len(panels) < len(_PLOT_METHODS) and (img / name).is_file()):
             continue
         from benchmarks.models import posteriordb
 
@@ -79,7 +83,6 @@ def _plots(img: Path) -> list[str]:
             ax.set_xlabel(f"{coords[0][0]}[{coords[0][1]}]", fontsize=8)
         axes[0].set_ylabel(f"{coords[1][0]}[{coords[1][1]}]", fontsize=8)
         fig.tight_layout()
-        name = f"bench-{prob}.png"
         fig.savefig(img / name, dpi=80)
         plt.close(fig)
         made.append(name)

@@ -293,3 +293,28 @@ def test_neutra_table_pairs_each_row_with_nuts_at_its_target_acceptance() -> Non
     assert "| 0.183 |" in body[0]  # the fitted guide's KL, beside its NeuTra row
     assert "| 5 |" in body[0] and "target accept" not in body[0]  # 10 / 2, the default
     assert "| 2.5 |" in body[1] and "target accept 0.9" in body[1]  # 10 / 4
+
+
+def test_a_run_with_few_plotted_methods_leaves_the_earlier_plot(tmp_path: Path) -> None:
+    """An ``--only`` run that kept one method's draws draws a missing plot, but does not
+    redraw an existing one with fewer panels."""
+    import numpy as np
+
+    from benchmarks import report
+
+    draws = {"z": np.random.default_rng(0).normal(size=(200, 10))}
+    kept = dict(report.KEPT)
+    report.KEPT.clear()
+    report.KEPT[("funnel", "numpyro NUTS")] = draws
+    try:
+        assert report._plots(tmp_path) == ["bench-funnel.png"]  # none yet: drawn
+        (tmp_path / "bench-funnel.png").write_bytes(b"earlier")
+        assert report._plots(tmp_path) == []
+        assert (tmp_path / "bench-funnel.png").read_bytes() == b"earlier"
+        for method in report._PLOT_METHODS:  # every plotted method kept: redrawn
+            report.KEPT[("funnel", method)] = draws
+        assert report._plots(tmp_path) == ["bench-funnel.png"]
+        assert (tmp_path / "bench-funnel.png").read_bytes() != b"earlier"
+    finally:
+        report.KEPT.clear()
+        report.KEPT.update(kept)
