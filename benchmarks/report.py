@@ -197,13 +197,16 @@ def write_docs(results: Path, docs: Path) -> None:
         parts.append("## NeuTra on the funnel: effective samples per second\n")
         parts.append(
             "Written by `python -m benchmarks.neutra_ess --write --seeds 0 1 2` (and with "
-            "`--target-accept 0.9`: NUTS's target acceptance in both methods, shown in settings; "
+            "`--target-accept 0.9` or `0.95`: NUTS's target acceptance in both methods, shown in "
+            "settings; "
             "rows in "
             "`benchmarks/results/neutra_ess.jsonl`, with their settings, versions and commit): "
             "the 10-D funnel in one process per run (float64, one thread). NUTS, and NeuTra "
             "(`fit_posterior` with `FlowSpec.realnvp(num_layers=4)` and its defaults, then "
             "`fit.neutra` at the same chains and budget), with flowMC (RQSpline + MALA) as the "
-            "anchor. *wall s* counts everything (fit, compiles, warm-up, draws); *ESS of v* is "
+            "anchor. *wall s* counts everything (fit, compiles, warm-up, draws); *fit's KL* is "
+            "the fitted guide's KL divergence to the funnel (`-fit.elbo(10000)`, log Z = 0; "
+            "outside the clock); *ESS of v* is "
             "NumPyro's `effective_sample_size` over the kept draws of all chains; *ESS/s ÷ NUTS's* compares "
             "with NUTS of the same seed.\n"
         )
