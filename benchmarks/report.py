@@ -24,6 +24,7 @@ from benchmarks.tables import (
     compile_profile_section,
     densities_section,
     first_call_section,
+    infer_section,
     neutra_ess_section,
     objectives_section,
     posteriors_section,
@@ -162,6 +163,16 @@ def write_docs(results: Path, docs: Path) -> None:
                 "IW-ELBO-trained guide is wider by design, so its plain ELBO can be lower.\n"
             )
             parts.append(objectives_section(rows) + "\n")
+            parts.append(
+                "### `infer`: routes, accuracy and wall time against NUTS\n\n"
+                "`flowguides.<backend>.infer` with `FlowSpec.realnvp(num_layers=4)` at the "
+                "suite's settings: the route each seed took (`result.route`; after NUTS, its "
+                "divergent transitions), the largest mean error and the range of sd ratios over "
+                "the seeds (the reference's sd), the whole call's wall time (fit, diagnosis, any "
+                "NUTS) as median [min – max], and NumPyro NUTS (4 chains × (1,000 + 1,000)) of "
+                "the same run, with the wall-time ratio of the seed that shares its run.\n"
+            )
+            parts.append(infer_section(rows) + "\n")
     first_call = results / "first_call.jsonl"
     if first_call.is_file():
         lines = first_call.read_text().splitlines()

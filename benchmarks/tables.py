@@ -22,6 +22,7 @@ __all__ = [
     "compile_profile_section",
     "first_call_section",
     "fmt",
+    "infer_section",
     "objectives_section",
     "posteriors_section",
     "ran",
@@ -236,6 +237,45 @@ def objectives_section(rows: list[dict]) -> str:
         if any(c != "not run" for c in cells):
             body.append([prob, *cells])
     return table(["problem", *(t for t, _ in OBJECTIVES)], body)
+
+
+INFER_METHODS = ("flowguides-numpyro infer (RealNVP)", "flowguides-pyro infer (RealNVP)")
+"""The `infer` rows of the posteriors suite, one line each per problem in :func:`infer_section`."""
+
+
+def infer_section(rows: list[dict]) -> str:
+    """`infer` per problem: the route each seed took (with NUTS's divergences), the draws'
+    accuracy over the seeds, and the wall time against the ``numpyro NUTS`` row of the same
+    run (a ratio only between rows of one run; "–" where none shares a run)."""
+    body = []
+    for prob in dict.fromkeys(r["problem"] for r in rows):
+        nuts = [r for r in rows if r["problem"] == prob and r["method"] == "numpyro NUTS"
+                and not r.get("error") and r.get("run")]  # fmt: skip
+        for method in INFER_METHODS:
+            groups = seed_groups(r for r in rows if r["problem"] == prob and r["method"] == method)
+            if not groups:
+                continue
+            g = max(groups, key=len)
+            routes = ", ".join(
+                f"{r.get('route', 'error' if r.get('error') else '?')}"
+                + (f" ({r['divergences']} div.)" if r.get("divergences") is not None else "")
+                for r in g
+            )
+            lo, hi = spread(g, "sd_ratio_min"), spread(g, "sd_ratio_max")
+            err = spread(g, "mean_err")
+            pair = next(((r, n) for r in g for n in nuts if n["run"] == r.get("run")), None)
+            ratio = "–"
+            if pair and pair[0].get("wall_s") and pair[1].get("wall_s"):
+                ratio = f"{fmt(pair[0]['wall_s'] / pair[1]['wall_s'], 3)} (seed {pair[0]['seed']})"
+            body.append([
+                prob, method, ", ".join(str(r.get("seed")) for r in g), routes,
+                fmt(err[2]) if err else "–", f"{fmt(lo[1])} – {fmt(hi[2])}" if lo and hi else "–",
+                spread_cell(g, "wall_s"), fmt(pair[1]["wall_s"]) if pair else "–",
+                fmt(pair[1].get("mean_err")) if pair else "–", ratio,
+            ])  # fmt: skip
+    header = ["problem", "method", "seeds", "route (per seed)", "max mean err", "sd ratio",
+              "wall s", "NUTS wall s (same run)", "NUTS mean err", "wall ÷ NUTS's"]  # fmt: skip
+    return table(header, body)
 
 
 def density_cell(r: dict | list[dict] | None) -> str:

@@ -318,3 +318,23 @@ def test_a_run_with_few_plotted_methods_leaves_the_earlier_plot(tmp_path: Path) 
     finally:
         report.KEPT.clear()
         report.KEPT.update(kept)
+
+
+def test_infer_table_lists_each_seeds_route_and_compares_wall_time_within_a_run() -> None:
+    from benchmarks.tables import infer_section
+
+    infer = "flowguides-numpyro infer (RealNVP)"
+    rows = [
+        _row(method="numpyro NUTS", run="A", wall_s=10.0, mean_err=0.2),
+        _row(method=infer, run="A", wall_s=5.0, route="psis", mean_err=0.03,
+             sd_ratio_min=0.95, sd_ratio_max=1.02),
+        _row(method=infer, seed=1, run="B", wall_s=30.0, route="neutra", divergences=2,
+             mean_err=0.08, sd_ratio_min=0.91, sd_ratio_max=1.05),
+    ]  # fmt: skip
+    line = next(x for x in infer_section(rows).splitlines() if infer in x)
+    assert "| psis, neutra (2 div.) |" in line
+    assert "| 0.08 | 0.91 – 1.05 |" in line  # the worst seed's error, the sds' whole range
+    assert line.endswith("| 10 | 0.2 | 0.5 (seed 0) |")  # seed 0 shares NUTS's run, seed 1 not
+    rows[1]["run"] = "C"  # no seed shares NUTS's run: no ratio
+    line = next(x for x in infer_section(rows).splitlines() if infer in x)
+    assert line.endswith("| – | – | – |")
