@@ -64,13 +64,10 @@ KHAT_PSIS = 0.7
 ``S`` draws make it lower) and runs NUTS from it on."""
 
 INFER_ROUTES = ("guide", "psis", "neutra", "nuts")
+"""The routes of `infer`, cheapest first."""
 
-INFER_NUTS_BUDGET = {
-    "num_warmup": 1000,
-    "num_samples": 2000,
-    "num_chains": 1,
-    "target_accept_prob": 0.95,
-}
+INFER_NUTS_BUDGET = {"num_warmup": 1000, "num_samples": 2000, "num_chains": 1,
+                     "target_accept_prob": 0.95}  # fmt: skip
 """`infer`'s NUTS budget (routes ``"neutra"`` and ``"nuts"``) where its `neutra` argument does
 not set one: twice `neutra`'s own draws, and a target acceptance above the PPLs' 0.8, since
 `infer` runs NUTS where the guide failed (the hard posteriors, where 0.8 diverges) and its draws
@@ -85,7 +82,6 @@ NEUTRA_MAX_RHAT = 1.1
 least `RHAT_MIN_SAMPLES` draws per chain (fewer make it too noisy to act on), above this."""
 
 RHAT_MIN_SAMPLES = 100
-"""The routes of `infer`, cheapest first."""
 
 
 @dataclass(frozen=True)
@@ -357,6 +353,11 @@ def route_fit(
                 print(f"infer: route 'nuts': {reason}", file=sys.stderr, flush=True)
             mcmc = nuts(fit, **budget, seed=seed, progress=progress)
             trouble = chains_trouble(mcmc)
+            if trouble is None:  # passed, but on a posterior the guide and NeuTra found hard
+                warnings.warn(f"infer: {reason}; plain NUTS's chains pass the divergence and "
+                              "R-hat checks, but NUTS alone can miss the regions that defeated "
+                              "the guide (a funnel's neck): compare with a longer fit "
+                              "(num_steps) or reparametrise", UserWarning, stacklevel=3)  # fmt: skip
         if trouble is not None:
             warnings.warn(
                 f"infer: route {route!r}: NUTS's chains failed ({trouble}); its draws may be "

@@ -119,11 +119,14 @@ def chains_result(
     ``(num_chains, num_samples, *shape)``, `diverging` the divergences, `site` the sampled
     base-noise site (empty for plain NUTS)."""
     num_chains, num_samples = diverging.shape[0], diverging.shape[-1]
-    return NeuTraResult(
+    with np.errstate(divide="ignore", invalid="ignore"):  # a chain that never moves: NaN,
+        ess = {k: np.asarray(effective_sample_size(v)) for k, v in by_chain.items()}
+        r_hat = {k: np.asarray(split_gelman_rubin(v)) for k, v in by_chain.items()}
+    return NeuTraResult(  # which `chains_trouble` reports (numpy's warning would only confuse)
         samples={k: v.reshape(-1, *v.shape[2:]) for k, v in by_chain.items()},
         diverging=diverging.reshape(num_chains, num_samples),
-        ess={k: np.asarray(effective_sample_size(v)) for k, v in by_chain.items()},
-        r_hat={k: np.asarray(split_gelman_rubin(v)) for k, v in by_chain.items()},
+        ess=ess,
+        r_hat=r_hat,
         num_chains=num_chains,
         reparam_site=site,
         timing={"sampling_s": seconds},

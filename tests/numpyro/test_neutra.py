@@ -96,3 +96,15 @@ def test_a_latent_site_inside_scan_is_refused_by_name_and_infer_runs_plain_nuts(
     assert result.route == "nuts"
     assert "inside numpyro.contrib.control_flow.scan" in result.diagnosis.reason
     assert result.draws["x"].shape == (50, 12) and np.isfinite(result.draws["x"]).all()
+
+
+def test_a_chain_that_never_moves_reports_nan_without_a_numpy_warning() -> None:
+    """A stuck chain (zero variance) has no ESS or R-hat: NaN, which `chains_trouble` names,
+    rather than numpy's 'invalid value encountered in divide' (the suite turns warnings into
+    errors)."""
+    from flowguides.core import chains_trouble
+    from flowguides.numpyro.neutra import chains_result
+
+    result = chains_result({"x": np.ones((1, 200))}, np.zeros((1, 200), bool), "s", 0.0)
+    assert np.isnan(result.r_hat["x"]) and not np.isfinite(result.ess["x"])
+    assert "split R-hat not finite" in chains_trouble(result)
