@@ -136,10 +136,25 @@ class NeuTraResult:
         """The number of divergent transitions after warm-up, all chains."""
         return int(np.sum(self.diverging))
 
+    def moving_r_hat(self) -> np.ndarray:
+        """The split R-hat of every coordinate whose draws move, flat: a coordinate constant
+        over every draw of every chain (a fixed entry, such as a Cholesky factor's ``[0, 0]``)
+        has no R-hat and is left out, unless no coordinate moves at all (then every one is
+        kept: a chain that does not move)."""
+        rhats, moves = [], []
+        for name, value in self.r_hat.items():
+            rhats.append(np.asarray(value, np.float64).ravel())
+            draws = self.samples.get(name)
+            varies = None if draws is None else np.ptp(np.reshape(draws, (len(draws), -1)), 0)
+            moves.append(np.ones(rhats[-1].size, bool) if varies is None else varies > 0)
+        rhat, move = (np.concatenate(x) if x else np.zeros(0) for x in (rhats, moves))
+        return rhat[move.astype(bool)] if move.any() else rhat
+
     def __repr__(self) -> str:
         draws = len(self.diverging.reshape(-1)) // max(self.num_chains, 1)
         ess = min((float(np.min(v)) for v in self.ess.values() if np.size(v)), default=np.nan)
-        r_hat = max((float(np.max(v)) for v in self.r_hat.values() if np.size(v)), default=np.nan)
+        moving = self.moving_r_hat()
+        r_hat = float(np.max(moving)) if moving.size else np.nan
         return (
             f"NeuTraResult({self.num_chains} chain(s) x {draws} draws, sites "
             f"{sorted(self.samples)}, {self.divergences} divergences, min ESS {ess:.4g}, "

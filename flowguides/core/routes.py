@@ -386,8 +386,7 @@ def chains_trouble(mcmc: NeuTraResult) -> str | None:
     frac = float(np.mean(mcmc.diverging)) if mcmc.diverging.size else 0.0
     if frac > NEUTRA_MAX_DIVERGENT:
         out.append(f"{frac:.0%} of transitions diverged")
-    rhats = [np.asarray(v, np.float64).ravel() for v in mcmc.r_hat.values()]
-    rhat = np.concatenate(rhats) if rhats else np.zeros(0)
+    rhat = mcmc.moving_r_hat()  # a coordinate fixed in every draw (no R-hat) left out
     if rhat.size and not np.isfinite(rhat).all():
         out.append("split R-hat not finite (a chain that does not move)")
     elif (

@@ -38,6 +38,7 @@ __all__ = [
     "is_computed",
     "keeps_global_rng",
     "replay_constrained",
+    "same_global_rng",
     "trace_at_draws",
 ]
 
@@ -74,6 +75,18 @@ def is_computed(site: dict) -> bool:
     while isinstance(fn, dist.MaskedDistribution | dist.Independent):
         fn = fn.base_dist
     return bool(site.get("infer", {}).get("_deterministic")) or isinstance(fn, dist.Delta)
+
+
+@contextlib.contextmanager
+def same_global_rng():
+    """Pyro's global random state (torch, numpy, random) set back after the block: for code
+    that draws from it without its draws mattering (Pyro's `Predictive` running a model at
+    given latent values), which must not move the caller's state."""
+    state = pyro.util.get_rng_state()
+    try:
+        yield
+    finally:
+        pyro.util.set_rng_state(state)
 
 
 def keeps_global_rng(fn: Callable[..., Any]) -> Callable[..., Any]:

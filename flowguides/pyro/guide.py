@@ -364,7 +364,7 @@ class AutoFlowGuide(AutoContinuous, BatchLogJoint):
             return Predictive(self._bare_model[0], posterior_samples=latent, num_samples=num,
                               return_sites=missing, parallel=False)(*args, **kwargs)  # fmt: skip
 
-        with torch.no_grad():
+        with torch.no_grad(), _support.same_global_rng():  # Predictive reads the global state
             out = self.evaluate_batch(together, one_by_one)
         return {n: out[n].reshape(num, *nodes[n]["value"].shape).cpu().numpy() for n in missing}
 

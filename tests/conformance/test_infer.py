@@ -30,6 +30,7 @@ from flowguides.core import (
     PSIS_MAX_WEIGHT_CV,
     InferResult,
     NeuTraResult,
+    chains_trouble,
     check_infer_options,
     choose_route,
     route_fit,
@@ -340,3 +341,22 @@ def test_bad_options_are_named_before_fitting(backend: str) -> None:
         call(num_draws=10)
     with pytest.raises(TypeError, match="neutra: expected a dict or None, got int"):
         call(neutra=3)
+
+
+def test_a_coordinate_fixed_in_every_draw_is_no_stuck_chain() -> None:
+    """A site with a fixed entry (an LKJ Cholesky factor's ``L[0, 0] = 1``, ``L[0, 1] = 0``)
+    has no split R-hat there (NaN): `chains_trouble` leaves such coordinates out, so good
+    chains are not thrown away, but still flags chains in which nothing moves."""
+    rng = np.random.default_rng(0)
+    draws = np.zeros((200, 2, 2))
+    draws[:, 0, 0] = draws[:, 1, 1] = 1.0
+    draws[:, 1, 0] = rng.normal(size=200)
+    rhat = np.array([[np.nan, np.nan], [1.01, np.nan]])  # [1, 1] also fixed here
+    ok = NeuTraResult({"L": draws}, np.zeros((1, 200), bool), {}, {"L": rhat}, 1, "")
+    np.testing.assert_array_equal(ok.moving_r_hat(), [1.01])
+    assert chains_trouble(ok) is None and "max R-hat 1.01" in repr(ok)
+    stuck = NeuTraResult({"L": np.ones((200, 2, 2))}, np.zeros((1, 200), bool), {},
+                         {"L": np.full((2, 2), np.nan)}, 1, "")  # fmt: skip
+    assert chains_trouble(stuck) == "split R-hat not finite (a chain that does not move)"
+    ok.r_hat["L"][1, 0] = 1.3  # a moving coordinate's R-hat still counts
+    assert chains_trouble(ok) == "split R-hat 1.30 > 1.1"

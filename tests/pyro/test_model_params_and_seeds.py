@@ -198,3 +198,29 @@ def test_a_fit_reads_its_own_fitted_params_after_the_param_store_changes(tmp_pat
     np.testing.assert_allclose(run.samples["shifted"], run.samples["mu"] + shift, rtol=1e-5)
     _, _, meta = flowguides.io.read_folder(flowguides.save(fit, tmp_path / "fit"))
     assert float(meta["model_params"]["shift"]) == pytest.approx(shift)  # not the store's
+
+
+def test_deterministic_sites_one_draw_at_a_time_leave_the_global_rng_alone():
+    """A model that does not broadcast over a batch of draws has its deterministic sites
+    computed by Pyro's `Predictive`, one draw at a time, which reads the global random state:
+    `fit.sample` and `fit.deterministic` must leave the caller's state as it was."""
+    from flowguides.pyro import VectorizationWarning
+
+    x = torch.linspace(-1.0, 1.0, 12)
+
+    def model(x, y=None):
+        w = pyro.sample("w", dist.Normal(torch.zeros(2), 5.0).to_event(1))
+        mean = pyro.deterministic("mean", w[..., 0:1] + w[..., 1:2] * x)
+        with pyro.plate("N", len(x)):
+            pyro.sample("y", dist.Normal(mean, 0.3), obs=y)
+
+    with pytest.warns(VectorizationWarning, match="does not broadcast"):
+        fit = fit_posterior(model, SPEC, x, y=0.5 + 1.5 * x, num_steps=5, progress=False)
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    draws = fit.sample(10, seed=0)
+    assert draws["mean"].shape == (10, 12)
+    assert torch.equal(torch.get_rng_state(), state)
+    values = fit.deterministic({"w": draws["w"]})
+    assert torch.equal(torch.get_rng_state(), state)
+    np.testing.assert_allclose(values["mean"], draws["mean"], rtol=1e-6)
