@@ -349,7 +349,7 @@ def test_to_arviz_names_dims_and_labels_them_with_coords_in_every_group():
 def test_a_neutra_result_prints_its_summary_not_its_draws():
     diverging = np.zeros((2, 500), bool)
     diverging[1, 7] = True
-    samples = {"mu": np.arange(1000.0), "theta": np.ones((1000, 3))}
+    samples = {"mu": np.arange(1000.0), "theta": np.arange(3000.0).reshape(1000, 3)}
     ess = {"mu": np.asarray(812.0), "theta": np.array([90.5, 400.0, 300.0])}
     r_hat = {"mu": np.asarray(1.001), "theta": np.array([1.0, 1.02, 1.0])}
     text = repr(NeuTraResult(samples, diverging, ess, r_hat, num_chains=2, reparam_site="eps"))
