@@ -102,12 +102,9 @@ def keeps_global_rng(fn: Callable[..., Any]) -> Callable[..., Any]:
             seed = signature.bind(*args, **kwargs).arguments.get("seed")
         except TypeError:  # the call does not bind: `fn` raises its own error
             return fn(*args, **kwargs)
-        state = pyro.util.get_rng_state()
-        pyro.set_rng_seed(signature.parameters["seed"].default if seed is None else seed)
-        try:
+        with same_global_rng():
+            pyro.set_rng_seed(signature.parameters["seed"].default if seed is None else seed)
             return fn(*args, **kwargs)
-        finally:
-            pyro.util.set_rng_state(state)
 
     return seeded
 
